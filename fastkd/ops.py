@@ -1,0 +1,137 @@
+"""The fused operators every kernel backend provides, and the one autograd Function on top.
+
+A kernel backend supplies three operators with one contract (2-D logits with unit stride
+along the vocabulary, labels int64 or None, ``grad_scale`` a float32 device scalar):
+
+    forward(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature,
+            beta, div_weight, ce_weight, ignore_index, vocab_size) -> (loss [N] fp32, grad)
+    forward_inplace(same arguments) -> loss        # the gradient overwrites `student`
+    scale_grad_(grad, grad_output)                 # grad *= grad_output, skipped when 1
+
+``loss`` is the per-row loss before reduction (0 at ignored rows); ``grad`` is
+d(sum_rows loss * grad_scale)/d student, already in the student's dtype. Folding the
+reduction's scale into the forward kernel means backward only has to multiply by
+``grad_output``, and the kernels skip even that when it is 1, without a host sync.
+
+The C++ backends (``cpu``, ``cuda``) register these as ``torch.ops.fastkd.*``; the
+Triton backend registers ``torch.ops.fastkd.triton_*``. All have fake implementations, so
+``torch.compile(fullgraph=True)`` traces through them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _ext
+
+
+@dataclass(frozen=True)
+class KernelBackend:
+    name: str
+    forward: Callable
+    forward_inplace: Callable
+    scale_grad_: Callable
+    supports: Callable[[torch.device], bool]  # can it run on tensors of this device?
+
+
+_BACKENDS: Dict[str, KernelBackend] = {}
+
+
+def register_backend(backend: KernelBackend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def get_backend(name: str) -> Optional[KernelBackend]:
+    return _BACKENDS.get(name)
+
+
+# ---------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes and dtypes only, shared by every backend's ops.
+
+def fake_forward(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature,
+                 beta, div_weight, ce_weight, ignore_index, vocab_size):
+    loss = student.new_empty((student.shape[0],), dtype=torch.float32)
+    return loss, student.new_empty(student.shape)
+
+
+def fake_forward_inplace(student, teacher, labels, grad_scale, row_stats, divergence,
+                         inv_temperature, beta, div_weight, ce_weight, ignore_index, vocab_size):
+    return student.new_empty((student.shape[0],), dtype=torch.float32)
+
+
+def fake_row_stats(student, teacher, inv_temperature, vocab_size, with_ce):
+    return student.new_empty((student.shape[0], 5), dtype=torch.float32)
+
+
+def fake_scale_grad_(grad, grad_output):
+    return None
+
+
+def _register_cpp_backends() -> None:
+    ext = _ext.load_extension()
+    if ext is None:
+        return
+    ops = torch.ops.fastkd
+    torch.library.register_fake("fastkd::kd_forward")(fake_forward)
+    torch.library.register_fake("fastkd::kd_forward_inplace")(fake_forward_inplace)
+    torch.library.register_fake("fastkd::row_stats")(fake_row_stats)
+    torch.library.register_fake("fastkd::scale_grad_")(fake_scale_grad_)
+    register_backend(KernelBackend("cpu", ops.kd_forward, ops.kd_forward_inplace, ops.scale_grad_,
+                                   lambda device: device.type == "cpu"))
+    if getattr(ext, "with_cuda", False):
+        register_backend(KernelBackend("cuda", ops.kd_forward, ops.kd_forward_inplace, ops.scale_grad_,
+                                       lambda device: device.type == "cuda"))
+
+
+def _register_triton_backend() -> None:
+    try:
+        from . import triton_kd
+    except ImportError:  # triton not installed
+        return
+    register_backend(triton_kd.BACKEND)
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_register_cpp_backends()
+_register_triton_backend()
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd: forward runs the fused kernel, backward only rescales its stored gradient.
+
+class FusedKDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, labels, grad_scale, backend_name, reduced, inplace,
+                divergence, inv_temperature, beta, div_weight, ce_weight, ignore_index, vocab_size):
+        kernels = _BACKENDS[backend_name]
+        args = (labels, grad_scale, None, divergence, inv_temperature, beta, div_weight, ce_weight,
+                ignore_index, vocab_size)
+        if inplace:
+            loss_rows = kernels.forward_inplace(student, teacher, *args)
+            grad = student
+        else:
+            loss_rows, grad = kernels.forward(student, teacher, *args)
+        ctx.save_for_backward(grad)
+        ctx.backend_name = backend_name
+        if reduced:
+            return loss_rows.sum() * grad_scale
+        return loss_rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "fastkd: the fused loss keeps one copy of its gradient and rescales it in place, "
+                "so it can be backpropagated only once (retain_graph=True is not supported)")
+        ctx.consumed = True
+        (grad,) = ctx.saved_tensors
+        _BACKENDS[ctx.backend_name].scale_grad_(grad, grad_output)
+        return (grad,) + (None,) * 13

@@ -1,0 +1,131 @@
+"""The ground truth: every fastkd loss in plain, vectorised PyTorch.
+
+Slow and memory-hungry on purpose (it materialises several ``[tokens, vocab]`` tensors),
+but exact: run it in float64 and every backend is compared against it. Autograd supplies
+its gradient, so it is also the ``backend="torch"`` fallback.
+
+Per token, with q = softmax(s / T) and p = softmax(t / T):
+
+    forward_kl  KL(p||q) = sum p (log p - log q)
+    reverse_kl  KL(q||p) = sum q (log q - log p)
+    jsd         beta KL(p||m) + (1 - beta) KL(q||m),  m = beta p + (1 - beta) q
+    tvd         1/2 sum |p - q|
+
+    loss = alpha * T^2 * D(p, q) + (1 - alpha) * CE(softmax(s), label)
+
+Zero-probability entries contribute 0 (0 log 0 = 0), so -inf logits are legal. The
+``torch.where`` guards are applied *before* the multiplication so that their backward
+never meets ``0 * inf``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._args import KDConfig, check_kd_args
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Row-wise KL(a||b) from log-probabilities, with 0 log 0 = 0."""
+    a = log_a.exp()
+    diff = torch.where(a > 0, log_a - log_b, torch.zeros_like(log_a))
+    return (a * diff).sum(-1)
+
+
+def divergence_per_row(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
+    """D(p, q) for each row of teacher (log_p) and student (log_q) log-probabilities."""
+    if divergence == "forward_kl":
+        return _kl(log_p, log_q)
+    if divergence == "reverse_kl":
+        return _kl(log_q, log_p)
+    if divergence == "jsd":
+        # log m as a log-sum-exp; entries where both sides are -inf are excluded first
+        # (logaddexp's backward is NaN there, and they contribute nothing anyway).
+        both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
+        lp = torch.where(both_zero, torch.zeros_like(log_p), log_p)
+        lq = torch.where(both_zero, torch.zeros_like(log_q), log_q)
+        log_m = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    if divergence == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def loss_per_row(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    cfg: KDConfig,
+) -> torch.Tensor:
+    """Per-token loss, shape [N], for 2-D logits already cut to ``cfg.vocab_size``."""
+    dtype = _compute_dtype(student, teacher)
+    s = student.to(dtype)
+    t = teacher.detach().to(dtype)
+    log_q = F.log_softmax(s / cfg.temperature, dim=-1)
+    log_p = F.log_softmax(t / cfg.temperature, dim=-1)
+    loss = cfg.div_weight * divergence_per_row(log_p, log_q, cfg.divergence, cfg.beta)
+    if labels is not None:
+        valid = labels != cfg.ignore_index
+        if cfg.ce_weight != 0.0:
+            safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+            ce = F.cross_entropy(s, safe, reduction="none")
+            loss = loss + cfg.ce_weight * ce
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return loss
+
+
+def reduce_loss(rows: torch.Tensor, labels, cfg: KDConfig, num_items) -> torch.Tensor:
+    if cfg.reduction == "none":
+        return rows
+    total = rows.sum()
+    if cfg.reduction == "sum":
+        return total
+    if cfg.reduction == "batchmean":
+        return total / max(rows.numel(), 1)
+    if num_items is not None:
+        return total / num_items
+    if labels is None:
+        return total / max(rows.numel(), 1)
+    return total / (labels != cfg.ignore_index).sum().clamp_min(1)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 1.0,
+    t_squared: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items=None,
+    vocab_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Reference knowledge-distillation loss; same signature and meaning as ``fastkd.kd_loss``.
+
+    Computes in float64 when either input is float64, otherwise in float32. The teacher is
+    detached (a teacher that requires grad is rejected, as in ``fastkd.kd_loss``).
+    """
+    cfg = check_kd_args(
+        student_logits, teacher_logits, labels,
+        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+        t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
+        num_items=num_items, vocab_size=vocab_size,
+    )
+    lead = student_logits.shape[:-1]
+    s = student_logits[..., : cfg.vocab_size].reshape(-1, cfg.vocab_size)
+    t = teacher_logits[..., : cfg.vocab_size].reshape(-1, cfg.vocab_size)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    rows = loss_per_row(s, t, flat_labels, cfg)
+    out = reduce_loss(rows, flat_labels, cfg, num_items)
+    return out.reshape(lead) if cfg.reduction == "none" else out

@@ -1,0 +1,40 @@
+"""Builds fastkd._C: the fused CPU kernel always, the CUDA kernels when torch has CUDA and
+nvcc is present (see fastkd/_build.py for the flags and environment variables).
+
+Install with ``pip install --no-build-isolation .`` so the build uses the installed torch.
+"""
+import importlib.util
+import os
+
+from setuptools import setup
+
+_spec = importlib.util.spec_from_file_location(
+    "fastkd_build", os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastkd", "_build.py"))
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
+
+
+def extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    rel = lambda paths: [os.path.relpath(p, build.ROOT) for p in paths]  # noqa: E731
+    if build.want_cuda():
+        print("fastkd: building fastkd._C with the CPU kernel and CUDA kernels for",
+              os.environ.get("TORCH_CUDA_ARCH_LIST", build.DEFAULT_CUDA_ARCHS))
+        return [CUDAExtension(
+            "fastkd._C", rel(build.cpu_sources() + build.cuda_sources()),
+            extra_compile_args={"cxx": build.cxx_flags() + ["-DFASTKD_WITH_CUDA"], "nvcc": build.nvcc_flags()},
+            extra_link_args=build.extra_ldflags())]
+    print("fastkd: building fastkd._C with the CPU kernel only (no CUDA torch or nvcc, or FASTKD_BUILD_CUDA=0)")
+    return [CppExtension(
+        "fastkd._C", rel(build.cpu_sources()),
+        extra_compile_args={"cxx": build.cxx_flags()}, extra_link_args=build.extra_ldflags())]
+
+
+def cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(ext_modules=extensions(), cmdclass=cmdclass())

@@ -6,27 +6,28 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
+#include <algorithm>
 #include <limits>
 
 namespace fastkd {
 namespace cpu {
 
-inline float bits_to_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
+// Inlining is what lets the loops around these calls vectorise.
+#define FASTKD_INLINE inline __attribute__((always_inline))
+
+FASTKD_INLINE float bits_to_float(int32_t i) {
+  return __builtin_bit_cast(float, i);
 }
 
-inline int32_t float_to_bits(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, sizeof i);
-  return i;
+FASTKD_INLINE int32_t float_to_bits(float f) {
+  return __builtin_bit_cast(int32_t, f);
 }
 
-inline float exp_approx(float x) {
+FASTKD_INLINE float exp_approx(float x) {
   // Range reduction x = k ln2 + r with ln2 split in two (Cody-Waite) to keep r exact.
-  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  // std::max/min keep a NaN first argument, so NaN flows through to the result; the
+  // selects are written so the compiler if-converts them (no branches in the loop).
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
   const float k = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
   float r = xc - k * 0.693359375f;
   r = r + k * 2.12194440e-4f;
@@ -38,20 +39,13 @@ inline float exp_approx(float x) {
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
   const float scale = bits_to_float((static_cast<int32_t>(k) + 127) << 23);
-  float res = y * scale;
-  res = x < -87.0f ? 0.0f : res;
-  res = x > 88.0f ? std::numeric_limits<float>::infinity() : res;
-  return x != x ? x : res;
+  const float res = y * scale;
+  const float lo = x < -87.0f ? 0.0f : res;
+  return x > 88.0f ? std::numeric_limits<float>::infinity() : lo;
 }
 
-inline float log_approx(float x) {
-  // x = 2^e * m with m in [sqrt(1/2), sqrt(2)), log x = e ln2 + log1p(m - 1).
-  const int32_t bits = float_to_bits(x);
-  float e = static_cast<float>(((bits >> 23) & 0xff) - 127);
-  float m = bits_to_float((bits & 0x007fffff) | 0x3f800000);
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1.0f : e;
+// log(2^e * m) for m in [sqrt(1/2), sqrt(2)): e ln2 + log1p(m - 1), Cephes polynomial.
+FASTKD_INLINE float log_reduced(float m, float e) {
   const float f = m - 1.0f;
   const float z = f * f;
   float y = 7.0376836292e-2f;
@@ -66,17 +60,32 @@ inline float log_approx(float x) {
   y = y * f * z;
   y = y - 2.12194440e-4f * e;
   y = y - 0.5f * z;
-  float res = f + y + 0.693359375f * e;
+  return f + y + 0.693359375f * e;
+}
+
+FASTKD_INLINE float log_approx(float x) {
+  const int32_t bits = float_to_bits(x);
+  const float e = static_cast<float>(((bits >> 23) & 0xff) - 127);
+  const float m = bits_to_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const bool big = m > 1.41421356f;
+  float res = log_reduced(big ? m * 0.5f : m, big ? e + 1.0f : e);
   res = x == 0.0f ? -std::numeric_limits<float>::infinity() : res;
   res = x == std::numeric_limits<float>::infinity() ? x : res;
   return (x != x || x < 0.0f) ? std::numeric_limits<float>::quiet_NaN() : res;
 }
 
+// log(y) for y in [1, 2], without bit manipulation: GCC does not vectorise a loop that
+// feeds exp_approx's bit-built result into log_approx's bit extraction.
+FASTKD_INLINE float log_1_to_2(float y) {
+  const bool big = y > 1.41421356f;
+  return log_reduced(big ? y * 0.5f : y, big ? 1.0f : 0.0f);
+}
+
 // log(exp(u) + exp(v)); -inf when both are -inf (not NaN).
-inline float logaddexp_approx(float u, float v) {
-  const float hi = u > v ? u : v;
-  const float lo = u > v ? v : u;
-  const float res = hi + log_approx(1.0f + exp_approx(lo - hi));
+FASTKD_INLINE float logaddexp_approx(float u, float v) {
+  const float hi = std::max(u, v);
+  const float d = std::min(u, v) - hi;  // <= 0, NaN only when both are -inf
+  const float res = hi + log_1_to_2(1.0f + exp_approx(d));
   return hi == -std::numeric_limits<float>::infinity() ? hi : res;
 }
 

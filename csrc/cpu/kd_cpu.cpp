@@ -24,11 +24,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
 #include "../kd_op.h"
 #include "fast_math.h"
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace fastkd {
 namespace cpu {
@@ -301,6 +306,21 @@ void launch_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad)
   });
 }
 
+// A fresh gradient buffer of many MiB is newly mmap'd memory: faulting it in 4 KiB pages
+// costs more than the kernel's own writes (17 ms of 27 at 512 x 32000 fp32). Asking for
+// transparent huge pages before the first touch removes most of that.
+at::Tensor empty_grad(const at::Tensor& student) {
+  at::Tensor grad = at::empty({student.size(0), student.size(1)}, student.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(grad.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + grad.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return grad;
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                   const c10::optional<at::Tensor>& labels,
                                                   const at::Tensor& grad_scale,
@@ -312,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, con
                                         inv_temperature, beta, div_weight, ce_weight, ignore_index,
                                         vocab_size);
   at::Tensor loss = at::empty({student.size(0)}, student.options().dtype(at::kFloat));
-  at::Tensor grad = at::empty({student.size(0), student.size(1)}, student.options());
+  at::Tensor grad = empty_grad(student);
   launch_forward(args, loss, grad);
   return {loss, grad};
 }

@@ -85,7 +85,12 @@ FASTKD_INLINE float log_1_to_2(float y) {
 FASTKD_INLINE float logaddexp_approx(float u, float v) {
   const float hi = std::max(u, v);
   const float d = std::min(u, v) - hi;  // <= 0, NaN only when both are -inf
-  const float res = hi + log_1_to_2(1.0f + exp_approx(d));
+  // log1p(e) as log(1 + e) * e / ((1 + e) - 1): cancels the rounding of 1 + e when e is tiny.
+  const float e = exp_approx(d);
+  const float y = 1.0f + e;
+  const float ym1 = y - 1.0f;
+  const float log1p_e = ym1 == 0.0f ? e : log_1_to_2(y) * (e / ym1);
+  const float res = hi + log1p_e;
   return hi == -std::numeric_limits<float>::infinity() ? hi : res;
 }
 

@@ -107,6 +107,30 @@ RowStats load_row(const TS* s, const TT* t, int64_t V, const KDParams& p, bool w
   return st;
 }
 
+// w <- c q (h - sum_j q_j h_j), given w = q; returns sum_j q_j h_j.
+// When one entry k holds nearly all the mass (peaked rows, low temperature), h_k - sum q h
+// cancels catastrophically in fp32. For that entry the same quantity is written as
+// h_k sum_{j!=k} q_j - sum_{j!=k} q_j h_j, sums over the small entries only. At most one
+// entry can have q > 1/2, so the "big" sums below hold a single term.
+float centre_grad(float* w, const float* h, int64_t V, float c) {
+  float small_q = 0.0f, small_qh = 0.0f, big_qh = 0.0f;
+#pragma omp simd reduction(+ : small_q, small_qh, big_qh)
+  for (int64_t i = 0; i < V; ++i) {
+    const float q = w[i], qh = q * h[i];
+    const bool big = q > 0.5f;
+    small_q += big ? 0.0f : q;
+    small_qh += big ? 0.0f : qh;
+    big_qh += big ? qh : 0.0f;
+  }
+  const float qh = small_qh + big_qh;
+#pragma omp simd
+  for (int64_t i = 0; i < V; ++i) {
+    const float q = w[i];
+    w[i] = c * q * (q > 0.5f ? h[i] * small_q - small_qh : h[i] - qh);
+  }
+  return qh;
+}
+
 // Sweep 2: D(p, q) for the cached row; leaves dD/da in `w`, using `h` as scratch.
 float divergence_and_grad(const float* a, const float* b, int64_t V, float lse_s, float lse_t,
                           const KDParams& p, float* w, float* h) {
@@ -125,50 +149,55 @@ float divergence_and_grad(const float* a, const float* b, int64_t V, float lse_s
     case Divergence::ReverseKL:
     case Divergence::JSD:
     case Divergence::TVD: {
-      // All three have dD/da = c * q (h - sum q h) for a per-element h: one pass for
-      // q, h and the sums, one pass for the gradient.
-      float qh = 0.0f;
+      // All three have dD/da = c q (h - sum q h) for a per-element h: one pass for q, h
+      // and the divergence's own sums, then centre_grad.
+      const float c = p.divergence == Divergence::JSD ? 1.0f - p.beta : 1.0f;
       if (p.divergence == Divergence::ReverseKL) {
-#pragma omp simd reduction(+ : qh)
+#pragma omp simd
         for (int64_t i = 0; i < V; ++i) {
           const float lq = a[i] - lse_s, lp = b[i] - lse_t;
           const float q = exp_approx(lq);
-          const float hi = q > 0.0f ? lq - lp : 0.0f;
-          qh += q * hi;
           w[i] = q;
-          h[i] = hi;
+          h[i] = q > 0.0f ? lq - lp : 0.0f;
         }
-        D = qh;
+        D = centre_grad(w, h, V, c);  // KL(q||p) = sum q h
       } else if (p.divergence == Divergence::JSD) {
         float kl_pm = 0.0f;
         const float lb = p.log_beta, l1b = p.log_one_minus_beta;
-#pragma omp simd reduction(+ : qh, kl_pm)
+#pragma omp simd reduction(+ : kl_pm)
         for (int64_t i = 0; i < V; ++i) {
           const float lq = a[i] - lse_s, lp = b[i] - lse_t;
           const float q = exp_approx(lq), pt = exp_approx(lp);
           const float lm = logaddexp_approx(lp + lb, lq + l1b);
           kl_pm += pt > 0.0f ? pt * (lp - lm) : 0.0f;
-          const float hi = q > 0.0f ? lq - lm : 0.0f;
-          qh += q * hi;
           w[i] = q;
-          h[i] = hi;
+          h[i] = q > 0.0f ? lq - lm : 0.0f;
         }
-        D = p.beta * kl_pm + (1.0f - p.beta) * qh;
+        const float kl_qm = centre_grad(w, h, V, c);
+        D = p.beta * kl_pm + (1.0f - p.beta) * kl_qm;
       } else {  // TVD
-#pragma omp simd reduction(+ : qh, D)
+        // h = sign(q - p)/2 takes three values, so h_i - sum_j q_j h_j = sum_j q_j (h_i - h_j)
+        // is a sum of the masses on the other sides: exact, where the centred form
+        // cancels when the student's mass sits where the teacher has none.
+        float q_pos = 0.0f, q_neg = 0.0f, q_tie = 0.0f;
+#pragma omp simd reduction(+ : D, q_pos, q_neg, q_tie)
         for (int64_t i = 0; i < V; ++i) {
           const float q = exp_approx(a[i] - lse_s), pt = exp_approx(b[i] - lse_t);
           const float d = q - pt;
-          const float hi = d > 0.0f ? 0.5f : (d < 0.0f ? -0.5f : 0.0f);
           D += 0.5f * std::abs(d);
-          qh += q * hi;
+          q_pos += d > 0.0f ? q : 0.0f;
+          q_neg += d < 0.0f ? q : 0.0f;
+          q_tie += d == 0.0f ? q : 0.0f;
           w[i] = q;
-          h[i] = hi;
+          h[i] = d;
         }
-      }
-      const float c = p.divergence == Divergence::JSD ? 1.0f - p.beta : 1.0f;
+        const float g_pos = q_neg + 0.5f * q_tie;     // h_i = +1/2
+        const float g_neg = -(q_pos + 0.5f * q_tie);  // h_i = -1/2
+        const float g_tie = 0.5f * (q_neg - q_pos);   // h_i = 0
 #pragma omp simd
-      for (int64_t i = 0; i < V; ++i) w[i] = c * w[i] * (h[i] - qh);
+        for (int64_t i = 0; i < V; ++i)
+          w[i] = w[i] * (h[i] > 0.0f ? g_pos : (h[i] < 0.0f ? g_neg : g_tie));
+      }
       return D;
     }
   }

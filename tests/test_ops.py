@@ -1,0 +1,107 @@
+"""The registered operators: schema/fake checks, external row statistics, torch.compile."""
+import pytest
+import torch
+
+import fastkd
+import fastkd.ops
+from cases import Case, make_inputs
+
+pytestmark = pytest.mark.skipif(fastkd.ops.get_backend("cpu") is None, reason="fastkd._C not available")
+
+ops = torch.ops.fastkd
+
+
+def op_args(n=6, v=257, labels=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(n, v, generator=g) * 3).to(dtype)
+    t = (torch.randn(n, v, generator=g) * 3).to(dtype)
+    lab = torch.randint(0, v, (n,), generator=g) if labels else None
+    if labels:
+        lab[1] = -100
+    scale = torch.tensor(0.25)
+    return s, t, lab, scale
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_opcheck_forward(divergence):
+    s, t, lab, scale = op_args()
+    args = (s, t, lab, scale, None, divergence, 0.5, 0.3, 4.0 * 0.6, 0.4, -100, 257)
+    torch.library.opcheck(ops.kd_forward.default, args)
+    torch.library.opcheck(ops.kd_forward_inplace.default, (s.clone(),) + args[1:])
+    torch.library.opcheck(ops.row_stats.default, (s, t, 0.5, 257, True))
+
+
+def test_opcheck_scale_grad():
+    g = torch.randn(4, 9)
+    torch.library.opcheck(ops.scale_grad_.default, (g.clone(), torch.tensor(0.5)))
+    torch.library.opcheck(ops.scale_grad_.default, (g.clone(), torch.rand(4)))
+
+
+def test_scale_grad_skips_one_and_scales_otherwise():
+    g = torch.randn(4, 9)
+    x = g.clone()
+    ops.scale_grad_(x, torch.tensor(1.0))
+    assert torch.equal(x, g)
+    ops.scale_grad_(x, torch.tensor(0.5))
+    assert torch.equal(x, g * 0.5)
+    w = torch.tensor([1.0, 2.0, 0.0, -1.0])
+    ops.scale_grad_(x, w)
+    assert torch.equal(x, g * 0.5 * w[:, None])
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_external_row_stats_give_the_same_result(divergence, temperature):
+    """The statistics can come from outside (the vocab-parallel variant all-reduces them)."""
+    s, t, lab, scale = op_args(dtype=torch.bfloat16)
+    inv_t = 1.0 / temperature
+    stats = ops.row_stats(s, t, inv_t, 257, True)
+    assert stats.shape == (6, 5) and stats.dtype == torch.float32
+    ref = s.float() / temperature
+    torch.testing.assert_close(stats[:, 0], ref.max(-1).values)
+    torch.testing.assert_close(stats[:, 1], (ref - stats[:, :1]).exp().sum(-1), rtol=1e-5, atol=0)
+    raw = s.float() - temperature * stats[:, :1]
+    torch.testing.assert_close(stats[:, 4], raw.exp().sum(-1), rtol=1e-5, atol=0)
+    args = (lab, scale, None, divergence, inv_t, 0.3, 2.4, 0.4, -100, 257)
+    loss_a, grad_a = ops.kd_forward(s, t, *args)
+    loss_b, grad_b = ops.kd_forward(s, t, lab, scale, stats, *args[3:])
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_a.float(), grad_b.float(), rtol=1e-2, atol=1e-6)
+
+    # Shard the vocabulary in two and combine the shard statistics, as a vocab-parallel
+    # caller would: max over shards, then rescale and add the sums.
+    halves = [ops.row_stats(s[:, sl].contiguous(), t[:, sl].contiguous(), inv_t, n, True)
+              for sl, n in ((slice(0, 100), 100), (slice(100, 257), 157))]
+    combined = torch.empty_like(stats)
+    for col_max, col_sum, factor in ((0, 1, 1.0), (2, 3, 1.0), (0, 4, temperature)):
+        m = torch.maximum(halves[0][:, col_max], halves[1][:, col_max])
+        combined[:, col_max] = m
+        combined[:, col_sum] = sum(h[:, col_sum] * torch.exp(factor * (h[:, col_max] - m)) for h in halves)
+    torch.testing.assert_close(combined, stats, rtol=1e-5, atol=0)
+
+
+def test_compile_fullgraph_matches_eager():
+    case = Case(alpha=0.6, lead=(3, 5), vocab=301)
+    s, t, labels = make_inputs(case)
+
+    def step(student, teacher, lab):
+        return fastkd.kd_loss(student, teacher, lab, divergence="jsd", beta=0.3, temperature=2.0,
+                              alpha=0.6, backend="cpu")
+
+    eager = step(s, t, labels)
+    (g_eager,) = torch.autograd.grad(eager, s)
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(s, t, labels)
+    (g_comp,) = torch.autograd.grad(out, s)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g_comp, g_eager)
+
+
+def test_out_of_range_label_marks_the_row_nan():
+    """Where the Python range check is skipped (GPU, compile), the kernel flags the row."""
+    s, t, lab, scale = op_args()
+    lab[2] = 257
+    loss, grad = ops.kd_forward(s, t, lab, scale, None, "forward_kl", 1.0, 0.5, 0.6, 0.4, -100, 257)
+    assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
+    keep = torch.arange(6) != 2
+    assert torch.isfinite(loss[keep]).all() and torch.isfinite(grad[keep]).all()

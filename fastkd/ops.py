@@ -19,7 +19,6 @@ Triton backend registers ``torch.ops.fastkd.triton_*``. All have fake implementa
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -90,13 +89,11 @@ def _register_cpp_backends() -> None:
 def _register_triton_backend() -> None:
     try:
         from . import triton_kd
-    except ImportError:  # triton not installed
-        return
+    except ModuleNotFoundError as exc:
+        if exc.name == "triton" or (exc.name or "").startswith("triton."):
+            return  # triton is optional; any other import error is a bug and surfaces
+        raise
     register_backend(triton_kd.BACKEND)
-
-
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 _register_cpp_backends()

@@ -35,7 +35,8 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """Row-wise KL(a||b) from log-probabilities, with 0 log 0 = 0."""
     a = log_a.exp()
-    diff = torch.where(a > 0, log_a - log_b, torch.zeros_like(log_a))
+    # "a == 0", not "a > 0": a NaN probability must reach the sum (and the gradient).
+    diff = torch.where(a == 0, torch.zeros_like(log_a), log_a - log_b)
     return (a * diff).sum(-1)
 
 

@@ -149,6 +149,16 @@ def run_backend(case: Case, backend: str, s, t, labels):
     return loss.detach().to("cpu", torch.float64), grad.to("cpu", torch.float64)
 
 
+def fp32_reference_grad_error(case: Case, s, t, labels, ref_grad) -> float:
+    """Gradient error of fastkd.reference run in float32 (PyTorch's own fp32 accuracy)."""
+    s32 = s.detach().cpu().float().requires_grad_(True)
+    kw = case.kwargs()
+    loss = reference.kd_loss(s32, t.detach().cpu().float(), None if labels is None else labels.cpu(),
+                             ignore_index=-100, **kw)
+    (g,) = torch.autograd.grad(loss.sum(), s32)
+    return rel_err(g.double(), ref_grad)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||, treating matching non-finite entries as equal."""
     assert out.shape == ref.shape, (out.shape, ref.shape)
@@ -176,6 +186,11 @@ def check_case(case: Case, backend: str, device="cpu", seed: int = 0) -> None:
     assert loss.shape == ref_loss.shape
     assert grad.shape == ref_grad.shape
     e_loss, e_grad = rel_err(loss, ref_loss), rel_err(grad, ref_grad)
+    if e_grad >= grad_tol and not any(d in LOW_PRECISION for d in (case.student_dtype, case.teacher_dtype)):
+        # Saturated rows (low T, JSD/reverse KL) have gradients below fp32's resolution of
+        # their own terms: there even PyTorch's fp32 autograd misses 1e-5 (1.9e-5 to 5.7e-5
+        # over seeds for JSD at T=0.5). Accept up to 3x what careful fp32 PyTorch achieves.
+        grad_tol = max(grad_tol, 3.0 * fp32_reference_grad_error(case, s, t, labels, ref_grad))
     assert e_loss < loss_tol, f"loss rel err {e_loss:.3g} (got {loss.flatten()[:4]}, ref {ref_loss.flatten()[:4]})"
     assert e_grad < grad_tol, f"grad rel err {e_grad:.3g}"
 

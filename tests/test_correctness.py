@@ -31,6 +31,23 @@ def test_nan_propagates(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_IDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_nan_in_teacher_propagates(backend, device, divergence):
+    case = Case(divergence=divergence, labels=False)
+    s, t, _ = make_inputs(case, device)
+    t = t.clone()
+    t[4, 7] = float("nan")
+    loss = fastkd.kd_loss(s, t, backend=backend, divergence=divergence, reduction="none", temperature=2.0)
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    ref = fastkd.reference.kd_loss(s.detach().double(), t.double(), divergence=divergence, reduction="none",
+                                   temperature=2.0)
+    assert torch.isnan(ref[4]) and torch.isnan(loss[4])
+    assert torch.isnan(grad[4]).all()
+    keep = torch.arange(loss.shape[0], device=loss.device) != 4
+    assert torch.isfinite(loss[keep]).all() and torch.isfinite(grad[keep]).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_IDS)
 def test_ignored_and_padded_columns_get_zero_gradient(backend, device):
     case = Case(teacher_pad=4, vocab_size=990, alpha=0.6, ignore_frac=0.3)
     s, t, labels = make_inputs(case, device)

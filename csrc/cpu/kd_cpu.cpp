@@ -141,7 +141,7 @@ float divergence_and_grad(const float* a, const float* b, int64_t V, float lse_s
       for (int64_t i = 0; i < V; ++i) {
         const float lq = a[i] - lse_s, lp = b[i] - lse_t;
         const float q = exp_approx(lq), pt = exp_approx(lp);
-        D += pt > 0.0f ? pt * (lp - lq) : 0.0f;
+        D += pt == 0.0f ? 0.0f : pt * (lp - lq);  // == 0, not > 0: NaN must reach D
         w[i] = q - pt;
       }
       return D;
@@ -158,7 +158,7 @@ float divergence_and_grad(const float* a, const float* b, int64_t V, float lse_s
           const float lq = a[i] - lse_s, lp = b[i] - lse_t;
           const float q = exp_approx(lq);
           w[i] = q;
-          h[i] = q > 0.0f ? lq - lp : 0.0f;
+          h[i] = q == 0.0f ? 0.0f : lq - lp;
         }
         D = centre_grad(w, h, V, c);  // KL(q||p) = sum q h
       } else if (p.divergence == Divergence::JSD) {
@@ -169,9 +169,9 @@ float divergence_and_grad(const float* a, const float* b, int64_t V, float lse_s
           const float lq = a[i] - lse_s, lp = b[i] - lse_t;
           const float q = exp_approx(lq), pt = exp_approx(lp);
           const float lm = logaddexp_approx(lp + lb, lq + l1b);
-          kl_pm += pt > 0.0f ? pt * (lp - lm) : 0.0f;
+          kl_pm += pt == 0.0f ? 0.0f : pt * (lp - lm);
           w[i] = q;
-          h[i] = q > 0.0f ? lq - lm : 0.0f;
+          h[i] = q == 0.0f ? 0.0f : lq - lm;
         }
         const float kl_qm = centre_grad(w, h, V, c);
         D = p.beta * kl_pm + (1.0f - p.beta) * kl_qm;
@@ -191,9 +191,12 @@ float divergence_and_grad(const float* a, const float* b, int64_t V, float lse_s
           w[i] = q;
           h[i] = d;
         }
-        const float g_pos = q_neg + 0.5f * q_tie;     // h_i = +1/2
-        const float g_neg = -(q_pos + 0.5f * q_tie);  // h_i = -1/2
-        const float g_tie = 0.5f * (q_neg - q_pos);   // h_i = 0
+        // D <= 1 is finite, so D - D is 0 unless the row holds a NaN, which the sign
+        // comparisons above would otherwise drop.
+        const float nan_or_zero = D - D;
+        const float g_pos = q_neg + 0.5f * q_tie + nan_or_zero;     // h_i = +1/2
+        const float g_neg = -(q_pos + 0.5f * q_tie) + nan_or_zero;  // h_i = -1/2
+        const float g_tie = 0.5f * (q_neg - q_pos) + nan_or_zero;   // h_i = 0
 #pragma omp simd
         for (int64_t i = 0; i < V; ++i)
           w[i] = w[i] * (h[i] > 0.0f ? g_pos : (h[i] < 0.0f ? g_neg : g_tie));

@@ -1,0 +1,203 @@
+"""Compile every Triton kernel configuration fastkd's launcher can pick for sm_90, without a GPU.
+
+For each configuration class the launcher can return (``fastkd.triton_kd.config_classes()``:
+one per divergence, path and warp count, at its largest block) and each dtype-pair class
+(16-bit pair, fp32 pair, mixed), the forward kernel is compiled with its heaviest flags
+(labels, CE at T != 1, computed statistics) through ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", 90, 32))``; the PTX is assembled with ``ptxas -v`` for sm_90a and
+the registers, spill stores/loads and stack frame are read from its report. The row-stats
+and scale-grad kernels are checked too. Exit status 1 when any configuration spills.
+
+Run in a process where TRITON_INTERPRET is unset (the interpreter replaces @triton.jit at
+import time); this script clears it itself before importing triton:
+
+    python .ci/triton_sm90_check.py            # table on stdout, exit 1 on spills
+    python .ci/triton_sm90_check.py --json out.json
+"""
+import argparse
+import concurrent.futures as futures
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime default; silences 3.9's notice
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ARCH = 90
+PTX_VERSION = 90  # PTX ISA 9.0: accepted by the CUDA 13.0 toolkit's ptxas and by triton's own
+
+DTYPE_CLASSES = {  # name -> (student, teacher) triton pointer element types
+    "16bit": ("bf16", "bf16"),
+    "fp32": ("fp32", "fp32"),
+    "mixed": ("bf16", "fp32"),
+}
+
+_REG_RE = re.compile(r"Used (\d+) registers")
+_SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_tools():
+    """[(label, path, extra flags)]: triton's own ptxas for sm_90 (what runs at run time,
+    with triton's flags) and the CUDA toolkit's ptxas on PATH, when present."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tools = [("triton", get_ptxas(ARCH).path, ["-lineinfo", "--regAllocOptLevel=2"])]
+    system = shutil.which("ptxas")
+    if system and os.path.realpath(system) != os.path.realpath(tools[0][1]):
+        tools.append(("toolkit", system, []))
+    return tools
+
+
+def _forward_job(divergence, cfg, vocab, dtype_class):
+    from fastkd import triton_kd
+
+    s_ty, t_ty = DTYPE_CLASSES[dtype_class]
+    fn = triton_kd._kd_forward_kernel
+    signature = {
+        "S": f"*{s_ty}", "T": f"*{t_ty}", "G": f"*{s_ty}", "LOSS": "*fp32", "LABELS": "*i64",
+        "GRAD_SCALE": "*fp32", "STATS": "*fp32",
+        "s_stride": "i32", "t_stride": "i32", "g_stride": "i32", "V": "i32", "g_width": "i32",
+        "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32", "beta": "fp32", "log2_beta": "fp32",
+        "log2_1mb": "fp32", "div_weight": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
+    }
+    constexprs = dict(DIVERGENCE=triton_kd.DIVERGENCE_IDS[divergence], HAS_LABELS=True, CE=triton_kd.CE_RAW,
+                      HAS_STATS=False, BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block)
+    # As the JIT specialises a launch: 16-byte aligned pointers, and strides and widths
+    # divisible by 16 where the vocabulary is (128256, 151936, ... are).
+    aligned = ["S", "T", "G", "LOSS", "LABELS", "GRAD_SCALE", "STATS"]
+    if vocab % 16 == 0:
+        aligned += ["s_stride", "t_stride", "g_stride", "V", "g_width"]
+    name = f"forward {divergence:10s} {'single' if cfg.single_block else 'multi '} block={cfg.block:<5d} " \
+           f"warps={cfg.num_warps:<2d} {dtype_class:6s} (V={vocab})"
+    return name, fn, signature, constexprs, aligned, cfg.num_warps, cfg.num_stages
+
+
+def _row_stats_job(dtype_class):
+    from fastkd import triton_kd
+
+    s_ty, t_ty = DTYPE_CLASSES[dtype_class]
+    block = triton_kd.MULTI_BLOCK
+    signature = {"S": f"*{s_ty}", "T": f"*{t_ty}", "OUT": "*fp32", "s_stride": "i32", "t_stride": "i32", "V": "i32",
+                 "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32"}
+    constexprs = dict(RAW=triton_kd.CE_RAW, BLOCK=block)
+    aligned = ["S", "T", "OUT", "s_stride", "t_stride", "V"]
+    name = f"row_stats  block={block:<5d} warps={triton_kd._warps_for(block):<2d} {dtype_class}"
+    return name, triton_kd._row_stats_kernel, signature, constexprs, aligned, triton_kd._warps_for(block), 1
+
+
+def _scale_grad_job(dtype):
+    from fastkd import triton_kd
+
+    signature = {"G": f"*{dtype}", "GO": "*fp32", "g_stride": "i32", "go_stride": "i32", "width": "i32"}
+    constexprs = dict(PER_ROW=True, BLOCK=triton_kd.SCALE_BLOCK)
+    name = f"scale_grad block={triton_kd.SCALE_BLOCK:<5d} warps=8  {dtype}"
+    return name, triton_kd._scale_grad_kernel, signature, constexprs, ["G", "GO", "g_stride", "width"], 8, 1
+
+
+def jobs():
+    from fastkd import triton_kd
+
+    out = []
+    for divergence, cfg, vocab in triton_kd.config_classes():
+        for dtype_class in DTYPE_CLASSES:
+            out.append(("forward", (divergence, cfg, vocab, dtype_class)))
+    for dtype_class in DTYPE_CLASSES:
+        out.append(("row_stats", (dtype_class,)))
+    for dtype in ("bf16", "fp32"):
+        out.append(("scale_grad", (dtype,)))
+    return out
+
+
+def compile_one(kind, args):
+    """Compile one configuration; returns a result dict (name, registers, spills per ptxas)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    make = {"forward": _forward_job, "row_stats": _row_stats_job, "scale_grad": _scale_grad_job}[kind]
+    name, fn, signature, constexprs, aligned, num_warps, num_stages = make(*args)
+    for k in constexprs:
+        signature[k] = "constexpr"
+    arg_names = fn.arg_names
+    attrs = {(arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", ARCH, 32),
+                                  options=dict(num_warps=num_warps, num_stages=num_stages, ptx_version=PTX_VERSION))
+    ptx = compiled.asm["ptx"]
+    result = dict(name=name, kind=kind, shared=compiled.metadata.shared, compile_s=round(time.time() - t0, 2),
+                  ptxas={})
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        for label, path, flags in ptxas_tools():
+            proc = subprocess.run([path, "-v", f"-arch=sm_{ARCH}a", *flags, src, "-o", os.path.join(tmp, "k.o")],
+                                  capture_output=True, text=True)
+            report = proc.stdout + proc.stderr
+            if proc.returncode != 0:
+                result["ptxas"][label] = dict(error=report.strip()[-500:])
+                continue
+            regs = _REG_RE.search(report)
+            spill = _SPILL_RE.search(report)
+            result["ptxas"][label] = dict(registers=int(regs.group(1)), stack=int(spill.group(1)),
+                                          spill_stores=int(spill.group(2)), spill_loads=int(spill.group(3)))
+    return result
+
+
+def spills(result) -> bool:
+    return any("error" in r or r["spill_stores"] or r["spill_loads"] or r["stack"]
+               for r in result["ptxas"].values())
+
+
+def run(max_workers=None):
+    todo = jobs()
+    workers = max_workers or min(len(todo), os.cpu_count() or 1)
+    with futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(compile_one, *zip(*todo)))
+    return results
+
+
+def format_table(results) -> str:
+    labels = sorted({label for r in results for label in r["ptxas"]}, key=lambda x: x != "triton")
+    head = f"{'configuration (sm_90a)':64s} " + " ".join(f"{lab + ' regs/spill st/ld':>24s}" for lab in labels) + \
+        f" {'smem':>6s} {'compile':>7s}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        cells = []
+        for lab in labels:
+            p = r["ptxas"].get(lab, {})
+            cells.append(f"{'ERROR':>24s}" if "error" in p else
+                         f"{p['registers']:>10d} / {p['spill_stores']:>4d} / {p['spill_loads']:<4d}  ")
+        flag = "  <-- SPILLS" if spills(r) else ""
+        lines.append(f"{r['name']:64s} " + " ".join(cells) + f" {r['shared']:>6d} {r['compile_s']:>6.1f}s{flag}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    results = run(args.workers)
+    print(format_table(results))
+    bad = [r["name"] for r in results if spills(r)]
+    print(f"\n{len(results)} configurations compiled for sm_90a in {time.time() - t0:.1f}s; "
+          f"{len(bad)} spill or fail to assemble")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

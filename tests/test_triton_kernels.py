@@ -1,0 +1,428 @@
+"""Triton-specific properties of fastkd/triton_kd.py that the shared suite cannot see.
+
+On a CPU-only machine the kernels run under the Triton interpreter (conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton); tests marked ``gpu`` need CUDA and
+skip without it. The shared case list (cases.py) runs the single-block path at V ~ 1000;
+here the multi-block path is forced with a small block size, and the launch configuration,
+int64 addressing, scale_grad_, row statistics and the operator registrations are checked.
+"""
+import math
+
+import pytest
+import torch
+
+from cases import DIVERGENCES, Case, check_case, make_inputs, reference_loss_and_grad, rel_err, tolerances
+
+pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import fastkd  # noqa: E402
+from fastkd import ops, triton_kd  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = triton_kd.kernels_interpreted()
+if not (HAS_CUDA or INTERPRETED):
+    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="inspects the Triton interpreter")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+SMALL_BLOCK = 256  # V = 1001 -> 4 blocks per sweep
+
+
+@pytest.fixture
+def small_block(monkeypatch):
+    monkeypatch.setattr(triton_kd, "BLOCK_OVERRIDE", SMALL_BLOCK)
+    return SMALL_BLOCK
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configuration
+
+PROBE_VOCABS = [1, 2, 3, 17, 1000, 1001, 2048, 2049, 4097, 8192, 8193, 16384, 16385, 32000, 50257, 128256,
+                151936, 152064, 262144]
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("vocab", PROBE_VOCABS)
+def test_launch_config_bounds(divergence, vocab):
+    cfg = triton_kd.launch_config(vocab, torch.bfloat16, torch.float32, divergence)
+    assert cfg.block & (cfg.block - 1) == 0 and 1 <= cfg.block <= triton_kd.MAX_BLOCK
+    assert cfg.num_warps in (4, 8, 16, 32)
+    assert cfg.block // (32 * cfg.num_warps) <= 16  # values of each tensor per thread
+    assert cfg.single_block == (triton.next_power_of_2(vocab) <= triton_kd.SINGLE_BLOCK_MAX[divergence])
+    if cfg.single_block:
+        assert cfg.block >= vocab
+    else:
+        assert cfg.block < vocab
+
+
+def test_config_classes_cover_every_launch():
+    """The sm_90 compile check enumerates config_classes(); every launch must fall in one,
+    and no block in a class may exceed the class's representative (its worst case)."""
+    classes = {}
+    for d, cfg, _ in triton_kd.config_classes():
+        key = (d, cfg.single_block, cfg.num_warps)
+        classes[key] = max(classes.get(key, 0), cfg.block)
+    for divergence in DIVERGENCES:
+        for vocab in PROBE_VOCABS + list(range(1, 70000, 997)):
+            cfg = triton_kd.launch_config(vocab, torch.float16, torch.float16, divergence)
+            key = (divergence, cfg.single_block, cfg.num_warps)
+            assert key in classes, (vocab, cfg)
+            assert cfg.block <= classes[key]
+
+
+def test_block_override_forces_multi_block():
+    cfg = triton_kd.launch_config(1001, torch.float32, torch.float32, "jsd", block_override=SMALL_BLOCK)
+    assert not cfg.single_block and cfg.block == SMALL_BLOCK
+    cfg = triton_kd.launch_config(200, torch.float32, torch.float32, "jsd", block_override=SMALL_BLOCK)
+    assert cfg.single_block and cfg.block == 256
+
+
+# ---------------------------------------------------------------------------------------
+# int64 addressing
+
+@triton.jit
+def _offset_probe(ROWS, OUT, stride):
+    i = tl.program_id(0)
+    tl.store(OUT + i, triton_kd._row_offset(tl.load(ROWS + i), stride))
+
+
+def test_row_offset_is_int64_past_2_31():
+    """Row addressing of every kernel goes through _row_offset: int32 rows (as program_id
+    gives them) times the row stride must not wrap at 16384 x 151936 > 2^31."""
+    rows = torch.tensor([0, 1, 14133, 16383, 2**31 - 1], dtype=torch.int32, device=DEVICE)
+    for stride in (151936, 152064, 262144):
+        out = torch.zeros(rows.shape, dtype=torch.int64, device=DEVICE)
+        _offset_probe[(rows.numel(),)](rows, out, stride)
+        assert out.tolist() == [int(r) * stride for r in rows.tolist()]
+    assert 16383 * 151936 > 2**31
+
+
+# ---------------------------------------------------------------------------------------
+# Multi-block and single-block paths against the reference
+
+MULTI_BLOCK_CASES = [
+    Case(divergence=d, alpha=0.6, temperature=2.0) for d in DIVERGENCES          # CE at T != 1
+] + [
+    Case(divergence=d, temperature=1.0, alpha=a) for d, a in (("jsd", 0.6), ("tvd", 1.0))  # CE at T == 1
+] + [
+    Case(divergence=d, neg_inf="both", alpha=0.6) for d in DIVERGENCES
+] + [
+    Case(divergence="reverse_kl", neg_inf="student", alpha=0.6),
+    Case(student_dtype=torch.bfloat16, teacher_dtype=torch.float32, divergence="jsd", beta=0.3),
+    Case(teacher_pad=7, vocab_size=990, divergence="tvd", alpha=0.6),
+    Case(inplace=True, divergence="reverse_kl", alpha=0.6),
+    Case(inplace=True, divergence="forward_kl", student_dtype=torch.float16, alpha=0.6),
+    Case(noncontiguous=True, divergence="jsd"),
+    Case(nan_row=True, divergence="forward_kl", reduction="none"),
+    Case(nan_row=True, divergence="jsd", reduction="none"),
+    Case(ignore_frac=1.0, alpha=0.6, divergence="tvd"),
+]
+
+
+@pytest.mark.parametrize("case", MULTI_BLOCK_CASES, ids=[c.id for c in MULTI_BLOCK_CASES])
+def test_multi_block_matches_reference(case, small_block):
+    assert not triton_kd.launch_config(case.vocab_size or case.vocab, case.student_dtype, case.student_dtype,
+                                       case.divergence, triton_kd.BLOCK_OVERRIDE).single_block
+    check_case(case, "triton", DEVICE)
+
+
+def _check_rows(s, t, labels, backend="triton", **kw):
+    """Per-row loss and gradient of the triton backend against the float64 reference."""
+    case = Case(**{k: v for k, v in kw.items() if k in Case.__dataclass_fields__})
+    s = s.detach().requires_grad_(True)
+    loss = fastkd.kd_loss(s, t, labels, backend=backend, reduction="none", **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    ref_loss, ref_grad = reference_loss_and_grad(case.replace(reduction="none"), s, t, labels)
+    loss_tol, grad_tol = tolerances(case.replace(student_dtype=s.dtype, teacher_dtype=t.dtype))
+    assert rel_err(loss.detach().double().cpu(), ref_loss) < loss_tol
+    assert rel_err(grad.double().cpu(), ref_grad) < grad_tol
+    return loss, grad
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_multi_block_leading_masked_blocks(divergence, monkeypatch):
+    """Rows whose first blocks are all -inf (the running max starts at -inf: anchor at 0)
+    and whose live logits are far below 0 (the first real anchor is very negative)."""
+    monkeypatch.setattr(triton_kd, "BLOCK_OVERRIDE", 128)
+    g = torch.Generator().manual_seed(3)
+    n, v = 6, 700
+    s = torch.randn(n, v, generator=g, dtype=torch.float64) * 3 - 300.0
+    t = torch.randn(n, v, generator=g, dtype=torch.float64) * 3 - 250.0
+    s[:3, :300] = float("-inf")      # both sides masked over the first blocks
+    t[:3, :300] = float("-inf")
+    s[3, :5] = t[3, :5] = float("-inf")              # masked entries inside a live block
+    s[4, 128:256] = t[4, 128:256] = float("-inf")    # a fully masked block in the middle
+    labels = torch.full((n,), 650, dtype=torch.int64)
+    _check_rows(s.float().to(DEVICE), t.float().to(DEVICE), labels.to(DEVICE), divergence=divergence,
+                temperature=2.0, alpha=0.6)
+
+
+def test_single_block_zeroes_student_columns_past_the_block():
+    """V = 1000 fits a 1024-column block, the student is 1100 wide: columns 1024..1099 are
+    written by the tail loop, with zeros."""
+    case = Case(vocab=1100, vocab_size=1000, alpha=0.6, divergence="jsd")
+    assert triton_kd.launch_config(1000, torch.float32, torch.float32, "jsd").single_block
+    check_case(case, "triton", DEVICE)
+    s, t, labels = make_inputs(case, DEVICE)
+    loss = fastkd.kd_loss(s, t, labels, backend="triton", vocab_size=1000, alpha=0.6, divergence="jsd")
+    (grad,) = torch.autograd.grad(loss, s)
+    assert (grad[:, 1000:] == 0).all()
+
+
+def test_out_of_range_label_gives_nan_row():
+    """The range check on the logits' device: labels outside [0, V) give a NaN loss and a
+    NaN gradient row (the Python layer rejects them on the CPU, so call the op directly)."""
+    s, t, _ = make_inputs(Case(lead=(4,)), DEVICE)
+    labels = torch.tensor([3, 1001, -100, -5], dtype=torch.int64, device=DEVICE)
+    grad_scale = torch.ones((), device=DEVICE)
+    loss, grad = torch.ops.fastkd.triton_kd_forward(s.detach(), t, labels, grad_scale, None, "forward_kl", 0.5, 0.5,
+                                                    2.4, 0.4, -100, 1001)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and loss[2] == 0 and torch.isnan(loss[3])
+    assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1]).all() and (grad[2] == 0).all()
+    assert torch.isnan(grad[3]).all()
+
+
+# ---------------------------------------------------------------------------------------
+# scale_grad_
+
+class _StoreCounter:
+    def __init__(self):
+        self.count = 0
+
+
+@pytest.fixture
+def store_counter(monkeypatch):
+    from triton.runtime import interpreter
+
+    counter = _StoreCounter()
+    original = interpreter.InterpreterBuilder.create_masked_store
+
+    def counting(self, *args, **kwargs):
+        counter.count += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", counting)
+    return counter
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Reading a tensor's value on the host fails inside the block."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation (.item()/bool()/float() on a tensor)")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@interpreter_only
+@pytest.mark.parametrize("grad_output", ["scalar", "per_row", "expanded"])
+def test_scale_grad_skips_when_one(grad_output, store_counter, no_host_sync):
+    grad = torch.randn(5, 300).to(torch.bfloat16)
+    before = grad.clone()
+    go = {"scalar": torch.ones(()), "per_row": torch.ones(5), "expanded": torch.ones(()).expand(5)}[grad_output]
+    torch.ops.fastkd.triton_scale_grad_(grad, go)
+    assert store_counter.count == 0, "grad_output == 1 must not touch the gradient"
+    assert torch.equal(grad, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_grad_scales(dtype):
+    # fp32 products are exact; 16-bit ones within one rounding (the interpreter truncates
+    # fp32 -> bf16 where the GPU rounds to nearest).
+    rtol = 0.0 if dtype == torch.float32 else 1e-2
+    g = torch.Generator().manual_seed(1)
+    buf = torch.randn(6, 5000, generator=g).to(dtype=dtype, device=DEVICE)
+    untouched = buf[:, 4500:].clone()
+    grad = buf[:, :4500]  # row stride 5000: the in-place gradient lives in the logits buffer
+    expected = grad.float() * 3.0
+    torch.ops.fastkd.triton_scale_grad_(grad, torch.tensor(3.0, device=DEVICE))
+    torch.testing.assert_close(grad.float(), expected, rtol=rtol, atol=0)
+    assert torch.equal(buf[:, 4500:], untouched)
+
+    per_row = torch.tensor([1.0, 2.0, 0.5, 1.0, -1.0, 0.0], device=DEVICE)
+    before = grad.float().clone()
+    torch.ops.fastkd.triton_scale_grad_(grad, per_row)
+    torch.testing.assert_close(grad.float(), before * per_row[:, None], rtol=rtol, atol=0)
+    assert torch.equal(grad[0].float(), before[0]) and torch.equal(grad[3].float(), before[3])
+
+
+def test_backward_with_grad_output(small_block):
+    """loss * 3 and reduction='none' with a weighted sum: backward goes through scale_grad_."""
+    s, t, labels = make_inputs(Case(alpha=0.6), DEVICE)
+    loss = fastkd.kd_loss(s, t, labels, backend="triton", temperature=2.0, alpha=0.6, reduction="none")
+    w = torch.linspace(0.5, 2.0, loss.numel(), device=DEVICE)
+    (grad,) = torch.autograd.grad((loss * w).sum(), s)
+    ref = fastkd.kd_loss(s, t, labels, backend="torch", temperature=2.0, alpha=0.6, reduction="none")
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), s)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Row statistics (the vocab-parallel building block)
+
+def _row_stats_float64(s, t, temperature, with_ce):
+    a = s.double() / temperature
+    b = t.double() / temperature
+    ms, mt = a.max(-1).values, b.max(-1).values
+    zs = (a - ms[:, None]).exp().sum(-1)
+    zt = (b - mt[:, None]).exp().sum(-1)
+    zr = (s.double() - temperature * ms[:, None]).exp().sum(-1) if with_ce else torch.zeros_like(zs)
+    return torch.stack([ms, zs, mt, zt, zr], dim=1)
+
+
+@pytest.mark.parametrize("with_ce", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)],
+                         ids=["fp32", "bf16-fp16"])
+def test_row_stats(with_ce, temperature, dtypes):
+    case = Case(lead=(9,), vocab=1001, teacher_pad=6, student_dtype=dtypes[0], teacher_dtype=dtypes[1])
+    s, t, _ = make_inputs(case, DEVICE)
+    s = s.detach()
+    out = triton_kd.row_stats(s, t, 1.0 / temperature, 995, with_ce)
+    assert out.shape == (9, 5) and out.dtype == torch.float32
+    ref = _row_stats_float64(s[:, :995].cpu(), t[:, :995].cpu(), temperature, with_ce)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-6, atol=0)
+    cpu = ops.get_backend("cpu")
+    if cpu is not None:
+        theirs = torch.ops.fastkd.row_stats(s.cpu(), t.cpu(), 1.0 / temperature, 995, with_ce)
+        torch.testing.assert_close(out.cpu(), theirs, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("path", ["single", "multi"])
+def test_external_row_stats_match_computed(divergence, path, monkeypatch):
+    """Forward with row_stats from the row_stats op equals forward computing them: the
+    exponentials are anchored the same way, so the multi-block path (same sweep, same
+    block) is bitwise equal, the single-block path equal to rounding."""
+    if path == "multi":
+        monkeypatch.setattr(triton_kd, "BLOCK_OVERRIDE", SMALL_BLOCK)
+    s, t, labels = make_inputs(Case(lead=(12,), alpha=0.6, ignore_frac=0.2), DEVICE)
+    s = s.detach()
+    inv_t = 0.5
+    args = (labels, torch.full((), 0.1, device=DEVICE))
+    tail = (divergence, inv_t, 0.3, 2.4, 0.4, -100, 1001)
+    stats = triton_kd.row_stats(s, t, inv_t, 1001, True)
+    loss_a, grad_a = torch.ops.fastkd.triton_kd_forward(s, t, *args, None, *tail)
+    loss_b, grad_b = torch.ops.fastkd.triton_kd_forward(s, t, *args, stats, *tail)
+    if path == "multi":
+        assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+    else:
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------
+# Operator registration, host syncs
+
+def _op_samples():
+    s, t, labels = make_inputs(Case(lead=(4,), vocab=70, ignore_frac=0.25), DEVICE)
+    s = s.detach()
+    gs = torch.full((), 0.25, device=DEVICE)
+    return s, t, labels, gs
+
+
+def test_opcheck_operators():
+    """Schemas, fake (meta) implementations and mutation declarations agree with the kernels."""
+    s, t, labels, gs = _op_samples()
+    tail = ("jsd", 0.5, 0.4, 2.0, 0.5, -100, 70)
+    torch.library.opcheck(torch.ops.fastkd.triton_kd_forward, (s, t, labels, gs, None) + tail)
+    torch.library.opcheck(torch.ops.fastkd.triton_kd_forward_inplace, (s.clone(), t, labels, gs, None) + tail)
+    torch.library.opcheck(torch.ops.fastkd.triton_scale_grad_, (s.clone(), torch.tensor(2.0, device=DEVICE)))
+    torch.library.opcheck(torch.ops.fastkd.triton_row_stats, (s, t, 0.5, 70, True))
+
+
+def test_forward_and_backward_do_not_sync(no_host_sync):
+    """Neither the launcher nor the ops read a device value on the host."""
+    s, t, labels, gs = _op_samples()
+    loss, grad = torch.ops.fastkd.triton_kd_forward(s, t, labels, gs, None, "tvd", 0.5, 0.5, 4.0, 0.0, -100, 70)
+    torch.ops.fastkd.triton_kd_forward_inplace(s.clone(), t, labels, gs, None, "reverse_kl", 0.5, 0.5, 4.0, 0.0,
+                                               -100, 70)
+    torch.ops.fastkd.triton_scale_grad_(grad, gs)
+
+
+def test_torch_compile_fullgraph():
+    """kd_loss traces into one graph through the autograd Function and the custom ops."""
+    s, t, labels = make_inputs(Case(lead=(8,), vocab=300, alpha=0.6), DEVICE)
+
+    def loss_fn(s, t, labels):
+        return fastkd.kd_loss(s, t, labels, divergence="jsd", temperature=2.0, alpha=0.6, backend="triton")
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(s, t, labels)
+    (grad,) = torch.autograd.grad(loss, s)
+    ref = loss_fn(s, t, labels)
+    (ref_grad,) = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_backend_registered_and_supports():
+    backend = ops.get_backend("triton")
+    assert backend is triton_kd.BACKEND
+    assert backend.supports(torch.device("cuda"))
+    assert backend.supports(torch.device("cpu")) == INTERPRETED
+
+
+# ---------------------------------------------------------------------------------------
+# On a GPU (skipped without CUDA)
+
+def _random_logits(n, v, dtype, seed):
+    """N(0, 3^2) logits, every fourth row peaked; drawn in `dtype` (no fp32 temporary)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(n, v, device="cuda", dtype=dtype, generator=g).mul_(3.0)
+    x[::4, 7] += 15.0
+    return x
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gpu_bf16_llama3_vocab(divergence, inplace):
+    """bf16 at V = 128256 (multi-block path), every divergence, against float64."""
+    n, v = 64, 128256
+    s = _random_logits(n, v, torch.bfloat16, 0)
+    t = _random_logits(n, v, torch.bfloat16, 1)
+    labels = torch.randint(0, v, (n,), device="cuda")
+    labels[::5] = -100
+    case = Case(lead=(n,), vocab=v, student_dtype=torch.bfloat16, divergence=divergence, alpha=0.6,
+                temperature=2.0, inplace=inplace)
+    ref_loss, ref_grad = reference_loss_and_grad(case, s, t, labels)
+    from cases import run_backend
+
+    loss, grad = run_backend(case, "triton", s.requires_grad_(True), t, labels)
+    assert rel_err(loss, ref_loss) < 1e-2
+    assert rel_err(grad, ref_grad) < 2e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_gpu_more_than_2_31_elements(divergence):
+    """16384 x 151936 bf16 (2.49e9 elements per tensor, ~15 GB in all): rows past the 2^31
+    element boundary are right (int64 addressing), checked on a few rows against float64."""
+    n, v = 16384, 151936
+    assert n * v > 2**31
+    free, _ = torch.cuda.mem_get_info()
+    if free < 20 * 2**30:
+        pytest.skip("needs ~20 GiB of free GPU memory")
+    s = _random_logits(n, v, torch.bfloat16, 2)
+    t = _random_logits(n, v, torch.bfloat16, 3)
+    labels = torch.randint(0, v, (n,), device="cuda")
+    gs = torch.ones((), device="cuda")
+    loss, grad = torch.ops.fastkd.triton_kd_forward(s, t, labels, gs, None, divergence, 0.5, 0.5, 2.4, 0.4, -100, v)
+    first_past = -(-2**31 // v)  # first row starting past element 2^31 (14135); the one before straddles it
+    assert (first_past - 1) * v < 2**31 < first_past * v
+    rows = torch.tensor([0, first_past - 1, first_past, n - 1], device="cuda")
+    case = Case(lead=(len(rows),), vocab=v, student_dtype=torch.bfloat16, divergence=divergence, alpha=0.6,
+                temperature=2.0, reduction="sum")
+    ref_loss_rows, ref_grad = reference_loss_and_grad(case.replace(reduction="none"), s[rows], t[rows], labels[rows])
+    assert rel_err(loss[rows].double().cpu(), ref_loss_rows) < 1e-2
+    assert rel_err(grad[rows].double().cpu(), ref_grad) < 2e-2
+    assert math.isfinite(loss.sum().item())

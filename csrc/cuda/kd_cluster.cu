@@ -1,0 +1,297 @@
+/*
+ * Fused knowledge-distillation loss and gradient in a single pass over memory: the
+ * sm_90 thread-block-cluster kernel.
+ *
+ * A cluster of C CTAs owns one row (C from V in plan_launch, kd_cuda.h: 2 CTAs for
+ * V = 32000 bf16, 8 for 128256, 16 for 262144). Each thread loads kClusterPacks 16-byte
+ * packs of s and of t into registers, once, and the row never leaves the chip:
+ *   1. load     16 independent 16-byte loads per thread, all in flight together.
+ *   2. stats    (max, sum 2^(x c - max c)) of both sides over the registers, the CE
+ *               term's T = 1 sum when T != 1, and for forward KL
+ *               A = sum 2^(t c - mt c) (t - s), since KL(p||q) = ln2 (c A / zt - (lt - ls));
+ *               then a CTA reduction.
+ *   3. exchange each CTA pushes its packed partial (two float4) into slot [rank] of
+ *               every CTA's shared memory (st.shared::cluster), one cluster barrier,
+ *               and each CTA combines the C slots in the same order: every CTA holds
+ *               bit-identical row constants.
+ *   4. sums     reverse_kl, jsd, tvd only: the row sums of the centred gradient
+ *               (kd_device.cuh) over the registers, exchanged the same way.
+ *   5. write    the gradient, once, from the registers; rank 0 writes the loss.
+ * Memory traffic is the floor: s and t read once, the gradient written once. Forward KL
+ * needs one exchange; the others two.
+ *
+ * Barriers. The guide asks that every CTA of a cluster has started before one writes
+ * into another's shared memory: an arrive.relaxed right after the loads are issued, and
+ * its wait just before the first remote store, hide that barrier behind the loads. Every
+ * remote store precedes an arrive.release that its target waits on (acquire) before
+ * reading, and nothing is read remotely, so a CTA can exit without a trailing barrier.
+ *
+ * In-place backward (grad == student) is safe: a CTA writes only its own packs, after
+ * all its loads; the label's logit (CE loss) is read by rank 0 before its first arrive.
+ *
+ * The file body is compiled for sm_90 only; on sm_80 the kernel traps if launched, and
+ * launch_kd_cluster refuses (cudaErrorNotSupported) unless the function has sm_90 code,
+ * so the host falls back to the two-pass kernel.
+ */
+#include "kd_device.cuh"
+
+namespace fastkd {
+namespace cuda {
+namespace {
+
+using namespace dev;
+
+constexpr int K = kClusterPacks;
+constexpr int NT = kClusterThreads;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+
+FASTKD_DEV unsigned cluster_rank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+FASTKD_DEV unsigned cluster_size() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+  return r;
+}
+
+FASTKD_DEV void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); }
+FASTKD_DEV void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+FASTKD_DEV void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+
+// Stores v into the shared-memory slot of CTA `rank` that corresponds to `slot` here.
+FASTKD_DEV void push(float4* slot, unsigned rank, float4 v) {
+  const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(slot));
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(remote), "f"(v.x), "f"(v.y), "f"(v.z),
+               "f"(v.w)
+               : "memory");
+}
+
+#endif
+
+template <typename T, Divergence DIV, int VEC>
+__global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cluster_kernel(const KDLaunch a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ float4 xstats[kMaxCluster][2];  // slot r: CTA r's (ms, zs, mt, zt), (zraw, a, -, -)
+  __shared__ float4 xsums[kMaxCluster];      // slot r: CTA r's divergence sums
+  __shared__ RowStats2 warp_stats[NT / 32];
+  __shared__ float4 warp_sums[NT / 32];
+
+  const KDParams& p = a.p;
+  const unsigned rank = cluster_rank(), C = cluster_size();
+  const int lane = threadIdx.x & 31;
+  const int64_t row = blockIdx.x / C;
+  const int64_t V = p.vocab_size;
+  const T* srow = static_cast<const T*>(a.student) + row * a.s_stride;
+  const T* trow = static_cast<const T*>(a.teacher) + row * a.t_stride;
+  T* grow = static_cast<T*>(a.grad) + row * a.g_stride;
+
+  int64_t label;
+  const RowKind kind = classify_row(a.labels, row, p, label);
+  if (kind != RowKind::Normal) {
+    // The whole cluster takes this branch (one row, one label) before any barrier or
+    // remote access; each CTA fills its share of the gradient row.
+    const int64_t share = (a.g_width + C - 1) / C;
+    const int64_t begin = min(int64_t(rank) * share, a.g_width), end = min(begin + share, a.g_width);
+    fill_span(grow, begin, end, row_fill_value(kind), threadIdx.x, NT);
+    if (rank == 0 && threadIdx.x == 0) a.loss[row] = row_fill_value(kind);
+    return;
+  }
+  const bool ce = p.ce_weight != 0.f;
+  const float s_label = (ce && rank == 0 && threadIdx.x == 0) ? load_elem(srow + label) : 0.f;
+
+  // 1. Load. Slot k of thread x in CTA r is pack (r K + k) NT + x: each slot is a
+  // coalesced sweep of NT consecutive packs, each CTA a contiguous stretch of the row.
+  const int lead = row_lead<T, VEC>(srow);
+  const int64_t col_first = ((int64_t(rank) * K) * NT + threadIdx.x) * VEC - lead;
+  constexpr int64_t kSlotCols = int64_t(NT) * VEC;
+  const bool interior = col_first >= 0 && col_first + (K - 1) * kSlotCols + VEC <= V;
+  Pack<T, VEC> sp[K], tp[K];
+  if (interior) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      sp[k] = load_pack<T, VEC, true>(srow + col_first + k * kSlotCols);
+      tp[k] = load_pack<T, VEC, true>(trow + col_first + k * kSlotCols);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t col0 = col_first + k * kSlotCols;
+      if (col0 >= 0 && col0 + VEC <= V) {
+        sp[k] = load_pack<T, VEC, true>(srow + col0);
+        tp[k] = load_pack<T, VEC, true>(trow + col0);
+      } else {
+        sp[k] = load_pack_masked<T, VEC>(srow, col0, V);  // -inf outside the row
+        tp[k] = load_pack_masked<T, VEC>(trow, col0, V);
+      }
+    }
+  }
+  cluster_arrive_relaxed();
+
+  // 2. Statistics of this CTA's part of the row.
+  const float c = kLog2e * p.inv_temperature;
+  constexpr bool kA = DIV == Divergence::ForwardKL;
+  RowStats2 st = empty_stats();
+  if (ce && p.temperature != 1.0f) add_stats<true, kA>(st, sp, tp, c);
+  else add_stats<false, kA>(st, sp, tp, c);
+  st = block_combine(st, c, warp_stats);
+
+  // 3. Exchange: push this CTA's partial to every CTA, then combine the C partials.
+  cluster_wait();  // pairs with the relaxed arrive: every CTA of the cluster is running
+  if (threadIdx.x < C) {
+    push(&xstats[rank][0], threadIdx.x, make_float4(st.ms, st.zs, st.mt, st.zt));
+    push(&xstats[rank][1], threadIdx.x, make_float4(st.zraw, st.a, 0.f, 0.f));
+  }
+  cluster_arrive();
+  cluster_wait();
+  st = empty_stats();
+  if (lane < int(C)) {
+    const float4 x0 = xstats[lane][0], x1 = xstats[lane][1];
+    st = RowStats2{x0.x, x0.y, x0.z, x0.w, x1.x, x1.y};
+  }
+  warp_combine(st, c);
+  const RowConsts k = row_consts(st, p, *a.grad_scale);
+
+  // 4. The centred divergences' row sums, exchanged the same way.
+  float4 tot = make_float4(0.f, 0.f, 0.f, 0.f);
+  if constexpr (DIV != Divergence::ForwardKL) {
+    float4 acc = tot;
+#pragma unroll
+    for (int s = 0; s < K; ++s)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) add_sums<DIV>(acc, sp[s].template get<2>(j, k.opaque_zero), tp[s].template get<2>(j, k.opaque_zero), k);
+    acc = block_sum(acc, warp_sums);
+    if (threadIdx.x < C) push(&xsums[rank], threadIdx.x, acc);
+    cluster_arrive();
+    cluster_wait();
+    tot = warp_sum(lane < int(C) ? xsums[lane] : make_float4(0.f, 0.f, 0.f, 0.f));
+  }
+
+  if (rank == 0 && threadIdx.x == 0) {
+    const float D = DIV == Divergence::ForwardKL ? kLn2 * (k.c * st.a / st.zt - (k.lt - k.ls))
+                                                 : divergence_from_sums<DIV>(tot, k);
+    float loss = p.div_weight * D;
+    if (k.ce) loss += p.ce_weight * (kLn2 * k.lraw - s_label);
+    a.loss[row] = loss;
+  }
+
+  // 5. Write the gradient from the registers.
+  float2 unused = make_float2(0.f, 0.f);
+  if (interior) {
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+      const int64_t col0 = col_first + s * kSlotCols;
+      float g[VEC];
+      pack_grad<DIV>(g, sp[s], tp[s], k, tot, label - col0, unused);
+      store_pack<T, VEC>(grow + col0, g);
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+      const int64_t col0 = col_first + s * kSlotCols;
+      if (col0 >= V) break;
+      float g[VEC];
+      pack_grad<DIV>(g, sp[s], tp[s], k, tot, label - col0, unused);
+      if (col0 >= 0 && col0 + VEC <= V) store_pack<T, VEC>(grow + col0, g);
+      else store_pack_masked<T, VEC>(grow, col0, V, g);
+    }
+  }
+  // Student columns past vocab_size get zero gradient, shared out over the cluster.
+  if (a.g_width > V) {
+    const int64_t share = (a.g_width - V + C - 1) / C;
+    const int64_t begin = min(V + int64_t(rank) * share, a.g_width), end = min(begin + share, a.g_width);
+    fill_span(grow, begin, end, 0.f, threadIdx.x, NT);
+  }
+#else
+  // Built without sm_90 code: launch_kd_cluster never launches this, and if something
+  // does, fail loudly rather than leave the outputs unwritten.
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// Launcher.
+
+// Whether this kernel instance has sm_90 code for the current device and can co-schedule
+// a cluster of `cluster` CTAs. Cached per device and cluster size: the occupancy query
+// costs far more than a launch.
+template <typename Kernel>
+bool cluster_launchable(Kernel kernel, int cluster, cudaLaunchConfig_t cfg) {
+  constexpr int kMaxDevices = 64;
+  static signed char cache[kMaxDevices][kMaxCluster + 1];  // 0 unknown, 1 yes, -1 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return false;
+  signed char& known = cache[device][cluster];
+  if (known != 0) return known > 0;
+  bool ok = false;
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 && attr.binaryVersion >= 90) {
+    if (cluster > kMaxClusterPortable)
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    int n_clusters = 0;
+    ok = cudaOccupancyMaxActiveClusters(&n_clusters, kernel, &cfg) == cudaSuccess && n_clusters > 0;
+  }
+  (void)cudaGetLastError();  // a refused query must not surface as the next launch's error
+  known = ok ? 1 : -1;
+  return ok;
+}
+
+template <typename T, Divergence DIV>
+cudaError_t launch_typed(const KDLaunch& a, int cluster, cudaStream_t stream) {
+  constexpr int kVec = 16 / int(sizeof(T));
+  auto kernel = kd_cluster_kernel<T, DIV, kVec>;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.n_rows * cluster));
+  cfg.blockDim = dim3(NT);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (!cluster_launchable(kernel, cluster, cfg)) return cudaErrorNotSupported;
+  if (cluster > kMaxClusterPortable) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, a);
+}
+
+template <typename T>
+cudaError_t launch_div(const KDLaunch& a, int cluster, cudaStream_t stream) {
+  switch (a.p.divergence) {
+    case Divergence::ForwardKL: return launch_typed<T, Divergence::ForwardKL>(a, cluster, stream);
+    case Divergence::ReverseKL: return launch_typed<T, Divergence::ReverseKL>(a, cluster, stream);
+    case Divergence::JSD: return launch_typed<T, Divergence::JSD>(a, cluster, stream);
+    case Divergence::TVD: return launch_typed<T, Divergence::TVD>(a, cluster, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_kd_cluster(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
+  if (a.n_rows <= 0) return cudaSuccess;
+  // The kernel is built for equal dtypes, 16-byte packs and NT threads (plan_launch).
+  if (a.s_type != a.t_type || a.stats_in != nullptr || plan.threads != NT || plan.cluster < 1 ||
+      plan.cluster > kMaxCluster || plan.vec != 16 / elem_bytes(a.s_type) ||
+      a.n_rows * plan.cluster > int64_t(0x7fffffff))
+    return cudaErrorNotSupported;
+  switch (a.s_type) {
+    case ElemType::F32: return launch_div<float>(a, plan.cluster, stream);
+    case ElemType::BF16: return launch_div<__nv_bfloat16>(a, plan.cluster, stream);
+    case ElemType::F16: return launch_div<__half>(a, plan.cluster, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace fastkd

@@ -1,0 +1,593 @@
+// Device code shared by the fastkd CUDA kernels: packed loads and stores, the row
+// statistics of both sides and their reduction, and the per-element divergence math.
+//
+// Units. Everything runs in base 2 so that each exponential is one MUFU.EX2 fed by one
+// FFMA: with c = log2(e) / T,
+//     log2 q_i = s_i c - ls,   ls = log2 sum_j 2^(s_j c)      (student, softmax(s / T))
+//     log2 p_i = t_i c - lt,   lt = log2 sum_j 2^(t_j c)      (teacher)
+//     log2 r_i = s_i log2(e) - lraw                           (the CE term's softmax(s))
+// and natural-log quantities (the divergences, h below) are recovered with one multiply
+// by ln 2. Row maxima are kept in raw logit units (max_i s_i), which is exact under the
+// positive scale c and lets the same maximum serve both temperatures.
+//
+// The divergences and their gradients w.r.t. a = s / T (see csrc/cpu/kd_cpu.cpp, which
+// this code must match):
+//   forward_kl  D = sum p (log p - log q)                  dD/da = q - p
+//   reverse_kl  D = sum q h, h = log q - log p             dD/da = q (h - D)
+//   jsd         D = beta KL(p||m) + (1-beta) sum q h, h = log q - log m,
+//               m = beta p + (1-beta) q                    dD/da = (1-beta) q (h - sum q h)
+//   tvd         D = 1/2 sum |p - q|, h = sign(q - p)/2     dD/da = q (h - sum q h)
+// For the centred forms the entry holding q > 1/2 (at most one) uses
+// h_k sum_{j!=k} q_j - sum_{j!=k} q_j h_j instead of h_k - sum q h, which cancels in fp32
+// on peaked rows; TVD writes h_i - sum q h exactly as masses of the other signs.
+// Zero-probability entries contribute 0 (0 log 0 = 0): -inf logits are legal. NaN inputs
+// propagate through the sums into the whole row.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kd_cuda.h"
+
+namespace fastkd {
+namespace cuda {
+namespace dev {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+#define FASTKD_NEG_INF (-__builtin_huge_valf())
+#define FASTKD_DEV __device__ __forceinline__
+
+// ---------------------------------------------------------------------------------------
+// Fast math: the hardware approximations (rel. error ~2^-22), independent of
+// --use_fast_math. ex2(-inf) = 0, lg2(0) = -inf, NaN stays NaN.
+
+FASTKD_DEV float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+FASTKD_DEV float lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// log2(2^u + 2^v) without forming 2^u (it may underflow); NaN when both are -inf, which
+// callers only use under a zero-probability guard. The rounding of 1 + 2^(lo - hi) loses
+// terms below 2^-24; a log1p-style correction (as the CPU kernel has) costs a division
+// and registers, and made no difference to the JSD errors in a float32 emulation of this
+// code against the float64 reference (T = 0.5 .. 2, beta = 0.1 .. 0.9).
+FASTKD_DEV float log2_add_exp2(float u, float v) {
+  const float hi = fmaxf(u, v), lo = fminf(u, v);
+  return hi + lg2(1.0f + ex2(lo - hi));
+}
+
+// ---------------------------------------------------------------------------------------
+// Element types and 16-byte packs.
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  using Bits = uint32_t;
+  static constexpr uint32_t kNegInfBits = 0xff800000u;
+  FASTKD_DEV static float lo(uint32_t w) { return __uint_as_float(w); }
+  FASTKD_DEV static float hi(uint32_t w) { return __uint_as_float(w); }
+  FASTKD_DEV static Bits bits(float x) { return __float_as_uint(x); }
+  FASTKD_DEV static uint32_t pack2(float a, float) { return __float_as_uint(a); }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  using Bits = uint16_t;
+  static constexpr uint32_t kNegInfBits = 0xff80u;
+  // bf16 is the top half of an fp32: widening is a shift or a mask, no conversion.
+  FASTKD_DEV static float lo(uint32_t w) { return __uint_as_float(w << 16); }
+  FASTKD_DEV static float hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+  template <int kForm>
+  FASTKD_DEV static float lo_form(uint32_t w) {
+    if constexpr (kForm == 1) return __uint_as_float(__byte_perm(w, 0u, 0x1044));
+    else if constexpr (kForm == 2) return __uint_as_float(__funnelshift_l(0u, w, 16));
+    else return lo(w);
+  }
+  template <int kForm>
+  FASTKD_DEV static float hi_form(uint32_t w) {
+    if constexpr (kForm == 1) return __uint_as_float(__byte_perm(w, 0u, 0x3244));
+    else if constexpr (kForm == 2) return __uint_as_float(__funnelshift_r(w, 0u, 16) << 16);
+    else return hi(w);
+  }
+  FASTKD_DEV static Bits bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+  FASTKD_DEV static uint32_t pack2(float a, float b) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);  // one cvt.rn.bf16x2.f32
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+template <>
+struct Elem<__half> {
+  using Bits = uint16_t;
+  static constexpr uint32_t kNegInfBits = 0xfc00u;
+  FASTKD_DEV static float lo(uint32_t w) { return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu))); }
+  FASTKD_DEV static float hi(uint32_t w) { return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16))); }
+  template <int kForm>
+  FASTKD_DEV static float lo_form(uint32_t w) {
+    if constexpr (kForm == 1) return lo(__byte_perm(w, 0u, 0x4410));
+    else if constexpr (kForm == 2) return lo((w << 16) >> 16);
+    else return lo(w);
+  }
+  template <int kForm>
+  FASTKD_DEV static float hi_form(uint32_t w) {
+    if constexpr (kForm == 1) return lo(__byte_perm(w, 0u, 0x4432));
+    else if constexpr (kForm == 2) return lo(__funnelshift_r(w, 0u, 16));
+    else return hi(w);
+  }
+  FASTKD_DEV static Bits bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
+  FASTKD_DEV static uint32_t pack2(float a, float b) {
+    const __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+template <int kBytes> struct RawOf;
+template <> struct RawOf<16> { using type = uint4; };
+template <> struct RawOf<8> { using type = uint2; };
+template <> struct RawOf<4> { using type = unsigned int; };
+template <> struct RawOf<2> { using type = unsigned short; };
+
+FASTKD_DEV uint32_t word(const uint4& r, int i) { return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w; }
+FASTKD_DEV uint32_t word(const uint2& r, int i) { return i == 0 ? r.x : r.y; }
+FASTKD_DEV uint32_t word(unsigned int r, int) { return r; }
+FASTKD_DEV uint32_t word(unsigned short r, int) { return r; }
+
+FASTKD_DEV void make_raw(uint4& r, const uint32_t* w) { r = make_uint4(w[0], w[1], w[2], w[3]); }
+FASTKD_DEV void make_raw(uint2& r, const uint32_t* w) { r = make_uint2(w[0], w[1]); }
+FASTKD_DEV void make_raw(unsigned int& r, const uint32_t* w) { r = w[0]; }
+FASTKD_DEV void make_raw(unsigned short& r, const uint32_t* w) { r = static_cast<unsigned short>(w[0]); }
+
+// VEC consecutive elements of one row, kept packed in registers (a bf16 pair per 32-bit
+// register) and widened to fp32 only when used. Element j is a compile-time index after
+// unrolling, so the word selection folds away.
+template <typename T, int VEC>
+struct Pack {
+  static constexpr int kBytes = int(sizeof(T)) * VEC;
+  static constexpr int kWords = kBytes >= 4 ? kBytes / 4 : 1;
+  using Raw = typename RawOf<kBytes>::type;
+  Raw raw;
+
+  // kForm picks one of several equivalent bit sequences for widening a 16-bit element.
+  // The register-resident kernel uses a different one in each phase: ptxas otherwise
+  // notices that a later phase widens the same registers again and keeps all 128
+  // widened floats of the row alive between phases, spilling them.
+  // fp32 needs no widening, and there the repeated expressions are the exponents
+  // themselves; `opaque_zero` (0 at run time, unknown to the compiler) makes each
+  // phase's copy of the element a distinct value.
+  template <int kForm = 0>
+  FASTKD_DEV float get(int j, uint32_t opaque_zero = 0) const {
+    if constexpr (sizeof(T) == 4) {
+      const uint32_t w = word(raw, j);
+      if constexpr (kForm == 1) return __uint_as_float(w ^ opaque_zero);
+      else if constexpr (kForm == 2) return __uint_as_float(w + opaque_zero);
+      else return __uint_as_float(w);
+    } else {
+      const uint32_t w = word(raw, j >> 1);
+      return (j & 1) ? Elem<T>::template hi_form<kForm>(w) : Elem<T>::template lo_form<kForm>(w);
+    }
+  }
+
+  // Largest element; bf16/fp16 compare two at a time in packed form.
+  FASTKD_DEV float max() const {
+    if constexpr (sizeof(T) == 2 && VEC >= 2) {
+      using T2 = typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type;
+      uint32_t m = word(raw, 0);
+#pragma unroll
+      for (int i = 1; i < kWords; ++i) {
+        const uint32_t w = word(raw, i);
+        const T2 r = __hmax2(*reinterpret_cast<const T2*>(&m), *reinterpret_cast<const T2*>(&w));
+        m = *reinterpret_cast<const uint32_t*>(&r);
+      }
+      return fmaxf(Elem<T>::lo(m), Elem<T>::hi(m));
+    } else {
+      float m = get(0);
+#pragma unroll
+      for (int j = 1; j < VEC; ++j) m = fmaxf(m, get(j));
+      return m;
+    }
+  }
+};
+
+// An aligned pack entirely inside the row. Streaming loads (evict-first) where a byte is
+// read for the last time.
+template <typename T, int VEC, bool kStreaming>
+FASTKD_DEV Pack<T, VEC> load_pack(const T* p) {
+  using Raw = typename Pack<T, VEC>::Raw;
+  Pack<T, VEC> v;
+  if constexpr (kStreaming) v.raw = __ldcs(reinterpret_cast<const Raw*>(p));
+  else v.raw = *reinterpret_cast<const Raw*>(p);
+  return v;
+}
+
+// A pack that straddles the row's ends: element j is column col0 + j, and columns
+// outside [0, V) read as -inf, which every sum below treats as absent. Only valid
+// columns are dereferenced.
+template <typename T, int VEC>
+FASTKD_DEV Pack<T, VEC> load_pack_masked(const T* row, int64_t col0, int64_t V) {
+  using Bits = typename Elem<T>::Bits;
+  const Bits* r = reinterpret_cast<const Bits*>(row);
+  uint32_t b[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const int64_t col = col0 + j;
+    b[j] = (col >= 0 && col < V) ? uint32_t(r[col]) : Elem<T>::kNegInfBits;
+  }
+  uint32_t w[Pack<T, VEC>::kWords];
+#pragma unroll
+  for (int i = 0; i < Pack<T, VEC>::kWords; ++i)
+    w[i] = sizeof(T) == 4 || VEC == 1 ? b[i] : (b[2 * i] | (b[2 * i + 1] << 16));
+  Pack<T, VEC> p;
+  make_raw(p.raw, w);
+  return p;
+}
+
+// Stores VEC fp32 values as one pack (aligned, inside the row) in T.
+template <typename T, int VEC>
+FASTKD_DEV void store_pack(T* p, const float (&g)[VEC]) {
+  uint32_t w[Pack<T, VEC>::kWords];
+  if constexpr (sizeof(T) == 4 || VEC == 1) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) w[i] = Elem<T>::bits(g[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC / 2; ++i) w[i] = Elem<T>::pack2(g[2 * i], g[2 * i + 1]);
+  }
+  typename Pack<T, VEC>::Raw raw;
+  make_raw(raw, w);
+  __stcs(reinterpret_cast<typename Pack<T, VEC>::Raw*>(p), raw);
+}
+
+template <typename T, int VEC>
+FASTKD_DEV void store_pack_masked(T* row, int64_t col0, int64_t V, const float (&g)[VEC]) {
+  using Bits = typename Elem<T>::Bits;
+  Bits* r = reinterpret_cast<Bits*>(row);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const int64_t col = col0 + j;
+    if (col >= 0 && col < V) r[col] = Elem<T>::bits(g[j]);
+  }
+}
+
+// The columns at which a row's packs start: pack i covers columns [i*VEC - lead, ...),
+// with `lead` the row's offset from the previous 16-byte boundary (0 for VEC = 1).
+template <typename T, int VEC>
+FASTKD_DEV int row_lead(const T* row) {
+  return VEC == 1 ? 0 : int((reinterpret_cast<uintptr_t>(row) / sizeof(T)) & (VEC - 1));
+}
+
+// row[begin, end) = value, 16-byte stores in the aligned middle.
+template <typename T>
+FASTKD_DEV void fill_span(T* row, int64_t begin, int64_t end, float value, int tid, int nthreads) {
+  if (begin >= end) return;
+  using Bits = typename Elem<T>::Bits;
+  constexpr int VEC = 16 / int(sizeof(T));
+  Bits* r = reinterpret_cast<Bits*>(row);
+  const Bits b = Elem<T>::bits(value);
+  const int64_t to_aligned = int64_t((16 - (reinterpret_cast<uintptr_t>(row + begin) & 15)) & 15) / int64_t(sizeof(T));
+  const int64_t body = begin + (to_aligned < end - begin ? to_aligned : end - begin);
+  for (int64_t c = begin + tid; c < body; c += nthreads) r[c] = b;
+  const int64_t n_packs = (end - body) / VEC;
+  float g[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) g[j] = value;
+  for (int64_t i = tid; i < n_packs; i += nthreads) store_pack<T, VEC>(row + body + i * VEC, g);
+  for (int64_t c = body + n_packs * VEC + tid; c < end; c += nthreads) r[c] = b;
+}
+
+// ---------------------------------------------------------------------------------------
+// Row statistics: (max, sum 2^(x c - max c)) of both sides, plus the CE term's T = 1 sum
+// and, for forward KL, sum_i 2^(t_i c - mt c) (t_i - s_i), which gives
+//     KL(p||q) = ln2 (c A / zt - (lt - ls))
+// without a second sweep: sum p (log2 p - log2 q) = sum p (t - s) c - (lt - ls).
+
+struct RowStats2 {
+  float ms, zs;   // max_i s_i; sum_i 2^((s_i - ms) c)
+  float mt, zt;   // max_i t_i; sum_i 2^((t_i - mt) c)
+  float zraw;     // sum_i 2^((s_i - ms) log2 e)            (CE softmax at T = 1)
+  float a;        // sum_i 2^((t_i - mt) c) (t_i - s_i)       (forward KL only)
+};
+
+FASTKD_DEV RowStats2 empty_stats() { return RowStats2{FASTKD_NEG_INF, 0.f, FASTKD_NEG_INF, 0.f, 0.f, 0.f}; }
+
+// m * scale as the reference point of a sum-exp, 0 for an all -inf (empty) part so that
+// its -inf elements give 2^-inf = 0 rather than NaN.
+FASTKD_DEV float ref_point(float m, float scale) { return m == FASTKD_NEG_INF ? 0.f : m * scale; }
+
+// Factor that moves a sum-exp from reference max m to M >= m. Exactly 1 when m == M
+// (both -inf included); NaN when m is NaN, so NaN rows stay NaN.
+FASTKD_DEV float rescale(float m, float M, float scale) { return m == M ? 1.f : ex2((m - M) * scale); }
+
+// x*fx + y*fy, rounded so that swapping the operands gives the same bits (no FMA
+// contraction): butterfly reductions then leave every lane with identical values.
+FASTKD_DEV float scaled_sum(float x, float fx, float y, float fy) {
+  return __fadd_rn(__fmul_rn(x, fx), __fmul_rn(y, fy));
+}
+
+FASTKD_DEV void combine(RowStats2& x, const RowStats2& y, float c) {
+  const float ms = fmaxf(x.ms, y.ms), mt = fmaxf(x.mt, y.mt);
+  const float fxs = rescale(x.ms, ms, c), fys = rescale(y.ms, ms, c);
+  const float fxt = rescale(x.mt, mt, c), fyt = rescale(y.mt, mt, c);
+  const float fxr = rescale(x.ms, ms, kLog2e), fyr = rescale(y.ms, ms, kLog2e);
+  x.zs = scaled_sum(x.zs, fxs, y.zs, fys);
+  x.zt = scaled_sum(x.zt, fxt, y.zt, fyt);
+  x.zraw = scaled_sum(x.zraw, fxr, y.zraw, fyr);
+  x.a = scaled_sum(x.a, fxt, y.a, fyt);
+  x.ms = ms;
+  x.mt = mt;
+}
+
+FASTKD_DEV RowStats2 shfl_xor(const RowStats2& v, int lane_mask) {
+  RowStats2 r;
+  r.ms = __shfl_xor_sync(0xffffffffu, v.ms, lane_mask);
+  r.zs = __shfl_xor_sync(0xffffffffu, v.zs, lane_mask);
+  r.mt = __shfl_xor_sync(0xffffffffu, v.mt, lane_mask);
+  r.zt = __shfl_xor_sync(0xffffffffu, v.zt, lane_mask);
+  r.zraw = __shfl_xor_sync(0xffffffffu, v.zraw, lane_mask);
+  r.a = __shfl_xor_sync(0xffffffffu, v.a, lane_mask);
+  return r;
+}
+
+// Butterfly reduction over the lanes of a warp: every lane ends with the same bits, and
+// every CTA of a cluster reducing the same partials derives the same row constants.
+FASTKD_DEV void warp_combine(RowStats2& v, float c, int width = 32) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1)
+    if (off < width) combine(v, shfl_xor(v, off), c);
+}
+
+FASTKD_DEV float4 operator+(const float4& x, const float4& y) {
+  return make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w);
+}
+
+FASTKD_DEV float4 warp_sum(float4 v, int width = 32) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) {
+    if (off < width) {
+      v.x += __shfl_xor_sync(0xffffffffu, v.x, off);
+      v.y += __shfl_xor_sync(0xffffffffu, v.y, off);
+      v.z += __shfl_xor_sync(0xffffffffu, v.z, off);
+      v.w += __shfl_xor_sync(0xffffffffu, v.w, off);
+    }
+  }
+  return v;
+}
+
+// Block-wide reductions through a [32] shared scratch (one slot per warp); every thread
+// gets the result. Each scratch array is used once per row.
+FASTKD_DEV RowStats2 block_combine(RowStats2 v, float c, RowStats2* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+  warp_combine(v, c);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < n_warps ? scratch[lane] : empty_stats();
+  warp_combine(v, c);
+  return v;
+}
+
+FASTKD_DEV float4 block_sum(float4 v, float4* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < n_warps ? scratch[lane] : make_float4(0.f, 0.f, 0.f, 0.f);
+  return warp_sum(v);
+}
+
+// Accumulates U pack pairs into a thread's running statistics: the maximum over all of
+// them first, one rescale of the running sums, then one exponential per element and side
+// (the online softmax, chunked so the rescale is paid once per U packs).
+template <bool kRaw, bool kA, int U, typename TS, typename TT, int VEC>
+FASTKD_DEV void add_stats(RowStats2& st, const Pack<TS, VEC> (&sp)[U], const Pack<TT, VEC> (&tp)[U], float c) {
+  float ms = st.ms, mt = st.mt;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    ms = fmaxf(ms, sp[u].max());
+    mt = fmaxf(mt, tp[u].max());
+  }
+  st.zs *= rescale(st.ms, ms, c);
+  st.zt *= rescale(st.mt, mt, c);
+  if (kRaw) st.zraw *= rescale(st.ms, ms, kLog2e);
+  if (kA) st.a *= rescale(st.mt, mt, c);
+  st.ms = ms;
+  st.mt = mt;
+  const float rs = ref_point(ms, c), rt = ref_point(mt, c), rr = ref_point(ms, kLog2e);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float s = sp[u].get(j), t = tp[u].get(j);
+      st.zs += ex2(fmaf(s, c, -rs));
+      const float et = ex2(fmaf(t, c, -rt));
+      st.zt += et;
+      if (kRaw) st.zraw += ex2(fmaf(s, kLog2e, -rr));
+      if (kA) st.a += et == 0.f ? 0.f : et * (t - s);  // == 0, not > 0: NaN must propagate
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-row constants once the statistics are known, and the per-element math.
+
+struct RowConsts {
+  float c;          // log2(e) / T
+  float ls, lt;     // log2 q_i = s_i c - ls, log2 p_i = t_i c - lt
+  float lraw;       // log2 r_i = s_i log2(e) - lraw (CE softmax)
+  float lb2, l1b2;  // log2(beta), log2(1 - beta)                  (jsd)
+  float beta;
+  float gdiv;       // grad_scale * div_weight / T: multiplies dD/da
+  float gce;        // grad_scale * ce_weight: multiplies softmax(s) - onehot
+  bool ce;          // a CE term is mixed in
+  bool raw_is_q;    // T == 1: the CE softmax is q itself
+  uint32_t opaque_zero;  // 0, from a kernel argument the compiler cannot see through (Pack::get)
+};
+
+// From statistics this launch computed (raw maxima).
+FASTKD_DEV RowConsts row_consts(const RowStats2& st, const KDParams& p, float grad_scale) {
+  RowConsts k;
+  k.c = kLog2e * p.inv_temperature;
+  k.ls = ref_point(st.ms, k.c) + lg2(st.zs);
+  k.lt = ref_point(st.mt, k.c) + lg2(st.zt);
+  k.raw_is_q = p.temperature == 1.0f;
+  k.lraw = k.raw_is_q ? k.ls : ref_point(st.ms, kLog2e) + lg2(st.zraw);
+  k.lb2 = p.log_beta * kLog2e;
+  k.l1b2 = p.log_one_minus_beta * kLog2e;
+  k.beta = p.beta;
+  k.gdiv = grad_scale * p.div_weight * p.inv_temperature;
+  k.gce = grad_scale * p.ce_weight;
+  k.ce = p.ce_weight != 0.0f;
+  k.opaque_zero = static_cast<uint32_t>(p.vocab_size >> 62);  // vocab_size < 2^62
+  return k;
+}
+
+// From caller-supplied statistics (RowStats layout, natural units: max of s/T).
+FASTKD_DEV RowConsts row_consts_given(const float* r, const KDParams& p, float grad_scale) {
+  RowConsts k;
+  k.c = kLog2e * p.inv_temperature;
+  k.ls = r[0] * kLog2e + lg2(r[1]);
+  k.lt = r[2] * kLog2e + lg2(r[3]);
+  k.raw_is_q = p.temperature == 1.0f;
+  k.lraw = k.raw_is_q ? k.ls : (p.temperature * r[0]) * kLog2e + lg2(r[4]);
+  k.lb2 = p.log_beta * kLog2e;
+  k.l1b2 = p.log_one_minus_beta * kLog2e;
+  k.beta = p.beta;
+  k.gdiv = grad_scale * p.div_weight * p.inv_temperature;
+  k.gce = grad_scale * p.ce_weight;
+  k.ce = p.ce_weight != 0.0f;
+  k.opaque_zero = static_cast<uint32_t>(p.vocab_size >> 62);  // vocab_size < 2^62
+  return k;
+}
+
+// The row sums that reverse_kl / jsd / tvd need before any gradient can be written,
+// packed in a float4:
+//   reverse_kl, jsd:  (sum_{q<=1/2} q, sum_{q<=1/2} q h, sum_{q>1/2} q h, jsd: sum p log2(p/m))
+//   tvd:              (sum |p - q| / 2, sum_{q>p} q, sum_{q<p} q, sum_{q=p} q)
+template <Divergence DIV>
+FASTKD_DEV void add_sums(float4& acc, float s, float t, const RowConsts& k) {
+  const float lq = fmaf(s, k.c, -k.ls), lp = fmaf(t, k.c, -k.lt);
+  const float q = ex2(lq);
+  if constexpr (DIV == Divergence::TVD) {
+    const float d = q - ex2(lp);
+    acc.x += 0.5f * fabsf(d);
+    acc.y += d > 0.f ? q : 0.f;
+    acc.z += d < 0.f ? q : 0.f;
+    acc.w += d == 0.f ? q : 0.f;
+  } else {
+    float h;
+    if constexpr (DIV == Divergence::JSD) {
+      const float pt = ex2(lp);
+      const float lm = log2_add_exp2(lp + k.lb2, lq + k.l1b2);
+      acc.w += pt == 0.f ? 0.f : pt * (lp - lm);
+      h = q == 0.f ? 0.f : kLn2 * (lq - lm);
+    } else {
+      h = q == 0.f ? 0.f : kLn2 * (lq - lp);
+    }
+    const float qh = q * h;
+    const bool big = q > 0.5f;
+    acc.x += big ? 0.f : q;
+    acc.y += big ? 0.f : qh;
+    acc.z += big ? qh : 0.f;
+  }
+}
+
+// D(p, q) of the row from its sums (not forward_kl, which the kernels get otherwise).
+template <Divergence DIV>
+FASTKD_DEV float divergence_from_sums(const float4& tot, const RowConsts& k) {
+  if constexpr (DIV == Divergence::TVD) return tot.x;
+  else if constexpr (DIV == Divergence::JSD) return k.beta * kLn2 * tot.w + (1.0f - k.beta) * (tot.y + tot.z);
+  else return tot.y + tot.z;
+}
+
+// dD/da for one element; also returns q for the CE term.
+// kSumKL: forward KL also accumulates (sum p (t - s), sum p) into `kl`, from which
+// KL(p||q) = ln2 (c sum p (t - s) - (lt - ls) sum p) (the two-pass kernel's divergence).
+template <Divergence DIV, bool kSumKL = false>
+FASTKD_DEV float ddiv(float s, float t, const RowConsts& k, const float4& tot, float& q_out, float2& kl) {
+  const float lq = fmaf(s, k.c, -k.ls), lp = fmaf(t, k.c, -k.lt);
+  const float q = ex2(lq);
+  q_out = q;
+  if constexpr (DIV == Divergence::ForwardKL) {
+    const float pt = ex2(lp);
+    if (kSumKL) {
+      kl.x += pt == 0.f ? 0.f : pt * (t - s);
+      kl.y += pt;
+    }
+    return q - pt;
+  } else if constexpr (DIV == Divergence::TVD) {
+    const float d = q - ex2(lp);
+    // h_i - sum_j q_j h_j as masses of the other signs (exact).
+    // tot.x (the divergence, <= 1) minus itself is 0 unless the row holds a NaN, which
+    // the sign comparisons would otherwise drop.
+    const float g = d > 0.f ? tot.z + 0.5f * tot.w : (d < 0.f ? -(tot.y + 0.5f * tot.w) : 0.5f * (tot.z - tot.y));
+    return q * (g + (tot.x - tot.x));
+  } else {
+    float h;
+    if constexpr (DIV == Divergence::JSD) {
+      const float lm = log2_add_exp2(lp + k.lb2, lq + k.l1b2);
+      h = q == 0.f ? 0.f : kLn2 * (lq - lm);
+    } else {
+      h = q == 0.f ? 0.f : kLn2 * (lq - lp);
+    }
+    const float centred = q > 0.5f ? h * tot.x - tot.y : h - (tot.y + tot.z);
+    const float scale = DIV == Divergence::JSD ? 1.0f - k.beta : 1.0f;
+    return scale * q * centred;
+  }
+}
+
+// The gradient of one pack: gdiv dD/da + gce (softmax(s) - onehot(label)), in fp32.
+// `label_lane` is label - col0 (the one-hot lands in this pack when it is in [0, VEC)).
+template <Divergence DIV, bool kSumKL = false, int kForm = 1, typename TS, typename TT, int VEC>
+FASTKD_DEV void pack_grad(float (&g)[VEC], const Pack<TS, VEC>& sp, const Pack<TT, VEC>& tp, const RowConsts& k,
+                          const float4& tot, int64_t label_lane, float2& kl) {
+  float q[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    g[j] = k.gdiv * ddiv<DIV, kSumKL>(sp.template get<kForm>(j, k.opaque_zero), tp.template get<kForm>(j, k.opaque_zero),
+                                      k, tot, q[j], kl);
+  if (k.ce) {
+    const bool has_label = uint64_t(label_lane) < uint64_t(VEC);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float r = k.raw_is_q ? q[j] : ex2(fmaf(sp.template get<kForm>(j, k.opaque_zero), kLog2e, -k.lraw));
+      // The one-hot is subtracted before the product so the label entry is rounded once.
+      g[j] = fmaf(k.gce, (has_label && j == label_lane) ? r - 1.0f : r, g[j]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-row label handling shared by the kernels.
+
+enum class RowKind : int { Normal = 0, Ignored = 1, BadLabel = 2 };
+
+FASTKD_DEV RowKind classify_row(const int64_t* labels, int64_t row, const KDParams& p, int64_t& label) {
+  label = -1;
+  if (labels == nullptr) return RowKind::Normal;
+  label = labels[row];
+  if (label == p.ignore_index) return RowKind::Ignored;  // zero loss, zero gradient
+  if (label < 0 || label >= p.vocab_size) return RowKind::BadLabel;  // NaN marks the row, never a number
+  return RowKind::Normal;
+}
+
+template <typename T>
+FASTKD_DEV float load_elem(const T* p) {
+  return Elem<T>::lo(uint32_t(*reinterpret_cast<const typename Elem<T>::Bits*>(p)));
+}
+
+FASTKD_DEV float row_fill_value(RowKind kind) { return kind == RowKind::Ignored ? 0.f : __int_as_float(0x7fc00000); }
+
+}  // namespace dev
+}  // namespace cuda
+}  // namespace fastkd

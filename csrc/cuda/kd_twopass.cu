@@ -1,0 +1,258 @@
+/*
+ * Fused knowledge-distillation loss and gradient: the portable (sm_80+) kernel.
+ *
+ * One CTA per row (token), the row streamed from memory once per pass:
+ *   stats   reads s and t once, computing both sides' (max, sum 2^(x c - max c)) with a
+ *           chunked online softmax (one exponential per element and side; the CE term's
+ *           T = 1 sum too when T != 1), then one block reduction.
+ *   sums    reverse_kl, jsd and tvd only: re-reads s and t for the row sums their centred
+ *           gradient  dD/da = q (h - sum q h)  needs before any element can be written.
+ *   write   re-reads s and t and writes the gradient once, in the student's dtype:
+ *               ds = grad_scale (div_weight dD/da / T + ce_weight (softmax(s) - onehot))
+ *           forward KL accumulates its divergence here (sum p (t - s) and sum p).
+ * The math (base-2 units, the -inf and peaked-row guards) is in kd_device.cuh; it
+ * reproduces csrc/cpu/kd_cpu.cpp. Row statistics may come from the caller instead
+ * (`stats_in`, the vocab-parallel path), which skips the stats pass.
+ *
+ * Traffic, in units of N * V * bytes: forward KL 5 (two reads of s and t, one write),
+ * the other divergences 7, against the 3 of the floor. Why a third pass from memory and
+ * not a shared-memory copy of the row for the centred divergences: a row of s and t is
+ * 4V bytes in bf16, 512 KB at V = 128k, far over the 227 KB an H100 CTA can hold (or the
+ * 163 KB of an A100); it fits only for V below ~40k, and there it would limit the SM to
+ * one resident row, serialising load and compute. Holding the whole row on chip is the
+ * cluster kernel's job (kd_cluster.cu, sm_90), which spreads it over up to 16 SMs'
+ * registers; this kernel stays simple and register-light as the portable fallback, and
+ * leaves the first passes' loads cacheable so short rows are re-read from L2.
+ *
+ * Alignment: packs are 16 bytes of the wider dtype. Pack i of a row covers columns
+ * [i*VEC - lead, (i+1)*VEC - lead), lead being the row's offset from a 16-byte boundary,
+ * so odd V works with aligned loads; the host picks VEC = 1 when the student, teacher and
+ * gradient rows do not share that offset.
+ */
+#include "kd_device.cuh"
+
+namespace fastkd {
+namespace cuda {
+namespace {
+
+using namespace dev;
+
+constexpr int U = kTwoPassUnroll;
+
+// Calls f(sp[U], tp[U], base) over the row's packs; thread x owns packs base + u*blockDim
+// for base = x, x + U*blockDim, ... Packs straddling the row's ends, or past them, read
+// -inf in the missing columns. kStreaming marks the last read of the row (evict-first).
+template <bool kStreaming, int VEC, typename TS, typename TT, typename F>
+FASTKD_DEV void sweep_row(const TS* srow, const TT* trow, int lead, int64_t V, F&& f) {
+  const int64_t packs = (V + lead + VEC - 1) / VEC;
+  const int64_t step = int64_t(blockDim.x) * U;
+  for (int64_t base = threadIdx.x; base < packs; base += step) {
+    Pack<TS, VEC> sp[U];
+    Pack<TT, VEC> tp[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t col0 = (base + int64_t(u) * blockDim.x) * VEC - lead;
+      if (col0 >= 0 && col0 + VEC <= V) {
+        sp[u] = load_pack<TS, VEC, kStreaming>(srow + col0);
+        tp[u] = load_pack<TT, VEC, kStreaming>(trow + col0);
+      } else {
+        sp[u] = load_pack_masked<TS, VEC>(srow, col0, V);
+        tp[u] = load_pack_masked<TT, VEC>(trow, col0, V);
+      }
+    }
+    f(sp, tp, base);
+  }
+}
+
+// Passes after the statistics: the divergence's row sums (if it needs them), then the
+// gradient and the row's loss.
+template <Divergence DIV, int VEC, typename TS, typename TT>
+FASTKD_DEV void finish_row(const KDLaunch& a, int64_t row, const TS* srow, const TT* trow, TS* grow, int lead,
+                           int64_t label, float s_label, const RowConsts& k, float4* sums_scratch,
+                           float4* kl_scratch) {
+  const int64_t V = a.p.vocab_size;
+  float4 tot = make_float4(0.f, 0.f, 0.f, 0.f);
+  if constexpr (DIV != Divergence::ForwardKL) {
+    float4 acc = tot;
+    sweep_row<false, VEC>(srow, trow, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) add_sums<DIV>(acc, sp[u].get(j), tp[u].get(j), k);
+    });
+    tot = block_sum(acc, sums_scratch);
+  }
+
+  float2 kl = make_float2(0.f, 0.f);
+  sweep_row<true, VEC>(srow, trow, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t base) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t col0 = (base + int64_t(u) * blockDim.x) * VEC - lead;
+      if (col0 >= V) break;
+      float g[VEC];
+      pack_grad<DIV, true>(g, sp[u], tp[u], k, tot, label - col0, kl);
+      if (col0 >= 0 && col0 + VEC <= V) store_pack<TS, VEC>(grow + col0, g);
+      else store_pack_masked<TS, VEC>(grow, col0, V, g);
+    }
+  });
+
+  float D;
+  if constexpr (DIV == Divergence::ForwardKL) {
+    const float4 s = block_sum(make_float4(kl.x, kl.y, 0.f, 0.f), kl_scratch);
+    D = kLn2 * (k.c * s.x - (k.lt - k.ls) * s.y);
+  } else {
+    D = divergence_from_sums<DIV>(tot, k);
+  }
+  if (threadIdx.x == 0) {
+    float loss = a.p.div_weight * D;
+    if (k.ce) loss += a.p.ce_weight * (kLn2 * k.lraw - s_label);
+    a.loss[row] = loss;
+  }
+  // Student columns past vocab_size (a padded vocabulary) get zero gradient.
+  fill_span(grow, V, a.g_width, 0.f, threadIdx.x, blockDim.x);
+}
+
+template <typename TS, typename TT, int VEC>
+__global__ void __launch_bounds__(kTwoPassMaxThreads) kd_twopass_kernel(const KDLaunch a) {
+  __shared__ RowStats2 stats_scratch[32];
+  __shared__ float4 sums_scratch[32];
+  __shared__ float4 kl_scratch[32];
+  const KDParams& p = a.p;
+  const int64_t row = blockIdx.x;
+  const int64_t V = p.vocab_size;
+  const TS* srow = static_cast<const TS*>(a.student) + row * a.s_stride;
+  const TT* trow = static_cast<const TT*>(a.teacher) + row * a.t_stride;
+  TS* grow = static_cast<TS*>(a.grad) + row * a.g_stride;
+
+  int64_t label;
+  const RowKind kind = classify_row(a.labels, row, p, label);
+  if (kind != RowKind::Normal) {
+    fill_span(grow, 0, a.g_width, row_fill_value(kind), threadIdx.x, blockDim.x);
+    if (threadIdx.x == 0) a.loss[row] = row_fill_value(kind);
+    return;
+  }
+  const bool ce = p.ce_weight != 0.f;
+  // Read before any thread can overwrite the row (in-place backward); a block barrier
+  // (the stats reduction, or the one below) separates it from the first gradient store.
+  const float s_label = (ce && threadIdx.x == 0) ? load_elem(srow + label) : 0.f;
+  const int lead = row_lead<TS, VEC>(srow);
+  const float grad_scale = *a.grad_scale;
+
+  RowConsts k;
+  if (a.stats_in != nullptr) {
+    k = row_consts_given(a.stats_in + row * kRowStatsWidth, p, grad_scale);
+    __syncthreads();
+  } else {
+    const float c = kLog2e * p.inv_temperature;
+    RowStats2 st = empty_stats();
+    if (ce && p.temperature != 1.0f) {
+      sweep_row<false, VEC>(srow, trow, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
+        add_stats<true, false>(st, sp, tp, c);
+      });
+    } else {
+      sweep_row<false, VEC>(srow, trow, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
+        add_stats<false, false>(st, sp, tp, c);
+      });
+    }
+    st = block_combine(st, c, stats_scratch);
+    k = row_consts(st, p, grad_scale);
+  }
+
+  switch (p.divergence) {
+    case Divergence::ForwardKL:
+      finish_row<Divergence::ForwardKL, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch);
+      break;
+    case Divergence::ReverseKL:
+      finish_row<Divergence::ReverseKL, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch);
+      break;
+    case Divergence::JSD:
+      finish_row<Divergence::JSD, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch);
+      break;
+    case Divergence::TVD:
+      finish_row<Divergence::TVD, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch);
+      break;
+  }
+}
+
+// The stats pass alone: RowStats [N, 5] in natural units (max of s/T), the layout a
+// vocab-parallel caller combines across shards and feeds back as `stats_in`.
+template <typename TS, typename TT, int VEC>
+__global__ void __launch_bounds__(kTwoPassMaxThreads) row_stats_kernel(const KDLaunch a) {
+  __shared__ RowStats2 scratch[32];
+  const KDParams& p = a.p;
+  const int64_t row = blockIdx.x;
+  const TS* srow = static_cast<const TS*>(a.student) + row * a.s_stride;
+  const TT* trow = static_cast<const TT*>(a.teacher) + row * a.t_stride;
+  const int lead = row_lead<TS, VEC>(srow);
+  const float c = kLog2e * p.inv_temperature;
+  const bool raw = a.with_ce_raw && p.temperature != 1.0f;
+  RowStats2 st = empty_stats();
+  if (raw) {
+    sweep_row<true, VEC>(srow, trow, lead, p.vocab_size, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
+      add_stats<true, false>(st, sp, tp, c);
+    });
+  } else {
+    sweep_row<true, VEC>(srow, trow, lead, p.vocab_size, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
+      add_stats<false, false>(st, sp, tp, c);
+    });
+  }
+  st = block_combine(st, c, scratch);
+  if (threadIdx.x == 0) {
+    float* o = a.stats_out + row * kRowStatsWidth;
+    o[0] = st.ms * p.inv_temperature;
+    o[1] = st.zs;
+    o[2] = st.mt * p.inv_temperature;
+    o[3] = st.zt;
+    o[4] = a.with_ce_raw ? (raw ? st.zraw : st.zs) : 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Launchers.
+
+template <typename F>
+cudaError_t with_type(ElemType t, F&& f) {
+  switch (t) {
+    case ElemType::F32: return f(float{});
+    case ElemType::BF16: return f(__nv_bfloat16{});
+    case ElemType::F16: return f(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <bool kStatsOnly>
+cudaError_t launch(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
+  if (a.n_rows <= 0) return cudaSuccess;
+  if (a.n_rows > 0x7fffffff || plan.threads < 32 || plan.threads > kTwoPassMaxThreads) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(a.n_rows)), block(plan.threads);
+  return with_type(a.s_type, [&](auto s0) {
+    return with_type(a.t_type, [&](auto t0) {
+      using TS = decltype(s0);
+      using TT = decltype(t0);
+      constexpr int kVec = 16 / (sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
+      if (plan.vec == kVec) {
+        if constexpr (kStatsOnly) row_stats_kernel<TS, TT, kVec><<<grid, block, 0, stream>>>(a);
+        else kd_twopass_kernel<TS, TT, kVec><<<grid, block, 0, stream>>>(a);
+      } else if (plan.vec == 1) {
+        if constexpr (kStatsOnly) row_stats_kernel<TS, TT, 1><<<grid, block, 0, stream>>>(a);
+        else kd_twopass_kernel<TS, TT, 1><<<grid, block, 0, stream>>>(a);
+      } else {
+        return cudaErrorInvalidValue;
+      }
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace
+
+cudaError_t launch_kd_twopass(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
+  return launch<false>(a, plan, stream);
+}
+
+cudaError_t launch_row_stats(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
+  return launch<true>(a, plan, stream);
+}
+
+}  // namespace cuda
+}  // namespace fastkd

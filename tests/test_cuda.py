@@ -1,0 +1,295 @@
+"""The CUDA kernels (csrc/cuda) against fastkd.reference in float64, on a GPU.
+
+Every test is marked ``gpu`` and skipped without CUDA. ``test_correctness.py`` already
+runs the shared case list on the ``cuda`` backend with the automatic kernel choice; this
+file forces each kernel in turn (``FASTKD_CUDA_KERNEL``: the two-pass kernel everywhere,
+the cluster kernel on sm_90) and adds what the small shared cases cannot reach:
+vocabularies of 32k-262k (multi-CTA clusters), N * V > 2^31, in-place backward and
+padded/strided rows at those sizes, row statistics, and a sync-free backward.
+"""
+import pytest
+import torch
+
+from cases import ALL_CASES, Case, check_case, rel_err, tolerances
+
+import fastkd
+import fastkd.ops
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _is_sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+KERNELS = [
+    "twopass",
+    pytest.param("cluster", marks=pytest.mark.skipif(not _is_sm90(), reason="cluster kernel needs sm_90")),
+]
+
+
+@pytest.fixture(autouse=True)
+def cuda_backend():
+    if fastkd.ops.get_backend("cuda") is None:
+        pytest.fail("a CUDA device is present but fastkd._C was built without its CUDA kernels")
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch):
+    """Forces one kernel for the test (read by the C++ glue at every call)."""
+    monkeypatch.setenv("FASTKD_CUDA_KERNEL", request.param)
+    return request.param
+
+
+def plan(student, teacher, vocab_size=None, with_row_stats=False):
+    s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    return torch.ops.fastkd.cuda_kernel_plan(s2, t2, with_row_stats, vocab_size or s2.shape[-1])
+
+
+def logits(shape, dtype, generator, peaked=0.25):
+    """N(0, 3^2) logits drawn on the GPU, a fraction of rows sharply peaked."""
+    x = torch.randn(shape, device="cuda", dtype=torch.float32, generator=generator) * 3.0
+    rows = x.view(-1, shape[-1])
+    hot = torch.rand(rows.shape[0], device="cuda", generator=generator) < peaked
+    where = torch.randint(0, shape[-1], (rows.shape[0],), device="cuda", generator=generator)
+    rows[hot, where[hot]] += 15.0
+    return x.to(dtype)
+
+
+def reference(student, teacher, labels, **kw):
+    """Loss and gradient of fastkd.reference in float64, on the GPU (fast at 262k)."""
+    s64 = student.detach().double().requires_grad_(True)
+    loss = fastkd.reference.kd_loss(s64, teacher.detach().double(), labels, **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), s64)
+    return loss.detach(), grad
+
+
+def fused(student, teacher, labels, inplace=False, **kw):
+    """Loss and gradient of the cuda backend; the student keeps its layout (strides)."""
+    s = (student.detach().clone() if inplace else student.detach()).requires_grad_(True)
+    x = s * 1 if inplace else s  # in-place backward writes into a non-leaf's buffer
+    loss = fastkd.kd_loss(x, teacher, labels, backend="cuda", inplace_backward=inplace, **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    return loss.detach().double(), grad.double()
+
+
+def assert_close(loss, grad, ref_loss, ref_grad, low_precision):
+    loss_tol, grad_tol = (1e-2, 2e-2) if low_precision else (1e-5, 1e-5)
+    e_loss, e_grad = rel_err(loss, ref_loss), rel_err(grad, ref_grad)
+    assert e_loss < loss_tol, f"loss rel err {e_loss:.3g}"
+    assert e_grad < grad_tol, f"grad rel err {e_grad:.3g}"
+
+
+# ---------------------------------------------------------------------------------------
+# The shared case list, once per kernel (the cluster kernel runs these small rows with a
+# one-CTA cluster, its masking of partial packs included).
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])
+def test_shared_cases(case, kernel):
+    check_case(case, "cuda", "cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# Vocabularies of LLMs: multi-CTA clusters (C = 2 .. 16), every divergence.
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("vocab,dtype", [
+    (128256, torch.bfloat16),   # Llama 3: 8 CTAs
+    (262144, torch.bfloat16),   # Gemma 3: 16 CTAs
+    (32000, torch.float16),     # Llama 2: 2 CTAs
+    (50257, torch.bfloat16),    # GPT-2: odd V, rows not 16-byte aligned
+    (20001, torch.float32),     # fp32, 3 CTAs
+])
+@pytest.mark.parametrize("alpha,temperature", [(1.0, 2.0), (0.6, 1.0), (0.6, 0.7)])
+def test_large_vocab(divergence, vocab, dtype, alpha, temperature, kernel):
+    g = torch.Generator(device="cuda").manual_seed(vocab + 7 * len(divergence))
+    n = 24
+    s, t = logits((n, vocab), dtype, g), logits((n, vocab), dtype, g)
+    labels = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    labels[::5] = -100
+    kw = dict(divergence=divergence, temperature=temperature, alpha=alpha, reduction="mean")
+    loss, grad = fused(s, t, labels, **kw)
+    assert_close(loss, grad, *reference(s, t, labels, **kw), low_precision=dtype != torch.float32)
+    if kernel == "cluster":
+        assert plan(s, t).startswith("cluster"), plan(s, t)
+
+
+@pytest.mark.parametrize("vocab", [128256, 50257])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_masked_vocabulary_entries(vocab, divergence, kernel):
+    """-inf logits (masked tokens) on both sides: zero probability, no NaN."""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    n = 16
+    s, t = logits((n, vocab), torch.bfloat16, g), logits((n, vocab), torch.bfloat16, g)
+    masked = torch.rand(vocab, device="cuda", generator=g) < 0.1
+    masked[0] = False
+    s[:, masked] = float("-inf")
+    t[:, masked] = float("-inf")
+    labels = torch.zeros(n, dtype=torch.long, device="cuda")
+    kw = dict(divergence=divergence, temperature=2.0, alpha=0.6, reduction="sum")
+    loss, grad = fused(s, t, labels, **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert_close(loss, grad, *reference(s, t, labels, **kw), low_precision=True)
+
+
+@pytest.mark.parametrize("vocab", [128256, 32000])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_inplace_backward_large(vocab, divergence, kernel):
+    g = torch.Generator(device="cuda").manual_seed(5)
+    n = 32
+    s, t = logits((n, vocab), torch.bfloat16, g), logits((n, vocab), torch.bfloat16, g)
+    labels = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    labels[3] = -100
+    kw = dict(divergence=divergence, temperature=2.0, alpha=0.5)
+    loss_a, grad_a = fused(s, t, labels, inplace=False, **kw)
+    loss_b, grad_b = fused(s, t, labels, inplace=True, **kw)
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
+    torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=0)
+
+
+def test_padded_and_strided_rows(kernel):
+    """Qwen-style padded teacher (vocab_size=), a student that is a strided view, and
+    labels: the gradient past vocab_size is zero."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    n, v, vt = 20, 151936, 152064
+    s_buf = logits((n, v + 64), torch.bfloat16, g)
+    s = s_buf[:, 8:8 + v]  # row stride v + 64, starts 16 bytes in
+    t = logits((n, vt), torch.bfloat16, g)
+    labels = torch.randint(0, v, (n,), device="cuda", generator=g)
+    kw = dict(divergence="forward_kl", temperature=2.0, alpha=0.7, vocab_size=v)
+    loss, grad = fused(s, t, labels, **kw)
+    ref_loss, ref_grad = reference(s, t, labels, **kw)
+    assert_close(loss, grad, ref_loss, ref_grad, low_precision=True)
+
+    # Student wider than vocab_size: its extra columns get exactly zero gradient.
+    wide = logits((n, vt), torch.bfloat16, g).requires_grad_(True)
+    out = fastkd.kd_loss(wide, t, labels, backend="cuda", vocab_size=v, temperature=2.0, alpha=0.7)
+    out.backward()
+    assert (wide.grad[:, v:] == 0).all()
+    r_loss, r_grad = reference(wide.detach()[:, :v], t, labels, **kw)
+    assert_close(out.detach().double(), wide.grad[:, :v].double(), r_loss, r_grad, low_precision=True)
+
+
+def test_noncontiguous_vocab_stride(kernel):
+    """A student with stride 2 along the vocabulary (copied by the Python layer)."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    n, v = 12, 32000
+    s = logits((n, 2 * v), torch.bfloat16, g)[:, ::2]
+    t = logits((v, n), torch.bfloat16, g).t()  # column-major teacher
+    labels = torch.randint(0, v, (n,), device="cuda", generator=g)
+    kw = dict(divergence="reverse_kl", temperature=1.5, alpha=0.8)
+    assert_close(*fused(s, t, labels, **kw), *reference(s, t, labels, **kw), low_precision=True)
+
+
+def test_more_than_2_31_elements(kernel):
+    """int64 offsets: N * V > 2^31 (13 GB of bf16 in all); a few rows, the last ones
+    past the 2^31st element, against the reference computed on those rows alone."""
+    free, _ = torch.cuda.mem_get_info()
+    v = 131072
+    n = (1 << 31) // v + 16
+    if free < 4 * n * v * 2:
+        pytest.skip("needs ~18 GB of free GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    s = torch.randn((n, v), device="cuda", dtype=torch.bfloat16, generator=g).mul_(3)
+    t = torch.randn((n, v), device="cuda", dtype=torch.bfloat16, generator=g).mul_(3)
+    labels = torch.randint(0, v, (n,), device="cuda", generator=g)
+    assert n * v > 2**31
+    kw = dict(divergence="forward_kl", temperature=2.0, alpha=0.6)
+    s.requires_grad_(True)
+    loss = fastkd.kd_loss(s, t, labels, backend="cuda", reduction="none", **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    rows = torch.tensor([0, n // 2, n - 3, n - 2, n - 1], device="cuda")
+    assert rows[-1].item() * v > 2**31
+    ref_loss, ref_grad = reference(s.detach()[rows], t[rows], labels[rows], reduction="none", **kw)
+    assert_close(loss.detach()[rows].double(), grad[rows].double(), ref_loss, ref_grad, low_precision=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Row statistics, backward scaling, sync-freedom, kernel choice.
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_ce", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_row_stats_match_cpu(dtype, with_ce, temperature):
+    g = torch.Generator(device="cuda").manual_seed(2)
+    s, t = logits((33, 5003), dtype, g), logits((33, 5003), dtype, g)
+    got = torch.ops.fastkd.row_stats(s, t, 1.0 / temperature, 5003, with_ce)
+    want = torch.ops.fastkd.row_stats(s.cpu(), t.cpu(), 1.0 / temperature, 5003, with_ce)
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_given_row_stats_reproduce_the_loss(divergence):
+    """kd_forward with row_stats supplied (the vocab-parallel path) equals the fused pass."""
+    g = torch.Generator(device="cuda").manual_seed(8)
+    n, v, temperature = 17, 30011, 2.0
+    s, t = logits((n, v), torch.float32, g), logits((n, v), torch.float32, g)
+    labels = torch.randint(0, v, (n,), device="cuda", generator=g)
+    scale = torch.full((), 0.25, device="cuda")
+    args = (labels, scale)
+    params = (divergence, 1.0 / temperature, 0.5, 0.6 * temperature**2, 0.4, -100, v)
+    stats = torch.ops.fastkd.row_stats(s, t, 1.0 / temperature, v, True)
+    loss_a, grad_a = torch.ops.fastkd.kd_forward(s, t, *args, None, *params)
+    loss_b, grad_b = torch.ops.fastkd.kd_forward(s, t, *args, stats, *params)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_grad(dtype):
+    g = torch.Generator(device="cuda").manual_seed(9)
+    buf = logits((37, 1001), dtype, g)
+    orig = buf.clone()
+    grad = buf[:, 3:1000]  # unaligned rows, row stride 1001
+    before = grad.clone()
+    torch.ops.fastkd.scale_grad_(grad, torch.ones((), device="cuda"))
+    assert torch.equal(grad, before)  # 1: untouched
+    torch.ops.fastkd.scale_grad_(grad, torch.full((), 0.5, device="cuda"))
+    assert torch.equal(grad, before * 0.5)  # halving is exact
+    torch.ops.fastkd.scale_grad_(grad, torch.ones((), device="cuda").expand(37))  # reduction="none"
+    assert torch.equal(grad, before * 0.5)
+    factors = torch.rand(37, device="cuda", generator=g)
+    factors[::3] = 1.0
+    torch.ops.fastkd.scale_grad_(grad, factors)
+    assert torch.equal(grad, ((before * 0.5).float() * factors[:, None]).to(dtype))
+    # The columns around the view were never written.
+    assert torch.equal(buf[:, :3], orig[:, :3]) and torch.equal(buf[:, 1000:], orig[:, 1000:])
+
+
+def test_forward_backward_do_not_synchronize(kernel):
+    g = torch.Generator(device="cuda").manual_seed(6)
+    s = logits((64, 32000), torch.bfloat16, g).requires_grad_(True)
+    t = logits((64, 32000), torch.bfloat16, g)
+    labels = torch.randint(0, 32000, (64,), device="cuda", generator=g)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for reduction in ("mean", "none"):
+            loss = fastkd.kd_loss(s, t, labels, backend="cuda", temperature=2.0, alpha=0.5, reduction=reduction)
+            loss.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(s.grad).all()
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="cluster kernel needs sm_90")
+def test_auto_picks_the_cluster_kernel_on_hopper(monkeypatch):
+    monkeypatch.delenv("FASTKD_CUDA_KERNEL", raising=False)
+    for v, c in [(32000, 2), (128256, 8), (151936, 10), (262144, 16)]:
+        s = torch.empty((4, v), device="cuda", dtype=torch.bfloat16)
+        assert plan(s, s).startswith(f"cluster[C={c},"), (v, plan(s, s))
+    s = torch.empty((4, 128256), device="cuda", dtype=torch.bfloat16)
+    assert plan(s, s, with_row_stats=True).startswith("twopass")
+    assert plan(s, s.float()).startswith("twopass")  # mixed dtypes
+
+
+def test_float64_is_refused_with_a_clear_error():
+    s = torch.randn(4, 10, device="cuda", dtype=torch.float64)
+    with pytest.raises((TypeError, RuntimeError), match="float64"):
+        fastkd.kd_loss(s, s.clone(), backend="cuda")

@@ -1,6 +1,7 @@
 """fastkd: fused knowledge-distillation losses for large-vocabulary language models."""
 from . import reference
 from .api import KDLoss, kd_loss
+from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 
-__all__ = ["kd_loss", "KDLoss", "reference"]
+__all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "FusedLinearKDLoss", "reference"]
 __version__ = "0.1.0"

@@ -1,0 +1,566 @@
+"""Fused linear KD loss: hidden states and LM-head weights in, the loss out, logits never whole.
+
+``fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)``
+equals ``kd_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, labels)``
+but never holds the ``[tokens, vocab]`` logits of either side. It walks over the tokens in
+chunks; for each chunk it
+
+1. computes the chunk's student and teacher logits with a matmul whose *output* is fp32
+   (fp32 accumulation alone is not enough: a public fused-linear JSD that rounds its
+   logits to bf16 shows 4-23% gradient error, and tests/test_fused_linear.py measures
+   25-60% for a student close to its teacher, where q - p is smaller than the rounding
+   error of logits of size ~10);
+2. runs the fused kernel in place (``forward_inplace``), which turns the student logits
+   chunk into d loss / d logits, already multiplied by the reduction's scale;
+3. folds that into the parameter gradients with matmuls: ``grad_hidden[chunk] = dlogits @ W``,
+   ``grad_weight += dlogits.T @ hidden[chunk]``, ``grad_bias += dlogits.sum(0)``.
+
+All of it happens in the forward of one autograd Function; backward only multiplies the
+stored gradients by ``grad_output`` in place (skipped without a host sync when it is 1).
+``reduction="none"`` is the exception: a per-token ``grad_output`` cannot be applied to an
+already-summed weight gradient, so that reduction recomputes the chunks in backward.
+
+File order: launch decisions (chunk size, matmul mode), the per-side projection, the
+chunk loop, the autograd Function, argument checks, the public function and module.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from . import ops, reference
+from ._args import FLOAT_DTYPES, KDConfig, check_kd_args, reduction_scale
+from .api import resolve_backend
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+# ---------------------------------------------------------------------------------------
+# Launch decisions, in one place.
+
+# Budget for the two logits chunks (student + teacher, fp32) that exist at one time.
+# On CUDA it is 1/16 of the device's memory capped at 512 MiB: at V = 128256 that is
+# 523 rows per chunk, large enough for the matmuls to run at tensor-core speed, and with
+# the bf16 weight gradient (V * H * 2 bytes, 0.5 GiB at H = 2048) the whole op stays near
+# 1 GiB of extra memory. The budget depends on the device, never on the memory free at
+# the moment, so a given shape always gets the same chunks (and bitwise the same result).
+# On the CPU the matmuls are efficient from a few dozen rows on, so a small budget costs
+# nothing and keeps the buffers cache- and page-fault-friendly.
+CUDA_CHUNK_BUDGET_CAP = 512 << 20
+CUDA_CHUNK_BUDGET_FRACTION = 16
+CPU_CHUNK_BUDGET = 64 << 20
+
+
+def chunk_budget_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return min(CUDA_CHUNK_BUDGET_CAP, total // CUDA_CHUNK_BUDGET_FRACTION)
+    return CPU_CHUNK_BUDGET
+
+
+def auto_chunk_size(n_rows: int, vocab_size: int, student_logits_dtype: torch.dtype,
+                    teacher_logits_dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk: as many as fit the budget, then evened out over the chunks.
+
+    ``rows = budget // (V * (bytes of a student + a teacher logit))``; with
+    ``k = ceil(N / rows)`` chunks, each gets ``ceil(N / k)`` rows, so there is no tiny
+    tail chunk and small N runs as a single chunk.
+    """
+    if n_rows <= 0:
+        return 1
+    row_bytes = vocab_size * (_itemsize(student_logits_dtype) + _itemsize(teacher_logits_dtype))
+    rows = max(1, chunk_budget_bytes(device) // row_bytes)
+    n_chunks = -(-n_rows // rows)
+    return -(-n_rows // n_chunks)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@functools.lru_cache(maxsize=None)
+def _mm_out_dtype_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Can ``torch.mm(a, b, out_dtype=torch.float32)`` run for this device and input dtype?"""
+    try:
+        a = torch.zeros((2, 2), dtype=dtype, device=device_type)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def matmul_mode(weight: torch.Tensor) -> str:
+    """How one side computes fp32 logits (and, for the student, its gradients).
+
+    ``same``    fp32/fp64 parameters: plain matmuls in their own dtype.
+    ``native``  bf16/fp16 on a device whose BLAS writes fp32 output (CUDA): the matmuls
+                read the parameters as they are; the gradient matmuls read dlogits cast to
+                the parameter dtype, and the weight gradient accumulates in that dtype.
+    ``upcast``  bf16/fp16 elsewhere (CPU): the weight is converted to fp32 once per call
+                (V * H * 4 bytes) and everything runs in fp32.
+    """
+    if weight.dtype not in LOW_PRECISION:
+        return "same"
+    if weight.device.type == "cuda" and _mm_out_dtype_supported("cuda", weight.dtype):
+        return "native"
+    return "upcast"
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """bias + a @ b with low-precision inputs and an fp32 result (fp32 accumulation)."""
+    if bias is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    # The dtype-out addmm sizes its result like `bias`: give it the 2-D (broadcast) shape.
+    return torch.addmm(bias.expand(a.shape[0], b.shape[1]), a, b, out_dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# One side's projection hidden -> logits, restricted to the first vocab_size rows.
+
+class Projection:
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], vocab_size: int, mode: str):
+        self.mode = mode
+        self.weight = weight[:vocab_size]
+        self.bias = None if bias is None else bias[:vocab_size]
+        if mode == "upcast":
+            self.weight = self.weight.float()
+            self.bias = None if self.bias is None else self.bias.float()
+        self.weight_t = self.weight.t()
+        # fp64 parameters give fp64 logits (the float64 test path); all else gives fp32.
+        self.logits_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+    def logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.mode == "native":
+            return _mm_fp32(hidden, self.weight_t, self.bias)
+        if self.mode == "upcast":
+            hidden = hidden.float()
+        if self.bias is None:
+            return torch.mm(hidden, self.weight_t, out=out)
+        return torch.addmm(self.bias, hidden, self.weight_t, out=out)
+
+
+# ---------------------------------------------------------------------------------------
+# The chunk loop.
+
+KernelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def _kernel_fn(backend: str, cfg: KDConfig) -> KernelFn:
+    """(student chunk, teacher chunk, labels, grad_scale) -> loss rows; grad written in place."""
+    if backend == "torch":
+        return functools.partial(_reference_inplace, cfg=cfg)
+    kernels = ops.get_backend(backend)
+
+    def run(student, teacher, labels, grad_scale):
+        return kernels.forward_inplace(student, teacher, labels, grad_scale, None, cfg.divergence,
+                                       cfg.inv_temperature, cfg.beta, cfg.div_weight, cfg.ce_weight,
+                                       cfg.ignore_index, cfg.vocab_size)
+    return run
+
+
+def _reference_inplace(student, teacher, labels, grad_scale, cfg: KDConfig):
+    """The ``torch`` backend: the reference loss of one chunk, its gradient by autograd."""
+    with torch.enable_grad():
+        s = student.detach().requires_grad_(True)
+        rows = reference.loss_per_row(s, teacher, labels, cfg)
+        (grad,) = torch.autograd.grad(rows.sum() * grad_scale, s)
+    student.copy_(grad)
+    return rows.detach().float()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about a call that is not a tensor."""
+
+    cfg: KDConfig
+    backend: str
+    chunk_size: int
+    student_mode: str
+    teacher_mode: str
+    want_hidden_grad: bool
+    want_weight_grad: bool
+    want_bias_grad: bool
+
+    @property
+    def reduced(self) -> bool:
+        return self.cfg.reduction != "none"
+
+    @property
+    def any_grad(self) -> bool:
+        return self.want_hidden_grad or self.want_weight_grad or self.want_bias_grad
+
+
+def chunked_loss(plan: Plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
+                 row_scale: Optional[torch.Tensor], with_grads: bool):
+    """Loss rows [N] fp32 and, when ``with_grads``, (grad_hidden, grad_weight, grad_bias).
+
+    ``grad_scale`` (device scalar) is folded into the kernel's gradient; ``row_scale``
+    ([N] or None) multiplies each row's gradient afterwards (``reduction="none"``).
+    """
+    cfg = plan.cfg
+    V = cfg.vocab_size
+    n = hs.shape[0]
+    student = Projection(ws, bs, V, plan.student_mode)
+    teacher = Projection(wt, bt, V, plan.teacher_mode)
+    kernel = _kernel_fn(plan.backend, cfg)
+
+    want_h = with_grads and plan.want_hidden_grad
+    want_w = with_grads and plan.want_weight_grad
+    want_b = with_grads and plan.want_bias_grad
+    grad_h = torch.empty_like(hs) if want_h else None
+    # The first chunk writes the weight gradient, the others add to it: no zero-fill pass
+    # over [V, H] except for rows past vocab_size (or when there are no tokens at all).
+    grad_w = None
+    if want_w:
+        grad_w = torch.empty_like(ws)
+        grad_w[V if n > 0 else 0:].zero_()
+    grad_b = torch.zeros(bs.shape, dtype=student.logits_dtype, device=bs.device) if want_b else None
+    # The fp32 weight gradient of the upcast mode is summed over chunks in fp32 and cast
+    # once at the end; the native mode accumulates in the parameter dtype (one rounding
+    # per chunk) because an fp32 copy of [V, H] would double the op's memory.
+    separate_acc = want_w and plan.student_mode == "upcast"
+    acc_w = None
+    if want_w:
+        acc_w = torch.empty(student.weight.shape, dtype=torch.float32, device=ws.device) \
+            if separate_acc else grad_w[:V]
+
+    loss = torch.empty((n,), dtype=torch.float32, device=hs.device)
+    chunk = max(1, min(plan.chunk_size, n))
+    # Reused buffers where the matmul can write into them (the native mode allocates per
+    # chunk; CUDA's caching allocator hands back the same blocks).
+    s_buf = t_buf = None
+    if plan.student_mode != "native" and n > 0:
+        s_buf = torch.empty((chunk, V), dtype=student.logits_dtype, device=hs.device)
+    if plan.teacher_mode != "native" and n > 0:
+        t_buf = torch.empty((chunk, V), dtype=teacher.logits_dtype, device=ht.device)
+
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        rows = end - start
+        h_s, h_t = hs[start:end], ht[start:end]
+        s_logits = student.logits(h_s, None if s_buf is None else s_buf[:rows])
+        t_logits = teacher.logits(h_t, None if t_buf is None else t_buf[:rows])
+        lab = None if labels is None else labels[start:end]
+        loss[start:end] = kernel(s_logits, t_logits, lab, grad_scale)
+        if not with_grads or not plan.any_grad:
+            continue
+        dlogits = s_logits  # the kernel overwrote the logits with d loss / d logits
+        if row_scale is not None:
+            dlogits.mul_(row_scale[start:end, None].to(dlogits.dtype))
+        if want_b:
+            grad_b[:V] += dlogits.sum(0)
+        if plan.student_mode == "native":
+            dl = _low_precision_copy(dlogits, t_logits, ws.dtype)
+            if want_h:
+                torch.mm(dl, student.weight, out=grad_h[start:end])
+            if want_w:
+                _accumulate(acc_w, dl.t(), h_s, first=start == 0)
+        else:
+            if want_h:
+                if plan.student_mode == "upcast":
+                    grad_h[start:end] = torch.mm(dlogits, student.weight)
+                else:
+                    torch.mm(dlogits, student.weight, out=grad_h[start:end])
+            if want_w:
+                _accumulate(acc_w, dlogits.t(), h_s.float() if plan.student_mode == "upcast" else h_s,
+                            first=start == 0)
+    if separate_acc and n > 0:
+        grad_w[:V] = acc_w
+    if want_b:
+        grad_b = grad_b.to(bs.dtype)
+    return loss, (grad_h, grad_w, grad_b)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    if first:
+        torch.mm(a, b, out=acc)
+    else:
+        acc.addmm_(a, b)
+
+
+def _low_precision_copy(dlogits: torch.Tensor, spare: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dlogits cast to ``dtype`` for the gradient matmuls, stored in the dead teacher chunk.
+
+    The teacher logits are not needed once the kernel has run; their fp32 buffer holds the
+    half-width copy with room to spare, which saves a [chunk, V] allocation.
+    """
+    rows, width = dlogits.shape
+    if spare.dtype == torch.float32 and spare.is_contiguous() and spare.shape == dlogits.shape:
+        out = spare.view(dtype)[:, :width]
+        out.copy_(dlogits)
+        return out
+    return dlogits.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd.
+
+class FusedLinearKDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, grad_scale, plan: Plan):
+        ctx.plan = plan
+        ctx.shapes = (hs.shape, ws.shape)
+        with torch.autocast(hs.device.type, enabled=False):
+            if plan.reduced:
+                loss_rows, grads = chunked_loss(plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
+                                                None, with_grads=plan.any_grad)
+                ctx.save_for_backward(*grads)
+                return loss_rows.sum() * grad_scale
+            # reduction="none": the per-token grad_output arrives only in backward.
+            loss_rows, _ = chunked_loss(plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
+                                        None, with_grads=False)
+            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels, grad_scale)
+            return loss_rows
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        plan: Plan = ctx.plan
+        if plan.reduced:
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError(
+                    "fastkd: fused_linear_kd_loss keeps one copy of its gradients and rescales them "
+                    "in place, so it can be backpropagated only once (retain_graph=True is not "
+                    "supported with a reduced loss)")
+            ctx.consumed = True
+            grads = ctx.saved_tensors
+            for g in grads:
+                if g is not None:
+                    _scale_(g, grad_output, plan.backend)
+            grad_h, grad_w, grad_b = grads
+        else:
+            hs, ws, bs, ht, wt, bt, labels, grad_scale = ctx.saved_tensors
+            with torch.autocast(hs.device.type, enabled=False):
+                _, (grad_h, grad_w, grad_b) = chunked_loss(
+                    plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
+                    grad_output.reshape(-1), with_grads=True)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _scale_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> None:
+    """grad *= grad_output in place, with no host sync (the kernels skip it when it is 1)."""
+    if grad.numel() == 0:
+        return
+    kernels = ops.get_backend(backend) if backend != "torch" else None
+    if kernels is None:
+        grad.mul_(grad_output.to(grad.dtype))
+        return
+    kernels.scale_grad_(grad.view(1, -1) if grad.dim() == 1 else grad, grad_output)
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks (the KD keywords and labels go through check_kd_args like kd_loss's).
+
+def _check_float_tensor(name: str, x, dims: Optional[int] = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32, float64, bfloat16 or float16), got {x.dtype}")
+    if dims is None and x.dim() == 0:
+        raise ValueError(f"{name} must have shape [..., H] with at least one dimension, got a 0-dim tensor")
+    if dims is not None and x.dim() != dims:
+        want = "[V, H]" if dims == 2 else "[V]"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+
+
+def _check_side(side: str, hidden, weight, bias) -> None:
+    _check_float_tensor(f"{side}_hidden", hidden)
+    _check_float_tensor(f"{side}_weight", weight, dims=2)
+    if bias is not None:
+        _check_float_tensor(f"{side}_bias", bias, dims=1)
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(
+            f"{side}_weight must have shape [V, {H}] to match the last dimension of {side}_hidden "
+            f"{tuple(hidden.shape)}, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"{side}_bias must have shape [{weight.shape[0]}] (one entry per row of "
+                         f"{side}_weight), got {tuple(bias.shape)}")
+    for name, x in ((f"{side}_weight", weight), (f"{side}_bias", bias)):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but {side}_hidden is on {hidden.device}")
+
+
+def _check_side_dtypes(side: str, hidden, weight, bias) -> None:
+    for name, x in ((f"{side}_weight", weight), (f"{side}_bias", bias)):
+        if x is not None and x.dtype != hidden.dtype:
+            raise TypeError(
+                f"{name} is {x.dtype} but {side}_hidden is {hidden.dtype}; they must match "
+                "(or run under torch.autocast, which casts both)")
+
+
+def _autocast_side(device_type: str, *tensors):
+    """Under torch.autocast, cast a side to the autocast dtype as nn.Linear would (float64 stays)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(x if x is None or x.dtype == torch.float64 else x.to(dtype) for x in tensors)
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if isinstance(chunk_size, str):
+        if chunk_size != "auto":
+            raise ValueError(f"chunk_size must be 'auto' or a positive int, got {chunk_size!r}")
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be 'auto' or a positive int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be 'auto' or a positive int, got {chunk_size}")
+
+
+# ---------------------------------------------------------------------------------------
+# Public API.
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 1.0,
+    t_squared: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items=None,
+    vocab_size: Optional[int] = None,
+    chunk_size: Union[str, int] = "auto",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """KD loss from hidden states and LM-head weights, without materialising the logits.
+
+    Equal to ``kd_loss(student_hidden @ student_weight.T + student_bias,
+    teacher_hidden @ teacher_weight.T + teacher_bias, labels, ...)`` (same keywords, same
+    meaning), computed over chunks of tokens so that only ``chunk x V`` logits of each side
+    exist at a time. Gradients flow to ``student_hidden``, ``student_weight`` and
+    ``student_bias``.
+
+    Args:
+        student_hidden: ``[..., Hs]`` final hidden states of the student.
+        student_weight: ``[Vs, Hs]`` the student's LM head (``lm_head.weight``).
+        teacher_hidden: ``[..., Ht]`` (same leading shape; Ht may differ from Hs). A
+            constant: if it requires grad, that is an error (compute the teacher under
+            ``torch.no_grad()`` or pass ``.detach()``), as in ``kd_loss``.
+        teacher_weight: ``[Vt, Ht]``; Vt may differ from Vs when ``vocab_size`` is given.
+            ``teacher_weight`` and ``teacher_bias`` may require grad (a frozen teacher
+            module's parameters usually still do): they are used as constants, no
+            gradient is computed for them and their ``.grad`` stays ``None``.
+        labels, divergence, temperature, beta, alpha, t_squared, ignore_index, reduction,
+        num_items, vocab_size: as in :func:`fastkd.kd_loss`. ``vocab_size`` restricts both
+            heads to their first ``vocab_size`` rows (the rest of the student's weight and
+            bias get zero gradient).
+        chunk_size: tokens per chunk, or ``"auto"``: the two fp32 logits chunks (student
+            and teacher, ``rows * V * 8`` bytes) fill a budget of 64 MiB on the CPU and
+            ``min(512 MiB, device memory / 16)`` on CUDA; the N tokens are then split into
+            ``k = ceil(N / rows)`` equal chunks, so small N runs as one chunk. The rule
+            depends on shapes and the device only, so results are reproducible.
+        backend: ``auto`` (as ``kd_loss``: ``cuda`` -> ``triton`` -> ``torch`` on CUDA,
+            ``cpu`` -> ``torch`` on the CPU), ``cuda``, ``triton``, ``cpu`` or ``torch``
+            (chunked too, each chunk's loss and gradient by the reference and autograd).
+
+    Precision: logits are computed with fp32 output from the inputs as they are (bf16 /
+    fp16 matmuls write fp32 on CUDA; on the CPU the low-precision weights are converted to
+    fp32 once per call), and the kernel reads them in fp32. Gradients have their inputs'
+    dtypes. With bf16/fp16 parameters on CUDA, the gradient matmuls read d loss/d logits
+    rounded to the parameter dtype and the weight gradient accumulates in that dtype,
+    as a bf16 ``nn.Linear`` backward would. Under ``torch.autocast`` both sides are cast
+    to the autocast dtype first, as ``nn.Linear`` would be; without it, each side's
+    hidden, weight and bias must share one dtype.
+
+    ``reduction="none"`` recomputes the chunk logits in backward (about twice the matmul
+    work of the other reductions), since a per-token ``grad_output`` cannot be applied to
+    a weight gradient already summed over tokens. The reduced forms keep one copy of their
+    gradients and can be backpropagated once (no ``retain_graph=True``).
+    """
+    _check_side("student", student_hidden, student_weight, student_bias)
+    _check_side("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            "student_hidden and teacher_hidden must have the same leading (token) shape, got "
+            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}")
+    if teacher_hidden.requires_grad:
+        raise ValueError(
+            "teacher_hidden requires grad, but the teacher is a constant in distillation: "
+            "compute it under torch.no_grad() or pass .detach()")
+    _check_chunk_size(chunk_size)
+    device = student_hidden.device
+    student_hidden, student_weight, student_bias = _autocast_side(
+        device.type, student_hidden, student_weight, student_bias)
+    teacher_hidden, teacher_weight, teacher_bias = _autocast_side(
+        device.type, teacher_hidden, teacher_weight, teacher_bias)
+    _check_side_dtypes("student", student_hidden, student_weight, student_bias)
+    _check_side_dtypes("teacher", teacher_hidden, teacher_weight, teacher_bias)
+
+    lead = student_hidden.shape[:-1]
+    vs, vt = student_weight.shape[0], teacher_weight.shape[0]
+    # Zero-storage stand-ins with the logits' shapes let check_kd_args validate vocab
+    # sizes, devices, labels and keywords exactly as kd_loss does.
+    s_standin = torch.empty((), dtype=student_hidden.dtype, device=device).expand(*lead, vs)
+    t_standin = torch.empty((), dtype=teacher_hidden.dtype, device=teacher_hidden.device).expand(*lead, vt)
+    cfg = check_kd_args(
+        s_standin, t_standin, labels,
+        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+        t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
+        num_items=num_items, vocab_size=vocab_size, check_teacher_grad=False,
+        student_name="student logits (student_hidden @ student_weight.T)",
+        teacher_name="teacher logits (teacher_hidden @ teacher_weight.T)",
+    )
+    name = resolve_backend(backend, device)
+    if name not in ("cpu", "torch") and torch.float64 in (student_hidden.dtype, teacher_hidden.dtype):
+        raise TypeError(f"float64 inputs are supported by the 'cpu' and 'torch' backends, not {name!r}")
+
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    n = hs.shape[0]
+    student_mode, teacher_mode = matmul_mode(student_weight), matmul_mode(teacher_weight)
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_size(
+            n, cfg.vocab_size,
+            torch.float64 if student_weight.dtype == torch.float64 else torch.float32,
+            torch.float64 if teacher_weight.dtype == torch.float64 else torch.float32, device)
+    grad_enabled = torch.is_grad_enabled()
+    plan = Plan(
+        cfg=cfg, backend=name, chunk_size=chunk_size,
+        student_mode=student_mode, teacher_mode=teacher_mode,
+        want_hidden_grad=grad_enabled and student_hidden.requires_grad,
+        want_weight_grad=grad_enabled and student_weight.requires_grad,
+        want_bias_grad=grad_enabled and student_bias is not None and student_bias.requires_grad,
+    )
+    grad_scale = reduction_scale(flat_labels, n, cfg, num_items, device)
+    out = FusedLinearKDFunction.apply(
+        hs, student_weight, student_bias, ht, teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(), flat_labels, grad_scale, plan)
+    return out if cfg.reduction != "none" else out.reshape(lead)
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`fused_linear_kd_loss`: keywords fixed at construction.
+
+    >>> crit = FusedLinearKDLoss(divergence="forward_kl", temperature=2.0)
+    >>> loss = crit(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels)
+    """
+
+    def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, beta: float = 0.5,
+                 alpha: float = 1.0, t_squared: bool = True, ignore_index: int = -100,
+                 reduction: str = "mean", vocab_size: Optional[int] = None,
+                 chunk_size: Union[str, int] = "auto", backend: str = "auto"):
+        super().__init__()
+        _check_chunk_size(chunk_size)
+        self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                           t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
+                           vocab_size=vocab_size, chunk_size=chunk_size, backend=backend)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                student_bias=None, teacher_bias=None, num_items=None):
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                    student_bias=student_bias, teacher_bias=teacher_bias,
+                                    num_items=num_items, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -131,21 +131,13 @@ float centre_grad(float* w, const float* h, int64_t V, float c) {
   return qh;
 }
 
-// Sweep 2: D(p, q) for the cached row; leaves dD/da in `w`, using `h` as scratch.
+// Sweep 2 of reverse KL, JSD and TVD: D(p, q) for the cached row; leaves dD/da in `w`,
+// using `h` as scratch. (Forward KL needs no row sum: see forward_kl_write.)
 float divergence_and_grad(const float* a, const float* b, int64_t V, float lse_s, float lse_t,
                           const KDParams& p, float* w, float* h) {
   float D = 0.0f;
   switch (p.divergence) {
-    case Divergence::ForwardKL: {
-#pragma omp simd reduction(+ : D)
-      for (int64_t i = 0; i < V; ++i) {
-        const float lq = a[i] - lse_s, lp = b[i] - lse_t;
-        const float q = exp_approx(lq), pt = exp_approx(lp);
-        D += pt == 0.0f ? 0.0f : pt * (lp - lq);  // == 0, not > 0: NaN must reach D
-        w[i] = q - pt;
-      }
-      return D;
-    }
+    case Divergence::ForwardKL:  // handled by forward_kl_write
     case Divergence::ReverseKL:
     case Divergence::JSD:
     case Divergence::TVD: {
@@ -207,6 +199,32 @@ float divergence_and_grad(const float* a, const float* b, int64_t V, float lse_s
   return D;
 }
 
+// Forward KL's dD/da = q - p needs no row sum, so its divergence and the gradient share
+// one sweep, writing the gradient (with the CE term) straight to the output row.
+template <typename TS>
+float forward_kl_write(const float* a, const float* b, int64_t V, float lse_s, float lse_t, float gdiv,
+                       bool with_ce, float temp, float lse_raw, float gce, TS* g) {
+  float D = 0.0f;
+  if (with_ce) {
+#pragma omp simd reduction(+ : D)
+    for (int64_t i = 0; i < V; ++i) {
+      const float lq = a[i] - lse_s, lp = b[i] - lse_t;
+      const float q = exp_approx(lq), pt = exp_approx(lp);
+      D += pt == 0.0f ? 0.0f : pt * (lp - lq);  // == 0, not > 0: NaN must reach D
+      g[i] = static_cast<TS>(gdiv * (q - pt) + gce * exp_approx(temp * a[i] - lse_raw));
+    }
+  } else {
+#pragma omp simd reduction(+ : D)
+    for (int64_t i = 0; i < V; ++i) {
+      const float lq = a[i] - lse_s, lp = b[i] - lse_t;
+      const float q = exp_approx(lq), pt = exp_approx(lp);
+      D += pt == 0.0f ? 0.0f : pt * (lp - lq);
+      g[i] = static_cast<TS>(gdiv * (q - pt));
+    }
+  }
+  return D;
+}
+
 template <typename TS, typename TT>
 struct RowKernel {
   const TS* s;
@@ -258,26 +276,34 @@ struct RowKernel {
     if (with_ce && !need_raw) st.sum_raw = st.sum_s;
     const float lse_s = st.max_s + std::log(st.sum_s);
     const float lse_t = st.max_t + std::log(st.sum_t);
-    const float D = divergence_and_grad(a, b, V, lse_s, lse_t, p, w, h);
-
     const float gdiv = grad_scale * p.div_weight * p.inv_temperature;
+    const float gce = grad_scale * p.ce_weight;
+    const float temp = p.temperature;
+    const float lse_raw = with_ce ? temp * st.max_s + std::log(st.sum_raw) : 0.0f;
+    // Read before the gradient sweep: in place, grow is srow.
+    const float s_label = with_ce ? static_cast<float>(srow[label]) : 0.0f;
+    float D, div_grad_label = 0.0f;
+    if (p.divergence == Divergence::ForwardKL) {
+      D = forward_kl_write(a, b, V, lse_s, lse_t, gdiv, with_ce, temp, lse_raw, gce, grow);
+      if (with_ce) div_grad_label = exp_approx(a[label] - lse_s) - exp_approx(b[label] - lse_t);
+    } else {
+      D = divergence_and_grad(a, b, V, lse_s, lse_t, p, w, h);
+      if (with_ce) {
+#pragma omp simd
+        for (int64_t i = 0; i < V; ++i)
+          grow[i] = static_cast<TS>(gdiv * w[i] + gce * exp_approx(temp * a[i] - lse_raw));
+        div_grad_label = w[label];
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < V; ++i) grow[i] = static_cast<TS>(gdiv * w[i]);
+      }
+    }
     float row_loss = p.div_weight * D;
     if (with_ce) {
-      const float temp = p.temperature;
-      const float lse_raw = temp * st.max_s + std::log(st.sum_raw);
-      row_loss += p.ce_weight * (lse_raw - static_cast<float>(srow[label]));
-      const float gce = grad_scale * p.ce_weight;
-#pragma omp simd
-      for (int64_t i = 0; i < V; ++i) {
-        const float sm = exp_approx(temp * a[i] - lse_raw);
-        grow[i] = static_cast<TS>(gdiv * w[i] + gce * sm);
-      }
+      row_loss += p.ce_weight * (lse_raw - s_label);
       // The one-hot part, added in fp32 so the label entry is rounded once.
       const float sm_label = exp_approx(temp * a[label] - lse_raw);
-      grow[label] = static_cast<TS>(gdiv * w[label] + gce * (sm_label - 1.0f));
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < V; ++i) grow[i] = static_cast<TS>(gdiv * w[i]);
+      grow[label] = static_cast<TS>(gdiv * div_grad_label + gce * (sm_label - 1.0f));
     }
     for (int64_t i = V; i < g_width; ++i) grow[i] = static_cast<TS>(0.0f);
     loss[row] = row_loss;

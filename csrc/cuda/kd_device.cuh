@@ -434,6 +434,17 @@ struct RowConsts {
   uint32_t opaque_zero;  // 0, from a kernel argument the compiler cannot see through (Pack::get)
 };
 
+// The parts of RowConsts that depend only on the loss parameters, not on the row.
+FASTKD_DEV void set_param_consts(RowConsts& k, const KDParams& p, float grad_scale) {
+  k.lb2 = p.log_beta * kLog2e;
+  k.l1b2 = p.log_one_minus_beta * kLog2e;
+  k.beta = p.beta;
+  k.gdiv = grad_scale * p.div_weight * p.inv_temperature;
+  k.gce = grad_scale * p.ce_weight;
+  k.ce = p.ce_weight != 0.0f;
+  k.opaque_zero = static_cast<uint32_t>(p.vocab_size >> 62);  // vocab_size < 2^62
+}
+
 // From statistics this launch computed (raw maxima).
 FASTKD_DEV RowConsts row_consts(const RowStats2& st, const KDParams& p, float grad_scale) {
   RowConsts k;
@@ -442,13 +453,7 @@ FASTKD_DEV RowConsts row_consts(const RowStats2& st, const KDParams& p, float gr
   k.lt = ref_point(st.mt, k.c) + lg2(st.zt);
   k.raw_is_q = p.temperature == 1.0f;
   k.lraw = k.raw_is_q ? k.ls : ref_point(st.ms, kLog2e) + lg2(st.zraw);
-  k.lb2 = p.log_beta * kLog2e;
-  k.l1b2 = p.log_one_minus_beta * kLog2e;
-  k.beta = p.beta;
-  k.gdiv = grad_scale * p.div_weight * p.inv_temperature;
-  k.gce = grad_scale * p.ce_weight;
-  k.ce = p.ce_weight != 0.0f;
-  k.opaque_zero = static_cast<uint32_t>(p.vocab_size >> 62);  // vocab_size < 2^62
+  set_param_consts(k, p, grad_scale);
   return k;
 }
 
@@ -460,13 +465,7 @@ FASTKD_DEV RowConsts row_consts_given(const float* r, const KDParams& p, float g
   k.lt = r[2] * kLog2e + lg2(r[3]);
   k.raw_is_q = p.temperature == 1.0f;
   k.lraw = k.raw_is_q ? k.ls : (p.temperature * r[0]) * kLog2e + lg2(r[4]);
-  k.lb2 = p.log_beta * kLog2e;
-  k.l1b2 = p.log_one_minus_beta * kLog2e;
-  k.beta = p.beta;
-  k.gdiv = grad_scale * p.div_weight * p.inv_temperature;
-  k.gce = grad_scale * p.ce_weight;
-  k.ce = p.ce_weight != 0.0f;
-  k.opaque_zero = static_cast<uint32_t>(p.vocab_size >> 62);  // vocab_size < 2^62
+  set_param_consts(k, p, grad_scale);
   return k;
 }
 

@@ -17,6 +17,7 @@ struct ForwardArgs {
   at::Tensor grad_scale;               // float32 scalar: the reduction's 1/denominator
   c10::optional<at::Tensor> row_stats; // [N, 5] float32, contiguous, or none
   KDParams params;
+  ExactParams exact;                   // the same settings in double
 };
 
 void check_logits_pair(const at::Tensor& student, const at::Tensor& teacher, int64_t vocab_size);

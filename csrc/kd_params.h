@@ -34,6 +34,23 @@ struct KDParams {
   int64_t vocab_size;      // columns that count, <= both tensors' widths
 };
 
+// The float settings in double, as the operators receive them. KDParams holds them in
+// float for the GPU kernels; the CPU kernel's float64 path computes with these.
+struct ExactParams {
+  double temperature;
+  double inv_temperature;
+  double beta;
+  double log_beta;
+  double log_one_minus_beta;
+  double div_weight;
+  double ce_weight;
+};
+
+inline ExactParams make_exact_params(double inv_temperature, double beta, double div_weight, double ce_weight) {
+  return ExactParams{1.0 / inv_temperature, inv_temperature, beta, std::log(beta), std::log1p(-beta),
+                     div_weight, ce_weight};
+}
+
 inline KDParams make_params(const std::string& divergence, double inv_temperature, double beta,
                             double div_weight, double ce_weight, int64_t ignore_index,
                             int64_t vocab_size, bool* ok) {
@@ -41,7 +58,11 @@ inline KDParams make_params(const std::string& divergence, double inv_temperatur
   *ok = true;
   if (divergence == "forward_kl") p.divergence = Divergence::ForwardKL;
   else if (divergence == "reverse_kl") p.divergence = Divergence::ReverseKL;
-  else if (divergence == "jsd") p.divergence = Divergence::JSD;
+  // JSD at beta 0 / 1 is exactly forward / reverse KL (TRL's special cases; the general
+  // formula gives 0 there). Resolved here too, not only in Python, because under
+  // torch.compile beta may be a traced value that Python cannot branch on.
+  else if (divergence == "jsd") p.divergence = beta == 0.0 ? Divergence::ForwardKL
+                                             : beta == 1.0 ? Divergence::ReverseKL : Divergence::JSD;
   else if (divergence == "tvd") p.divergence = Divergence::TVD;
   else *ok = false;
   p.inv_temperature = static_cast<float>(inv_temperature);

@@ -10,6 +10,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cmath>
+
+#include "cpu/grad_buffer_cache.h"
 #include "kd_op.h"
 
 namespace fastkd {
@@ -48,14 +51,16 @@ ForwardArgs check_forward_args(const at::Tensor& student, const at::Tensor& teac
                     row_stats->scalar_type() == at::kFloat && row_stats->is_contiguous(),
                 "fastkd: row_stats must be a contiguous float32 [N, ", kRowStatsWidth, "] tensor");
   }
-  TORCH_CHECK(inv_temperature > 0.0, "fastkd: inv_temperature must be > 0");
+  TORCH_CHECK(inv_temperature > 0.0 && std::isfinite(inv_temperature),
+              "fastkd: inv_temperature must be finite and > 0 (temperature > 0), got ", inv_temperature);
   TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "fastkd: beta must be in [0, 1]");
   bool ok = true;
   KDParams p = make_params(std::string(divergence.data(), divergence.size()), inv_temperature, beta,
                            div_weight, ce_weight, ignore_index, vocab_size, &ok);
   TORCH_CHECK(ok, "fastkd: unknown divergence '", std::string(divergence.data(), divergence.size()), "'");
   TORCH_CHECK(ce_weight == 0.0 || labels, "fastkd: ce_weight != 0 needs labels");
-  return ForwardArgs{student, teacher, labels, grad_scale, row_stats, p};
+  return ForwardArgs{student, teacher, labels, grad_scale, row_stats, p,
+                     make_exact_params(inv_temperature, beta, div_weight, ce_weight)};
 }
 
 }  // namespace fastkd
@@ -73,9 +78,13 @@ TORCH_LIBRARY(fastkd, m) {
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
 }
 
-// Importing fastkd._C registers the operators above; the module itself has no attributes
-// beyond a report of what was compiled in.
+// Importing fastkd._C registers the operators above; the module itself holds a report of
+// what was compiled in and the CPU gradient-buffer cache's controls.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("empty_cpu_grad_cache", &fastkd::cpu::empty_grad_buffer_cache,
+        "Release the freed CPU gradient buffers fastkd keeps for reuse; returns the bytes released");
+  m.def("cpu_grad_cache_bytes", &fastkd::cpu::grad_buffer_cache_bytes,
+        "Bytes held by freed CPU gradient buffers kept for reuse");
 #ifdef FASTKD_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -7,10 +7,15 @@ from typing import Optional
 import torch
 
 from . import ops, reference
-from ._args import KDConfig, check_kd_args, reduction_scale
+from ._args import KDConfig, check_kd_args, make_config, reduction_scale
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+def check_backend_name(backend) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -19,8 +24,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     An explicitly requested backend that cannot run on ``device`` is an error, not a
     silent fallback.
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     source = "backend="
     if backend == "auto":
         env = os.environ.get("FASTKD_BACKEND", "").strip()
@@ -56,23 +60,47 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _inplace_wanted(student: torch.Tensor, inplace_backward: bool) -> bool:
+    """Whether to overwrite the student logits with their gradient; refuses a leaf."""
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    # Writing the gradient over the logits only makes sense when autograd wants it.
+    if not (inplace_backward and student.requires_grad and torch.is_grad_enabled()):
+        return False
+    if student.is_leaf:
+        raise ValueError(
+            "inplace_backward=True would overwrite student_logits, a leaf tensor that requires grad "
+            "(e.g. an nn.Parameter), whose values autograd and the optimizer still need; pass the "
+            "logits a model computed (a non-leaf), or inplace_backward=False")
+    return True
+
+
 def fused_loss(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-               cfg: KDConfig, num_items, backend: str, inplace_backward: bool) -> torch.Tensor:
+               cfg: KDConfig, num_items, backend: str, inplace: bool) -> torch.Tensor:
     """Run a kernel backend on validated input; returns the reduced loss (or per-token loss)."""
     lead = student.shape[:-1]
     s2, t2 = _as_rows(student), _as_rows(teacher)
     flat_labels = None
     if labels is not None:
         flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    grad_scale = reduction_scale(flat_labels, s2.shape[0], cfg, num_items, student.device)
-    # Writing the gradient over the logits only makes sense when autograd wants it.
-    inplace = bool(inplace_backward and student.requires_grad and torch.is_grad_enabled())
+    scale_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    grad_scale = reduction_scale(flat_labels, s2.shape[0], cfg, num_items, student.device, scale_dtype)
     reduced = cfg.reduction != "none"
-    out = ops.FusedKDLoss.apply(
-        s2, t2.detach(), flat_labels, grad_scale, backend, reduced, inplace,
-        cfg.divergence, cfg.inv_temperature, cfg.beta, cfg.div_weight, cfg.ce_weight,
-        cfg.ignore_index, cfg.vocab_size)
+    out = ops.FusedKDLoss.apply(s2, t2.detach(), flat_labels, grad_scale, backend, reduced, inplace, cfg)
     return out if reduced else out.reshape(lead)
+
+
+def kd_loss_with_config(student_logits, teacher_logits, labels, cfg: KDConfig, num_items=None,
+                        inplace_backward: bool = False, backend: str = "auto") -> torch.Tensor:
+    """:func:`kd_loss` with the settings already validated into ``cfg`` (``KDLoss`` uses it)."""
+    cfg, num_items = check_kd_args(student_logits, teacher_logits, labels, cfg, num_items)
+    inplace = _inplace_wanted(student_logits, inplace_backward)
+    name = resolve_backend(backend, student_logits.device)
+    if name == "torch":
+        return reference.kd_loss_with_config(student_logits, teacher_logits, labels, cfg, num_items)
+    if student_logits.dtype == torch.float64 and name != "cpu":
+        raise TypeError(f"float64 logits are supported by the 'cpu' and 'torch' backends, not {name!r}")
+    return fused_loss(student_logits, teacher_logits, labels, cfg, num_items, name, inplace)
 
 
 def kd_loss(
@@ -109,26 +137,18 @@ def kd_loss(
         vocab_size: only the first ``vocab_size`` columns of each side count (padded
             vocabularies); the student's extra columns get zero gradient.
         inplace_backward: write the gradient into the student-logits buffer (no extra
-            memory); the caller must not read those logits afterwards.
+            memory). The overwrite happens in this forward call, not in backward: any
+            later read of those logits (a second loss taken after this call, logging)
+            sees the gradient, and nothing can detect that. Graph nodes that saved the
+            logits earlier are caught: their backward raises autograd's "modified by an
+            inplace operation" error. A leaf that requires grad (an ``nn.Parameter``) is
+            refused. Only active when autograd wants the logits' gradient.
         backend: ``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch`` (see README).
     """
-    cfg = check_kd_args(
-        student_logits, teacher_logits, labels,
-        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-        t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
-        num_items=num_items, vocab_size=vocab_size,
-    )
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    name = resolve_backend(backend, student_logits.device)
-    if name == "torch":
-        return reference.kd_loss(
-            student_logits, teacher_logits, labels, divergence=divergence, temperature=temperature,
-            beta=beta, alpha=alpha, t_squared=t_squared, ignore_index=ignore_index,
-            reduction=reduction, num_items=num_items, vocab_size=vocab_size)
-    if student_logits.dtype == torch.float64 and name != "cpu":
-        raise TypeError(f"float64 logits are supported by the 'cpu' and 'torch' backends, not {name!r}")
-    return fused_loss(student_logits, teacher_logits, labels, cfg, num_items, name, inplace_backward)
+    cfg = make_config(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                      t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
+                      vocab_size=vocab_size)
+    return kd_loss_with_config(student_logits, teacher_logits, labels, cfg, num_items, inplace_backward, backend)
 
 
 class KDLoss(torch.nn.Module):
@@ -143,12 +163,22 @@ class KDLoss(torch.nn.Module):
                  reduction: str = "mean", vocab_size: Optional[int] = None,
                  inplace_backward: bool = False, backend: str = "auto"):
         super().__init__()
+        # Validated now, so a bad setting fails here and not at the first forward.
+        self.config = make_config(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                                  t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
+                                  vocab_size=vocab_size)
+        if not isinstance(inplace_backward, bool):
+            raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+        check_backend_name(backend)
+        self.inplace_backward = inplace_backward
+        self.backend = backend
         self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
                            t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
                            vocab_size=vocab_size, inplace_backward=inplace_backward, backend=backend)
 
     def forward(self, student_logits, teacher_logits, labels=None, num_items=None):
-        return kd_loss(student_logits, teacher_logits, labels, num_items=num_items, **self.kwargs)
+        return kd_loss_with_config(student_logits, teacher_logits, labels, self.config, num_items,
+                                   self.inplace_backward, self.backend)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -32,8 +32,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from . import ops, reference
-from ._args import FLOAT_DTYPES, KDConfig, check_kd_args, reduction_scale
-from .api import resolve_backend
+from ._args import FLOAT_DTYPES, KDConfig, check_kd_args, make_config, reduction_scale
+from .api import check_backend_name, resolve_backend
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -429,6 +429,7 @@ def fused_linear_kd_loss(
     reduction: str = "mean",
     num_items=None,
     vocab_size: Optional[int] = None,
+    inplace_backward: bool = False,
     chunk_size: Union[str, int] = "auto",
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -454,6 +455,9 @@ def fused_linear_kd_loss(
         num_items, vocab_size: as in :func:`fastkd.kd_loss`. ``vocab_size`` restricts both
             heads to their first ``vocab_size`` rows (the rest of the student's weight and
             bias get zero gradient).
+        inplace_backward: accepted for keyword compatibility with ``kd_loss`` and has no
+            effect: the chunk logits are internal buffers and always receive their
+            gradient in place; the caller's tensors are never overwritten.
         chunk_size: tokens per chunk, or ``"auto"``: the two fp32 logits chunks (student
             and teacher, ``rows * V * 8`` bytes) fill a budget of 64 MiB on the CPU and
             ``min(512 MiB, device memory / 16)`` on CUDA; the N tokens are then split into
@@ -502,11 +506,13 @@ def fused_linear_kd_loss(
     # sizes, devices, labels and keywords exactly as kd_loss does.
     s_standin = torch.empty((), dtype=student_hidden.dtype, device=device).expand(*lead, vs)
     t_standin = torch.empty((), dtype=teacher_hidden.dtype, device=teacher_hidden.device).expand(*lead, vt)
-    cfg = check_kd_args(
-        s_standin, t_standin, labels,
-        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-        t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
-        num_items=num_items, vocab_size=vocab_size, check_teacher_grad=False,
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    cfg = make_config(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                      t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
+                      vocab_size=vocab_size)
+    cfg, num_items = check_kd_args(
+        s_standin, t_standin, labels, cfg, num_items, check_teacher_grad=False,
         student_name="student logits (student_hidden @ student_weight.T)",
         teacher_name="teacher logits (teacher_hidden @ teacher_weight.T)",
     )
@@ -549,12 +555,16 @@ class FusedLinearKDLoss(torch.nn.Module):
     def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, beta: float = 0.5,
                  alpha: float = 1.0, t_squared: bool = True, ignore_index: int = -100,
                  reduction: str = "mean", vocab_size: Optional[int] = None,
-                 chunk_size: Union[str, int] = "auto", backend: str = "auto"):
+                 inplace_backward: bool = False, chunk_size: Union[str, int] = "auto", backend: str = "auto"):
         super().__init__()
         _check_chunk_size(chunk_size)
+        make_config(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, t_squared=t_squared,
+                    ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size)
+        check_backend_name(backend)
         self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
                            t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
-                           vocab_size=vocab_size, chunk_size=chunk_size, backend=backend)
+                           vocab_size=vocab_size, inplace_backward=inplace_backward, chunk_size=chunk_size,
+                           backend=backend)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
                 student_bias=None, teacher_bias=None, num_items=None):

@@ -45,21 +45,32 @@ def register_backend(backend: KernelBackend) -> None:
 
 
 def get_backend(name: str) -> Optional[KernelBackend]:
+    """The kernel backend ``name``, or None where it cannot be loaded here.
+
+    Backends register on first use, not at ``import fastkd``: loading the C++ extension
+    may mean a JIT build, and importing Triton takes seconds.
+    """
+    _register_all()
     return _BACKENDS.get(name)
 
 
 # ---------------------------------------------------------------------------------------
 # Fake (meta) implementations: shapes and dtypes only, shared by every backend's ops.
 
+def loss_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
+    """Per-row losses are float32, or float64 when an input is float64."""
+    return torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+
+
 def fake_forward(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature,
                  beta, div_weight, ce_weight, ignore_index, vocab_size):
-    loss = student.new_empty((student.shape[0],), dtype=torch.float32)
+    loss = student.new_empty((student.shape[0],), dtype=loss_dtype(student, teacher))
     return loss, student.new_empty(student.shape)
 
 
 def fake_forward_inplace(student, teacher, labels, grad_scale, row_stats, divergence,
                          inv_temperature, beta, div_weight, ce_weight, ignore_index, vocab_size):
-    return student.new_empty((student.shape[0],), dtype=torch.float32)
+    return student.new_empty((student.shape[0],), dtype=loss_dtype(student, teacher))
 
 
 def fake_row_stats(student, teacher, inv_temperature, vocab_size, with_ce):
@@ -96,8 +107,19 @@ def _register_triton_backend() -> None:
     register_backend(triton_kd.BACKEND)
 
 
-_register_cpp_backends()
-_register_triton_backend()
+_registered = False
+
+
+# torch.compile runs this for real at trace time instead of tracing it (registering
+# operators and fakes is not something a graph can contain).
+@torch.compiler.assume_constant_result
+def _register_all() -> bool:
+    global _registered
+    if not _registered:
+        _registered = True
+        _register_cpp_backends()
+        _register_triton_backend()
+    return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,17 +127,28 @@ _register_triton_backend()
 
 class FusedKDLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, labels, grad_scale, backend_name, reduced, inplace,
-                divergence, inv_temperature, beta, div_weight, ce_weight, ignore_index, vocab_size):
-        kernels = _BACKENDS[backend_name]
-        args = (labels, grad_scale, None, divergence, inv_temperature, beta, div_weight, ce_weight,
-                ignore_index, vocab_size)
+    def forward(ctx, student, teacher, labels, grad_scale, backend_name, reduced, inplace, cfg):
+        kernels = get_backend(backend_name)
+        # fp16 cannot hold the scaled gradient: with reduction="mean" over thousands of
+        # tokens most entries fall below its smallest subnormal, and no GradScaler brings
+        # them back. So an fp16 gradient is stored unscaled (its entries are O(alpha T + 1))
+        # and the scale is applied with grad_output in fp32 in backward, rounded once.
+        deferred = student.dtype == torch.float16 and reduced
+        kernel_scale = torch.ones_like(grad_scale) if deferred else grad_scale
+        args = (labels, kernel_scale, None, cfg.divergence, cfg.inv_temperature, cfg.beta, cfg.div_weight,
+                cfg.ce_weight, cfg.ignore_index, cfg.vocab_size)
         if inplace:
             loss_rows = kernels.forward_inplace(student, teacher, *args)
             grad = student
+            if not torch.compiler.is_compiling():
+                # The logits now hold their gradient: bump their version so that autograd
+                # refuses any graph node that saved them ("modified by an inplace
+                # operation"), as a mutating op does. (Compiled graphs record the
+                # mutation themselves.)
+                torch.autograd.graph.increment_version(student)
         else:
             loss_rows, grad = kernels.forward(student, teacher, *args)
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, grad_scale if deferred else None)
         ctx.backend_name = backend_name
         if reduced:
             return loss_rows.sum() * grad_scale
@@ -129,6 +162,9 @@ class FusedKDLoss(torch.autograd.Function):
                 "fastkd: the fused loss keeps one copy of its gradient and rescales it in place, "
                 "so it can be backpropagated only once (retain_graph=True is not supported)")
         ctx.consumed = True
-        (grad,) = ctx.saved_tensors
-        _BACKENDS[ctx.backend_name].scale_grad_(grad, grad_output)
-        return (grad,) + (None,) * 13
+        grad, deferred_scale = ctx.saved_tensors
+        factor = grad_output.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+        if deferred_scale is not None:
+            factor = factor * deferred_scale
+        get_backend(ctx.backend_name).scale_grad_(grad, factor)
+        return (grad,) + (None,) * 7

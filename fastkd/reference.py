@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._args import KDConfig, check_kd_args
+from ._args import KDConfig, check_kd_args, make_config
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -89,11 +89,11 @@ def reduce_loss(rows: torch.Tensor, labels, cfg: KDConfig, num_items) -> torch.T
     if cfg.reduction == "sum":
         return total
     if cfg.reduction == "batchmean":
-        return total / max(rows.numel(), 1)
+        return total / torch.sym_max(rows.numel(), 1)
     if num_items is not None:
         return total / num_items
     if labels is None:
-        return total / max(rows.numel(), 1)
+        return total / torch.sym_max(rows.numel(), 1)
     return total / (labels != cfg.ignore_index).sum().clamp_min(1)
 
 
@@ -114,15 +114,19 @@ def kd_loss(
 ) -> torch.Tensor:
     """Reference knowledge-distillation loss; same signature and meaning as ``fastkd.kd_loss``.
 
-    Computes in float64 when either input is float64, otherwise in float32. The teacher is
-    detached (a teacher that requires grad is rejected, as in ``fastkd.kd_loss``).
+    Computes in float64 when either input is float64, otherwise in float32 (plain
+    autograd: exact only in float64). The teacher is detached (a teacher that requires
+    grad is rejected, as in ``fastkd.kd_loss``).
     """
-    cfg = check_kd_args(
-        student_logits, teacher_logits, labels,
-        divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-        t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
-        num_items=num_items, vocab_size=vocab_size,
-    )
+    cfg = make_config(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                      t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
+                      vocab_size=vocab_size)
+    cfg, num_items = check_kd_args(student_logits, teacher_logits, labels, cfg, num_items)
+    return kd_loss_with_config(student_logits, teacher_logits, labels, cfg, num_items)
+
+
+def kd_loss_with_config(student_logits, teacher_logits, labels, cfg: KDConfig, num_items) -> torch.Tensor:
+    """:func:`kd_loss` on checked input (``cfg.vocab_size`` fixed); the ``torch`` backend."""
     lead = student_logits.shape[:-1]
     s = student_logits[..., : cfg.vocab_size].reshape(-1, cfg.vocab_size)
     t = teacher_logits[..., : cfg.vocab_size].reshape(-1, cfg.vocab_size)

@@ -189,8 +189,8 @@ def check_case(case: Case, backend: str, device="cpu", seed: int = 0) -> None:
     if e_grad >= grad_tol and not any(d in LOW_PRECISION for d in (case.student_dtype, case.teacher_dtype)):
         # Saturated rows (low T, JSD/reverse KL) have gradients below fp32's resolution of
         # their own terms: there even PyTorch's fp32 autograd misses 1e-5 (1.9e-5 to 5.7e-5
-        # over seeds for JSD at T=0.5). Accept up to 3x what careful fp32 PyTorch achieves.
-        grad_tol = max(grad_tol, 3.0 * fp32_reference_grad_error(case, s, t, labels, ref_grad))
+        # over seeds for JSD at T=0.5). Accept up to 2x what careful fp32 PyTorch achieves.
+        grad_tol = max(grad_tol, 2.0 * fp32_reference_grad_error(case, s, t, labels, ref_grad))
     assert e_loss < loss_tol, f"loss rel err {e_loss:.3g} (got {loss.flatten()[:4]}, ref {ref_loss.flatten()[:4]})"
     assert e_grad < grad_tol, f"grad rel err {e_grad:.3g}"
 

@@ -5,8 +5,9 @@
 // the special values the losses rely on: exp(-inf) = 0, exp(NaN) = NaN, log(0) = -inf.
 #pragma once
 
-#include <cstdint>
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <limits>
 
 namespace fastkd {
@@ -92,6 +93,46 @@ FASTKD_INLINE float logaddexp_approx(float u, float v) {
   const float log1p_e = ym1 == 0.0f ? e : log_1_to_2(y) * (e / ym1);
   const float res = hi + log1p_e;
   return hi == -std::numeric_limits<float>::infinity() ? hi : res;
+}
+
+// expm1(x) for |x| <= 1/2 (Taylor to x^8: relative error < 1e-8 there), where exp(x) - 1
+// would lose log2(1/|x|) bits to cancellation.
+FASTKD_INLINE float expm1_small(float x) {
+  float y = 1.0f / 40320.0f;
+  y = y * x + 1.0f / 5040.0f;
+  y = y * x + 1.0f / 720.0f;
+  y = y * x + 1.0f / 120.0f;
+  y = y * x + 1.0f / 24.0f;
+  y = y * x + 1.0f / 6.0f;
+  y = y * x + 0.5f;
+  y = y * x + 1.0f;
+  return y * x;
+}
+
+// log1p(u) for |u| <= 0.3 as 2 atanh(u / (2 + u)) (odd series to w^11, |w| <= 0.18).
+FASTKD_INLINE float log1p_small(float u) {
+  const float w = u / (2.0f + u);
+  const float w2 = w * w;
+  float y = 1.0f / 11.0f;
+  y = y * w2 + 1.0f / 9.0f;
+  y = y * w2 + 1.0f / 7.0f;
+  y = y * w2 + 1.0f / 5.0f;
+  y = y * w2 + 1.0f / 3.0f;
+  y = y * w2 + 1.0f;
+  return 2.0f * w * y;
+}
+
+// Double-precision versions for float64 input, which must match the reference to ~1e-12:
+// libm's exp/log (correctly rounded to within 1 ulp), not vectorised, which is fine for
+// what is a precision path.
+FASTKD_INLINE double exp_approx(double x) { return std::exp(x); }
+FASTKD_INLINE double log_approx(double x) { return std::log(x); }
+FASTKD_INLINE double expm1_small(double x) { return std::expm1(x); }
+FASTKD_INLINE double log1p_small(double u) { return std::log1p(u); }
+FASTKD_INLINE double logaddexp_approx(double u, double v) {
+  const double hi = std::max(u, v);
+  if (hi == -std::numeric_limits<double>::infinity()) return hi;
+  return hi + std::log1p(std::exp(std::min(u, v) - hi));
 }
 
 }  // namespace cpu

@@ -1,13 +1,15 @@
 /*
  * Fused knowledge-distillation loss and gradient on the CPU.
  *
- * One token (row) at a time, each thread owning whole rows:
- *   sweep 1  reads s and t once from memory, converts them to fp32 scaled logits
- *            a = s/T, b = t/T into a row cache, and computes both sides' row statistics
- *            (max, sum-exp) with a chunked online softmax: one exp per element per side.
- *   sweep 2  over the cached row: the divergence D and its gradient dD/da.
- *   sweep 3  writes the gradient w.r.t. s once, in the student's dtype, adding the
- *            hard-label CE term:  ds = scale * (w_div * dD/da / T + w_ce * (softmax(s) - onehot)).
+ * One token (row) at a time, each thread owning whole rows, two sweeps:
+ *   sweep 1 (row_stats)  reads s and t once from memory into a row cache: the scaled
+ *            logits a = s/T, b = t/T and their exponentials e_s = exp(a - m_s(c)),
+ *            e_t = exp(b - m_t(c)), where m(c) is the running maximum when chunk c was
+ *            read (a chunked online softmax). The row statistics (max, sum-exp) fall out.
+ *   sweep 2 (write_grad) over the cached row: q = e_s * exp(m_s(c) - lse_s) and likewise
+ *            p need a multiply, not an exp; the divergence D, dD/da, and the gradient
+ *            written once in the student's dtype with the hard-label CE term:
+ *              ds = scale * (w_div * dD/da / T + w_ce * (softmax(s) - onehot)).
  *
  * With q = softmax(a), p = softmax(b), log q = a - lse(a), log p = b - lse(b):
  *   forward_kl  D = sum p (log p - log q)            dD/da = q - p
@@ -16,6 +18,11 @@
  *               dD/da = (1-beta) q (h - sum q h),  h = log q - log m
  *   tvd         D = 1/2 sum |p - q|                  dD/da = q (h - sum q h),  h = sign(q - p)/2
  * Entries with zero probability contribute 0 (0 log 0 = 0), so -inf logits are legal.
+ *
+ * Precision: fp32/bf16/fp16 input accumulates in fp32 within a chunk of 1024 entries
+ * and in double across chunks, so row sums such as sum q h (whose error the centred
+ * gradients amplify) are not one long fp32 sum. float64 input runs the same code in
+ * double with libm's exp/log.
  *
  * The row statistics can instead come from the caller (`row_stats` argument), which is
  * how a vocab-parallel variant combines shards before the loss sweep.
@@ -26,284 +33,429 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../kd_op.h"
 #include "fast_math.h"
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
+#include "grad_buffer_cache.h"
 
 namespace fastkd {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunk = 1024;  // elements per online-softmax chunk: both sides fit in L1
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kChunk = 1024;  // entries per chunk: both sides' chunk fits in L1
 
-// Rescales a running sum-exp whose reference max moves from `old_max` to `new_max`.
-inline float rescale(float sum, float old_max, float new_max, float factor) {
-  return old_max == new_max ? sum : sum * exp_approx(factor * (old_max - new_max));
+template <typename Acc>
+constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+
+inline int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
+
+// The row cache of one thread, in the accumulation type, reused across rows and calls.
+template <typename Acc>
+struct RowCache {
+  Acc* a;       // s / T
+  Acc* d;       // (t - s) / T: log p - log q up to a row constant, without the rounding of
+                // two large log-probabilities (it sets the precision of the centred gradients)
+  Acc* es;      // exp(a - m_s(c)); becomes q in the centred divergences
+  Acc* et;      // exp(b - m_t(c)); becomes h in the centred divergences
+  Acc* ref_s;   // m_s(c) per chunk, then the chunk's factor exp(m_s(c) - lse_s)
+  Acc* ref_t;
+
+  static RowCache get(int64_t V) {
+    thread_local std::vector<Acc> storage;
+    const int64_t nc = num_chunks(V);
+    const size_t need = static_cast<size_t>(4 * V + 2 * nc);
+    if (storage.size() < need) storage.resize(need);
+    Acc* base = storage.data();
+    return RowCache{base, base + V, base + 2 * V, base + 3 * V, base + 4 * V, base + 4 * V + nc};
+  }
+};
+
+// Row statistics in the accumulation type (sums across chunks in double).
+template <typename Acc>
+struct Stats {
+  Acc max_s = kNegInf<Acc>;
+  double sum_s = 0.0;
+  Acc max_t = kNegInf<Acc>;
+  double sum_t = 0.0;
+  double sum_raw = 0.0;  // sum exp(s - T max_s): the T = 1 softmax of the CE term
+};
+
+// Moves a running sum-exp from reference max `old_max` to `new_max`.
+template <typename Acc>
+inline double rescale(double sum, Acc old_max, Acc new_max, Acc factor) {
+  return old_max == new_max || sum == 0.0 ? sum : sum * static_cast<double>(exp_approx(factor * (old_max - new_max)));
 }
 
-// Sweep 1: convert the row into the fp32 cache (a = s/T, b = t/T) and, when kStats,
-// compute the row statistics in the same pass.
-template <bool kStats, typename TS, typename TT>
-RowStats load_row(const TS* s, const TT* t, int64_t V, const KDParams& p, bool with_raw, float* a,
-                  float* b) {
-  const float inv_t = p.inv_temperature;
-  const float temp = p.temperature;
-  RowStats st{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f};
-  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+// sum_i exp(x_i - m) over one chunk, storing the terms; all zero when m = -inf (a chunk
+// with nothing but -inf so far: exp(-inf - -inf) would be NaN).
+template <typename Acc>
+inline Acc exp_chunk(const Acc* x, Acc m, int64_t n, Acc* e) {
+  Acc z = 0;
+  if (m == kNegInf<Acc>) {
+    for (int64_t i = 0; i < n; ++i) e[i] = 0;
+    return z;
+  }
+#pragma omp simd reduction(+ : z)
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc v = exp_approx(x[i] - m);
+    e[i] = v;
+    z += v;
+  }
+  return z;
+}
+
+// Sweep 1. With `fixed` set, the maxima come from `st` (external row statistics) and
+// only the cache is filled.
+template <typename Acc, typename TS, typename TT>
+void load_row(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool with_raw, bool fixed,
+              const RowCache<Acc>& c, Stats<Acc>& st) {
+  const Acc inv_t = static_cast<Acc>(x.inv_temperature);
+  const Acc temp = static_cast<Acc>(x.temperature);
+  for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
-    float* ac = a + c0;
-    float* bc = b + c0;
-    float cmax_s = kNegInf, cmax_t = kNegInf;
+    Acc* ac = c.a + c0;
+    Acc* dc = c.d + c0;
+    Acc* bc = c.et + c0;  // b = t / T until exp_chunk turns it into e_t in place
+    Acc cmax_s = kNegInf<Acc>, cmax_t = kNegInf<Acc>;
 #pragma omp simd reduction(max : cmax_s, cmax_t)
     for (int64_t i = 0; i < n; ++i) {
-      const float x = static_cast<float>(s[c0 + i]) * inv_t;
-      const float y = static_cast<float>(t[c0 + i]) * inv_t;
+      const Acc sv = static_cast<Acc>(s[c0 + i]), tv = static_cast<Acc>(t[c0 + i]);
+      const Acc x = sv * inv_t;
+      const Acc y = tv * inv_t;
       ac[i] = x;
       bc[i] = y;
+      dc[i] = (tv - sv) * inv_t;
       cmax_s = std::max(cmax_s, x);
       cmax_t = std::max(cmax_t, y);
     }
-    if constexpr (kStats) {
+    if (!fixed) {
       if (cmax_s > st.max_s) {
-        st.sum_s = rescale(st.sum_s, st.max_s, cmax_s, 1.0f);
+        st.sum_s = rescale(st.sum_s, st.max_s, cmax_s, Acc(1));
         st.sum_raw = rescale(st.sum_raw, st.max_s, cmax_s, temp);
         st.max_s = cmax_s;
       }
       if (cmax_t > st.max_t) {
-        st.sum_t = rescale(st.sum_t, st.max_t, cmax_t, 1.0f);
+        st.sum_t = rescale(st.sum_t, st.max_t, cmax_t, Acc(1));
         st.max_t = cmax_t;
       }
-      // A chunk whose running max is still -inf is all -inf: it adds nothing (and
-      // exp(-inf - -inf) would be NaN).
-      const float ms = st.max_s, mt = st.max_t;
-      float zs = 0.0f, zt = 0.0f, zr = 0.0f;
-      if (ms != kNegInf) {
-        if (with_raw) {
-#pragma omp simd reduction(+ : zs, zr)
-          for (int64_t i = 0; i < n; ++i) {
-            zs += exp_approx(ac[i] - ms);
-            zr += exp_approx(temp * (ac[i] - ms));
-          }
-        } else {
-#pragma omp simd reduction(+ : zs)
-          for (int64_t i = 0; i < n; ++i) zs += exp_approx(ac[i] - ms);
-        }
+    }
+    const Acc ms = st.max_s, mt = st.max_t;
+    c.ref_s[k] = ms;
+    c.ref_t[k] = mt;
+    const Acc zs = exp_chunk(ac, ms, n, c.es + c0);
+    const Acc zt = exp_chunk(bc, mt, n, bc);
+    if (!fixed) {
+      st.sum_s += static_cast<double>(zs);
+      st.sum_t += static_cast<double>(zt);
+      if (with_raw && ms != kNegInf<Acc>) {
+        Acc zr = 0;
+#pragma omp simd reduction(+ : zr)
+        for (int64_t i = 0; i < n; ++i) zr += exp_approx(temp * (ac[i] - ms));
+        st.sum_raw += static_cast<double>(zr);
       }
-      if (mt != kNegInf) {
-#pragma omp simd reduction(+ : zt)
-        for (int64_t i = 0; i < n; ++i) zt += exp_approx(bc[i] - mt);
-      }
-      st.sum_s += zs;
-      st.sum_t += zt;
-      st.sum_raw += zr;
     }
   }
-  return st;
 }
 
-// w <- c q (h - sum_j q_j h_j), given w = q; returns sum_j q_j h_j.
-// When one entry k holds nearly all the mass (peaked rows, low temperature), h_k - sum q h
-// cancels catastrophically in fp32. For that entry the same quantity is written as
-// h_k sum_{j!=k} q_j - sum_{j!=k} q_j h_j, sums over the small entries only. At most one
-// entry can have q > 1/2, so the "big" sums below hold a single term.
-float centre_grad(float* w, const float* h, int64_t V, float c) {
-  float small_q = 0.0f, small_qh = 0.0f, big_qh = 0.0f;
-#pragma omp simd reduction(+ : small_q, small_qh, big_qh)
-  for (int64_t i = 0; i < V; ++i) {
-    const float q = w[i], qh = q * h[i];
-    const bool big = q > 0.5f;
-    small_q += big ? 0.0f : q;
-    small_qh += big ? 0.0f : qh;
-    big_qh += big ? qh : 0.0f;
-  }
-  const float qh = small_qh + big_qh;
-#pragma omp simd
-  for (int64_t i = 0; i < V; ++i) {
-    const float q = w[i];
-    w[i] = c * q * (q > 0.5f ? h[i] * small_q - small_qh : h[i] - qh);
-  }
-  return qh;
+// Turns each chunk's reference max into the factor exp(m(c) - lse) that maps its cached
+// exponentials to probabilities.
+template <typename Acc>
+void chunk_factors(Acc* ref, int64_t n_chunks, Acc lse) {
+  for (int64_t k = 0; k < n_chunks; ++k) ref[k] = exp_approx(ref[k] - lse);
 }
 
-// Sweep 2 of reverse KL, JSD and TVD: D(p, q) for the cached row; leaves dD/da in `w`,
-// using `h` as scratch. (Forward KL needs no row sum: see forward_kl_write.)
-float divergence_and_grad(const float* a, const float* b, int64_t V, float lse_s, float lse_t,
-                          const KDParams& p, float* w, float* h) {
-  float D = 0.0f;
-  switch (p.divergence) {
-    case Divergence::ForwardKL:  // handled by forward_kl_write
-    case Divergence::ReverseKL:
-    case Divergence::JSD:
-    case Divergence::TVD: {
-      // All three have dD/da = c q (h - sum q h) for a per-element h: one pass for q, h
-      // and the divergence's own sums, then centre_grad.
-      const float c = p.divergence == Divergence::JSD ? 1.0f - p.beta : 1.0f;
-      if (p.divergence == Divergence::ReverseKL) {
+// The centred divergences (reverse KL, JSD, TVD) have dD/da_i = q_i G(h_i) for a
+// per-entry h and a few row sums; these hold the sums, and G.
+//
+// Reverse KL and JSD: G(h_i) = c (h_i - sum_j q_j h_j). When one entry k holds nearly all
+// the mass (peaked rows, low temperature), h_k - sum q h cancels catastrophically; for
+// that entry the same quantity is written as h_k sum_{j!=k} q_j - sum_{j!=k} q_j h_j,
+// sums over the small entries only. At most one entry can have q > 1/2.
+template <typename Acc>
+struct CentredGrad {
+  Acc c, qh, small_q, small_qh;
+  inline Acc operator()(Acc q, Acc h) const { return c * q * (q > Acc(0.5) ? h * small_q - small_qh : h - qh); }
+};
+
+// TVD: h = sign(q - p)/2 takes three values, so h_i - sum_j q_j h_j = sum_j q_j (h_i - h_j)
+// is a sum of the masses on the other sides: exact, where the centred form cancels when
+// the student's mass sits where the teacher has none. Here h holds q - p.
+template <typename Acc>
+struct SignGrad {
+  Acc pos, neg, tie;
+  inline Acc operator()(Acc q, Acc d) const { return q * (d > Acc(0) ? pos : (d < Acc(0) ? neg : tie)); }
+};
+
+// sum q, sum q h over the small (q <= 1/2) entries and sum q h over all, in chunks.
+template <typename Acc>
+CentredGrad<Acc> centre_sums(const Acc* w, const Acc* h, int64_t V, Acc c) {
+  double small_q = 0.0, small_qh = 0.0, big_qh = 0.0;
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const Acc* wc = w + c0;
+    const Acc* hc = h + c0;
+    Acc sq = 0, sqh = 0, bqh = 0;
+#pragma omp simd reduction(+ : sq, sqh, bqh)
+    for (int64_t i = 0; i < n; ++i) {
+      const Acc q = wc[i], qh = q * hc[i];
+      const bool big = q > Acc(0.5);
+      sq += big ? Acc(0) : q;
+      sqh += big ? Acc(0) : qh;
+      bqh += big ? qh : Acc(0);
+    }
+    small_q += sq;
+    small_qh += sqh;
+    big_qh += bqh;
+  }
+  return CentredGrad<Acc>{c, static_cast<Acc>(small_qh + big_qh), static_cast<Acc>(small_q),
+                          static_cast<Acc>(small_qh)};
+}
+
+// The cached row's q (into c.es) and per-entry h (into c.et) of a centred divergence,
+// written from d = log p - log q + delta (delta = lse_t - lse_s, a row constant) rather
+// than from the two log-probabilities, whose O(10) magnitudes would round h to 1e-6
+// absolute where h - sum q h is O(0.01) (a student close to its teacher):
+//   reverse KL  h = log q - log p = delta - d: centring drops the constant, h' = -d.
+//   JSD         h = log q - log m = -log1p(beta expm1(log p - log q)), see below;
+//               log p - log m = -log(beta) - softplus(-x), x = log p - log q + log(beta/(1-beta)).
+// Returns the rest of D: reverse KL's delta, JSD's beta KL(p||m), TVD's D itself; then
+// D = rest + (1 - beta) sum q h for reverse KL (beta = 0) and JSD.
+template <typename Acc>
+constexpr Acc kNearHalf = Acc(0.5);  // where expm1_small / log1p_small hold
+template <>
+constexpr double kNearHalf<double> = std::numeric_limits<double>::infinity();  // libm: everywhere
+template <typename Acc>
+constexpr Acc kNearLog1p = Acc(0.3);
+template <>
+constexpr double kNearLog1p<double> = std::numeric_limits<double>::infinity();
+
+template <typename Acc>
+double centred_pass(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence divergence, const ExactParams& x,
+                    double* q_pos, double* q_neg, double* q_tie) {
+  Acc* w = c.es;
+  Acc* h = c.et;
+  double total = 0.0;
+  for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const Acc fs = c.ref_s[k], ft = c.ref_t[k];
+    if (divergence == Divergence::ReverseKL) {
 #pragma omp simd
-        for (int64_t i = 0; i < V; ++i) {
-          const float lq = a[i] - lse_s, lp = b[i] - lse_t;
-          const float q = exp_approx(lq);
-          w[i] = q;
-          h[i] = q == 0.0f ? 0.0f : lq - lp;
-        }
-        D = centre_grad(w, h, V, c);  // KL(q||p) = sum q h
-      } else if (p.divergence == Divergence::JSD) {
-        float kl_pm = 0.0f;
-        const float lb = p.log_beta, l1b = p.log_one_minus_beta;
-#pragma omp simd reduction(+ : kl_pm)
-        for (int64_t i = 0; i < V; ++i) {
-          const float lq = a[i] - lse_s, lp = b[i] - lse_t;
-          const float q = exp_approx(lq), pt = exp_approx(lp);
-          const float lm = logaddexp_approx(lp + lb, lq + l1b);
-          kl_pm += pt == 0.0f ? 0.0f : pt * (lp - lm);
-          w[i] = q;
-          h[i] = q == 0.0f ? 0.0f : lq - lm;
-        }
-        const float kl_qm = centre_grad(w, h, V, c);
-        D = p.beta * kl_pm + (1.0f - p.beta) * kl_qm;
-      } else {  // TVD
-        // h = sign(q - p)/2 takes three values, so h_i - sum_j q_j h_j = sum_j q_j (h_i - h_j)
-        // is a sum of the masses on the other sides: exact, where the centred form
-        // cancels when the student's mass sits where the teacher has none.
-        float q_pos = 0.0f, q_neg = 0.0f, q_tie = 0.0f;
-#pragma omp simd reduction(+ : D, q_pos, q_neg, q_tie)
-        for (int64_t i = 0; i < V; ++i) {
-          const float q = exp_approx(a[i] - lse_s), pt = exp_approx(b[i] - lse_t);
-          const float d = q - pt;
-          D += 0.5f * std::abs(d);
-          q_pos += d > 0.0f ? q : 0.0f;
-          q_neg += d < 0.0f ? q : 0.0f;
-          q_tie += d == 0.0f ? q : 0.0f;
-          w[i] = q;
-          h[i] = d;
-        }
-        // D <= 1 is finite, so D - D is 0 unless the row holds a NaN, which the sign
-        // comparisons above would otherwise drop.
-        const float nan_or_zero = D - D;
-        const float g_pos = q_neg + 0.5f * q_tie + nan_or_zero;     // h_i = +1/2
-        const float g_neg = -(q_pos + 0.5f * q_tie) + nan_or_zero;  // h_i = -1/2
-        const float g_tie = 0.5f * (q_neg - q_pos) + nan_or_zero;   // h_i = 0
-#pragma omp simd
-        for (int64_t i = 0; i < V; ++i)
-          w[i] = w[i] * (h[i] > 0.0f ? g_pos : (h[i] < 0.0f ? g_neg : g_tie));
+      for (int64_t i = c0; i < c0 + n; ++i) {
+        const Acc q = w[i] * fs;
+        w[i] = q;
+        h[i] = q == Acc(0) ? Acc(0) : -c.d[i];
       }
-      return D;
+    } else if (divergence == Divergence::JSD) {
+      const Acc log_r = static_cast<Acc>(x.log_beta - x.log_one_minus_beta);
+      const Acc beta = static_cast<Acc>(x.beta);
+      const Acc lb = static_cast<Acc>(x.log_beta), l1b = static_cast<Acc>(x.log_one_minus_beta);
+      const bool flip = x.beta > 0.5;
+      Acc part = 0;
+#pragma omp simd reduction(+ : part)
+      for (int64_t i = c0; i < c0 + n; ++i) {
+        const Acc q = w[i] * fs, pt = h[i] * ft;
+        const Acc dl = c.d[i] - delta;  // log p - log q
+        const Acc z = dl + log_r;
+        const Acc sp_neg = logaddexp_approx(-z, Acc(0));  // softplus(-z)
+        part += pt == Acc(0) ? Acc(0) : pt * sp_neg;
+        // h = log q - log m = -log1p(beta expm1(dl)): exact near p = q, where the other
+        // forms subtract O(1) values to get an O(dl) result. Elsewhere the softplus of
+        // the mostly negative argument.
+        const Acc u = beta * expm1_small(dl);
+        const bool near = std::abs(dl) <= kNearHalf<Acc> && std::abs(u) <= kNearLog1p<Acc>;
+        const Acc far = flip ? (delta - lb) - c.d[i] - sp_neg : -l1b - logaddexp_approx(z, Acc(0));
+        w[i] = q;
+        h[i] = q == Acc(0) ? Acc(0) : (near ? -log1p_small(u) : far);
+      }
+      total += part;
+    } else {  // TVD
+      Acc d_sum = 0, pos = 0, neg = 0, tie = 0;
+#pragma omp simd reduction(+ : d_sum, pos, neg, tie)
+      for (int64_t i = c0; i < c0 + n; ++i) {
+        const Acc q = w[i] * fs, pt = h[i] * ft;
+        const Acc dq = q - pt;
+        d_sum += Acc(0.5) * std::abs(dq);
+        pos += dq > Acc(0) ? q : Acc(0);
+        neg += dq < Acc(0) ? q : Acc(0);
+        tie += dq == Acc(0) ? q : Acc(0);
+        w[i] = q;
+        h[i] = dq;
+      }
+      total += d_sum;
+      *q_pos += pos;
+      *q_neg += neg;
+      *q_tie += tie;
     }
   }
-  return D;
+  if (divergence == Divergence::ReverseKL) return static_cast<double>(delta);
+  if (divergence == Divergence::JSD)  // beta KL(p||m) = beta (-log beta - sum p softplus(-x))
+    return x.beta * (-x.log_beta - total);
+  return total;
 }
+
+// The CE term's softmax(s) at T = 1 for entry i: q itself when T = 1.
+template <typename Acc>
+struct RawSoftmax {
+  bool same_as_q;
+  Acc temp;
+  Acc lse_raw;
+  inline Acc operator()(Acc a, Acc q) const { return same_as_q ? q : exp_approx(temp * a - lse_raw); }
+};
 
 // Forward KL's dD/da = q - p needs no row sum, so its divergence and the gradient share
 // one sweep, writing the gradient (with the CE term) straight to the output row.
-template <typename TS>
-float forward_kl_write(const float* a, const float* b, int64_t V, float lse_s, float lse_t, float gdiv,
-                       bool with_ce, float temp, float lse_raw, float gce, TS* g) {
-  float D = 0.0f;
-  if (with_ce) {
-#pragma omp simd reduction(+ : D)
-    for (int64_t i = 0; i < V; ++i) {
-      const float lq = a[i] - lse_s, lp = b[i] - lse_t;
-      const float q = exp_approx(lq), pt = exp_approx(lp);
-      D += pt == 0.0f ? 0.0f : pt * (lp - lq);  // == 0, not > 0: NaN must reach D
-      g[i] = static_cast<TS>(gdiv * (q - pt) + gce * exp_approx(temp * a[i] - lse_raw));
+template <typename Acc, typename TS>
+Acc forward_kl_write(const RowCache<Acc>& c, int64_t V, Acc delta, Acc gdiv, bool with_ce,
+                     const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
+  // D = sum p (log p - log q) = sum p d - delta (sum p = 1).
+  double pd = 0.0;
+  for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const Acc fs = c.ref_s[k], ft = c.ref_t[k];
+    Acc part = 0;
+    if (with_ce) {
+#pragma omp simd reduction(+ : part)
+      for (int64_t i = c0; i < c0 + n; ++i) {
+        const Acc q = c.es[i] * fs, pt = c.et[i] * ft;
+        part += pt == Acc(0) ? Acc(0) : pt * c.d[i];  // == 0, not > 0: NaN must reach D
+        g[i] = static_cast<TS>(gdiv * (q - pt) + gce * raw(c.a[i], q));
+      }
+    } else {
+#pragma omp simd reduction(+ : part)
+      for (int64_t i = c0; i < c0 + n; ++i) {
+        const Acc q = c.es[i] * fs, pt = c.et[i] * ft;
+        part += pt == Acc(0) ? Acc(0) : pt * c.d[i];
+        g[i] = static_cast<TS>(gdiv * (q - pt));
+      }
     }
-  } else {
-#pragma omp simd reduction(+ : D)
-    for (int64_t i = 0; i < V; ++i) {
-      const float lq = a[i] - lse_s, lp = b[i] - lse_t;
-      const float q = exp_approx(lq), pt = exp_approx(lp);
-      D += pt == 0.0f ? 0.0f : pt * (lp - lq);
-      g[i] = static_cast<TS>(gdiv * (q - pt));
-    }
+    pd += part;
   }
-  return D;
+  return static_cast<Acc>(pd - static_cast<double>(delta));
+}
+
+// Sweep 2's write for the centred divergences: ds_i = gdiv G(q_i, h_i) + gce softmax_raw_i.
+template <typename Acc, typename TS, typename G>
+void centred_write(const RowCache<Acc>& c, int64_t V, const G& grad_of, Acc gdiv, bool with_ce,
+                   const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
+  const Acc* w = c.es;
+  const Acc* h = c.et;
+  if (with_ce) {
+#pragma omp simd
+    for (int64_t i = 0; i < V; ++i) g[i] = static_cast<TS>(gdiv * grad_of(w[i], h[i]) + gce * raw(c.a[i], w[i]));
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < V; ++i) g[i] = static_cast<TS>(gdiv * grad_of(w[i], h[i]));
+  }
 }
 
 template <typename TS, typename TT>
 struct RowKernel {
+  // Double for float64 input, float otherwise (bf16/fp16 are converted on load).
+  using Acc = std::conditional_t<std::is_same<TS, double>::value || std::is_same<TT, double>::value, double, float>;
+
   const TS* s;
   int64_t s_stride;
   const TT* t;
   int64_t t_stride;
   const int64_t* labels;
   const float* stats_in;  // [N, 5] or nullptr
-  float* loss;            // [N]
+  Acc* loss;              // [N]: float64 for float64 input, else float32
   TS* grad;               // rows of width g_width; may alias s (in-place backward)
   int64_t g_stride;
   int64_t g_width;
-  KDParams p;
-  float grad_scale;
+  KDParams p;        // divergence, ignore_index, vocab_size
+  ExactParams x;     // the float settings, cast to Acc where used
+  double grad_scale;
 
-  void zero_grad_row(TS* g, float value) const {
+  void fill_grad_row(TS* g, float value) const {
     const TS v = static_cast<TS>(value);
     for (int64_t i = 0; i < g_width; ++i) g[i] = v;
   }
 
-  void operator()(int64_t row, float* a, float* b, float* w, float* h) const {
+  void operator()(int64_t row) const {
     const int64_t V = p.vocab_size;
     const TS* srow = s + row * s_stride;
     TS* grow = grad + row * g_stride;
-    const bool with_ce = p.ce_weight != 0.0f;
+    const bool with_ce = x.ce_weight != 0.0;
     int64_t label = -1;
     if (labels != nullptr) {
       label = labels[row];
       if (label == p.ignore_index) {
-        loss[row] = 0.0f;
-        zero_grad_row(grow, 0.0f);
+        loss[row] = Acc(0);
+        fill_grad_row(grow, 0.0f);
         return;
       }
       if (label < 0 || label >= V) {  // never silently a number: NaN marks the bad row
-        loss[row] = std::numeric_limits<float>::quiet_NaN();
-        zero_grad_row(grow, std::numeric_limits<float>::quiet_NaN());
+        loss[row] = std::numeric_limits<Acc>::quiet_NaN();
+        fill_grad_row(grow, std::numeric_limits<float>::quiet_NaN());
         return;
       }
     }
-    const bool need_raw = with_ce && p.temperature != 1.0f;
-    RowStats st;
+    const RowCache<Acc> c = RowCache<Acc>::get(V);
+    const bool need_raw = with_ce && x.temperature != 1.0;
+    Stats<Acc> st;
     if (stats_in != nullptr) {
-      load_row<false>(srow, t + row * t_stride, V, p, false, a, b);
       const float* r = stats_in + row * kRowStatsWidth;
-      st = RowStats{r[0], r[1], r[2], r[3], r[4]};
+      st.max_s = r[0];
+      st.sum_s = r[1];
+      st.max_t = r[2];
+      st.sum_t = r[3];
+      st.sum_raw = r[4];
+      load_row(srow, t + row * t_stride, V, x, false, /*fixed=*/true, c, st);
     } else {
-      st = load_row<true>(srow, t + row * t_stride, V, p, need_raw, a, b);
+      load_row(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, c, st);
     }
     if (with_ce && !need_raw) st.sum_raw = st.sum_s;
-    const float lse_s = st.max_s + std::log(st.sum_s);
-    const float lse_t = st.max_t + std::log(st.sum_t);
-    const float gdiv = grad_scale * p.div_weight * p.inv_temperature;
-    const float gce = grad_scale * p.ce_weight;
-    const float temp = p.temperature;
-    const float lse_raw = with_ce ? temp * st.max_s + std::log(st.sum_raw) : 0.0f;
+    const Acc lse_s = st.max_s + static_cast<Acc>(std::log(st.sum_s));
+    const Acc lse_t = st.max_t + static_cast<Acc>(std::log(st.sum_t));
+    // lse_t - lse_s in double, rounded once (it shifts every d of the row).
+    const Acc delta = static_cast<Acc>((static_cast<double>(st.max_t) - static_cast<double>(st.max_s)) +
+                                       (std::log(st.sum_t) - std::log(st.sum_s)));
+    const int64_t nc = num_chunks(V);
+    chunk_factors(c.ref_s, nc, lse_s);
+    chunk_factors(c.ref_t, nc, lse_t);
+    const Acc scale = static_cast<Acc>(grad_scale);
+    const Acc gdiv = scale * static_cast<Acc>(x.div_weight) * static_cast<Acc>(x.inv_temperature);
+    const Acc gce = scale * static_cast<Acc>(x.ce_weight);
+    const Acc temp = static_cast<Acc>(x.temperature);
+    const Acc lse_raw = with_ce ? temp * st.max_s + static_cast<Acc>(std::log(st.sum_raw)) : Acc(0);
+    const RawSoftmax<Acc> raw{!need_raw, temp, lse_raw};
     // Read before the gradient sweep: in place, grow is srow.
-    const float s_label = with_ce ? static_cast<float>(srow[label]) : 0.0f;
-    float D, div_grad_label = 0.0f;
+    const Acc s_label = with_ce ? static_cast<Acc>(srow[label]) : Acc(0);
+    const Acc q_label = with_ce ? c.es[label] * c.ref_s[label / kChunk] : Acc(0);
+    Acc D, div_grad_label = 0;
     if (p.divergence == Divergence::ForwardKL) {
-      D = forward_kl_write(a, b, V, lse_s, lse_t, gdiv, with_ce, temp, lse_raw, gce, grow);
-      if (with_ce) div_grad_label = exp_approx(a[label] - lse_s) - exp_approx(b[label] - lse_t);
+      D = forward_kl_write(c, V, delta, gdiv, with_ce, raw, gce, grow);
+      if (with_ce) div_grad_label = q_label - c.et[label] * c.ref_t[label / kChunk];
     } else {
-      D = divergence_and_grad(a, b, V, lse_s, lse_t, p, w, h);
-      if (with_ce) {
-#pragma omp simd
-        for (int64_t i = 0; i < V; ++i)
-          grow[i] = static_cast<TS>(gdiv * w[i] + gce * exp_approx(temp * a[i] - lse_raw));
-        div_grad_label = w[label];
+      double q_pos = 0.0, q_neg = 0.0, q_tie = 0.0;
+      const double rest = centred_pass(c, V, delta, p.divergence, x, &q_pos, &q_neg, &q_tie);
+      if (p.divergence == Divergence::TVD) {
+        // D <= 1 is finite, so D - D is 0 unless the row holds a NaN, which the sign
+        // comparisons would otherwise drop.
+        const Acc nan_or_zero = static_cast<Acc>(rest - rest);
+        const SignGrad<Acc> grad_of{static_cast<Acc>(q_neg + 0.5 * q_tie) + nan_or_zero,     // h = +1/2
+                                    -static_cast<Acc>(q_pos + 0.5 * q_tie) + nan_or_zero,    // h = -1/2
+                                    static_cast<Acc>(0.5 * (q_neg - q_pos)) + nan_or_zero};  // h = 0
+        D = static_cast<Acc>(rest);
+        centred_write(c, V, grad_of, gdiv, with_ce, raw, gce, grow);
+        if (with_ce) div_grad_label = grad_of(c.es[label], c.et[label]);
       } else {
-#pragma omp simd
-        for (int64_t i = 0; i < V; ++i) grow[i] = static_cast<TS>(gdiv * w[i]);
+        const Acc beta = p.divergence == Divergence::JSD ? static_cast<Acc>(x.beta) : Acc(0);
+        const CentredGrad<Acc> grad_of = centre_sums(c.es, c.et, V, Acc(1) - beta);
+        D = static_cast<Acc>(rest + static_cast<double>((Acc(1) - beta) * grad_of.qh));
+        centred_write(c, V, grad_of, gdiv, with_ce, raw, gce, grow);
+        if (with_ce) div_grad_label = grad_of(c.es[label], c.et[label]);
       }
     }
-    float row_loss = p.div_weight * D;
+    Acc row_loss = static_cast<Acc>(x.div_weight) * D;
     if (with_ce) {
-      row_loss += p.ce_weight * (lse_raw - s_label);
-      // The one-hot part, added in fp32 so the label entry is rounded once.
-      const float sm_label = exp_approx(temp * a[label] - lse_raw);
-      grow[label] = static_cast<TS>(gdiv * div_grad_label + gce * (sm_label - 1.0f));
+      row_loss += static_cast<Acc>(x.ce_weight) * (lse_raw - s_label);
+      // The one-hot part, added in the accumulation type so the label entry is rounded once.
+      const Acc sm_label = need_raw ? exp_approx(temp * c.a[label] - lse_raw) : q_label;
+      grow[label] = static_cast<TS>(gdiv * div_grad_label + gce * (sm_label - Acc(1)));
     }
     for (int64_t i = V; i < g_width; ++i) grow[i] = static_cast<TS>(0.0f);
     loss[row] = row_loss;
@@ -312,31 +464,33 @@ struct RowKernel {
 
 template <typename TS, typename TT>
 void run_rows(const RowKernel<TS, TT>& k, int64_t n_rows) {
-  const int64_t V = k.p.vocab_size;
   at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> cache(4 * V);
-    for (int64_t r = begin; r < end; ++r)
-      k(r, cache.data(), cache.data() + V, cache.data() + 2 * V, cache.data() + 3 * V);
+    for (int64_t r = begin; r < end; ++r) k(r);
   });
 }
 
 template <typename TS, typename TT>
-void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, int64_t n_rows,
-                const KDParams& p, bool with_raw, float* out) {
-  const int64_t V = p.vocab_size;
+void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, int64_t n_rows, int64_t V,
+                const ExactParams& x, bool with_raw, float* out) {
+  using Acc = typename RowKernel<TS, TT>::Acc;
   at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> cache(2 * V);
+    const RowCache<Acc> c = RowCache<Acc>::get(V);
     for (int64_t r = begin; r < end; ++r) {
-      RowStats st = load_row<true>(s + r * s_stride, t + r * t_stride, V, p, with_raw,
-                                   cache.data(), cache.data() + V);
-      if (!with_raw || p.temperature == 1.0f) st.sum_raw = with_raw ? st.sum_s : 0.0f;
+      Stats<Acc> st;
+      const bool raw_differs = with_raw && x.temperature != 1.0;
+      load_row(s + r * s_stride, t + r * t_stride, V, x, raw_differs, /*fixed=*/false, c, st);
+      if (!raw_differs) st.sum_raw = with_raw ? st.sum_s : 0.0;
       float* o = out + r * kRowStatsWidth;
-      o[0] = st.max_s; o[1] = st.sum_s; o[2] = st.max_t; o[3] = st.sum_t; o[4] = st.sum_raw;
+      o[0] = static_cast<float>(st.max_s);
+      o[1] = static_cast<float>(st.sum_s);
+      o[2] = static_cast<float>(st.max_t);
+      o[3] = static_cast<float>(st.sum_t);
+      o[4] = static_cast<float>(st.sum_raw);
     }
   });
 }
 
-// Dispatch over the (student, teacher) dtype pair; fp64 is accepted for testing.
+// Dispatch over the (student, teacher) dtype pair.
 template <typename F>
 void dispatch_pair(at::ScalarType ss, at::ScalarType ts, const F& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ss, "fastkd_student", [&] {
@@ -350,7 +504,7 @@ void dispatch_pair(at::ScalarType ss, at::ScalarType ts, const F& f) {
 void launch_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
   const int64_t n_rows = args.student.size(0);
   if (n_rows == 0) return;
-  const float grad_scale = args.grad_scale.to(at::kFloat).item<float>();
+  const double grad_scale = args.grad_scale.to(at::kDouble).item<double>();
   dispatch_pair(args.student.scalar_type(), args.teacher.scalar_type(), [&](auto s0, auto t0) {
     using TS = decltype(s0);
     using TT = decltype(t0);
@@ -358,25 +512,17 @@ void launch_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad)
                         args.teacher.data_ptr<TT>(), args.teacher.stride(0),
                         args.labels ? args.labels->data_ptr<int64_t>() : nullptr,
                         args.row_stats ? args.row_stats->data_ptr<float>() : nullptr,
-                        loss.data_ptr<float>(), grad.data_ptr<TS>(), grad.stride(0), grad.size(1),
-                        args.params, grad_scale};
+                        loss.data_ptr<typename RowKernel<TS, TT>::Acc>(), grad.data_ptr<TS>(), grad.stride(0), grad.size(1),
+                        args.params, args.exact, grad_scale};
     run_rows(k, n_rows);
   });
 }
 
-// A fresh gradient buffer of many MiB is newly mmap'd memory: faulting it in 4 KiB pages
-// costs more than the kernel's own writes (17 ms of 27 at 512 x 32000 fp32). Asking for
-// transparent huge pages before the first touch removes most of that.
-at::Tensor empty_grad(const at::Tensor& student) {
-  at::Tensor grad = at::empty({student.size(0), student.size(1)}, student.options());
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(grad.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + grad.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-  return grad;
+// The loss is float32, or float64 when an input is: fp64 input accumulates in double and
+// returns its loss in double.
+at::Tensor empty_loss(const at::Tensor& student, const at::Tensor& teacher) {
+  const bool f64 = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
+  return at::empty({student.size(0)}, student.options().dtype(f64 ? at::kDouble : at::kFloat));
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -389,8 +535,8 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, con
   ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, divergence,
                                         inv_temperature, beta, div_weight, ce_weight, ignore_index,
                                         vocab_size);
-  at::Tensor loss = at::empty({student.size(0)}, student.options().dtype(at::kFloat));
-  at::Tensor grad = empty_grad(student);
+  at::Tensor loss = empty_loss(student, teacher);
+  at::Tensor grad = cached_empty(student.size(0), student.size(1), student.options());
   launch_forward(args, loss, grad);
   return {loss, grad};
 }
@@ -403,7 +549,7 @@ at::Tensor kd_forward_inplace_cpu(at::Tensor& student, const at::Tensor& teacher
   ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, divergence,
                                         inv_temperature, beta, div_weight, ce_weight, ignore_index,
                                         vocab_size);
-  at::Tensor loss = at::empty({student.size(0)}, student.options().dtype(at::kFloat));
+  at::Tensor loss = empty_loss(student, teacher);
   // Each row is fully read into the row cache before its gradient overwrites it.
   launch_forward(args, loss, student);
   return loss;
@@ -412,28 +558,49 @@ at::Tensor kd_forward_inplace_cpu(at::Tensor& student, const at::Tensor& teacher
 at::Tensor row_stats_cpu(const at::Tensor& student, const at::Tensor& teacher, double inv_temperature,
                          int64_t vocab_size, bool with_ce) {
   check_logits_pair(student, teacher, vocab_size);
-  bool ok = true;
-  KDParams p = make_params("forward_kl", inv_temperature, 0.5, 1.0, 0.0, -100, vocab_size, &ok);
+  TORCH_CHECK(inv_temperature > 0.0 && std::isfinite(inv_temperature), "fastkd: inv_temperature must be finite and > 0");
+  const ExactParams x = make_exact_params(inv_temperature, 0.5, 1.0, 0.0);
   at::Tensor out = at::empty({student.size(0), kRowStatsWidth}, student.options().dtype(at::kFloat));
   if (student.size(0) == 0) return out;
   dispatch_pair(student.scalar_type(), teacher.scalar_type(), [&](auto s0, auto t0) {
     using TS = decltype(s0);
     using TT = decltype(t0);
     stats_rows(student.data_ptr<TS>(), student.stride(0), teacher.data_ptr<TT>(), teacher.stride(0),
-               student.size(0), p, with_ce, out.data_ptr<float>());
+               student.size(0), vocab_size, x, with_ce, out.data_ptr<float>());
   });
   return out;
 }
 
-// Backward: multiply the stored gradient by grad_output, skipping the pass when it is 1
-// (the common `loss.backward()`); reading the scalar costs nothing on the CPU.
+template <typename T>
+void scale_rows(T* g, int64_t n_rows, int64_t width, int64_t stride, const double* f, bool per_row) {
+  using Acc = std::conditional_t<std::is_same<T, double>::value, double, float>;
+  at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const Acc fr = static_cast<Acc>(f[per_row ? r : 0]);
+      if (fr == Acc(1)) continue;
+      T* row = g + r * stride;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) row[i] = static_cast<T>(static_cast<Acc>(row[i]) * fr);
+    }
+  });
+}
+
+// Backward: grad *= grad_output, computed in fp32 (double for fp64) and rounded once to
+// the gradient's dtype, so a factor beyond fp16's range (a GradScaler's 65536) does not
+// overflow before it meets the small gradient entries. Skipped when the factor is 1 (the
+// common `loss.backward()`); reading the scalar costs nothing on the CPU.
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
-  if (grad_output.numel() == 1) {
-    const float g = grad_output.to(at::kFloat).item<float>();
-    if (g != 1.0f) grad.mul_(g);
-  } else {
-    grad.mul_(grad_output.reshape({-1, 1}));
-  }
+  TORCH_CHECK(grad.dim() == 2 && grad.stride(1) == 1, "fastkd: scale_grad_ needs a 2-D gradient with unit inner stride");
+  const int64_t n_rows = grad.size(0), width = grad.size(1);
+  const bool per_row = grad_output.numel() != 1;
+  TORCH_CHECK(!per_row || grad_output.numel() == n_rows, "fastkd: grad_output must have 1 or ", n_rows,
+              " elements, got ", grad_output.numel());
+  const at::Tensor factor = grad_output.to(at::kDouble).contiguous().reshape({-1});
+  const double* f = factor.data_ptr<double>();
+  if (!per_row && f[0] == 1.0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastkd_scale_grad", [&] {
+    scale_rows(grad.data_ptr<scalar_t>(), n_rows, width, grad.stride(0), f, per_row);
+  });
 }
 
 }  // namespace

@@ -7,11 +7,18 @@ Environment:
   FASTKD_CPU_ARCH         value of -march for the CPU kernel (default: native)
   FASTKD_BUILD_CUDA       0 skips the CUDA kernels even when torch and nvcc have CUDA
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default here: "8.0;9.0a")
+
+No flag here names a C++ standard: torch.utils.cpp_extension adds the one the installed
+torch needs (-std=c++17 up to some release, -std=c++20 since), for g++ and for nvcc,
+but only when none was passed, so a hard-coded -std would override it and break either
+old or new torch. ``torch_std_flag()`` gives that standard to scripts that call the
+compilers themselves (.ci/compile_cuda.sh).
 """
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +50,7 @@ def cxx_flags() -> list:
     arch = os.environ.get("FASTKD_CPU_ARCH", "native")
     # No trapping math: lets GCC if-convert the selects in the exp/log polynomials so the
     # row loops vectorise (10x); NaN and inf semantics are unchanged (no -ffast-math).
-    return ["-O3", "-std=c++17", "-fopenmp", f"-march={arch}", "-fno-trapping-math", "-fno-math-errno"]
+    return ["-O3", "-fopenmp", f"-march={arch}", "-fno-trapping-math", "-fno-math-errno"]
 
 
 def cuda_gencode_flags(arch_list: str | None = None) -> list:
@@ -64,8 +71,26 @@ def cuda_gencode_flags(arch_list: str | None = None) -> list:
 
 
 def nvcc_flags() -> list:
-    return ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    return ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-DFASTKD_WITH_CUDA"] + cuda_gencode_flags()
+
+
+def torch_std_flag() -> str:
+    """The -std flag for the installed torch's headers, for compiler calls made outside
+    torch.utils.cpp_extension: the newer of C++17 and what ATen/ATen.h requires (its
+    ``#error C++NN or later compatible compiler is required`` line)."""
+    from torch.utils.cpp_extension import include_paths
+
+    std = 17
+    for inc in include_paths():
+        header = os.path.join(inc, "ATen", "ATen.h")
+        if os.path.isfile(header):
+            with open(header, encoding="utf-8", errors="replace") as f:
+                found = re.search(r"C\+\+(\d+) or later compatible compiler is required", f.read())
+            if found:
+                std = max(std, int(found.group(1)))
+            break
+    return f"-std=c++{std}"
 
 
 def extra_ldflags() -> list:

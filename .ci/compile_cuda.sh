@@ -28,8 +28,9 @@ read -r NVCC_FLAGS CXX_FLAGS < <("$PYTHON" - "$ROOT" <<'EOF'
 import importlib.util, os, sys
 spec = importlib.util.spec_from_file_location("fastkd_build", os.path.join(sys.argv[1], "fastkd", "_build.py"))
 b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
-nv = [f for f in b.nvcc_flags() if not f.startswith("-gencode")]
-cx = [f for f in b.cxx_flags() if not f.startswith("-march")] + ["-DFASTKD_WITH_CUDA"]
+std = b.torch_std_flag()  # the standard the installed torch's headers need
+nv = [f for f in b.nvcc_flags() if not f.startswith("-gencode")] + [std]
+cx = [f for f in b.cxx_flags() if not f.startswith("-march")] + ["-DFASTKD_WITH_CUDA", std]
 print(",".join(nv), ",".join(cx))
 EOF
 )

@@ -241,6 +241,12 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _fastkd_extension():
+    from fastkd import _ext
+
+    return _ext.load_extension()
+
+
 def peak_extra_bytes(run: Callable, clear: Callable, device: torch.device) -> Optional[int]:
     """Peak memory one call needs on top of what is alive before it (inputs, weights).
 
@@ -260,6 +266,11 @@ def peak_extra_bytes(run: Callable, clear: Callable, device: torch.device) -> Op
         run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+    # fastkd keeps freed CPU gradient buffers for reuse (csrc/cpu/grad_buffer_cache.h);
+    # release them first so a call's gradient is counted, as it is on a cold first call.
+    ext = _fastkd_extension()
+    if ext is not None and hasattr(ext, "empty_cpu_grad_cache"):
+        ext.empty_cpu_grad_cache()
     if not _reset_peak_rss():
         return None
     base = _proc_status_kib("VmRSS")

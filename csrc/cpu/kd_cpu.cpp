@@ -113,11 +113,15 @@ void load_row(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool wi
               const RowCache<Acc>& c, Stats<Acc>& st) {
   const Acc inv_t = static_cast<Acc>(x.inv_temperature);
   const Acc temp = static_cast<Acc>(x.temperature);
+  Acc* const a_row = c.a;
+  Acc* const d_row = c.d;
+  Acc* const es_row = c.es;
+  Acc* const et_row = c.et;
   for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
-    Acc* ac = c.a + c0;
-    Acc* dc = c.d + c0;
-    Acc* bc = c.et + c0;  // b = t / T until exp_chunk turns it into e_t in place
+    Acc* __restrict ac = a_row + c0;
+    Acc* __restrict dc = d_row + c0;
+    Acc* __restrict bc = et_row + c0;  // b = t / T until exp_chunk turns it into e_t in place
     Acc cmax_s = kNegInf<Acc>, cmax_t = kNegInf<Acc>;
 #pragma omp simd reduction(max : cmax_s, cmax_t)
     for (int64_t i = 0; i < n; ++i) {
@@ -144,7 +148,7 @@ void load_row(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool wi
     const Acc ms = st.max_s, mt = st.max_t;
     c.ref_s[k] = ms;
     c.ref_t[k] = mt;
-    const Acc zs = exp_chunk(ac, ms, n, c.es + c0);
+    const Acc zs = exp_chunk(ac, ms, n, es_row + c0);
     const Acc zt = exp_chunk(bc, mt, n, bc);
     if (!fixed) {
       st.sum_s += static_cast<double>(zs);
@@ -234,8 +238,11 @@ constexpr double kNearLog1p<double> = std::numeric_limits<double>::infinity();
 template <typename Acc>
 double centred_pass(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence divergence, const ExactParams& x,
                     double* q_pos, double* q_neg, double* q_tie) {
-  Acc* w = c.es;
-  Acc* h = c.et;
+  // Locals, not c.member inside the loops: a store through w could alias the struct,
+  // which would reload the pointer each iteration and stop vectorisation.
+  Acc* __restrict w = c.es;
+  Acc* __restrict h = c.et;
+  const Acc* __restrict d = c.d;
   double total = 0.0;
   for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
@@ -245,7 +252,7 @@ double centred_pass(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence div
       for (int64_t i = c0; i < c0 + n; ++i) {
         const Acc q = w[i] * fs;
         w[i] = q;
-        h[i] = q == Acc(0) ? Acc(0) : -c.d[i];
+        h[i] = q == Acc(0) ? Acc(0) : -d[i];
       }
     } else if (divergence == Divergence::JSD) {
       const Acc log_r = static_cast<Acc>(x.log_beta - x.log_one_minus_beta);
@@ -256,7 +263,7 @@ double centred_pass(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence div
 #pragma omp simd reduction(+ : part)
       for (int64_t i = c0; i < c0 + n; ++i) {
         const Acc q = w[i] * fs, pt = h[i] * ft;
-        const Acc dl = c.d[i] - delta;  // log p - log q
+        const Acc dl = d[i] - delta;  // log p - log q
         const Acc z = dl + log_r;
         const Acc sp_neg = logaddexp_approx(-z, Acc(0));  // softplus(-z)
         part += pt == Acc(0) ? Acc(0) : pt * sp_neg;
@@ -265,7 +272,7 @@ double centred_pass(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence div
         // the mostly negative argument.
         const Acc u = beta * expm1_small(dl);
         const bool near = std::abs(dl) <= kNearHalf<Acc> && std::abs(u) <= kNearLog1p<Acc>;
-        const Acc far = flip ? (delta - lb) - c.d[i] - sp_neg : -l1b - logaddexp_approx(z, Acc(0));
+        const Acc far = flip ? (delta - lb) - d[i] - sp_neg : -l1b - logaddexp_approx(z, Acc(0));
         w[i] = q;
         h[i] = q == Acc(0) ? Acc(0) : (near ? -log1p_small(u) : far);
       }
@@ -295,13 +302,12 @@ double centred_pass(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence div
   return total;
 }
 
-// The CE term's softmax(s) at T = 1 for entry i: q itself when T = 1.
+// The CE term's softmax(s) at T = 1: exp(T a - lse_raw), or q itself when T = 1.
 template <typename Acc>
 struct RawSoftmax {
   bool same_as_q;
   Acc temp;
   Acc lse_raw;
-  inline Acc operator()(Acc a, Acc q) const { return same_as_q ? q : exp_approx(temp * a - lse_raw); }
 };
 
 // Forward KL's dD/da = q - p needs no row sum, so its divergence and the gradient share
@@ -310,23 +316,35 @@ template <typename Acc, typename TS>
 Acc forward_kl_write(const RowCache<Acc>& c, int64_t V, Acc delta, Acc gdiv, bool with_ce,
                      const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
   // D = sum p (log p - log q) = sum p d - delta (sum p = 1).
+  const Acc* __restrict es = c.es;
+  const Acc* __restrict et = c.et;
+  const Acc* __restrict d = c.d;
+  const Acc* __restrict a = c.a;
   double pd = 0.0;
   for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
     const Acc fs = c.ref_s[k], ft = c.ref_t[k];
     Acc part = 0;
-    if (with_ce) {
+    if (with_ce && raw.same_as_q) {
 #pragma omp simd reduction(+ : part)
       for (int64_t i = c0; i < c0 + n; ++i) {
-        const Acc q = c.es[i] * fs, pt = c.et[i] * ft;
-        part += pt == Acc(0) ? Acc(0) : pt * c.d[i];  // == 0, not > 0: NaN must reach D
-        g[i] = static_cast<TS>(gdiv * (q - pt) + gce * raw(c.a[i], q));
+        const Acc q = es[i] * fs, pt = et[i] * ft;
+        part += pt == Acc(0) ? Acc(0) : pt * d[i];  // == 0, not > 0: NaN must reach D
+        g[i] = static_cast<TS>(gdiv * (q - pt) + gce * q);
+      }
+    } else if (with_ce) {
+      const Acc temp = raw.temp, lse_raw = raw.lse_raw;
+#pragma omp simd reduction(+ : part)
+      for (int64_t i = c0; i < c0 + n; ++i) {
+        const Acc q = es[i] * fs, pt = et[i] * ft;
+        part += pt == Acc(0) ? Acc(0) : pt * d[i];
+        g[i] = static_cast<TS>(gdiv * (q - pt) + gce * exp_approx(temp * a[i] - lse_raw));
       }
     } else {
 #pragma omp simd reduction(+ : part)
       for (int64_t i = c0; i < c0 + n; ++i) {
-        const Acc q = c.es[i] * fs, pt = c.et[i] * ft;
-        part += pt == Acc(0) ? Acc(0) : pt * c.d[i];
+        const Acc q = es[i] * fs, pt = et[i] * ft;
+        part += pt == Acc(0) ? Acc(0) : pt * d[i];
         g[i] = static_cast<TS>(gdiv * (q - pt));
       }
     }
@@ -339,11 +357,17 @@ Acc forward_kl_write(const RowCache<Acc>& c, int64_t V, Acc delta, Acc gdiv, boo
 template <typename Acc, typename TS, typename G>
 void centred_write(const RowCache<Acc>& c, int64_t V, const G& grad_of, Acc gdiv, bool with_ce,
                    const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
-  const Acc* w = c.es;
-  const Acc* h = c.et;
-  if (with_ce) {
+  const Acc* __restrict w = c.es;
+  const Acc* __restrict h = c.et;
+  const Acc* __restrict a = c.a;
+  if (with_ce && raw.same_as_q) {
 #pragma omp simd
-    for (int64_t i = 0; i < V; ++i) g[i] = static_cast<TS>(gdiv * grad_of(w[i], h[i]) + gce * raw(c.a[i], w[i]));
+    for (int64_t i = 0; i < V; ++i) g[i] = static_cast<TS>(gdiv * grad_of(w[i], h[i]) + gce * w[i]);
+  } else if (with_ce) {
+    const Acc temp = raw.temp, lse_raw = raw.lse_raw;
+#pragma omp simd
+    for (int64_t i = 0; i < V; ++i)
+      g[i] = static_cast<TS>(gdiv * grad_of(w[i], h[i]) + gce * exp_approx(temp * a[i] - lse_raw));
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < V; ++i) g[i] = static_cast<TS>(gdiv * grad_of(w[i], h[i]));

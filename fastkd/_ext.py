@@ -42,8 +42,9 @@ def _headers() -> list:
 def compiler_errors(log: str, limit: int = 8) -> list:
     """The compiler's own error lines from a build log (not the command lines around them)."""
     lines = [ln.strip() for ln in log.splitlines()]
-    errors = [ln for ln in lines if re.search(r"(^|\s|:)(fatal )?error\b", ln, re.IGNORECASE)
-              and not ln.startswith(("[", "FAILED:", "ninja:", "c++ ", "g++ ", "nvcc ", "/usr/bin/"))]
+    # "file:line:col: error: ..." (gcc/clang), "file(line): error: ..." (nvcc), "error: ..." (linker, nvcc)
+    pattern = re.compile(r"(^|:\d+:(\d+:)? |\(\d+\): )(fatal )?error[: ]")
+    errors = [ln for ln in lines if pattern.search(ln)]
     return errors[:limit]
 
 

@@ -110,9 +110,6 @@ def _register_triton_backend() -> None:
 _registered = False
 
 
-# torch.compile runs this for real at trace time instead of tracing it (registering
-# operators and fakes is not something a graph can contain).
-@torch.compiler.assume_constant_result
 def _register_all() -> bool:
     global _registered
     if not _registered:
@@ -120,6 +117,13 @@ def _register_all() -> bool:
         _register_cpp_backends()
         _register_triton_backend()
     return True
+
+
+# torch.compile runs this for real at trace time instead of tracing it (registering
+# operators and fakes is not something a graph can contain). This is what
+# torch.compiler.assume_constant_result does; set directly, because importing that
+# decorator imports torch._dynamo (and Triton) at `import fastkd`.
+_register_all._dynamo_marked_constant = True
 
 
 # ---------------------------------------------------------------------------------------

@@ -154,3 +154,61 @@ def test_inplace_backward_type():
     s, t, labels = inputs()
     with pytest.raises(TypeError, match="inplace_backward"):
         fastkd.kd_loss(s, t, labels, inplace_backward="yes")
+
+
+# ---------------------------------------------------------------------------------------
+# Consistency of the checks across entry points (issue: small inconsistencies).
+
+def test_module_validates_at_construction():
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        fastkd.KDLoss("kl")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fastkd.KDLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastkd.KDLoss(backend="gpu")
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        fastkd.FusedLinearKDLoss("kl")
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(0), torch.tensor(0.0), torch.tensor(-3.0)])
+def test_num_items_tensor_zero_raises_like_the_number(backend, bad):
+    s, t, labels = inputs()
+    with pytest.raises(ValueError, match="num_items must be > 0"):
+        call(backend, s, t, labels, num_items=bad)
+
+
+def test_num_items_cpu_tensor_is_read_on_the_host():
+    from fastkd._args import check_num_items
+
+    assert check_num_items(torch.tensor(12), "mean") == 12.0
+    assert isinstance(check_num_items(torch.tensor([7.0]), "mean"), float)
+
+
+def test_numpy_scalars_are_numbers(backend):
+    np = pytest.importorskip("numpy")
+    s, t, labels = inputs()
+    a = call(backend, s, t, labels, temperature=np.float32(2.0), alpha=np.float64(0.5), beta=np.float32(0.3),
+             divergence="jsd", num_items=np.int64(3), ignore_index=np.int64(-100))
+    b = call(backend, s, t, labels, temperature=2.0, alpha=0.5, beta=0.3, divergence="jsd", num_items=3)
+    torch.testing.assert_close(a, b)
+
+
+def test_empty_vocabulary_is_a_clear_error(backend):
+    s = torch.randn(4, 0, requires_grad=True)
+    t = torch.randn(4, 0)
+    with pytest.raises(ValueError, match="empty vocabulary dimension"):
+        call(backend, s, t)
+
+
+def test_fused_linear_accepts_every_kd_loss_keyword():
+    import inspect
+
+    kd = set(inspect.signature(fastkd.kd_loss).parameters) - {"student_logits", "teacher_logits", "labels"}
+    fl = set(inspect.signature(fastkd.fused_linear_kd_loss).parameters)
+    assert kd <= fl, kd - fl
+    g = torch.Generator().manual_seed(0)
+    hs, ws = torch.randn(5, 8, generator=g, requires_grad=True), torch.randn(13, 8, generator=g)
+    ht, wt = torch.randn(5, 6, generator=g), torch.randn(13, 6, generator=g)
+    a = fastkd.fused_linear_kd_loss(hs, ws, ht, wt, inplace_backward=True)
+    b = fastkd.fused_linear_kd_loss(hs, ws, ht, wt)
+    torch.testing.assert_close(a, b)

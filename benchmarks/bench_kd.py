@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Benchmark harness for fastkd: forward+backward time, % of the memory floor, ratios
-against baselines timed in the same run, and peak extra memory (DESIGN.md §7).
+against baselines timed in the same run, and peak extra memory (docs/measuring.md).
 
     python benchmarks/bench_kd.py --device cpu --shapes 512x32000 --dtype float32
     python benchmarks/bench_kd.py --device cuda --shapes 8192x128256 --dtype bfloat16 --inplace
@@ -49,7 +49,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # fastkd's default, and the one value at which every JSD convention in the wild agrees
 # (Liger's chunked loss puts beta on the other side of the mixture).
 BETA = 0.5
-LOGIT_STD = 3.0  # DESIGN.md §6: realistic spread; never zeros (would make exp/log trivially cheap)
+LOGIT_STD = 3.0  # docs/measuring.md: realistic spread; never zeros (would make exp/log trivially cheap)
 MIB = 1024.0 ** 2
 
 
@@ -279,7 +279,7 @@ def peak_extra_bytes(run: Callable, clear: Callable, device: torch.device) -> Op
 
 
 def copy_bandwidth(device: torch.device, quick: bool) -> float:
-    """Bytes/s of a large same-device copy, counting read + write (DESIGN.md §7)."""
+    """Bytes/s of a large same-device copy, counting read + write (docs/measuring.md)."""
     numel = (8 if quick else (256 if device.type == "cpu" else 1024)) * 2 ** 20 // 4
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
@@ -657,7 +657,7 @@ def add_ratios(rows: List[Dict]) -> None:
 
 
 def floor_seconds(op: str, shape, dtype: torch.dtype, machine: Dict) -> Optional[float]:
-    """The time below which no implementation can go (DESIGN.md §7).
+    """The time below which no implementation can go (docs/measuring.md).
 
     kd: read s and t once, write ds once = 3*N*V*bytes at the measured copy bandwidth.
     fused_linear: the matmul FLOPs (two forward logits, grad_hidden, grad_weight) at the

@@ -1,7 +1,8 @@
 """fastkd: fused knowledge-distillation losses for large-vocabulary language models."""
 from . import reference
+from ._ext import empty_cpu_grad_cache
 from .api import KDLoss, kd_loss
 from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 
-__all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "FusedLinearKDLoss", "reference"]
+__all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "FusedLinearKDLoss", "reference", "empty_cpu_grad_cache"]
 __version__ = "0.1.0"

@@ -106,3 +106,16 @@ def load_extension():
 def has_cuda_kernels() -> bool:
     ext = load_extension()
     return bool(ext is not None and getattr(ext, "with_cuda", False))
+
+
+def empty_cpu_grad_cache() -> int:
+    """Release the freed CPU gradient buffers fastkd keeps for reuse; returns the bytes.
+
+    The CPU backend keeps up to ``FASTKD_CPU_GRAD_CACHE_MB`` (default 1024; 0 disables) of
+    freed gradient buffers so the next call skips the page faults of fresh memory, as
+    PyTorch's CUDA caching allocator does on the GPU (``torch.cuda.empty_cache``'s twin).
+    """
+    if load_extension.cache_info().currsize == 0:
+        return 0  # the extension was never loaded, so nothing was cached
+    ext = load_extension()
+    return int(ext.empty_cpu_grad_cache()) if ext is not None and hasattr(ext, "empty_cpu_grad_cache") else 0

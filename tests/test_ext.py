@@ -42,3 +42,27 @@ def test_failed_build_reports_the_compiler_error(tmp_path, monkeypatch):
     msg = str(info.value)
     assert "undefined_thing_xyz" in msg and "error" in msg
     assert "build_error.log" in msg and (tmp_path / "build" / "build_error.log").exists()
+
+
+def test_cpu_grad_cache_reuses_and_empties():
+    import torch
+
+    import fastkd
+
+    if fastkd.ops.get_backend("cpu") is None:
+        pytest.skip("fastkd._C not available")
+    ext = _ext.load_extension()
+    fastkd.empty_cpu_grad_cache()
+    s = torch.randn(64, 32768, requires_grad=True)  # an 8 MiB gradient: cached
+    t = torch.randn(64, 32768)
+    fastkd.kd_loss(s, t).backward()
+    first = s.grad.data_ptr()
+    want = s.grad.clone()
+    s.grad = None
+    assert ext.cpu_grad_cache_bytes() >= 8 << 20
+    fastkd.kd_loss(s, t).backward()
+    assert s.grad.data_ptr() == first  # the freed buffer came back
+    torch.testing.assert_close(s.grad, want)
+    s.grad = None
+    assert fastkd.empty_cpu_grad_cache() >= 8 << 20
+    assert ext.cpu_grad_cache_bytes() == 0

@@ -1,4 +1,4 @@
-"""The reference itself: autograd gradients, closed forms and the conventions of DESIGN §2."""
+"""The reference itself: autograd gradients, closed forms and the conventions of docs/semantics.md."""
 import math
 
 import pytest

@@ -41,7 +41,7 @@ matrix products and softmax), so it scales with tokens x vocabulary.
 
 The script sets ``OMP_WAIT_POLICY=PASSIVE`` (unless it is already set) before importing
 torch: with OpenMP's default busy-waiting, a 2-core machine that other jobs share ran the
-default run 3.6x slower (208 s against 58 s, same results, load average ~5).
+default run 3.7x slower (212 s against 58 s wall, same results, load average 4.4-5.6).
 """
 from __future__ import annotations
 

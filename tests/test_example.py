@@ -1,4 +1,4 @@
-"""The end-to-end example runs, and knowledge distillation helps in it (quick mode, ~15 s)."""
+"""The end-to-end example runs, and knowledge distillation helps in it (quick mode, ~15-25 s)."""
 import importlib.util
 import math
 import sys
@@ -24,8 +24,9 @@ def test_distill_tiny_lm_quick(capsys):
     assert all(math.isfinite(v) and v > 0 for v in losses.values()), losses
     # Nothing beats the source itself; the data-rich teacher beats the data-poor student.
     assert m["optimal"] < m["teacher"] < m["ce_student"], losses
-    # The point of the example: the same student, same data, does better with KD.
-    assert m["kd_student"] < m["ce_student"], losses
+    # The point of the example: the same student, same data, does better with KD, and
+    # clearly so (quick mode measured +0.46..+0.49 nats/token over seeds 0-2).
+    assert m["ce_student"] - m["kd_student"] > 0.2, losses
     assert m["kd_helps"] is True and "KD helps: yes" in out
     assert m["backend"] in ("cpu", "torch", "cuda", "triton")
     assert m["kd_loss_ms"] > 0 and m["fused_ms"] > 0 and m["reference_ms"] > 0

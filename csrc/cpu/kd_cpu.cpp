@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -235,6 +236,34 @@ constexpr Acc kNearLog1p = Acc(0.3);
 template <>
 constexpr double kNearLog1p<double> = std::numeric_limits<double>::infinity();
 
+// One chunk of JSD's pass: q into w, h into h (which held e_t); returns sum p softplus(-x).
+// h = log q - log m = -log1p(beta expm1(log p - log q)), exact near p = q where the other
+// forms subtract O(1) values to get an O(log p - log q) result; elsewhere the softplus of
+// the mostly negative argument (kFlip: beta > 1/2, where x is mostly positive).
+template <bool kFlip, typename Acc>
+Acc jsd_chunk(Acc* __restrict w, Acc* __restrict h, const Acc* __restrict d, int64_t c0, int64_t n, Acc fs,
+              Acc ft, Acc delta, const ExactParams& x) {
+  const Acc log_r = static_cast<Acc>(x.log_beta - x.log_one_minus_beta);
+  const Acc beta = static_cast<Acc>(x.beta);
+  const Acc lb = static_cast<Acc>(x.log_beta), l1b = static_cast<Acc>(x.log_one_minus_beta);
+  Acc part = 0;
+#pragma omp simd reduction(+ : part)
+  for (int64_t i = c0; i < c0 + n; ++i) {
+    const Acc q = w[i] * fs, pt = h[i] * ft;
+    const Acc dl = d[i] - delta;  // log p - log q
+    const Acc z = dl + log_r;
+    const Acc sp_neg = logaddexp_approx(-z, Acc(0));  // softplus(-x)
+    part += pt == Acc(0) ? Acc(0) : pt * sp_neg;
+    const Acc u = beta * expm1_small(dl);
+    const bool near = std::abs(dl) <= kNearHalf<Acc> && std::abs(u) <= kNearLog1p<Acc>;
+    // softplus(x) = x + softplus(-x): one softplus per entry (two stop GCC vectorising).
+    const Acc far = kFlip ? (delta - lb) - d[i] - sp_neg : -l1b - z - sp_neg;
+    w[i] = q;
+    h[i] = q == Acc(0) ? Acc(0) : (near ? -log1p_small(u) : far);
+  }
+  return part;
+}
+
 template <typename Acc>
 double centred_pass(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence divergence, const ExactParams& x,
                     double* q_pos, double* q_neg, double* q_tie) {
@@ -255,28 +284,8 @@ double centred_pass(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence div
         h[i] = q == Acc(0) ? Acc(0) : -d[i];
       }
     } else if (divergence == Divergence::JSD) {
-      const Acc log_r = static_cast<Acc>(x.log_beta - x.log_one_minus_beta);
-      const Acc beta = static_cast<Acc>(x.beta);
-      const Acc lb = static_cast<Acc>(x.log_beta), l1b = static_cast<Acc>(x.log_one_minus_beta);
-      const bool flip = x.beta > 0.5;
-      Acc part = 0;
-#pragma omp simd reduction(+ : part)
-      for (int64_t i = c0; i < c0 + n; ++i) {
-        const Acc q = w[i] * fs, pt = h[i] * ft;
-        const Acc dl = d[i] - delta;  // log p - log q
-        const Acc z = dl + log_r;
-        const Acc sp_neg = logaddexp_approx(-z, Acc(0));  // softplus(-z)
-        part += pt == Acc(0) ? Acc(0) : pt * sp_neg;
-        // h = log q - log m = -log1p(beta expm1(dl)): exact near p = q, where the other
-        // forms subtract O(1) values to get an O(dl) result. Elsewhere the softplus of
-        // the mostly negative argument.
-        const Acc u = beta * expm1_small(dl);
-        const bool near = std::abs(dl) <= kNearHalf<Acc> && std::abs(u) <= kNearLog1p<Acc>;
-        const Acc far = flip ? (delta - lb) - d[i] - sp_neg : -l1b - logaddexp_approx(z, Acc(0));
-        w[i] = q;
-        h[i] = q == Acc(0) ? Acc(0) : (near ? -log1p_small(u) : far);
-      }
-      total += part;
+      total += x.beta > 0.5 ? jsd_chunk<true>(w, h, d, c0, n, fs, ft, delta, x)
+                            : jsd_chunk<false>(w, h, d, c0, n, fs, ft, delta, x);
     } else {  // TVD
       Acc d_sum = 0, pos = 0, neg = 0, tie = 0;
 #pragma omp simd reduction(+ : d_sum, pos, neg, tie)
@@ -355,8 +364,9 @@ Acc forward_kl_write(const RowCache<Acc>& c, int64_t V, Acc delta, Acc gdiv, boo
 
 // Sweep 2's write for the centred divergences: ds_i = gdiv G(q_i, h_i) + gce softmax_raw_i.
 template <typename Acc, typename TS, typename G>
-void centred_write(const RowCache<Acc>& c, int64_t V, const G& grad_of, Acc gdiv, bool with_ce,
+void centred_write(const RowCache<Acc>& c, int64_t V, const G grad_of, Acc gdiv, bool with_ce,
                    const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
+  // grad_of by value: a reference could alias g, and the reloads would stop vectorisation.
   const Acc* __restrict w = c.es;
   const Acc* __restrict h = c.et;
   const Acc* __restrict a = c.a;
@@ -486,11 +496,29 @@ struct RowKernel {
   }
 };
 
+// Rows are handed out a few at a time from a shared counter rather than split into one
+// fixed block per thread: on a shared VM a thread that loses its core for a while would
+// otherwise leave the others idle (or spinning) until its block is done.
+template <typename F>
+void for_each_row(int64_t n_rows, const F& f) {
+  constexpr int64_t kRowsPerGrab = 4;
+  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), (n_rows + kRowsPerGrab - 1) / kRowsPerGrab);
+  if (n_threads <= 1) {
+    for (int64_t r = 0; r < n_rows; ++r) f(r);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+    for (int64_t r0 = next.fetch_add(kRowsPerGrab); r0 < n_rows; r0 = next.fetch_add(kRowsPerGrab)) {
+      const int64_t r1 = std::min(r0 + kRowsPerGrab, n_rows);
+      for (int64_t r = r0; r < r1; ++r) f(r);
+    }
+  });
+}
+
 template <typename TS, typename TT>
 void run_rows(const RowKernel<TS, TT>& k, int64_t n_rows) {
-  at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) k(r);
-  });
+  for_each_row(n_rows, [&](int64_t r) { k(r); });
 }
 
 template <typename TS, typename TT>

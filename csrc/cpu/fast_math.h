@@ -122,6 +122,18 @@ FASTKD_INLINE float log1p_small(float u) {
   return 2.0f * w * y;
 }
 
+// softplus(z) = log(1 + e^z) and softplus(-z), sharing log1p(e^-|z|):
+// softplus(+-z) = max(+-z, 0) + log1p(e^-|z|). Both accurate, for every z (no z + softplus(-z)
+// cancellation); z = -inf gives (0, inf), NaN gives NaN.
+FASTKD_INLINE void softplus_pair(float z, float* pos, float* neg) {
+  const float e = exp_approx(-std::abs(z));
+  const float y = 1.0f + e;
+  const float ym1 = y - 1.0f;
+  const float l = ym1 == 0.0f ? e : log_1_to_2(y) * (e / ym1);  // log1p(e), as in logaddexp_approx
+  *pos = std::max(z, 0.0f) + l;
+  *neg = std::max(-z, 0.0f) + l;
+}
+
 // Double-precision versions for float64 input, which must match the reference to ~1e-12:
 // libm's exp/log (correctly rounded to within 1 ulp), not vectorised, which is fine for
 // what is a precision path.
@@ -129,6 +141,11 @@ FASTKD_INLINE double exp_approx(double x) { return std::exp(x); }
 FASTKD_INLINE double log_approx(double x) { return std::log(x); }
 FASTKD_INLINE double expm1_small(double x) { return std::expm1(x); }
 FASTKD_INLINE double log1p_small(double u) { return std::log1p(u); }
+FASTKD_INLINE void softplus_pair(double z, double* pos, double* neg) {
+  const double l = std::log1p(std::exp(-std::abs(z)));
+  *pos = std::max(z, 0.0) + l;
+  *neg = std::max(-z, 0.0) + l;
+}
 FASTKD_INLINE double logaddexp_approx(double u, double v) {
   const double hi = std::max(u, v);
   if (hi == -std::numeric_limits<double>::infinity()) return hi;

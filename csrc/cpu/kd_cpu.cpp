@@ -237,27 +237,27 @@ template <>
 constexpr double kNearLog1p<double> = std::numeric_limits<double>::infinity();
 
 // One chunk of JSD's pass: q into w, h into h (which held e_t); returns sum p softplus(-x).
-// h = log q - log m = -log1p(beta expm1(log p - log q)), exact near p = q where the other
-// forms subtract O(1) values to get an O(log p - log q) result; elsewhere the softplus of
-// the mostly negative argument (kFlip: beta > 1/2, where x is mostly positive).
-template <bool kFlip, typename Acc>
+// h = log q - log m = -log1p(beta expm1(log p - log q)) near p = q, exact there where
+// -log(1-beta) - softplus(x) subtracts O(1) values to get an O(log p - log q) result;
+// elsewhere (|log p - log q| > 1/2, where h varies by O(1)) the softplus form.
+template <typename Acc>
 Acc jsd_chunk(Acc* __restrict w, Acc* __restrict h, const Acc* __restrict d, int64_t c0, int64_t n, Acc fs,
               Acc ft, Acc delta, const ExactParams& x) {
   const Acc log_r = static_cast<Acc>(x.log_beta - x.log_one_minus_beta);
   const Acc beta = static_cast<Acc>(x.beta);
-  const Acc lb = static_cast<Acc>(x.log_beta), l1b = static_cast<Acc>(x.log_one_minus_beta);
+  const Acc l1b = static_cast<Acc>(x.log_one_minus_beta);
   Acc part = 0;
 #pragma omp simd reduction(+ : part)
   for (int64_t i = c0; i < c0 + n; ++i) {
     const Acc q = w[i] * fs, pt = h[i] * ft;
     const Acc dl = d[i] - delta;  // log p - log q
     const Acc z = dl + log_r;
-    const Acc sp_neg = logaddexp_approx(-z, Acc(0));  // softplus(-x)
+    Acc sp_pos, sp_neg;  // softplus(x), softplus(-x)
+    softplus_pair(z, &sp_pos, &sp_neg);
     part += pt == Acc(0) ? Acc(0) : pt * sp_neg;
     const Acc u = beta * expm1_small(dl);
     const bool near = std::abs(dl) <= kNearHalf<Acc> && std::abs(u) <= kNearLog1p<Acc>;
-    // softplus(x) = x + softplus(-x): one softplus per entry (two stop GCC vectorising).
-    const Acc far = kFlip ? (delta - lb) - d[i] - sp_neg : -l1b - z - sp_neg;
+    const Acc far = -l1b - sp_pos;  // p = 0 (-inf teacher logit): -log(1-beta), as it should
     w[i] = q;
     h[i] = q == Acc(0) ? Acc(0) : (near ? -log1p_small(u) : far);
   }
@@ -284,8 +284,7 @@ double centred_pass(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence div
         h[i] = q == Acc(0) ? Acc(0) : -d[i];
       }
     } else if (divergence == Divergence::JSD) {
-      total += x.beta > 0.5 ? jsd_chunk<true>(w, h, d, c0, n, fs, ft, delta, x)
-                            : jsd_chunk<false>(w, h, d, c0, n, fs, ft, delta, x);
+      total += jsd_chunk(w, h, d, c0, n, fs, ft, delta, x);
     } else {  // TVD
       Acc d_sum = 0, pos = 0, neg = 0, tie = 0;
 #pragma omp simd reduction(+ : d_sum, pos, neg, tie)

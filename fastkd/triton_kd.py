@@ -30,8 +30,10 @@ of the C++ CPU kernel (csrc/cpu/kd_cpu.cpp), which this file mirrors:
   0 log 0 = 0 by selects (``where(q == 0, 0, ...)``), which also lets NaN propagate.
 * JSD's log m is a log-sum-exp of (log p + log beta, log q + log(1-beta)), with log1p done
   as log(y) * e/(y - 1) so a tiny e is not rounded away; both -inf gives -inf, not NaN.
-* ``h - sum q h`` cancels in fp32 at the entry k holding q_k > 1/2 (peaked rows); there it
+* ``h - sum q h`` cancels in fp32 at the entry k holding q_k > 3/4 (peaked rows); there it
   is computed as h_k sum_{j!=k} q_j - sum_{j!=k} q_j h_j (sums over the small entries).
+  (3/4, not 1/2: two tied entries of exact mass 1/2 each can both round above 1/2, and
+  the formula, which assumes one such entry, then gave them a zero gradient.)
   For TVD h takes three values, so h_i - sum q h is exact from the masses on each side.
 * The centring constant of reverse_kl/jsd is sum q h / sum q over the fp32 q the kernel
   computed (sum q = 1 + O(1e-6) after rounding), which keeps the gradient invariant to a
@@ -318,10 +320,15 @@ def _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE: tl.
     return q, h, pm
 
 
+# An entry with q > _PEAK is "big": at most one per row even after rounding (see the
+# module docstring).
+_PEAK = tl.constexpr(0.75)
+
+
 @triton.jit
 def _centred_sums(q, h):
-    """Per-element parts of sum_small q, sum_small q h, sum_big q h, sum_big q (big: q > 1/2)."""
-    big = q > 0.5
+    """Per-element parts of sum_small q, sum_small q h, sum_big q h, sum_big q (big: q > _PEAK)."""
+    big = q > _PEAK
     qh = q * h
     return tl.where(big, 0.0, q), tl.where(big, 0.0, qh), tl.where(big, qh, 0.0), tl.where(big, q, 0.0)
 
@@ -329,7 +336,7 @@ def _centred_sums(q, h):
 @triton.jit
 def _centring(small_q, small_qh, big_qh, big_q):
     """The centring constants from the row sums (fp32 or fp64): (sum q h / sum q,
-    sum_small q / sum q, sum_small q h / sum q, sum q h), in fp32.
+    sum_small q / sum q, sum_small q h / sum q, sum q h), in fp32 (small: q <= _PEAK).
 
     Divided by the mass sum q of the fp32 q that the kernel computed, not by 1: each q_i
     carries its own rounding (~|log2 q_i| ulps from the exponent s_i c - lse), so sum q =
@@ -350,9 +357,9 @@ def _centring(small_q, small_qh, big_qh, big_q):
 
 @triton.jit
 def _centre(q, h, small_q, small_qh, h_mean, scale):
-    # h_k - mean h cancels where q_k > 1/2; there it is h_k sum_small q - sum_small q h
+    # h_k - mean h cancels where q_k is near 1; there it is h_k sum_small q - sum_small q h
     # (both already divided by sum q).
-    return scale * q * tl.where(q > 0.5, h * small_q - small_qh, h - h_mean)
+    return scale * q * tl.where(q > _PEAK, h * small_q - small_qh, h - h_mean)
 
 
 @triton.jit

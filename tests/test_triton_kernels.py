@@ -131,6 +131,29 @@ def test_multi_block_matches_reference(case, small_block):
     check_case(case, "triton", DEVICE)
 
 
+@pytest.mark.parametrize("path", ["single", "multi"])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_tied_top_entries_get_their_gradient(divergence, path, monkeypatch):
+    """Two equal top logits holding (almost) all the mass: q = 1/2 each, which rounding can
+    push above 1/2 for both. The peaked-entry formula assumes at most one such entry and
+    gave both a zero gradient; the exact one is q_i (h_i - sum q h), not 0."""
+    g = torch.Generator().manual_seed(4)
+    if path == "multi":
+        monkeypatch.setattr(triton_kd, "BLOCK_OVERRIDE", 128)
+        n, v = 48, 300
+    else:
+        n, v = 200, 2
+    a = torch.randn(n, 1, generator=g, dtype=torch.float64) * 30
+    s = torch.full((n, v), -1e4, dtype=torch.float64)  # exp(-1e4 / T) = 0 in fp32 and fp64
+    s[:, :2] = a
+    s[:, v - 1] = a[:, 0]
+    s[:, 0] = -1e4
+    t = torch.randn(n, v, generator=g, dtype=torch.float64)
+    for temperature in (1.0, 2.0):
+        _check_rows(s.float().to(DEVICE), t.float().to(DEVICE), None, divergence=divergence,
+                    temperature=temperature)
+
+
 def _check_rows(s, t, labels, backend="triton", **kw):
     """Per-row loss and gradient of the triton backend against the float64 reference."""
     case = Case(**{k: v for k, v in kw.items() if k in Case.__dataclass_fields__})

@@ -743,8 +743,9 @@ def _launch_scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     if per_row and go.shape[0] != n:
         raise ValueError(f"fastkd: grad_output must have 1 or {n} elements, got {go.shape[0]}")
     grid = (n, triton.cdiv(width, SCALE_BLOCK))
-    _scale_grad_kernel[grid](grad, go, grad.stride(0), go.stride(0) if per_row else 0, width,
-                             PER_ROW=per_row, BLOCK=SCALE_BLOCK, num_warps=8)
+    with _quiet_numpy():  # the interpreter warns where a product overflows fp16 (inf, as on the GPU)
+        _scale_grad_kernel[grid](grad, go, grad.stride(0), go.stride(0) if per_row else 0, width,
+                                 PER_ROW=per_row, BLOCK=SCALE_BLOCK, num_warps=8)
 
 
 def _launch_row_stats(student, teacher, inv_temperature, vocab_size, with_ce):

@@ -275,6 +275,24 @@ def test_scale_grad_scales(dtype):
     assert torch.equal(grad[0].float(), before[0]) and torch.equal(grad[3].float(), before[3])
 
 
+@pytest.mark.parametrize("factor", [65536.0, 65536.0 * 0.37])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_scale_grad_fp16_factor_above_fp16_max(factor, per_row):
+    """A float32 factor beyond fp16's range (65536 x scale, as a loss-scaled backward passes)
+    multiplies an fp16 gradient in fp32 and rounds once: never the factor cast to fp16 (inf)."""
+    g = torch.Generator().manual_seed(2)
+    grad = (torch.randn(4, 3000, generator=g) * 1e-3).half()
+    grad[0, :8] = torch.tensor([6e-8, -6e-8, 1e-6, 3e-5, 0.5, -0.9, 1.0, -2.0])  # subnormals .. overflow
+    grad = grad.to(DEVICE)
+    factors = torch.full((4,) if per_row else (), factor, dtype=torch.float32)
+    if per_row:
+        factors[2] = 1.0  # untouched row
+    expected = (grad.float().cpu() * (factors[:, None] if per_row else factors)).half()
+    torch.ops.fastkd.triton_scale_grad_(grad, factors.to(DEVICE))
+    assert torch.equal(grad.cpu(), expected)
+    assert torch.isfinite(grad[1:]).all()
+
+
 def test_backward_with_grad_output(small_block):
     """loss * 3 and reduction='none' with a weighted sum: backward goes through scale_grad_."""
     s, t, labels = make_inputs(Case(alpha=0.6), DEVICE)

@@ -30,9 +30,15 @@ of the C++ CPU kernel (csrc/cpu/kd_cpu.cpp), which this file mirrors:
   0 log 0 = 0 by selects (``where(q == 0, 0, ...)``), which also lets NaN propagate.
 * JSD's log m is a log-sum-exp of (log p + log beta, log q + log(1-beta)), with log1p done
   as log(y) * e/(y - 1) so a tiny e is not rounded away; both -inf gives -inf, not NaN.
-* ``h - sum q h`` cancels in fp32 at the entry k holding q_k > 1/2 (peaked rows); there it
-  is computed as h_k sum_{j!=k} q_j - sum_{j!=k} q_j h_j (sums over the small entries).
+* ``h - sum q h`` cancels in fp32 at the entry k holding q_k > 1/2 + 2^-10 (peaked rows);
+  there it is computed as h_k sum_{j!=k} q_j - sum_{j!=k} q_j h_j (sums over the small
+  entries). (Not 1/2: two tied entries of exact mass 1/2 each can both round above 1/2,
+  and the formula, which assumes one such entry, then gave them a zero gradient.)
   For TVD h takes three values, so h_i - sum q h is exact from the masses on each side.
+* The centring constant of reverse_kl/jsd is sum q h / sum q over the fp32 q the kernel
+  computed (sum q = 1 + O(1e-6) after rounding), which keeps the gradient invariant to a
+  common shift of h as the exact one is (``_centring``). Row sums are trees within a block
+  and fp64 scalars across the blocks of a row.
 * Ignored rows (label == ignore_index): zero loss, zero gradient row. Labels outside
   [0, V): NaN loss and NaN gradient row (never silently a number). Student columns
   >= V get zero gradient. The gradient is written in the student's dtype; the loss is fp32.
@@ -314,18 +320,50 @@ def _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE: tl.
     return q, h, pm
 
 
+# An entry with q > _PEAK is "big": at most one per row even after rounding (see the
+# module docstring). The margin is far above q's rounding (~1e-6), and small: entries in
+# (1/2, _PEAK] take the direct formula, which cancels there. 3/4 instead doubled JSD's
+# error at T = 0.5 in an fp32 emulation (V = 262144: 1.7e-4 -> 3.6e-4 from float64).
+_PEAK = tl.constexpr(0.5 + 2.0 ** -10)
+
+
 @triton.jit
 def _centred_sums(q, h):
-    """Per-element parts of sum_small q, sum_small q h, sum_big q h (big: q > 1/2)."""
-    big = q > 0.5
+    """Per-element parts of sum_small q, sum_small q h, sum_big q h, sum_big q (big: q > _PEAK)."""
+    big = q > _PEAK
     qh = q * h
-    return tl.where(big, 0.0, q), tl.where(big, 0.0, qh), tl.where(big, qh, 0.0)
+    return tl.where(big, 0.0, q), tl.where(big, 0.0, qh), tl.where(big, qh, 0.0), tl.where(big, q, 0.0)
 
 
 @triton.jit
-def _centre(q, h, small_q, small_qh, qh, scale):
-    # h_k - sum q h cancels where q_k > 1/2; there it is h_k sum_small q - sum_small q h.
-    return scale * q * tl.where(q > 0.5, h * small_q - small_qh, h - qh)
+def _centring(small_q, small_qh, big_qh, big_q):
+    """The centring constants from the row sums (fp32 or fp64): (sum q h / sum q,
+    sum_small q / sum q, sum_small q h / sum q, sum q h), in fp32 (small: q <= _PEAK).
+
+    Divided by the mass sum q of the fp32 q that the kernel computed, not by 1: each q_i
+    carries its own rounding (~|log2 q_i| ulps from the exponent s_i c - lse), so sum q =
+    1 + O(1e-6), and h - sum q h then shifts every entry by (1 - sum q) sum q h. Where the
+    gradient is small against h (JSD's h saturates at log 1/(1-beta) on the student's mass;
+    low T) that shift dominated the error. Normalised, the centring is invariant to a
+    common shift of h, as the exact gradient is. The sums are added in their own precision
+    and the quotients taken in fp32 (fp64 here spilled in the 8192-column JSD block; the
+    division-free first-order form x - x (sum q - 1) took the fp32 multi-block JSD build
+    from 64 to 78 registers).
+
+    Measured under the interpreter against float64 (tests/cases.py LARGE_VOCAB_CENTRED:
+    V = 32000, fp32, 4 rows), before -> after (with the fp64 row sums of _kd_row): reverse
+    KL T = 0.5 3.7e-6 -> 1.1e-6, JSD T = 1 5.0e-6 -> 1.8e-6, JSD T = 0.5 2.6e-4 -> 3.1e-5.
+    """
+    qh = (small_qh + big_qh).to(tl.float32)
+    mass = (small_q + big_q).to(tl.float32)
+    return tl.div_rn(qh, mass), tl.div_rn(small_q.to(tl.float32), mass), tl.div_rn(small_qh.to(tl.float32), mass), qh
+
+
+@triton.jit
+def _centre(q, h, small_q, small_qh, h_mean, scale):
+    # h_k - mean h cancels where q_k is near 1; there it is h_k sum_small q - sum_small q h
+    # (both already divided by sum q).
+    return scale * q * tl.where(q > _PEAK, h * small_q - small_qh, h - h_mean)
 
 
 @triton.jit
@@ -340,6 +378,11 @@ def _tvd_terms(s, t, c, lse2_s, lse2_t):
 @triton.jit
 def _tvd_grad(q, d, g_pos, g_neg, g_tie):
     return q * tl.where(d > 0.0, g_pos, tl.where(d < 0.0, g_neg, g_tie))
+
+
+@triton.jit
+def _zero64():
+    return tl.full((), 0.0, tl.float64)
 
 
 @triton.jit
@@ -477,41 +520,54 @@ def _kd_row(s_row, t_row, g_row, loss_ptr, stats_ptr, label, V, g_width,
             scale = (1.0 - beta) * _LN2
         else:
             scale = _LN2
+        # Row sums: a tree within a block (tl.sum / tl.reduce: a few in-thread adds, then
+        # shuffles), and across the blocks of a row (16 at V = 32000, 128 at 262144) fp64
+        # running sums, one fp64 add per sum per block. Measured under the interpreter, fp32,
+        # V = 128256, T = 1 (with the normalised centring): JSD 5.6e-6 -> 1.9e-6 from
+        # float64 with fp64 running sums, reverse KL 4.8e-7 -> 3.5e-7.
+        kl_pm = 0.0
         if SINGLE_BLOCK:
             q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
-            sq, sqh, bqh = _centred_sums(q, h)
+            sq, sqh, bqh, bq = _centred_sums(q, h)
             small_q = tl.sum(sq, axis=0)
             small_qh = tl.sum(sqh, axis=0)
             big_qh = tl.sum(bqh, axis=0)
-            kl_pm = tl.sum(pm, axis=0)
+            big_q = tl.sum(bq, axis=0)
+            if DIVERGENCE == _JSD:
+                kl_pm = tl.sum(pm, axis=0)
         else:
-            small_q = 0.0
-            small_qh = 0.0
-            big_qh = 0.0
-            kl_pm = 0.0
+            small_q = _zero64()
+            small_qh = _zero64()
+            big_qh = _zero64()
+            big_q = _zero64()
             for start in range(0, V, BLOCK):
                 s2, t2 = _load_pair(s_row, t_row, start + cols, V)
                 q2, h2, pm2 = _centred_terms(s2, t2, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
-                sq2, sqh2, bqh2 = _centred_sums(q2, h2)
-                b_sq, b_sqh, b_bqh, b_pm = _sum4(sq2, sqh2, bqh2, pm2)
-                small_q += b_sq
-                small_qh += b_sqh
-                big_qh += b_bqh
-                kl_pm += b_pm
-        qh = small_qh + big_qh
+                sq2, sqh2, bqh2, bq2 = _centred_sums(q2, h2)
+                b_sq, b_sqh, b_bqh, b_bq = _sum4(sq2, sqh2, bqh2, bq2)
+                small_q += b_sq.to(tl.float64)
+                small_qh += b_sqh.to(tl.float64)
+                big_qh += b_bqh.to(tl.float64)
+                big_q += b_bq.to(tl.float64)
+        h_mean, small_q_n, small_qh_n, qh = _centring(small_q, small_qh, big_qh, big_q)
+        if SINGLE_BLOCK:
+            _write_grad(g_row, cols, V, g_width, s, _centre(q, h, small_q_n, small_qh_n, h_mean, scale), gdiv, label,
+                        lse2_r, gce, CE)
+        else:
+            # JSD's sum p (log p - log m) (the loss only) is taken here, one block sum per
+            # block: as a fifth sum of the sums sweep it took the 16-bit build from 64 to 70
+            # registers (a 4-byte spill under the CUDA toolkit's ptxas).
+            for start in range(0, g_width, BLOCK):
+                s, t = _load_pair(s_row, t_row, start + cols, V)
+                q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
+                if DIVERGENCE == _JSD:
+                    kl_pm += tl.sum(pm, axis=0)
+                _write_grad(g_row, start + cols, V, g_width, s, _centre(q, h, small_q_n, small_qh_n, h_mean, scale),
+                            gdiv, label, lse2_r, gce, CE)
         if DIVERGENCE == _JSD:
             D = (beta * kl_pm + (1.0 - beta) * qh) * _LN2
         else:
             D = qh * _LN2
-        if SINGLE_BLOCK:
-            _write_grad(g_row, cols, V, g_width, s, _centre(q, h, small_q, small_qh, qh, scale), gdiv, label, lse2_r,
-                        gce, CE)
-        else:
-            for start in range(0, g_width, BLOCK):
-                s, t = _load_pair(s_row, t_row, start + cols, V)
-                q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
-                _write_grad(g_row, start + cols, V, g_width, s, _centre(q, h, small_q, small_qh, qh, scale),
-                            gdiv, label, lse2_r, gce, CE)
 
     if SINGLE_BLOCK:
         _fill_row(g_row, BLOCK, g_width, 0.0, BLOCK)  # student columns past the block
@@ -691,8 +747,9 @@ def _launch_scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     if per_row and go.shape[0] != n:
         raise ValueError(f"fastkd: grad_output must have 1 or {n} elements, got {go.shape[0]}")
     grid = (n, triton.cdiv(width, SCALE_BLOCK))
-    _scale_grad_kernel[grid](grad, go, grad.stride(0), go.stride(0) if per_row else 0, width,
-                             PER_ROW=per_row, BLOCK=SCALE_BLOCK, num_warps=8)
+    with _quiet_numpy():  # the interpreter warns where a product overflows fp16 (inf, as on the GPU)
+        _scale_grad_kernel[grid](grad, go, grad.stride(0), go.stride(0) if per_row else 0, width,
+                                 PER_ROW=per_row, BLOCK=SCALE_BLOCK, num_warps=8)
 
 
 def _launch_row_stats(student, teacher, inv_temperature, vocab_size, with_ce):

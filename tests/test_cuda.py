@@ -10,7 +10,8 @@ padded/strided rows at those sizes, row statistics, and a sync-free backward.
 import pytest
 import torch
 
-from cases import ALL_CASES, Case, check_case, rel_err, tolerances
+from cases import (ALL_CASES, LARGE_VOCAB_CENTRED, Case, check_case, fp32_grad_tolerance, make_inputs,
+                   reference_loss_and_grad, rel_err, run_backend, tolerances)
 
 import fastkd
 import fastkd.ops
@@ -118,6 +119,24 @@ def test_large_vocab(divergence, vocab, dtype, alpha, temperature, kernel):
     assert_close(loss, grad, *reference(s, t, labels, **kw), low_precision=dtype != torch.float32)
     if kernel == "cluster":
         assert plan(s, t).startswith("cluster"), plan(s, t)
+
+
+# fp32 reverse KL / JSD: the gradient within 1e-5 of float64, or 2x PyTorch's own fp32
+# error (on the GPU) where larger; the shared cases at V = 32000, and at T = 1 also at
+# 128256 (cluster: 16 CTAs of fp32) and 262144 (the two-pass kernel's longest rows).
+FP32_CENTRED = LARGE_VOCAB_CENTRED + [
+    c.replace(vocab=v, lead=(8,)) for v in (128256, 262144) for c in LARGE_VOCAB_CENTRED if c.temperature == 1.0
+]
+
+
+@pytest.mark.parametrize("case", FP32_CENTRED, ids=[c.id for c in FP32_CENTRED])
+def test_fp32_centred_gradient_large_vocab(case, kernel):
+    s, t, labels = make_inputs(case, "cuda")
+    _, ref_grad = reference_loss_and_grad(case, s, t, labels)
+    _, grad = run_backend(case, "cuda", s, t, labels)
+    err = rel_err(grad, ref_grad)
+    tol = fp32_grad_tolerance(case, s, t, labels, ref_grad, device="cuda")
+    assert err < tol, f"grad rel err {err:.3g} >= {tol:.3g} ({plan(s, t)})"
 
 
 @pytest.mark.parametrize("vocab", [128256, 50257])

@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from cases import DIVERGENCES, Case, check_case, make_inputs, reference_loss_and_grad, rel_err, tolerances
+from cases import (DIVERGENCES, LARGE_VOCAB_CENTRED, Case, check_case, fp32_grad_tolerance, make_inputs,
+                   reference_loss_and_grad, rel_err, run_backend, tolerances)
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -129,6 +130,42 @@ def test_multi_block_matches_reference(case, small_block):
     assert not triton_kd.launch_config(case.vocab_size or case.vocab, case.student_dtype, case.student_dtype,
                                        case.divergence, triton_kd.BLOCK_OVERRIDE).single_block
     check_case(case, "triton", DEVICE)
+
+
+@pytest.mark.parametrize("case", LARGE_VOCAB_CENTRED, ids=[c.id for c in LARGE_VOCAB_CENTRED])
+def test_fp32_centred_gradient_large_vocab(case):
+    """fp32 reverse KL / JSD at V = 32000 (the multi-block path: 16 blocks of 2048): the
+    gradient within 1e-5 of float64, or within 2x PyTorch's own fp32 error where larger."""
+    assert not triton_kd.launch_config(case.vocab, torch.float32, torch.float32, case.divergence).single_block
+    s, t, labels = make_inputs(case, DEVICE)
+    _, ref_grad = reference_loss_and_grad(case, s, t, labels)
+    _, grad = run_backend(case, "triton", s, t, labels)
+    err = rel_err(grad, ref_grad)
+    tol = fp32_grad_tolerance(case, s, t, labels, ref_grad)
+    assert err < tol, f"grad rel err {err:.3g} >= {tol:.3g}"
+
+
+@pytest.mark.parametrize("path", ["single", "multi"])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_tied_top_entries_get_their_gradient(divergence, path, monkeypatch):
+    """Two equal top logits holding (almost) all the mass: q = 1/2 each, which rounding can
+    push above 1/2 for both. The peaked-entry formula assumes at most one such entry and
+    gave both a zero gradient; the exact one is q_i (h_i - sum q h), not 0."""
+    g = torch.Generator().manual_seed(4)
+    if path == "multi":
+        monkeypatch.setattr(triton_kd, "BLOCK_OVERRIDE", 128)
+        n, v = 48, 300
+    else:
+        n, v = 200, 2
+    a = torch.randn(n, 1, generator=g, dtype=torch.float64) * 30
+    s = torch.full((n, v), -1e4, dtype=torch.float64)  # exp(-1e4 / T) = 0 in fp32 and fp64
+    s[:, :2] = a
+    s[:, v - 1] = a[:, 0]
+    s[:, 0] = -1e4
+    t = torch.randn(n, v, generator=g, dtype=torch.float64)
+    for temperature in (1.0, 2.0):
+        _check_rows(s.float().to(DEVICE), t.float().to(DEVICE), None, divergence=divergence,
+                    temperature=temperature)
 
 
 def _check_rows(s, t, labels, backend="triton", **kw):
@@ -250,6 +287,24 @@ def test_scale_grad_scales(dtype):
     torch.ops.fastkd.triton_scale_grad_(grad, per_row)
     torch.testing.assert_close(grad.float(), before * per_row[:, None], rtol=rtol, atol=0)
     assert torch.equal(grad[0].float(), before[0]) and torch.equal(grad[3].float(), before[3])
+
+
+@pytest.mark.parametrize("factor", [65536.0, 65536.0 * 0.37])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_scale_grad_fp16_factor_above_fp16_max(factor, per_row):
+    """A float32 factor beyond fp16's range (65536 x scale, as a loss-scaled backward passes)
+    multiplies an fp16 gradient in fp32 and rounds once: never the factor cast to fp16 (inf)."""
+    g = torch.Generator().manual_seed(2)
+    grad = (torch.randn(4, 3000, generator=g) * 1e-3).half()
+    grad[0, :8] = torch.tensor([6e-8, -6e-8, 1e-6, 3e-5, 0.5, -0.9, 1.0, -2.0])  # subnormals .. overflow
+    grad = grad.to(DEVICE)
+    factors = torch.full((4,) if per_row else (), factor, dtype=torch.float32)
+    if per_row:
+        factors[2] = 1.0  # untouched row
+    expected = (grad.float().cpu() * (factors[:, None] if per_row else factors)).half()
+    torch.ops.fastkd.triton_scale_grad_(grad, factors.to(DEVICE))
+    assert torch.equal(grad.cpu(), expected)
+    assert torch.isfinite(grad[1:]).all()
 
 
 def test_backward_with_grad_output(small_block):

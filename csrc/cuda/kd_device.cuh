@@ -17,9 +17,11 @@
 //   jsd         D = beta KL(p||m) + (1-beta) sum q h, h = log q - log m,
 //               m = beta p + (1-beta) q                    dD/da = (1-beta) q (h - sum q h)
 //   tvd         D = 1/2 sum |p - q|, h = sign(q - p)/2     dD/da = q (h - sum q h)
-// For the centred forms the entry holding q > 1/2 (at most one) uses
+// For the centred forms the entry holding q > kPeak = 3/4 (at most one) uses
 // h_k sum_{j!=k} q_j - sum_{j!=k} q_j h_j instead of h_k - sum q h, which cancels in fp32
 // on peaked rows; TVD writes h_i - sum q h exactly as masses of the other signs.
+// reverse_kl and jsd centre with sum q h / sum q over the fp32 q computed here (their sum
+// is 1 + O(1e-6)): see centring() below.
 // Zero-probability entries contribute 0 (0 log 0 = 0): -inf logits are legal. NaN inputs
 // propagate through the sums into the whole row.
 #pragma once
@@ -469,11 +471,23 @@ FASTKD_DEV RowConsts row_consts_given(const float* r, const KDParams& p, float g
   return k;
 }
 
+// An entry with q > kPeak is "big" (the peaked-row formula of ddiv). Not 1/2: two tied
+// entries of exact mass 1/2 each can both round above 1/2, and the formula, which assumes
+// at most one big entry, then gave them a zero gradient. 2^-10 is far above q's rounding
+// (~1e-6), so at most one entry exceeds kPeak; entries in (1/2, kPeak] take the direct
+// h - sum q h, which cancels there (3/4 instead doubled JSD's error at T = 0.5 in an fp32
+// emulation). The same threshold as fastkd/triton_kd.py.
+constexpr float kPeak = 0.5f + 0.0009765625f;
+
 // The row sums that reverse_kl / jsd / tvd need before any gradient can be written,
-// packed in a float4:
-//   reverse_kl, jsd:  (sum_{q<=1/2} q, sum_{q<=1/2} q h, sum_{q>1/2} q h, jsd: sum p log2(p/m))
+// packed in a float4 (small: q <= kPeak, big: q > kPeak):
+//   reverse_kl, jsd:  (sum_small q, sum_small q h, sum_big q h, w)
+//       kBigQ:   w = sum_big q (the two-pass kernel; JSD's sum p log2(p/m) is then
+//                accumulated by its write pass)
+//       !kBigQ:  w = JSD's sum p log2(p/m), 0 for reverse_kl (the cluster kernel, which
+//                gets sum_big q from the row maximum)
 //   tvd:              (sum |p - q| / 2, sum_{q>p} q, sum_{q<p} q, sum_{q=p} q)
-template <Divergence DIV>
+template <Divergence DIV, bool kBigQ>
 FASTKD_DEV void add_sums(float4& acc, float s, float t, const RowConsts& k) {
   const float lq = fmaf(s, k.c, -k.ls), lp = fmaf(t, k.c, -k.lt);
   const float q = ex2(lq);
@@ -486,32 +500,80 @@ FASTKD_DEV void add_sums(float4& acc, float s, float t, const RowConsts& k) {
   } else {
     float h;
     if constexpr (DIV == Divergence::JSD) {
-      const float pt = ex2(lp);
       const float lm = log2_add_exp2(lp + k.lb2, lq + k.l1b2);
-      acc.w += pt == 0.f ? 0.f : pt * (lp - lm);
+      if constexpr (!kBigQ) {
+        const float pt = ex2(lp);
+        acc.w += pt == 0.f ? 0.f : pt * (lp - lm);
+      }
       h = q == 0.f ? 0.f : kLn2 * (lq - lm);
     } else {
       h = q == 0.f ? 0.f : kLn2 * (lq - lp);
     }
     const float qh = q * h;
-    const bool big = q > 0.5f;
+    const bool big = q > kPeak;
     acc.x += big ? 0.f : q;
     acc.y += big ? 0.f : qh;
     acc.z += big ? qh : 0.f;
+    if constexpr (kBigQ) acc.w += big ? q : 0.f;
   }
 }
 
-// D(p, q) of the row from its sums (not forward_kl, which the kernels get otherwise).
-template <Divergence DIV>
-FASTKD_DEV float divergence_from_sums(const float4& tot, const RowConsts& k) {
-  if constexpr (DIV == Divergence::TVD) return tot.x;
-  else if constexpr (DIV == Divergence::JSD) return k.beta * kLn2 * tot.w + (1.0f - k.beta) * (tot.y + tot.z);
-  else return tot.y + tot.z;
+// acc + x with the rounding error of the sum kept in err (Knuth's TwoSum, exact for any
+// magnitudes; the _rn intrinsics keep the compiler from reassociating or contracting).
+FASTKD_DEV void two_sum_add(float& acc, float& err, float x) {
+  const float s = __fadd_rn(acc, x);
+  const float bb = __fsub_rn(s, acc);
+  err = __fadd_rn(err, __fadd_rn(__fsub_rn(acc, __fsub_rn(s, bb)), __fsub_rn(x, bb)));
+  acc = s;
 }
 
-// dD/da for one element; also returns q for the CE term.
-// kSumKL: forward KL also accumulates (sum p (t - s), sum p) into `kl`, from which
-// KL(p||q) = ln2 (c sum p (t - s) - (lt - ls) sum p) (the two-pass kernel's divergence).
+FASTKD_DEV void two_sum_add(float4& acc, float4& err, const float4& x) {
+  two_sum_add(acc.x, err.x, x.x);
+  two_sum_add(acc.y, err.y, x.y);
+  two_sum_add(acc.z, err.z, x.z);
+  two_sum_add(acc.w, err.w, x.w);
+}
+
+// The centring constants of reverse_kl / jsd from their row sums (add_sums' layout) and
+// sum_big q: (sum_small q / M, sum_small q h / M, sum q h / M, sum q h), M = sum q.
+// M is the mass of the fp32 q that this code computed, not 1: each q_i carries the
+// rounding of its exponent s_i c - ls (~|log2 q_i| ulps), so M = 1 + O(1e-6), and centring
+// with sum q h shifts every h_i - sum q h by (1 - M) sum q h. Where the gradient is small
+// against h (JSD: h saturates at log 1/(1-beta) on the student's mass; low T) that shift
+// was the largest fp32 error. Divided by M the centring is invariant to a common shift of
+// h, as the exact gradient is. Emulated in fp32 against float64: NOTES.md (unmeasured on
+// a GPU).
+// kFirstOrder: x / M as x - x (M - 1); M - 1 is exact and ~1e-6, so the neglected
+// x (M - 1)^2 is far below fp32's resolution when the row statistics are the row's own
+// (the cluster kernel, which always computes them: three correctly rounded divisions cost
+// it a register spill). Otherwise correctly rounded divisions (the two-pass kernel, which
+// may be given the statistics).
+template <bool kFirstOrder>
+FASTKD_DEV float4 centring(const float4& tot, float big_q) {
+  const float mass = tot.x + big_q;
+  const float qh = tot.y + tot.z;
+  if constexpr (kFirstOrder) {
+    const float d = mass - 1.0f;
+    return make_float4(fmaf(-tot.x, d, tot.x), fmaf(-tot.y, d, tot.y), fmaf(-qh, d, qh), qh);
+  } else {
+    return make_float4(__fdiv_rn(tot.x, mass), __fdiv_rn(tot.y, mass), __fdiv_rn(qh, mass), qh);
+  }
+}
+
+// D(p, q) of the row (not forward_kl, which the kernels get otherwise): TVD from its
+// sums; reverse_kl and jsd from sum q h (centring(...).w) and JSD's sum p log2(p/m).
+template <Divergence DIV>
+FASTKD_DEV float divergence_from_sums(const float4& tot, float qh, float pm, const RowConsts& k) {
+  if constexpr (DIV == Divergence::TVD) return tot.x;
+  else if constexpr (DIV == Divergence::JSD) return k.beta * kLn2 * pm + (1.0f - k.beta) * qh;
+  else return qh;
+}
+
+// dD/da for one element; also returns q for the CE term. `tot`: TVD's row sums, or the
+// centring constants of reverse_kl / jsd (centring()).
+// kSumKL (the two-pass kernel's write pass): forward KL also accumulates
+// (sum p (t - s), sum p) into `kl`, from which KL(p||q) = ln2 (c sum p (t - s) - (lt - ls) sum p);
+// JSD accumulates sum p log2(p/m) into kl.x.
 template <Divergence DIV, bool kSumKL = false>
 FASTKD_DEV float ddiv(float s, float t, const RowConsts& k, const float4& tot, float& q_out, float2& kl) {
   const float lq = fmaf(s, k.c, -k.ls), lp = fmaf(t, k.c, -k.lt);
@@ -535,11 +597,15 @@ FASTKD_DEV float ddiv(float s, float t, const RowConsts& k, const float4& tot, f
     float h;
     if constexpr (DIV == Divergence::JSD) {
       const float lm = log2_add_exp2(lp + k.lb2, lq + k.l1b2);
+      if (kSumKL) {
+        const float pt = ex2(lp);
+        kl.x += pt == 0.f ? 0.f : pt * (lp - lm);
+      }
       h = q == 0.f ? 0.f : kLn2 * (lq - lm);
     } else {
       h = q == 0.f ? 0.f : kLn2 * (lq - lp);
     }
-    const float centred = q > 0.5f ? h * tot.x - tot.y : h - (tot.y + tot.z);
+    const float centred = q > kPeak ? h * tot.x - tot.y : h - tot.z;
     const float scale = DIV == Divergence::JSD ? 1.0f - k.beta : 1.0f;
     return scale * q * centred;
   }

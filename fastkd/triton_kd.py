@@ -70,6 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._args import resolve_divergence
 from .ops import KernelBackend, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_
 
 
@@ -715,6 +716,9 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, divergence,
     loss = torch.empty((n,), dtype=torch.float32, device=student.device)
     if n == 0:
         return loss
+    # JSD at beta 0 / 1 is forward / reverse KL; resolved here as well as in Python, since
+    # under torch.compile beta may have been a traced value there.
+    divergence = resolve_divergence(divergence, beta)
     cfg = launch_config(vocab_size, student.dtype, teacher.dtype, divergence, BLOCK_OVERRIDE)
     c, inv_t, temp, log2_beta, log2_1mb = kernel_scalars(inv_temperature, beta)
     with _quiet_numpy():

@@ -96,6 +96,20 @@ def _close_pair(rows, V, spread, noise, seed=0):
     return s, t
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+@pytest.mark.parametrize("vocab", [128256])
+def test_fp32_centred_divergences_at_llm_vocab(divergence, vocab):
+    """At V = 128256 (Llama 3) the kernel's own error must stay at fp32 level (it was 1.4e-5
+    and 3.4e-5 before the centred forms; PyTorch's fp32 autograd is at 1e-5 to 8e-5 here)."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("fastkd._C not available")
+    case = Case(lead=(8,), vocab=vocab, divergence=divergence, temperature=1.0, labels=False)
+    s, t, labels = make_inputs(case, seed=0)
+    _, ref_grad = reference_loss_and_grad(case, s, t, labels)
+    _, grad = run_backend(case, "cpu", s, t, labels)
+    assert rel_err(grad, ref_grad) < 5e-6
+
+
 FP32_CASES = [  # divergence, beta, logit spread, student-teacher distance, strict
     ("reverse_kl", 0.5, 3.0, None, True),
     ("reverse_kl", 0.5, 0.3, 0.03, True),
@@ -129,6 +143,32 @@ def test_fp32_centred_divergences_at_large_vocab(backend, divergence, beta, spre
     _, grad = run_backend(case, backend, s, t, labels)
     err = rel_err(grad, ref_grad)
     bound = 1e-5
-    if not strict:
+    # The CPU kernel forms h without subtracting log-probabilities (docs/semantics.md) and
+    # meets 1e-5 everywhere. The Triton kernels still compute h = log q - log m from the two
+    # log-probabilities: within the issue's bound (2x PyTorch's fp32 error), not 1e-5,
+    # for a student within 0.1 of its teacher.
+    if not strict or backend != "cpu":
         bound = max(bound, 2.0 * fp32_reference_grad_error(case, s, t, labels, ref_grad))
     assert err < bound, f"grad rel err {err:.3g} (bound {bound:.3g})"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_tied_top_entries_get_their_gradient(backend, divergence, temperature):
+    """Two equal top logits with (almost) all the mass: q = 1/2 each, which rounding can push
+    above 1/2 for both. The peaked-entry formula assumes at most one such entry; it must not
+    give both a zero gradient."""
+    g = torch.Generator().manual_seed(4)
+    n, v = 200, 3
+    a = torch.randn(n, 1, generator=g, dtype=torch.float64) * 30
+    s = torch.full((n, v), -1e4, dtype=torch.float64)
+    s[:, 1:] = a  # columns 1 and 2 tie
+    t = torch.randn(n, v, generator=g, dtype=torch.float64)
+    kw = dict(divergence=divergence, temperature=temperature, reduction="none")
+    s32 = s.float().requires_grad_(True)
+    loss = fastkd.kd_loss(s32, t.float(), backend=backend, **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), s32)
+    s64 = s.float().double().requires_grad_(True)
+    (want,) = torch.autograd.grad(fastkd.reference.kd_loss(s64, t.float().double(), **kw).sum(), s64)
+    assert rel_err(grad.double(), want) < 1e-5

@@ -177,11 +177,21 @@ void chunk_factors(Acc* ref, int64_t n_chunks, Acc lse) {
 // Reverse KL and JSD: G(h_i) = c (h_i - sum_j q_j h_j). When one entry k holds nearly all
 // the mass (peaked rows, low temperature), h_k - sum q h cancels catastrophically; for
 // that entry the same quantity is written as h_k sum_{j!=k} q_j - sum_{j!=k} q_j h_j,
-// sums over the small entries only. At most one entry can have q > 1/2.
+// sums over the small entries only. At most one entry can have q > 1/2 (exactly).
+//
+// The fp32 q do not sum to exactly 1, so "sum q h" is taken as sum q h / sum q (over the q
+// actually computed): the gradient is then unchanged by a constant shift of h, as the
+// exact one is. The peaked threshold is 1/2 + 2^-10, not 1/2: two tied entries of 1/2
+// each can both round above 1/2, and the small-entry sums would then exclude both.
+template <typename Acc>
+constexpr Acc kPeaked = Acc(0.5) + Acc(1.0 / 1024);
+
 template <typename Acc>
 struct CentredGrad {
-  Acc c, qh, small_q, small_qh;
-  inline Acc operator()(Acc q, Acc h) const { return c * q * (q > Acc(0.5) ? h * small_q - small_qh : h - qh); }
+  Acc c, qh, small_q, small_qh, inv_sum_q;
+  inline Acc operator()(Acc q, Acc h) const {
+    return c * q * (q > kPeaked<Acc> ? (h * small_q - small_qh) * inv_sum_q : h - qh);
+  }
 };
 
 // TVD: h = sign(q - p)/2 takes three values, so h_i - sum_j q_j h_j = sum_j q_j (h_i - h_j)
@@ -193,29 +203,32 @@ struct SignGrad {
   inline Acc operator()(Acc q, Acc d) const { return q * (d > Acc(0) ? pos : (d < Acc(0) ? neg : tie)); }
 };
 
-// sum q, sum q h over the small (q <= 1/2) entries and sum q h over all, in chunks.
+// sum q, sum q h over the small (q <= 1/2 + 2^-10) entries and over all, in chunks.
 template <typename Acc>
 CentredGrad<Acc> centre_sums(const Acc* w, const Acc* h, int64_t V, Acc c) {
-  double small_q = 0.0, small_qh = 0.0, big_qh = 0.0;
+  double small_q = 0.0, small_qh = 0.0, big_q = 0.0, big_qh = 0.0;
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
     const Acc* wc = w + c0;
     const Acc* hc = h + c0;
-    Acc sq = 0, sqh = 0, bqh = 0;
-#pragma omp simd reduction(+ : sq, sqh, bqh)
+    Acc sq = 0, sqh = 0, bq = 0, bqh = 0;
+#pragma omp simd reduction(+ : sq, sqh, bq, bqh)
     for (int64_t i = 0; i < n; ++i) {
       const Acc q = wc[i], qh = q * hc[i];
-      const bool big = q > Acc(0.5);
+      const bool big = q > kPeaked<Acc>;
       sq += big ? Acc(0) : q;
       sqh += big ? Acc(0) : qh;
+      bq += big ? q : Acc(0);
       bqh += big ? qh : Acc(0);
     }
     small_q += sq;
     small_qh += sqh;
+    big_q += bq;
     big_qh += bqh;
   }
-  return CentredGrad<Acc>{c, static_cast<Acc>(small_qh + big_qh), static_cast<Acc>(small_q),
-                          static_cast<Acc>(small_qh)};
+  const double sum_q = small_q + big_q;
+  return CentredGrad<Acc>{c, static_cast<Acc>((small_qh + big_qh) / sum_q), static_cast<Acc>(small_q),
+                          static_cast<Acc>(small_qh), static_cast<Acc>(1.0 / sum_q)};
 }
 
 // The cached row's q (into c.es) and per-entry h (into c.et) of a centred divergence,

@@ -400,12 +400,29 @@ def kd_impls(args, divergence: str, liger) -> List[Impl]:
     return impls
 
 
+class InplaceRunner(Runner):
+    """inplace_backward takes logits a model computed (a non-leaf) and overwrites them: each
+    run gets a fresh copy of the leaf, made in clear() outside the timed region, as the LM
+    head's matmul would have written it (pages already touched)."""
+
+    def __init__(self, make_loss: Callable[[torch.Tensor], torch.Tensor], leaf: torch.Tensor):
+        super().__init__(lambda: make_loss(self.logits), [leaf])
+        self.logits = leaf.clone()
+
+    def clear(self) -> None:
+        super().clear()
+        self.logits = self.leaves[0].clone()
+
+
 def fastkd_kd_builder(backend: str, divergence: str, temperature: float, inplace: bool) -> Callable:
     def build(x: KDInputs) -> Runner:
         # Explicit backend names, never "auto": a row must say which kernel ran.
         s = x.fresh_student()
-        return Runner(lambda: fastkd.kd_loss(s, x.teacher, divergence=divergence, temperature=temperature,
-                                             beta=BETA, inplace_backward=inplace, backend=backend), [s])
+
+        def loss(logits):
+            return fastkd.kd_loss(logits, x.teacher, divergence=divergence, temperature=temperature, beta=BETA,
+                                  inplace_backward=inplace, backend=backend)
+        return InplaceRunner(loss, s) if inplace else Runner(lambda: loss(s), [s])
     return build
 
 

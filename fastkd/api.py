@@ -67,7 +67,8 @@ def _inplace_wanted(student: torch.Tensor, inplace_backward: bool) -> bool:
     # Writing the gradient over the logits only makes sense when autograd wants it.
     if not (inplace_backward and student.requires_grad and torch.is_grad_enabled()):
         return False
-    if student.is_leaf:
+    base = student._base if student._base is not None else student
+    if student.is_leaf or (base.is_leaf and base.requires_grad):  # a view of a Parameter too
         raise ValueError(
             "inplace_backward=True would overwrite student_logits, a leaf tensor that requires grad "
             "(e.g. an nn.Parameter), whose values autograd and the optimizer still need; pass the "

@@ -71,6 +71,8 @@ def test_leaf_that_requires_grad_is_refused(backend, device):
     before = param.detach().clone()
     with pytest.raises(ValueError, match="leaf tensor that requires grad"):
         _kd(param, t, labels, backend)
+    with pytest.raises(ValueError, match="leaf tensor that requires grad"):
+        _kd(param.view(3, 3, -1), t.view(3, 3, -1), labels.view(3, 3), backend)  # a view writes the leaf too
     assert torch.equal(param.detach(), before)
 
 

@@ -55,7 +55,7 @@ inline int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
 // The row cache of one thread, in the accumulation type, reused across rows and calls.
 template <typename Acc>
 struct RowCache {
-  Acc* a;       // s / T
+  Acc* a;       // s / T, kept only when the CE term at T != 1 needs it
   Acc* d;       // (t - s) / T: log p - log q up to a row constant, without the rounding of
                 // two large log-probabilities (it sets the precision of the centred gradients)
   Acc* es;      // exp(a - m_s(c)); becomes q in the centred divergences
@@ -110,7 +110,7 @@ inline Acc exp_chunk(const Acc* x, Acc m, int64_t n, Acc* e) {
 // Sweep 1. With `fixed` set, the maxima come from `st` (external row statistics) and
 // only the cache is filled.
 template <typename Acc, typename TS, typename TT>
-void load_row(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool with_raw, bool fixed,
+void load_row(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool with_raw, bool fixed, bool keep_a,
               const RowCache<Acc>& c, Stats<Acc>& st) {
   const Acc inv_t = static_cast<Acc>(x.inv_temperature);
   const Acc temp = static_cast<Acc>(x.temperature);
@@ -120,9 +120,12 @@ void load_row(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool wi
   Acc* const et_row = c.et;
   for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
-    Acc* __restrict ac = a_row + c0;
+    // a = s / T and b = t / T go where their exponentials will be (exp_chunk works in
+    // place), so a reaches the row cache only when the CE term at T != 1 needs it later:
+    // one store stream fewer per element.
+    Acc* __restrict ac = es_row + c0;
+    Acc* __restrict bc = et_row + c0;
     Acc* __restrict dc = d_row + c0;
-    Acc* __restrict bc = et_row + c0;  // b = t / T until exp_chunk turns it into e_t in place
     Acc cmax_s = kNegInf<Acc>, cmax_t = kNegInf<Acc>;
 #pragma omp simd reduction(max : cmax_s, cmax_t)
     for (int64_t i = 0; i < n; ++i) {
@@ -135,6 +138,7 @@ void load_row(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool wi
       cmax_s = std::max(cmax_s, x);
       cmax_t = std::max(cmax_t, y);
     }
+    if (keep_a) std::copy(ac, ac + n, a_row + c0);
     if (!fixed) {
       if (cmax_s > st.max_s) {
         st.sum_s = rescale(st.sum_s, st.max_s, cmax_s, Acc(1));
@@ -149,17 +153,17 @@ void load_row(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool wi
     const Acc ms = st.max_s, mt = st.max_t;
     c.ref_s[k] = ms;
     c.ref_t[k] = mt;
-    const Acc zs = exp_chunk(ac, ms, n, es_row + c0);
+    if (!fixed && with_raw && ms != kNegInf<Acc>) {  // before exp_chunk overwrites a
+      Acc zr = 0;
+#pragma omp simd reduction(+ : zr)
+      for (int64_t i = 0; i < n; ++i) zr += exp_approx(temp * (ac[i] - ms));
+      st.sum_raw += static_cast<double>(zr);
+    }
+    const Acc zs = exp_chunk(ac, ms, n, ac);
     const Acc zt = exp_chunk(bc, mt, n, bc);
     if (!fixed) {
       st.sum_s += static_cast<double>(zs);
       st.sum_t += static_cast<double>(zt);
-      if (with_raw && ms != kNegInf<Acc>) {
-        Acc zr = 0;
-#pragma omp simd reduction(+ : zr)
-        for (int64_t i = 0; i < n; ++i) zr += exp_approx(temp * (ac[i] - ms));
-        st.sum_raw += static_cast<double>(zr);
-      }
     }
   }
 }
@@ -374,6 +378,67 @@ Acc forward_kl_write(const RowCache<Acc>& c, int64_t V, Acc delta, Acc gdiv, boo
   return static_cast<Acc>(pd - static_cast<double>(delta));
 }
 
+// Reverse KL in two light sweeps over the cache, with q = e_s * factor and h' = -d formed
+// on the fly instead of stored: one for the row sums, one for the gradient.
+template <typename Acc>
+CentredGrad<Acc> reverse_kl_sums(const RowCache<Acc>& c, int64_t V) {
+  const Acc* __restrict es = c.es;
+  const Acc* __restrict d = c.d;
+  double small_q = 0.0, small_qh = 0.0, big_q = 0.0, big_qh = 0.0;
+  for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const Acc fs = c.ref_s[k];
+    Acc sq = 0, sqh = 0, bq = 0, bqh = 0;
+#pragma omp simd reduction(+ : sq, sqh, bq, bqh)
+    for (int64_t i = c0; i < c0 + n; ++i) {
+      const Acc q = es[i] * fs;
+      const Acc qh = q == Acc(0) ? Acc(0) : -q * d[i];
+      const bool big = q > kPeaked<Acc>;
+      sq += big ? Acc(0) : q;
+      sqh += big ? Acc(0) : qh;
+      bq += big ? q : Acc(0);
+      bqh += big ? qh : Acc(0);
+    }
+    small_q += sq;
+    small_qh += sqh;
+    big_q += bq;
+    big_qh += bqh;
+  }
+  const double sum_q = small_q + big_q;
+  return CentredGrad<Acc>{Acc(1), static_cast<Acc>((small_qh + big_qh) / sum_q), static_cast<Acc>(small_q),
+                          static_cast<Acc>(small_qh), static_cast<Acc>(1.0 / sum_q)};
+}
+
+template <typename Acc, typename TS>
+void reverse_kl_write(const RowCache<Acc>& c, int64_t V, const CentredGrad<Acc> grad_of, Acc gdiv, bool with_ce,
+                      const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
+  const Acc* __restrict es = c.es;
+  const Acc* __restrict d = c.d;
+  const Acc* __restrict a = c.a;
+  const Acc temp = raw.temp, lse_raw = raw.lse_raw;
+  // CE weight on q (T = 1) and on the T = 1 softmax (T != 1): one loop, no branch inside.
+  const Acc ce_q = with_ce && raw.same_as_q ? gce : Acc(0);
+  for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const Acc fs = c.ref_s[k];
+    if (with_ce && !raw.same_as_q) {
+#pragma omp simd
+      for (int64_t i = c0; i < c0 + n; ++i) {
+        const Acc q = es[i] * fs;
+        const Acc h = q == Acc(0) ? Acc(0) : -d[i];
+        g[i] = static_cast<TS>(gdiv * grad_of(q, h) + gce * exp_approx(temp * a[i] - lse_raw));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = c0; i < c0 + n; ++i) {
+        const Acc q = es[i] * fs;
+        const Acc h = q == Acc(0) ? Acc(0) : -d[i];
+        g[i] = static_cast<TS>(gdiv * grad_of(q, h) + ce_q * q);
+      }
+    }
+  }
+}
+
 // Sweep 2's write for the centred divergences: ds_i = gdiv G(q_i, h_i) + gce softmax_raw_i.
 template <typename Acc, typename TS, typename G>
 void centred_write(const RowCache<Acc>& c, int64_t V, const G grad_of, Acc gdiv, bool with_ce,
@@ -449,9 +514,9 @@ struct RowKernel {
       st.max_t = r[2];
       st.sum_t = r[3];
       st.sum_raw = r[4];
-      load_row(srow, t + row * t_stride, V, x, false, /*fixed=*/true, c, st);
+      load_row(srow, t + row * t_stride, V, x, false, /*fixed=*/true, /*keep_a=*/need_raw, c, st);
     } else {
-      load_row(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, c, st);
+      load_row(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, /*keep_a=*/need_raw, c, st);
     }
     if (with_ce && !need_raw) st.sum_raw = st.sum_s;
     const Acc lse_s = st.max_s + static_cast<Acc>(std::log(st.sum_s));
@@ -475,6 +540,11 @@ struct RowKernel {
     if (p.divergence == Divergence::ForwardKL) {
       D = forward_kl_write(c, V, delta, gdiv, with_ce, raw, gce, grow);
       if (with_ce) div_grad_label = q_label - c.et[label] * c.ref_t[label / kChunk];
+    } else if (p.divergence == Divergence::ReverseKL) {
+      const CentredGrad<Acc> grad_of = reverse_kl_sums(c, V);
+      D = delta + grad_of.qh;  // KL(q||p) = sum q h' + (lse_t - lse_s)
+      reverse_kl_write(c, V, grad_of, gdiv, with_ce, raw, gce, grow);
+      if (with_ce) div_grad_label = grad_of(q_label, q_label == Acc(0) ? Acc(0) : -c.d[label]);
     } else {
       double q_pos = 0.0, q_neg = 0.0, q_tie = 0.0;
       const double rest = centred_pass(c, V, delta, p.divergence, x, &q_pos, &q_neg, &q_tie);
@@ -542,7 +612,7 @@ void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, in
     for (int64_t r = begin; r < end; ++r) {
       Stats<Acc> st;
       const bool raw_differs = with_raw && x.temperature != 1.0;
-      load_row(s + r * s_stride, t + r * t_stride, V, x, raw_differs, /*fixed=*/false, c, st);
+      load_row(s + r * s_stride, t + r * t_stride, V, x, raw_differs, /*fixed=*/false, /*keep_a=*/false, c, st);
       if (!raw_differs) st.sum_raw = with_raw ? st.sum_s : 0.0;
       float* o = out + r * kRowStatsWidth;
       o[0] = static_cast<float>(st.max_s);

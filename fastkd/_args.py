@@ -69,6 +69,18 @@ def resolve_divergence(divergence: str, beta) -> str:
     return divergence
 
 
+# torch.compile traces torch._check's message callable only since about torch 2.12 (a
+# closure there broke the graph before); older versions get the check without the text.
+_CHECK_MESSAGES_TRACEABLE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
+
+
+def _traced_check(cond, message) -> None:
+    if _CHECK_MESSAGES_TRACEABLE:
+        torch._check(cond, message)
+    else:
+        torch._check(cond)
+
+
 def _is_concrete(value) -> bool:
     return not isinstance(value, (torch.SymFloat, torch.SymInt, torch.SymBool)) and not torch.compiler.is_compiling()
 
@@ -79,14 +91,14 @@ def _check_number(name: str, value, *, low=None, high=None, low_open=False):
         raise TypeError(f"{name} must be a real number (e.g. a Python float), got {type(value).__name__}")
     if not _is_concrete(value):
         # Under torch.compile the value may be symbolic: assert instead of branching.
-        torch._check(value == value, lambda: f"{name} must be finite, got NaN")
+        _traced_check(value == value, lambda: f"{name} must be finite, got NaN")
         if low is not None:
             if low_open:
-                torch._check(value > low, lambda: f"{name} must be > {low}")
+                _traced_check(value > low, lambda: f"{name} must be > {low}")
             else:
-                torch._check(value >= low, lambda: f"{name} must be >= {low}")
+                _traced_check(value >= low, lambda: f"{name} must be >= {low}")
         if high is not None:
-            torch._check(value <= high, lambda: f"{name} must be <= {high}")
+            _traced_check(value <= high, lambda: f"{name} must be <= {high}")
         return value
     value = float(value)
     if math.isnan(value) or math.isinf(value):
@@ -193,8 +205,8 @@ def check_labels(labels, lead_shape, device, cfg: KDConfig) -> None:
     """Presence, shape, dtype, device and (on CPU, where it costs no sync) range of the labels."""
     if labels is None:
         if not _is_concrete(cfg.alpha):
-            torch._check(cfg.alpha == 1.0, lambda: "alpha != 1 mixes in a hard-label cross-entropy, "
-                                                   "which needs labels")
+            _traced_check(cfg.alpha == 1.0, lambda: "alpha != 1 mixes in a hard-label cross-entropy, "
+                                                    "which needs labels")
         elif cfg.alpha != 1.0:
             raise ValueError(
                 f"alpha={cfg.alpha} mixes in a hard-label cross-entropy, which needs labels; "

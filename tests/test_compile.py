@@ -88,7 +88,10 @@ def test_bad_value_still_fails_under_compile():
                       dynamic=True)
     f(s, t, 1.0)
     f(s, t, 2.0)
-    with pytest.raises(Exception, match="temperature must be > 0"):
+    from fastkd._args import _CHECK_MESSAGES_TRACEABLE
+
+    # The message is traced from torch 2.12 on; before, the check fires without it.
+    with pytest.raises(Exception, match="temperature must be > 0" if _CHECK_MESSAGES_TRACEABLE else ""):
         f(s, t, -1.0)
 
 

@@ -378,67 +378,6 @@ Acc forward_kl_write(const RowCache<Acc>& c, int64_t V, Acc delta, Acc gdiv, boo
   return static_cast<Acc>(pd - static_cast<double>(delta));
 }
 
-// Reverse KL in two light sweeps over the cache, with q = e_s * factor and h' = -d formed
-// on the fly instead of stored: one for the row sums, one for the gradient.
-template <typename Acc>
-CentredGrad<Acc> reverse_kl_sums(const RowCache<Acc>& c, int64_t V) {
-  const Acc* __restrict es = c.es;
-  const Acc* __restrict d = c.d;
-  double small_q = 0.0, small_qh = 0.0, big_q = 0.0, big_qh = 0.0;
-  for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
-    const int64_t n = std::min(kChunk, V - c0);
-    const Acc fs = c.ref_s[k];
-    Acc sq = 0, sqh = 0, bq = 0, bqh = 0;
-#pragma omp simd reduction(+ : sq, sqh, bq, bqh)
-    for (int64_t i = c0; i < c0 + n; ++i) {
-      const Acc q = es[i] * fs;
-      const Acc qh = q == Acc(0) ? Acc(0) : -q * d[i];
-      const bool big = q > kPeaked<Acc>;
-      sq += big ? Acc(0) : q;
-      sqh += big ? Acc(0) : qh;
-      bq += big ? q : Acc(0);
-      bqh += big ? qh : Acc(0);
-    }
-    small_q += sq;
-    small_qh += sqh;
-    big_q += bq;
-    big_qh += bqh;
-  }
-  const double sum_q = small_q + big_q;
-  return CentredGrad<Acc>{Acc(1), static_cast<Acc>((small_qh + big_qh) / sum_q), static_cast<Acc>(small_q),
-                          static_cast<Acc>(small_qh), static_cast<Acc>(1.0 / sum_q)};
-}
-
-template <typename Acc, typename TS>
-void reverse_kl_write(const RowCache<Acc>& c, int64_t V, const CentredGrad<Acc> grad_of, Acc gdiv, bool with_ce,
-                      const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
-  const Acc* __restrict es = c.es;
-  const Acc* __restrict d = c.d;
-  const Acc* __restrict a = c.a;
-  const Acc temp = raw.temp, lse_raw = raw.lse_raw;
-  // CE weight on q (T = 1) and on the T = 1 softmax (T != 1): one loop, no branch inside.
-  const Acc ce_q = with_ce && raw.same_as_q ? gce : Acc(0);
-  for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
-    const int64_t n = std::min(kChunk, V - c0);
-    const Acc fs = c.ref_s[k];
-    if (with_ce && !raw.same_as_q) {
-#pragma omp simd
-      for (int64_t i = c0; i < c0 + n; ++i) {
-        const Acc q = es[i] * fs;
-        const Acc h = q == Acc(0) ? Acc(0) : -d[i];
-        g[i] = static_cast<TS>(gdiv * grad_of(q, h) + gce * exp_approx(temp * a[i] - lse_raw));
-      }
-    } else {
-#pragma omp simd
-      for (int64_t i = c0; i < c0 + n; ++i) {
-        const Acc q = es[i] * fs;
-        const Acc h = q == Acc(0) ? Acc(0) : -d[i];
-        g[i] = static_cast<TS>(gdiv * grad_of(q, h) + ce_q * q);
-      }
-    }
-  }
-}
-
 // Sweep 2's write for the centred divergences: ds_i = gdiv G(q_i, h_i) + gce softmax_raw_i.
 template <typename Acc, typename TS, typename G>
 void centred_write(const RowCache<Acc>& c, int64_t V, const G grad_of, Acc gdiv, bool with_ce,
@@ -540,11 +479,6 @@ struct RowKernel {
     if (p.divergence == Divergence::ForwardKL) {
       D = forward_kl_write(c, V, delta, gdiv, with_ce, raw, gce, grow);
       if (with_ce) div_grad_label = q_label - c.et[label] * c.ref_t[label / kChunk];
-    } else if (p.divergence == Divergence::ReverseKL) {
-      const CentredGrad<Acc> grad_of = reverse_kl_sums(c, V);
-      D = delta + grad_of.qh;  // KL(q||p) = sum q h' + (lse_t - lse_s)
-      reverse_kl_write(c, V, grad_of, gdiv, with_ce, raw, gce, grow);
-      if (with_ce) div_grad_label = grad_of(q_label, q_label == Acc(0) ? Acc(0) : -c.d[label]);
     } else {
       double q_pos = 0.0, q_neg = 0.0, q_tie = 0.0;
       const double rest = centred_pass(c, V, delta, p.divergence, x, &q_pos, &q_neg, &q_tie);

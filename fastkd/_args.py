@@ -14,7 +14,6 @@ checks become ``torch._check`` assertions instead of Python branches on the valu
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -198,7 +197,12 @@ def check_logits_pair(student, teacher, cfg: KDConfig, *, check_teacher_grad: bo
             f"vocab_size must be in [1, {min(vs, vt)}] (the smaller of the student's {vs} and "
             f"teacher's {vt} columns), got {vocab_size}"
         )
-    return cfg if vocab_size == cfg.vocab_size else dataclasses.replace(cfg, vocab_size=vocab_size)
+    if vocab_size == cfg.vocab_size:
+        return cfg
+    # The constructor, not dataclasses.replace: torch.compile (2.4) cannot trace the latter.
+    return KDConfig(divergence=cfg.divergence, temperature=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha,
+                    t_squared=cfg.t_squared, div_weight=cfg.div_weight, ce_weight=cfg.ce_weight,
+                    ignore_index=cfg.ignore_index, reduction=cfg.reduction, vocab_size=vocab_size)
 
 
 def check_labels(labels, lead_shape, device, cfg: KDConfig) -> None:

@@ -53,11 +53,6 @@ class KDConfig:
     def inv_temperature(self) -> float:
         return 1.0 / self.temperature
 
-    @property
-    def needs_labels(self) -> bool:
-        """Whether the CE term is present (False also when alpha is symbolic)."""
-        return _is_concrete(self.alpha) and self.alpha != 1.0
-
 
 def resolve_divergence(divergence: str, beta) -> str:
     if divergence == "jsd" and _is_concrete(beta):
@@ -109,6 +104,12 @@ def _check_number(name: str, value, *, low=None, high=None, low_open=False):
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def _check_int(name: str, value, *, allow_none: bool = False):
     if value is None and allow_none:
         return None
@@ -137,8 +138,7 @@ def make_config(
     temperature = _check_number("temperature", temperature, low=0.0, low_open=True)
     beta = _check_number("beta", beta, low=0.0, high=1.0)
     alpha = _check_number("alpha", alpha, low=0.0, high=1.0)
-    if not isinstance(t_squared, bool):
-        raise TypeError(f"t_squared must be a bool, got {type(t_squared).__name__}")
+    check_bool("t_squared", t_squared)
     ignore_index = _check_int("ignore_index", ignore_index)
     vocab_size = _check_int("vocab_size", vocab_size, allow_none=True)
     if vocab_size is not None and _is_concrete(vocab_size) and vocab_size < 1:

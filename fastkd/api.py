@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from . import ops, reference
-from ._args import KDConfig, check_kd_args, make_config, reduction_scale
+from ._args import KDConfig, check_bool, check_kd_args, make_config, reduction_scale
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -62,8 +62,7 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 def _inplace_wanted(student: torch.Tensor, inplace_backward: bool) -> bool:
     """Whether to overwrite the student logits with their gradient; refuses a leaf."""
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    check_bool("inplace_backward", inplace_backward)
     # Writing the gradient over the logits only makes sense when autograd wants it.
     if not (inplace_backward and student.requires_grad and torch.is_grad_enabled()):
         return False
@@ -84,8 +83,9 @@ def fused_loss(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[to
     flat_labels = None
     if labels is not None:
         flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    scale_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-    grad_scale = reduction_scale(flat_labels, s2.shape[0], cfg, num_items, student.device, scale_dtype)
+    # In the loss's dtype: a float32 scale would cost float64 input its 1e-12 precision.
+    grad_scale = reduction_scale(flat_labels, s2.shape[0], cfg, num_items, student.device,
+                                 ops.loss_dtype(student, teacher))
     reduced = cfg.reduction != "none"
     out = ops.FusedKDLoss.apply(s2, t2.detach(), flat_labels, grad_scale, backend, reduced, inplace, cfg)
     return out if reduced else out.reshape(lead)
@@ -168,10 +168,8 @@ class KDLoss(torch.nn.Module):
         self.config = make_config(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
                                   t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
                                   vocab_size=vocab_size)
-        if not isinstance(inplace_backward, bool):
-            raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+        self.inplace_backward = check_bool("inplace_backward", inplace_backward)
         check_backend_name(backend)
-        self.inplace_backward = inplace_backward
         self.backend = backend
         self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
                            t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,

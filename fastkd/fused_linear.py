@@ -32,7 +32,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from . import ops, reference
-from ._args import FLOAT_DTYPES, KDConfig, check_kd_args, make_config, reduction_scale
+from ._args import FLOAT_DTYPES, KDConfig, check_bool, check_kd_args, make_config, reduction_scale
 from .api import check_backend_name, resolve_backend
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -506,8 +506,7 @@ def fused_linear_kd_loss(
     # sizes, devices, labels and keywords exactly as kd_loss does.
     s_standin = torch.empty((), dtype=student_hidden.dtype, device=device).expand(*lead, vs)
     t_standin = torch.empty((), dtype=teacher_hidden.dtype, device=teacher_hidden.device).expand(*lead, vt)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    check_bool("inplace_backward", inplace_backward)
     cfg = make_config(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
                       t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
                       vocab_size=vocab_size)
@@ -558,6 +557,7 @@ class FusedLinearKDLoss(torch.nn.Module):
                  inplace_backward: bool = False, chunk_size: Union[str, int] = "auto", backend: str = "auto"):
         super().__init__()
         _check_chunk_size(chunk_size)
+        check_bool("inplace_backward", inplace_backward)
         make_config(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, t_squared=t_squared,
                     ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size)
         check_backend_name(backend)

@@ -2,7 +2,7 @@
 //
 // libm's expf/logf are opaque calls that block vectorisation of the row sweeps; these
 // are the Cephes single-precision polynomials (about 1 ulp on the ranges used), with
-// the special values the losses rely on: exp(-inf) = 0, exp(NaN) = NaN, log(0) = -inf.
+// the special values the losses rely on: exp(-inf) = 0, exp(NaN) = NaN.
 #pragma once
 
 #include <algorithm>
@@ -18,10 +18,6 @@ namespace cpu {
 
 FASTKD_INLINE float bits_to_float(int32_t i) {
   return __builtin_bit_cast(float, i);
-}
-
-FASTKD_INLINE int32_t float_to_bits(float f) {
-  return __builtin_bit_cast(int32_t, f);
 }
 
 FASTKD_INLINE float exp_approx(float x) {
@@ -64,35 +60,11 @@ FASTKD_INLINE float log_reduced(float m, float e) {
   return f + y + 0.693359375f * e;
 }
 
-FASTKD_INLINE float log_approx(float x) {
-  const int32_t bits = float_to_bits(x);
-  const float e = static_cast<float>(((bits >> 23) & 0xff) - 127);
-  const float m = bits_to_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
-  const bool big = m > 1.41421356f;
-  float res = log_reduced(big ? m * 0.5f : m, big ? e + 1.0f : e);
-  res = x == 0.0f ? -std::numeric_limits<float>::infinity() : res;
-  res = x == std::numeric_limits<float>::infinity() ? x : res;
-  return (x != x || x < 0.0f) ? std::numeric_limits<float>::quiet_NaN() : res;
-}
-
 // log(y) for y in [1, 2], without bit manipulation: GCC does not vectorise a loop that
-// feeds exp_approx's bit-built result into log_approx's bit extraction.
+// feeds exp_approx's bit-built result into a bit extraction of its exponent.
 FASTKD_INLINE float log_1_to_2(float y) {
   const bool big = y > 1.41421356f;
   return log_reduced(big ? y * 0.5f : y, big ? 1.0f : 0.0f);
-}
-
-// log(exp(u) + exp(v)); -inf when both are -inf (not NaN).
-FASTKD_INLINE float logaddexp_approx(float u, float v) {
-  const float hi = std::max(u, v);
-  const float d = std::min(u, v) - hi;  // <= 0, NaN only when both are -inf
-  // log1p(e) as log(1 + e) * e / ((1 + e) - 1): cancels the rounding of 1 + e when e is tiny.
-  const float e = exp_approx(d);
-  const float y = 1.0f + e;
-  const float ym1 = y - 1.0f;
-  const float log1p_e = ym1 == 0.0f ? e : log_1_to_2(y) * (e / ym1);
-  const float res = hi + log1p_e;
-  return hi == -std::numeric_limits<float>::infinity() ? hi : res;
 }
 
 // expm1(x) for |x| <= 1/2 (Taylor to x^8: relative error < 1e-8 there), where exp(x) - 1
@@ -129,7 +101,8 @@ FASTKD_INLINE void softplus_pair(float z, float* pos, float* neg) {
   const float e = exp_approx(-std::abs(z));
   const float y = 1.0f + e;
   const float ym1 = y - 1.0f;
-  const float l = ym1 == 0.0f ? e : log_1_to_2(y) * (e / ym1);  // log1p(e), as in logaddexp_approx
+  // log1p(e) as log(1 + e) * e / ((1 + e) - 1): cancels the rounding of 1 + e when e is tiny.
+  const float l = ym1 == 0.0f ? e : log_1_to_2(y) * (e / ym1);
   *pos = std::max(z, 0.0f) + l;
   *neg = std::max(-z, 0.0f) + l;
 }
@@ -138,18 +111,12 @@ FASTKD_INLINE void softplus_pair(float z, float* pos, float* neg) {
 // libm's exp/log (correctly rounded to within 1 ulp), not vectorised, which is fine for
 // what is a precision path.
 FASTKD_INLINE double exp_approx(double x) { return std::exp(x); }
-FASTKD_INLINE double log_approx(double x) { return std::log(x); }
 FASTKD_INLINE double expm1_small(double x) { return std::expm1(x); }
 FASTKD_INLINE double log1p_small(double u) { return std::log1p(u); }
 FASTKD_INLINE void softplus_pair(double z, double* pos, double* neg) {
   const double l = std::log1p(std::exp(-std::abs(z)));
   *pos = std::max(z, 0.0) + l;
   *neg = std::max(-z, 0.0) + l;
-}
-FASTKD_INLINE double logaddexp_approx(double u, double v) {
-  const double hi = std::max(u, v);
-  if (hi == -std::numeric_limits<double>::infinity()) return hi;
-  return hi + std::log1p(std::exp(std::min(u, v) - hi));
 }
 
 }  // namespace cpu

@@ -235,15 +235,6 @@ CentredGrad<Acc> centre_sums(const Acc* w, const Acc* h, int64_t V, Acc c) {
                           static_cast<Acc>(small_qh), static_cast<Acc>(1.0 / sum_q)};
 }
 
-// The cached row's q (into c.es) and per-entry h (into c.et) of a centred divergence,
-// written from d = log p - log q + delta (delta = lse_t - lse_s, a row constant) rather
-// than from the two log-probabilities, whose O(10) magnitudes would round h to 1e-6
-// absolute where h - sum q h is O(0.01) (a student close to its teacher):
-//   reverse KL  h = log q - log p = delta - d: centring drops the constant, h' = -d.
-//   JSD         h = log q - log m = -log1p(beta expm1(log p - log q)), see below;
-//               log p - log m = -log(beta) - softplus(-x), x = log p - log q + log(beta/(1-beta)).
-// Returns the rest of D: reverse KL's delta, JSD's beta KL(p||m), TVD's D itself; then
-// D = rest + (1 - beta) sum q h for reverse KL (beta = 0) and JSD.
 template <typename Acc>
 constexpr Acc kNearHalf = Acc(0.5);  // where expm1_small / log1p_small hold
 template <>
@@ -281,6 +272,15 @@ Acc jsd_chunk(Acc* __restrict w, Acc* __restrict h, const Acc* __restrict d, int
   return part;
 }
 
+// The cached row's q (into c.es) and per-entry h (into c.et) of a centred divergence,
+// written from d = log p - log q + delta (delta = lse_t - lse_s, a row constant) rather
+// than from the two log-probabilities, whose O(10) magnitudes would round h to 1e-6
+// absolute where h - sum q h is O(0.01) (a student close to its teacher):
+//   reverse KL  h = log q - log p = delta - d: centring drops the constant, h' = -d.
+//   JSD         h = log q - log m = -log1p(beta expm1(log p - log q)), see below;
+//               log p - log m = -log(beta) - softplus(-x), x = log p - log q + log(beta/(1-beta)).
+// Returns the rest of D: reverse KL's delta, JSD's beta KL(p||m), TVD's D itself; then
+// D = rest + (1 - beta) sum q h for reverse KL (beta = 0) and JSD.
 template <typename Acc>
 double centred_pass(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence divergence, const ExactParams& x,
                     double* q_pos, double* q_neg, double* q_tie) {

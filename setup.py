@@ -1,5 +1,5 @@
 """Builds fastkd._C: the fused CPU kernel always, the CUDA kernels when torch has CUDA and
-nvcc is present (see fastkd/_build.py for the flags and environment variables).
+nvcc is present (see fastkd/backends/cpp_build.py for the flags and environment variables).
 
 Install with ``pip install --no-build-isolation .`` so the build uses the installed torch.
 """
@@ -9,7 +9,7 @@ import os
 from setuptools import setup
 
 _spec = importlib.util.spec_from_file_location(
-    "fastkd_build", os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastkd", "_build.py"))
+    "fastkd_build", os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastkd", "backends", "cpp_build.py"))
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 

@@ -2,7 +2,7 @@
 # Compile-only check of fastkd's CUDA sources, for machines with nvcc but no GPU.
 #
 #   every csrc/cuda/*.cu   nvcc -c for sm_90a and sm_80, with the project's nvcc flags
-#                          (fastkd/_build.py) and torch's include paths; ptxas reports
+#                          (fastkd/backends/cppcpp_build.py) and torch's include paths; ptxas reports
 #                          registers and spills per kernel (table printed below)
 #   every csrc/cuda/*.cpp  the torch glue, g++ -c against torch's headers and the CUDA
 #                          runtime headers nvcc ships
@@ -22,11 +22,11 @@ trap 'rm -rf "$TMP"' EXIT
 
 command -v "$NVCC" >/dev/null || { echo "compile_cuda: $NVCC not found" >&2; exit 1; }
 
-# The project's flags, minus its -gencode list (CI pins the two targets above). _build.py
+# The project's flags, minus its -gencode list (CI pins the two targets above). cpp_build.py
 # is loaded by path: importing the fastkd package would load or build the extension.
 read -r NVCC_FLAGS CXX_FLAGS < <("$PYTHON" - "$ROOT" <<'EOF'
 import importlib.util, os, sys
-spec = importlib.util.spec_from_file_location("fastkd_build", os.path.join(sys.argv[1], "fastkd", "_build.py"))
+spec = importlib.util.spec_from_file_location("fastkd_build", os.path.join(sys.argv[1], "fastkd", "backends", "cppcpp_build.py"))
 b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
 std = b.torch_std_flag()  # the standard the installed torch's headers need
 nv = [f for f in b.nvcc_flags() if not f.startswith("-gencode")] + [std]

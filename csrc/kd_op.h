@@ -1,10 +1,10 @@
-// Host-side contract of the fastkd operators, shared by the CPU and CUDA implementations:
-// the checked arguments of one forward call, and the checks themselves.
+// Host-side contract of the fastkd operators: the checked arguments of one call, and the
+// per-device implementations (csrc/cpu/kd_cpu.cpp, csrc/cuda/kd_cuda.cpp) that ops.cpp
+// dispatches to after its one shared entry check.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
-#include <c10/util/string_view.h>
 
 #include "kd_params.h"
 
@@ -14,18 +14,35 @@ struct ForwardArgs {
   at::Tensor student;                  // [N, Vs], unit stride along the vocab
   at::Tensor teacher;                  // [N, Vt], unit stride along the vocab
   c10::optional<at::Tensor> labels;    // [N] int64, contiguous
-  at::Tensor grad_scale;               // float32 scalar: the reduction's 1/denominator
-  c10::optional<at::Tensor> row_stats; // [N, 5] float32, contiguous, or none
+  at::Tensor grad_scale;               // scalar: the reduction's 1/denominator
+  c10::optional<at::Tensor> row_stats; // [N, kRowStatsWidth] float32, contiguous, or none
   KDParams params;
   ExactParams exact;                   // the same settings in double
 };
 
+// The shape/device/stride/vocab_size checks of a student-teacher logits pair.
 void check_logits_pair(const at::Tensor& student, const at::Tensor& teacher, int64_t vocab_size);
 
-ForwardArgs check_forward_args(const at::Tensor& student, const at::Tensor& teacher,
-                               const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
-                               const c10::optional<at::Tensor>& row_stats, c10::string_view divergence,
-                               double inv_temperature, double beta, double div_weight, double ce_weight,
-                               int64_t ignore_index, int64_t vocab_size);
+// What one device provides. The entry check has run: shapes, devices, dtypes (floating),
+// strides and settings are valid; each device checks only what it alone restricts.
+struct DeviceOps {
+  // An uninitialised gradient shaped like the student.
+  at::Tensor (*empty_grad)(const at::Tensor& student);
+  // Per-row loss into `loss`, gradient into `grad` (which may be the student itself).
+  void (*forward)(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad);
+  // Row statistics [N, kRowStatsWidth] into `out`; the CE column only when `with_ce`.
+  void (*row_stats)(const ForwardArgs& args, bool with_ce, at::Tensor& out);
+  // grad *= factor (one element, or one per row), skipped when it is exactly 1.
+  void (*scale_grad)(at::Tensor& grad, const at::Tensor& factor);
+};
+
+namespace cpu {
+const DeviceOps& device_ops();
+}
+#ifdef FASTKD_WITH_CUDA
+namespace cuda {
+const DeviceOps& device_ops();
+}
+#endif
 
 }  // namespace fastkd

@@ -3,7 +3,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <string>
 
 namespace fastkd {
 
@@ -21,59 +20,64 @@ struct RowStats {
 };
 constexpr int kRowStatsWidth = 5;
 
-struct KDParams {
+// The loss settings as the kernels use them, in the precision of their arithmetic:
+// KDParams (float) for the fp32-accumulating kernels, ExactParams (double) for the CPU
+// kernel's float64 path.
+template <typename Real>
+struct Settings {
   Divergence divergence;
-  float temperature;
-  float inv_temperature;
-  float beta;
-  float log_beta;          // log(beta), used by JSD's log-sum-exp mixture
-  float log_one_minus_beta;
-  float div_weight;        // alpha * T^2 (or alpha without t_squared)
-  float ce_weight;         // 1 - alpha
+  Real temperature;
+  Real inv_temperature;
+  Real beta;
+  Real log_beta;           // log(beta), used by JSD's log-sum-exp mixture
+  Real log_one_minus_beta;
+  Real div_weight;         // alpha * T^2 (or alpha without t_squared)
+  Real ce_weight;          // 1 - alpha
   int64_t ignore_index;
   int64_t vocab_size;      // columns that count, <= both tensors' widths
 };
+using KDParams = Settings<float>;
+using ExactParams = Settings<double>;
 
-// The float settings in double, as the operators receive them. KDParams holds them in
-// float for the GPU kernels; the CPU kernel's float64 path computes with these.
-struct ExactParams {
-  double temperature;
-  double inv_temperature;
-  double beta;
-  double log_beta;
-  double log_one_minus_beta;
-  double div_weight;
-  double ce_weight;
-};
+// The settings cross the operator boundary as two lists, `int[] ints, float[] floats`,
+// packed by fastkd/config.py (KDConfig.kernel_settings) in this order; a test compares
+// these names with INT_SETTINGS / FLOAT_SETTINGS there. Adding a setting: an entry here,
+// its name, a field above, a line in unpack_settings, and the kernels that read it.
+enum IntSetting : int { kDivergenceId = 0, kIgnoreIndex, kVocabSize, kNumIntSettings };
+enum FloatSetting : int { kInvTemperature = 0, kBeta, kDivWeight, kCeWeight, kNumFloatSettings };
+constexpr const char* kIntSettingNames[kNumIntSettings] = {"divergence_id", "ignore_index", "vocab_size"};
+constexpr const char* kFloatSettingNames[kNumFloatSettings] = {"inv_temperature", "beta", "div_weight",
+                                                               "ce_weight"};
+constexpr int kNumDivergences = 4;
 
-inline ExactParams make_exact_params(double inv_temperature, double beta, double div_weight, double ce_weight) {
-  return ExactParams{1.0 / inv_temperature, inv_temperature, beta, std::log(beta), std::log1p(-beta),
-                     div_weight, ce_weight};
+// Why the packed settings are invalid, or nullptr when they are valid.
+inline const char* settings_error(const int64_t* ints, const double* floats) {
+  if (ints[kDivergenceId] < 0 || ints[kDivergenceId] >= kNumDivergences) return "unknown divergence id";
+  const double inv_t = floats[kInvTemperature];
+  if (!(inv_t > 0.0) || !std::isfinite(inv_t)) return "inv_temperature must be finite and > 0 (temperature > 0)";
+  if (!(floats[kBeta] >= 0.0 && floats[kBeta] <= 1.0)) return "beta must be in [0, 1]";
+  return nullptr;
 }
 
-inline KDParams make_params(const std::string& divergence, double inv_temperature, double beta,
-                            double div_weight, double ce_weight, int64_t ignore_index,
-                            int64_t vocab_size, bool* ok) {
-  KDParams p{};
-  *ok = true;
-  if (divergence == "forward_kl") p.divergence = Divergence::ForwardKL;
-  else if (divergence == "reverse_kl") p.divergence = Divergence::ReverseKL;
+template <typename Real>
+inline Settings<Real> unpack_settings(const int64_t* ints, const double* floats) {
+  Settings<Real> p{};
+  const double beta = floats[kBeta];
+  p.divergence = static_cast<Divergence>(ints[kDivergenceId]);
   // JSD at beta 0 / 1 is exactly forward / reverse KL (TRL's special cases; the general
   // formula gives 0 there). Resolved here too, not only in Python, because under
   // torch.compile beta may be a traced value that Python cannot branch on.
-  else if (divergence == "jsd") p.divergence = beta == 0.0 ? Divergence::ForwardKL
-                                             : beta == 1.0 ? Divergence::ReverseKL : Divergence::JSD;
-  else if (divergence == "tvd") p.divergence = Divergence::TVD;
-  else *ok = false;
-  p.inv_temperature = static_cast<float>(inv_temperature);
-  p.temperature = static_cast<float>(1.0 / inv_temperature);
-  p.beta = static_cast<float>(beta);
-  p.log_beta = static_cast<float>(std::log(beta));
-  p.log_one_minus_beta = static_cast<float>(std::log1p(-beta));
-  p.div_weight = static_cast<float>(div_weight);
-  p.ce_weight = static_cast<float>(ce_weight);
-  p.ignore_index = ignore_index;
-  p.vocab_size = vocab_size;
+  if (p.divergence == Divergence::JSD && beta == 0.0) p.divergence = Divergence::ForwardKL;
+  if (p.divergence == Divergence::JSD && beta == 1.0) p.divergence = Divergence::ReverseKL;
+  p.inv_temperature = static_cast<Real>(floats[kInvTemperature]);
+  p.temperature = static_cast<Real>(1.0 / floats[kInvTemperature]);
+  p.beta = static_cast<Real>(beta);
+  p.log_beta = static_cast<Real>(std::log(beta));
+  p.log_one_minus_beta = static_cast<Real>(std::log1p(-beta));
+  p.div_weight = static_cast<Real>(floats[kDivWeight]);
+  p.ce_weight = static_cast<Real>(floats[kCeWeight]);
+  p.ignore_index = ints[kIgnoreIndex];
+  p.vocab_size = ints[kVocabSize];
   return p;
 }
 

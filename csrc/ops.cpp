@@ -1,16 +1,20 @@
-// Operator schemas of fastkd._C and the argument checks every implementation shares.
+// The fastkd operators: their schemas, the one entry check every device shares, and the
+// dispatch to the device's implementation (kd_op.h: DeviceOps).
 //
-//   row_stats(student, teacher, inv_temperature, vocab_size, with_ce) -> [N, 5] float32
-//   kd_forward(student, teacher, labels?, grad_scale, row_stats?, divergence, ...) -> (loss [N], grad)
-//   kd_forward_inplace(student!, ...) -> loss [N]       (the gradient overwrites student)
-//   scale_grad_(grad!, grad_output)                     (backward: grad *= grad_output)
+//   kd_forward(student, teacher, labels?, grad_scale, row_stats?, int[] ints, float[] floats)
+//       -> (loss [N], grad)
+//   kd_forward_inplace(student!, ...same...) -> loss [N]    (the gradient overwrites student)
+//   row_stats(student, teacher, int[] ints, float[] floats) -> [N, 5] float32
+//   scale_grad_(grad!, factor)                              (backward: grad *= factor)
 //
-// Inputs are 2-D with unit stride along the vocabulary; the Python layer flattens and
-// validates user input, these checks guard the operator contract itself.
+// `ints`/`floats` are the loss settings packed by fastkd/config.py and unpacked by
+// kd_params.h. Inputs are 2-D with unit stride along the vocabulary; the Python layer
+// flattens and validates user input, these checks guard the operator contract itself.
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include <string>
+#include <vector>
 
 #include "cpu/grad_buffer_cache.h"
 #include "kd_op.h"
@@ -32,12 +36,37 @@ void check_logits_pair(const at::Tensor& student, const at::Tensor& teacher, int
               "fastkd: logits must be floating point");
 }
 
+namespace {
+
+const DeviceOps& ops_for(const at::Tensor& x) {
+#ifdef FASTKD_WITH_CUDA
+  if (x.is_cuda()) return cuda::device_ops();
+#endif
+  TORCH_CHECK(x.is_cpu(), "fastkd: no kernels for ", x.device(), " tensors in this build");
+  return cpu::device_ops();
+}
+
+// The entry check of every operator that reads logits: the packed settings and the
+// logits; the forward operators add labels, grad_scale and row_stats.
+ForwardArgs check_settings_and_logits(const at::Tensor& student, const at::Tensor& teacher, at::IntArrayRef ints,
+                                      at::ArrayRef<double> floats) {
+  TORCH_CHECK(ints.size() == kNumIntSettings && floats.size() == kNumFloatSettings, "fastkd: expected ",
+              int(kNumIntSettings), " int and ", int(kNumFloatSettings), " float settings, got ", ints.size(),
+              " and ", floats.size(), " (fastkd._C is older or newer than the Python package: rebuild it)");
+  const char* error = settings_error(ints.data(), floats.data());
+  TORCH_CHECK(error == nullptr, "fastkd: ", error);
+  ForwardArgs args{student, teacher, c10::nullopt, at::Tensor(), c10::nullopt,
+                   unpack_settings<float>(ints.data(), floats.data()),
+                   unpack_settings<double>(ints.data(), floats.data())};
+  check_logits_pair(student, teacher, args.params.vocab_size);
+  return args;
+}
+
 ForwardArgs check_forward_args(const at::Tensor& student, const at::Tensor& teacher,
                                const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
-                               const c10::optional<at::Tensor>& row_stats, c10::string_view divergence,
-                               double inv_temperature, double beta, double div_weight, double ce_weight,
-                               int64_t ignore_index, int64_t vocab_size) {
-  check_logits_pair(student, teacher, vocab_size);
+                               const c10::optional<at::Tensor>& row_stats, at::IntArrayRef ints,
+                               at::ArrayRef<double> floats) {
+  ForwardArgs args = check_settings_and_logits(student, teacher, ints, floats);
   const int64_t n = student.size(0);
   if (labels) {
     TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n && labels->scalar_type() == at::kLong &&
@@ -48,43 +77,99 @@ ForwardArgs check_forward_args(const at::Tensor& student, const at::Tensor& teac
               "fastkd: grad_scale must be a one-element tensor on the logits' device");
   if (row_stats) {
     TORCH_CHECK(row_stats->dim() == 2 && row_stats->size(0) == n && row_stats->size(1) == kRowStatsWidth &&
-                    row_stats->scalar_type() == at::kFloat && row_stats->is_contiguous(),
-                "fastkd: row_stats must be a contiguous float32 [N, ", kRowStatsWidth, "] tensor");
+                    row_stats->scalar_type() == at::kFloat && row_stats->is_contiguous() &&
+                    row_stats->device() == student.device(),
+                "fastkd: row_stats must be a contiguous float32 [N, ", kRowStatsWidth,
+                "] tensor on the logits' device");
   }
-  TORCH_CHECK(inv_temperature > 0.0 && std::isfinite(inv_temperature),
-              "fastkd: inv_temperature must be finite and > 0 (temperature > 0), got ", inv_temperature);
-  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "fastkd: beta must be in [0, 1]");
-  bool ok = true;
-  KDParams p = make_params(std::string(divergence.data(), divergence.size()), inv_temperature, beta,
-                           div_weight, ce_weight, ignore_index, vocab_size, &ok);
-  TORCH_CHECK(ok, "fastkd: unknown divergence '", std::string(divergence.data(), divergence.size()), "'");
-  TORCH_CHECK(ce_weight == 0.0 || labels, "fastkd: ce_weight != 0 needs labels");
-  return ForwardArgs{student, teacher, labels, grad_scale, row_stats, p,
-                     make_exact_params(inv_temperature, beta, div_weight, ce_weight)};
+  TORCH_CHECK(args.exact.ce_weight == 0.0 || labels, "fastkd: ce_weight != 0 needs labels");
+  args.labels = labels;
+  args.grad_scale = grad_scale;
+  args.row_stats = row_stats;
+  return args;
 }
 
+// The loss is float32, or float64 when an input is: fp64 input accumulates in double and
+// returns its loss in double.
+at::Tensor empty_loss(const at::Tensor& student, const at::Tensor& teacher) {
+  const bool f64 = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
+  return at::empty({student.size(0)}, student.options().dtype(f64 ? at::kDouble : at::kFloat));
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                              const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
+                                              const c10::optional<at::Tensor>& row_stats, at::IntArrayRef ints,
+                                              at::ArrayRef<double> floats) {
+  const ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, ints, floats);
+  const DeviceOps& device = ops_for(student);
+  at::Tensor loss = empty_loss(student, teacher);
+  at::Tensor grad = device.empty_grad(student);
+  device.forward(args, loss, grad);
+  return {loss, grad};
+}
+
+at::Tensor kd_forward_inplace(at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
+                              const at::Tensor& grad_scale, const c10::optional<at::Tensor>& row_stats,
+                              at::IntArrayRef ints, at::ArrayRef<double> floats) {
+  const ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, ints, floats);
+  at::Tensor loss = empty_loss(student, teacher);
+  // Every kernel reads a row element before overwriting it (the CPU kernel reads the
+  // whole row first; on CUDA the same thread reads and writes an element, and the CE
+  // term's label logit is read before any store of its row).
+  ops_for(student).forward(args, loss, student);
+  return loss;
+}
+
+at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, at::IntArrayRef ints,
+                     at::ArrayRef<double> floats) {
+  const ForwardArgs args = check_settings_and_logits(student, teacher, ints, floats);
+  at::Tensor out = at::empty({student.size(0), kRowStatsWidth}, student.options().dtype(at::kFloat));
+  if (student.size(0) > 0) ops_for(student).row_stats(args, args.exact.ce_weight != 0.0, out);
+  return out;
+}
+
+void scale_grad_(at::Tensor& grad, const at::Tensor& factor) {
+  if (grad.numel() == 0) return;
+  ops_for(grad).scale_grad(grad, factor);
+}
+
+std::vector<std::string> names(const char* const* list, int n) { return std::vector<std::string>(list, list + n); }
+
+}  // namespace
 }  // namespace fastkd
 
 TORCH_LIBRARY(fastkd, m) {
-  m.def("row_stats(Tensor student, Tensor teacher, float inv_temperature, int vocab_size, bool with_ce) -> Tensor");
   m.def(
       "kd_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, Tensor? row_stats, "
-      "str divergence, float inv_temperature, float beta, float div_weight, float ce_weight, "
-      "int ignore_index, int vocab_size) -> (Tensor, Tensor)");
+      "int[] ints, float[] floats) -> (Tensor, Tensor)");
   m.def(
       "kd_forward_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor grad_scale, "
-      "Tensor? row_stats, str divergence, float inv_temperature, float beta, float div_weight, "
-      "float ce_weight, int ignore_index, int vocab_size) -> Tensor");
-  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+      "Tensor? row_stats, int[] ints, float[] floats) -> Tensor");
+  m.def("row_stats(Tensor student, Tensor teacher, int[] ints, float[] floats) -> Tensor");
+  m.def("scale_grad_(Tensor(a!) grad, Tensor factor) -> ()");
 }
 
+// One implementation per operator, registered for each device the build has.
+#define FASTKD_REGISTER_OPS(m)                           \
+  m.impl("kd_forward", &fastkd::kd_forward);             \
+  m.impl("kd_forward_inplace", &fastkd::kd_forward_inplace); \
+  m.impl("row_stats", &fastkd::row_stats);               \
+  m.impl("scale_grad_", &fastkd::scale_grad_)
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) { FASTKD_REGISTER_OPS(m); }
+#ifdef FASTKD_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) { FASTKD_REGISTER_OPS(m); }
+#endif
+
 // Importing fastkd._C registers the operators above; the module itself holds a report of
-// what was compiled in and the CPU gradient-buffer cache's controls.
+// what was compiled in, the settings' order, and the CPU gradient-buffer cache's controls.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_cpu_grad_cache", &fastkd::cpu::empty_grad_buffer_cache,
         "Release the freed CPU gradient buffers fastkd keeps for reuse; returns the bytes released");
   m.def("cpu_grad_cache_bytes", &fastkd::cpu::grad_buffer_cache_bytes,
         "Bytes held by freed CPU gradient buffers kept for reuse");
+  m.attr("int_settings") = fastkd::names(fastkd::kIntSettingNames, fastkd::kNumIntSettings);
+  m.attr("float_settings") = fastkd::names(fastkd::kFloatSettingNames, fastkd::kNumFloatSettings);
 #ifdef FASTKD_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -31,9 +31,10 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from . import ops, reference
-from ._args import FLOAT_DTYPES, KDConfig, check_bool, check_kd_args, make_config, reduction_scale
-from .api import check_backend_name, resolve_backend
+from ._checks import (check_float_tensor, check_labels, check_num_items, check_same_tokens, reduction_scale,
+                      resolve_vocab_size)
+from ._dispatch import backend_for, check_backend_name, get_backend
+from .config import KDConfig, check_bool, make_config, takes_settings
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -148,25 +149,9 @@ KernelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.T
 
 def _kernel_fn(backend: str, cfg: KDConfig) -> KernelFn:
     """(student chunk, teacher chunk, labels, grad_scale) -> loss rows; grad written in place."""
-    if backend == "torch":
-        return functools.partial(_reference_inplace, cfg=cfg)
-    kernels = ops.get_backend(backend)
-
-    def run(student, teacher, labels, grad_scale):
-        return kernels.forward_inplace(student, teacher, labels, grad_scale, None, cfg.divergence,
-                                       cfg.inv_temperature, cfg.beta, cfg.div_weight, cfg.ce_weight,
-                                       cfg.ignore_index, cfg.vocab_size)
-    return run
-
-
-def _reference_inplace(student, teacher, labels, grad_scale, cfg: KDConfig):
-    """The ``torch`` backend: the reference loss of one chunk, its gradient by autograd."""
-    with torch.enable_grad():
-        s = student.detach().requires_grad_(True)
-        rows = reference.loss_per_row(s, teacher, labels, cfg)
-        (grad,) = torch.autograd.grad(rows.sum() * grad_scale, s)
-    student.copy_(grad)
-    return rows.detach().float()
+    kernels = get_backend(backend)
+    return lambda student, teacher, labels, grad_scale: kernels.forward_inplace(
+        student, teacher, labels, grad_scale, cfg)
 
 
 @dataclass(frozen=True)
@@ -341,33 +326,24 @@ def _scale_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> None
     """grad *= grad_output in place, with no host sync (the kernels skip it when it is 1)."""
     if grad.numel() == 0:
         return
-    kernels = ops.get_backend(backend) if backend != "torch" else None
-    if kernels is None:
-        grad.mul_(grad_output.to(grad.dtype))
-        return
-    kernels.scale_grad_(grad.view(1, -1) if grad.dim() == 1 else grad, grad_output)
+    get_backend(backend).scale_grad_(grad.view(1, -1) if grad.dim() == 1 else grad, grad_output)
 
 
 # ---------------------------------------------------------------------------------------
-# Argument checks (the KD keywords and labels go through check_kd_args like kd_loss's).
+# Argument checks: the tensors here; the settings, labels and num_items as in kd_loss.
 
-def _check_float_tensor(name: str, x, dims: Optional[int] = None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float32, float64, bfloat16 or float16), got {x.dtype}")
-    if dims is None and x.dim() == 0:
-        raise ValueError(f"{name} must have shape [..., H] with at least one dimension, got a 0-dim tensor")
-    if dims is not None and x.dim() != dims:
-        want = "[V, H]" if dims == 2 else "[V]"
+def _check_parameter(name: str, x, dims: int) -> None:
+    want = "[V, H]" if dims == 2 else "[V]"
+    check_float_tensor(name, x, want)
+    if x.dim() != dims:
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
 
 
 def _check_side(side: str, hidden, weight, bias) -> None:
-    _check_float_tensor(f"{side}_hidden", hidden)
-    _check_float_tensor(f"{side}_weight", weight, dims=2)
+    check_float_tensor(f"{side}_hidden", hidden, "[..., H]")
+    _check_parameter(f"{side}_weight", weight, dims=2)
     if bias is not None:
-        _check_float_tensor(f"{side}_bias", bias, dims=1)
+        _check_parameter(f"{side}_bias", bias, dims=1)
     H = hidden.shape[-1]
     if weight.shape[1] != H:
         raise ValueError(
@@ -411,6 +387,7 @@ def _check_chunk_size(chunk_size) -> None:
 # ---------------------------------------------------------------------------------------
 # Public API.
 
+@takes_settings(after=("num_items", "inplace_backward", "chunk_size", "backend"))
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -420,18 +397,11 @@ def fused_linear_kd_loss(
     *,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 1.0,
-    t_squared: bool = True,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     num_items=None,
-    vocab_size: Optional[int] = None,
     inplace_backward: bool = False,
     chunk_size: Union[str, int] = "auto",
     backend: str = "auto",
+    **settings,
 ) -> torch.Tensor:
     """KD loss from hidden states and LM-head weights, without materialising the logits.
 
@@ -451,10 +421,11 @@ def fused_linear_kd_loss(
             ``teacher_weight`` and ``teacher_bias`` may require grad (a frozen teacher
             module's parameters usually still do): they are used as constants, no
             gradient is computed for them and their ``.grad`` stays ``None``.
-        labels, divergence, temperature, beta, alpha, t_squared, ignore_index, reduction,
-        num_items, vocab_size: as in :func:`fastkd.kd_loss`. ``vocab_size`` restricts both
-            heads to their first ``vocab_size`` rows (the rest of the student's weight and
-            bias get zero gradient).
+        labels, num_items, and the settings: as in :func:`fastkd.kd_loss`, on the logits
+            ``hidden @ weight.T + bias``. ``vocab_size`` restricts both heads to their
+            first ``vocab_size`` rows (the rest of the student's weight and bias get zero
+            gradient).
+        {settings}
         inplace_backward: accepted for keyword compatibility with ``kd_loss`` and has no
             effect: the chunk logits are internal buffers and always receive their
             gradient in place; the caller's tensors are never overwritten.
@@ -481,17 +452,22 @@ def fused_linear_kd_loss(
     a weight gradient already summed over tokens. The reduced forms keep one copy of their
     gradients and can be backpropagated once (no ``retain_graph=True``).
     """
+    cfg = make_config("fused_linear_kd_loss", **settings)
+    return fused_linear_kd_loss_with_config(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, cfg,
+        student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
+        inplace_backward=inplace_backward, chunk_size=chunk_size, backend=backend)
+
+
+def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                     cfg: KDConfig, *, student_bias=None, teacher_bias=None, num_items=None,
+                                     inplace_backward=False, chunk_size="auto", backend="auto") -> torch.Tensor:
+    """:func:`fused_linear_kd_loss` with the settings already validated into ``cfg``."""
+    check_bool("inplace_backward", inplace_backward)
+    _check_chunk_size(chunk_size)
     _check_side("student", student_hidden, student_weight, student_bias)
     _check_side("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(
-            "student_hidden and teacher_hidden must have the same leading (token) shape, got "
-            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}")
-    if teacher_hidden.requires_grad:
-        raise ValueError(
-            "teacher_hidden requires grad, but the teacher is a constant in distillation: "
-            "compute it under torch.no_grad() or pass .detach()")
-    _check_chunk_size(chunk_size)
+    check_same_tokens("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
     device = student_hidden.device
     student_hidden, student_weight, student_bias = _autocast_side(
         device.type, student_hidden, student_weight, student_bias)
@@ -501,23 +477,11 @@ def fused_linear_kd_loss(
     _check_side_dtypes("teacher", teacher_hidden, teacher_weight, teacher_bias)
 
     lead = student_hidden.shape[:-1]
-    vs, vt = student_weight.shape[0], teacher_weight.shape[0]
-    # Zero-storage stand-ins with the logits' shapes let check_kd_args validate vocab
-    # sizes, devices, labels and keywords exactly as kd_loss does.
-    s_standin = torch.empty((), dtype=student_hidden.dtype, device=device).expand(*lead, vs)
-    t_standin = torch.empty((), dtype=teacher_hidden.dtype, device=teacher_hidden.device).expand(*lead, vt)
-    check_bool("inplace_backward", inplace_backward)
-    cfg = make_config(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-                      t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
-                      vocab_size=vocab_size)
-    cfg, num_items = check_kd_args(
-        s_standin, t_standin, labels, cfg, num_items, check_teacher_grad=False,
-        student_name="student logits (student_hidden @ student_weight.T)",
-        teacher_name="teacher logits (teacher_hidden @ teacher_weight.T)",
-    )
-    name = resolve_backend(backend, device)
-    if name not in ("cpu", "torch") and torch.float64 in (student_hidden.dtype, teacher_hidden.dtype):
-        raise TypeError(f"float64 inputs are supported by the 'cpu' and 'torch' backends, not {name!r}")
+    cfg = resolve_vocab_size(cfg, student_weight.shape[0], teacher_weight.shape[0],
+                             "student_weight (the student's LM head)", "teacher_weight (the teacher's LM head)")
+    check_labels(labels, lead, device, cfg)
+    num_items = check_num_items(num_items, cfg.reduction)
+    name = backend_for(backend, device, student_hidden.dtype, teacher_hidden.dtype, what="inputs").name
 
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
@@ -551,26 +515,27 @@ class FusedLinearKDLoss(torch.nn.Module):
     >>> loss = crit(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels)
     """
 
-    def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, beta: float = 0.5,
-                 alpha: float = 1.0, t_squared: bool = True, ignore_index: int = -100,
-                 reduction: str = "mean", vocab_size: Optional[int] = None,
-                 inplace_backward: bool = False, chunk_size: Union[str, int] = "auto", backend: str = "auto"):
+    def __init__(self, divergence: str = "forward_kl", *, inplace_backward: bool = False,
+                 chunk_size: Union[str, int] = "auto", backend: str = "auto", **settings):
         super().__init__()
+        self.config = make_config("FusedLinearKDLoss", divergence=divergence, **settings)
+        self.inplace_backward = check_bool("inplace_backward", inplace_backward)
         _check_chunk_size(chunk_size)
-        check_bool("inplace_backward", inplace_backward)
-        make_config(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha, t_squared=t_squared,
-                    ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size)
+        self.chunk_size = chunk_size
         check_backend_name(backend)
-        self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-                           t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
-                           vocab_size=vocab_size, inplace_backward=inplace_backward, chunk_size=chunk_size,
-                           backend=backend)
+        self.backend = backend
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
                 student_bias=None, teacher_bias=None, num_items=None):
-        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                    student_bias=student_bias, teacher_bias=teacher_bias,
-                                    num_items=num_items, **self.kwargs)
+        return fused_linear_kd_loss_with_config(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, self.config,
+            student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
+            inplace_backward=self.inplace_backward, chunk_size=self.chunk_size, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        options = dict(self.config.changed_settings(), inplace_backward=self.inplace_backward,
+                       chunk_size=self.chunk_size, backend=self.backend)
+        return ", ".join(f"{k}={v!r}" for k, v in options.items())
+
+
+takes_settings(FusedLinearKDLoss.__init__, after=("inplace_backward", "chunk_size", "backend"))

@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._args import KDConfig, check_kd_args, make_config
+from ._checks import check_kd_args
+from .config import KDConfig, make_config, takes_settings
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -97,30 +98,22 @@ def reduce_loss(rows: torch.Tensor, labels, cfg: KDConfig, num_items) -> torch.T
     return total / (labels != cfg.ignore_index).sum().clamp_min(1)
 
 
+@takes_settings(after=("num_items",))
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
     *,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 1.0,
-    t_squared: bool = True,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     num_items=None,
-    vocab_size: Optional[int] = None,
+    **settings,
 ) -> torch.Tensor:
-    """Reference knowledge-distillation loss; same signature and meaning as ``fastkd.kd_loss``.
+    """Reference knowledge-distillation loss; same settings and meaning as ``fastkd.kd_loss``.
 
     Computes in float64 when either input is float64, otherwise in float32 (plain
     autograd: exact only in float64). The teacher is detached (a teacher that requires
     grad is rejected, as in ``fastkd.kd_loss``).
     """
-    cfg = make_config(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-                      t_squared=t_squared, ignore_index=ignore_index, reduction=reduction,
-                      vocab_size=vocab_size)
+    cfg = make_config("kd_loss", **settings)
     cfg, num_items = check_kd_args(student_logits, teacher_logits, labels, cfg, num_items)
     return kd_loss_with_config(student_logits, teacher_logits, labels, cfg, num_items)
 

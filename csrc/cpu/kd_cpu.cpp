@@ -28,7 +28,6 @@
  * how a vocab-parallel variant combines shards before the loss sweep.
  */
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -569,7 +568,7 @@ void dispatch_pair(at::ScalarType ss, at::ScalarType ts, const F& f) {
   });
 }
 
-void launch_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
+void forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
   const int64_t n_rows = args.student.size(0);
   if (n_rows == 0) return;
   const double grad_scale = args.grad_scale.to(at::kDouble).item<double>();
@@ -586,57 +585,21 @@ void launch_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad)
   });
 }
 
-// The loss is float32, or float64 when an input is: fp64 input accumulates in double and
-// returns its loss in double.
-at::Tensor empty_loss(const at::Tensor& student, const at::Tensor& teacher) {
-  const bool f64 = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
-  return at::empty({student.size(0)}, student.options().dtype(f64 ? at::kDouble : at::kFloat));
+// From the gradient-buffer cache: a freed gradient of the same size is reused without
+// the page faults of fresh memory.
+at::Tensor empty_grad(const at::Tensor& student) {
+  return cached_empty(student.size(0), student.size(1), student.options());
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                  const c10::optional<at::Tensor>& labels,
-                                                  const at::Tensor& grad_scale,
-                                                  const c10::optional<at::Tensor>& row_stats,
-                                                  c10::string_view divergence, double inv_temperature,
-                                                  double beta, double div_weight, double ce_weight,
-                                                  int64_t ignore_index, int64_t vocab_size) {
-  ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, divergence,
-                                        inv_temperature, beta, div_weight, ce_weight, ignore_index,
-                                        vocab_size);
-  at::Tensor loss = empty_loss(student, teacher);
-  at::Tensor grad = cached_empty(student.size(0), student.size(1), student.options());
-  launch_forward(args, loss, grad);
-  return {loss, grad};
-}
-
-at::Tensor kd_forward_inplace_cpu(at::Tensor& student, const at::Tensor& teacher,
-                                  const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
-                                  const c10::optional<at::Tensor>& row_stats, c10::string_view divergence,
-                                  double inv_temperature, double beta, double div_weight, double ce_weight,
-                                  int64_t ignore_index, int64_t vocab_size) {
-  ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, divergence,
-                                        inv_temperature, beta, div_weight, ce_weight, ignore_index,
-                                        vocab_size);
-  at::Tensor loss = empty_loss(student, teacher);
-  // Each row is fully read into the row cache before its gradient overwrites it.
-  launch_forward(args, loss, student);
-  return loss;
-}
-
-at::Tensor row_stats_cpu(const at::Tensor& student, const at::Tensor& teacher, double inv_temperature,
-                         int64_t vocab_size, bool with_ce) {
-  check_logits_pair(student, teacher, vocab_size);
-  TORCH_CHECK(inv_temperature > 0.0 && std::isfinite(inv_temperature), "fastkd: inv_temperature must be finite and > 0");
-  const ExactParams x = make_exact_params(inv_temperature, 0.5, 1.0, 0.0);
-  at::Tensor out = at::empty({student.size(0), kRowStatsWidth}, student.options().dtype(at::kFloat));
-  if (student.size(0) == 0) return out;
+void row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
+  const at::Tensor& student = args.student;
+  const at::Tensor& teacher = args.teacher;
   dispatch_pair(student.scalar_type(), teacher.scalar_type(), [&](auto s0, auto t0) {
     using TS = decltype(s0);
     using TT = decltype(t0);
     stats_rows(student.data_ptr<TS>(), student.stride(0), teacher.data_ptr<TT>(), teacher.stride(0),
-               student.size(0), vocab_size, x, with_ce, out.data_ptr<float>());
+               student.size(0), args.params.vocab_size, args.exact, with_ce, out.data_ptr<float>());
   });
-  return out;
 }
 
 template <typename T>
@@ -657,7 +620,7 @@ void scale_rows(T* g, int64_t n_rows, int64_t width, int64_t stride, const doubl
 // the gradient's dtype, so a factor beyond fp16's range (a GradScaler's 65536) does not
 // overflow before it meets the small gradient entries. Skipped when the factor is 1 (the
 // common `loss.backward()`); reading the scalar costs nothing on the CPU.
-void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
+void scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
   TORCH_CHECK(grad.dim() == 2 && grad.stride(1) == 1, "fastkd: scale_grad_ needs a 2-D gradient with unit inner stride");
   const int64_t n_rows = grad.size(0), width = grad.size(1);
   const bool per_row = grad_output.numel() != 1;
@@ -673,11 +636,9 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("kd_forward", &kd_forward_cpu);
-  m.impl("kd_forward_inplace", &kd_forward_inplace_cpu);
-  m.impl("row_stats", &row_stats_cpu);
-  m.impl("scale_grad_", &scale_grad_cpu);
+const DeviceOps& device_ops() {
+  static const DeviceOps ops{&empty_grad, &forward, &row_stats, &scale_grad};
+  return ops;
 }
 
 }  // namespace cpu

@@ -1,5 +1,6 @@
-// The fastkd operators on CUDA tensors: argument checks (shared with the CPU backend),
-// the launch plan (kd_cuda.h), and the kernels' C-style launchers on the current stream.
+// The fastkd operators' CUDA implementations (kd_op.h: DeviceOps; ops.cpp checks the
+// arguments for every device): the launch plan (kd_cuda.h), and the kernels' C-style
+// launchers on the tensors' device's current stream.
 //
 // Nothing here synchronises with the device: grad_scale and grad_output are read by the
 // kernels from device memory, so the ops work under CUDA graphs and torch.compile.
@@ -130,15 +131,8 @@ KDLaunch make_launch(const ForwardArgs& args, const at::Tensor& grad_scale, at::
   return a;
 }
 
-void check_cuda_args(const ForwardArgs& args) {
-  TORCH_CHECK(args.student.is_cuda(), "fastkd (cuda): logits must be CUDA tensors");
-  TORCH_CHECK(!args.row_stats || args.row_stats->device() == args.student.device(),
-              "fastkd (cuda): row_stats must be on the logits' device");
+void forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
   TORCH_CHECK(args.grad_scale.is_cuda(), "fastkd (cuda): grad_scale must be on the logits' device");
-}
-
-void run_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
-  check_cuda_args(args);
   if (args.student.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(args.student.device());
   // A no-op when it is already float32 (the Python layer passes float32).
@@ -147,44 +141,14 @@ void run_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
   launch_forward(a, args.student.get_device());
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                   const c10::optional<at::Tensor>& labels,
-                                                   const at::Tensor& grad_scale,
-                                                   const c10::optional<at::Tensor>& row_stats,
-                                                   c10::string_view divergence, double inv_temperature, double beta,
-                                                   double div_weight, double ce_weight, int64_t ignore_index,
-                                                   int64_t vocab_size) {
-  ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, divergence,
-                                        inv_temperature, beta, div_weight, ce_weight, ignore_index, vocab_size);
-  at::Tensor loss = at::empty({student.size(0)}, student.options().dtype(at::kFloat));
-  at::Tensor grad = at::empty({student.size(0), student.size(1)}, student.options());
-  run_forward(args, loss, grad);
-  return {loss, grad};
+at::Tensor empty_grad(const at::Tensor& student) {
+  return at::empty({student.size(0), student.size(1)}, student.options());
 }
 
-at::Tensor kd_forward_inplace_cuda(at::Tensor& student, const at::Tensor& teacher,
-                                   const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
-                                   const c10::optional<at::Tensor>& row_stats, c10::string_view divergence,
-                                   double inv_temperature, double beta, double div_weight, double ce_weight,
-                                   int64_t ignore_index, int64_t vocab_size) {
-  ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, divergence,
-                                        inv_temperature, beta, div_weight, ce_weight, ignore_index, vocab_size);
-  at::Tensor loss = at::empty({student.size(0)}, student.options().dtype(at::kFloat));
-  // Every kernel reads a row element before overwriting it, by the same thread, and the
-  // CE term's label logit is read before any store of its row.
-  run_forward(args, loss, student);
-  return loss;
-}
-
-at::Tensor row_stats_cuda(const at::Tensor& student, const at::Tensor& teacher, double inv_temperature,
-                          int64_t vocab_size, bool with_ce) {
-  check_logits_pair(student, teacher, vocab_size);
-  TORCH_CHECK(student.is_cuda(), "fastkd (cuda): logits must be CUDA tensors");
-  TORCH_CHECK(inv_temperature > 0.0, "fastkd: inv_temperature must be > 0");
-  at::Tensor out = at::empty({student.size(0), kRowStatsWidth}, student.options().dtype(at::kFloat));
-  if (student.size(0) == 0) return out;
+void row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
+  const at::Tensor& student = args.student;
+  const at::Tensor& teacher = args.teacher;
   const c10::cuda::CUDAGuard guard(student.device());
-  bool ok = true;
   KDLaunch a{};
   a.student = student.data_ptr();
   a.teacher = teacher.data_ptr();
@@ -195,18 +159,16 @@ at::Tensor row_stats_cuda(const at::Tensor& student, const at::Tensor& teacher, 
   a.s_type = elem_type(student.scalar_type(), "student logits");
   a.t_type = elem_type(teacher.scalar_type(), "teacher logits");
   a.with_ce_raw = with_ce;
-  a.p = make_params("forward_kl", inv_temperature, 0.5, 1.0, 0.0, -100, vocab_size, &ok);
-  PlanInput in{vocab_size, a.n_rows, a.s_type, a.t_type, false, 0, false, false, KernelOverride::TwoPass};
+  a.p = args.params;
+  PlanInput in{a.p.vocab_size, a.n_rows, a.s_type, a.t_type, false, 0, false, false, KernelOverride::TwoPass};
   row_phases(a, in.phases_agree, in.max_lead);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.get_device()).stream();
   C10_CUDA_CHECK(launch_row_stats(a, plan_launch(in), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
 // Backward: grad *= grad_output without reading grad_output on the host.
-void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_output) {
-  if (grad.numel() == 0) return;
+void scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
   const bool rows = grad.dim() == 2 && grad.stride(1) == 1 && grad.scalar_type() != at::kDouble;
   if (!grad_output.is_cuda()) {
     // A host scalar costs nothing to read.
@@ -262,12 +224,11 @@ TORCH_LIBRARY_FRAGMENT(fastkd, m) {
   m.def("cuda_kernel_plan(Tensor student, Tensor teacher, bool with_row_stats, int vocab_size) -> str");
 }
 
-TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
-  m.impl("kd_forward", &kd_forward_cuda);
-  m.impl("kd_forward_inplace", &kd_forward_inplace_cuda);
-  m.impl("row_stats", &row_stats_cuda);
-  m.impl("scale_grad_", &scale_grad_cuda);
-  m.impl("cuda_kernel_plan", &cuda_kernel_plan);
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) { m.impl("cuda_kernel_plan", &cuda_kernel_plan); }
+
+const DeviceOps& device_ops() {
+  static const DeviceOps ops{&empty_grad, &forward, &row_stats, &scale_grad};
+  return ops;
 }
 
 }  // namespace cuda

@@ -1,4 +1,4 @@
-"""Loading the compiled extension fastkd._C, on the first call that needs it.
+"""The C++ backends ``cpu`` and ``cuda``: loading fastkd._C on the first call that needs it.
 
 Order: the prebuilt module (from ``pip install``), else a JIT build with ninja into a
 cache directory (once per source change), else None with a warning that carries the
@@ -15,6 +15,10 @@ import re
 import sys
 import time
 import warnings
+
+import torch
+
+from . import KernelBackend, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_
 
 EXT_NAME = "fastkd_C"
 
@@ -33,7 +37,7 @@ def _is_stale(directory: str, sources: list) -> bool:
 
 
 def _headers() -> list:
-    from . import _build
+    from . import cpp_build as _build
 
     return glob.glob(os.path.join(_build.CSRC, "**", "*.h"), recursive=True) + glob.glob(
         os.path.join(_build.CSRC, "**", "*.cuh"), recursive=True)
@@ -51,7 +55,7 @@ def compiler_errors(log: str, limit: int = 8) -> list:
 def _jit_build():
     from torch.utils.cpp_extension import load
 
-    from . import _build
+    from . import cpp_build as _build
 
     sources = _build.cpu_sources()
     kwargs = dict(extra_cflags=_build.cxx_flags(), extra_ldflags=_build.extra_ldflags())
@@ -84,7 +88,7 @@ def _jit_build():
 def load_extension():
     """The extension module, or None when it can be neither imported nor built."""
     try:
-        from . import _C  # noqa: F401
+        from .. import _C  # noqa: F401
 
         return _C
     except ImportError:
@@ -119,3 +123,29 @@ def empty_cpu_grad_cache() -> int:
         return 0  # the extension was never loaded, so nothing was cached
     ext = load_extension()
     return int(ext.empty_cpu_grad_cache()) if ext is not None and hasattr(ext, "empty_cpu_grad_cache") else 0
+
+
+# ---------------------------------------------------------------------------------------
+# Registration: one set of operators (torch.ops.fastkd.*) serves both devices.
+
+def backends() -> tuple:
+    """The ``cpu`` backend, and ``cuda`` when the extension has CUDA kernels; () without it."""
+    ext = load_extension()
+    if ext is None:
+        return ()
+    for op, fake in (("kd_forward", fake_forward), ("kd_forward_inplace", fake_forward_inplace),
+                     ("row_stats", fake_row_stats), ("scale_grad_", fake_scale_grad_)):
+        torch.library.register_fake(f"fastkd::{op}")(fake)
+    ops = torch.ops.fastkd
+
+    def forward(student, teacher, labels, grad_scale, cfg, row_stats=None):
+        return ops.kd_forward(student, teacher, labels, grad_scale, row_stats, *cfg.kernel_settings())
+
+    def forward_inplace(student, teacher, labels, grad_scale, cfg, row_stats=None):
+        return ops.kd_forward_inplace(student, teacher, labels, grad_scale, row_stats, *cfg.kernel_settings())
+
+    cpu = KernelBackend("cpu", forward, forward_inplace, ops.scale_grad_, lambda device: device.type == "cpu",
+                        dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
+    if not getattr(ext, "with_cuda", False):
+        return (cpu,)
+    return cpu, KernelBackend("cuda", forward, forward_inplace, ops.scale_grad_, lambda device: device.type == "cuda")

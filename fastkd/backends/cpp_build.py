@@ -1,6 +1,6 @@
 """What fastkd._C is built from, and with which flags.
 
-Shared by ``setup.py`` (ahead-of-time build) and ``fastkd._ext`` (JIT build with ninja on
+Shared by ``setup.py`` (ahead-of-time build) and ``fastkd.backends.cpp`` (JIT build with ninja on
 first use), so the two can never drift apart. Imports nothing from fastkd.
 
 Environment:
@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC = os.path.join(ROOT, "csrc")
 DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 

@@ -1,0 +1,79 @@
+"""The autograd Function of the fused loss: forward runs a backend's fused kernel, which
+writes the gradient too; backward only rescales that stored gradient by ``grad_output``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._checks import reduction_scale
+from ._dispatch import get_backend
+from .backends import loss_dtype
+from .config import KDConfig
+
+
+class KDLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, labels, grad_scale, backend_name, reduced, inplace, cfg):
+        kernels = get_backend(backend_name)
+        # fp16 cannot hold the scaled gradient: with reduction="mean" over thousands of
+        # tokens most entries fall below its smallest subnormal, and no GradScaler brings
+        # them back. So an fp16 gradient is stored unscaled (its entries are O(alpha T + 1))
+        # and the scale is applied with grad_output in fp32 in backward, rounded once.
+        deferred = student.dtype == torch.float16 and reduced
+        kernel_scale = torch.ones_like(grad_scale) if deferred else grad_scale
+        if inplace:
+            loss_rows = kernels.forward_inplace(student, teacher, labels, kernel_scale, cfg)
+            grad = student
+            if not torch.compiler.is_compiling():
+                # The logits now hold their gradient: bump their version so that autograd
+                # refuses any graph node that saved them ("modified by an inplace
+                # operation"), as a mutating op does. (Compiled graphs record the
+                # mutation themselves.)
+                torch.autograd.graph.increment_version(student)
+        else:
+            loss_rows, grad = kernels.forward(student, teacher, labels, kernel_scale, cfg)
+        ctx.save_for_backward(grad, grad_scale if deferred else None)
+        ctx.backend_name = backend_name
+        if reduced:
+            return loss_rows.sum() * grad_scale
+        return loss_rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "fastkd: the fused loss keeps one copy of its gradient and rescales it in place, "
+                "so it can be backpropagated only once (retain_graph=True is not supported)")
+        ctx.consumed = True
+        grad, deferred_scale = ctx.saved_tensors
+        factor = grad_output.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+        if deferred_scale is not None:
+            factor = factor * deferred_scale
+        get_backend(ctx.backend_name).scale_grad_(grad, factor)
+        return (grad,) + (None,) * 7
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [N, V] with unit stride along V (a view when the layout allows it)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def fused_kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                  cfg: KDConfig, num_items, backend: str, inplace: bool) -> torch.Tensor:
+    """A backend's fused kernel on checked input: the reduced loss (or the per-token loss)."""
+    lead = student.shape[:-1]
+    s2, t2 = _as_rows(student), _as_rows(teacher)
+    flat_labels = None
+    if labels is not None:
+        flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    # In the loss's dtype: a float32 scale would cost float64 input its 1e-12 precision.
+    grad_scale = reduction_scale(flat_labels, s2.shape[0], cfg, num_items, student.device,
+                                 loss_dtype(student, teacher))
+    reduced = cfg.reduction != "none"
+    out = KDLossFunction.apply(s2, t2.detach(), flat_labels, grad_scale, backend, reduced, inplace, cfg)
+    return out if reduced else out.reshape(lead)

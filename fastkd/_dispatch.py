@@ -1,0 +1,103 @@
+"""The backend registry and the choice of backend, in one place.
+
+Backends: ``cpu`` and ``cuda`` (the compiled extension fastkd._C), ``triton``, and
+``torch`` (the float64-capable reference, differentiated by autograd). They register on
+first use, not at ``import fastkd``: loading the C++ extension may mean a JIT build, and
+importing Triton takes seconds.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+
+from .backends import KernelBackend
+
+BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+# What ``auto`` tries, fastest first, per device type.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+_UNAVAILABLE_WHY = {"triton": "triton is not installed",
+                    "cuda": "fastkd._C was built without CUDA kernels",
+                    "cpu": "fastkd._C could not be loaded or built"}
+
+_BACKENDS: Dict[str, KernelBackend] = {}
+
+
+def _register_all() -> bool:
+    if not _BACKENDS:
+        from .backends import cpp, reference
+
+        for backend in (reference.backend(), *cpp.backends(), _triton_backend()):
+            if backend is not None:
+                _BACKENDS[backend.name] = backend
+    return True
+
+
+# torch.compile runs this for real at trace time instead of tracing it (registering
+# operators and fakes is not something a graph can contain). This is what
+# torch.compiler.assume_constant_result does; set directly, because importing that
+# decorator imports torch._dynamo (and Triton) at `import fastkd`.
+_register_all._dynamo_marked_constant = True
+
+
+def _triton_backend() -> Optional[KernelBackend]:
+    try:
+        from .backends import triton
+    except ModuleNotFoundError as exc:
+        if exc.name == "triton" or (exc.name or "").startswith("triton."):
+            return None  # triton is optional; any other import error is a bug and surfaces
+        raise
+    return triton.backend()
+
+
+def get_backend(name: str) -> Optional[KernelBackend]:
+    """The backend ``name``, or None where it cannot be loaded here."""
+    _register_all()
+    return _BACKENDS.get(name)
+
+
+def check_backend_name(backend) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run: ``auto`` (or ``FASTKD_BACKEND``) resolved for ``device``.
+
+    An explicitly requested backend that cannot run on ``device`` is an error, not a
+    silent fallback.
+    """
+    check_backend_name(backend)
+    source = "backend="
+    if backend == "auto":
+        env = os.environ.get("FASTKD_BACKEND", "").strip()
+        if env:
+            if env not in BACKENDS:
+                raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS}, got {env!r}")
+            backend, source = env, "FASTKD_BACKEND="
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            kernels = get_backend(name)
+            if kernels is not None and kernels.supports(device):
+                return name
+        return "torch"
+    kernels = get_backend(backend)
+    if kernels is None:
+        raise ValueError(f"{source}{backend!r} is not available: {_UNAVAILABLE_WHY[backend]}")
+    if not kernels.supports(device):
+        hint = " (set TRITON_INTERPRET=1 before importing fastkd to run Triton on the CPU)" if backend == "triton" else ""
+        raise ValueError(f"{source}{backend!r} cannot run on {device.type} tensors{hint}")
+    return backend
+
+
+def backend_for(backend: str, device: torch.device, *dtypes: torch.dtype,
+                what: str = "logits") -> KernelBackend:
+    """The resolved backend for tensors of ``device`` and ``dtypes``; refuses a dtype it lacks."""
+    name = resolve_backend(backend, device)
+    kernels = get_backend(name)
+    for dtype in dtypes:
+        if dtype not in kernels.dtypes:
+            able = " and ".join(repr(n) for n, b in _BACKENDS.items() if dtype in b.dtypes)
+            raise TypeError(f"{str(dtype).replace('torch.', '')} {what} are supported by {able}, not {name!r}")
+    return kernels

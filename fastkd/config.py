@@ -1,0 +1,274 @@
+"""The loss description: every setting of a fastkd loss, validated once into a frozen config.
+
+This file is the one place a loss setting is declared. A setting is a field of
+:class:`KDConfig` whose metadata holds its check and its documentation; from those fields
+come the keywords of ``kd_loss``, ``KDLoss``, ``fused_linear_kd_loss`` and
+``FusedLinearKDLoss`` (their signatures and docstrings), :func:`make_config` and the
+modules' ``repr``. Kernels receive the settings they read as two flat lists
+(:meth:`KDConfig.kernel_settings`), in the order of :data:`INT_SETTINGS` and
+:data:`FLOAT_SETTINGS`; ``csrc/kd_params.h`` unpacks them in the same order (a test
+compares the two).
+
+Adding a scalar setting: a field here (with its check and doc), its name in
+``INT_SETTINGS``/``FLOAT_SETTINGS`` if a kernel reads it, the same in ``kd_params.h``, and
+the kernels that use it. Nothing else changes.
+
+Settings checks need no tensors, so modules validate at construction. Tensor checks
+(shapes, dtypes, devices) are in ``fastkd/_checks.py``. Every check is traceable by
+``torch.compile(fullgraph=True)``: where a float setting is a symbolic value (a
+temperature or alpha schedule compiled with dynamic shapes), it becomes a
+``torch._check`` assertion instead of a Python branch on the value.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+# The kernels' divergence ids are the positions in this tuple (csrc/kd_params.h: Divergence).
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+REDUCTIONS = ("mean", "sum", "batchmean", "none")
+
+# ---------------------------------------------------------------------------------------
+# Traceable checks of one value.
+
+# torch.compile traces torch._check's message callable only since about torch 2.12 (a
+# closure there broke the graph before); older versions get the check without the text.
+_CHECK_MESSAGES_TRACEABLE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
+
+
+def traced_check(cond, message: Callable[[], str]) -> None:
+    if _CHECK_MESSAGES_TRACEABLE:
+        torch._check(cond, message)
+    else:
+        torch._check(cond)
+
+
+def is_concrete(value) -> bool:
+    """Whether Python may branch on ``value`` (not a symbolic value, not while compiling)."""
+    return not isinstance(value, (torch.SymFloat, torch.SymInt, torch.SymBool)) and not torch.compiler.is_compiling()
+
+
+def check_number(name: str, value, *, low=None, high=None, low_open=False):
+    """A real number (Python, numpy or symbolic under compile) in a range; returns a float."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a real number (e.g. a Python float), got {type(value).__name__}")
+    if not is_concrete(value):
+        traced_check(value == value, lambda: f"{name} must be finite, got NaN")
+        if low is not None:
+            if low_open:
+                traced_check(value > low, lambda: f"{name} must be > {low}")
+            else:
+                traced_check(value >= low, lambda: f"{name} must be >= {low}")
+        if high is not None:
+            traced_check(value <= high, lambda: f"{name} must be <= {high}")
+        return value
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_int(name: str, value, *, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        kind = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    return value if isinstance(value, torch.SymInt) else int(value)
+
+
+def _one_of(choices):
+    def check(name, value):
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        return value
+    return check
+
+
+def _vocab_size(name, value):
+    value = check_int(name, value, allow_none=True)
+    if value is not None and is_concrete(value) and value < 1:
+        raise ValueError(f"{name} must be in [1, V] (V the number of logit columns), got {value}")
+    return value
+
+
+def setting(default, check: Callable, doc: str):
+    """A loss setting: a config field with its default, its check and its documentation."""
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+# ---------------------------------------------------------------------------------------
+# The config.
+
+@dataclass(frozen=True)
+class KDConfig:
+    """The settings of one loss, validated. Build it with :func:`make_config`.
+
+    ``divergence`` is resolved where beta is a concrete number: ``jsd`` with beta 0 or 1
+    becomes ``forward_kl`` / ``reverse_kl`` (TRL's special cases, which the general
+    formula does not reduce to); the kernels resolve it again at run time, which covers a
+    beta that is symbolic under torch.compile. ``vocab_size`` is None until a call's
+    tensors fix it (:meth:`with_vocab_size`).
+    """
+
+    divergence: str = setting(
+        "forward_kl", _one_of(DIVERGENCES),
+        "``forward_kl`` (KL(p||q), default), ``reverse_kl`` (KL(q||p)), ``jsd`` (beta-generalised "
+        "Jensen-Shannon, TRL convention) or ``tvd`` (total variation).")
+    temperature: float = setting(
+        1.0, lambda n, v: check_number(n, v, low=0.0, low_open=True),
+        "T > 0, softens both distributions: p = softmax(t/T), q = softmax(s/T).")
+    beta: float = setting(
+        0.5, lambda n, v: check_number(n, v, low=0.0, high=1.0),
+        "JSD mixture weight in [0, 1]: m = beta p + (1 - beta) q; 0 and 1 give forward and reverse KL.")
+    alpha: float = setting(
+        1.0, lambda n, v: check_number(n, v, low=0.0, high=1.0),
+        "weight of the divergence in [0, 1]; 1 - alpha weighs the hard-label cross-entropy "
+        "(which needs ``labels``).")
+    t_squared: bool = setting(
+        True, check_bool, "scale the divergence by T^2 (Hinton et al.), so its gradient keeps its size.")
+    ignore_index: int = setting(
+        -100, check_int, "label value that drops a token from every term (and from the mean).")
+    reduction: str = setting(
+        "mean", _one_of(REDUCTIONS),
+        "``mean`` over valid tokens (``num_items`` overrides the denominator), ``sum``, ``batchmean`` "
+        "(sum / number of tokens) or ``none`` (the per-token loss).")
+    vocab_size: Optional[int] = setting(
+        None, _vocab_size,
+        "only the first ``vocab_size`` columns of each side count (padded vocabularies); the "
+        "student's extra columns get zero gradient. None: all columns, and both sides must match.")
+
+    # Derived values, in the form the kernels use.
+    @property
+    def inv_temperature(self):
+        return 1.0 / self.temperature
+
+    @property
+    def div_weight(self):
+        """alpha * T^2 (alpha without t_squared): the divergence's weight."""
+        return self.alpha * (self.temperature * self.temperature if self.t_squared else 1.0)
+
+    @property
+    def ce_weight(self):
+        """1 - alpha: the hard-label cross-entropy's weight."""
+        return 1.0 - self.alpha
+
+    @property
+    def divergence_id(self) -> int:
+        return DIVERGENCES.index(self.divergence)
+
+    def with_vocab_size(self, vocab_size: int) -> "KDConfig":
+        if vocab_size == self.vocab_size:
+            return self
+        # The constructor, not dataclasses.replace: torch.compile (2.4) cannot trace the latter.
+        values = {name: getattr(self, name) for name in SETTING_NAMES}
+        values["vocab_size"] = vocab_size
+        return KDConfig(**values)
+
+    def kernel_settings(self) -> Tuple[List[int], List[float]]:
+        """The settings kernels read, as (ints, floats) in INT_SETTINGS / FLOAT_SETTINGS order."""
+        return [getattr(self, n) for n in INT_SETTINGS], [getattr(self, n) for n in FLOAT_SETTINGS]
+
+    def changed_settings(self) -> dict:
+        """The settings that differ from their defaults (for a module's repr)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+
+SETTING_NAMES = tuple(f.name for f in fields(KDConfig))
+
+# The kernel boundary. csrc/kd_params.h unpacks the same names in the same order.
+INT_SETTINGS = ("divergence_id", "ignore_index", "vocab_size")
+FLOAT_SETTINGS = ("inv_temperature", "beta", "div_weight", "ce_weight")
+
+
+def resolve_divergence(divergence: str, beta) -> str:
+    if divergence == "jsd" and is_concrete(beta):
+        if beta == 0.0:
+            return "forward_kl"
+        if beta == 1.0:
+            return "reverse_kl"
+    return divergence
+
+
+def make_config(caller: str = "make_config", **settings) -> KDConfig:
+    """Validate the loss settings (no tensors needed) and return the frozen config.
+
+    ``caller`` names the public function in the error for an unknown keyword.
+    """
+    values = {}
+    for f in fields(KDConfig):
+        value = settings.pop(f.name, f.default)
+        values[f.name] = f.metadata["check"](f.name, value)
+    if settings:
+        name = next(iter(settings))
+        raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}; "
+                        f"the loss settings are {', '.join(SETTING_NAMES)}")
+    values["divergence"] = resolve_divergence(values["divergence"], values["beta"])
+    return KDConfig(**values)
+
+
+class KernelSettings:
+    """The kernel settings unpacked from (ints, floats) by name, for Python kernels (Triton)."""
+
+    __slots__ = INT_SETTINGS + FLOAT_SETTINGS
+
+    def __init__(self, ints, floats):
+        if len(ints) != len(INT_SETTINGS) or len(floats) != len(FLOAT_SETTINGS):
+            raise ValueError(f"fastkd: expected {len(INT_SETTINGS)} int and {len(FLOAT_SETTINGS)} float settings, "
+                             f"got {len(ints)} and {len(floats)}")
+        for name, value in zip(INT_SETTINGS + FLOAT_SETTINGS, tuple(ints) + tuple(floats)):
+            setattr(self, name, value)
+
+    @property
+    def divergence(self) -> str:
+        return DIVERGENCES[self.divergence_id]
+
+
+# ---------------------------------------------------------------------------------------
+# Public signatures: the settings as keyword-only parameters, documented once.
+
+def settings_parameters(**defaults) -> List[inspect.Parameter]:
+    """The settings as keyword-only parameters (``defaults`` overrides a default)."""
+    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(f.name, f.default))
+            for f in fields(KDConfig)]
+
+
+def settings_doc(indent: str = "        ") -> str:
+    """The settings' documentation, one entry each, for a public docstring."""
+    return "\n".join(f"{indent}{f.name}: {f.metadata['doc']}" for f in fields(KDConfig))
+
+
+def takes_settings(func=None, *, after: Tuple[str, ...] = ()):
+    """Give ``func(..., **settings)`` a signature and docstring that list every setting.
+
+    ``help()``, IDEs and ``inspect.signature`` then show the settings as keyword-only
+    parameters; ``{settings}`` in the docstring becomes their documentation. The
+    parameters named in ``after`` (call options such as ``backend``) go after them.
+    """
+    if func is None:
+        return lambda f: takes_settings(f, after=after)
+    sig = inspect.signature(func)
+    params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    head = [p for p in params if p.name not in after]
+    tail = [p for p in params if p.name in after]
+    taken = {p.name for p in params}
+    func.__signature__ = sig.replace(
+        parameters=head + [p for p in settings_parameters() if p.name not in taken] + tail)
+    if func.__doc__ and "{settings}" in func.__doc__:
+        func.__doc__ = func.__doc__.replace("{settings}", settings_doc().lstrip())
+    return func

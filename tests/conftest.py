@@ -10,13 +10,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastkd.ops  # noqa: E402
+import fastkd._dispatch  # noqa: E402
 
 
 def backend_devices():
     pairs = []
     for name, device in (("cpu", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")):
-        kernels = fastkd.ops.get_backend(name)
+        kernels = fastkd._dispatch.get_backend(name)
         if device == "cuda" and not torch.cuda.is_available():
             continue
         if kernels is not None and kernels.supports(torch.device(device)):

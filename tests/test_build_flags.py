@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from fastkd import _build
+from fastkd.backends import cpp_build as _build
 
 
 @pytest.mark.parametrize("flags", ["cxx", "nvcc"])

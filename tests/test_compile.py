@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import fastkd
+import fastkd._dispatch
 from cases import Case, make_inputs
 
-pytestmark = pytest.mark.skipif(fastkd.ops.get_backend("cpu") is None, reason="fastkd._C not available")
+pytestmark = pytest.mark.skipif(fastkd._dispatch.get_backend("cpu") is None, reason="fastkd._C not available")
 
 
 def _grad(loss, x):
@@ -88,7 +89,7 @@ def test_bad_value_still_fails_under_compile():
                       dynamic=True)
     f(s, t, 1.0)
     f(s, t, 2.0)
-    from fastkd._args import _CHECK_MESSAGES_TRACEABLE
+    from fastkd.config import _CHECK_MESSAGES_TRACEABLE
 
     # The message is traced from torch 2.12 on; before, the check fires without it.
     with pytest.raises(Exception, match="temperature must be > 0" if _CHECK_MESSAGES_TRACEABLE else ""):
@@ -98,7 +99,7 @@ def test_bad_value_still_fails_under_compile():
 def test_triton_launcher_resolves_jsd_special_cases():
     """The Triton launcher gets beta as a number at run time and must resolve it itself."""
     triton_kd = pytest.importorskip("fastkd.triton_kd")
-    if fastkd.ops.get_backend("triton") is None or not fastkd.ops.get_backend("triton").supports(torch.device("cpu")):
+    if fastkd._dispatch.get_backend("triton") is None or not fastkd._dispatch.get_backend("triton").supports(torch.device("cpu")):
         pytest.skip("Triton cannot run on CPU tensors here")
     s, t, _ = make_inputs(Case(lead=(4,), vocab=97, labels=False))
     one = torch.ones(())

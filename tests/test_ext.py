@@ -6,15 +6,36 @@ import sys
 
 import pytest
 
-from fastkd import _ext
+from fastkd.backends import cpp as _ext
 
 
 def test_import_builds_and_imports_nothing():
-    code = ("import sys, fastkd, fastkd._ext as e; "
+    code = ("import sys, fastkd, fastkd.backends.cpp as e; "
             "assert e.load_extension.cache_info().currsize == 0, 'extension loaded at import'; "
             "assert 'triton' not in sys.modules, 'triton imported at import'; "
             "assert 'fastkd._C' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "FASTKD_NO_JIT": "1"})
+
+
+def test_import_without_extension_is_fast_and_builds_nothing(tmp_path):
+    """A copy of the package without fastkd._C: `import fastkd` must not start the JIT
+    build, import Triton, or take more than 2 s beyond torch's own import."""
+    import shutil
+    from pathlib import Path
+
+    src = Path(_ext.__file__).resolve().parents[1]
+    shutil.copytree(src, tmp_path / "fastkd", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    build_dir = tmp_path / "build"
+    code = ("import sys, time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); "
+            "import fastkd; t2 = time.perf_counter(); "
+            f"assert fastkd.__file__.startswith({str(tmp_path)!r}), fastkd.__file__; "
+            "assert 'triton' not in sys.modules and 'fastkd._C' not in sys.modules; "
+            "print(t2 - t1)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "FASTKD_BUILD_DIR": str(build_dir), "PYTHONPATH": str(tmp_path)})
+    assert float(out.stdout) < 2.0, out.stdout
+    assert not build_dir.exists() or not any(build_dir.iterdir()), "import fastkd started a build"
+    assert "compiling" not in out.stderr
 
 
 def test_compiler_errors_are_extracted():
@@ -32,7 +53,7 @@ def test_failed_build_reports_the_compiler_error(tmp_path, monkeypatch):
     pytest.importorskip("ninja")
     broken = tmp_path / "broken.cpp"
     broken.write_text("int f() { return undefined_thing_xyz(); }\n")
-    from fastkd import _build
+    from fastkd.backends import cpp_build as _build
 
     monkeypatch.setattr(_build, "cpu_sources", lambda: [str(broken)])
     monkeypatch.setattr(_build, "want_cuda", lambda: False)
@@ -49,7 +70,7 @@ def test_cpu_grad_cache_reuses_and_empties():
 
     import fastkd
 
-    if fastkd.ops.get_backend("cpu") is None:
+    if fastkd._dispatch.get_backend("cpu") is None:
         pytest.skip("fastkd._C not available")
     ext = _ext.load_extension()
     fastkd.empty_cpu_grad_cache()

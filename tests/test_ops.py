@@ -3,10 +3,12 @@ import pytest
 import torch
 
 import fastkd
-import fastkd.ops
+import fastkd._dispatch
+import fastkd.backends.cpp
+import fastkd.config
 from cases import Case, make_inputs
 
-pytestmark = pytest.mark.skipif(fastkd.ops.get_backend("cpu") is None, reason="fastkd._C not available")
+pytestmark = pytest.mark.skipif(fastkd._dispatch.get_backend("cpu") is None, reason="fastkd._C not available")
 
 ops = torch.ops.fastkd
 
@@ -22,13 +24,19 @@ def op_args(n=6, v=257, labels=True, dtype=torch.float32):
     return s, t, lab, scale
 
 
+def settings(vocab_size=257, **kw):
+    """The packed kernel settings (ints, floats) of a loss config."""
+    return fastkd.make_config(**kw).with_vocab_size(vocab_size).kernel_settings()
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
 def test_opcheck_forward(divergence):
     s, t, lab, scale = op_args()
-    args = (s, t, lab, scale, None, divergence, 0.5, 0.3, 4.0 * 0.6, 0.4, -100, 257)
+    packed = settings(divergence=divergence, temperature=2.0, beta=0.3, alpha=0.6)
+    args = (s, t, lab, scale, None, *packed)
     torch.library.opcheck(ops.kd_forward.default, args)
     torch.library.opcheck(ops.kd_forward_inplace.default, (s.clone(),) + args[1:])
-    torch.library.opcheck(ops.row_stats.default, (s, t, 0.5, 257, True))
+    torch.library.opcheck(ops.row_stats.default, (s, t, *packed))
 
 
 def test_opcheck_scale_grad():
@@ -54,23 +62,23 @@ def test_scale_grad_skips_one_and_scales_otherwise():
 def test_external_row_stats_give_the_same_result(divergence, temperature):
     """The statistics can come from outside (the vocab-parallel variant all-reduces them)."""
     s, t, lab, scale = op_args(dtype=torch.bfloat16)
-    inv_t = 1.0 / temperature
-    stats = ops.row_stats(s, t, inv_t, 257, True)
+    packed = settings(divergence=divergence, temperature=temperature, beta=0.3, alpha=0.6)
+    stats = ops.row_stats(s, t, *packed)
     assert stats.shape == (6, 5) and stats.dtype == torch.float32
     ref = s.float() / temperature
     torch.testing.assert_close(stats[:, 0], ref.max(-1).values)
     torch.testing.assert_close(stats[:, 1], (ref - stats[:, :1]).exp().sum(-1), rtol=1e-5, atol=0)
     raw = s.float() - temperature * stats[:, :1]
     torch.testing.assert_close(stats[:, 4], raw.exp().sum(-1), rtol=1e-5, atol=0)
-    args = (lab, scale, None, divergence, inv_t, 0.3, 2.4, 0.4, -100, 257)
-    loss_a, grad_a = ops.kd_forward(s, t, *args)
-    loss_b, grad_b = ops.kd_forward(s, t, lab, scale, stats, *args[3:])
+    loss_a, grad_a = ops.kd_forward(s, t, lab, scale, None, *packed)
+    loss_b, grad_b = ops.kd_forward(s, t, lab, scale, stats, *packed)
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad_a.float(), grad_b.float(), rtol=1e-2, atol=1e-6)
 
     # Shard the vocabulary in two and combine the shard statistics, as a vocab-parallel
     # caller would: max over shards, then rescale and add the sums.
-    halves = [ops.row_stats(s[:, sl].contiguous(), t[:, sl].contiguous(), inv_t, n, True)
+    halves = [ops.row_stats(s[:, sl].contiguous(), t[:, sl].contiguous(),
+                            *settings(n, temperature=temperature, alpha=0.6))
               for sl, n in ((slice(0, 100), 100), (slice(100, 257), 157))]
     combined = torch.empty_like(stats)
     for col_max, col_sum, factor in ((0, 1, 1.0), (2, 3, 1.0), (0, 4, temperature)):
@@ -101,7 +109,36 @@ def test_out_of_range_label_marks_the_row_nan():
     """Where the Python range check is skipped (GPU, compile), the kernel flags the row."""
     s, t, lab, scale = op_args()
     lab[2] = 257
-    loss, grad = ops.kd_forward(s, t, lab, scale, None, "forward_kl", 1.0, 0.5, 0.6, 0.4, -100, 257)
+    loss, grad = ops.kd_forward(s, t, lab, scale, None, *settings(alpha=0.6))
     assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
     keep = torch.arange(6) != 2
     assert torch.isfinite(loss[keep]).all() and torch.isfinite(grad[keep]).all()
+
+
+def test_settings_cross_the_boundary_in_one_order():
+    """csrc/kd_params.h unpacks the settings in the order fastkd/config.py packs them."""
+    ext = fastkd.backends.cpp.load_extension()
+    assert tuple(ext.int_settings) == fastkd.config.INT_SETTINGS
+    assert tuple(ext.float_settings) == fastkd.config.FLOAT_SETTINGS
+    cfg = fastkd.make_config(divergence="tvd", temperature=4.0, alpha=0.25, t_squared=False, ignore_index=7)
+    ints, floats = cfg.with_vocab_size(33).kernel_settings()
+    unpacked = fastkd.config.KernelSettings(ints, floats)
+    assert (unpacked.divergence, unpacked.ignore_index, unpacked.vocab_size) == ("tvd", 7, 33)
+    assert (unpacked.inv_temperature, unpacked.div_weight, unpacked.ce_weight) == (0.25, 0.25, 0.75)
+
+
+@pytest.mark.parametrize("ints, floats, match", [
+    ([9, -100, 257], [1.0, 0.5, 1.0, 0.0], "unknown divergence id"),
+    ([0, -100, 257], [0.0, 0.5, 1.0, 0.0], "inv_temperature must be finite and > 0"),
+    ([0, -100, 257], [float("inf"), 0.5, 1.0, 0.0], "inv_temperature must be finite and > 0"),
+    ([2, -100, 257], [1.0, 1.5, 1.0, 0.0], r"beta must be in \[0, 1\]"),
+    ([0, -100], [1.0, 0.5, 1.0, 0.0], "expected 3 int and 4 float settings, got 2 and 4"),
+    ([0, -100, 257], [1.0, 0.5, 1.0], "expected 3 int and 4 float settings, got 3 and 3"),
+    ([0, -100, 258], [1.0, 0.5, 1.0, 0.0], "vocab_size 258 must be in"),
+])
+def test_bad_packed_settings_are_refused(ints, floats, match):
+    s, t, lab, scale = op_args()
+    with pytest.raises(RuntimeError, match=match):
+        ops.kd_forward(s, t, None, scale, None, ints, floats)
+    with pytest.raises(RuntimeError, match=match):
+        ops.row_stats(s, t, ints, floats)

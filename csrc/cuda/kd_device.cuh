@@ -541,7 +541,7 @@ FASTKD_DEV void two_sum_add(float4& acc, float4& err, const float4& x) {
 // with sum q h shifts every h_i - sum q h by (1 - M) sum q h. Where the gradient is small
 // against h (JSD: h saturates at log 1/(1-beta) on the student's mass; low T) that shift
 // was the largest fp32 error. Divided by M the centring is invariant to a common shift of
-// h, as the exact gradient is. Emulated in fp32 against float64: NOTES.md (unmeasured on
+// h, as the exact gradient is. Emulated in fp32 against float64: docs/cuda_kernels.md (unmeasured on
 // a GPU).
 // kFirstOrder: x / M as x - x (M - 1); M - 1 is exact and ~1e-6, so the neglected
 // x (M - 1)^2 is far below fp32's resolution when the row statistics are the row's own

@@ -1,6 +1,7 @@
 """The pieces of fastkd's benchmarks; the command lines beside this package use them.
 
     inputs.py      random inputs of one case (logits, or hidden states and LM-head weights)
+    loss.py        LossSpec: the divergence, T, beta, alpha every row of a case computes
     runner.py      what one table row runs: forward + backward of one implementation
     baselines.py   eager PyTorch, torch.compile of it, Liger-Kernel when installed
     candidates.py  the fastkd rows, and which fastkd backends run here

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+import fastkd
+
 MIB = 1024.0 ** 2
 
 
@@ -35,7 +37,6 @@ def command_line(argv: Optional[Sequence[str]]) -> str:
 
 
 def versions() -> Dict[str, Optional[str]]:
-    import fastkd
     try:
         import triton
     except ImportError:

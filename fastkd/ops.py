@@ -99,12 +99,12 @@ def _register_cpp_backends() -> None:
 
 def _register_triton_backend() -> None:
     try:
-        from . import triton_kd
+        from .backends import triton as triton_backend
     except ModuleNotFoundError as exc:
         if exc.name == "triton" or (exc.name or "").startswith("triton."):
             return  # triton is optional; any other import error is a bug and surfaces
         raise
-    register_backend(triton_kd.BACKEND)
+    register_backend(triton_backend.BACKEND)
 
 
 _registered = False

@@ -97,7 +97,7 @@ def test_bad_value_still_fails_under_compile():
 
 def test_triton_launcher_resolves_jsd_special_cases():
     """The Triton launcher gets beta as a number at run time and must resolve it itself."""
-    triton_kd = pytest.importorskip("fastkd.triton_kd")
+    triton_kd = pytest.importorskip("fastkd.backends.triton")
     if fastkd.ops.get_backend("triton") is None or not fastkd.ops.get_backend("triton").supports(torch.device("cpu")):
         pytest.skip("Triton cannot run on CPU tensors here")
     s, t, _ = make_inputs(Case(lead=(4,), vocab=97, labels=False))

@@ -1,6 +1,6 @@
 """Compile every Triton kernel configuration fastkd's launcher can pick for sm_90, without a GPU.
 
-For each configuration class the launcher can return (``fastkd.triton_kd.config_classes()``:
+For each configuration class the launcher can return (``fastkd.backends.triton.config_classes()``:
 one per divergence, path and warp count, at its largest block) and each dtype-pair class
 (16-bit pair, fp32 pair, mixed), the forward kernel is compiled with its heaviest flags
 (labels, CE at T != 1, computed statistics) through ``triton.compile(ASTSource(...),
@@ -56,10 +56,10 @@ def ptxas_tools():
 
 
 def _forward_job(divergence, cfg, vocab, dtype_class):
-    from fastkd import triton_kd
+    from fastkd.backends.triton import dense, rows
 
     s_ty, t_ty = DTYPE_CLASSES[dtype_class]
-    fn = triton_kd._kd_forward_kernel
+    fn = dense.kd_forward_kernel
     signature = {
         "S": f"*{s_ty}", "T": f"*{t_ty}", "G": f"*{s_ty}", "LOSS": "*fp32", "LABELS": "*i64",
         "GRAD_SCALE": "*fp32", "STATS": "*fp32",
@@ -67,7 +67,7 @@ def _forward_job(divergence, cfg, vocab, dtype_class):
         "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32", "beta": "fp32", "log2_beta": "fp32",
         "log2_1mb": "fp32", "div_weight": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
     }
-    constexprs = dict(DIVERGENCE=triton_kd.DIVERGENCE_IDS[divergence], HAS_LABELS=True, CE=triton_kd.CE_RAW,
+    constexprs = dict(DIVERGENCE=dense.DIVERGENCE_IDS[divergence], HAS_LABELS=True, CE=rows.CE_RAW,
                       HAS_STATS=False, BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block)
     # As the JIT specialises a launch: 16-byte aligned pointers, and strides and widths
     # divisible by 16 where the vocabulary is (128256, 151936, ... are).
@@ -80,32 +80,32 @@ def _forward_job(divergence, cfg, vocab, dtype_class):
 
 
 def _row_stats_job(dtype_class):
-    from fastkd import triton_kd
+    from fastkd.backends.triton import dense, launch, rows
 
     s_ty, t_ty = DTYPE_CLASSES[dtype_class]
-    block = triton_kd.MULTI_BLOCK
+    block = launch.MULTI_BLOCK
     signature = {"S": f"*{s_ty}", "T": f"*{t_ty}", "OUT": "*fp32", "s_stride": "i32", "t_stride": "i32", "V": "i32",
                  "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32"}
-    constexprs = dict(RAW=triton_kd.CE_RAW, BLOCK=block)
+    constexprs = dict(RAW=rows.CE_RAW, BLOCK=block)
     aligned = ["S", "T", "OUT", "s_stride", "t_stride", "V"]
-    name = f"row_stats  block={block:<5d} warps={triton_kd._warps_for(block):<2d} {dtype_class}"
-    return name, triton_kd._row_stats_kernel, signature, constexprs, aligned, triton_kd._warps_for(block), 1
+    name = f"row_stats  block={block:<5d} warps={launch.warps_for(block):<2d} {dtype_class}"
+    return name, dense.row_stats_kernel, signature, constexprs, aligned, launch.warps_for(block), 1
 
 
 def _scale_grad_job(dtype):
-    from fastkd import triton_kd
+    from fastkd.backends.triton import launch, scale_grad
 
     signature = {"G": f"*{dtype}", "GO": "*fp32", "g_stride": "i32", "go_stride": "i32", "width": "i32"}
-    constexprs = dict(PER_ROW=True, BLOCK=triton_kd.SCALE_BLOCK)
-    name = f"scale_grad block={triton_kd.SCALE_BLOCK:<5d} warps=8  {dtype}"
-    return name, triton_kd._scale_grad_kernel, signature, constexprs, ["G", "GO", "g_stride", "width"], 8, 1
+    constexprs = dict(PER_ROW=True, BLOCK=launch.SCALE_BLOCK)
+    name = f"scale_grad block={launch.SCALE_BLOCK:<5d} warps=8  {dtype}"
+    return name, scale_grad.scale_grad_kernel, signature, constexprs, ["G", "GO", "g_stride", "width"], 8, 1
 
 
 def jobs():
-    from fastkd import triton_kd
+    from fastkd.backends.triton import launch
 
     out = []
-    for divergence, cfg, vocab in triton_kd.config_classes():
+    for divergence, cfg, vocab in launch.config_classes():
         for dtype_class in DTYPE_CLASSES:
             out.append(("forward", (divergence, cfg, vocab, dtype_class)))
     for dtype_class in DTYPE_CLASSES:

@@ -189,7 +189,10 @@ class KDConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
 
 
-SETTING_NAMES = tuple(f.name for f in fields(KDConfig))
+# (name, default, check) of every setting; a plain tuple, which torch.compile can trace
+# (it cannot trace dataclasses.fields).
+_SETTINGS = tuple((f.name, f.default, f.metadata["check"]) for f in fields(KDConfig))
+SETTING_NAMES = tuple(name for name, _, _ in _SETTINGS)
 
 # The kernel boundary. csrc/kd_params.h unpacks the same names in the same order.
 INT_SETTINGS = ("divergence_id", "ignore_index", "vocab_size")
@@ -211,9 +214,8 @@ def make_config(caller: str = "make_config", **settings) -> KDConfig:
     ``caller`` names the public function in the error for an unknown keyword.
     """
     values = {}
-    for f in fields(KDConfig):
-        value = settings.pop(f.name, f.default)
-        values[f.name] = f.metadata["check"](f.name, value)
+    for name, default, check in _SETTINGS:
+        values[name] = check(name, settings.pop(name, default))
     if settings:
         name = next(iter(settings))
         raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}; "

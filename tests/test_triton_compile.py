@@ -1,7 +1,7 @@
 """Every Triton kernel configuration the launcher can pick compiles for sm_90 without spilling.
 
 No GPU needed: .ci/triton_sm90_check.py compiles each configuration class of
-``fastkd.triton_kd.config_classes()`` (x dtype-pair class) with ``triton.compile`` for
+``fastkd.backends.triton.config_classes()`` (x dtype-pair class) with ``triton.compile`` for
 ``GPUTarget("cuda", 90, 32)``, assembles the PTX with ``ptxas -v`` for sm_90a (triton's
 own ptxas with its flags, and the CUDA toolkit's when on PATH) and fails on any spill.
 It runs in a subprocess without TRITON_INTERPRET: conftest.py sets that variable for the

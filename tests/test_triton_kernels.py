@@ -1,4 +1,4 @@
-"""Triton-specific properties of fastkd/triton_kd.py that the shared suite cannot see.
+"""Triton-specific properties of fastkd/backends/triton/ that the shared suite cannot see.
 
 On a CPU-only machine the kernels run under the Triton interpreter (conftest.py sets
 TRITON_INTERPRET=1 before anything imports triton); tests marked ``gpu`` need CUDA and
@@ -19,7 +19,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import fastkd  # noqa: E402
-from fastkd import ops, triton_kd  # noqa: E402
+from fastkd import ops  # noqa: E402
+from fastkd.backends import triton as triton_kd  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = triton_kd.kernels_interpreted()
@@ -36,7 +37,7 @@ SMALL_BLOCK = 256  # V = 1001 -> 4 blocks per sweep
 
 @pytest.fixture
 def small_block(monkeypatch):
-    monkeypatch.setattr(triton_kd, "BLOCK_OVERRIDE", SMALL_BLOCK)
+    monkeypatch.setattr(triton_kd.launch, "BLOCK_OVERRIDE", SMALL_BLOCK)
     return SMALL_BLOCK
 
 
@@ -89,7 +90,7 @@ def test_block_override_forces_multi_block():
 @triton.jit
 def _offset_probe(ROWS, OUT, stride):
     i = tl.program_id(0)
-    tl.store(OUT + i, triton_kd._row_offset(tl.load(ROWS + i), stride))
+    tl.store(OUT + i, triton_kd.rows.row_offset(tl.load(ROWS + i), stride))
 
 
 def test_row_offset_is_int64_past_2_31():
@@ -128,7 +129,7 @@ MULTI_BLOCK_CASES = [
 @pytest.mark.parametrize("case", MULTI_BLOCK_CASES, ids=[c.id for c in MULTI_BLOCK_CASES])
 def test_multi_block_matches_reference(case, small_block):
     assert not triton_kd.launch_config(case.vocab_size or case.vocab, case.student_dtype, case.student_dtype,
-                                       case.divergence, triton_kd.BLOCK_OVERRIDE).single_block
+                                       case.divergence, triton_kd.launch.BLOCK_OVERRIDE).single_block
     check_case(case, "triton", DEVICE)
 
 
@@ -153,7 +154,7 @@ def test_tied_top_entries_get_their_gradient(divergence, path, monkeypatch):
     gave both a zero gradient; the exact one is q_i (h_i - sum q h), not 0."""
     g = torch.Generator().manual_seed(4)
     if path == "multi":
-        monkeypatch.setattr(triton_kd, "BLOCK_OVERRIDE", 128)
+        monkeypatch.setattr(triton_kd.launch, "BLOCK_OVERRIDE", 128)
         n, v = 48, 300
     else:
         n, v = 200, 2
@@ -185,7 +186,7 @@ def _check_rows(s, t, labels, backend="triton", **kw):
 def test_multi_block_leading_masked_blocks(divergence, monkeypatch):
     """Rows whose first blocks are all -inf (the running max starts at -inf: anchor at 0)
     and whose live logits are far below 0 (the first real anchor is very negative)."""
-    monkeypatch.setattr(triton_kd, "BLOCK_OVERRIDE", 128)
+    monkeypatch.setattr(triton_kd.launch, "BLOCK_OVERRIDE", 128)
     g = torch.Generator().manual_seed(3)
     n, v = 6, 700
     s = torch.randn(n, v, generator=g, dtype=torch.float64) * 3 - 300.0
@@ -356,7 +357,7 @@ def test_external_row_stats_match_computed(divergence, path, monkeypatch):
     exponentials are anchored the same way, so the multi-block path (same sweep, same
     block) is bitwise equal, the single-block path equal to rounding."""
     if path == "multi":
-        monkeypatch.setattr(triton_kd, "BLOCK_OVERRIDE", SMALL_BLOCK)
+        monkeypatch.setattr(triton_kd.launch, "BLOCK_OVERRIDE", SMALL_BLOCK)
     s, t, labels = make_inputs(Case(lead=(12,), alpha=0.6, ignore_frac=0.2), DEVICE)
     s = s.detach()
     inv_t = 0.5

@@ -1,0 +1,91 @@
+"""The Triton backend: fused KD loss and gradient kernels, registered as torch.library ops.
+
+    rows.py        row machinery every kernel shares: int64 row addressing, paired loads,
+                   exp2 anchors, and the helpers of the three phases below
+    launch.py      launch decisions: block sizes, single/multi-block path, warps, and the
+                   configuration classes the sm_90 no-spill check compiles
+    dense.py       the dense KD kernel (all divergences, CE) and the row_stats kernel, with
+                   the math, then their launchers
+    scale_grad.py  backward: the stored gradient times grad_output, in place
+    __init__.py    the operators (with fake implementations) and ``backend()``
+
+Every kernel runs the phases that carry these names in every backend:
+
+    row_stats   per row and side: max and sum-exp, plus the T = 1 raw sum-exp for CE
+    row_sums    per row, given the stats: the divergence value and the row sums the
+                gradient needs (the centring sums of reverse_kl / jsd, tvd's side masses)
+    write_grad  per element: the gradient times the reduction scale, zero past vocab_size
+
+On a CPU-only machine the kernels run under the Triton interpreter (TRITON_INTERPRET=1 set
+before triton is imported).
+"""
+from typing import List, Optional, Tuple
+
+import torch
+
+from ...config import KernelSettings
+from .. import KernelBackend, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_
+from . import dense, launch, rows, scale_grad  # noqa: F401  (launch, rows: for tests and the sm_90 check)
+from .launch import MAX_BLOCK, SINGLE_BLOCK_MAX, LaunchConfig, config_classes, launch_config  # noqa: F401
+from .rows import kernels_interpreted
+
+# ---------------------------------------------------------------------------------------
+# torch.library operators (the contract of fastkd/backends/__init__.py) with fake
+# implementations. The settings arrive packed (fastkd/config.py) and are unpacked by name.
+
+
+def _dense_args(ints, floats) -> tuple:
+    k = KernelSettings(ints, floats)
+    return (k.divergence, k.inv_temperature, k.beta, k.div_weight, k.ce_weight, k.ignore_index, k.vocab_size)
+
+
+@torch.library.custom_op("fastkd::triton_kd_forward", mutates_args=())
+def triton_kd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                      grad_scale: torch.Tensor, row_stats: Optional[torch.Tensor], ints: List[int],
+                      floats: List[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return dense.forward(student, teacher, labels, grad_scale, row_stats, *_dense_args(ints, floats))
+
+
+@torch.library.custom_op("fastkd::triton_kd_forward_inplace", mutates_args=("student",))
+def triton_kd_forward_inplace(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                              grad_scale: torch.Tensor, row_stats: Optional[torch.Tensor], ints: List[int],
+                              floats: List[float]) -> torch.Tensor:
+    return dense.forward_inplace(student, teacher, labels, grad_scale, row_stats, *_dense_args(ints, floats))
+
+
+@torch.library.custom_op("fastkd::triton_scale_grad_", mutates_args=("grad",))
+def triton_scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    scale_grad.scale_grad_(grad, factor)
+
+
+@torch.library.custom_op("fastkd::triton_row_stats", mutates_args=())
+def triton_row_stats(student: torch.Tensor, teacher: torch.Tensor, ints: List[int], floats: List[float]) -> torch.Tensor:
+    k = KernelSettings(ints, floats)
+    return dense.row_stats(student, teacher, k.inv_temperature, k.vocab_size, k.ce_weight != 0.0)
+
+
+triton_kd_forward.register_fake(fake_forward)
+triton_kd_forward_inplace.register_fake(fake_forward_inplace)
+triton_scale_grad_.register_fake(fake_scale_grad_)
+triton_row_stats.register_fake(fake_row_stats)
+
+row_stats = torch.ops.fastkd.triton_row_stats
+
+
+def _supports(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and kernels_interpreted()
+
+
+def _forward(student, teacher, labels, grad_scale, cfg, row_stats=None):
+    return torch.ops.fastkd.triton_kd_forward(student, teacher, labels, grad_scale, row_stats, *cfg.kernel_settings())
+
+
+def _forward_inplace(student, teacher, labels, grad_scale, cfg, row_stats=None):
+    return torch.ops.fastkd.triton_kd_forward_inplace(student, teacher, labels, grad_scale, row_stats,
+                                                      *cfg.kernel_settings())
+
+
+def backend() -> KernelBackend:
+    return KernelBackend("triton", _forward, _forward_inplace, torch.ops.fastkd.triton_scale_grad_, _supports)

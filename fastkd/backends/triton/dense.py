@@ -1,0 +1,526 @@
+"""Fused knowledge-distillation loss and gradient over dense logits: one program per row.
+
+Per row, with student logits s, teacher logits t, temperature T and the vocabulary cut to
+the first V columns:
+
+    q = softmax(s / T)    p = softmax(t / T)    log q = s/T - lse(s/T)    log p = t/T - lse(t/T)
+
+    forward_kl  D = sum p (log p - log q)            dD/d(s/T) = q - p
+    reverse_kl  D = sum q (log q - log p)            dD/d(s/T) = q (h - sum q h),  h = log q - log p
+    jsd         D = beta KL(p||m) + (1-beta) KL(q||m),  m = beta p + (1-beta) q
+                                                     dD/d(s/T) = (1-beta) q (h - sum q h),  h = log q - log m
+    tvd         D = 1/2 sum |p - q|                  dD/d(s/T) = q (h - sum q h),  h = sign(q - p)/2
+
+    loss = div_weight * D + ce_weight * (lse(s) - s[label])
+    ds   = grad_scale * (div_weight * dD/d(s/T) / T + ce_weight * (softmax(s) - onehot(label)))
+
+(div_weight = alpha T^2 or alpha, ce_weight = 1 - alpha, grad_scale the reduction's
+1/denominator, read from device memory). The semantics, including every guard, are those
+of the C++ CPU kernel (csrc/cpu/kd_cpu.cpp), which this file mirrors. The kernel runs the
+three phases of every backend (rows.py):
+
+    row_stats   max and sum-exp of both sides, plus the T=1 sum-exp of s for the CE term
+                when T != 1: ``row_stats_block`` / ``row_stats_sweep`` (an online softmax
+                whose running sums are per-lane vectors), or read from a caller's row_stats
+    row_sums    the divergence value D and the sums the gradient needs: sum q h (reverse_kl,
+                jsd) or the student mass on each side of p (tvd); sums of the terms in
+                registers (single block) or ``_row_sums_sweep`` over ``_row_sums_parts``
+                (multi block). forward_kl needs none before its gradient: its D is summed
+                during write_grad
+    write_grad  ``write_grad`` per block, ``fill_row`` past the block
+
+Numerics:
+
+* Logarithms are kept in base 2: with c = log2(e)/T, x = s*c is s/T in bits, so every
+  exponential is one exp2 of one FMA (``exp2(s*c - lse2)``), and log q = (x - lse2) ln 2.
+* The exponentials are anchored at A = (max * 1/T) * log2(e) rounded exactly as a caller's
+  external ``row_stats`` (max in s/T units) would be, so internal and external statistics
+  give bitwise the same result.
+* A max of -inf (every entry so far masked) anchors at 0 instead: exp2(-inf - -inf) is NaN.
+  0 log 0 = 0 by selects (``where(q == 0, 0, ...)``), which also lets NaN propagate.
+* JSD's log m is a log-sum-exp of (log p + log beta, log q + log(1-beta)), with log1p done
+  as log(y) * e/(y - 1) so a tiny e is not rounded away; both -inf gives -inf, not NaN.
+* ``h - sum q h`` cancels in fp32 at the entry k holding q_k > 1/2 + 2^-10 (peaked rows);
+  there it is computed as h_k sum_{j!=k} q_j - sum_{j!=k} q_j h_j (sums over the small
+  entries). (Not 1/2: two tied entries of exact mass 1/2 each can both round above 1/2,
+  and the formula, which assumes one such entry, then gave them a zero gradient.)
+  For TVD h takes three values, so h_i - sum q h is exact from the masses on each side.
+* The centring constant of reverse_kl/jsd is sum q h / sum q over the fp32 q the kernel
+  computed (sum q = 1 + O(1e-6) after rounding), which keeps the gradient invariant to a
+  common shift of h as the exact one is (``_centring``). Row sums are trees within a block
+  and fp64 scalars across the blocks of a row.
+* Ignored rows (label == ignore_index): zero loss, zero gradient row. Labels outside
+  [0, V): NaN loss and NaN gradient row (never silently a number). Student columns
+  >= V get zero gradient. The gradient is written in the student's dtype; the loss is fp32.
+
+The single-block and multi-block shapes of the kernel, and their traffic, are described
+in launch.py. On the CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1,
+set before triton is imported); everything is cast to fp32 right after loading.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ...config import resolve_divergence
+from . import launch
+from .launch import launch_config, quiet_numpy, warps_for
+from .rows import (CE_NONE, CE_RAW, CE_SHARED, LN2, LOG2E, ROW_STATS_WIDTH, add_block_sums,
+                   anchor, anchors, fill_row, load_pair, row_base, row_stats_block, row_stats_sweep, write_grad,
+                   zero32, zero64)
+
+DIVERGENCE_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
+_FORWARD_KL = tl.constexpr(DIVERGENCE_IDS["forward_kl"])
+_JSD = tl.constexpr(DIVERGENCE_IDS["jsd"])
+_TVD = tl.constexpr(DIVERGENCE_IDS["tvd"])  # reverse_kl: the remaining case
+
+_ROW_STATS_WIDTH = tl.constexpr(ROW_STATS_WIDTH)
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-element terms of each divergence (all logarithms in bits).
+
+@triton.jit
+def _forward_kl_terms(s, t, c, lse2_s, lse2_t):
+    lq = s * c - lse2_s
+    lp = t * c - lse2_t
+    q = tl.exp2(lq)
+    p = tl.exp2(lp)
+    d = tl.where(p == 0.0, 0.0, p * (lp - lq))
+    return d, q - p
+
+
+@triton.jit
+def _log2_mixture(lp, lq, log2_beta, log2_1mb):
+    """log2(beta 2^lp + (1-beta) 2^lq) as a log-sum-exp; -inf (not NaN) when both are -inf."""
+    u = lp + log2_beta
+    v = lq + log2_1mb
+    # NaN-propagating max/min: a NaN teacher entry must not become a finite log m.
+    hi = tl.maximum(u, v, propagate_nan=tl.PropagateNan.ALL)
+    e = tl.exp2(tl.minimum(u, v, propagate_nan=tl.PropagateNan.ALL) - hi)
+    # log2(1 + e) = log2(y) * e / (y - 1): cancels the rounding of y = 1 + e for tiny e.
+    y = 1.0 + e
+    ym1 = y - 1.0
+    log1p2 = tl.where(ym1 == 0.0, e * LOG2E, tl.log2(y) * (e / ym1))
+    return tl.where(hi == float("-inf"), hi, hi + log1p2)
+
+
+@triton.jit
+def _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE: tl.constexpr):
+    """q, h (bits) and JSD's p (log p - log m) term, for reverse_kl and jsd."""
+    lq = s * c - lse2_s
+    lp = t * c - lse2_t
+    q = tl.exp2(lq)
+    if DIVERGENCE == _JSD:
+        lm = _log2_mixture(lp, lq, log2_beta, log2_1mb)
+        p = tl.exp2(lp)
+        pm = tl.where(p == 0.0, 0.0, p * (lp - lm))
+        h = tl.where(q == 0.0, 0.0, lq - lm)
+    else:
+        pm = tl.zeros_like(q)
+        h = tl.where(q == 0.0, 0.0, lq - lp)
+    return q, h, pm
+
+
+# An entry with q > _PEAK is "big": at most one per row even after rounding (see the
+# module docstring). The margin is far above q's rounding (~1e-6), and small: entries in
+# (1/2, _PEAK] take the direct formula, which cancels there. 3/4 instead doubled JSD's
+# error at T = 0.5 in an fp32 emulation (V = 262144: 1.7e-4 -> 3.6e-4 from float64).
+_PEAK = tl.constexpr(0.5 + 2.0 ** -10)
+
+
+@triton.jit
+def _centred_sums(q, h):
+    """Per-element parts of sum_small q, sum_small q h, sum_big q h, sum_big q (big: q > _PEAK)."""
+    big = q > _PEAK
+    qh = q * h
+    return tl.where(big, 0.0, q), tl.where(big, 0.0, qh), tl.where(big, qh, 0.0), tl.where(big, q, 0.0)
+
+
+@triton.jit
+def _centring(small_q, small_qh, big_qh, big_q):
+    """The centring constants from the row sums (fp32 or fp64): (sum q h / sum q,
+    sum_small q / sum q, sum_small q h / sum q, sum q h), in fp32 (small: q <= _PEAK).
+
+    Divided by the mass sum q of the fp32 q that the kernel computed, not by 1: each q_i
+    carries its own rounding (~|log2 q_i| ulps from the exponent s_i c - lse), so sum q =
+    1 + O(1e-6), and h - sum q h then shifts every entry by (1 - sum q) sum q h. Where the
+    gradient is small against h (JSD's h saturates at log 1/(1-beta) on the student's mass;
+    low T) that shift dominated the error. Normalised, the centring is invariant to a
+    common shift of h, as the exact gradient is. The sums are added in their own precision
+    and the quotients taken in fp32 (fp64 here spilled in the 8192-column JSD block; the
+    division-free first-order form x - x (sum q - 1) took the fp32 multi-block JSD build
+    from 64 to 78 registers).
+
+    Measured under the interpreter against float64 (tests/cases.py LARGE_VOCAB_CENTRED:
+    V = 32000, fp32, 4 rows), before -> after (with the fp64 row sums of _kd_row): reverse
+    KL T = 0.5 3.7e-6 -> 1.1e-6, JSD T = 1 5.0e-6 -> 1.8e-6, JSD T = 0.5 2.6e-4 -> 3.1e-5.
+    """
+    qh = (small_qh + big_qh).to(tl.float32)
+    mass = (small_q + big_q).to(tl.float32)
+    return tl.div_rn(qh, mass), tl.div_rn(small_q.to(tl.float32), mass), tl.div_rn(small_qh.to(tl.float32), mass), qh
+
+
+@triton.jit
+def _centre(q, h, small_q, small_qh, h_mean, scale):
+    # h_k - mean h cancels where q_k is near 1; there it is h_k sum_small q - sum_small q h
+    # (both already divided by sum q).
+    return scale * q * tl.where(q > _PEAK, h * small_q - small_qh, h - h_mean)
+
+
+@triton.jit
+def _tvd_terms(s, t, c, lse2_s, lse2_t):
+    """q, q - p, 0.5 |q - p| and the student mass where q > p, q < p, q == p."""
+    q = tl.exp2(s * c - lse2_s)
+    p = tl.exp2(t * c - lse2_t)
+    d = q - p
+    return q, d, 0.5 * tl.abs(d), tl.where(d > 0.0, q, 0.0), tl.where(d < 0.0, q, 0.0), tl.where(d == 0.0, q, 0.0)
+
+
+@triton.jit
+def _tvd_grad(q, d, g_pos, g_neg, g_tie):
+    return q * tl.where(d > 0.0, g_pos, tl.where(d < 0.0, g_neg, g_tie))
+
+
+@triton.jit
+def _row_sums_parts(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE: tl.constexpr):
+    """Per-element parts of the four row sums: for tvd 0.5 |q - p| and the student mass
+    where q > p, q < p, q == p; for reverse_kl and jsd the ``_centred_sums`` of q and h."""
+    if DIVERGENCE == _TVD:
+        q, d, x0, x1, x2, x3 = _tvd_terms(s, t, c, lse2_s, lse2_t)
+    else:
+        q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
+        x0, x1, x2, x3 = _centred_sums(q, h)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _row_sums_sweep(s_row, t_row, V, c, lse2_s, lse2_t, log2_beta, log2_1mb, acc0, acc1, acc2, acc3,
+                    DIVERGENCE: tl.constexpr, BLOCK: tl.constexpr):
+    """row_sums of the multi-block path (tvd, reverse_kl, jsd): one more read of the row,
+    the four sums of ``_row_sums_parts`` added block by block onto acc0..acc3, in their
+    precision (``add_block_sums``). Scalar running sums: vector accumulators would cost
+    4 x 8 registers on top of the divergence math."""
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        s, t = load_pair(s_row, t_row, start + cols, V)
+        x0, x1, x2, x3 = _row_sums_parts(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
+        acc0, acc1, acc2, acc3 = add_block_sums(acc0, acc1, acc2, acc3, x0, x1, x2, x3)
+    return acc0, acc1, acc2, acc3
+
+
+# ---------------------------------------------------------------------------------------
+# The forward kernel: row_stats, then row_sums and write_grad per divergence.
+
+@triton.jit
+def _kd_row(s_row, t_row, g_row, loss_ptr, stats_ptr, label, V, g_width,
+            c, inv_temperature, temperature, beta, log2_beta, log2_1mb,
+            div_weight, ce_weight, gdiv, gce,
+            DIVERGENCE: tl.constexpr, CE: tl.constexpr, HAS_STATS: tl.constexpr,
+            BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
+    cols = tl.arange(0, BLOCK)
+    s_label = 0.0
+    if CE != 0:
+        s_label = tl.load(s_row + label).to(tl.float32)  # before an in-place write over it
+    if SINGLE_BLOCK:
+        s, t = load_pair(s_row, t_row, cols, V)
+
+    # row_stats: raw maxes (or s/T-unit maxes from the caller) and anchored sums.
+    if HAS_STATS:
+        ms_nat = tl.load(stats_ptr + 0)
+        z_s = tl.load(stats_ptr + 1)
+        mt_nat = tl.load(stats_ptr + 2)
+        z_t = tl.load(stats_ptr + 3)
+        z_r = tl.load(stats_ptr + 4)
+        a_s = ms_nat * LOG2E
+        a_t = mt_nat * LOG2E
+        a_r = (temperature * ms_nat) * LOG2E
+    else:
+        if SINGLE_BLOCK:
+            m_s, z_s, m_t, z_t, z_r = row_stats_block(s, t, c, inv_temperature, temperature, CE == 2)
+        else:
+            m_s, z_s, m_t, z_t, z_r = row_stats_sweep(s_row, t_row, V, c, inv_temperature, temperature,
+                                                      BLOCK, CE == 2)
+        a_s, a_t, a_r = anchors(m_s, m_t, inv_temperature, temperature)
+    if CE == 1:  # T == 1: the CE softmax is the student's own
+        z_r = z_s
+        a_r = a_s
+    lse2_s = anchor(a_s) + tl.log2(z_s)
+    lse2_t = anchor(a_t) + tl.log2(z_t)
+    lse2_r = 0.0
+    if CE != 0:
+        lse2_r = anchor(a_r) + tl.log2(z_r)
+
+    # row_sums and write_grad.
+    if DIVERGENCE == _FORWARD_KL:
+        # No row sum is needed before the gradient: D is summed while write_grad runs.
+        if SINGLE_BLOCK:
+            d, w = _forward_kl_terms(s, t, c, lse2_s, lse2_t)
+            write_grad(g_row, cols, V, g_width, s, w, gdiv, label, lse2_r, gce, CE)
+            D = tl.sum(d, axis=0)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, g_width, BLOCK):
+                s, t = load_pair(s_row, t_row, start + cols, V)
+                d, w = _forward_kl_terms(s, t, c, lse2_s, lse2_t)
+                acc += d
+                write_grad(g_row, start + cols, V, g_width, s, w, gdiv, label, lse2_r, gce, CE)
+            D = tl.sum(acc, axis=0)
+        D = D * LN2
+    elif DIVERGENCE == _TVD:
+        if SINGLE_BLOCK:
+            q, diff, half_abs, pos, neg, tie = _tvd_terms(s, t, c, lse2_s, lse2_t)
+            D = tl.sum(half_abs, axis=0)
+            q_pos = tl.sum(pos, axis=0)
+            q_neg = tl.sum(neg, axis=0)
+            q_tie = tl.sum(tie, axis=0)
+        else:  # fp32 running sums
+            zero = zero32()
+            D, q_pos, q_neg, q_tie = _row_sums_sweep(s_row, t_row, V, c, lse2_s, lse2_t, log2_beta, log2_1mb,
+                                                     zero, zero, zero, zero, DIVERGENCE, BLOCK)
+        # h_i - sum_j q_j h_j = sum_j q_j (h_i - h_j): masses on the other sides, exact.
+        # D <= 1 is finite, so D - D is 0 unless the row holds a NaN, which the sign
+        # comparisons would otherwise drop from the gradient.
+        nan_or_zero = D - D
+        g_pos = q_neg + 0.5 * q_tie + nan_or_zero
+        g_neg = -(q_pos + 0.5 * q_tie) + nan_or_zero
+        g_tie = 0.5 * (q_neg - q_pos) + nan_or_zero
+        if SINGLE_BLOCK:
+            write_grad(g_row, cols, V, g_width, s, _tvd_grad(q, diff, g_pos, g_neg, g_tie), gdiv, label, lse2_r,
+                       gce, CE)
+        else:
+            for start in range(0, g_width, BLOCK):
+                s, t = load_pair(s_row, t_row, start + cols, V)
+                q, diff, half_abs, pos, neg, tie = _tvd_terms(s, t, c, lse2_s, lse2_t)
+                write_grad(g_row, start + cols, V, g_width, s, _tvd_grad(q, diff, g_pos, g_neg, g_tie), gdiv,
+                           label, lse2_r, gce, CE)
+    else:  # reverse_kl, jsd: dD/d(s/T) = scale q (h - sum q h)
+        if DIVERGENCE == _JSD:
+            scale = (1.0 - beta) * LN2
+        else:
+            scale = LN2
+        # Row sums: a tree within a block (tl.sum / tl.reduce: a few in-thread adds, then
+        # shuffles), and across the blocks of a row (16 at V = 32000, 128 at 262144) fp64
+        # running sums, one fp64 add per sum per block. Measured under the interpreter, fp32,
+        # V = 128256, T = 1 (with the normalised centring): JSD 5.6e-6 -> 1.9e-6 from
+        # float64 with fp64 running sums, reverse KL 4.8e-7 -> 3.5e-7.
+        kl_pm = 0.0
+        if SINGLE_BLOCK:
+            q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
+            sq, sqh, bqh, bq = _centred_sums(q, h)
+            small_q = tl.sum(sq, axis=0)
+            small_qh = tl.sum(sqh, axis=0)
+            big_qh = tl.sum(bqh, axis=0)
+            big_q = tl.sum(bq, axis=0)
+            if DIVERGENCE == _JSD:
+                kl_pm = tl.sum(pm, axis=0)
+        else:  # fp64 running sums
+            zero = zero64()
+            small_q, small_qh, big_qh, big_q = _row_sums_sweep(s_row, t_row, V, c, lse2_s, lse2_t, log2_beta,
+                                                               log2_1mb, zero, zero, zero, zero, DIVERGENCE, BLOCK)
+        h_mean, small_q_n, small_qh_n, qh = _centring(small_q, small_qh, big_qh, big_q)
+        if SINGLE_BLOCK:
+            write_grad(g_row, cols, V, g_width, s, _centre(q, h, small_q_n, small_qh_n, h_mean, scale), gdiv, label,
+                       lse2_r, gce, CE)
+        else:
+            # JSD's sum p (log p - log m) (the loss only) is taken here, one block sum per
+            # block: as a fifth sum of the sums sweep it took the 16-bit build from 64 to 70
+            # registers (a 4-byte spill under the CUDA toolkit's ptxas).
+            for start in range(0, g_width, BLOCK):
+                s, t = load_pair(s_row, t_row, start + cols, V)
+                q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
+                if DIVERGENCE == _JSD:
+                    kl_pm += tl.sum(pm, axis=0)
+                write_grad(g_row, start + cols, V, g_width, s, _centre(q, h, small_q_n, small_qh_n, h_mean, scale),
+                           gdiv, label, lse2_r, gce, CE)
+        if DIVERGENCE == _JSD:
+            D = (beta * kl_pm + (1.0 - beta) * qh) * LN2
+        else:
+            D = qh * LN2
+
+    if SINGLE_BLOCK:
+        fill_row(g_row, BLOCK, g_width, 0.0, BLOCK)  # student columns past the block
+    row_loss = div_weight * D
+    if CE != 0:
+        row_loss += ce_weight * (lse2_r * LN2 - s_label)
+    tl.store(loss_ptr, row_loss)
+
+
+@triton.jit
+def kd_forward_kernel(
+    S, T, G, LOSS, LABELS, GRAD_SCALE, STATS,
+    s_stride, t_stride, g_stride, V, g_width,
+    c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, ignore_index,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr, HAS_STATS: tl.constexpr,
+    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = row_base(S, row, s_stride)
+    t_row = row_base(T, row, t_stride)
+    g_row = row_base(G, row, g_stride)
+    stats_row = STATS + row * _ROW_STATS_WIDTH
+    scale = tl.load(GRAD_SCALE).to(tl.float32)
+    gdiv = scale * div_weight * inv_temperature
+    gce = scale * ce_weight
+    if HAS_LABELS:
+        label = tl.load(LABELS + row)
+        ignored = label == ignore_index
+        if ignored | (label < 0) | (label >= V):
+            # Ignored: out of every term. Out of range: NaN marks the row, never a number.
+            fill = tl.where(ignored, 0.0, float("nan"))
+            tl.store(LOSS + row, fill)
+            fill_row(g_row, 0, g_width, fill, BLOCK)
+        else:
+            _kd_row(s_row, t_row, g_row, LOSS + row, stats_row, label, V, g_width,
+                    c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, gdiv, gce,
+                    DIVERGENCE, CE, HAS_STATS, BLOCK, SINGLE_BLOCK)
+    else:
+        _kd_row(s_row, t_row, g_row, LOSS + row, stats_row, -1, V, g_width,
+                c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, gdiv, gce,
+                DIVERGENCE, CE, HAS_STATS, BLOCK, SINGLE_BLOCK)
+
+
+@triton.jit
+def row_stats_kernel(S, T, OUT, s_stride, t_stride, V, c, inv_temperature, temperature,
+                     RAW: tl.constexpr, BLOCK: tl.constexpr):
+    """[N, ROW_STATS_WIDTH] row_stats for a vocab-parallel caller: (max_s, sum_s, max_t, sum_t,
+    sum_raw).
+
+    RAW: 0 no CE (sum_raw = 0), 1 CE at T == 1 (sum_raw = sum_s), 2 CE at T != 1.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    m_s, z_s, m_t, z_t, z_r = row_stats_sweep(row_base(S, row, s_stride), row_base(T, row, t_stride), V, c,
+                                              inv_temperature, temperature, BLOCK, RAW == 2)
+    if RAW == 1:
+        z_r = z_s
+    out = OUT + row * _ROW_STATS_WIDTH
+    tl.store(out + 0, m_s * inv_temperature)
+    tl.store(out + 1, z_s)
+    tl.store(out + 2, m_t * inv_temperature)
+    tl.store(out + 3, z_t)
+    tl.store(out + 4, z_r)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers.
+
+def _check_forward_args(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
+                        ce_weight, vocab_size):
+    """The operator contract (the Python layer has already validated user input)."""
+    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"fastkd: student and teacher must be 2-D [N, V] with equal N, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if student.device != teacher.device:
+        raise ValueError("fastkd: student and teacher are on different devices")
+    if student.stride(1) != 1 or teacher.stride(1) != 1:
+        raise ValueError("fastkd: logits need unit stride along the vocabulary")
+    if student.dtype not in SUPPORTED_DTYPES or teacher.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"fastkd: the triton backend takes float32/bfloat16/float16 logits, got "
+                        f"{student.dtype} and {teacher.dtype}")
+    if not 1 <= vocab_size <= min(student.shape[1], teacher.shape[1]):
+        raise ValueError(f"fastkd: vocab_size {vocab_size} must be in [1, min({student.shape[1]}, "
+                         f"{teacher.shape[1]})]")
+    if divergence not in DIVERGENCE_IDS:
+        raise ValueError(f"fastkd: unknown divergence {divergence!r}")
+    if not inv_temperature > 0.0:
+        raise ValueError("fastkd: inv_temperature must be > 0")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError("fastkd: beta must be in [0, 1]")
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != student.shape[0] or labels.dtype != torch.int64
+                               or not labels.is_contiguous() or labels.device != student.device):
+        raise ValueError("fastkd: labels must be a contiguous int64 [N] tensor on the logits' device")
+    if ce_weight != 0.0 and labels is None:
+        raise ValueError("fastkd: ce_weight != 0 needs labels")
+    if grad_scale.numel() != 1 or grad_scale.device != student.device:
+        raise ValueError("fastkd: grad_scale must be a one-element tensor on the logits' device")
+    if row_stats is not None and (tuple(row_stats.shape) != (student.shape[0], ROW_STATS_WIDTH)
+                                  or row_stats.dtype != torch.float32 or not row_stats.is_contiguous()):
+        raise ValueError(f"fastkd: row_stats must be a contiguous float32 [N, {ROW_STATS_WIDTH}] tensor")
+
+
+def _ce_mode(ce_weight: float, inv_temperature: float) -> int:
+    if ce_weight == 0.0:
+        return CE_NONE
+    return CE_SHARED if float(inv_temperature) == 1.0 else CE_RAW
+
+
+def _log2_or_ninf(x: float) -> float:
+    return math.log2(x) if x > 0.0 else float("-inf")
+
+
+def kernel_scalars(inv_temperature: float, beta: float):
+    """(c, 1/T, T, log2 beta, log2(1-beta)) as the kernel receives them, all fp32-rounded by triton."""
+    inv_t = float(inv_temperature)
+    return (1.4426950408889634 * inv_t, inv_t, 1.0 / inv_t, _log2_or_ninf(beta), _log2_or_ninf(1.0 - beta))
+
+
+def _launch_forward(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
+                    div_weight, ce_weight, ignore_index, vocab_size, grad):
+    n = student.shape[0]
+    loss = torch.empty((n,), dtype=torch.float32, device=student.device)
+    if n == 0:
+        return loss
+    # JSD at beta 0 / 1 is forward / reverse KL; resolved here as well as in Python, since
+    # under torch.compile beta may have been a traced value there.
+    divergence = resolve_divergence(divergence, beta)
+    cfg = launch_config(vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE)
+    c, inv_t, temp, log2_beta, log2_1mb = kernel_scalars(inv_temperature, beta)
+    with quiet_numpy():
+        kd_forward_kernel[(n,)](
+            student, teacher, grad, loss,
+            labels if labels is not None else loss,  # unused pointer when there are no labels
+            grad_scale,
+            row_stats if row_stats is not None else loss,
+            student.stride(0), teacher.stride(0), grad.stride(0), vocab_size, grad.shape[1],
+            c, inv_t, temp, float(beta), log2_beta, log2_1mb, float(div_weight), float(ce_weight), int(ignore_index),
+            DIVERGENCE=DIVERGENCE_IDS[divergence], HAS_LABELS=labels is not None,
+            CE=_ce_mode(ce_weight, inv_temperature), HAS_STATS=row_stats is not None,
+            BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return loss
+
+
+def forward(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta, div_weight,
+            ce_weight, ignore_index, vocab_size):
+    """(loss [N] fp32, grad) with the gradient in a new tensor of the student's dtype."""
+    _check_forward_args(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
+                        ce_weight, vocab_size)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    loss = _launch_forward(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
+                           div_weight, ce_weight, ignore_index, vocab_size, grad)
+    return loss, grad
+
+
+def forward_inplace(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
+                    div_weight, ce_weight, ignore_index, vocab_size):
+    """loss [N] fp32, the gradient written over ``student``."""
+    _check_forward_args(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
+                        ce_weight, vocab_size)
+    # Each program reads its row (and the label's logit) before writing the gradient over it.
+    return _launch_forward(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
+                           div_weight, ce_weight, ignore_index, vocab_size, student)
+
+
+def row_stats(student, teacher, inv_temperature, vocab_size, with_ce):
+    """[N, ROW_STATS_WIDTH] float32 row_stats of both sides (the row_stats kernel)."""
+    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
+        raise ValueError("fastkd: student and teacher must be 2-D [N, V] with equal N")
+    if student.stride(1) != 1 or teacher.stride(1) != 1:
+        raise ValueError("fastkd: logits need unit stride along the vocabulary")
+    if not 1 <= vocab_size <= min(student.shape[1], teacher.shape[1]):
+        raise ValueError(f"fastkd: vocab_size {vocab_size} out of range")
+    n = student.shape[0]
+    out = torch.empty((n, ROW_STATS_WIDTH), dtype=torch.float32, device=student.device)
+    if n == 0:
+        return out
+    block = min(triton.next_power_of_2(vocab_size), launch.BLOCK_OVERRIDE or launch.MULTI_BLOCK)
+    c, inv_t, temp, _, _ = kernel_scalars(inv_temperature, 0.5)
+    raw = (CE_SHARED if inv_t == 1.0 else CE_RAW) if with_ce else CE_NONE
+    with quiet_numpy():
+        row_stats_kernel[(n,)](student, teacher, out, student.stride(0), teacher.stride(0), vocab_size, c, inv_t,
+                               temp, RAW=raw, BLOCK=block, num_warps=warps_for(block))
+    return out

@@ -1,0 +1,121 @@
+"""Launch decisions of the Triton kernels, in one place: block sizes, path and warps.
+
+Two shapes of the dense kernel, chosen per V by :func:`launch_config`:
+
+* single block (V <= the divergence's register budget, SINGLE_BLOCK_MAX): the whole row of
+  s and t is loaded once into registers; row_stats, row_sums and write_grad all work on
+  them. Traffic: one read of s and t, one write of ds (the floor).
+* multi block (MULTI_BLOCK columns per loop iteration): the row_stats sweep reads the row;
+  forward_kl then reads it once more and writes the gradient (2 reads); reverse_kl, jsd and
+  tvd need their row sums before any gradient entry is known, so they read it a second
+  time for row_sums and a third time for write_grad.
+
+:func:`config_classes` lists the distinct configurations these can return, for the sm_90
+no-spill compile check (``.ci/triton_sm90_check.py``, tests/test_triton_compile.py).
+"""
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import triton
+
+from .rows import kernels_interpreted
+
+MAX_BLOCK = 16384  # columns per tensor per block
+
+# Largest power-of-two row kept whole in registers, per divergence. At 8 values of each
+# tensor per thread (1024 threads hold 8192 columns) every divergence fits without
+# spilling; forward_kl (s, t, then q - p: no row sum between the loads and the write)
+# also fits 16 per thread at the 64-register cap of 1024 threads. The centred
+# divergences at 16384 spill (q, h and log m live across two row reductions). Checked
+# for sm_90 by tests/test_triton_compile.py.
+SINGLE_BLOCK_MAX = {"forward_kl": 16384, "reverse_kl": 8192, "jsd": 8192, "tvd": 8192}
+
+# Columns per loop iteration in the multi-block sweeps: 8 per thread at 8 warps. ptxas
+# aims at 64 registers here (four programs per SM); at 4096 columns x 16 warps the fp32
+# sweeps spill to reach it, at 16 per thread they need ~120 (one program per SM).
+MULTI_BLOCK = 2048
+
+# Columns per program of the scale_grad kernel (a grid of row x column blocks).
+SCALE_BLOCK = 4096
+
+# Tests force small blocks (the multi-block path at V ~ 1000 under the interpreter). Read
+# at each launch as ``launch.BLOCK_OVERRIDE``.
+BLOCK_OVERRIDE: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block: int           # columns of each tensor per block (power of two, <= MAX_BLOCK)
+    single_block: bool   # the whole row lives in registers (one read of s and t)
+    num_warps: int
+    num_stages: int = 1  # the sweeps stream; no shared-memory pipelining of plain loads
+
+
+def launch_config(vocab_size: int, student_dtype: torch.dtype, teacher_dtype: torch.dtype,
+                  divergence: str, block_override: Optional[int] = None) -> LaunchConfig:
+    """Block size, path and warps for one row of ``vocab_size`` columns.
+
+    Eight fp32 values of each tensor per thread (two 16-byte loads of fp32, one of 16-bit
+    data), sixteen only for forward_kl's 16384-column single block (32 warps is the most
+    a program can have). Not yet tuned on a GPU: this is the one function to tune.
+    """
+    del student_dtype, teacher_dtype  # loads are cast to fp32 at once; the budget is fp32
+    if block_override is not None:
+        block = min(triton.next_power_of_2(int(block_override)), MAX_BLOCK)
+        single = triton.next_power_of_2(vocab_size) <= block
+        if single:
+            block = triton.next_power_of_2(vocab_size)
+        return LaunchConfig(block, single, warps_for(block))
+    full = triton.next_power_of_2(vocab_size)
+    if full <= SINGLE_BLOCK_MAX[divergence]:
+        return LaunchConfig(full, True, warps_for(full))
+    return LaunchConfig(MULTI_BLOCK, False, warps_for(MULTI_BLOCK))
+
+
+def warps_for(block: int) -> int:
+    """Warps for a block: 8 columns per thread, 4 to 32 warps."""
+    return max(4, min(32, block // 256))
+
+
+def _config_probe_vocab_sizes() -> Iterator[int]:
+    """Vocabulary sizes that reach every configuration launch_config can return."""
+    v = 1
+    while v <= 4 * MAX_BLOCK:
+        yield v
+        v *= 2
+    yield 128256  # and a realistic LLM vocabulary
+
+
+def config_classes():
+    """The distinct kernel configurations the launcher can pick, a worst case of each class.
+
+    A class is (divergence, path, num_warps); its worst case for registers is its largest
+    block, and the smallest block of a class (tiny vocabularies: fewer columns than
+    threads) is listed too when it differs. Returns [(divergence, LaunchConfig, vocab)],
+    used by the sm_90 compile check so that it follows this function, not a copied list.
+    """
+    largest, smallest = {}, {}
+    for divergence in SINGLE_BLOCK_MAX:  # every divergence
+        for v in _config_probe_vocab_sizes():
+            cfg = launch_config(v, torch.bfloat16, torch.bfloat16, divergence)
+            key = (divergence, cfg.single_block, cfg.num_warps)
+            if key not in largest or cfg.block > largest[key][1].block:
+                largest[key] = (divergence, cfg, v)
+            if key not in smallest or cfg.block < smallest[key][1].block:
+                smallest[key] = (divergence, cfg, v)
+    out = list(largest.values())
+    out += [entry for key, entry in smallest.items() if entry[1] != largest[key][1]]
+    return out
+
+
+def quiet_numpy():
+    """Under the interpreter, numpy warns on the IEEE special values the kernels rely on
+    (log2(0) = -inf, -inf - -inf = NaN behind a select, fp16 overflow to inf); the GPU
+    does not, neither do we."""
+    if not kernels_interpreted():
+        return contextlib.nullcontext()
+    import numpy as np
+
+    return np.errstate(all="ignore")

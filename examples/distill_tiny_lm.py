@@ -63,7 +63,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fastkd  # noqa: E402
-from fastkd.api import resolve_backend  # noqa: E402
+from fastkd import resolve_backend  # noqa: E402
 
 
 # --------------------------------------------------------------------------- settings

@@ -32,10 +32,13 @@ loads the C++ extension.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
+
+from ..config import DIVERGENCES
 
 ROW_STATS_WIDTH = 5  # (max_s, sumexp_s, max_t, sumexp_t, sumexp_raw); maxes in units of s/T
 LOW_PRECISION_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,6 +62,49 @@ class KernelBackend:
     supports: Callable[[torch.device], bool]
     dtypes: Tuple[torch.dtype, ...] = LOW_PRECISION_AND_FP32
     differentiable_loss: Optional[Callable] = None
+
+
+# ---------------------------------------------------------------------------------------
+# The operator contract's entry check, for operators written in Python (Triton). The C++
+# operators have its twin in csrc/ops.cpp; both guard the contract, the user's input was
+# checked before (fastkd/_checks.py).
+
+def check_operator_args(student, teacher, labels, grad_scale, row_stats, k, dtypes) -> None:
+    """Tensors and unpacked settings ``k`` (:class:`fastkd.config.KernelSettings`) of one call;
+    ``grad_scale`` None for the row_stats operator."""
+    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"fastkd: student and teacher must be 2-D [N, V] with equal N, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if student.device != teacher.device:
+        raise ValueError("fastkd: student and teacher are on different devices")
+    if student.stride(1) != 1 or teacher.stride(1) != 1:
+        raise ValueError("fastkd: logits need unit stride along the vocabulary")
+    if student.dtype not in dtypes or teacher.dtype not in dtypes:
+        raise TypeError(f"fastkd: this backend takes {', '.join(str(d).replace('torch.', '') for d in dtypes)} "
+                        f"logits, got {student.dtype} and {teacher.dtype}")
+    if not 1 <= k.vocab_size <= min(student.shape[1], teacher.shape[1]):
+        raise ValueError(f"fastkd: vocab_size {k.vocab_size} must be in [1, min({student.shape[1]}, "
+                         f"{teacher.shape[1]})]")
+    if not 0 <= k.divergence_id < len(DIVERGENCES):
+        raise ValueError("fastkd: unknown divergence id")
+    if not (k.inv_temperature > 0.0 and math.isfinite(k.inv_temperature)):
+        raise ValueError("fastkd: inv_temperature must be finite and > 0 (temperature > 0)")
+    if not 0.0 <= k.beta <= 1.0:
+        raise ValueError("fastkd: beta must be in [0, 1]")
+    if grad_scale is None:
+        return
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != student.shape[0] or labels.dtype != torch.int64
+                               or not labels.is_contiguous() or labels.device != student.device):
+        raise ValueError("fastkd: labels must be a contiguous int64 [N] tensor on the logits' device")
+    if k.ce_weight != 0.0 and labels is None:
+        raise ValueError("fastkd: ce_weight != 0 needs labels")
+    if grad_scale.numel() != 1 or grad_scale.device != student.device:
+        raise ValueError("fastkd: grad_scale must be a one-element tensor on the logits' device")
+    if row_stats is not None and (tuple(row_stats.shape) != (student.shape[0], ROW_STATS_WIDTH)
+                                  or row_stats.dtype != torch.float32 or not row_stats.is_contiguous()
+                                  or row_stats.device != student.device):
+        raise ValueError(f"fastkd: row_stats must be a contiguous float32 [N, {ROW_STATS_WIDTH}] tensor "
+                         "on the logits' device")
 
 
 # ---------------------------------------------------------------------------------------

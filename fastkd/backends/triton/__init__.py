@@ -34,23 +34,18 @@ from .rows import kernels_interpreted
 # implementations. The settings arrive packed (fastkd/config.py) and are unpacked by name.
 
 
-def _dense_args(ints, floats) -> tuple:
-    k = KernelSettings(ints, floats)
-    return (k.divergence, k.inv_temperature, k.beta, k.div_weight, k.ce_weight, k.ignore_index, k.vocab_size)
-
-
 @torch.library.custom_op("fastkd::triton_kd_forward", mutates_args=())
 def triton_kd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                       grad_scale: torch.Tensor, row_stats: Optional[torch.Tensor], ints: List[int],
                       floats: List[float]) -> Tuple[torch.Tensor, torch.Tensor]:
-    return dense.forward(student, teacher, labels, grad_scale, row_stats, *_dense_args(ints, floats))
+    return dense.forward(student, teacher, labels, grad_scale, row_stats, KernelSettings(ints, floats))
 
 
 @torch.library.custom_op("fastkd::triton_kd_forward_inplace", mutates_args=("student",))
 def triton_kd_forward_inplace(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                               grad_scale: torch.Tensor, row_stats: Optional[torch.Tensor], ints: List[int],
                               floats: List[float]) -> torch.Tensor:
-    return dense.forward_inplace(student, teacher, labels, grad_scale, row_stats, *_dense_args(ints, floats))
+    return dense.forward_inplace(student, teacher, labels, grad_scale, row_stats, KernelSettings(ints, floats))
 
 
 @torch.library.custom_op("fastkd::triton_scale_grad_", mutates_args=("grad",))
@@ -60,8 +55,7 @@ def triton_scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> None:
 
 @torch.library.custom_op("fastkd::triton_row_stats", mutates_args=())
 def triton_row_stats(student: torch.Tensor, teacher: torch.Tensor, ints: List[int], floats: List[float]) -> torch.Tensor:
-    k = KernelSettings(ints, floats)
-    return dense.row_stats(student, teacher, k.inv_temperature, k.vocab_size, k.ce_weight != 0.0)
+    return dense.row_stats(student, teacher, KernelSettings(ints, floats))
 
 
 triton_kd_forward.register_fake(fake_forward)

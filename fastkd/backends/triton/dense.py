@@ -63,14 +63,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ...config import resolve_divergence
+from ...config import DIVERGENCES, KernelSettings, resolve_divergence
+from .. import check_operator_args
 from . import launch
 from .launch import launch_config, quiet_numpy, warps_for
 from .rows import (CE_NONE, CE_RAW, CE_SHARED, LN2, LOG2E, ROW_STATS_WIDTH, add_block_sums,
                    anchor, anchors, fill_row, load_pair, row_base, row_stats_block, row_stats_sweep, write_grad,
                    zero32, zero64)
 
-DIVERGENCE_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
+DIVERGENCE_IDS = {name: i for i, name in enumerate(DIVERGENCES)}  # the kernels' ids (fastkd/config.py)
 _FORWARD_KL = tl.constexpr(DIVERGENCE_IDS["forward_kl"])
 _JSD = tl.constexpr(DIVERGENCE_IDS["jsd"])
 _TVD = tl.constexpr(DIVERGENCE_IDS["tvd"])  # reverse_kl: the remaining case
@@ -407,40 +408,6 @@ def row_stats_kernel(S, T, OUT, s_stride, t_stride, V, c, inv_temperature, tempe
 # ---------------------------------------------------------------------------------------
 # Launchers.
 
-def _check_forward_args(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
-                        ce_weight, vocab_size):
-    """The operator contract (the Python layer has already validated user input)."""
-    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
-        raise ValueError(f"fastkd: student and teacher must be 2-D [N, V] with equal N, got "
-                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
-    if student.device != teacher.device:
-        raise ValueError("fastkd: student and teacher are on different devices")
-    if student.stride(1) != 1 or teacher.stride(1) != 1:
-        raise ValueError("fastkd: logits need unit stride along the vocabulary")
-    if student.dtype not in SUPPORTED_DTYPES or teacher.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"fastkd: the triton backend takes float32/bfloat16/float16 logits, got "
-                        f"{student.dtype} and {teacher.dtype}")
-    if not 1 <= vocab_size <= min(student.shape[1], teacher.shape[1]):
-        raise ValueError(f"fastkd: vocab_size {vocab_size} must be in [1, min({student.shape[1]}, "
-                         f"{teacher.shape[1]})]")
-    if divergence not in DIVERGENCE_IDS:
-        raise ValueError(f"fastkd: unknown divergence {divergence!r}")
-    if not inv_temperature > 0.0:
-        raise ValueError("fastkd: inv_temperature must be > 0")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError("fastkd: beta must be in [0, 1]")
-    if labels is not None and (labels.dim() != 1 or labels.shape[0] != student.shape[0] or labels.dtype != torch.int64
-                               or not labels.is_contiguous() or labels.device != student.device):
-        raise ValueError("fastkd: labels must be a contiguous int64 [N] tensor on the logits' device")
-    if ce_weight != 0.0 and labels is None:
-        raise ValueError("fastkd: ce_weight != 0 needs labels")
-    if grad_scale.numel() != 1 or grad_scale.device != student.device:
-        raise ValueError("fastkd: grad_scale must be a one-element tensor on the logits' device")
-    if row_stats is not None and (tuple(row_stats.shape) != (student.shape[0], ROW_STATS_WIDTH)
-                                  or row_stats.dtype != torch.float32 or not row_stats.is_contiguous()):
-        raise ValueError(f"fastkd: row_stats must be a contiguous float32 [N, {ROW_STATS_WIDTH}] tensor")
-
-
 def _ce_mode(ce_weight: float, inv_temperature: float) -> int:
     if ce_weight == 0.0:
         return CE_NONE
@@ -457,70 +424,59 @@ def kernel_scalars(inv_temperature: float, beta: float):
     return (1.4426950408889634 * inv_t, inv_t, 1.0 / inv_t, _log2_or_ninf(beta), _log2_or_ninf(1.0 - beta))
 
 
-def _launch_forward(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
-                    div_weight, ce_weight, ignore_index, vocab_size, grad):
+def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSettings, grad):
     n = student.shape[0]
     loss = torch.empty((n,), dtype=torch.float32, device=student.device)
     if n == 0:
         return loss
     # JSD at beta 0 / 1 is forward / reverse KL; resolved here as well as in Python, since
     # under torch.compile beta may have been a traced value there.
-    divergence = resolve_divergence(divergence, beta)
-    cfg = launch_config(vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE)
-    c, inv_t, temp, log2_beta, log2_1mb = kernel_scalars(inv_temperature, beta)
+    divergence = resolve_divergence(k.divergence, k.beta)
+    cfg = launch_config(k.vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE)
+    c, inv_t, temp, log2_beta, log2_1mb = kernel_scalars(k.inv_temperature, k.beta)
     with quiet_numpy():
         kd_forward_kernel[(n,)](
             student, teacher, grad, loss,
             labels if labels is not None else loss,  # unused pointer when there are no labels
             grad_scale,
             row_stats if row_stats is not None else loss,
-            student.stride(0), teacher.stride(0), grad.stride(0), vocab_size, grad.shape[1],
-            c, inv_t, temp, float(beta), log2_beta, log2_1mb, float(div_weight), float(ce_weight), int(ignore_index),
+            student.stride(0), teacher.stride(0), grad.stride(0), k.vocab_size, grad.shape[1],
+            c, inv_t, temp, float(k.beta), log2_beta, log2_1mb, float(k.div_weight), float(k.ce_weight),
+            int(k.ignore_index),
             DIVERGENCE=DIVERGENCE_IDS[divergence], HAS_LABELS=labels is not None,
-            CE=_ce_mode(ce_weight, inv_temperature), HAS_STATS=row_stats is not None,
+            CE=_ce_mode(k.ce_weight, k.inv_temperature), HAS_STATS=row_stats is not None,
             BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return loss
 
 
-def forward(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta, div_weight,
-            ce_weight, ignore_index, vocab_size):
+def forward(student, teacher, labels, grad_scale, row_stats, k: KernelSettings):
     """(loss [N] fp32, grad) with the gradient in a new tensor of the student's dtype."""
-    _check_forward_args(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
-                        ce_weight, vocab_size)
+    check_operator_args(student, teacher, labels, grad_scale, row_stats, k, SUPPORTED_DTYPES)
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    loss = _launch_forward(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
-                           div_weight, ce_weight, ignore_index, vocab_size, grad)
-    return loss, grad
+    return _launch_forward(student, teacher, labels, grad_scale, row_stats, k, grad), grad
 
 
-def forward_inplace(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
-                    div_weight, ce_weight, ignore_index, vocab_size):
+def forward_inplace(student, teacher, labels, grad_scale, row_stats, k: KernelSettings):
     """loss [N] fp32, the gradient written over ``student``."""
-    _check_forward_args(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
-                        ce_weight, vocab_size)
+    check_operator_args(student, teacher, labels, grad_scale, row_stats, k, SUPPORTED_DTYPES)
     # Each program reads its row (and the label's logit) before writing the gradient over it.
-    return _launch_forward(student, teacher, labels, grad_scale, row_stats, divergence, inv_temperature, beta,
-                           div_weight, ce_weight, ignore_index, vocab_size, student)
+    return _launch_forward(student, teacher, labels, grad_scale, row_stats, k, student)
 
 
-def row_stats(student, teacher, inv_temperature, vocab_size, with_ce):
-    """[N, ROW_STATS_WIDTH] float32 row_stats of both sides (the row_stats kernel)."""
-    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
-        raise ValueError("fastkd: student and teacher must be 2-D [N, V] with equal N")
-    if student.stride(1) != 1 or teacher.stride(1) != 1:
-        raise ValueError("fastkd: logits need unit stride along the vocabulary")
-    if not 1 <= vocab_size <= min(student.shape[1], teacher.shape[1]):
-        raise ValueError(f"fastkd: vocab_size {vocab_size} out of range")
+def row_stats(student, teacher, k: KernelSettings):
+    """[N, ROW_STATS_WIDTH] float32 row_stats of both sides (the row_stats kernel); the CE
+    column only when the CE term is on (ce_weight != 0)."""
+    check_operator_args(student, teacher, None, None, None, k, SUPPORTED_DTYPES)
     n = student.shape[0]
     out = torch.empty((n, ROW_STATS_WIDTH), dtype=torch.float32, device=student.device)
     if n == 0:
         return out
-    block = min(triton.next_power_of_2(vocab_size), launch.BLOCK_OVERRIDE or launch.MULTI_BLOCK)
-    c, inv_t, temp, _, _ = kernel_scalars(inv_temperature, 0.5)
-    raw = (CE_SHARED if inv_t == 1.0 else CE_RAW) if with_ce else CE_NONE
+    block = min(triton.next_power_of_2(k.vocab_size), launch.BLOCK_OVERRIDE or launch.MULTI_BLOCK)
+    c, inv_t, temp, _, _ = kernel_scalars(k.inv_temperature, 0.5)
+    raw = (CE_SHARED if inv_t == 1.0 else CE_RAW) if k.ce_weight != 0.0 else CE_NONE
     with quiet_numpy():
-        row_stats_kernel[(n,)](student, teacher, out, student.stride(0), teacher.stride(0), vocab_size, c, inv_t,
+        row_stats_kernel[(n,)](student, teacher, out, student.stride(0), teacher.stride(0), k.vocab_size, c, inv_t,
                                temp, RAW=raw, BLOCK=block, num_warps=warps_for(block))
     return out

@@ -3,10 +3,11 @@ import pytest
 import torch
 
 import fastkd
-import fastkd.ops
-from cases import Case, make_inputs
+from harness.backends import kernel_backend
+from harness.cases import Case
+from harness.inputs import make_inputs
 
-pytestmark = pytest.mark.skipif(fastkd.ops.get_backend("cpu") is None, reason="fastkd._C not available")
+pytestmark = pytest.mark.skipif(kernel_backend("cpu") is None, reason="fastkd._C not available")
 
 ops = torch.ops.fastkd
 

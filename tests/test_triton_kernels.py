@@ -2,7 +2,7 @@
 
 On a CPU-only machine the kernels run under the Triton interpreter (conftest.py sets
 TRITON_INTERPRET=1 before anything imports triton); tests marked ``gpu`` need CUDA and
-skip without it. The shared case list (cases.py) runs the single-block path at V ~ 1000;
+skip without it. The shared case list (harness/cases.py) runs the single-block path at V ~ 1000;
 here the multi-block path is forced with a small block size, and the launch configuration,
 int64 addressing, scale_grad_, row statistics and the operator registrations are checked.
 """
@@ -11,8 +11,11 @@ import math
 import pytest
 import torch
 
-from cases import (DIVERGENCES, LARGE_VOCAB_CENTRED, Case, check_case, fp32_grad_tolerance, make_inputs,
-                   reference_loss_and_grad, rel_err, run_backend, tolerances)
+from harness.backends import kernel_backend
+from harness.cases import DIVERGENCES, LARGE_VOCAB_CENTRED, Case
+from harness.compare import check_case, check_rows, fp32_grad_tolerance, rel_err
+from harness.inputs import logits_in_dtype, make_inputs
+from harness.results import reference_loss_and_grad, reference_row_stats, run_backend
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -164,21 +167,8 @@ def test_tied_top_entries_get_their_gradient(divergence, path, monkeypatch):
     s[:, 0] = -1e4
     t = torch.randn(n, v, generator=g, dtype=torch.float64)
     for temperature in (1.0, 2.0):
-        _check_rows(s.float().to(DEVICE), t.float().to(DEVICE), None, divergence=divergence,
-                    temperature=temperature)
-
-
-def _check_rows(s, t, labels, backend="triton", **kw):
-    """Per-row loss and gradient of the triton backend against the float64 reference."""
-    case = Case(**{k: v for k, v in kw.items() if k in Case.__dataclass_fields__})
-    s = s.detach().requires_grad_(True)
-    loss = fastkd.kd_loss(s, t, labels, backend=backend, reduction="none", **kw)
-    (grad,) = torch.autograd.grad(loss.sum(), s)
-    ref_loss, ref_grad = reference_loss_and_grad(case.replace(reduction="none"), s, t, labels)
-    loss_tol, grad_tol = tolerances(case.replace(student_dtype=s.dtype, teacher_dtype=t.dtype))
-    assert rel_err(loss.detach().double().cpu(), ref_loss) < loss_tol
-    assert rel_err(grad.double().cpu(), ref_grad) < grad_tol
-    return loss, grad
+        check_rows(s.float().to(DEVICE), t.float().to(DEVICE), None, "triton", divergence=divergence,
+                   temperature=temperature)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -195,8 +185,8 @@ def test_multi_block_leading_masked_blocks(divergence, monkeypatch):
     s[3, :5] = t[3, :5] = float("-inf")              # masked entries inside a live block
     s[4, 128:256] = t[4, 128:256] = float("-inf")    # a fully masked block in the middle
     labels = torch.full((n,), 650, dtype=torch.int64)
-    _check_rows(s.float().to(DEVICE), t.float().to(DEVICE), labels.to(DEVICE), divergence=divergence,
-                temperature=2.0, alpha=0.6)
+    check_rows(s.float().to(DEVICE), t.float().to(DEVICE), labels.to(DEVICE), "triton", divergence=divergence,
+               temperature=2.0, alpha=0.6)
 
 
 def test_single_block_zeroes_student_columns_past_the_block():
@@ -226,36 +216,6 @@ def test_out_of_range_label_gives_nan_row():
 
 # ---------------------------------------------------------------------------------------
 # scale_grad_
-
-class _StoreCounter:
-    def __init__(self):
-        self.count = 0
-
-
-@pytest.fixture
-def store_counter(monkeypatch):
-    from triton.runtime import interpreter
-
-    counter = _StoreCounter()
-    original = interpreter.InterpreterBuilder.create_masked_store
-
-    def counting(self, *args, **kwargs):
-        counter.count += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", counting)
-    return counter
-
-
-@pytest.fixture
-def no_host_sync(monkeypatch):
-    """Reading a tensor's value on the host fails inside the block."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("host synchronisation (.item()/bool()/float() on a tensor)")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-
 
 @interpreter_only
 @pytest.mark.parametrize("grad_output", ["scalar", "per_row", "expanded"])
@@ -321,16 +281,6 @@ def test_backward_with_grad_output(small_block):
 # ---------------------------------------------------------------------------------------
 # Row statistics (the vocab-parallel building block)
 
-def _row_stats_float64(s, t, temperature, with_ce):
-    a = s.double() / temperature
-    b = t.double() / temperature
-    ms, mt = a.max(-1).values, b.max(-1).values
-    zs = (a - ms[:, None]).exp().sum(-1)
-    zt = (b - mt[:, None]).exp().sum(-1)
-    zr = (s.double() - temperature * ms[:, None]).exp().sum(-1) if with_ce else torch.zeros_like(zs)
-    return torch.stack([ms, zs, mt, zt, zr], dim=1)
-
-
 @pytest.mark.parametrize("with_ce", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)],
@@ -341,9 +291,9 @@ def test_row_stats(with_ce, temperature, dtypes):
     s = s.detach()
     out = triton_kd.row_stats(s, t, 1.0 / temperature, 995, with_ce)
     assert out.shape == (9, 5) and out.dtype == torch.float32
-    ref = _row_stats_float64(s[:, :995].cpu(), t[:, :995].cpu(), temperature, with_ce)
+    ref = reference_row_stats(s[:, :995].cpu(), t[:, :995].cpu(), temperature, with_ce)
     torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-6, atol=0)
-    cpu = ops.get_backend("cpu")
+    cpu = kernel_backend("cpu")
     if cpu is not None:
         theirs = torch.ops.fastkd.row_stats(s.cpu(), t.cpu(), 1.0 / temperature, 995, with_ce)
         torch.testing.assert_close(out.cpu(), theirs, rtol=2e-6, atol=0)
@@ -427,14 +377,6 @@ def test_backend_registered_and_supports():
 # ---------------------------------------------------------------------------------------
 # On a GPU (skipped without CUDA)
 
-def _random_logits(n, v, dtype, seed):
-    """N(0, 3^2) logits, every fourth row peaked; drawn in `dtype` (no fp32 temporary)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(n, v, device="cuda", dtype=dtype, generator=g).mul_(3.0)
-    x[::4, 7] += 15.0
-    return x
-
-
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -442,15 +384,13 @@ def _random_logits(n, v, dtype, seed):
 def test_gpu_bf16_llama3_vocab(divergence, inplace):
     """bf16 at V = 128256 (multi-block path), every divergence, against float64."""
     n, v = 64, 128256
-    s = _random_logits(n, v, torch.bfloat16, 0)
-    t = _random_logits(n, v, torch.bfloat16, 1)
+    s = logits_in_dtype(n, v, torch.bfloat16, 0)
+    t = logits_in_dtype(n, v, torch.bfloat16, 1)
     labels = torch.randint(0, v, (n,), device="cuda")
     labels[::5] = -100
     case = Case(lead=(n,), vocab=v, student_dtype=torch.bfloat16, divergence=divergence, alpha=0.6,
                 temperature=2.0, inplace=inplace)
     ref_loss, ref_grad = reference_loss_and_grad(case, s, t, labels)
-    from cases import run_backend
-
     loss, grad = run_backend(case, "triton", s.requires_grad_(True), t, labels)
     assert rel_err(loss, ref_loss) < 1e-2
     assert rel_err(grad, ref_grad) < 2e-2
@@ -467,8 +407,8 @@ def test_gpu_more_than_2_31_elements(divergence):
     free, _ = torch.cuda.mem_get_info()
     if free < 20 * 2**30:
         pytest.skip("needs ~20 GiB of free GPU memory")
-    s = _random_logits(n, v, torch.bfloat16, 2)
-    t = _random_logits(n, v, torch.bfloat16, 3)
+    s = logits_in_dtype(n, v, torch.bfloat16, 2)
+    t = logits_in_dtype(n, v, torch.bfloat16, 3)
     labels = torch.randint(0, v, (n,), device="cuda")
     gs = torch.ones((), device="cuda")
     loss, grad = torch.ops.fastkd.triton_kd_forward(s, t, labels, gs, None, divergence, 0.5, 0.5, 2.4, 0.4, -100, v)

@@ -2,9 +2,9 @@
 # Compile-only check of fastkd's CUDA sources, for machines with nvcc but no GPU.
 #
 #   every csrc/cuda/*.cu   nvcc -c for sm_90a and sm_80, with the project's nvcc flags
-#                          (fastkd/backends/cppcpp_build.py) and torch's include paths; ptxas reports
+#                          (fastkd/backends/cpp_build.py) and torch's include paths; ptxas reports
 #                          registers and spills per kernel (table printed below)
-#   every csrc/cuda/*.cpp  the torch glue, g++ -c against torch's headers and the CUDA
+#   every csrc/cuda/*.cpp  the torch glue (and csrc/ops.cpp with FASTKD_WITH_CUDA), g++ -c against torch's headers and the CUDA
 #                          runtime headers nvcc ships
 #
 # Objects go to a temporary directory that is removed afterwards; nothing is linked or
@@ -26,7 +26,7 @@ command -v "$NVCC" >/dev/null || { echo "compile_cuda: $NVCC not found" >&2; exi
 # is loaded by path: importing the fastkd package would load or build the extension.
 read -r NVCC_FLAGS CXX_FLAGS < <("$PYTHON" - "$ROOT" <<'EOF'
 import importlib.util, os, sys
-spec = importlib.util.spec_from_file_location("fastkd_build", os.path.join(sys.argv[1], "fastkd", "backends", "cppcpp_build.py"))
+spec = importlib.util.spec_from_file_location("fastkd_build", os.path.join(sys.argv[1], "fastkd", "backends", "cpp_build.py"))
 b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
 std = b.torch_std_flag()  # the standard the installed torch's headers need
 nv = [f for f in b.nvcc_flags() if not f.startswith("-gencode")] + [std]
@@ -72,7 +72,7 @@ for src in "$ROOT"/csrc/cuda/*.cu; do
     status=1
   fi
 done
-for src in "$ROOT"/csrc/cuda/*.cpp; do
+for src in "$ROOT"/csrc/cuda/*.cpp "$ROOT"/csrc/ops.cpp; do  # ops.cpp: its CUDA registration
   name=$(basename "$src")
   start=$(now)
   # shellcheck disable=SC2086

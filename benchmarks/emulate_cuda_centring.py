@@ -10,7 +10,7 @@ accumulated in the order a kernel uses:
   cluster   C CTAs x 256 threads x 8 packs per thread: serial fp32 per thread, then trees
 
 and the centring is the old one (h - sum q h, peaked entry q > 1/2) or the new one
-(h - sum q h / sum q, peaked entry q > 1/2 + 2^-10). Inputs: tests/cases.py (logits
+(h - sum q h / sum q, peaked entry q > 1/2 + 2^-10). Inputs: tests/harness (logits
 N(0, 3^2), a quarter of the rows peaked), 8 rows; bf16 rows are rounded to bf16 and
 compared with float64 on the rounded values. Prints the relative norm error of the
 gradient. Usage: python benchmarks/emulate_cuda_centring.py [V dtype kernel] ...
@@ -22,7 +22,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from cases import Case, make_inputs  # noqa: E402
+from harness.cases import Case  # noqa: E402
+from harness.inputs import make_inputs  # noqa: E402
 
 from fastkd import reference  # noqa: E402
 

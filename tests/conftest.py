@@ -1,27 +1,8 @@
-"""Which (backend, device) pairs the shared correctness suite runs on.
+"""pytest setup. The shared machinery is the harness package (tests/harness); the
+(backend, device) pairs of the shared correctness suite come from its registry.
 
-Without a GPU, Triton kernels run through its interpreter on CPU tensors; the variable
-must be set before triton (and so fastkd) is imported.
+harness.backends is imported first: without a GPU it sets TRITON_INTERPRET=1, which must
+happen before triton (and so any fastkd backend) is imported.
 """
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import fastkd._dispatch  # noqa: E402
-
-
-def backend_devices():
-    pairs = []
-    for name, device in (("cpu", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")):
-        kernels = fastkd._dispatch.get_backend(name)
-        if device == "cuda" and not torch.cuda.is_available():
-            continue
-        if kernels is not None and kernels.supports(torch.device(device)):
-            pairs.append((name, device))
-    return pairs
-
-
-BACKEND_DEVICES = backend_devices()
+import harness.backends  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+from harness.fixtures import no_host_sync, store_counter  # noqa: F401  (fixtures for every test file)

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import fastkd
-import fastkd._dispatch
-from cases import Case, make_inputs
+from harness.backends import kernel_backend, supports
+from harness.cases import Case
+from harness.inputs import make_inputs
 
-pytestmark = pytest.mark.skipif(fastkd._dispatch.get_backend("cpu") is None, reason="fastkd._C not available")
+pytestmark = pytest.mark.skipif(kernel_backend("cpu") is None, reason="fastkd._C not available")
 
 
 def _grad(loss, x):
@@ -99,7 +100,7 @@ def test_bad_value_still_fails_under_compile():
 def test_triton_launcher_resolves_jsd_special_cases():
     """The Triton launcher gets beta as a number at run time and must resolve it itself."""
     pytest.importorskip("fastkd.backends.triton")
-    if fastkd._dispatch.get_backend("triton") is None or not fastkd._dispatch.get_backend("triton").supports(torch.device("cpu")):
+    if not supports("triton", "cpu"):
         pytest.skip("Triton cannot run on CPU tensors here")
     s, t, _ = make_inputs(Case(lead=(4,), vocab=97, labels=False))
     one = torch.ones(())

@@ -10,11 +10,14 @@ padded/strided rows at those sizes, row statistics, and a sync-free backward.
 import pytest
 import torch
 
-from cases import (ALL_CASES, LARGE_VOCAB_CENTRED, Case, check_case, fp32_grad_tolerance, make_inputs,
-                   reference_loss_and_grad, rel_err, run_backend, tolerances)
+from harness.backends import cuda_kernel_plan as plan
+from harness.backends import kernel_backend
+from harness.cases import ALL_CASES, DIVERGENCES, LARGE_VOCAB_CENTRED
+from harness.compare import assert_close, check_case, fp32_grad_tolerance, rel_err
+from harness.inputs import logits, make_inputs
+from harness.results import backend_result, reference_loss_and_grad, reference_result, run_backend
 
 import fastkd
-import fastkd.ops
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,7 +37,7 @@ KERNELS = [
 
 @pytest.fixture(autouse=True)
 def cuda_backend():
-    if fastkd.ops.get_backend("cuda") is None:
+    if kernel_backend("cuda") is None:
         pytest.fail("a CUDA device is present but fastkd._C was built without its CUDA kernels")
 
 
@@ -43,45 +46,6 @@ def kernel(request, monkeypatch):
     """Forces one kernel for the test (read by the C++ glue at every call)."""
     monkeypatch.setenv("FASTKD_CUDA_KERNEL", request.param)
     return request.param
-
-
-def plan(student, teacher, vocab_size=None, with_row_stats=False):
-    s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    return torch.ops.fastkd.cuda_kernel_plan(s2, t2, with_row_stats, vocab_size or s2.shape[-1])
-
-
-def logits(shape, dtype, generator, peaked=0.25):
-    """N(0, 3^2) logits drawn on the GPU, a fraction of rows sharply peaked."""
-    x = torch.randn(shape, device="cuda", dtype=torch.float32, generator=generator) * 3.0
-    rows = x.view(-1, shape[-1])
-    hot = torch.rand(rows.shape[0], device="cuda", generator=generator) < peaked
-    where = torch.randint(0, shape[-1], (rows.shape[0],), device="cuda", generator=generator)
-    rows[hot, where[hot]] += 15.0
-    return x.to(dtype)
-
-
-def reference(student, teacher, labels, **kw):
-    """Loss and gradient of fastkd.reference in float64, on the GPU (fast at 262k)."""
-    s64 = student.detach().double().requires_grad_(True)
-    loss = fastkd.reference.kd_loss(s64, teacher.detach().double(), labels, **kw)
-    (grad,) = torch.autograd.grad(loss.sum(), s64)
-    return loss.detach(), grad
-
-
-def fused(student, teacher, labels, inplace=False, **kw):
-    """Loss and gradient of the cuda backend; the student keeps its layout (strides)."""
-    s = (student.detach().clone() if inplace else student.detach()).requires_grad_(True)
-    x = s * 1 if inplace else s  # in-place backward writes into a non-leaf's buffer
-    loss = fastkd.kd_loss(x, teacher, labels, backend="cuda", inplace_backward=inplace, **kw)
-    (grad,) = torch.autograd.grad(loss.sum(), s)
-    return loss.detach().double(), grad.double()
-
-
-def assert_close(loss, grad, ref_loss, ref_grad, low_precision):
-    loss_tol, grad_tol = (1e-2, 2e-2) if low_precision else (1e-5, 1e-5)
-    e_loss, e_grad = rel_err(loss, ref_loss), rel_err(grad, ref_grad)
-    assert e_loss < loss_tol, f"loss rel err {e_loss:.3g}"
-    assert e_grad < grad_tol, f"grad rel err {e_grad:.3g}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,9 +59,6 @@ def test_shared_cases(case, kernel):
 
 # ---------------------------------------------------------------------------------------
 # Vocabularies of LLMs: multi-CTA clusters (C = 2 .. 16), every divergence.
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
-
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("vocab,dtype", [
@@ -115,8 +76,8 @@ def test_large_vocab(divergence, vocab, dtype, alpha, temperature, kernel):
     labels = torch.randint(0, vocab, (n,), device="cuda", generator=g)
     labels[::5] = -100
     kw = dict(divergence=divergence, temperature=temperature, alpha=alpha, reduction="mean")
-    loss, grad = fused(s, t, labels, **kw)
-    assert_close(loss, grad, *reference(s, t, labels, **kw), low_precision=dtype != torch.float32)
+    loss, grad = backend_result(s, t, labels, "cuda", **kw)
+    assert_close(loss, grad, *reference_result(s, t, labels, **kw), low_precision=dtype != torch.float32)
     if kernel == "cluster":
         assert plan(s, t).startswith("cluster"), plan(s, t)
 
@@ -152,9 +113,9 @@ def test_masked_vocabulary_entries(vocab, divergence, kernel):
     t[:, masked] = float("-inf")
     labels = torch.zeros(n, dtype=torch.long, device="cuda")
     kw = dict(divergence=divergence, temperature=2.0, alpha=0.6, reduction="sum")
-    loss, grad = fused(s, t, labels, **kw)
+    loss, grad = backend_result(s, t, labels, "cuda", **kw)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    assert_close(loss, grad, *reference(s, t, labels, **kw), low_precision=True)
+    assert_close(loss, grad, *reference_result(s, t, labels, **kw), low_precision=True)
 
 
 @pytest.mark.parametrize("vocab", [128256, 32000])
@@ -166,8 +127,8 @@ def test_inplace_backward_large(vocab, divergence, kernel):
     labels = torch.randint(0, vocab, (n,), device="cuda", generator=g)
     labels[3] = -100
     kw = dict(divergence=divergence, temperature=2.0, alpha=0.5)
-    loss_a, grad_a = fused(s, t, labels, inplace=False, **kw)
-    loss_b, grad_b = fused(s, t, labels, inplace=True, **kw)
+    loss_a, grad_a = backend_result(s, t, labels, "cuda", inplace=False, **kw)
+    loss_b, grad_b = backend_result(s, t, labels, "cuda", inplace=True, **kw)
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
     torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=0)
 
@@ -182,8 +143,8 @@ def test_padded_and_strided_rows(kernel):
     t = logits((n, vt), torch.bfloat16, g)
     labels = torch.randint(0, v, (n,), device="cuda", generator=g)
     kw = dict(divergence="forward_kl", temperature=2.0, alpha=0.7, vocab_size=v)
-    loss, grad = fused(s, t, labels, **kw)
-    ref_loss, ref_grad = reference(s, t, labels, **kw)
+    loss, grad = backend_result(s, t, labels, "cuda", **kw)
+    ref_loss, ref_grad = reference_result(s, t, labels, **kw)
     assert_close(loss, grad, ref_loss, ref_grad, low_precision=True)
 
     # Student wider than vocab_size: its extra columns get exactly zero gradient.
@@ -191,7 +152,7 @@ def test_padded_and_strided_rows(kernel):
     out = fastkd.kd_loss(wide, t, labels, backend="cuda", vocab_size=v, temperature=2.0, alpha=0.7)
     out.backward()
     assert (wide.grad[:, v:] == 0).all()
-    r_loss, r_grad = reference(wide.detach()[:, :v], t, labels, **kw)
+    r_loss, r_grad = reference_result(wide.detach()[:, :v], t, labels, **kw)
     assert_close(out.detach().double(), wide.grad[:, :v].double(), r_loss, r_grad, low_precision=True)
 
 
@@ -203,7 +164,8 @@ def test_noncontiguous_vocab_stride(kernel):
     t = logits((v, n), torch.bfloat16, g).t()  # column-major teacher
     labels = torch.randint(0, v, (n,), device="cuda", generator=g)
     kw = dict(divergence="reverse_kl", temperature=1.5, alpha=0.8)
-    assert_close(*fused(s, t, labels, **kw), *reference(s, t, labels, **kw), low_precision=True)
+    assert_close(*backend_result(s, t, labels, "cuda", **kw), *reference_result(s, t, labels, **kw),
+                 low_precision=True)
 
 
 def test_more_than_2_31_elements(kernel):
@@ -225,7 +187,7 @@ def test_more_than_2_31_elements(kernel):
     (grad,) = torch.autograd.grad(loss.sum(), s)
     rows = torch.tensor([0, n // 2, n - 3, n - 2, n - 1], device="cuda")
     assert rows[-1].item() * v > 2**31
-    ref_loss, ref_grad = reference(s.detach()[rows], t[rows], labels[rows], reduction="none", **kw)
+    ref_loss, ref_grad = reference_result(s.detach()[rows], t[rows], labels[rows], reduction="none", **kw)
     assert_close(loss.detach()[rows].double(), grad[rows].double(), ref_loss, ref_grad, low_precision=True)
 
 

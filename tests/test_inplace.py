@@ -5,10 +5,12 @@ import pytest
 import torch
 
 import fastkd
-from cases import Case, make_inputs
-from conftest import BACKEND_DEVICES
+from harness.cases import Case
+from harness.inputs import make_inputs
+from harness.registry import backend_devices, ids
 
-BACKEND_IDS = [f"{b}@{d}" for b, d in BACKEND_DEVICES]
+BACKEND_DEVICES = backend_devices()
+BACKEND_IDS = ids(BACKEND_DEVICES)
 
 
 def _inputs(device):

@@ -3,12 +3,13 @@ import pytest
 import torch
 
 import fastkd
-import fastkd._dispatch
 import fastkd.backends.cpp
 import fastkd.config
-from cases import Case, make_inputs
+from harness.backends import kernel_backend
+from harness.cases import Case
+from harness.inputs import make_inputs
 
-pytestmark = pytest.mark.skipif(fastkd._dispatch.get_backend("cpu") is None, reason="fastkd._C not available")
+pytestmark = pytest.mark.skipif(kernel_backend("cpu") is None, reason="fastkd._C not available")
 
 ops = torch.ops.fastkd
 

@@ -2,7 +2,7 @@
 
 On a CPU-only machine the kernels run under the Triton interpreter (conftest.py sets
 TRITON_INTERPRET=1 before anything imports triton); tests marked ``gpu`` need CUDA and
-skip without it. The shared case list (cases.py) runs the single-block path at V ~ 1000;
+skip without it. The shared case list (harness/cases.py) runs the single-block path at V ~ 1000;
 here the multi-block path is forced with a small block size, and the launch configuration,
 int64 addressing, scale_grad_, row statistics and the operator registrations are checked.
 """
@@ -11,15 +11,17 @@ import math
 import pytest
 import torch
 
-from cases import (DIVERGENCES, LARGE_VOCAB_CENTRED, Case, check_case, fp32_grad_tolerance, make_inputs,
-                   reference_loss_and_grad, rel_err, run_backend, tolerances)
+from harness.backends import kernel_backend, kernel_settings
+from harness.cases import DIVERGENCES, LARGE_VOCAB_CENTRED, Case
+from harness.compare import check_case, check_rows, fp32_grad_tolerance, rel_err
+from harness.inputs import logits_in_dtype, make_inputs
+from harness.results import reference_loss_and_grad, reference_row_stats, run_backend
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import fastkd  # noqa: E402
-from fastkd import ops  # noqa: E402
 from fastkd.backends import triton as triton_kd  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -165,21 +167,8 @@ def test_tied_top_entries_get_their_gradient(divergence, path, monkeypatch):
     s[:, 0] = -1e4
     t = torch.randn(n, v, generator=g, dtype=torch.float64)
     for temperature in (1.0, 2.0):
-        _check_rows(s.float().to(DEVICE), t.float().to(DEVICE), None, divergence=divergence,
-                    temperature=temperature)
-
-
-def _check_rows(s, t, labels, backend="triton", **kw):
-    """Per-row loss and gradient of the triton backend against the float64 reference."""
-    case = Case(**{k: v for k, v in kw.items() if k in Case.__dataclass_fields__})
-    s = s.detach().requires_grad_(True)
-    loss = fastkd.kd_loss(s, t, labels, backend=backend, reduction="none", **kw)
-    (grad,) = torch.autograd.grad(loss.sum(), s)
-    ref_loss, ref_grad = reference_loss_and_grad(case.replace(reduction="none"), s, t, labels)
-    loss_tol, grad_tol = tolerances(case.replace(student_dtype=s.dtype, teacher_dtype=t.dtype))
-    assert rel_err(loss.detach().double().cpu(), ref_loss) < loss_tol
-    assert rel_err(grad.double().cpu(), ref_grad) < grad_tol
-    return loss, grad
+        check_rows(s.float().to(DEVICE), t.float().to(DEVICE), None, "triton", divergence=divergence,
+                   temperature=temperature)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -196,8 +185,8 @@ def test_multi_block_leading_masked_blocks(divergence, monkeypatch):
     s[3, :5] = t[3, :5] = float("-inf")              # masked entries inside a live block
     s[4, 128:256] = t[4, 128:256] = float("-inf")    # a fully masked block in the middle
     labels = torch.full((n,), 650, dtype=torch.int64)
-    _check_rows(s.float().to(DEVICE), t.float().to(DEVICE), labels.to(DEVICE), divergence=divergence,
-                temperature=2.0, alpha=0.6)
+    check_rows(s.float().to(DEVICE), t.float().to(DEVICE), labels.to(DEVICE), "triton", divergence=divergence,
+               temperature=2.0, alpha=0.6)
 
 
 def test_single_block_zeroes_student_columns_past_the_block():
@@ -218,8 +207,8 @@ def test_out_of_range_label_gives_nan_row():
     s, t, _ = make_inputs(Case(lead=(4,)), DEVICE)
     labels = torch.tensor([3, 1001, -100, -5], dtype=torch.int64, device=DEVICE)
     grad_scale = torch.ones((), device=DEVICE)
-    loss, grad = torch.ops.fastkd.triton_kd_forward(s.detach(), t, labels, grad_scale, None, "forward_kl", 0.5, 0.5,
-                                                    2.4, 0.4, -100, 1001)
+    loss, grad = torch.ops.fastkd.triton_kd_forward(s.detach(), t, labels, grad_scale, None,
+                                                    *kernel_settings(1001, temperature=2.0, alpha=0.6))
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and loss[2] == 0 and torch.isnan(loss[3])
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1]).all() and (grad[2] == 0).all()
     assert torch.isnan(grad[3]).all()
@@ -227,36 +216,6 @@ def test_out_of_range_label_gives_nan_row():
 
 # ---------------------------------------------------------------------------------------
 # scale_grad_
-
-class _StoreCounter:
-    def __init__(self):
-        self.count = 0
-
-
-@pytest.fixture
-def store_counter(monkeypatch):
-    from triton.runtime import interpreter
-
-    counter = _StoreCounter()
-    original = interpreter.InterpreterBuilder.create_masked_store
-
-    def counting(self, *args, **kwargs):
-        counter.count += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", counting)
-    return counter
-
-
-@pytest.fixture
-def no_host_sync(monkeypatch):
-    """Reading a tensor's value on the host fails inside the block."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("host synchronisation (.item()/bool()/float() on a tensor)")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-
 
 @interpreter_only
 @pytest.mark.parametrize("grad_output", ["scalar", "per_row", "expanded"])
@@ -322,16 +281,6 @@ def test_backward_with_grad_output(small_block):
 # ---------------------------------------------------------------------------------------
 # Row statistics (the vocab-parallel building block)
 
-def _row_stats_float64(s, t, temperature, with_ce):
-    a = s.double() / temperature
-    b = t.double() / temperature
-    ms, mt = a.max(-1).values, b.max(-1).values
-    zs = (a - ms[:, None]).exp().sum(-1)
-    zt = (b - mt[:, None]).exp().sum(-1)
-    zr = (s.double() - temperature * ms[:, None]).exp().sum(-1) if with_ce else torch.zeros_like(zs)
-    return torch.stack([ms, zs, mt, zt, zr], dim=1)
-
-
 @pytest.mark.parametrize("with_ce", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)],
@@ -340,13 +289,14 @@ def test_row_stats(with_ce, temperature, dtypes):
     case = Case(lead=(9,), vocab=1001, teacher_pad=6, student_dtype=dtypes[0], teacher_dtype=dtypes[1])
     s, t, _ = make_inputs(case, DEVICE)
     s = s.detach()
-    out = triton_kd.row_stats(s, t, 1.0 / temperature, 995, with_ce)
+    packed = kernel_settings(995, temperature=temperature, alpha=0.6 if with_ce else 1.0)
+    out = triton_kd.row_stats(s, t, *packed)
     assert out.shape == (9, 5) and out.dtype == torch.float32
-    ref = _row_stats_float64(s[:, :995].cpu(), t[:, :995].cpu(), temperature, with_ce)
+    ref = reference_row_stats(s[:, :995].cpu(), t[:, :995].cpu(), temperature, with_ce)
     torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-6, atol=0)
-    cpu = ops.get_backend("cpu")
+    cpu = kernel_backend("cpu")
     if cpu is not None:
-        theirs = torch.ops.fastkd.row_stats(s.cpu(), t.cpu(), 1.0 / temperature, 995, with_ce)
+        theirs = torch.ops.fastkd.row_stats(s.cpu(), t.cpu(), *packed)
         torch.testing.assert_close(out.cpu(), theirs, rtol=2e-6, atol=0)
 
 
@@ -360,10 +310,9 @@ def test_external_row_stats_match_computed(divergence, path, monkeypatch):
         monkeypatch.setattr(triton_kd.launch, "BLOCK_OVERRIDE", SMALL_BLOCK)
     s, t, labels = make_inputs(Case(lead=(12,), alpha=0.6, ignore_frac=0.2), DEVICE)
     s = s.detach()
-    inv_t = 0.5
     args = (labels, torch.full((), 0.1, device=DEVICE))
-    tail = (divergence, inv_t, 0.3, 2.4, 0.4, -100, 1001)
-    stats = triton_kd.row_stats(s, t, inv_t, 1001, True)
+    tail = kernel_settings(1001, divergence=divergence, temperature=2.0, beta=0.3, alpha=0.6)
+    stats = triton_kd.row_stats(s, t, *tail)
     loss_a, grad_a = torch.ops.fastkd.triton_kd_forward(s, t, *args, None, *tail)
     loss_b, grad_b = torch.ops.fastkd.triton_kd_forward(s, t, *args, stats, *tail)
     if path == "multi":
@@ -386,19 +335,20 @@ def _op_samples():
 def test_opcheck_operators():
     """Schemas, fake (meta) implementations and mutation declarations agree with the kernels."""
     s, t, labels, gs = _op_samples()
-    tail = ("jsd", 0.5, 0.4, 2.0, 0.5, -100, 70)
-    torch.library.opcheck(torch.ops.fastkd.triton_kd_forward, (s, t, labels, gs, None) + tail)
-    torch.library.opcheck(torch.ops.fastkd.triton_kd_forward_inplace, (s.clone(), t, labels, gs, None) + tail)
+    tail = kernel_settings(70, divergence="jsd", temperature=2.0, beta=0.4, alpha=0.5)
+    torch.library.opcheck(torch.ops.fastkd.triton_kd_forward, (s, t, labels, gs, None, *tail))
+    torch.library.opcheck(torch.ops.fastkd.triton_kd_forward_inplace, (s.clone(), t, labels, gs, None, *tail))
     torch.library.opcheck(torch.ops.fastkd.triton_scale_grad_, (s.clone(), torch.tensor(2.0, device=DEVICE)))
-    torch.library.opcheck(torch.ops.fastkd.triton_row_stats, (s, t, 0.5, 70, True))
+    torch.library.opcheck(torch.ops.fastkd.triton_row_stats, (s, t, *tail))
 
 
 def test_forward_and_backward_do_not_sync(no_host_sync):
     """Neither the launcher nor the ops read a device value on the host."""
     s, t, labels, gs = _op_samples()
-    loss, grad = torch.ops.fastkd.triton_kd_forward(s, t, labels, gs, None, "tvd", 0.5, 0.5, 4.0, 0.0, -100, 70)
-    torch.ops.fastkd.triton_kd_forward_inplace(s.clone(), t, labels, gs, None, "reverse_kl", 0.5, 0.5, 4.0, 0.0,
-                                               -100, 70)
+    loss, grad = torch.ops.fastkd.triton_kd_forward(s, t, labels, gs, None,
+                                                    *kernel_settings(70, divergence="tvd", temperature=2.0))
+    torch.ops.fastkd.triton_kd_forward_inplace(s.clone(), t, labels, gs, None,
+                                               *kernel_settings(70, divergence="reverse_kl", temperature=2.0))
     torch.ops.fastkd.triton_scale_grad_(grad, gs)
 
 
@@ -419,22 +369,14 @@ def test_torch_compile_fullgraph():
 
 
 def test_backend_registered_and_supports():
-    backend = ops.get_backend("triton")
-    assert backend is triton_kd.BACKEND
+    backend = kernel_backend("triton")
+    assert backend.name == "triton" and backend.scale_grad_ is torch.ops.fastkd.triton_scale_grad_
     assert backend.supports(torch.device("cuda"))
     assert backend.supports(torch.device("cpu")) == INTERPRETED
 
 
 # ---------------------------------------------------------------------------------------
 # On a GPU (skipped without CUDA)
-
-def _random_logits(n, v, dtype, seed):
-    """N(0, 3^2) logits, every fourth row peaked; drawn in `dtype` (no fp32 temporary)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(n, v, device="cuda", dtype=dtype, generator=g).mul_(3.0)
-    x[::4, 7] += 15.0
-    return x
-
 
 @gpu
 @needs_cuda
@@ -443,15 +385,13 @@ def _random_logits(n, v, dtype, seed):
 def test_gpu_bf16_llama3_vocab(divergence, inplace):
     """bf16 at V = 128256 (multi-block path), every divergence, against float64."""
     n, v = 64, 128256
-    s = _random_logits(n, v, torch.bfloat16, 0)
-    t = _random_logits(n, v, torch.bfloat16, 1)
+    s = logits_in_dtype(n, v, torch.bfloat16, 0)
+    t = logits_in_dtype(n, v, torch.bfloat16, 1)
     labels = torch.randint(0, v, (n,), device="cuda")
     labels[::5] = -100
     case = Case(lead=(n,), vocab=v, student_dtype=torch.bfloat16, divergence=divergence, alpha=0.6,
                 temperature=2.0, inplace=inplace)
     ref_loss, ref_grad = reference_loss_and_grad(case, s, t, labels)
-    from cases import run_backend
-
     loss, grad = run_backend(case, "triton", s.requires_grad_(True), t, labels)
     assert rel_err(loss, ref_loss) < 1e-2
     assert rel_err(grad, ref_grad) < 2e-2
@@ -468,11 +408,12 @@ def test_gpu_more_than_2_31_elements(divergence):
     free, _ = torch.cuda.mem_get_info()
     if free < 20 * 2**30:
         pytest.skip("needs ~20 GiB of free GPU memory")
-    s = _random_logits(n, v, torch.bfloat16, 2)
-    t = _random_logits(n, v, torch.bfloat16, 3)
+    s = logits_in_dtype(n, v, torch.bfloat16, 2)
+    t = logits_in_dtype(n, v, torch.bfloat16, 3)
     labels = torch.randint(0, v, (n,), device="cuda")
     gs = torch.ones((), device="cuda")
-    loss, grad = torch.ops.fastkd.triton_kd_forward(s, t, labels, gs, None, divergence, 0.5, 0.5, 2.4, 0.4, -100, v)
+    loss, grad = torch.ops.fastkd.triton_kd_forward(s, t, labels, gs, None,
+                                                    *kernel_settings(v, divergence=divergence, temperature=2.0, alpha=0.6))
     first_past = -(-2**31 // v)  # first row starting past element 2^31 (14135); the one before straddles it
     assert (first_past - 1) * v < 2**31 < first_past * v
     rows = torch.tensor([0, first_past - 1, first_past, n - 1], device="cuda")

@@ -156,7 +156,7 @@ def _centring(small_q, small_qh, big_qh, big_q):
     division-free first-order form x - x (sum q - 1) took the fp32 multi-block JSD build
     from 64 to 78 registers).
 
-    Measured under the interpreter against float64 (tests/cases.py LARGE_VOCAB_CENTRED:
+    Measured under the interpreter against float64 (tests/harness/cases.py LARGE_VOCAB_CENTRED:
     V = 32000, fp32, 4 rows), before -> after (with the fp64 row sums of _kd_row): reverse
     KL T = 0.5 3.7e-6 -> 1.1e-6, JSD T = 1 5.0e-6 -> 1.8e-6, JSD T = 0.5 2.6e-4 -> 3.1e-5.
     """

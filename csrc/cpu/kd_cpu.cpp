@@ -37,6 +37,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../dispatch.h"
 #include "../kd_op.h"
 #include "fast_math.h"
 #include "grad_buffer_cache.h"
@@ -561,12 +562,8 @@ void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, in
 // Dispatch over the (student, teacher) dtype pair.
 template <typename F>
 void dispatch_pair(at::ScalarType ss, at::ScalarType ts, const F& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ss, "fastkd_student", [&] {
-    using TS = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ts, "fastkd_teacher", [&] {
-      f(TS{}, scalar_t{});
-    });
-  });
+  FASTKD_SCALAR_TYPE_SWITCH(ss, TS, "fastkd_student",
+                            FASTKD_SCALAR_TYPE_SWITCH(ts, TT, "fastkd_teacher", f(TS{}, TT{})));
 }
 
 void launch_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
@@ -666,7 +663,7 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
   const at::Tensor factor = grad_output.to(at::kDouble).contiguous().reshape({-1});
   const double* f = factor.data_ptr<double>();
   if (!per_row && f[0] == 1.0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastkd_scale_grad", [&] {
+  FASTKD_SCALAR_TYPE_SWITCH(grad.scalar_type(), scalar_t, "fastkd_scale_grad", {
     scale_rows(grad.data_ptr<scalar_t>(), n_rows, width, grad.stride(0), f, per_row);
   });
 }

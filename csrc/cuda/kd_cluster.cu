@@ -33,6 +33,7 @@
  * launch_kd_cluster refuses (cudaErrorNotSupported) unless the function has sm_90 code,
  * so the host falls back to the two-pass kernel.
  */
+#include "../dispatch.h"
 #include "kd_device.cuh"
 
 namespace fastkd {
@@ -277,17 +278,6 @@ cudaError_t launch_typed(const KDLaunch& a, int cluster, cudaStream_t stream) {
   return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
-template <typename T>
-cudaError_t launch_div(const KDLaunch& a, int cluster, cudaStream_t stream) {
-  switch (a.p.divergence) {
-    case Divergence::ForwardKL: return launch_typed<T, Divergence::ForwardKL>(a, cluster, stream);
-    case Divergence::ReverseKL: return launch_typed<T, Divergence::ReverseKL>(a, cluster, stream);
-    case Divergence::JSD: return launch_typed<T, Divergence::JSD>(a, cluster, stream);
-    case Divergence::TVD: return launch_typed<T, Divergence::TVD>(a, cluster, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t launch_kd_cluster(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
@@ -297,11 +287,9 @@ cudaError_t launch_kd_cluster(const KDLaunch& a, const LaunchPlan& plan, cudaStr
       plan.cluster > kMaxCluster || plan.vec != 16 / elem_bytes(a.s_type) ||
       a.n_rows * plan.cluster > int64_t(0x7fffffff))
     return cudaErrorNotSupported;
-  switch (a.s_type) {
-    case ElemType::F32: return launch_div<float>(a, plan.cluster, stream);
-    case ElemType::BF16: return launch_div<__nv_bfloat16>(a, plan.cluster, stream);
-    case ElemType::F16: return launch_div<__half>(a, plan.cluster, stream);
-  }
+  FASTKD_ELEM_TYPE_SWITCH(a.s_type, T, FASTKD_DIVERGENCE_SWITCH(a.p.divergence, DIV, {
+    return launch_typed<T, DIV>(a, plan.cluster, stream);
+  }));
   return cudaErrorInvalidValue;
 }
 

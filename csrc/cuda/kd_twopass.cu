@@ -30,6 +30,7 @@
  * so odd V works with aligned loads; the host picks VEC = 1 when the student, teacher and
  * gradient rows do not share that offset.
  */
+#include "../dispatch.h"
 #include "kd_device.cuh"
 
 namespace fastkd {
@@ -174,20 +175,8 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) kd_twopass_kernel(const KD
     k = row_consts(st, p, grad_scale);
   }
 
-  switch (p.divergence) {
-    case Divergence::ForwardKL:
-      finish_row<Divergence::ForwardKL, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch);
-      break;
-    case Divergence::ReverseKL:
-      finish_row<Divergence::ReverseKL, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch);
-      break;
-    case Divergence::JSD:
-      finish_row<Divergence::JSD, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch);
-      break;
-    case Divergence::TVD:
-      finish_row<Divergence::TVD, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch);
-      break;
-  }
+  FASTKD_DIVERGENCE_SWITCH(p.divergence, DIV,
+                           finish_row<DIV, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch));
 }
 
 // The stats pass alone: RowStats [N, 5] in natural units (max of s/T), the layout a
@@ -226,25 +215,12 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) row_stats_kernel(const KDL
 // ---------------------------------------------------------------------------------------
 // Launchers.
 
-template <typename F>
-cudaError_t with_type(ElemType t, F&& f) {
-  switch (t) {
-    case ElemType::F32: return f(float{});
-    case ElemType::BF16: return f(__nv_bfloat16{});
-    case ElemType::F16: return f(__half{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <bool kStatsOnly>
 cudaError_t launch(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
   if (a.n_rows <= 0) return cudaSuccess;
   if (a.n_rows > 0x7fffffff || plan.threads < 32 || plan.threads > kTwoPassMaxThreads) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(a.n_rows)), block(plan.threads);
-  return with_type(a.s_type, [&](auto s0) {
-    return with_type(a.t_type, [&](auto t0) {
-      using TS = decltype(s0);
-      using TT = decltype(t0);
+  FASTKD_ELEM_TYPE_SWITCH(a.s_type, TS, FASTKD_ELEM_TYPE_SWITCH(a.t_type, TT, {
       constexpr int kVec = 16 / (sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
       if (plan.vec == kVec) {
         if constexpr (kStatsOnly) row_stats_kernel<TS, TT, kVec><<<grid, block, 0, stream>>>(a);
@@ -256,8 +232,8 @@ cudaError_t launch(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t strea
         return cudaErrorInvalidValue;
       }
       return cudaGetLastError();
-    });
-  });
+  }));
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace

@@ -1,15 +1,21 @@
 /*
  * Fused knowledge-distillation loss and gradient on the CPU.
  *
- * One token (row) at a time, each thread owning whole rows, two sweeps:
- *   sweep 1 (row_stats)  reads s and t once from memory into a row cache: the scaled
- *            logits a = s/T, b = t/T and their exponentials e_s = exp(a - m_s(c)),
- *            e_t = exp(b - m_t(c)), where m(c) is the running maximum when chunk c was
- *            read (a chunked online softmax). The row statistics (max, sum-exp) fall out.
- *   sweep 2 (write_grad) over the cached row: q = e_s * exp(m_s(c) - lse_s) and likewise
- *            p need a multiply, not an exp; the divergence D, dD/da, and the gradient
- *            written once in the student's dtype with the hard-label CE term:
- *              ds = scale * (w_div * dD/da / T + w_ce * (softmax(s) - onehot)).
+ * One token (row) at a time, each thread owning whole rows, in the three phases of every
+ * fastkd kernel (named alike in csrc/cuda and the Triton kernels):
+ *   row_stats   reads s and t once from memory into a row cache: the scaled logits
+ *               a = s/T, b = t/T and their exponentials e_s = exp(a - m_s(c)),
+ *               e_t = exp(b - m_t(c)), where m(c) is the running maximum when chunk c was
+ *               read (a chunked online softmax). The row statistics (max, sum-exp, and
+ *               the CE term's T = 1 sum-exp) fall out.
+ *   row_sums    reverse_kl, jsd, tvd only, over the cached row: q and the per-entry h of
+ *               the centred gradient into the cache, the divergence's value terms and the
+ *               row sums (sum q h, TVD's sign masses) the gradient needs.
+ *   write_grad  over the cached row: q = e_s * exp(m_s(c) - lse_s) and likewise p need a
+ *               multiply, not an exp; dD/da and the gradient written once in the student's
+ *               dtype with the hard-label CE term (forward KL sums its D here), zeros past
+ *               vocab_size:
+ *                 ds = scale * (w_div * dD/da / T + w_ce * (softmax(s) - onehot)).
  *
  * With q = softmax(a), p = softmax(b), log q = a - lse(a), log p = b - lse(b):
  *   forward_kl  D = sum p (log p - log q)            dD/da = q - p
@@ -36,6 +42,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../dispatch.h"
 #include "../kd_op.h"
 #include "fast_math.h"
 #include "grad_buffer_cache.h"
@@ -106,10 +113,11 @@ inline Acc exp_chunk(const Acc* x, Acc m, int64_t n, Acc* e) {
   return z;
 }
 
-// Sweep 1. With `fixed` set, the maxima come from `st` (external row statistics) and
-// only the cache is filled.
+// Phase row_stats: one sweep of s and t into the row cache, and the row statistics into
+// `st`. With `fixed` set, the maxima come from `st` (external row statistics) and only the
+// cache is filled.
 template <typename Acc, typename TS, typename TT>
-void load_row(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool with_raw, bool fixed, bool keep_a,
+void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool with_raw, bool fixed, bool keep_a,
               const RowCache<Acc>& c, Stats<Acc>& st) {
   const Acc inv_t = static_cast<Acc>(x.inv_temperature);
   const Acc temp = static_cast<Acc>(x.temperature);
@@ -206,9 +214,10 @@ struct SignGrad {
   inline Acc operator()(Acc q, Acc d) const { return q * (d > Acc(0) ? pos : (d < Acc(0) ? neg : tie)); }
 };
 
-// sum q, sum q h over the small (q <= 1/2 + 2^-10) entries and over all, in chunks.
+// Phase row_sums of reverse KL and JSD, after row_sums(): sum q, sum q h over the small
+// (q <= 1/2 + 2^-10) entries and over all, in chunks, as the gradient's centring.
 template <typename Acc>
-CentredGrad<Acc> centre_sums(const Acc* w, const Acc* h, int64_t V, Acc c) {
+CentredGrad<Acc> row_sums_centring(const Acc* w, const Acc* h, int64_t V, Acc c) {
   double small_q = 0.0, small_qh = 0.0, big_q = 0.0, big_qh = 0.0;
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
@@ -271,18 +280,18 @@ Acc jsd_chunk(Acc* __restrict w, Acc* __restrict h, const Acc* __restrict d, int
   return part;
 }
 
-// The cached row's q (into c.es) and per-entry h (into c.et) of a centred divergence,
-// written from d = log p - log q + delta (delta = lse_t - lse_s, a row constant) rather
-// than from the two log-probabilities, whose O(10) magnitudes would round h to 1e-6
-// absolute where h - sum q h is O(0.01) (a student close to its teacher):
+// Phase row_sums of the centred divergences: the cached row's q (into c.es) and per-entry
+// h (into c.et), written from d = log p - log q + delta (delta = lse_t - lse_s, a row
+// constant) rather than from the two log-probabilities, whose O(10) magnitudes would round
+// h to 1e-6 absolute where h - sum q h is O(0.01) (a student close to its teacher):
 //   reverse KL  h = log q - log p = delta - d: centring drops the constant, h' = -d.
 //   JSD         h = log q - log m = -log1p(beta expm1(log p - log q)), see below;
 //               log p - log m = -log(beta) - softplus(-x), x = log p - log q + log(beta/(1-beta)).
 // Returns the rest of D: reverse KL's delta, JSD's beta KL(p||m), TVD's D itself; then
 // D = rest + (1 - beta) sum q h for reverse KL (beta = 0) and JSD.
 template <typename Acc>
-double centred_pass(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence divergence, const ExactParams& x,
-                    double* q_pos, double* q_neg, double* q_tie) {
+double row_sums(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence divergence, const ExactParams& x,
+                double* q_pos, double* q_neg, double* q_tie) {
   // Locals, not c.member inside the loops: a store through w could alias the struct,
   // which would reload the pointer each iteration and stop vectorisation.
   Acc* __restrict w = c.es;
@@ -334,11 +343,12 @@ struct RawSoftmax {
   Acc lse_raw;
 };
 
-// Forward KL's dD/da = q - p needs no row sum, so its divergence and the gradient share
-// one sweep, writing the gradient (with the CE term) straight to the output row.
+// Phase write_grad of forward KL: dD/da = q - p needs no row sum, so its divergence and the
+// gradient share one sweep, writing the gradient (with the CE term) straight to the output
+// row.
 template <typename Acc, typename TS>
-Acc forward_kl_write(const RowCache<Acc>& c, int64_t V, Acc delta, Acc gdiv, bool with_ce,
-                     const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
+Acc write_grad_forward_kl(const RowCache<Acc>& c, int64_t V, Acc delta, Acc gdiv, bool with_ce,
+                          const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
   // D = sum p (log p - log q) = sum p d - delta (sum p = 1).
   const Acc* __restrict es = c.es;
   const Acc* __restrict et = c.et;
@@ -377,10 +387,10 @@ Acc forward_kl_write(const RowCache<Acc>& c, int64_t V, Acc delta, Acc gdiv, boo
   return static_cast<Acc>(pd - static_cast<double>(delta));
 }
 
-// Sweep 2's write for the centred divergences: ds_i = gdiv G(q_i, h_i) + gce softmax_raw_i.
+// Phase write_grad of the centred divergences: ds_i = gdiv G(q_i, h_i) + gce softmax_raw_i.
 template <typename Acc, typename TS, typename G>
-void centred_write(const RowCache<Acc>& c, int64_t V, const G grad_of, Acc gdiv, bool with_ce,
-                   const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
+void write_grad_centred(const RowCache<Acc>& c, int64_t V, const G grad_of, Acc gdiv, bool with_ce,
+                        const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
   // grad_of by value: a reference could alias g, and the reloads would stop vectorisation.
   const Acc* __restrict w = c.es;
   const Acc* __restrict h = c.et;
@@ -442,6 +452,7 @@ struct RowKernel {
         return;
       }
     }
+    // row_stats, or the caller's statistics and the row cache.
     const RowCache<Acc> c = RowCache<Acc>::get(V);
     const bool need_raw = with_ce && x.temperature != 1.0;
     Stats<Acc> st;
@@ -452,9 +463,9 @@ struct RowKernel {
       st.max_t = r[2];
       st.sum_t = r[3];
       st.sum_raw = r[4];
-      load_row(srow, t + row * t_stride, V, x, false, /*fixed=*/true, /*keep_a=*/need_raw, c, st);
+      row_stats(srow, t + row * t_stride, V, x, false, /*fixed=*/true, /*keep_a=*/need_raw, c, st);
     } else {
-      load_row(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, /*keep_a=*/need_raw, c, st);
+      row_stats(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, /*keep_a=*/need_raw, c, st);
     }
     if (with_ce && !need_raw) st.sum_raw = st.sum_s;
     const Acc lse_s = st.max_s + static_cast<Acc>(std::log(st.sum_s));
@@ -474,13 +485,14 @@ struct RowKernel {
     // Read before the gradient sweep: in place, grow is srow.
     const Acc s_label = with_ce ? static_cast<Acc>(srow[label]) : Acc(0);
     const Acc q_label = with_ce ? c.es[label] * c.ref_s[label / kChunk] : Acc(0);
+    // row_sums (the centred divergences only), then write_grad.
     Acc D, div_grad_label = 0;
     if (p.divergence == Divergence::ForwardKL) {
-      D = forward_kl_write(c, V, delta, gdiv, with_ce, raw, gce, grow);
+      D = write_grad_forward_kl(c, V, delta, gdiv, with_ce, raw, gce, grow);
       if (with_ce) div_grad_label = q_label - c.et[label] * c.ref_t[label / kChunk];
     } else {
       double q_pos = 0.0, q_neg = 0.0, q_tie = 0.0;
-      const double rest = centred_pass(c, V, delta, p.divergence, x, &q_pos, &q_neg, &q_tie);
+      const double rest = row_sums(c, V, delta, p.divergence, x, &q_pos, &q_neg, &q_tie);
       if (p.divergence == Divergence::TVD) {
         // D <= 1 is finite, so D - D is 0 unless the row holds a NaN, which the sign
         // comparisons would otherwise drop.
@@ -489,13 +501,13 @@ struct RowKernel {
                                     -static_cast<Acc>(q_pos + 0.5 * q_tie) + nan_or_zero,    // h = -1/2
                                     static_cast<Acc>(0.5 * (q_neg - q_pos)) + nan_or_zero};  // h = 0
         D = static_cast<Acc>(rest);
-        centred_write(c, V, grad_of, gdiv, with_ce, raw, gce, grow);
+        write_grad_centred(c, V, grad_of, gdiv, with_ce, raw, gce, grow);
         if (with_ce) div_grad_label = grad_of(c.es[label], c.et[label]);
       } else {
         const Acc beta = p.divergence == Divergence::JSD ? static_cast<Acc>(x.beta) : Acc(0);
-        const CentredGrad<Acc> grad_of = centre_sums(c.es, c.et, V, Acc(1) - beta);
+        const CentredGrad<Acc> grad_of = row_sums_centring(c.es, c.et, V, Acc(1) - beta);
         D = static_cast<Acc>(rest + static_cast<double>((Acc(1) - beta) * grad_of.qh));
-        centred_write(c, V, grad_of, gdiv, with_ce, raw, gce, grow);
+        write_grad_centred(c, V, grad_of, gdiv, with_ce, raw, gce, grow);
         if (with_ce) div_grad_label = grad_of(c.es[label], c.et[label]);
       }
     }
@@ -545,7 +557,7 @@ void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, in
     for (int64_t r = begin; r < end; ++r) {
       Stats<Acc> st;
       const bool raw_differs = with_raw && x.temperature != 1.0;
-      load_row(s + r * s_stride, t + r * t_stride, V, x, raw_differs, /*fixed=*/false, /*keep_a=*/false, c, st);
+      row_stats(s + r * s_stride, t + r * t_stride, V, x, raw_differs, /*fixed=*/false, /*keep_a=*/false, c, st);
       if (!raw_differs) st.sum_raw = with_raw ? st.sum_s : 0.0;
       float* o = out + r * kRowStatsWidth;
       o[0] = static_cast<float>(st.max_s);
@@ -560,12 +572,8 @@ void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, in
 // Dispatch over the (student, teacher) dtype pair.
 template <typename F>
 void dispatch_pair(at::ScalarType ss, at::ScalarType ts, const F& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ss, "fastkd_student", [&] {
-    using TS = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ts, "fastkd_teacher", [&] {
-      f(TS{}, scalar_t{});
-    });
-  });
+  FASTKD_SCALAR_TYPE_SWITCH(ss, TS, "fastkd_student",
+                            FASTKD_SCALAR_TYPE_SWITCH(ts, TT, "fastkd_teacher", f(TS{}, TT{})));
 }
 
 void forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
@@ -629,7 +637,7 @@ void scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
   const at::Tensor factor = grad_output.to(at::kDouble).contiguous().reshape({-1});
   const double* f = factor.data_ptr<double>();
   if (!per_row && f[0] == 1.0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastkd_scale_grad", [&] {
+  FASTKD_SCALAR_TYPE_SWITCH(grad.scalar_type(), scalar_t, "fastkd_scale_grad", {
     scale_rows(grad.data_ptr<scalar_t>(), n_rows, width, grad.stride(0), f, per_row);
   });
 }

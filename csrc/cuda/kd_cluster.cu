@@ -4,19 +4,21 @@
  *
  * A cluster of C CTAs owns one row (C from V in plan_launch, kd_cuda.h: 2 CTAs for
  * V = 32000 bf16, 8 for 128256, 16 for 262144). Each thread loads kClusterPacks 16-byte
- * packs of s and of t into registers, once, and the row never leaves the chip:
- *   1. load     16 independent 16-byte loads per thread, all in flight together.
- *   2. stats    (max, sum 2^(x c - max c)) of both sides over the registers, the CE
- *               term's T = 1 sum when T != 1, and for forward KL
- *               A = sum 2^(t c - mt c) (t - s), since KL(p||q) = ln2 (c A / zt - (lt - ls));
- *               then a CTA reduction.
- *   3. exchange each CTA pushes its packed partial (two float4) into slot [rank] of
- *               every CTA's shared memory (st.shared::cluster), one cluster barrier,
- *               and each CTA combines the C slots in the same order: every CTA holds
- *               bit-identical row constants.
- *   4. sums     reverse_kl, jsd, tvd only: the row sums of the centred gradient
- *               (kd_device.cuh) over the registers, exchanged the same way.
- *   5. write    the gradient, once, from the registers; rank 0 writes the loss.
+ * packs of s and of t into registers, once, and the row never leaves the chip. The
+ * sections of the kernel, the middle three the phases of every fastkd kernel (named
+ * alike in csrc/cpu/kd_cpu.cpp, kd_twopass.cu and the Triton kernels):
+ *   1. load        16 independent 16-byte loads per thread, all in flight together.
+ *   2. row_stats   (max, sum 2^(x c - max c)) of both sides over the registers, the CE
+ *                  term's T = 1 sum when T != 1, and for forward KL
+ *                  A = sum 2^(t c - mt c) (t - s), since KL(p||q) = ln2 (c A / zt - (lt - ls));
+ *                  then a CTA reduction, and the exchange: each CTA pushes its packed
+ *                  partial (two float4) into slot [rank] of every CTA's shared memory
+ *                  (st.shared::cluster), one cluster barrier, and each CTA combines the C
+ *                  slots in the same order: every CTA holds bit-identical row constants.
+ *   3. row_sums    reverse_kl, jsd, tvd only: the row sums of the centred gradient
+ *                  (kd_device.cuh) over the registers, exchanged the same way; rank 0
+ *                  writes the loss.
+ *   4. write_grad  the gradient, once, from the registers; zeros past vocab_size.
  * Memory traffic is the floor: s and t read once, the gradient written once. Forward KL
  * needs one exchange; the others two.
  *
@@ -33,6 +35,7 @@
  * launch_kd_cluster refuses (cudaErrorNotSupported) unless the function has sm_90 code,
  * so the host falls back to the two-pass kernel.
  */
+#include "../dispatch.h"
 #include "kd_device.cuh"
 
 namespace fastkd {
@@ -77,9 +80,9 @@ FASTKD_DEV void push(float4* slot, unsigned rank, float4 v) {
 template <typename T, Divergence DIV, int VEC>
 __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cluster_kernel(const KDLaunch a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __shared__ float4 xstats[kMaxCluster][2];  // slot r: CTA r's (ms, zs, mt, zt), (zraw, a, -, -)
-  __shared__ float4 xsums[kMaxCluster];      // slot r: CTA r's divergence sums
-  __shared__ RowStats2 warp_stats[NT / 32];
+  __shared__ float4 xstats[kMaxCluster][2];  // slot i: CTA i's (ms, zs, mt, zt), (zraw, a, -, -)
+  __shared__ float4 xsums[kMaxCluster];      // slot i: CTA i's divergence sums
+  __shared__ RowStatsBase2 warp_stats[NT / 32];
   __shared__ float4 warp_sums[NT / 32];
 
   const KDParams& p = a.p;
@@ -87,27 +90,22 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
   const int lane = threadIdx.x & 31;
   const int64_t row = blockIdx.x / C;
   const int64_t V = p.vocab_size;
-  const T* srow = static_cast<const T*>(a.student) + row * a.s_stride;
-  const T* trow = static_cast<const T*>(a.teacher) + row * a.t_stride;
-  T* grow = static_cast<T*>(a.grad) + row * a.g_stride;
-
-  int64_t label;
-  const RowKind kind = classify_row(a.labels, row, p, label);
-  if (kind != RowKind::Normal) {
+  const LaunchRow<T, T> r(a, row);
+  if (r.kind != RowKind::Normal) {
     // The whole cluster takes this branch (one row, one label) before any barrier or
     // remote access; each CTA fills its share of the gradient row.
     const int64_t share = (a.g_width + C - 1) / C;
     const int64_t begin = min(int64_t(rank) * share, a.g_width), end = min(begin + share, a.g_width);
-    fill_span(grow, begin, end, row_fill_value(kind), threadIdx.x, NT);
-    if (rank == 0 && threadIdx.x == 0) a.loss[row] = row_fill_value(kind);
+    fill_span(r.g, begin, end, row_fill_value(r.kind), threadIdx.x, NT);
+    if (rank == 0 && threadIdx.x == 0) a.loss[row] = row_fill_value(r.kind);
     return;
   }
   const bool ce = p.ce_weight != 0.f;
-  const float s_label = (ce && rank == 0 && threadIdx.x == 0) ? load_elem(srow + label) : 0.f;
+  const float s_label = (ce && rank == 0 && threadIdx.x == 0) ? load_elem(r.s + r.label) : 0.f;
 
-  // 1. Load. Slot k of thread x in CTA r is pack (r K + k) NT + x: each slot is a
-  // coalesced sweep of NT consecutive packs, each CTA a contiguous stretch of the row.
-  const int lead = row_lead<T, VEC>(srow);
+  // 1. Load. Slot k of thread x in CTA `rank` is pack (rank K + k) NT + x: each slot is
+  // a coalesced sweep of NT consecutive packs, each CTA a contiguous stretch of the row.
+  const int lead = row_lead<T, VEC>(r.s);
   const int64_t col_first = ((int64_t(rank) * K) * NT + threadIdx.x) * VEC - lead;
   constexpr int64_t kSlotCols = int64_t(NT) * VEC;
   const bool interior = col_first >= 0 && col_first + (K - 1) * kSlotCols + VEC <= V;
@@ -115,33 +113,34 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
   if (interior) {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      sp[k] = load_pack<T, VEC, true>(srow + col_first + k * kSlotCols);
-      tp[k] = load_pack<T, VEC, true>(trow + col_first + k * kSlotCols);
+      sp[k] = load_pack<T, VEC, true>(r.s + col_first + k * kSlotCols);
+      tp[k] = load_pack<T, VEC, true>(r.t + col_first + k * kSlotCols);
     }
   } else {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int64_t col0 = col_first + k * kSlotCols;
       if (col0 >= 0 && col0 + VEC <= V) {
-        sp[k] = load_pack<T, VEC, true>(srow + col0);
-        tp[k] = load_pack<T, VEC, true>(trow + col0);
+        sp[k] = load_pack<T, VEC, true>(r.s + col0);
+        tp[k] = load_pack<T, VEC, true>(r.t + col0);
       } else {
-        sp[k] = load_pack_masked<T, VEC>(srow, col0, V);  // -inf outside the row
-        tp[k] = load_pack_masked<T, VEC>(trow, col0, V);
+        sp[k] = load_pack_masked<T, VEC>(r.s, col0, V);  // -inf outside the row
+        tp[k] = load_pack_masked<T, VEC>(r.t, col0, V);
       }
     }
   }
   cluster_arrive_relaxed();
 
-  // 2. Statistics of this CTA's part of the row.
+  // 2. row_stats of this CTA's part of the row.
   const float c = kLog2e * p.inv_temperature;
   constexpr bool kA = DIV == Divergence::ForwardKL;
-  RowStats2 st = empty_stats();
-  if (ce && p.temperature != 1.0f) add_stats<true, kA>(st, sp, tp, c);
-  else add_stats<false, kA>(st, sp, tp, c);
+  RowStatsBase2 st = empty_stats();
+  if (ce && p.temperature != 1.0f) row_stats_add<true, kA>(st, sp, tp, c);
+  else row_stats_add<false, kA>(st, sp, tp, c);
   st = block_combine(st, c, warp_stats);
 
-  // 3. Exchange: push this CTA's partial to every CTA, then combine the C partials.
+  // The row_stats exchange: push this CTA's partial to every CTA, then combine the C
+  // partials.
   cluster_wait();  // pairs with the relaxed arrive: every CTA of the cluster is running
   if (threadIdx.x < C) {
     push(&xstats[rank][0], threadIdx.x, make_float4(st.ms, st.zs, st.mt, st.zt));
@@ -152,15 +151,16 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
   st = empty_stats();
   if (lane < int(C)) {
     const float4 x0 = xstats[lane][0], x1 = xstats[lane][1];
-    st = RowStats2{x0.x, x0.y, x0.z, x0.w, x1.x, x1.y};
+    st = RowStatsBase2{x0.x, x0.y, x0.z, x0.w, x1.x, x1.y};
   }
   warp_combine(st, c);
   const RowConsts k = row_consts(st, p, *a.grad_scale);
 
-  // 4. The centred divergences' row sums, exchanged the same way. A thread's sums are
-  // serial in fp32 over its K * VEC elements (32 or 64), then trees. (Compensated sums as
-  // in the two-pass kernel would take JSD at T = 0.5 from 2.1e-4 to 1.4e-4 from float64,
-  // fp32 emulation at V = 128256 bf16, equal at T = 1, for registers this kernel lacks.)
+  // 3. row_sums: the centred divergences' row sums, exchanged the same way. A thread's
+  // sums are serial in fp32 over its K * VEC elements (32 or 64), then trees. (Compensated
+  // sums as in the two-pass kernel would take JSD at T = 0.5 from 2.1e-4 to 1.4e-4 from
+  // float64, fp32 emulation at V = 128256 bf16, equal at T = 1, for registers this kernel
+  // lacks.) Then rank 0 writes the row's loss.
   float4 tot = make_float4(0.f, 0.f, 0.f, 0.f);
   float pm = 0.f;  // JSD: sum p log2(p/m)
   if constexpr (DIV != Divergence::ForwardKL) {
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
     for (int s = 0; s < K; ++s)
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
-        add_sums<DIV, false>(acc, sp[s].template get<2>(j, k.opaque_zero), tp[s].template get<2>(j, k.opaque_zero), k);
+        row_sums_add<DIV, false>(acc, sp[s].template get<2>(j, k.opaque_zero), tp[s].template get<2>(j, k.opaque_zero), k);
     acc = block_sum(acc, warp_sums);
     if (threadIdx.x < C) push(&xsums[rank], threadIdx.x, acc);
     cluster_arrive();
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
     tot = warp_sum(lane < int(C) ? xsums[lane] : make_float4(0.f, 0.f, 0.f, 0.f));
     if constexpr (DIV != Divergence::TVD) {
       // sum_{q>kPeak} q without a fifth row sum: the only entry that can exceed kPeak is
-      // the row's maximum st.ms, and this is bitwise the q that add_sums computed for it.
+      // the row's maximum st.ms, and this is bitwise the q that row_sums_add computed for it.
       pm = tot.w;
       const float q_top = ex2(fmaf(st.ms, k.c, -k.ls));
       tot = centring<true>(tot, q_top > kPeak ? q_top : 0.f);
@@ -192,15 +192,15 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
     a.loss[row] = loss;
   }
 
-  // 5. Write the gradient from the registers.
+  // 4. write_grad: the gradient, from the registers.
   float2 unused = make_float2(0.f, 0.f);
   if (interior) {
 #pragma unroll
     for (int s = 0; s < K; ++s) {
       const int64_t col0 = col_first + s * kSlotCols;
       float g[VEC];
-      pack_grad<DIV>(g, sp[s], tp[s], k, tot, label - col0, unused);
-      store_pack<T, VEC>(grow + col0, g);
+      write_grad_pack<DIV>(g, sp[s], tp[s], k, tot, r.label - col0, unused);
+      store_pack<T, VEC>(r.g + col0, g);
     }
   } else {
 #pragma unroll
@@ -208,16 +208,16 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
       const int64_t col0 = col_first + s * kSlotCols;
       if (col0 >= V) break;
       float g[VEC];
-      pack_grad<DIV>(g, sp[s], tp[s], k, tot, label - col0, unused);
-      if (col0 >= 0 && col0 + VEC <= V) store_pack<T, VEC>(grow + col0, g);
-      else store_pack_masked<T, VEC>(grow, col0, V, g);
+      write_grad_pack<DIV>(g, sp[s], tp[s], k, tot, r.label - col0, unused);
+      if (col0 >= 0 && col0 + VEC <= V) store_pack<T, VEC>(r.g + col0, g);
+      else store_pack_masked<T, VEC>(r.g, col0, V, g);
     }
   }
   // Student columns past vocab_size get zero gradient, shared out over the cluster.
   if (a.g_width > V) {
     const int64_t share = (a.g_width - V + C - 1) / C;
     const int64_t begin = min(V + int64_t(rank) * share, a.g_width), end = min(begin + share, a.g_width);
-    fill_span(grow, begin, end, 0.f, threadIdx.x, NT);
+    fill_span(r.g, begin, end, 0.f, threadIdx.x, NT);
   }
 #else
   // Built without sm_90 code: launch_kd_cluster never launches this, and if something
@@ -277,17 +277,6 @@ cudaError_t launch_typed(const KDLaunch& a, int cluster, cudaStream_t stream) {
   return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
-template <typename T>
-cudaError_t launch_div(const KDLaunch& a, int cluster, cudaStream_t stream) {
-  switch (a.p.divergence) {
-    case Divergence::ForwardKL: return launch_typed<T, Divergence::ForwardKL>(a, cluster, stream);
-    case Divergence::ReverseKL: return launch_typed<T, Divergence::ReverseKL>(a, cluster, stream);
-    case Divergence::JSD: return launch_typed<T, Divergence::JSD>(a, cluster, stream);
-    case Divergence::TVD: return launch_typed<T, Divergence::TVD>(a, cluster, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t launch_kd_cluster(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
@@ -297,11 +286,9 @@ cudaError_t launch_kd_cluster(const KDLaunch& a, const LaunchPlan& plan, cudaStr
       plan.cluster > kMaxCluster || plan.vec != 16 / elem_bytes(a.s_type) ||
       a.n_rows * plan.cluster > int64_t(0x7fffffff))
     return cudaErrorNotSupported;
-  switch (a.s_type) {
-    case ElemType::F32: return launch_div<float>(a, plan.cluster, stream);
-    case ElemType::BF16: return launch_div<__nv_bfloat16>(a, plan.cluster, stream);
-    case ElemType::F16: return launch_div<__half>(a, plan.cluster, stream);
-  }
+  FASTKD_ELEM_TYPE_SWITCH(a.s_type, T, FASTKD_DIVERGENCE_SWITCH(a.p.divergence, DIV, {
+    return launch_typed<T, DIV>(a, plan.cluster, stream);
+  }));
   return cudaErrorInvalidValue;
 }
 

@@ -1,5 +1,12 @@
-// Device code shared by the fastkd CUDA kernels: packed loads and stores, the row
-// statistics of both sides and their reduction, and the per-element divergence math.
+// Device code shared by the fastkd CUDA kernels: packed loads and stores, and the pieces
+// of the three phases every fastkd kernel (CPU, CUDA, Triton) goes through per row:
+//   row_stats   per row and side: max and sum-exp, plus the T = 1 sum-exp of the CE term
+//               (RowStatsBase2, row_stats_add, combine / block_combine, row_consts)
+//   row_sums    given the stats: the divergence's value terms and the row sums its
+//               gradient needs (row_sums_add, centring, divergence_from_sums)
+//   write_grad  per element: the gradient times the reduction scale (ddiv,
+//               write_grad_pack); zero fill past vocab_size (fill_span)
+// and the label handling shared by the kernels (LaunchRow).
 //
 // Units. Everything runs in base 2 so that each exponential is one MUFU.EX2 fed by one
 // FFMA: with c = log2(e) / T,
@@ -290,19 +297,22 @@ FASTKD_DEV void fill_span(T* row, int64_t begin, int64_t end, float value, int t
 }
 
 // ---------------------------------------------------------------------------------------
-// Row statistics: (max, sum 2^(x c - max c)) of both sides, plus the CE term's T = 1 sum
+// Phase row_stats: (max, sum 2^(x c - max c)) of both sides, plus the CE term's T = 1 sum
 // and, for forward KL, sum_i 2^(t_i c - mt c) (t_i - s_i), which gives
 //     KL(p||q) = ln2 (c A / zt - (lt - ls))
 // without a second sweep: sum p (log2 p - log2 q) = sum p (t - s) c - (lt - ls).
 
-struct RowStats2 {
+// The row statistics of RowStats (kd_params.h) in this file's units: maxima of the raw
+// logits (not divided by T) and base-2 sums at scale c = log2(e) / T, plus forward KL's
+// A. Partial over any part of a row; combine() merges two parts.
+struct RowStatsBase2 {
   float ms, zs;   // max_i s_i; sum_i 2^((s_i - ms) c)
   float mt, zt;   // max_i t_i; sum_i 2^((t_i - mt) c)
   float zraw;     // sum_i 2^((s_i - ms) log2 e)            (CE softmax at T = 1)
   float a;        // sum_i 2^((t_i - mt) c) (t_i - s_i)       (forward KL only)
 };
 
-FASTKD_DEV RowStats2 empty_stats() { return RowStats2{FASTKD_NEG_INF, 0.f, FASTKD_NEG_INF, 0.f, 0.f, 0.f}; }
+FASTKD_DEV RowStatsBase2 empty_stats() { return RowStatsBase2{FASTKD_NEG_INF, 0.f, FASTKD_NEG_INF, 0.f, 0.f, 0.f}; }
 
 // m * scale as the reference point of a sum-exp, 0 for an all -inf (empty) part so that
 // its -inf elements give 2^-inf = 0 rather than NaN.
@@ -318,7 +328,7 @@ FASTKD_DEV float scaled_sum(float x, float fx, float y, float fy) {
   return __fadd_rn(__fmul_rn(x, fx), __fmul_rn(y, fy));
 }
 
-FASTKD_DEV void combine(RowStats2& x, const RowStats2& y, float c) {
+FASTKD_DEV void combine(RowStatsBase2& x, const RowStatsBase2& y, float c) {
   const float ms = fmaxf(x.ms, y.ms), mt = fmaxf(x.mt, y.mt);
   const float fxs = rescale(x.ms, ms, c), fys = rescale(y.ms, ms, c);
   const float fxt = rescale(x.mt, mt, c), fyt = rescale(y.mt, mt, c);
@@ -331,8 +341,8 @@ FASTKD_DEV void combine(RowStats2& x, const RowStats2& y, float c) {
   x.mt = mt;
 }
 
-FASTKD_DEV RowStats2 shfl_xor(const RowStats2& v, int lane_mask) {
-  RowStats2 r;
+FASTKD_DEV RowStatsBase2 shfl_xor(const RowStatsBase2& v, int lane_mask) {
+  RowStatsBase2 r;
   r.ms = __shfl_xor_sync(0xffffffffu, v.ms, lane_mask);
   r.zs = __shfl_xor_sync(0xffffffffu, v.zs, lane_mask);
   r.mt = __shfl_xor_sync(0xffffffffu, v.mt, lane_mask);
@@ -344,7 +354,7 @@ FASTKD_DEV RowStats2 shfl_xor(const RowStats2& v, int lane_mask) {
 
 // Butterfly reduction over the lanes of a warp: every lane ends with the same bits, and
 // every CTA of a cluster reducing the same partials derives the same row constants.
-FASTKD_DEV void warp_combine(RowStats2& v, float c, int width = 32) {
+FASTKD_DEV void warp_combine(RowStatsBase2& v, float c, int width = 32) {
 #pragma unroll
   for (int off = 16; off >= 1; off >>= 1)
     if (off < width) combine(v, shfl_xor(v, off), c);
@@ -369,7 +379,7 @@ FASTKD_DEV float4 warp_sum(float4 v, int width = 32) {
 
 // Block-wide reductions through a [32] shared scratch (one slot per warp); every thread
 // gets the result. Each scratch array is used once per row.
-FASTKD_DEV RowStats2 block_combine(RowStats2 v, float c, RowStats2* scratch) {
+FASTKD_DEV RowStatsBase2 block_combine(RowStatsBase2 v, float c, RowStatsBase2* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
   warp_combine(v, c);
   if (lane == 0) scratch[warp] = v;
@@ -392,7 +402,7 @@ FASTKD_DEV float4 block_sum(float4 v, float4* scratch) {
 // them first, one rescale of the running sums, then one exponential per element and side
 // (the online softmax, chunked so the rescale is paid once per U packs).
 template <bool kRaw, bool kA, int U, typename TS, typename TT, int VEC>
-FASTKD_DEV void add_stats(RowStats2& st, const Pack<TS, VEC> (&sp)[U], const Pack<TT, VEC> (&tp)[U], float c) {
+FASTKD_DEV void row_stats_add(RowStatsBase2& st, const Pack<TS, VEC> (&sp)[U], const Pack<TT, VEC> (&tp)[U], float c) {
   float ms = st.ms, mt = st.mt;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -421,7 +431,8 @@ FASTKD_DEV void add_stats(RowStats2& st, const Pack<TS, VEC> (&sp)[U], const Pac
 }
 
 // ---------------------------------------------------------------------------------------
-// Per-row constants once the statistics are known, and the per-element math.
+// Per-row constants once the statistics are known (the end of row_stats), then the
+// row_sums and write_grad phases' per-element math.
 
 struct RowConsts {
   float c;          // log2(e) / T
@@ -448,7 +459,7 @@ FASTKD_DEV void set_param_consts(RowConsts& k, const KDParams& p, float grad_sca
 }
 
 // From statistics this launch computed (raw maxima).
-FASTKD_DEV RowConsts row_consts(const RowStats2& st, const KDParams& p, float grad_scale) {
+FASTKD_DEV RowConsts row_consts(const RowStatsBase2& st, const KDParams& p, float grad_scale) {
   RowConsts k;
   k.c = kLog2e * p.inv_temperature;
   k.ls = ref_point(st.ms, k.c) + lg2(st.zs);
@@ -479,16 +490,16 @@ FASTKD_DEV RowConsts row_consts_given(const float* r, const KDParams& p, float g
 // emulation). The same threshold as fastkd/triton_kd.py.
 constexpr float kPeak = 0.5f + 0.0009765625f;
 
-// The row sums that reverse_kl / jsd / tvd need before any gradient can be written,
-// packed in a float4 (small: q <= kPeak, big: q > kPeak):
+// Phase row_sums: the row sums that reverse_kl / jsd / tvd need before any gradient can be
+// written, packed in a float4 (small: q <= kPeak, big: q > kPeak):
 //   reverse_kl, jsd:  (sum_small q, sum_small q h, sum_big q h, w)
 //       kBigQ:   w = sum_big q (the two-pass kernel; JSD's sum p log2(p/m) is then
-//                accumulated by its write pass)
+//                accumulated by its write_grad sweep)
 //       !kBigQ:  w = JSD's sum p log2(p/m), 0 for reverse_kl (the cluster kernel, which
 //                gets sum_big q from the row maximum)
 //   tvd:              (sum |p - q| / 2, sum_{q>p} q, sum_{q<p} q, sum_{q=p} q)
 template <Divergence DIV, bool kBigQ>
-FASTKD_DEV void add_sums(float4& acc, float s, float t, const RowConsts& k) {
+FASTKD_DEV void row_sums_add(float4& acc, float s, float t, const RowConsts& k) {
   const float lq = fmaf(s, k.c, -k.ls), lp = fmaf(t, k.c, -k.lt);
   const float q = ex2(lq);
   if constexpr (DIV == Divergence::TVD) {
@@ -534,7 +545,7 @@ FASTKD_DEV void two_sum_add(float4& acc, float4& err, const float4& x) {
   two_sum_add(acc.w, err.w, x.w);
 }
 
-// The centring constants of reverse_kl / jsd from their row sums (add_sums' layout) and
+// The centring constants of reverse_kl / jsd from their row sums (row_sums_add's layout) and
 // sum_big q: (sum_small q / M, sum_small q h / M, sum q h / M, sum q h), M = sum q.
 // M is the mass of the fp32 q that this code computed, not 1: each q_i carries the
 // rounding of its exponent s_i c - ls (~|log2 q_i| ulps), so M = 1 + O(1e-6), and centring
@@ -571,7 +582,7 @@ FASTKD_DEV float divergence_from_sums(const float4& tot, float qh, float pm, con
 
 // dD/da for one element; also returns q for the CE term. `tot`: TVD's row sums, or the
 // centring constants of reverse_kl / jsd (centring()).
-// kSumKL (the two-pass kernel's write pass): forward KL also accumulates
+// kSumKL (the two-pass kernel's write_grad sweep): forward KL also accumulates
 // (sum p (t - s), sum p) into `kl`, from which KL(p||q) = ln2 (c sum p (t - s) - (lt - ls) sum p);
 // JSD accumulates sum p log2(p/m) into kl.x.
 template <Divergence DIV, bool kSumKL = false>
@@ -611,10 +622,11 @@ FASTKD_DEV float ddiv(float s, float t, const RowConsts& k, const float4& tot, f
   }
 }
 
-// The gradient of one pack: gdiv dD/da + gce (softmax(s) - onehot(label)), in fp32.
+// Phase write_grad, one pack: gdiv dD/da + gce (softmax(s) - onehot(label)), in fp32,
+// for the caller to store.
 // `label_lane` is label - col0 (the one-hot lands in this pack when it is in [0, VEC)).
 template <Divergence DIV, bool kSumKL = false, int kForm = 1, typename TS, typename TT, int VEC>
-FASTKD_DEV void pack_grad(float (&g)[VEC], const Pack<TS, VEC>& sp, const Pack<TT, VEC>& tp, const RowConsts& k,
+FASTKD_DEV void write_grad_pack(float (&g)[VEC], const Pack<TS, VEC>& sp, const Pack<TT, VEC>& tp, const RowConsts& k,
                           const float4& tot, int64_t label_lane, float2& kl) {
   float q[VEC];
 #pragma unroll
@@ -645,6 +657,22 @@ FASTKD_DEV RowKind classify_row(const int64_t* labels, int64_t row, const KDPara
   if (label < 0 || label >= p.vocab_size) return RowKind::BadLabel;  // NaN marks the row, never a number
   return RowKind::Normal;
 }
+
+// Row `row` of a launch: where its student, teacher and gradient rows start, and its
+// label (-1 without labels) and kind.
+template <typename TS, typename TT>
+struct LaunchRow {
+  const TS* s;
+  const TT* t;
+  TS* g;
+  int64_t label;
+  RowKind kind;
+  FASTKD_DEV LaunchRow(const KDLaunch& a, int64_t row)
+      : s(static_cast<const TS*>(a.student) + row * a.s_stride),
+        t(static_cast<const TT*>(a.teacher) + row * a.t_stride),
+        g(static_cast<TS*>(a.grad) + row * a.g_stride),
+        kind(classify_row(a.labels, row, a.p, label)) {}
+};
 
 template <typename T>
 FASTKD_DEV float load_elem(const T* p) {

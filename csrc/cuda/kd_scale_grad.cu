@@ -8,6 +8,7 @@
  * (breaking CUDA graphs and torch.compile), so every CTA reads it here and returns at
  * once when it is exactly 1. The launch itself costs a few microseconds.
  */
+#include "../dispatch.h"
 #include "kd_device.cuh"
 
 namespace fastkd {
@@ -57,11 +58,7 @@ cudaError_t launch_typed(void* grad, int64_t n_rows, int64_t width, int64_t stri
 cudaError_t launch_scale_grad(void* grad, ElemType type, int64_t n_rows, int64_t width, int64_t stride,
                               const float* factor, int64_t factor_stride, cudaStream_t stream) {
   if (n_rows <= 0 || width <= 0) return cudaSuccess;
-  switch (type) {
-    case ElemType::F32: return launch_typed<float>(grad, n_rows, width, stride, factor, factor_stride, stream);
-    case ElemType::BF16: return launch_typed<__nv_bfloat16>(grad, n_rows, width, stride, factor, factor_stride, stream);
-    case ElemType::F16: return launch_typed<__half>(grad, n_rows, width, stride, factor, factor_stride, stream);
-  }
+  FASTKD_ELEM_TYPE_SWITCH(type, T, return launch_typed<T>(grad, n_rows, width, stride, factor, factor_stride, stream));
   return cudaErrorInvalidValue;
 }
 

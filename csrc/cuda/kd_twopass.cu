@@ -1,19 +1,22 @@
 /*
  * Fused knowledge-distillation loss and gradient: the portable (sm_80+) kernel.
  *
- * One CTA per row (token), the row streamed from memory once per pass:
- *   stats   reads s and t once, computing both sides' (max, sum 2^(x c - max c)) with a
- *           chunked online softmax (one exponential per element and side; the CE term's
- *           T = 1 sum too when T != 1), then one block reduction.
- *   sums    reverse_kl, jsd and tvd only: re-reads s and t for the row sums their centred
- *           gradient  dD/da = q (h - sum q h)  needs before any element can be written.
- *   write   re-reads s and t and writes the gradient once, in the student's dtype:
- *               ds = grad_scale (div_weight dD/da / T + ce_weight (softmax(s) - onehot))
- *           forward KL accumulates its divergence here (sum p (t - s) and sum p), JSD
- *           its sum p log2(p/m) (the sums pass has no slot left for it).
+ * One CTA per row (token), the row streamed from memory once per phase (the phases of
+ * every fastkd kernel, named alike in csrc/cpu/kd_cpu.cpp and the Triton kernels):
+ *   row_stats   reads s and t once, computing both sides' (max, sum 2^(x c - max c)) with
+ *               a chunked online softmax (one exponential per element and side; the CE
+ *               term's T = 1 sum too when T != 1), then one block reduction.
+ *   row_sums    reverse_kl, jsd and tvd only: re-reads s and t for the row sums their
+ *               centred gradient  dD/da = q (h - sum q h)  needs before any element can be
+ *               written.
+ *   write_grad  re-reads s and t and writes the gradient once, in the student's dtype:
+ *                   ds = grad_scale (div_weight dD/da / T + ce_weight (softmax(s) - onehot))
+ *               and zeros past vocab_size; forward KL accumulates its divergence here
+ *               (sum p (t - s) and sum p), JSD its sum p log2(p/m) (row_sums has no slot
+ *               left for it), and the row's loss is written after it.
  * The math (base-2 units, the -inf and peaked-row guards) is in kd_device.cuh; it
  * reproduces csrc/cpu/kd_cpu.cpp. Row statistics may come from the caller instead
- * (`stats_in`, the vocab-parallel path), which skips the stats pass.
+ * (`stats_in`, the vocab-parallel path), which skips row_stats.
  *
  * Traffic, in units of N * V * bytes: forward KL 5 (two reads of s and t, one write),
  * the other divergences 7, against the 3 of the floor. Why a third pass from memory and
@@ -30,6 +33,7 @@
  * so odd V works with aligned loads; the host picks VEC = 1 when the student, teacher and
  * gradient rows do not share that offset.
  */
+#include "../dispatch.h"
 #include "kd_device.cuh"
 
 namespace fastkd {
@@ -65,16 +69,30 @@ FASTKD_DEV void sweep_row(const TS* srow, const TT* trow, int lead, int64_t V, F
   }
 }
 
-// Passes after the statistics: the divergence's row sums (if it needs them), then the
-// gradient and the row's loss.
+// Phase row_stats: this thread's share of both sides' (max, sum-exp) over the row, and
+// of the CE term's T = 1 sum when `raw`, into `st`; block_combine() then gives every
+// thread the row's statistics.
+template <bool kStreaming, int VEC, typename TS, typename TT>
+FASTKD_DEV void row_stats(RowStatsBase2& st, const TS* srow, const TT* trow, int lead, int64_t V, float c, bool raw) {
+  if (raw) {
+    sweep_row<kStreaming, VEC>(srow, trow, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
+      row_stats_add<true, false>(st, sp, tp, c);
+    });
+  } else {
+    sweep_row<kStreaming, VEC>(srow, trow, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
+      row_stats_add<false, false>(st, sp, tp, c);
+    });
+  }
+}
+
+// Phase row_sums: the row sums of the divergence's gradient (reverse_kl, jsd, tvd; zeros
+// for forward_kl, which needs none): TVD's sums, or the centring constants of reverse_kl
+// and jsd (centring()).
 template <Divergence DIV, int VEC, typename TS, typename TT>
-FASTKD_DEV void finish_row(const KDLaunch& a, int64_t row, const TS* srow, const TT* trow, TS* grow, int lead,
-                           int64_t label, float s_label, const RowConsts& k, float4* sums_scratch,
-                           float4* kl_scratch) {
-  const int64_t V = a.p.vocab_size;
-  constexpr bool kCentred = DIV == Divergence::ReverseKL || DIV == Divergence::JSD;
+FASTKD_DEV float4 row_sums(const LaunchRow<TS, TT>& r, int lead, int64_t V, const RowConsts& k, float4* scratch) {
   float4 tot = make_float4(0.f, 0.f, 0.f, 0.f);
   if constexpr (DIV != Divergence::ForwardKL) {
+    constexpr bool kCentred = DIV == Divergence::ReverseKL || DIV == Divergence::JSD;
     // Each iteration's U * VEC elements (8 or 16) are summed in fp32, and the iterations'
     // partials (up to 32 per thread at V = 262144) are added with TwoSum, keeping their
     // rounding errors: a thread's sums come out about as good as fp64 ones, for 24 fp32
@@ -83,28 +101,36 @@ FASTKD_DEV void finish_row(const KDLaunch& a, int64_t row, const TS* srow, const
     // (V = 262144) doubled JSD's fp32 error once the centring was normalised (emulated:
     // T = 1 3.8e-6 vs 1.5e-6, T = 0.5 3.4e-4 vs 1.7e-4 from float64).
     float4 acc = tot, err = tot;
-    sweep_row<false, VEC>(srow, trow, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
+    sweep_row<false, VEC>(r.s, r.t, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
       float4 part = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int u = 0; u < U; ++u)
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) add_sums<DIV, true>(part, sp[u].get(j), tp[u].get(j), k);
+        for (int j = 0; j < VEC; ++j) row_sums_add<DIV, true>(part, sp[u].get(j), tp[u].get(j), k);
       two_sum_add(acc, err, part);
     });
-    tot = block_sum(acc + err, sums_scratch);
+    tot = block_sum(acc + err, scratch);
     if constexpr (kCentred) tot = centring<false>(tot, tot.w);  // tot.w: sum_big q
   }
+  return tot;
+}
 
+// Phase write_grad: the gradient, written once (the row's last read of s and t), then the
+// row's loss, whose forward KL and JSD terms this sweep accumulates, and zeros past
+// vocab_size.
+template <Divergence DIV, int VEC, typename TS, typename TT>
+FASTKD_DEV void write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, TT>& r, int lead, int64_t V,
+                           float s_label, const RowConsts& k, const float4& tot, float4* kl_scratch) {
   float2 kl = make_float2(0.f, 0.f);
-  sweep_row<true, VEC>(srow, trow, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t base) {
+  sweep_row<true, VEC>(r.s, r.t, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t base) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t col0 = (base + int64_t(u) * blockDim.x) * VEC - lead;
       if (col0 >= V) break;
       float g[VEC];
-      pack_grad<DIV, true>(g, sp[u], tp[u], k, tot, label - col0, kl);
-      if (col0 >= 0 && col0 + VEC <= V) store_pack<TS, VEC>(grow + col0, g);
-      else store_pack_masked<TS, VEC>(grow, col0, V, g);
+      write_grad_pack<DIV, true>(g, sp[u], tp[u], k, tot, r.label - col0, kl);
+      if (col0 >= 0 && col0 + VEC <= V) store_pack<TS, VEC>(r.g + col0, g);
+      else store_pack_masked<TS, VEC>(r.g, col0, V, g);
     }
   });
 
@@ -113,7 +139,7 @@ FASTKD_DEV void finish_row(const KDLaunch& a, int64_t row, const TS* srow, const
     const float4 s = block_sum(make_float4(kl.x, kl.y, 0.f, 0.f), kl_scratch);
     D = kLn2 * (k.c * s.x - (k.lt - k.ls) * s.y);
   } else if constexpr (DIV == Divergence::JSD) {
-    // sum p log2(p/m), accumulated by the write pass (kl.x).
+    // sum p log2(p/m), accumulated by the write sweep (kl.x).
     const float4 s = block_sum(make_float4(kl.x, 0.f, 0.f, 0.f), kl_scratch);
     D = divergence_from_sums<DIV>(tot, tot.w, s.x, k);
   } else {
@@ -125,33 +151,39 @@ FASTKD_DEV void finish_row(const KDLaunch& a, int64_t row, const TS* srow, const
     a.loss[row] = loss;
   }
   // Student columns past vocab_size (a padded vocabulary) get zero gradient.
-  fill_span(grow, V, a.g_width, 0.f, threadIdx.x, blockDim.x);
+  fill_span(r.g, V, a.g_width, 0.f, threadIdx.x, blockDim.x);
+}
+
+// The phases after row_stats, for one divergence. (V is read here again, not passed
+// from the kernel: the kernel's PTX, and with it ptxas's register counts, stays that of
+// the hand-written version.)
+template <Divergence DIV, int VEC, typename TS, typename TT>
+FASTKD_DEV void row_sums_write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, TT>& r, int lead,
+                                    float s_label, const RowConsts& k, float4* sums_scratch, float4* kl_scratch) {
+  const int64_t V = a.p.vocab_size;
+  const float4 tot = row_sums<DIV, VEC>(r, lead, V, k, sums_scratch);
+  write_grad<DIV, VEC>(a, row, r, lead, V, s_label, k, tot, kl_scratch);
 }
 
 template <typename TS, typename TT, int VEC>
 __global__ void __launch_bounds__(kTwoPassMaxThreads) kd_twopass_kernel(const KDLaunch a) {
-  __shared__ RowStats2 stats_scratch[32];
+  __shared__ RowStatsBase2 stats_scratch[32];
   __shared__ float4 sums_scratch[32];
   __shared__ float4 kl_scratch[32];
   const KDParams& p = a.p;
   const int64_t row = blockIdx.x;
   const int64_t V = p.vocab_size;
-  const TS* srow = static_cast<const TS*>(a.student) + row * a.s_stride;
-  const TT* trow = static_cast<const TT*>(a.teacher) + row * a.t_stride;
-  TS* grow = static_cast<TS*>(a.grad) + row * a.g_stride;
-
-  int64_t label;
-  const RowKind kind = classify_row(a.labels, row, p, label);
-  if (kind != RowKind::Normal) {
-    fill_span(grow, 0, a.g_width, row_fill_value(kind), threadIdx.x, blockDim.x);
-    if (threadIdx.x == 0) a.loss[row] = row_fill_value(kind);
+  const LaunchRow<TS, TT> r(a, row);
+  if (r.kind != RowKind::Normal) {
+    fill_span(r.g, 0, a.g_width, row_fill_value(r.kind), threadIdx.x, blockDim.x);
+    if (threadIdx.x == 0) a.loss[row] = row_fill_value(r.kind);
     return;
   }
   const bool ce = p.ce_weight != 0.f;
   // Read before any thread can overwrite the row (in-place backward); a block barrier
   // (the stats reduction, or the one below) separates it from the first gradient store.
-  const float s_label = (ce && threadIdx.x == 0) ? load_elem(srow + label) : 0.f;
-  const int lead = row_lead<TS, VEC>(srow);
+  const float s_label = (ce && threadIdx.x == 0) ? load_elem(r.s + r.label) : 0.f;
+  const int lead = row_lead<TS, VEC>(r.s);
   const float grad_scale = *a.grad_scale;
 
   RowConsts k;
@@ -160,41 +192,21 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) kd_twopass_kernel(const KD
     __syncthreads();
   } else {
     const float c = kLog2e * p.inv_temperature;
-    RowStats2 st = empty_stats();
-    if (ce && p.temperature != 1.0f) {
-      sweep_row<false, VEC>(srow, trow, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
-        add_stats<true, false>(st, sp, tp, c);
-      });
-    } else {
-      sweep_row<false, VEC>(srow, trow, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
-        add_stats<false, false>(st, sp, tp, c);
-      });
-    }
+    RowStatsBase2 st = empty_stats();
+    row_stats<false, VEC>(st, r.s, r.t, lead, V, c, ce && p.temperature != 1.0f);
     st = block_combine(st, c, stats_scratch);
     k = row_consts(st, p, grad_scale);
   }
 
-  switch (p.divergence) {
-    case Divergence::ForwardKL:
-      finish_row<Divergence::ForwardKL, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch);
-      break;
-    case Divergence::ReverseKL:
-      finish_row<Divergence::ReverseKL, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch);
-      break;
-    case Divergence::JSD:
-      finish_row<Divergence::JSD, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch);
-      break;
-    case Divergence::TVD:
-      finish_row<Divergence::TVD, VEC>(a, row, srow, trow, grow, lead, label, s_label, k, sums_scratch, kl_scratch);
-      break;
-  }
+  FASTKD_DIVERGENCE_SWITCH(p.divergence, DIV,
+                           row_sums_write_grad<DIV, VEC>(a, row, r, lead, s_label, k, sums_scratch, kl_scratch));
 }
 
-// The stats pass alone: RowStats [N, 5] in natural units (max of s/T), the layout a
+// The row_stats phase alone: RowStats [N, 5] in natural units (max of s/T), the layout a
 // vocab-parallel caller combines across shards and feeds back as `stats_in`.
 template <typename TS, typename TT, int VEC>
 __global__ void __launch_bounds__(kTwoPassMaxThreads) row_stats_kernel(const KDLaunch a) {
-  __shared__ RowStats2 scratch[32];
+  __shared__ RowStatsBase2 scratch[32];
   const KDParams& p = a.p;
   const int64_t row = blockIdx.x;
   const TS* srow = static_cast<const TS*>(a.student) + row * a.s_stride;
@@ -202,16 +214,8 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) row_stats_kernel(const KDL
   const int lead = row_lead<TS, VEC>(srow);
   const float c = kLog2e * p.inv_temperature;
   const bool raw = a.with_ce_raw && p.temperature != 1.0f;
-  RowStats2 st = empty_stats();
-  if (raw) {
-    sweep_row<true, VEC>(srow, trow, lead, p.vocab_size, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
-      add_stats<true, false>(st, sp, tp, c);
-    });
-  } else {
-    sweep_row<true, VEC>(srow, trow, lead, p.vocab_size, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
-      add_stats<false, false>(st, sp, tp, c);
-    });
-  }
+  RowStatsBase2 st = empty_stats();
+  row_stats<true, VEC>(st, srow, trow, lead, p.vocab_size, c, raw);
   st = block_combine(st, c, scratch);
   if (threadIdx.x == 0) {
     float* o = a.stats_out + row * kRowStatsWidth;
@@ -226,25 +230,12 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) row_stats_kernel(const KDL
 // ---------------------------------------------------------------------------------------
 // Launchers.
 
-template <typename F>
-cudaError_t with_type(ElemType t, F&& f) {
-  switch (t) {
-    case ElemType::F32: return f(float{});
-    case ElemType::BF16: return f(__nv_bfloat16{});
-    case ElemType::F16: return f(__half{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <bool kStatsOnly>
 cudaError_t launch(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
   if (a.n_rows <= 0) return cudaSuccess;
   if (a.n_rows > 0x7fffffff || plan.threads < 32 || plan.threads > kTwoPassMaxThreads) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(a.n_rows)), block(plan.threads);
-  return with_type(a.s_type, [&](auto s0) {
-    return with_type(a.t_type, [&](auto t0) {
-      using TS = decltype(s0);
-      using TT = decltype(t0);
+  FASTKD_ELEM_TYPE_SWITCH(a.s_type, TS, FASTKD_ELEM_TYPE_SWITCH(a.t_type, TT, {
       constexpr int kVec = 16 / (sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
       if (plan.vec == kVec) {
         if constexpr (kStatsOnly) row_stats_kernel<TS, TT, kVec><<<grid, block, 0, stream>>>(a);
@@ -256,8 +247,8 @@ cudaError_t launch(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t strea
         return cudaErrorInvalidValue;
       }
       return cudaGetLastError();
-    });
-  });
+  }));
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace

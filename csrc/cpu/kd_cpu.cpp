@@ -576,7 +576,7 @@ void dispatch_pair(at::ScalarType ss, at::ScalarType ts, const F& f) {
                             FASTKD_SCALAR_TYPE_SWITCH(ts, TT, "fastkd_teacher", f(TS{}, TT{})));
 }
 
-void forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
+void op_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
   const int64_t n_rows = args.student.size(0);
   if (n_rows == 0) return;
   const double grad_scale = args.grad_scale.to(at::kDouble).item<double>();
@@ -595,11 +595,11 @@ void forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
 
 // From the gradient-buffer cache: a freed gradient of the same size is reused without
 // the page faults of fresh memory.
-at::Tensor empty_grad(const at::Tensor& student) {
+at::Tensor op_empty_grad(const at::Tensor& student) {
   return cached_empty(student.size(0), student.size(1), student.options());
 }
 
-void row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
+void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
   const at::Tensor& student = args.student;
   const at::Tensor& teacher = args.teacher;
   dispatch_pair(student.scalar_type(), teacher.scalar_type(), [&](auto s0, auto t0) {
@@ -628,7 +628,7 @@ void scale_rows(T* g, int64_t n_rows, int64_t width, int64_t stride, const doubl
 // the gradient's dtype, so a factor beyond fp16's range (a GradScaler's 65536) does not
 // overflow before it meets the small gradient entries. Skipped when the factor is 1 (the
 // common `loss.backward()`); reading the scalar costs nothing on the CPU.
-void scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
+void op_scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
   TORCH_CHECK(grad.dim() == 2 && grad.stride(1) == 1, "fastkd: scale_grad_ needs a 2-D gradient with unit inner stride");
   const int64_t n_rows = grad.size(0), width = grad.size(1);
   const bool per_row = grad_output.numel() != 1;
@@ -645,7 +645,7 @@ void scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
 }  // namespace
 
 const DeviceOps& device_ops() {
-  static const DeviceOps ops{&empty_grad, &forward, &row_stats, &scale_grad};
+  static const DeviceOps ops{&op_empty_grad, &op_forward, &op_row_stats, &op_scale_grad};
   return ops;
 }
 

@@ -131,7 +131,7 @@ KDLaunch make_launch(const ForwardArgs& args, const at::Tensor& grad_scale, at::
   return a;
 }
 
-void forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
+void op_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
   TORCH_CHECK(args.grad_scale.is_cuda(), "fastkd (cuda): grad_scale must be on the logits' device");
   if (args.student.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(args.student.device());
@@ -141,11 +141,11 @@ void forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
   launch_forward(a, args.student.get_device());
 }
 
-at::Tensor empty_grad(const at::Tensor& student) {
+at::Tensor op_empty_grad(const at::Tensor& student) {
   return at::empty({student.size(0), student.size(1)}, student.options());
 }
 
-void row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
+void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
   const at::Tensor& student = args.student;
   const at::Tensor& teacher = args.teacher;
   const c10::cuda::CUDAGuard guard(student.device());
@@ -168,7 +168,7 @@ void row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
 }
 
 // Backward: grad *= grad_output without reading grad_output on the host.
-void scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
+void op_scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
   const bool rows = grad.dim() == 2 && grad.stride(1) == 1 && grad.scalar_type() != at::kDouble;
   if (!grad_output.is_cuda()) {
     // A host scalar costs nothing to read.
@@ -227,7 +227,7 @@ TORCH_LIBRARY_FRAGMENT(fastkd, m) {
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) { m.impl("cuda_kernel_plan", &cuda_kernel_plan); }
 
 const DeviceOps& device_ops() {
-  static const DeviceOps ops{&empty_grad, &forward, &row_stats, &scale_grad};
+  static const DeviceOps ops{&op_empty_grad, &op_forward, &op_row_stats, &op_scale_grad};
   return ops;
 }
 

@@ -112,6 +112,10 @@ def kd_loss(
     Computes in float64 when either input is float64, otherwise in float32 (plain
     autograd: exact only in float64). The teacher is detached (a teacher that requires
     grad is rejected, as in ``fastkd.kd_loss``).
+
+    Args:
+        {settings}
+        num_items: the denominator of ``reduction="mean"``, as in ``fastkd.kd_loss``.
     """
     cfg = make_config("kd_loss", **settings)
     cfg, num_items = check_kd_args(student_logits, teacher_logits, labels, cfg, num_items)

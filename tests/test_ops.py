@@ -128,16 +128,34 @@ def test_settings_cross_the_boundary_in_one_order():
     assert (unpacked.inv_temperature, unpacked.div_weight, unpacked.ce_weight) == (0.25, 0.25, 0.75)
 
 
-@pytest.mark.parametrize("ints, floats, match", [
-    ([9, -100, 257], [1.0, 0.5, 1.0, 0.0], "unknown divergence id"),
-    ([0, -100, 257], [0.0, 0.5, 1.0, 0.0], "inv_temperature must be finite and > 0"),
-    ([0, -100, 257], [float("inf"), 0.5, 1.0, 0.0], "inv_temperature must be finite and > 0"),
-    ([2, -100, 257], [1.0, 1.5, 1.0, 0.0], r"beta must be in \[0, 1\]"),
-    ([0, -100], [1.0, 0.5, 1.0, 0.0], "expected 3 int and 4 float settings, got 2 and 4"),
-    ([0, -100, 257], [1.0, 0.5, 1.0], "expected 3 int and 4 float settings, got 3 and 3"),
-    ([0, -100, 258], [1.0, 0.5, 1.0, 0.0], "vocab_size 258 must be in"),
+def _corrupt(int_changes=None, float_changes=None, drop=None):
+    """Valid packed settings (forward KL, V = 257) with some entries replaced or one list cut short."""
+    ints, floats = settings()
+    for name, value in (int_changes or {}).items():
+        ints[fastkd.config.INT_SETTINGS.index(name)] = value
+    for name, value in (float_changes or {}).items():
+        floats[fastkd.config.FLOAT_SETTINGS.index(name)] = value
+    if drop == "int":
+        ints = ints[:-1]
+    elif drop == "float":
+        floats = floats[:-1]
+    return ints, floats
+
+
+N_INT, N_FLOAT = len(fastkd.config.INT_SETTINGS), len(fastkd.config.FLOAT_SETTINGS)
+
+
+@pytest.mark.parametrize("packed, match", [
+    (_corrupt({"divergence_id": 9}), "unknown divergence id"),
+    (_corrupt(float_changes={"inv_temperature": 0.0}), "inv_temperature must be finite and > 0"),
+    (_corrupt(float_changes={"inv_temperature": float("inf")}), "inv_temperature must be finite and > 0"),
+    (_corrupt({"divergence_id": 2}, {"beta": 1.5}), r"beta must be in \[0, 1\]"),
+    (_corrupt(drop="int"), f"expected {N_INT} int and {N_FLOAT} float settings, got {N_INT - 1} and {N_FLOAT}"),
+    (_corrupt(drop="float"), f"expected {N_INT} int and {N_FLOAT} float settings, got {N_INT} and {N_FLOAT - 1}"),
+    (_corrupt({"vocab_size": 258}), "vocab_size 258 must be in"),
 ])
-def test_bad_packed_settings_are_refused(ints, floats, match):
+def test_bad_packed_settings_are_refused(packed, match):
+    ints, floats = packed
     s, t, lab, scale = op_args()
     with pytest.raises(RuntimeError, match=match):
         ops.kd_forward(s, t, None, scale, None, ints, floats)

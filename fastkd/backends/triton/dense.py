@@ -77,6 +77,8 @@ _JSD = tl.constexpr(DIVERGENCE_IDS["jsd"])
 _TVD = tl.constexpr(DIVERGENCE_IDS["tvd"])  # reverse_kl: the remaining case
 
 _ROW_STATS_WIDTH = tl.constexpr(ROW_STATS_WIDTH)
+_CE_SHARED = tl.constexpr(CE_SHARED)  # CE at T == 1: its softmax is the student's own
+_CE_RAW = tl.constexpr(CE_RAW)        # CE at T != 1: a third sum-exp, of the raw logits
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -241,12 +243,12 @@ def _kd_row(s_row, t_row, g_row, loss_ptr, stats_ptr, label, V, g_width,
         a_r = (temperature * ms_nat) * LOG2E
     else:
         if SINGLE_BLOCK:
-            m_s, z_s, m_t, z_t, z_r = row_stats_block(s, t, c, inv_temperature, temperature, CE == 2)
+            m_s, z_s, m_t, z_t, z_r = row_stats_block(s, t, c, inv_temperature, temperature, CE == _CE_RAW)
         else:
             m_s, z_s, m_t, z_t, z_r = row_stats_sweep(s_row, t_row, V, c, inv_temperature, temperature,
-                                                      BLOCK, CE == 2)
+                                                      BLOCK, CE == _CE_RAW)
         a_s, a_t, a_r = anchors(m_s, m_t, inv_temperature, temperature)
-    if CE == 1:  # T == 1: the CE softmax is the student's own
+    if CE == _CE_SHARED:  # T == 1: the CE softmax is the student's own
         z_r = z_s
         a_r = a_s
     lse2_s = anchor(a_s) + tl.log2(z_s)
@@ -390,12 +392,12 @@ def row_stats_kernel(S, T, OUT, s_stride, t_stride, V, c, inv_temperature, tempe
     """[N, ROW_STATS_WIDTH] row_stats for a vocab-parallel caller: (max_s, sum_s, max_t, sum_t,
     sum_raw).
 
-    RAW: 0 no CE (sum_raw = 0), 1 CE at T == 1 (sum_raw = sum_s), 2 CE at T != 1.
+    RAW: CE_NONE (sum_raw = 0), CE_SHARED (T == 1: sum_raw = sum_s) or CE_RAW (T != 1).
     """
     row = tl.program_id(0).to(tl.int64)
     m_s, z_s, m_t, z_t, z_r = row_stats_sweep(row_base(S, row, s_stride), row_base(T, row, t_stride), V, c,
-                                              inv_temperature, temperature, BLOCK, RAW == 2)
-    if RAW == 1:
+                                              inv_temperature, temperature, BLOCK, RAW == _CE_RAW)
+    if RAW == _CE_SHARED:
         z_r = z_s
     out = OUT + row * _ROW_STATS_WIDTH
     tl.store(out + 0, m_s * inv_temperature)

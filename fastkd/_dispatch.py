@@ -15,8 +15,12 @@ import torch
 from .backends import KernelBackend
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
-# What ``auto`` tries, fastest first, per device type.
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+# What ``auto`` tries, in order, per device type. On CUDA the ``cuda`` kernels are left out
+# until their tests have passed on a GPU (none has run on one yet: issue 10): the Triton
+# kernels' logic is checked by the interpreter on every CI run, so they go first, and
+# ``backend="cuda"`` asks for the CUDA kernels by name. After a green GPU check, this
+# order is to be set by measured speed.
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 _UNAVAILABLE_WHY = {"triton": "triton is not installed",
                     "cuda": "fastkd._C was built without CUDA kernels",
                     "cpu": "fastkd._C could not be loaded or built"}

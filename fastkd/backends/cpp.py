@@ -60,9 +60,10 @@ def _jit_build():
     sources = _build.cpu_sources()
     kwargs = dict(extra_cflags=_build.cxx_flags(), extra_ldflags=_build.extra_ldflags())
     if _build.want_cuda():
+        archs = _build.cuda_arch_list()
         sources = sources + _build.cuda_sources()
-        kwargs.update(extra_cflags=kwargs["extra_cflags"] + ["-DFASTKD_WITH_CUDA"],
-                      extra_cuda_cflags=_build.nvcc_flags())
+        kwargs.update(extra_cflags=kwargs["extra_cflags"] + _build.cuda_cxx_flags(archs),
+                      extra_cuda_cflags=_build.nvcc_flags(archs))
     directory = build_dir()
     os.makedirs(directory, exist_ok=True)
     building = _is_stale(directory, sources)

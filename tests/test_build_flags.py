@@ -34,10 +34,12 @@ def test_torch_std_flag_meets_what_aten_requires():
 # no (cluster) code for the device. nvcc and torch.version.cuda are faked: no GPU needed.
 
 import subprocess  # noqa: E402
+import types  # noqa: E402
 import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
+from fastkd.backends import cpp as _ext  # noqa: E402
 
 NGC_LIST = "5.2 6.0 6.1 7.0 7.5 8.0 8.6 9.0+PTX"
 NVCC_13 = ("13.0", [75, 80, 86, 87, 88, 89, 90, 100, 110, 103, 120, 121])
@@ -182,3 +184,67 @@ def test_no_cuda_torch_or_no_nvcc_builds_the_cpu_kernel_quietly_unless_forced(fa
     monkeypatch.setenv("FASTKD_BUILD_CUDA", "1")
     with pytest.raises(RuntimeError, match="FASTKD_BUILD_CUDA=1.*nvcc was found neither"):
         _build.want_cuda()
+
+
+# Run time: which code of fastkd._C a device runs.
+
+@pytest.mark.parametrize("capability,archs,problem", [
+    ((9, 0), "8.0,9.0a", None),
+    ((9, 0), "9.0", None),
+    ((8, 6), "8.0,9.0a", None),            # sm_80 SASS runs on 8.6
+    ((8, 9), "8.0,8.6", None),
+    ((9, 0), "8.0", "no code"),            # SASS runs only within its major
+    ((9, 0), "8.0,8.6+PTX", "no cluster kernel"),  # runs from PTX, compiled at load
+    ((10, 0), "8.0+PTX", "no cluster kernel"),
+    ((10, 0), "8.0,9.0+PTX", None),        # compute_90 PTX has the cluster kernel
+    ((10, 0), "8.0,9.0a", "no code"),      # the default list on Blackwell: 9.0a runs only on 9.0
+    ((10, 3), "10.0f", None),
+    ((12, 0), "10.0f", "no code"),         # family code stays within its major
+    ((8, 0), "9.0a+PTX", "no code"),
+    ((7, 5), "8.0", "no code"),
+])
+def test_device_code_problem(capability, archs, problem):
+    found = _ext.device_code_problem(capability, archs)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found, found
+        assert archs.replace(",", ";") in found and f"sm_{capability[0]}{capability[1]}" in found
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """fastkd._C built for the given arch list, on fake devices of the given capabilities."""
+    def install(archs, capabilities):
+        monkeypatch.setattr(_ext, "load_extension", lambda: types.SimpleNamespace(with_cuda=True, cuda_archs=archs))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capabilities[index])
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        _ext._check_device_code.cache_clear()
+
+    yield install
+    _ext._check_device_code.cache_clear()
+
+
+def test_sm90_device_without_sm90_code_warns_once(fake_device):
+    fake_device("8.0,8.6+PTX", {0: (9, 0), 1: (8, 6)})
+    with pytest.warns(RuntimeWarning, match=r"cuda:0: fastkd\._C was built for 8\.0;8\.6\+PTX, without sm_90 "
+                                            r"code: on this sm_90 device .* no cluster kernel") as record:
+        assert _ext._runs_on_cuda(torch.device("cuda", 0))
+        assert _ext._runs_on_cuda(torch.device("cuda"))  # the current device: 0, already warned
+        assert _ext._runs_on_cuda(torch.device("cuda", 0))
+    assert len(record) == 1
+    assert no_warnings(_ext._runs_on_cuda, torch.device("cuda", 1))  # sm_86 runs sm_86 code
+    assert no_warnings(_ext._runs_on_cuda, torch.device("cpu")) is False
+
+
+def test_a_device_without_code_warns(fake_device):
+    fake_device("8.0,9.0a", {0: (10, 0)})
+    with pytest.warns(RuntimeWarning, match=r"cuda:0: .*no code for this sm_100 device.*including 10\.0"):
+        assert _ext._runs_on_cuda(torch.device("cuda", 0))
+
+
+def test_sm90_device_with_sm90_code_and_old_builds_are_quiet(fake_device):
+    fake_device("8.0,9.0a", {0: (9, 0)})
+    assert no_warnings(_ext._runs_on_cuda, torch.device("cuda", 0))
+    fake_device(None, {0: (9, 0)})  # built without the attribute: nothing to check against
+    assert no_warnings(_ext._runs_on_cuda, torch.device("cuda", 0))

@@ -1,5 +1,7 @@
 """The build flags leave the C++ standard to torch (issue 8): torch.utils.cpp_extension
-adds the -std its headers need only when the flags name none."""
+adds the -std its headers need only when the flags name none. The CUDA build environment
+(issue 10): the arch list against nvcc, torch's CUDA major against nvcc's, and the
+cuda backend's run-time check of the code fastkd._C has for a device."""
 import os
 import re
 

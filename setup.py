@@ -19,13 +19,14 @@ def extensions():
 
     rel = lambda paths: [os.path.relpath(p, build.ROOT) for p in paths]  # noqa: E731
     if build.want_cuda():
-        print("fastkd: building fastkd._C with the CPU kernel and CUDA kernels for",
-              os.environ.get("TORCH_CUDA_ARCH_LIST", build.DEFAULT_CUDA_ARCHS))
+        archs = build.cuda_arch_list()
+        print("fastkd: building fastkd._C with the CPU kernel and CUDA kernels for", ";".join(archs))
         return [CUDAExtension(
             "fastkd._C", rel(build.cpu_sources() + build.cuda_sources()),
-            extra_compile_args={"cxx": build.cxx_flags() + ["-DFASTKD_WITH_CUDA"], "nvcc": build.nvcc_flags()},
+            extra_compile_args={"cxx": build.cxx_flags() + build.cuda_cxx_flags(archs),
+                                "nvcc": build.nvcc_flags(archs)},
             extra_link_args=build.extra_ldflags())]
-    print("fastkd: building fastkd._C with the CPU kernel only (no CUDA torch or nvcc, or FASTKD_BUILD_CUDA=0)")
+    print(f"fastkd: building fastkd._C with the CPU kernel only ({build.cuda_skip_reason()})")
     return [CppExtension(
         "fastkd._C", rel(build.cpu_sources()),
         extra_compile_args={"cxx": build.cxx_flags()}, extra_link_args=build.extra_ldflags())]

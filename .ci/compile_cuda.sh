@@ -29,8 +29,9 @@ import importlib.util, os, sys
 spec = importlib.util.spec_from_file_location("fastkd_build", os.path.join(sys.argv[1], "fastkd", "backends", "cpp_build.py"))
 b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
 std = b.torch_std_flag()  # the standard the installed torch's headers need
-nv = [f for f in b.nvcc_flags() if not f.startswith("-gencode")] + [std]
-cx = [f for f in b.cxx_flags() if not f.startswith("-march")] + ["-DFASTKD_WITH_CUDA", std]
+archs = ["8.0", "9.0a"]  # as the default GENCODE; given, so TORCH_CUDA_ARCH_LIST is not consulted
+nv = [f for f in b.nvcc_flags(archs) if not f.startswith("-gencode")] + [std]
+cx = [f for f in b.cxx_flags() if not f.startswith("-march")] + b.cuda_cxx_flags(archs) + [std]
 print(",".join(nv), ",".join(cx))
 EOF
 )

@@ -172,6 +172,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("float_settings") = fastkd::names(fastkd::kFloatSettingNames, fastkd::kNumFloatSettings);
 #ifdef FASTKD_WITH_CUDA
   m.attr("with_cuda") = true;
+#ifdef FASTKD_CUDA_ARCHS  // -DFASTKD_CUDA_ARCHS=8.0,9.0a (cpp_build.py) -> "8.0,9.0a"
+#define FASTKD_STR(...) #__VA_ARGS__
+#define FASTKD_XSTR(...) FASTKD_STR(__VA_ARGS__)
+  m.attr("cuda_archs") = FASTKD_XSTR(FASTKD_CUDA_ARCHS);
+#endif
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -60,9 +60,10 @@ def _jit_build():
     sources = _build.cpu_sources()
     kwargs = dict(extra_cflags=_build.cxx_flags(), extra_ldflags=_build.extra_ldflags())
     if _build.want_cuda():
+        archs = _build.cuda_arch_list()
         sources = sources + _build.cuda_sources()
-        kwargs.update(extra_cflags=kwargs["extra_cflags"] + ["-DFASTKD_WITH_CUDA"],
-                      extra_cuda_cflags=_build.nvcc_flags())
+        kwargs.update(extra_cflags=kwargs["extra_cflags"] + _build.cuda_cxx_flags(archs),
+                      extra_cuda_cflags=_build.nvcc_flags(archs))
     directory = build_dir()
     os.makedirs(directory, exist_ok=True)
     building = _is_stale(directory, sources)
@@ -125,6 +126,56 @@ def empty_cpu_grad_cache() -> int:
     return int(ext.empty_cpu_grad_cache()) if ext is not None and hasattr(ext, "empty_cpu_grad_cache") else 0
 
 
+def device_code_problem(capability: tuple, archs: str) -> str | None:
+    """What a device of ``capability`` (major, minor) misses in fastkd._C built for ``archs``
+    (its ``cuda_archs``, "8.0,9.0a"), or None: no code at all, or no cluster kernel on an
+    sm_90 or newer device (its code runs from an older architecture's SASS or PTX)."""
+    from . import cpp_build as _build
+
+    cc = capability[0] * 10 + capability[1]
+    entries = [_build.parse_arch(e) for e in archs.split(",") if e]
+    # What the driver loads: SASS of the device's major and at most its minor, else PTX of
+    # at most the device's architecture, compiled at load; "a" code runs only on its own
+    # architecture, "f" code only within its major (family).
+    def fits(sm, suffix, ptx):
+        if suffix == "a":
+            return sm == cc
+        return sm <= cc and (ptx and suffix != "f" or sm // 10 == cc // 10)
+
+    sass = [sm for sm, suffix, _ in entries if fits(sm, suffix, False)]
+    ptx = [sm for sm, suffix, ptx in entries if ptx and fits(sm, suffix, True)]
+    runs = max(sass or ptx or [0])
+    device = f"sm_{cc}"
+    if not runs:
+        return (f"fastkd._C was built for {archs.replace(',', ';')} and has no code for this {device} device: "
+                f"its CUDA kernels will fail with 'no kernel image is available'; rebuild with "
+                f"TORCH_CUDA_ARCH_LIST including {capability[0]}.{capability[1]}, or use backend='triton'")
+    if cc >= _build.CLUSTER_ARCH > runs:
+        return (f"fastkd._C was built for {archs.replace(',', ';')}, without sm_90 code: on this {device} "
+                f"device the cuda backend runs sm_{runs} code, with no cluster kernel (two-pass only); "
+                f"rebuild with TORCH_CUDA_ARCH_LIST including 9.0a")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _check_device_code(index: int) -> None:
+    """Warns (once per device) when fastkd._C lacks code for CUDA device ``index``."""
+    archs = getattr(load_extension(), "cuda_archs", None)
+    if archs is None:  # built without the define (before it existed, or by hand)
+        return
+    problem = device_code_problem(tuple(torch.cuda.get_device_capability(index)), archs)
+    if problem:
+        warnings.warn(f"fastkd: cuda:{index}: {problem}", RuntimeWarning, stacklevel=2)
+
+
+def _runs_on_cuda(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    if not torch.compiler.is_compiling():
+        _check_device_code(torch.cuda.current_device() if device.index is None else device.index)
+    return True
+
+
 # ---------------------------------------------------------------------------------------
 # Registration: one set of operators (torch.ops.fastkd.*) serves both devices.
 
@@ -148,4 +199,4 @@ def backends() -> tuple:
                         dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
     if not getattr(ext, "with_cuda", False):
         return (cpu,)
-    return cpu, KernelBackend("cuda", forward, forward_inplace, ops.scale_grad_, lambda device: device.type == "cuda")
+    return cpu, KernelBackend("cuda", forward, forward_inplace, ops.scale_grad_, _runs_on_cuda)

@@ -20,7 +20,7 @@
 #                          back to the ordinary registry when unreachable; "" skips it)
 #   FASTKD_MATRIX_DIR      where the venvs go (default: a temporary directory)
 #   FASTKD_MATRIX_KEEP     1 keeps that directory (logs, venvs) afterwards
-#   FASTKD_BUILD_CUDA      default 0 here: a registry torch is a CUDA build, and its CUDA
+#   FASTKD_BUILD_CUDA      default 0 here (1 builds the CUDA kernels and makes any reason not to an error): a registry torch is a CUDA build, and its CUDA
 #                          rarely matches the local nvcc; set 1 to build the CUDA kernels
 #   PYTHON                 interpreter for the venvs (default python3)
 #   MAX_JOBS               parallel compile jobs (default 2)

@@ -394,6 +394,10 @@ def main(argv=None) -> int:
     skipped: Dict[str, str] = {}
     impls = []
     for impl in args.impl_list:
+        if impl == "cluster" and args.device == "cuda" and torch.cuda.get_device_capability() != (9, 0):
+            print("gpu_smoke: cluster: not applicable (the cluster kernel is sm_90a code; this device is "
+                  f"sm_{env['capability']}); its cases are left out", flush=True)
+            continue
         why = impl_unavailable(impl, args)
         if why:
             skipped[impl] = why

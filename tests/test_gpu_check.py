@@ -1,0 +1,158 @@
+"""The GPU check (benchmarks/gpu_check.sh) and its smoke script (tests/gpu_smoke.py), on a
+CPU: the dry run lists all seven steps and finds every script it would run parseable; the
+smoke script's kernel classification, its refusal without a GPU, and its comparison path
+(Triton cases under the interpreter); the summary's floor and target tables."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = ("env", "build", "smoke", "tests", "sanitizer", "bench", "summary")
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load("gpu_check", "benchmarks/gpu_check.py")
+gpu_smoke = _load("gpu_smoke", "tests/gpu_smoke.py")
+
+
+def _env():
+    env = dict(os.environ, PYTHON=sys.executable)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def test_dry_run_lists_every_step_and_checks_the_scripts(tmp_path):
+    out = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run", "--out", str(tmp_path / "gc")],
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for i, step in enumerate(STEPS, 1):
+        assert f"[{i}/7] {step} " in out.stdout
+    assert "dry run: every check passed" in out.stdout
+    for script in ("tests/gpu_smoke.py", "benchmarks/bench_kd.py", "compute-sanitizer --tool racecheck",
+                   "setup.py build_ext --inplace", "FASTKD_CUDA_KERNEL=cluster", "FASTKD_CUDA_KERNEL=twopass"):
+        assert script in out.stdout
+    assert not (tmp_path / "gc").exists()  # a dry run writes nothing
+
+
+def test_steps_option_refuses_unknown_steps():
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--steps", "env,bild"])
+    assert gpu_check.parse_args(["--steps", "tests"]).step_list == ["tests", "summary"]
+
+
+def test_test_files_exist_and_smoke_is_not_collected():
+    for path, *_ in gpu_check.TEST_FILES:
+        assert (ROOT / path).is_file(), path
+    # pytest collects test_*.py: the smoke script must not look like one.
+    assert not Path(gpu_smoke.__file__).name.startswith("test_")
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("void fastkd::cuda::(anonymous namespace)::kd_cluster_kernel<c10::BFloat16, c10::BFloat16, 8>"
+     "(fastkd::cuda::KDLaunch)", "cluster"),
+    ("void fastkd::cuda::(anonymous namespace)::kd_twopass_kernel<float, float, 4>(fastkd::cuda::KDLaunch)", "twopass"),
+    ("void fastkd::cuda::(anonymous namespace)::scale_grad_kernel<c10::BFloat16>(c10::BFloat16*, long, long, long, "
+     "float const*, long)", "cuda-other"),
+    ("kd_forward_kernel", "triton"),
+    ("scale_grad_kernel", "triton"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int, float)", None),
+    ("triton_poi_fused_mul_0", None),
+])
+def test_smoke_classifies_kernel_names(name, kind):
+    assert gpu_smoke.classify_kernel(name) == kind
+
+
+def test_smoke_expects_the_documented_cluster_fallback():
+    assert gpu_smoke.expected_kernel("cluster", 262144, 2) == "cluster"   # 16 CTAs of 16384 bf16 columns
+    assert gpu_smoke.expected_kernel("cluster", 262144, 4) == "twopass"   # fp32: 32 CTAs > 16
+    assert gpu_smoke.expected_kernel("cluster", 131072, 4) == "cluster"
+    assert gpu_smoke.expected_kernel("twopass", 1001, 2) == "twopass"
+
+
+def test_smoke_reports_a_kernel_mismatch():
+    res = gpu_smoke.Result("cluster", 20001, 20001, "bfloat16", "jsd", False, expected_kernel="cluster",
+                           plan="cluster[C=2,vec=8,threads=256]")
+    gpu_smoke.check_launched(res, ["void fastkd::cuda::(anonymous namespace)::kd_twopass_kernel<c10::BFloat16, "
+                                   "c10::BFloat16, 8>(fastkd::cuda::KDLaunch)"])
+    assert any("expected cluster" in p for p in res.problems)
+    ok = gpu_smoke.Result("triton", 1001, 1001, "bfloat16", "tvd", True, expected_kernel="triton")
+    gpu_smoke.check_launched(ok, ["kd_forward_kernel", "void at::native::elementwise_kernel<128, 2>(int)"])
+    assert ok.problems == [] and ok.launched == ["triton"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_smoke_refuses_to_run_without_a_gpu(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "tests/gpu_smoke.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.returncode == 2
+    assert "no CUDA device" in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path; on a GPU the smoke step runs it for real")
+def test_smoke_compares_triton_cases_under_the_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    env = _env()
+    env["TRITON_INTERPRET"] = "1"
+    out = subprocess.run([sys.executable, str(ROOT / "tests/gpu_smoke.py"), "--device", "cpu", "--impls", "triton",
+                          "--vocabs", "1001p", "--dtypes", "float32", "--divergences", "reverse_kl,tvd", "--rows", "3",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert data["total"] == data["passed"] == 4
+    case = data["cases"][0]
+    assert case["student_cols"] == 1001 + 128 and case["grad_err"] < case["grad_tol"]
+
+
+def _bench_json(folder: Path, rows):
+    folder.mkdir(parents=True)
+    meta = {"machine": {"copy_bandwidth_Bps": 3.0e12}, "device_name": "NVIDIA H100 80GB HBM3",
+            "date": "2026-11-24T12:00:00", "dtype": "bfloat16", "temperature": 2.0}
+    (folder / "bench_kd_cuda_20261124-120000.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+
+
+def test_summary_tables_floor_percentages_and_targets(tmp_path):
+    out = tmp_path / "gc"
+    shape = "8192x128256"
+    _bench_json(out / "bench" / "kd_cluster", [
+        {"shape": shape, "divergence": "forward_kl", "impl": "compile", "kind": "baseline", "time_s": 9.6e-3,
+         "pct_of_floor": 21.7},
+        {"shape": shape, "divergence": "forward_kl", "impl": "fastkd[cuda]", "kind": "fastkd", "time_s": 2.2e-3,
+         "pct_of_floor": 94.5, "speedup_vs_compile": 4.4},
+        {"shape": shape, "divergence": "forward_kl", "impl": "fastkd[triton]", "kind": "fastkd", "time_s": 3.5e-3,
+         "pct_of_floor": 59.4},
+        {"shape": shape, "divergence": "jsd", "impl": "fastkd[cuda]", "kind": "fastkd", "error": "RuntimeError: x"},
+    ])
+    _bench_json(out / "bench" / "kd_twopass", [
+        {"shape": shape, "divergence": "forward_kl", "impl": "eager", "kind": "baseline", "time_s": 0.02,
+         "pct_of_floor": 10.0},
+        {"shape": shape, "divergence": "forward_kl", "impl": "fastkd[cuda]", "kind": "fastkd", "time_s": 2.6e-3,
+         "pct_of_floor": 80.0},
+    ])
+    ctx = gpu_check.Context(out, sys.executable, False, None)
+    state = {"env": dict(status="pass", seconds=3, budget=30, detail="H100"),
+             "bench": dict(status="FAIL", seconds=200, budget=420, detail="kd_cluster: 1 fastkd row failed")}
+    text = gpu_check.write_summary(ctx, state, ["--out", str(out)])
+    assert (out / "summary.md").read_text() == text
+    assert "| 1 | env | pass |" in text and "| 6 | bench | FAIL |" in text and "| 3 | smoke | not run |" in text
+    assert "--steps build,smoke,tests,sanitizer,bench" in text
+    assert "| cuda (cluster) | forward_kl | 94% (2.20 ms) |" in text
+    assert "| cuda (two-pass) | forward_kl | 80% (2.60 ms) |" in text
+    assert "| triton | forward_kl | 59% (3.50 ms) |" in text
+    assert "| cuda (cluster) | jsd | error |" in text
+    assert text.count("| eager |") == 0  # the two-pass run's eager row repeats the cluster run's
+    assert "| cuda (cluster) forward_kl 8192x128256 | ≥ 90% of floor | 94% | yes |" in text
+    assert "| triton, every kd shape and divergence | ≥ 60% of floor | 59% (worst) | no |" in text
+    assert "4.4× (worst divergence) | yes |" in text

@@ -240,6 +240,23 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
 // ---------------------------------------------------------------------------------------
 // Launcher.
 
+// A launch of `ctas` CTAs of NT threads in clusters of `cluster`; `dims` holds the
+// cluster attribute the config points to.
+cudaLaunchConfig_t cluster_launch_config(cudaLaunchAttribute& dims, int cluster, int64_t ctas, cudaStream_t stream) {
+  dims.id = cudaLaunchAttributeClusterDimension;
+  dims.val.clusterDim.x = cluster;
+  dims.val.clusterDim.y = 1;
+  dims.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+  cfg.blockDim = dim3(NT);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = &dims;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 // Whether `kernel` has sm_90 code for the current device and can co-schedule a cluster of
 // `cluster` CTAs. `cache` belongs to one kernel instance (launchable<T, DIV>): cached per
 // instance, device and cluster size, since the occupancy query costs far more than a
@@ -260,16 +277,9 @@ bool query_launchable(const void* kernel_ptr, void (*kernel)(KDLaunch), int clus
   if (cudaFuncGetAttributes(&attr, kernel_ptr) == cudaSuccess && attr.ptxVersion >= 90 && attr.binaryVersion >= 90 &&
       (cluster <= kMaxClusterPortable ||
        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
-    cudaLaunchAttribute dims[1];
-    dims[0].id = cudaLaunchAttributeClusterDimension;
-    dims[0].val.clusterDim.x = cluster;
-    dims[0].val.clusterDim.y = 1;
-    dims[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(static_cast<unsigned>(cluster));  // the query reads the cluster and CTA shape only
-    cfg.blockDim = dim3(NT);
-    cfg.attrs = dims;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute dims;
+    // The query reads the cluster and CTA shape only.
+    const cudaLaunchConfig_t cfg = cluster_launch_config(dims, cluster, cluster, nullptr);
     int n_clusters = 0;
     ok = cudaOccupancyMaxActiveClusters(&n_clusters, kernel, &cfg) == cudaSuccess && n_clusters > 0;
   }
@@ -290,18 +300,8 @@ cudaError_t launch_typed(const KDLaunch& a, int cluster, cudaStream_t stream) {
   constexpr int kVec = 16 / int(sizeof(T));
   auto kernel = kd_cluster_kernel<T, DIV, kVec>;
   if (!launchable<T, DIV>(cluster)) return cudaErrorNotSupported;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(a.n_rows * cluster));
-  cfg.blockDim = dim3(NT);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute dims;
+  const cudaLaunchConfig_t cfg = cluster_launch_config(dims, cluster, a.n_rows * cluster, stream);
   if (cluster > kMaxClusterPortable) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (e != cudaSuccess) return e;

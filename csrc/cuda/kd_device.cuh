@@ -244,9 +244,9 @@ FASTKD_DEV Pack<T, VEC> load_pack_masked(const T* row, int64_t col0, int64_t V) 
 }
 
 // Stores VEC fp32 values as one pack (aligned, inside the row) in T.
+// VEC fp32 values rounded to T, as the pack's 32-bit words.
 template <typename T, int VEC>
-FASTKD_DEV void store_pack(T* p, const float (&g)[VEC]) {
-  uint32_t w[Pack<T, VEC>::kWords];
+FASTKD_DEV void pack_words(const float (&g)[VEC], uint32_t (&w)[Pack<T, VEC>::kWords]) {
   if constexpr (sizeof(T) == 4 || VEC == 1) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) w[i] = Elem<T>::bits(g[i]);
@@ -254,6 +254,12 @@ FASTKD_DEV void store_pack(T* p, const float (&g)[VEC]) {
 #pragma unroll
     for (int i = 0; i < VEC / 2; ++i) w[i] = Elem<T>::pack2(g[2 * i], g[2 * i + 1]);
   }
+}
+
+template <typename T, int VEC>
+FASTKD_DEV void store_pack(T* p, const float (&g)[VEC]) {
+  uint32_t w[Pack<T, VEC>::kWords];
+  pack_words<T, VEC>(g, w);
   typename Pack<T, VEC>::Raw raw;
   make_raw(raw, w);
   __stcs(reinterpret_cast<typename Pack<T, VEC>::Raw*>(p), raw);
@@ -309,13 +315,7 @@ template <typename T, int VEC>
 FASTKD_DEV void store_pack_parts(T* p, const float (&g)[VEC], int part) {
   constexpr int kWords = Pack<T, VEC>::kWords;
   uint32_t w[kWords];
-  if constexpr (sizeof(T) == 4 || VEC == 1) {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) w[i] = Elem<T>::bits(g[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC / 2; ++i) w[i] = Elem<T>::pack2(g[2 * i], g[2 * i + 1]);
-  }
+  pack_words<T, VEC>(g, w);
   const int bytes = part * int(sizeof(T));
   if (bytes >= 8) {
     uint2* q = reinterpret_cast<uint2*>(p);

@@ -129,6 +129,11 @@ at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, at::I
 }
 
 void scale_grad_(at::Tensor& grad, const at::Tensor& factor) {
+  // On the gradient's device, or a one-element CPU tensor (a host scalar costs nothing to
+  // read); a factor on another GPU would be read through the wrong device's pointers.
+  TORCH_CHECK(factor.device() == grad.device() || (factor.is_cpu() && factor.numel() == 1),
+              "fastkd: scale_grad_'s factor (grad_output) must be on the gradient's device (", grad.device(),
+              ") or a one-element CPU tensor, got a ", factor.numel(), "-element tensor on ", factor.device());
   if (grad.numel() == 0) return;
   ops_for(grad).scale_grad(grad, factor);
 }

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from harness.backends import cuda_kernel_plan as plan
-from harness.backends import kernel_backend
+from harness.backends import cuda_last_kernel as last_kernel
+from harness.backends import kernel_backend, kernel_settings
 from harness.cases import ALL_CASES, DIVERGENCES, LARGE_VOCAB_CENTRED
 from harness.compare import assert_close, check_case, fp32_grad_tolerance, rel_err
 from harness.inputs import logits, make_inputs
@@ -48,13 +49,39 @@ def kernel(request, monkeypatch):
     return request.param
 
 
+def cluster_refusal(s, t, **kw):
+    """Why a forced cluster kernel refuses these logits (the plan op raises what the call
+    would), or None when it runs them."""
+    try:
+        plan(s, t, **kw)
+    except RuntimeError as exc:
+        assert "FASTKD_CUDA_KERNEL=cluster" in str(exc), exc
+        return str(exc)
+    return None
+
+
+def assert_ran(kernel, s, t, **kw):
+    """The last forward launch was the forced kernel, with the plan the plan op gives."""
+    ran = last_kernel()
+    assert ran.startswith(kernel + "["), ran
+    assert ran == plan(s, t, **kw), (ran, plan(s, t, **kw))
+
+
 # ---------------------------------------------------------------------------------------
 # The shared case list, once per kernel (the cluster kernel runs these small rows with a
 # one-CTA cluster, its masking of partial packs included).
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])
 def test_shared_cases(case, kernel):
+    s, t, _ = make_inputs(case, "cuda")  # what check_case makes: the same layouts
+    if kernel == "cluster" and (why := cluster_refusal(s, t)) is not None:
+        # Mixed dtypes: a forced cluster kernel is an error, never a silent two-pass run.
+        with pytest.raises(RuntimeError, match="FASTKD_CUDA_KERNEL=cluster"):
+            check_case(case, "cuda", "cuda")
+        assert "dtypes differ" in why or "aligned" in why, why
+        return
     check_case(case, "cuda", "cuda")
+    assert last_kernel().startswith(kernel + "["), last_kernel()
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,8 +105,7 @@ def test_large_vocab(divergence, vocab, dtype, alpha, temperature, kernel):
     kw = dict(divergence=divergence, temperature=temperature, alpha=alpha, reduction="mean")
     loss, grad = backend_result(s, t, labels, "cuda", **kw)
     assert_close(loss, grad, *reference_result(s, t, labels, **kw), low_precision=dtype != torch.float32)
-    if kernel == "cluster":
-        assert plan(s, t).startswith("cluster"), plan(s, t)
+    assert_ran(kernel, s, t)
 
 
 # fp32 reverse KL / JSD: the gradient within 1e-5 of float64, or 2x PyTorch's own fp32
@@ -97,7 +123,8 @@ def test_fp32_centred_gradient_large_vocab(case, kernel):
     _, grad = run_backend(case, "cuda", s, t, labels)
     err = rel_err(grad, ref_grad)
     tol = fp32_grad_tolerance(case, s, t, labels, ref_grad, device="cuda")
-    assert err < tol, f"grad rel err {err:.3g} >= {tol:.3g} ({plan(s, t)})"
+    assert err < tol, f"grad rel err {err:.3g} >= {tol:.3g} ({last_kernel()})"
+    assert last_kernel().startswith(kernel + "["), last_kernel()
 
 
 @pytest.mark.parametrize("vocab", [128256, 50257])
@@ -129,6 +156,7 @@ def test_inplace_backward_large(vocab, divergence, kernel):
     kw = dict(divergence=divergence, temperature=2.0, alpha=0.5)
     loss_a, grad_a = backend_result(s, t, labels, "cuda", inplace=False, **kw)
     loss_b, grad_b = backend_result(s, t, labels, "cuda", inplace=True, **kw)
+    assert_ran(kernel, s, t, inplace=True)
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
     torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=0)
 
@@ -146,6 +174,11 @@ def test_padded_and_strided_rows(kernel):
     loss, grad = backend_result(s, t, labels, "cuda", **kw)
     ref_loss, ref_grad = reference_result(s, t, labels, **kw)
     assert_close(loss, grad, ref_loss, ref_grad, low_precision=True)
+    # The student's rows start 16 bytes in and are 16-byte multiples apart; the teacher's
+    # are 16-byte aligned and 152064 columns apart, so the teacher's relative offset is
+    # 8 columns (16 bytes) on every row: whole packs for all three tensors.
+    assert_ran(kernel, s, t, vocab_size=v)
+    assert "t_part=8,g_part=8" in last_kernel() or kernel == "cluster", last_kernel()
 
     # Student wider than vocab_size: its extra columns get exactly zero gradient.
     wide = logits((n, vt), torch.bfloat16, g).requires_grad_(True)
@@ -195,13 +228,14 @@ def test_more_than_2_31_elements(kernel):
 # Row statistics, backward scaling, sync-freedom, kernel choice.
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_ce", [False, True])
+@pytest.mark.parametrize("alpha", [1.0, 0.6])  # alpha < 1: the CE column
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_row_stats_match_cpu(dtype, with_ce, temperature):
+def test_row_stats_match_cpu(dtype, alpha, temperature):
     g = torch.Generator(device="cuda").manual_seed(2)
     s, t = logits((33, 5003), dtype, g), logits((33, 5003), dtype, g)
-    got = torch.ops.fastkd.row_stats(s, t, 1.0 / temperature, 5003, with_ce)
-    want = torch.ops.fastkd.row_stats(s.cpu(), t.cpu(), 1.0 / temperature, 5003, with_ce)
+    packed = kernel_settings(5003, temperature=temperature, alpha=alpha)
+    got = torch.ops.fastkd.row_stats(s, t, *packed)
+    want = torch.ops.fastkd.row_stats(s.cpu(), t.cpu(), *packed)
     torch.testing.assert_close(got.cpu(), want, rtol=2e-5, atol=1e-6)
 
 
@@ -209,15 +243,15 @@ def test_row_stats_match_cpu(dtype, with_ce, temperature):
 def test_given_row_stats_reproduce_the_loss(divergence):
     """kd_forward with row_stats supplied (the vocab-parallel path) equals the fused pass."""
     g = torch.Generator(device="cuda").manual_seed(8)
-    n, v, temperature = 17, 30011, 2.0
+    n, v = 17, 30011
     s, t = logits((n, v), torch.float32, g), logits((n, v), torch.float32, g)
     labels = torch.randint(0, v, (n,), device="cuda", generator=g)
     scale = torch.full((), 0.25, device="cuda")
-    args = (labels, scale)
-    params = (divergence, 1.0 / temperature, 0.5, 0.6 * temperature**2, 0.4, -100, v)
-    stats = torch.ops.fastkd.row_stats(s, t, 1.0 / temperature, v, True)
-    loss_a, grad_a = torch.ops.fastkd.kd_forward(s, t, *args, None, *params)
-    loss_b, grad_b = torch.ops.fastkd.kd_forward(s, t, *args, stats, *params)
+    packed = kernel_settings(v, divergence=divergence, temperature=2.0, alpha=0.6)
+    stats = torch.ops.fastkd.row_stats(s, t, *packed)
+    loss_a, grad_a = torch.ops.fastkd.kd_forward(s, t, labels, scale, None, *packed)
+    loss_b, grad_b = torch.ops.fastkd.kd_forward(s, t, labels, scale, stats, *packed)
+    assert last_kernel().startswith("twopass["), last_kernel()  # given statistics: the two-pass kernel
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-9)
 
@@ -241,6 +275,66 @@ def test_scale_grad(dtype):
     assert torch.equal(grad, ((before * 0.5).float() * factors[:, None]).to(dtype))
     # The columns around the view were never written.
     assert torch.equal(buf[:, :3], orig[:, :3]) and torch.equal(buf[:, 1000:], orig[:, 1000:])
+
+
+def test_scale_grad_checks_the_factors_device():
+    grad = torch.zeros((4, 10), device="cuda")
+    with pytest.raises(RuntimeError, match="gradient's device"):
+        torch.ops.fastkd.scale_grad_(grad, torch.ones(4))  # per-row factors on the host
+    torch.ops.fastkd.scale_grad_(grad, torch.ones(()))  # a host scalar is fine
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(RuntimeError, match="gradient's device"):
+            torch.ops.fastkd.scale_grad_(grad, torch.ones((), device="cuda:1"))
+
+
+@pytest.mark.parametrize("offset,width", [(0, 50257), (3, 50304), (1, 50257 + 64)])
+def test_gradient_has_the_students_alignment(offset, width):
+    """kd_forward's gradient starts at the student's offset modulo 16 bytes, its rows are
+    congruent to the student's, and its strides are those of the registered fake."""
+    from fastkd.backends.cpp import grad_row_stride
+
+    g = torch.Generator(device="cuda").manual_seed(12)
+    v = 50257
+    s = logits((6, width), torch.bfloat16, g)[:, offset:offset + v]
+    t = logits((6, v), torch.bfloat16, g)
+    _, grad = torch.ops.fastkd.kd_forward(s, t, None, torch.ones((), device="cuda"), None, *kernel_settings(v))
+    assert grad.stride() == (grad_row_stride(s), 1)
+    assert (grad.data_ptr() - s.data_ptr()) % 16 == 0
+    assert (grad.stride(0) - s.stride(0)) % 8 == 0
+    assert "g_part=8" in last_kernel() or last_kernel().startswith("cluster"), last_kernel()
+
+
+@pytest.mark.parametrize("t_extra", [1, 2, 4])
+def test_teacher_with_its_own_lead(t_extra, kernel):
+    """A teacher whose rows are t_extra columns further apart than the student's: the
+    two-pass kernel reads it in narrower parts (still vectorised for 2 and 4); a forced
+    cluster kernel refuses it."""
+    g = torch.Generator(device="cuda").manual_seed(13)
+    n, v = 9, 32000
+    s = logits((n, v), torch.bfloat16, g)
+    t = logits((n, v + t_extra), torch.bfloat16, g)[:, :v]
+    labels = torch.randint(0, v, (n,), device="cuda", generator=g)
+    kw = dict(divergence="jsd", temperature=2.0, alpha=0.6)
+    if kernel == "cluster":
+        with pytest.raises(RuntimeError, match="FASTKD_CUDA_KERNEL=cluster.*teacher"):
+            backend_result(s, t, labels, "cuda", **kw)
+        return
+    assert_close(*backend_result(s, t, labels, "cuda", **kw), *reference_result(s, t, labels, **kw),
+                 low_precision=True)
+    assert_ran(kernel, s, t)
+    assert f"t_part={t_extra}," in last_kernel(), last_kernel()
+
+
+def test_forced_cluster_that_cannot_run_raises(monkeypatch):
+    """Mixed dtypes and given row statistics under FASTKD_CUDA_KERNEL=cluster: an error
+    naming the reason, on any device (off sm_90 the device itself is the reason)."""
+    monkeypatch.setenv("FASTKD_CUDA_KERNEL", "cluster")
+    g = torch.Generator(device="cuda").manual_seed(14)
+    s, t = logits((4, 32000), torch.bfloat16, g), logits((4, 32000), torch.float32, g)
+    with pytest.raises(RuntimeError, match="FASTKD_CUDA_KERNEL=cluster"):
+        fastkd.kd_loss(s, t, backend="cuda")
+    with pytest.raises(RuntimeError, match="FASTKD_CUDA_KERNEL=cluster"):
+        plan(s, s, with_row_stats=True)
 
 
 def test_forward_backward_do_not_synchronize(kernel):

@@ -161,3 +161,31 @@ def test_bad_packed_settings_are_refused(packed, match):
         ops.kd_forward(s, t, None, scale, None, ints, floats)
     with pytest.raises(RuntimeError, match=match):
         ops.row_stats(s, t, ints, floats)
+
+
+def test_scale_grad_checks_the_factors_device():
+    """The shared entry check (csrc/ops.cpp) refuses a factor on another device than the
+    gradient's, except a one-element CPU tensor; a meta factor stands in for another
+    device here, and the CPU kernel is called directly (a meta argument would otherwise
+    send the call to the fake)."""
+    on_cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    grad = torch.ones(3, 4)
+    for factor in (torch.ones(3, device="meta"), torch.ones((), device="meta")):
+        with pytest.raises(RuntimeError, match="gradient's device"):
+            ops.scale_grad_.default.redispatch(on_cpu, grad, factor)
+    ops.scale_grad_(grad, torch.full((3,), 2.0))
+    assert torch.equal(grad, torch.full((3, 4), 2.0))
+
+
+def test_cuda_grad_row_stride_matches_the_kernels_layout():
+    """The fake's gradient strides (fastkd.backends.cpp.grad_row_stride) follow the rule of
+    csrc/cuda/kd_cuda.h's grad_alloc, which tests/test_cuda_plan.py checks in C++."""
+    stride = fastkd.backends.cpp.grad_row_stride
+    s = torch.empty((4, 50304), device="meta", dtype=torch.bfloat16)
+    assert stride(s[:, :50257]) == 50257  # meta, not CUDA: contiguous
+    cuda_like = type("T", (), dict(shape=(4, 50257), device=torch.device("cuda"), element_size=lambda self: 2,
+                                   stride=lambda self, d: 50304))()
+    assert stride(cuda_like) == 50264 and (50264 - 50304) % 8 == 0
+    contiguous = type("T", (), dict(shape=(4, 50257), device=torch.device("cuda"), element_size=lambda self: 4,
+                                    stride=lambda self, d: 50257))()
+    assert stride(contiguous) == 50257

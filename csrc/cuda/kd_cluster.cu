@@ -31,10 +31,20 @@
  * In-place backward (grad == student) is safe: a CTA writes only its own packs, after
  * all its loads; the label's logit (CE loss) is read by rank 0 before its first arrive.
  *
- * The file body is compiled for sm_90 only; on sm_80 the kernel traps if launched, and
- * launch_kd_cluster refuses (cudaErrorNotSupported) unless the function has sm_90 code,
- * so the host falls back to the two-pass kernel.
+ * The file body is compiled for sm_90 only; on sm_80 the kernel traps if launched.
+ * cluster_launchable() (asked by the host's choose_plan, kd_cuda.h, before it plans a
+ * cluster launch) says no unless the instance has sm_90 code and the device can
+ * co-schedule the cluster, so the host plans the two-pass kernel instead, or refuses a
+ * forced cluster kernel with an error.
+ *
+ * Alignment: every tensor's packs must be 16-byte aligned together (the plan's t_part and
+ * g_part equal to VEC): the grid follows the student's rows, the gradient is allocated
+ * with the student's alignment (kd_cuda.cpp), and a teacher whose rows start at another
+ * offset modulo 16 bytes takes the two-pass kernel, which loads it in narrower parts. (Its
+ * registers are full: 128 of 128, so no split loads here.)
  */
+#include <atomic>
+
 #include "../dispatch.h"
 #include "kd_device.cuh"
 
@@ -46,6 +56,7 @@ using namespace dev;
 
 constexpr int K = kClusterPacks;
 constexpr int NT = kClusterThreads;
+constexpr int kMaxDevices = 64;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 
@@ -229,47 +240,68 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
 // ---------------------------------------------------------------------------------------
 // Launcher.
 
-// Whether this kernel instance has sm_90 code for the current device and can co-schedule
-// a cluster of `cluster` CTAs. Cached per device and cluster size: the occupancy query
-// costs far more than a launch.
-template <typename Kernel>
-bool cluster_launchable(Kernel kernel, int cluster, cudaLaunchConfig_t cfg) {
-  constexpr int kMaxDevices = 64;
-  static signed char cache[kMaxDevices][kMaxCluster + 1];  // 0 unknown, 1 yes, -1 no
+// A launch of `ctas` CTAs of NT threads in clusters of `cluster`; `dims` holds the
+// cluster attribute the config points to.
+cudaLaunchConfig_t cluster_launch_config(cudaLaunchAttribute& dims, int cluster, int64_t ctas, cudaStream_t stream) {
+  dims.id = cudaLaunchAttributeClusterDimension;
+  dims.val.clusterDim.x = cluster;
+  dims.val.clusterDim.y = 1;
+  dims.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+  cfg.blockDim = dim3(NT);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = &dims;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// Whether `kernel` has sm_90 code for the current device and can co-schedule a cluster of
+// `cluster` CTAs. `cache` belongs to one kernel instance (launchable<T, DIV>): cached per
+// instance, device and cluster size, since the occupancy query costs far more than a
+// launch, and instances differ in registers and so in what fits.
+bool query_launchable(const void* kernel_ptr, void (*kernel)(KDLaunch), int cluster,
+                      std::atomic<signed char> (&cache)[kMaxDevices][kMaxCluster + 1]) {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return false;
-  signed char& known = cache[device][cluster];
-  if (known != 0) return known > 0;
+  if (cluster < 1 || cluster > kMaxCluster || cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices)
+    return false;
+  std::atomic<signed char>& known = cache[device][cluster];  // 0 unknown, 1 yes, -1 no
+  const signed char k = known.load(std::memory_order_relaxed);
+  if (k != 0) return k > 0;
+  // A failed runtime call also leaves its error pending for the next cudaGetLastError().
+  // Clear only what these queries raise: an error pending before them is someone else's.
+  const bool clean_before = cudaPeekAtLastError() == cudaSuccess;
   bool ok = false;
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 && attr.binaryVersion >= 90) {
-    if (cluster > kMaxClusterPortable)
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (cudaFuncGetAttributes(&attr, kernel_ptr) == cudaSuccess && attr.ptxVersion >= 90 && attr.binaryVersion >= 90 &&
+      (cluster <= kMaxClusterPortable ||
+       cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
+    cudaLaunchAttribute dims;
+    // The query reads the cluster and CTA shape only.
+    const cudaLaunchConfig_t cfg = cluster_launch_config(dims, cluster, cluster, nullptr);
     int n_clusters = 0;
     ok = cudaOccupancyMaxActiveClusters(&n_clusters, kernel, &cfg) == cudaSuccess && n_clusters > 0;
   }
-  (void)cudaGetLastError();  // a refused query must not surface as the next launch's error
-  known = ok ? 1 : -1;
+  if (clean_before && cudaPeekAtLastError() != cudaSuccess) (void)cudaGetLastError();  // ours
+  known.store(ok ? 1 : -1, std::memory_order_relaxed);
   return ok;
+}
+
+template <typename T, Divergence DIV>
+bool launchable(int cluster) {
+  static std::atomic<signed char> cache[kMaxDevices][kMaxCluster + 1];  // one per kernel instance
+  auto kernel = kd_cluster_kernel<T, DIV, 16 / int(sizeof(T))>;
+  return query_launchable(reinterpret_cast<const void*>(kernel), kernel, cluster, cache);
 }
 
 template <typename T, Divergence DIV>
 cudaError_t launch_typed(const KDLaunch& a, int cluster, cudaStream_t stream) {
   constexpr int kVec = 16 / int(sizeof(T));
   auto kernel = kd_cluster_kernel<T, DIV, kVec>;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(a.n_rows * cluster));
-  cfg.blockDim = dim3(NT);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  if (!cluster_launchable(kernel, cluster, cfg)) return cudaErrorNotSupported;
+  if (!launchable<T, DIV>(cluster)) return cudaErrorNotSupported;
+  cudaLaunchAttribute dims;
+  const cudaLaunchConfig_t cfg = cluster_launch_config(dims, cluster, a.n_rows * cluster, stream);
   if (cluster > kMaxClusterPortable) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (e != cudaSuccess) return e;
@@ -282,14 +314,22 @@ cudaError_t launch_typed(const KDLaunch& a, int cluster, cudaStream_t stream) {
 cudaError_t launch_kd_cluster(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
   if (a.n_rows <= 0) return cudaSuccess;
   // The kernel is built for equal dtypes, 16-byte packs and NT threads (plan_launch).
-  if (a.s_type != a.t_type || a.stats_in != nullptr || plan.threads != NT || plan.cluster < 1 ||
-      plan.cluster > kMaxCluster || plan.vec != 16 / elem_bytes(a.s_type) ||
+  if (plan.kind != KernelKind::Cluster || plan.refused != nullptr || a.s_type != a.t_type ||
+      a.stats_in != nullptr || plan.threads != NT || plan.cluster < 1 || plan.cluster > kMaxCluster ||
+      plan.vec != 16 / elem_bytes(a.s_type) || plan.t_part != plan.vec || plan.g_part != plan.vec ||
       a.n_rows * plan.cluster > int64_t(0x7fffffff))
     return cudaErrorNotSupported;
   FASTKD_ELEM_TYPE_SWITCH(a.s_type, T, FASTKD_DIVERGENCE_SWITCH(a.p.divergence, DIV, {
     return launch_typed<T, DIV>(a, plan.cluster, stream);
   }));
   return cudaErrorInvalidValue;
+}
+
+bool cluster_launchable(ElemType type, Divergence divergence, int cluster) {
+  FASTKD_ELEM_TYPE_SWITCH(type, T, FASTKD_DIVERGENCE_SWITCH(divergence, DIV, {
+    return launchable<T, DIV>(cluster);
+  }));
+  return false;
 }
 
 }  // namespace cuda

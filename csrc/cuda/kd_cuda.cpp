@@ -6,9 +6,10 @@
 // kernels from device memory, so the ops work under CUDA graphs and torch.compile.
 //
 // FASTKD_CUDA_KERNEL=twopass|cluster|auto (default auto) forces a kernel, for tests and
-// benchmarks; `cluster` still falls back to two-pass where the cluster kernel does not
-// apply (mixed dtypes, given row statistics, misaligned rows, V too large), and fails
-// where the device has no cluster support at all.
+// benchmarks; a forced `cluster` that cannot run a call (mixed dtypes, given row
+// statistics, a teacher misaligned against the student, V too large, no sm_90 cluster
+// support, a cluster the device cannot co-schedule) raises: it never runs the two-pass
+// kernel instead. torch.ops.fastkd.cuda_last_kernel() names the last forward kernel run.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,6 +18,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 
 #include "../kd_op.h"
@@ -57,56 +59,56 @@ bool cluster_device(int device) {
   return major == 9 && minor == 0 && cluster != 0;
 }
 
-// Element offset of a pointer modulo vec (tensors are aligned to their element size).
-int64_t phase(const void* ptr, int64_t elem, int64_t vec) {
-  return int64_t(reinterpret_cast<uintptr_t>(ptr) / uintptr_t(elem)) % vec;
-}
-
-// Whether row r of every tensor starts at the same offset modulo vec, for all r, and
-// the largest such offset.
-void row_phases(const KDLaunch& a, bool& agree, int& max_lead) {
-  const int vec = natural_vec(a.s_type, a.t_type);
-  const int64_t es = elem_bytes(a.s_type), et = elem_bytes(a.t_type);
-  const int64_t ps = phase(a.student, es, vec);
-  agree = ps == phase(a.teacher, et, vec) && (a.grad == nullptr || ps == phase(a.grad, es, vec)) &&
-          (a.s_stride - a.t_stride) % vec == 0 && (a.grad == nullptr || (a.s_stride - a.g_stride) % vec == 0);
-  // Every row 16-byte aligned when row 0 is and the stride is a whole number of packs.
-  max_lead = (ps == 0 && (a.n_rows <= 1 || a.s_stride % vec == 0)) ? 0 : vec - 1;
-}
-
+// The launch decision for a forward call (choose_plan, kd_cuda.h, with the device's
+// launchability answer), made on the tensors' device: the forward launch and the
+// cuda_kernel_plan operator both take it from here. A forced cluster kernel that cannot
+// run is an error, never a silent two-pass launch.
 LaunchPlan make_plan(const KDLaunch& a, int device) {
   PlanInput in{};
   in.vocab_size = a.p.vocab_size;
   in.n_rows = a.n_rows;
-  in.s_type = a.s_type;
-  in.t_type = a.t_type;
-  row_phases(a, in.phases_agree, in.max_lead);
+  in.s = row_layout(a.student, a.s_stride, a.s_type);
+  in.t = row_layout(a.teacher, a.t_stride, a.t_type);
+  in.has_grad = true;
+  in.g = row_layout(a.grad, a.g_stride, a.s_type);
   in.stats_given = a.stats_in != nullptr;
   in.force = kernel_override();
   in.cluster_device = in.force != KernelOverride::TwoPass && cluster_device(device);
-  TORCH_CHECK(in.force != KernelOverride::Cluster || in.cluster_device,
-              "fastkd (cuda): FASTKD_CUDA_KERNEL=cluster needs an sm_90 device with cluster launch");
-  return plan_launch(in);
+  const LaunchPlan plan = choose_plan(in, [&](const LaunchPlan& p) {
+    return cluster_launchable(a.s_type, a.p.divergence, p.cluster);
+  });
+  TORCH_CHECK(plan.refused == nullptr, "fastkd (cuda): FASTKD_CUDA_KERNEL=cluster, but the cluster kernel cannot run "
+              "this call: ", plan.refused, " (unset FASTKD_CUDA_KERNEL or set it to auto to let fastkd choose)");
+  return plan;
 }
 
-// Runs the planned kernel; a cluster plan the device cannot schedule falls back to the
-// two-pass kernel.
+// "cluster[C=8,vec=8,threads=256]" or "twopass[vec=8,t_part=8,g_part=8,threads=1024]".
+std::string describe(const LaunchPlan& plan) {
+  if (plan.kind == KernelKind::Cluster)
+    return "cluster[C=" + std::to_string(plan.cluster) + ",vec=" + std::to_string(plan.vec) +
+           ",threads=" + std::to_string(plan.threads) + "]";
+  return "twopass[vec=" + std::to_string(plan.vec) + ",t_part=" + std::to_string(plan.t_part) +
+         ",g_part=" + std::to_string(plan.g_part) + ",threads=" + std::to_string(plan.threads) + "]";
+}
+
+// The plan of the last forward kernel this process launched (tests assert it).
+std::mutex last_kernel_mutex;
+std::string last_kernel;
+
+std::string cuda_last_kernel() {
+  const std::lock_guard<std::mutex> lock(last_kernel_mutex);
+  return last_kernel;
+}
+
+// Runs the planned kernel; a launch error is an error (no fallback).
 void launch_forward(KDLaunch& a, int device) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  LaunchPlan plan = make_plan(a, device);
-  if (plan.kind == KernelKind::Cluster) {
-    const cudaError_t err = launch_kd_cluster(a, plan, stream);
-    if (err != cudaErrorNotSupported) {
-      C10_CUDA_CHECK(err);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    PlanInput in{a.p.vocab_size, a.n_rows, a.s_type, a.t_type, false, 0, false, false, KernelOverride::TwoPass};
-    row_phases(a, in.phases_agree, in.max_lead);
-    plan = plan_launch(in);
-  }
-  C10_CUDA_CHECK(launch_kd_twopass(a, plan, stream));
+  const LaunchPlan plan = make_plan(a, device);
+  C10_CUDA_CHECK(plan.kind == KernelKind::Cluster ? launch_kd_cluster(a, plan, stream)
+                                                   : launch_kd_twopass(a, plan, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const std::lock_guard<std::mutex> lock(last_kernel_mutex);
+  last_kernel = describe(plan);
 }
 
 KDLaunch make_launch(const ForwardArgs& args, const at::Tensor& grad_scale, at::Tensor& loss, at::Tensor& grad) {
@@ -141,8 +143,14 @@ void op_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
   launch_forward(a, args.student.get_device());
 }
 
+// The gradient with the student's alignment (grad_alloc, kd_cuda.h): over-allocated by
+// under 16 bytes per row and viewed, so a sliced or offset student keeps 16-byte packs.
 at::Tensor op_empty_grad(const at::Tensor& student) {
-  return at::empty({student.size(0), student.size(1)}, student.options());
+  const int64_t n = student.size(0), cols = student.size(1);
+  const GradAlloc g = grad_alloc(
+      row_layout(student.data_ptr(), student.stride(0), elem_type(student.scalar_type(), "student logits")), n, cols);
+  if (g.offset == 0 && g.stride == cols) return at::empty({n, cols}, student.options());
+  return at::empty({g.numel(n, cols)}, student.options()).as_strided({n, cols}, {g.stride, 1}, g.offset);
 }
 
 void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
@@ -160,8 +168,12 @@ void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
   a.t_type = elem_type(teacher.scalar_type(), "teacher logits");
   a.with_ce_raw = with_ce;
   a.p = args.params;
-  PlanInput in{a.p.vocab_size, a.n_rows, a.s_type, a.t_type, false, 0, false, false, KernelOverride::TwoPass};
-  row_phases(a, in.phases_agree, in.max_lead);
+  PlanInput in{};
+  in.vocab_size = a.p.vocab_size;
+  in.n_rows = a.n_rows;
+  in.s = row_layout(a.student, a.s_stride, a.s_type);
+  in.t = row_layout(a.teacher, a.t_stride, a.t_type);
+  in.force = KernelOverride::TwoPass;  // the row_stats phase is the two-pass kernel's
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.get_device()).stream();
   C10_CUDA_CHECK(launch_row_stats(a, plan_launch(in), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -193,35 +205,43 @@ void op_scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Which kernel a forward call on these tensors would run, as "cluster[C=8,vec=8,threads=256]"
-// or "twopass[vec=8,threads=1024]": for tests and benchmarks.
+// Which kernel a forward call on these tensors would run (describe()), by the same
+// decision as the launch: the gradient is the one op_empty_grad would allocate (aligned
+// as the allocator aligns, to 512 bytes), or the student itself when `inplace`. Raises
+// what the call would raise for a forced cluster kernel that cannot run.
 std::string cuda_kernel_plan(const at::Tensor& student, const at::Tensor& teacher, bool with_row_stats,
-                             int64_t vocab_size) {
+                             int64_t vocab_size, bool inplace) {
   check_logits_pair(student, teacher, vocab_size);
   TORCH_CHECK(student.is_cuda(), "fastkd (cuda): logits must be CUDA tensors");
+  const c10::cuda::CUDAGuard guard(student.device());
   KDLaunch a{};
   a.student = student.data_ptr();
   a.teacher = teacher.data_ptr();
-  a.grad = nullptr;  // a fresh contiguous gradient: aligned like a contiguous student
   a.s_stride = student.stride(0);
   a.t_stride = teacher.stride(0);
   a.n_rows = student.size(0);
   a.s_type = elem_type(student.scalar_type(), "student logits");
   a.t_type = elem_type(teacher.scalar_type(), "teacher logits");
+  if (inplace) {
+    a.grad = student.data_ptr();
+    a.g_stride = a.s_stride;
+  } else {
+    const GradAlloc g = grad_alloc(row_layout(a.student, a.s_stride, a.s_type), a.n_rows, student.size(1));
+    a.grad = reinterpret_cast<void*>(uintptr_t(g.offset * elem_bytes(a.s_type)));  // only its address mod 16 matters
+    a.g_stride = g.stride;
+  }
   a.stats_in = with_row_stats ? reinterpret_cast<const float*>(&a) : nullptr;  // only its presence matters
   a.p.vocab_size = vocab_size;
-  const LaunchPlan plan = make_plan(a, student.get_device());
-  if (plan.kind == KernelKind::Cluster)
-    return "cluster[C=" + std::to_string(plan.cluster) + ",vec=" + std::to_string(plan.vec) +
-           ",threads=" + std::to_string(plan.threads) + "]";
-  return "twopass[vec=" + std::to_string(plan.vec) + ",threads=" + std::to_string(plan.threads) + "]";
+  a.p.divergence = Divergence::ForwardKL;  // every divergence's instance has the same launch bounds
+  return describe(make_plan(a, student.get_device()));
 }
 
 }  // namespace
 
 // A pure addition to the fastkd library (ops.cpp owns the main schemas).
 TORCH_LIBRARY_FRAGMENT(fastkd, m) {
-  m.def("cuda_kernel_plan(Tensor student, Tensor teacher, bool with_row_stats, int vocab_size) -> str");
+  m.def("cuda_kernel_plan(Tensor student, Tensor teacher, bool with_row_stats, int vocab_size, bool inplace=False) -> str");
+  m.def("cuda_last_kernel() -> str", &cuda_last_kernel);
 }
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) { m.impl("cuda_kernel_plan", &cuda_kernel_plan); }

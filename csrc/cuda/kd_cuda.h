@@ -35,6 +35,7 @@ struct KDLaunch {
   int64_t g_width;         // columns of grad; [vocab_size, g_width) get zero gradient
   int64_t n_rows;
   ElemType s_type, t_type;
+  int t_part, g_part;      // set by the launchers from the plan (LaunchPlan)
   bool with_ce_raw;        // row_stats kernel: also compute the T = 1 sum-exp of the CE term
   KDParams p;
 };
@@ -64,20 +65,37 @@ enum class KernelOverride : int { Auto = 0, TwoPass = 1, Cluster = 2 };
 
 struct LaunchPlan {
   KernelKind kind;
-  int vec;      // columns per pack: 16 bytes of the wider dtype, or 1 (unaligned fallback)
+  int vec;      // columns per pack: 16 bytes of the wider dtype
   int threads;  // per CTA
   int cluster;  // CTAs per row (cluster kernel), 1 otherwise
+  // Each tensor's own lead: the pack grid follows the student's rows (every student pack
+  // is a 16-byte-aligned load, whatever the row's offset), and the teacher and the
+  // gradient are accessed in parts of t_part / g_part columns, the widest that their
+  // offset relative to the student's allows on every row (vec when they agree).
+  int t_part, g_part;
+  // Why a forced cluster kernel cannot run (then the plan must not be launched), or nullptr.
+  const char* refused;
 };
+
+// Where the rows of one tensor start: the byte address of row 0 modulo 16 (only that
+// matters for alignment) and the row stride in elements. Torch tensors are aligned to
+// their element size.
+struct RowLayout {
+  int64_t addr_mod16;
+  int64_t stride;
+  ElemType type;
+};
+
+inline RowLayout row_layout(const void* ptr, int64_t stride, ElemType type) {
+  return RowLayout{int64_t(reinterpret_cast<uintptr_t>(ptr) & 15), stride, type};
+}
 
 struct PlanInput {
   int64_t vocab_size;
   int64_t n_rows;
-  ElemType s_type, t_type;
-  // Whether every row of student, teacher and grad starts at the same column offset
-  // modulo vec (so one pack index addresses aligned 16-byte chunks of all three), and
-  // the largest such offset over the rows (0 when every row starts 16-byte aligned).
-  bool phases_agree;
-  int max_lead;
+  RowLayout s, t;
+  bool has_grad;        // false: the row_stats kernel (no gradient)
+  RowLayout g;          // the gradient's rows (the student's own in place)
   bool stats_given;     // row statistics supplied: no stats pass, two-pass kernel
   bool cluster_device;  // sm_90 with cluster launch
   KernelOverride force;
@@ -86,29 +104,104 @@ struct PlanInput {
 // Columns per 16-byte pack of the wider of the two dtypes.
 inline int natural_vec(ElemType s, ElemType t) { return 16 / std::max(elem_bytes(s), elem_bytes(t)); }
 
+// Element offset of row 0 modulo vec (a power of two dividing 16 / elem size).
+inline int64_t row0_phase(const RowLayout& x, int vec) { return (x.addr_mod16 / elem_bytes(x.type)) % vec; }
+
+// The widest part (a power of two <= vec, in columns) in which tensor x can be accessed
+// aligned on every row when the pack grid follows the student's rows: pack columns start
+// where the student row is vec-aligned, so x's parts are aligned iff x's row offset minus
+// the student's is a multiple of the part, on row 0 and, through the strides, every row.
+inline int part_width(const RowLayout& x, const RowLayout& s, int vec, int64_t n_rows) {
+  const int64_t d0 = row0_phase(x, vec) - row0_phase(s, vec);
+  const int64_t ds = n_rows > 1 ? x.stride - s.stride : 0;
+  int part = vec;
+  while (part > 1 && (d0 % part != 0 || ds % part != 0)) part /= 2;
+  return part;
+}
+
+// The layout of a fresh gradient for a student with rows `s` of `cols` columns: its rows
+// start at the student's offset modulo 16 bytes, and its row stride is the least one
+// >= cols congruent to the student's modulo 16 bytes, so every gradient row shares its
+// student row's alignment (the plan then gives it whole packs). A contiguous student gets a
+// contiguous gradient; a strided one pads each row by under 16 bytes. `offset`: elements
+// from a 16-byte-aligned allocation to row 0.
+struct GradAlloc {
+  int64_t offset, stride;
+  int64_t numel(int64_t n_rows, int64_t cols) const { return n_rows > 0 ? offset + (n_rows - 1) * stride + cols : offset; }
+};
+
+inline GradAlloc grad_alloc(const RowLayout& s, int64_t n_rows, int64_t cols) {
+  const int64_t per16 = 16 / elem_bytes(s.type);
+  const int64_t offset = s.addr_mod16 / elem_bytes(s.type);
+  const int64_t stride = n_rows > 1 ? cols + (((s.stride - cols) % per16) + per16) % per16 : cols;
+  return GradAlloc{offset, stride};
+}
+
 inline int twopass_threads(int64_t packs) {
   int threads = kTwoPassMinThreads;
   while (threads < kTwoPassMaxThreads && int64_t(threads) * kTwoPassPacksPerThread < packs) threads *= 2;
   return threads;
 }
 
-inline LaunchPlan plan_launch(const PlanInput& in) {
-  const int vec = in.phases_agree ? natural_vec(in.s_type, in.t_type) : 1;
-  const int64_t span = in.vocab_size + (vec > 1 ? in.max_lead : 0);  // columns the pack grid covers
-  const int64_t packs = (span + vec - 1) / vec;
-  LaunchPlan twopass{KernelKind::TwoPass, vec, twopass_threads(packs), 1};
-  if (in.force == KernelOverride::TwoPass || !in.cluster_device || in.stats_given) return twopass;
-  // The cluster kernel is compiled for equal dtypes with aligned packs; mixed dtypes and
-  // rows whose s/t/grad offsets disagree take the two-pass kernel.
-  if (in.s_type != in.t_type || vec == 1) return twopass;
-  const int64_t per_cta = int64_t(kClusterThreads) * kClusterPacks * vec;
+// The cluster plan for these tensors, or why the cluster kernel does not apply
+// (plan.refused). `forced`: the caller asked for the cluster kernel by name, which
+// lifts the short-row rule only.
+inline LaunchPlan cluster_plan(const PlanInput& in, const LaunchPlan& twopass, int64_t span, bool forced) {
+  LaunchPlan p = twopass;
+  const auto refuse = [&](const char* why) { p.refused = why; return p; };
+  if (!in.cluster_device) return refuse("the device is not sm_90 with cluster launch");
+  if (in.stats_given) return refuse("row statistics were given (the two-pass kernel takes them)");
+  // The cluster kernel is compiled for equal dtypes with every tensor's packs aligned.
+  if (in.s.type != in.t.type) return refuse("student and teacher dtypes differ");
+  if (twopass.t_part != twopass.vec) return refuse("the teacher's rows are not 16-byte aligned like the student's");
+  if (twopass.g_part != twopass.vec) return refuse("the gradient's rows are not 16-byte aligned like the student's");
+  const int64_t per_cta = int64_t(kClusterThreads) * kClusterPacks * twopass.vec;
   const int64_t cluster = (span + per_cta - 1) / per_cta;
-  if (cluster > kMaxCluster) return twopass;
+  if (cluster > kMaxCluster) return refuse("the row needs more than 16 CTAs");
+  if (in.n_rows * cluster > int64_t(0x7fffffff)) return refuse("N * cluster size exceeds the grid");
   // Rows of under two packs per thread would leave most of a CTA's registers empty: the
   // two-pass kernel (sized to the row) does better there, unless asked otherwise.
-  if (in.force != KernelOverride::Cluster && cluster == 1 && packs < 2 * kClusterThreads) return twopass;
-  if (in.n_rows * cluster > int64_t(0x7fffffff)) return twopass;
-  return LaunchPlan{KernelKind::Cluster, vec, kClusterThreads, int(cluster)};
+  const int64_t packs = (span + twopass.vec - 1) / twopass.vec;
+  if (!forced && cluster == 1 && packs < 2 * kClusterThreads) return refuse("the row is short");
+  return LaunchPlan{KernelKind::Cluster, twopass.vec, kClusterThreads, int(cluster), twopass.vec, twopass.vec,
+                    nullptr};
+}
+
+// The launch decision from the tensors alone. A cluster plan still has to pass the
+// device's launchability query: choose_plan() below is what every caller uses.
+inline LaunchPlan plan_launch(const PlanInput& in) {
+  const int vec = natural_vec(in.s.type, in.t.type);
+  // Columns the pack grid covers: the row plus its lead, which is 0 on every row when
+  // the student's row 0 is 16-byte aligned and its stride a whole number of packs.
+  const bool aligned_rows = row0_phase(in.s, vec) == 0 && (in.n_rows <= 1 || in.s.stride % vec == 0);
+  const int64_t span = in.vocab_size + (aligned_rows ? 0 : vec - 1);
+  const int64_t packs = (span + vec - 1) / vec;
+  LaunchPlan twopass{KernelKind::TwoPass, vec, twopass_threads(packs), 1, part_width(in.t, in.s, vec, in.n_rows),
+                     in.has_grad ? part_width(in.g, in.s, vec, in.n_rows) : vec, nullptr};
+  if (in.force == KernelOverride::TwoPass) return twopass;
+  const bool forced = in.force == KernelOverride::Cluster;
+  const LaunchPlan cluster = cluster_plan(in, twopass, span, forced);
+  if (cluster.refused == nullptr || forced) return cluster;  // forced and refused: an error for the caller
+  return twopass;
+}
+
+// The one launch decision, shared by the forward launch and the plan operator:
+// plan_launch(), then for a cluster plan the device's answer whether this kernel
+// instance can co-schedule plan.cluster CTAs (`launchable(plan)`, a
+// cluster_launchable() call on a GPU). Not launchable: the two-pass kernel, or
+// plan.refused when the cluster kernel was forced.
+template <typename Launchable>
+LaunchPlan choose_plan(const PlanInput& in, Launchable&& launchable) {
+  LaunchPlan plan = plan_launch(in);
+  if (plan.kind != KernelKind::Cluster || launchable(plan)) return plan;
+  if (in.force == KernelOverride::Cluster) {
+    plan.kind = KernelKind::TwoPass;
+    plan.refused = "the device cannot co-schedule a cluster of this size for this kernel (or the build has no sm_90a code)";
+    return plan;
+  }
+  PlanInput two = in;
+  two.force = KernelOverride::TwoPass;
+  return plan_launch(two);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -121,10 +214,16 @@ cudaError_t launch_kd_twopass(const KDLaunch& a, const LaunchPlan& plan, cudaStr
 // Row statistics [N, 5] (a.stats_out) with the two-pass kernel's first pass.
 cudaError_t launch_row_stats(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream);
 
-// Loss and gradient with the cluster kernel (plan.kind == Cluster). Returns
-// cudaErrorNotSupported, launching nothing, when this build has no sm_90 code or the
-// device cannot co-schedule a cluster of plan.cluster CTAs; the caller then falls back.
+// Loss and gradient with the cluster kernel (plan.kind == Cluster, from choose_plan with
+// cluster_launchable). Returns cudaErrorNotSupported, launching nothing, for a plan the
+// kernel does not take.
 cudaError_t launch_kd_cluster(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream);
+
+// Whether the cluster kernel instance for (type, divergence) has sm_90 code for the
+// current device and can co-schedule a cluster of `cluster` CTAs there. Cached per
+// instance, device and cluster size. Leaves any CUDA error raised before it pending, and
+// clears only the errors its own queries raise.
+bool cluster_launchable(ElemType type, Divergence divergence, int cluster);
 
 // grad[r, :] *= factor[r * factor_stride] (factor_stride 0: one scalar), read on the
 // device; rows whose factor is exactly 1 are not touched, without a host sync.

@@ -244,9 +244,9 @@ FASTKD_DEV Pack<T, VEC> load_pack_masked(const T* row, int64_t col0, int64_t V) 
 }
 
 // Stores VEC fp32 values as one pack (aligned, inside the row) in T.
+// VEC fp32 values rounded to T, as the pack's 32-bit words.
 template <typename T, int VEC>
-FASTKD_DEV void store_pack(T* p, const float (&g)[VEC]) {
-  uint32_t w[Pack<T, VEC>::kWords];
+FASTKD_DEV void pack_words(const float (&g)[VEC], uint32_t (&w)[Pack<T, VEC>::kWords]) {
   if constexpr (sizeof(T) == 4 || VEC == 1) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) w[i] = Elem<T>::bits(g[i]);
@@ -254,6 +254,12 @@ FASTKD_DEV void store_pack(T* p, const float (&g)[VEC]) {
 #pragma unroll
     for (int i = 0; i < VEC / 2; ++i) w[i] = Elem<T>::pack2(g[2 * i], g[2 * i + 1]);
   }
+}
+
+template <typename T, int VEC>
+FASTKD_DEV void store_pack(T* p, const float (&g)[VEC]) {
+  uint32_t w[Pack<T, VEC>::kWords];
+  pack_words<T, VEC>(g, w);
   typename Pack<T, VEC>::Raw raw;
   make_raw(raw, w);
   __stcs(reinterpret_cast<typename Pack<T, VEC>::Raw*>(p), raw);
@@ -267,6 +273,65 @@ FASTKD_DEV void store_pack_masked(T* row, int64_t col0, int64_t V, const float (
   for (int j = 0; j < VEC; ++j) {
     const int64_t col = col0 + j;
     if (col >= 0 && col < V) r[col] = Elem<T>::bits(g[j]);
+  }
+}
+
+// A pack whose address is aligned only to `part` elements (a power of two below VEC; the
+// teacher or gradient row of a launch whose offsets differ from the student's, LaunchPlan
+// t_part / g_part): VEC / part loads of part elements each, as wide as the alignment allows.
+template <typename T, int VEC, bool kStreaming>
+FASTKD_DEV Pack<T, VEC> load_pack_parts(const T* p, int part) {
+  constexpr int kWords = Pack<T, VEC>::kWords;
+  const int bytes = part * int(sizeof(T));
+  uint32_t w[kWords];
+  if (bytes >= 8) {
+    const uint2* q = reinterpret_cast<const uint2*>(p);
+#pragma unroll
+    for (int i = 0; i < kWords / 2; ++i) {
+      const uint2 x = kStreaming ? __ldcs(q + i) : q[i];
+      w[2 * i] = x.x;
+      w[2 * i + 1] = x.y;
+    }
+  } else if (sizeof(T) == 4 || bytes == 4) {
+    const unsigned int* q = reinterpret_cast<const unsigned int*>(p);
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = kStreaming ? __ldcs(q + i) : q[i];
+  } else {  // 2-byte elements, one at a time
+    const unsigned short* q = reinterpret_cast<const unsigned short*>(p);
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) {
+      const uint32_t lo = kStreaming ? __ldcs(q + 2 * i) : q[2 * i];
+      const uint32_t hi = kStreaming ? __ldcs(q + 2 * i + 1) : q[2 * i + 1];
+      w[i] = lo | (hi << 16);
+    }
+  }
+  Pack<T, VEC> v;
+  make_raw(v.raw, w);
+  return v;
+}
+
+// store_pack for an address aligned only to `part` elements (see load_pack_parts).
+template <typename T, int VEC>
+FASTKD_DEV void store_pack_parts(T* p, const float (&g)[VEC], int part) {
+  constexpr int kWords = Pack<T, VEC>::kWords;
+  uint32_t w[kWords];
+  pack_words<T, VEC>(g, w);
+  const int bytes = part * int(sizeof(T));
+  if (bytes >= 8) {
+    uint2* q = reinterpret_cast<uint2*>(p);
+#pragma unroll
+    for (int i = 0; i < kWords / 2; ++i) __stcs(q + i, make_uint2(w[2 * i], w[2 * i + 1]));
+  } else if (sizeof(T) == 4 || bytes == 4) {
+    unsigned int* q = reinterpret_cast<unsigned int*>(p);
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) __stcs(q + i, w[i]);
+  } else {
+    unsigned short* q = reinterpret_cast<unsigned short*>(p);
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) {
+      __stcs(q + 2 * i, static_cast<unsigned short>(w[i] & 0xffffu));
+      __stcs(q + 2 * i + 1, static_cast<unsigned short>(w[i] >> 16));
+    }
   }
 }
 

@@ -30,8 +30,11 @@
  *
  * Alignment: packs are 16 bytes of the wider dtype. Pack i of a row covers columns
  * [i*VEC - lead, (i+1)*VEC - lead), lead being the row's offset from a 16-byte boundary,
- * so odd V works with aligned loads; the host picks VEC = 1 when the student, teacher and
- * gradient rows do not share that offset.
+ * so odd V works with aligned loads. The grid follows the student's rows; the teacher and
+ * the gradient have their own offsets, and where those differ from the student's (a
+ * teacher row stride that is not a multiple of VEC, a gradient of another layout) the plan
+ * gives them narrower parts (a.t_part / a.g_part columns, the widest their alignment
+ * allows: load_pack_parts) instead of giving up on vectors for all three.
  */
 #include "../dispatch.h"
 #include "kd_device.cuh"
@@ -48,7 +51,7 @@ constexpr int U = kTwoPassUnroll;
 // for base = x, x + U*blockDim, ... Packs straddling the row's ends, or past them, read
 // -inf in the missing columns. kStreaming marks the last read of the row (evict-first).
 template <bool kStreaming, int VEC, typename TS, typename TT, typename F>
-FASTKD_DEV void sweep_row(const TS* srow, const TT* trow, int lead, int64_t V, F&& f) {
+FASTKD_DEV void sweep_row(const TS* srow, const TT* trow, int lead, int t_part, int64_t V, F&& f) {
   const int64_t packs = (V + lead + VEC - 1) / VEC;
   const int64_t step = int64_t(blockDim.x) * U;
   for (int64_t base = threadIdx.x; base < packs; base += step) {
@@ -59,7 +62,8 @@ FASTKD_DEV void sweep_row(const TS* srow, const TT* trow, int lead, int64_t V, F
       const int64_t col0 = (base + int64_t(u) * blockDim.x) * VEC - lead;
       if (col0 >= 0 && col0 + VEC <= V) {
         sp[u] = load_pack<TS, VEC, kStreaming>(srow + col0);
-        tp[u] = load_pack<TT, VEC, kStreaming>(trow + col0);
+        tp[u] = t_part == VEC ? load_pack<TT, VEC, kStreaming>(trow + col0)
+                              : load_pack_parts<TT, VEC, kStreaming>(trow + col0, t_part);
       } else {
         sp[u] = load_pack_masked<TS, VEC>(srow, col0, V);
         tp[u] = load_pack_masked<TT, VEC>(trow, col0, V);
@@ -73,13 +77,14 @@ FASTKD_DEV void sweep_row(const TS* srow, const TT* trow, int lead, int64_t V, F
 // of the CE term's T = 1 sum when `raw`, into `st`; block_combine() then gives every
 // thread the row's statistics.
 template <bool kStreaming, int VEC, typename TS, typename TT>
-FASTKD_DEV void row_stats(RowStatsBase2& st, const TS* srow, const TT* trow, int lead, int64_t V, float c, bool raw) {
+FASTKD_DEV void row_stats(RowStatsBase2& st, const TS* srow, const TT* trow, int lead, int t_part, int64_t V, float c,
+                          bool raw) {
   if (raw) {
-    sweep_row<kStreaming, VEC>(srow, trow, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
+    sweep_row<kStreaming, VEC>(srow, trow, lead, t_part, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
       row_stats_add<true, false>(st, sp, tp, c);
     });
   } else {
-    sweep_row<kStreaming, VEC>(srow, trow, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
+    sweep_row<kStreaming, VEC>(srow, trow, lead, t_part, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
       row_stats_add<false, false>(st, sp, tp, c);
     });
   }
@@ -89,7 +94,8 @@ FASTKD_DEV void row_stats(RowStatsBase2& st, const TS* srow, const TT* trow, int
 // for forward_kl, which needs none): TVD's sums, or the centring constants of reverse_kl
 // and jsd (centring()).
 template <Divergence DIV, int VEC, typename TS, typename TT>
-FASTKD_DEV float4 row_sums(const LaunchRow<TS, TT>& r, int lead, int64_t V, const RowConsts& k, float4* scratch) {
+FASTKD_DEV float4 row_sums(const LaunchRow<TS, TT>& r, int lead, int t_part, int64_t V, const RowConsts& k,
+                           float4* scratch) {
   float4 tot = make_float4(0.f, 0.f, 0.f, 0.f);
   if constexpr (DIV != Divergence::ForwardKL) {
     constexpr bool kCentred = DIV == Divergence::ReverseKL || DIV == Divergence::JSD;
@@ -101,7 +107,7 @@ FASTKD_DEV float4 row_sums(const LaunchRow<TS, TT>& r, int lead, int64_t V, cons
     // (V = 262144) doubled JSD's fp32 error once the centring was normalised (emulated:
     // T = 1 3.8e-6 vs 1.5e-6, T = 0.5 3.4e-4 vs 1.7e-4 from float64).
     float4 acc = tot, err = tot;
-    sweep_row<false, VEC>(r.s, r.t, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
+    sweep_row<false, VEC>(r.s, r.t, lead, t_part, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
       float4 part = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int u = 0; u < U; ++u)
@@ -122,15 +128,17 @@ template <Divergence DIV, int VEC, typename TS, typename TT>
 FASTKD_DEV void write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, TT>& r, int lead, int64_t V,
                            float s_label, const RowConsts& k, const float4& tot, float4* kl_scratch) {
   float2 kl = make_float2(0.f, 0.f);
-  sweep_row<true, VEC>(r.s, r.t, lead, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t base) {
+  sweep_row<true, VEC>(r.s, r.t, lead, a.t_part, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t base) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t col0 = (base + int64_t(u) * blockDim.x) * VEC - lead;
       if (col0 >= V) break;
       float g[VEC];
       write_grad_pack<DIV, true>(g, sp[u], tp[u], k, tot, r.label - col0, kl);
-      if (col0 >= 0 && col0 + VEC <= V) store_pack<TS, VEC>(r.g + col0, g);
-      else store_pack_masked<TS, VEC>(r.g, col0, V, g);
+      if (col0 >= 0 && col0 + VEC <= V) {
+        if (a.g_part == VEC) store_pack<TS, VEC>(r.g + col0, g);
+        else store_pack_parts<TS, VEC>(r.g + col0, g, a.g_part);
+      } else store_pack_masked<TS, VEC>(r.g, col0, V, g);
     }
   });
 
@@ -161,7 +169,7 @@ template <Divergence DIV, int VEC, typename TS, typename TT>
 FASTKD_DEV void row_sums_write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, TT>& r, int lead,
                                     float s_label, const RowConsts& k, float4* sums_scratch, float4* kl_scratch) {
   const int64_t V = a.p.vocab_size;
-  const float4 tot = row_sums<DIV, VEC>(r, lead, V, k, sums_scratch);
+  const float4 tot = row_sums<DIV, VEC>(r, lead, a.t_part, V, k, sums_scratch);
   write_grad<DIV, VEC>(a, row, r, lead, V, s_label, k, tot, kl_scratch);
 }
 
@@ -193,7 +201,7 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) kd_twopass_kernel(const KD
   } else {
     const float c = kLog2e * p.inv_temperature;
     RowStatsBase2 st = empty_stats();
-    row_stats<false, VEC>(st, r.s, r.t, lead, V, c, ce && p.temperature != 1.0f);
+    row_stats<false, VEC>(st, r.s, r.t, lead, a.t_part, V, c, ce && p.temperature != 1.0f);
     st = block_combine(st, c, stats_scratch);
     k = row_consts(st, p, grad_scale);
   }
@@ -215,7 +223,7 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) row_stats_kernel(const KDL
   const float c = kLog2e * p.inv_temperature;
   const bool raw = a.with_ce_raw && p.temperature != 1.0f;
   RowStatsBase2 st = empty_stats();
-  row_stats<true, VEC>(st, srow, trow, lead, p.vocab_size, c, raw);
+  row_stats<true, VEC>(st, srow, trow, lead, a.t_part, p.vocab_size, c, raw);
   st = block_combine(st, c, scratch);
   if (threadIdx.x == 0) {
     float* o = a.stats_out + row * kRowStatsWidth;
@@ -230,22 +238,24 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) row_stats_kernel(const KDL
 // ---------------------------------------------------------------------------------------
 // Launchers.
 
+// A part width the kernels take: a power of two in [1, vec].
+bool valid_part(int part, int vec) { return part >= 1 && part <= vec && (part & (part - 1)) == 0; }
+
 template <bool kStatsOnly>
 cudaError_t launch(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
   if (a.n_rows <= 0) return cudaSuccess;
-  if (a.n_rows > 0x7fffffff || plan.threads < 32 || plan.threads > kTwoPassMaxThreads) return cudaErrorInvalidValue;
+  if (a.n_rows > 0x7fffffff || plan.kind != KernelKind::TwoPass || plan.refused != nullptr || plan.threads < 32 ||
+      plan.threads > kTwoPassMaxThreads || !valid_part(plan.t_part, plan.vec) || !valid_part(plan.g_part, plan.vec))
+    return cudaErrorInvalidValue;
+  KDLaunch k = a;
+  k.t_part = plan.t_part;
+  k.g_part = plan.g_part;
   const dim3 grid(static_cast<unsigned>(a.n_rows)), block(plan.threads);
   FASTKD_ELEM_TYPE_SWITCH(a.s_type, TS, FASTKD_ELEM_TYPE_SWITCH(a.t_type, TT, {
       constexpr int kVec = 16 / (sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
-      if (plan.vec == kVec) {
-        if constexpr (kStatsOnly) row_stats_kernel<TS, TT, kVec><<<grid, block, 0, stream>>>(a);
-        else kd_twopass_kernel<TS, TT, kVec><<<grid, block, 0, stream>>>(a);
-      } else if (plan.vec == 1) {
-        if constexpr (kStatsOnly) row_stats_kernel<TS, TT, 1><<<grid, block, 0, stream>>>(a);
-        else kd_twopass_kernel<TS, TT, 1><<<grid, block, 0, stream>>>(a);
-      } else {
-        return cudaErrorInvalidValue;
-      }
+      if (plan.vec != kVec) return cudaErrorInvalidValue;
+      if constexpr (kStatsOnly) row_stats_kernel<TS, TT, kVec><<<grid, block, 0, stream>>>(k);
+      else kd_twopass_kernel<TS, TT, kVec><<<grid, block, 0, stream>>>(k);
       return cudaGetLastError();
   }));
   return cudaErrorInvalidValue;

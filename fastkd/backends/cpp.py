@@ -179,12 +179,33 @@ def _runs_on_cuda(device: torch.device) -> bool:
 # ---------------------------------------------------------------------------------------
 # Registration: one set of operators (torch.ops.fastkd.*) serves both devices.
 
+def grad_row_stride(student: torch.Tensor) -> int:
+    """The row stride of the gradient ``kd_forward`` allocates: on CUDA the least one >= the
+    student's width that is congruent to the student's row stride modulo 16 bytes, so
+    every gradient row is aligned like its student row (csrc/cuda/kd_cuda.h: grad_alloc);
+    contiguous elsewhere. The fake must give the real strides, or torch.compile's
+    generated code would index the gradient wrongly."""
+    n, cols = student.shape
+    if student.device.type != "cuda" or n <= 1:
+        return cols
+    per16 = 16 // student.element_size()
+    return cols + (student.stride(0) - cols) % per16
+
+
+def fake_kd_forward(student, teacher, labels, grad_scale, row_stats, ints, floats):
+    loss, grad = fake_forward(student, teacher, labels, grad_scale, row_stats, ints, floats)
+    stride = grad_row_stride(student)
+    if stride != student.shape[1]:
+        grad = torch.empty_strided(tuple(student.shape), (stride, 1), dtype=student.dtype, device=student.device)
+    return loss, grad
+
+
 def backends() -> tuple:
     """The ``cpu`` backend, and ``cuda`` when the extension has CUDA kernels; () without it."""
     ext = load_extension()
     if ext is None:
         return ()
-    for op, fake in (("kd_forward", fake_forward), ("kd_forward_inplace", fake_forward_inplace),
+    for op, fake in (("kd_forward", fake_kd_forward), ("kd_forward_inplace", fake_forward_inplace),
                      ("row_stats", fake_row_stats), ("scale_grad_", fake_scale_grad_)):
         torch.library.register_fake(f"fastkd::{op}")(fake)
     ops = torch.ops.fastkd

@@ -33,10 +33,16 @@ def supports(name: str, device) -> bool:
     return kernels is not None and kernels.supports(torch.device(device))
 
 
-def cuda_kernel_plan(student, teacher, vocab_size=None, with_row_stats=False) -> str:
-    """The CUDA kernel (and its launch) that a call on these logits would run."""
+def cuda_kernel_plan(student, teacher, vocab_size=None, with_row_stats=False, inplace=False) -> str:
+    """The CUDA kernel (and its launch) that a call on these logits would run; raises
+    what the call would raise for a forced kernel that cannot run."""
     s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    return torch.ops.fastkd.cuda_kernel_plan(s2, t2, with_row_stats, vocab_size or s2.shape[-1])
+    return torch.ops.fastkd.cuda_kernel_plan(s2, t2, with_row_stats, vocab_size or s2.shape[-1], inplace)
+
+
+def cuda_last_kernel() -> str:
+    """The plan of the last CUDA forward kernel launched in this process ('' before any)."""
+    return torch.ops.fastkd.cuda_last_kernel()
 
 
 def kernel_settings(vocab_size: int, **settings):

@@ -27,9 +27,9 @@ Each case checks:
     kd_twopass_kernel, or a Triton kernel (a bare name such as kd_forward_kernel). A
     forced cluster kernel must launch the cluster kernel wherever it applies (equal
     dtypes, aligned rows, at most 16 CTAs of 2048 16-byte packs: bf16 V <= 262144, fp32
-    V <= 131072); where it does not apply, the documented fallback is the two-pass
-    kernel. The plan op (torch.ops.fastkd.cuda_kernel_plan) must name the kernel that
-    launched.
+    V <= 131072); where it does not apply, the call must raise (a forced kernel never
+    falls back). The plan op (torch.ops.fastkd.cuda_kernel_plan) and
+    torch.ops.fastkd.cuda_last_kernel() must name the kernel that launched.
 
 Output: one line per case, then a summary; DIR/gpu_smoke[_small].json holds every case.
 Exit status 0 when every case passed, 1 otherwise, 2 when it could not run.
@@ -164,9 +164,19 @@ def cluster_applies(vocab: int, dtype_bytes: int) -> bool:
 
 
 def expected_kernel(impl: str, vocab: int, dtype_bytes: int) -> str:
+    """The kernel that must run; "refused" where a forced cluster kernel cannot take the rows
+    (the call must then raise, never fall back to the two-pass kernel)."""
     if impl == "cluster":
-        return "cluster" if cluster_applies(vocab, dtype_bytes) else "twopass"
+        return "cluster" if cluster_applies(vocab, dtype_bytes) else "refused"
     return impl
+
+
+def last_cuda_kernel() -> Optional[str]:
+    """The plan of the last CUDA forward launch, from fastkd (None where the op is missing)."""
+    import torch
+
+    op = getattr(getattr(torch.ops, "fastkd", None), "cuda_last_kernel", None)
+    return None if op is None else str(op())
 
 
 def profiled_kernels(fn):
@@ -292,11 +302,24 @@ def run_case(inp: Inputs, impl: str, dtype_name: str, divergence: str, inplace: 
         elif impl == "triton":
             res.expected_kernel = "triton"
         ref_loss, ref_grad = inp.reference(divergence, inplace)
+        if res.expected_kernel == "refused":
+            try:
+                run_fastkd(inp, impl, divergence, inplace)
+                res.problems.append("a forced cluster kernel that cannot run did not raise")
+            except RuntimeError as e:
+                if "cluster kernel cannot run" not in str(e):
+                    res.problems.append(f"forced cluster raised, but not the refusal: {str(e)[:200]}")
+            res.ok = not res.problems
+            return res
         if args.profile:
             (loss, grad), names = profiled_kernels(lambda: run_fastkd(inp, impl, divergence, inplace))
             check_launched(res, names)
         else:
             loss, grad = run_fastkd(inp, impl, divergence, inplace)
+        if res.expected_kernel in ("cluster", "twopass"):
+            last = last_cuda_kernel()
+            if last is not None and not last.startswith(res.expected_kernel):
+                res.problems.append(f"cuda_last_kernel() says {last}, expected {res.expected_kernel}")
         if not torch.isfinite(grad).all():
             res.problems.append("non-finite gradient")
         if inp.student_cols > inp.vocab and bool((grad[:, inp.vocab:] != 0).any()):

@@ -75,9 +75,9 @@ def test_smoke_classifies_kernel_names(name, kind):
     assert gpu_smoke.classify_kernel(name) == kind
 
 
-def test_smoke_expects_the_documented_cluster_fallback():
+def test_smoke_expects_a_forced_cluster_that_cannot_run_to_be_refused():
     assert gpu_smoke.expected_kernel("cluster", 262144, 2) == "cluster"   # 16 CTAs of 16384 bf16 columns
-    assert gpu_smoke.expected_kernel("cluster", 262144, 4) == "twopass"   # fp32: 32 CTAs > 16
+    assert gpu_smoke.expected_kernel("cluster", 262144, 4) == "refused"   # fp32: 32 CTAs > 16: an error, no fallback
     assert gpu_smoke.expected_kernel("cluster", 131072, 4) == "cluster"
     assert gpu_smoke.expected_kernel("twopass", 1001, 2) == "twopass"
 

@@ -32,11 +32,11 @@ std = b.torch_std_flag()  # the standard the installed torch's headers need
 archs = ["8.0", "9.0a"]  # as the default GENCODE; given, so TORCH_CUDA_ARCH_LIST is not consulted
 nv = [f for f in b.nvcc_flags(archs) if not f.startswith("-gencode")] + [std]
 cx = [f for f in b.cxx_flags() if not f.startswith("-march")] + b.cuda_cxx_flags(archs) + [std]
-print(",".join(nv), ",".join(cx))
+print("|".join(nv), "|".join(cx))  # "|": a flag may hold commas (-DFASTKD_CUDA_ARCHS=8.0,9.0a)
 EOF
 )
-NVCC_FLAGS=${NVCC_FLAGS//,/ }
-CXX_FLAGS=${CXX_FLAGS//,/ }
+NVCC_FLAGS=${NVCC_FLAGS//|/ }
+CXX_FLAGS=${CXX_FLAGS//|/ }
 
 TORCH_INC=$("$PYTHON" -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
 TORCH_DIR=$("$PYTHON" -c "import os, torch; print(os.path.dirname(torch.__file__))")

@@ -220,8 +220,10 @@ def cuda_cxx_flags(archs: list | None = None) -> list:
 def nvcc_flags(archs: list | None = None) -> list:
     """nvcc's flags for the arch entries ``archs`` (default: cuda_arch_list())."""
     archs = cuda_arch_list() if archs is None else archs
+    # No FASTKD_CUDA_ARCHS here: only ops.cpp (host compiler) reads it, and nvcc would split
+    # its comma-separated value into two -D options.
     return ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
-            "-DFASTKD_WITH_CUDA", cuda_archs_define(archs)] + cuda_gencode_flags(archs)
+            "-DFASTKD_WITH_CUDA"] + cuda_gencode_flags(archs)
 
 
 def torch_std_flag() -> str:

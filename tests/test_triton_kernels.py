@@ -6,6 +6,7 @@ skip without it. The shared case list (harness/cases.py) runs the single-block p
 here the multi-block path is forced with a small block size, and the launch configuration,
 int64 addressing, scale_grad_, row statistics and the operator registrations are checked.
 """
+import contextlib
 import math
 
 import pytest
@@ -267,6 +268,18 @@ def test_scale_grad_fp16_factor_above_fp16_max(factor, per_row):
     assert torch.isfinite(grad[1:]).all()
 
 
+@pytest.mark.parametrize("factor", ["meta", "rows"])
+def test_scale_grad_checks_factor(factor):
+    """grad_output on another device than the gradient (here 'meta') or with neither 1 nor N
+    elements is an error that names it, before any kernel reads it. The launcher is called
+    directly: through the operator, a meta argument dispatches to the fake implementation
+    (on a GPU, a factor on cuda:1 or the CPU reaches the launcher and its check)."""
+    grad = torch.randn(4, 300, device=DEVICE)
+    bad = torch.tensor(2.0, device="meta") if factor == "meta" else torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match="grad_output must"):
+        triton_kd.scale_grad.scale_grad_(grad, bad)
+
+
 def test_backward_with_grad_output(small_block):
     """loss * 3 and reduction='none' with a weighted sum: backward goes through scale_grad_."""
     s, t, labels = make_inputs(Case(alpha=0.6), DEVICE)
@@ -373,6 +386,68 @@ def test_backend_registered_and_supports():
     assert backend.name == "triton" and backend.scale_grad_ is torch.ops.fastkd.triton_scale_grad_
     assert backend.supports(torch.device("cuda"))
     assert backend.supports(torch.device("cpu")) == INTERPRETED
+
+
+# ---------------------------------------------------------------------------------------
+# Device guard: every launch runs on the tensors' device, not the current one
+
+@pytest.fixture
+def launch_log(monkeypatch):
+    """[(kernel name, device of the innermost active launch guard or None)] per launch:
+    ``launch.device_guard`` wrapped to record the device it is entered with, and the
+    interpreter's launch entry (every ``kernel[grid](...)``) wrapped to log it."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    active, log = [], []
+    guard = triton_kd.launch.device_guard
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        with guard(device):
+            active.append(device)
+            try:
+                yield
+            finally:
+                active.pop()
+
+    run = InterpretedFunction.run
+
+    def logged_run(self, *args, **kwargs):
+        log.append((self.__name__, active[-1] if active else None))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton_kd.launch, "device_guard", recording_guard)
+    monkeypatch.setattr(InterpretedFunction, "run", logged_run)
+    return log
+
+
+@interpreter_only
+@pytest.mark.parametrize("path", ["single", "multi"])
+def test_every_launch_runs_under_the_tensors_device_guard(path, launch_log, monkeypatch):
+    """forward, forward_inplace, row_stats and scale_grad_ each launch inside a guard for
+    their tensors' device (on CUDA: torch.cuda.device(tensor.device); here the CPU's)."""
+    if path == "multi":
+        monkeypatch.setattr(triton_kd.launch, "BLOCK_OVERRIDE", SMALL_BLOCK)
+    s, t, labels, gs = _op_samples() if path == "single" else (*make_inputs(Case(lead=(4,)), DEVICE)[:3],
+                                                               torch.ones((), device=DEVICE))
+    s = s.detach()
+    tail = kernel_settings(s.shape[1], divergence="jsd", temperature=2.0, alpha=0.6)
+    stats = triton_kd.row_stats(s, t, *tail)
+    _, grad = torch.ops.fastkd.triton_kd_forward(s, t, labels, gs, stats, *tail)
+    torch.ops.fastkd.triton_kd_forward_inplace(s.clone(), t, labels, gs, None, *tail)
+    torch.ops.fastkd.triton_scale_grad_(grad, torch.tensor(2.0, device=DEVICE))
+    names = [name for name, _ in launch_log]
+    assert {"row_stats_kernel", "kd_forward_kernel", "scale_grad_kernel"} <= set(names), names
+    assert all(device == s.device for _, device in launch_log), launch_log
+
+
+def test_device_guard_is_the_tensors_cuda_device():
+    """On CUDA tensors the guard is torch.cuda.device of their device (checked without
+    entering it, which needs a GPU); on CPU tensors it does nothing."""
+    guard = triton_kd.launch.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with triton_kd.launch.device_guard(torch.device("cpu")):
+        pass
 
 
 # ---------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ import triton.language as tl
 from ...config import DIVERGENCES, KernelSettings, resolve_divergence
 from .. import check_operator_args
 from . import launch
-from .launch import launch_config, quiet_numpy, warps_for
+from .launch import kernel_launch, launch_config, warps_for
 from .rows import (CE_NONE, CE_RAW, CE_SHARED, LN2, LOG2E, ROW_STATS_WIDTH, add_block_sums,
                    anchor, anchors, fill_row, load_pair, row_base, row_stats_block, row_stats_sweep, write_grad,
                    zero32, zero64)
@@ -436,7 +436,7 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSe
     divergence = resolve_divergence(k.divergence, k.beta)
     cfg = launch_config(k.vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE)
     c, inv_t, temp, log2_beta, log2_1mb = kernel_scalars(k.inv_temperature, k.beta)
-    with quiet_numpy():
+    with kernel_launch(student.device):
         kd_forward_kernel[(n,)](
             student, teacher, grad, loss,
             labels if labels is not None else loss,  # unused pointer when there are no labels
@@ -478,7 +478,7 @@ def row_stats(student, teacher, k: KernelSettings):
     block = min(triton.next_power_of_2(k.vocab_size), launch.BLOCK_OVERRIDE or launch.MULTI_BLOCK)
     c, inv_t, temp, _, _ = kernel_scalars(k.inv_temperature, 0.5)
     raw = (CE_SHARED if inv_t == 1.0 else CE_RAW) if k.ce_weight != 0.0 else CE_NONE
-    with quiet_numpy():
+    with kernel_launch(student.device):
         row_stats_kernel[(n,)](student, teacher, out, student.stride(0), teacher.stride(0), k.vocab_size, c, inv_t,
                                temp, RAW=raw, BLOCK=block, num_warps=warps_for(block))
     return out

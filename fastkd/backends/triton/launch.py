@@ -110,6 +110,24 @@ def config_classes():
     return out
 
 
+def device_guard(device: torch.device):
+    """The guard a launch runs under: the tensors' CUDA device made current. Triton launches
+    on the current device and its stream, so tensors on cuda:1 while cuda:0 is current
+    (model parallel, ``device_map``, no ``set_device``) would run on GPU 0 with GPU 1
+    pointers. Nothing for CPU tensors (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def kernel_launch(device: torch.device):
+    """What every launcher runs its kernels under: the device guard of the tensors'
+    ``device`` (looked up here at each call, so a test can wrap it) and ``quiet_numpy``."""
+    with device_guard(device), quiet_numpy():
+        yield
+
+
 def quiet_numpy():
     """Under the interpreter, numpy warns on the IEEE special values the kernels rely on
     (log2(0) = -inf, -inf - -inf = NaN behind a select, fp16 overflow to inf); the GPU

@@ -323,7 +323,8 @@ def test_peeled_row_stats(layout, small_block):
     torch.testing.assert_close(triton_kd.row_stats(s, t_off_by_one, *packed), out, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("vocab,dtype,divergence", [(50257, torch.bfloat16, "jsd"), (32001, torch.float32, "forward_kl")])
+@pytest.mark.parametrize("vocab,dtype,divergence",
+                         [(50257, torch.bfloat16, "jsd"), (32001, torch.float32, "forward_kl")])
 def test_peeled_llm_vocab(vocab, dtype, divergence):
     """The odd vocabularies of GPT-2 (50257) and others (32001) at the real block size
     (multi block, 2048 columns): peeled, against float64."""

@@ -301,8 +301,8 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
             for start in range(0, g_width + lead, BLOCK):
                 s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
                 q, diff, half_abs, pos, neg, tie = _tvd_terms(s, t, c, lse2_s, lse2_t)
-                write_grad_block(g_base, start, block_cols, V, g_width, s, _tvd_grad(q, diff, g_pos, g_neg, g_tie), gdiv,
-                                 label, lse2_r, gce, CE, BLOCK, PEEL)
+                write_grad_block(g_base, start, block_cols, V, g_width, s, _tvd_grad(q, diff, g_pos, g_neg, g_tie),
+                                 gdiv, label, lse2_r, gce, CE, BLOCK, PEEL)
     else:  # reverse_kl, jsd: dD/d(s/T) = scale q (h - sum q h)
         if DIVERGENCE == _JSD:
             scale = (1.0 - beta) * LN2

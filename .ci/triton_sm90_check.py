@@ -1,12 +1,14 @@
 """Compile every Triton kernel configuration fastkd's launcher can pick for sm_90, without a GPU.
 
 For each configuration class the launcher can return (``fastkd.backends.triton.config_classes()``:
-one per divergence, path and warp count, at its largest block) and each dtype-pair class
+one per divergence, path, warp count and peel, at its largest block) and each dtype-pair class
 (16-bit pair, fp32 pair, mixed), the forward kernel is compiled with its heaviest flags
 (labels, CE at T != 1, computed statistics) through ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", 90, 32))``; the PTX is assembled with ``ptxas -v`` for sm_90a and
 the registers, spill stores/loads and stack frame are read from its report. The row-stats
-and scale-grad kernels are checked too. Exit status 1 when any configuration spills.
+and scale-grad kernels are checked too. Exit status 1 when any configuration spills, or
+when a peeled configuration (odd V: rows not on 16 bytes) has no 16-byte vector load
+(``ld.global.v4``) in its PTX: the peel exists to give its body loop those.
 
 Run in a process where TRITON_INTERPRET is unset (the interpreter replaces @triton.jit at
 import time); this script clears it itself before importing triton:
@@ -39,6 +41,8 @@ DTYPE_CLASSES = {  # name -> (student, teacher) triton pointer element types
     "mixed": ("bf16", "fp32"),
 }
 
+ELEMENT_BYTES = {"bf16": 2, "fp32": 4}
+
 _REG_RE = re.compile(r"Used (\d+) registers")
 _SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -60,35 +64,49 @@ def _forward_job(divergence, cfg, vocab, dtype_class):
 
     s_ty, t_ty = DTYPE_CLASSES[dtype_class]
     fn = dense.kd_forward_kernel
+    peel = _peel(divergence, cfg, vocab, dtype_class)
     signature = {
         "S": f"*{s_ty}", "T": f"*{t_ty}", "G": f"*{s_ty}", "LOSS": "*fp32", "LABELS": "*i64",
         "GRAD_SCALE": "*fp32", "STATS": "*fp32",
-        "s_stride": "i32", "t_stride": "i32", "g_stride": "i32", "V": "i32", "g_width": "i32",
+        "s_stride": "i32", "t_stride": "i32", "g_stride": "i32", "V": "i32", "g_width": "i32", "s_lead": "i32",
         "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32", "beta": "fp32", "log2_beta": "fp32",
         "log2_1mb": "fp32", "div_weight": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
     }
     constexprs = dict(DIVERGENCE=dense.DIVERGENCE_IDS[divergence], HAS_LABELS=True, CE=rows.CE_RAW,
-                      HAS_STATS=False, BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block)
+                      HAS_STATS=False, BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block, PEEL=peel)
     # As the JIT specialises a launch: 16-byte aligned pointers, and strides and widths
     # divisible by 16 where the vocabulary is (128256, 151936, ... are).
     aligned = ["S", "T", "G", "LOSS", "LABELS", "GRAD_SCALE", "STATS"]
     if vocab % 16 == 0:
         aligned += ["s_stride", "t_stride", "g_stride", "V", "g_width"]
     name = f"forward {divergence:10s} {'single' if cfg.single_block else 'multi '} block={cfg.block:<5d} " \
-           f"warps={cfg.num_warps:<2d} {dtype_class:6s} (V={vocab})"
+           f"warps={cfg.num_warps:<2d} {dtype_class:6s} (V={vocab}{', peel' if peel else ''})"
     return name, fn, signature, constexprs, aligned, cfg.num_warps, cfg.num_stages
 
 
-def _row_stats_job(dtype_class):
+def _peel(divergence, cfg, vocab, dtype_class):
+    """PEEL as the launcher sets it for contiguous, freshly allocated rows of ``vocab`` columns
+    (``divergence`` None: the row_stats kernel)."""
+    from fastkd.backends.triton import launch
+
+    if not launch.peeled_variant(cfg, vocab):
+        return 0
+    return launch.peel_elements(divergence, *(ELEMENT_BYTES[ty] for ty in DTYPE_CLASSES[dtype_class]))
+
+
+def _row_stats_job(dtype_class, odd_vocab):
     from fastkd.backends.triton import dense, launch, rows
 
     s_ty, t_ty = DTYPE_CLASSES[dtype_class]
     block = launch.MULTI_BLOCK
     signature = {"S": f"*{s_ty}", "T": f"*{t_ty}", "OUT": "*fp32", "s_stride": "i32", "t_stride": "i32", "V": "i32",
-                 "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32"}
-    constexprs = dict(RAW=rows.CE_RAW, BLOCK=block)
-    aligned = ["S", "T", "OUT", "s_stride", "t_stride", "V"]
-    name = f"row_stats  block={block:<5d} warps={launch.warps_for(block):<2d} {dtype_class}"
+                 "s_lead": "i32", "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32"}
+    vocab = 50257 if odd_vocab else 32000
+    peel = _peel(None, launch.LaunchConfig(block, False, launch.warps_for(block)), vocab, dtype_class)
+    constexprs = dict(RAW=rows.CE_RAW, BLOCK=block, PEEL=peel)
+    aligned = ["S", "T", "OUT"] + ([] if odd_vocab else ["s_stride", "t_stride", "V"])
+    name = f"row_stats  block={block:<5d} warps={launch.warps_for(block):<2d} {dtype_class:6s} (V={vocab}" \
+           f"{', peel' if peel else ''})"
     return name, dense.row_stats_kernel, signature, constexprs, aligned, launch.warps_for(block), 1
 
 
@@ -109,7 +127,8 @@ def jobs():
         for dtype_class in DTYPE_CLASSES:
             out.append(("forward", (divergence, cfg, vocab, dtype_class)))
     for dtype_class in DTYPE_CLASSES:
-        out.append(("row_stats", (dtype_class,)))
+        for odd_vocab in (False, True):
+            out.append(("row_stats", (dtype_class, odd_vocab)))
     for dtype in ("bf16", "fp32"):
         out.append(("scale_grad", (dtype,)))
     return out
@@ -134,7 +153,8 @@ def compile_one(kind, args):
                                   options=dict(num_warps=num_warps, num_stages=num_stages, ptx_version=PTX_VERSION))
     ptx = compiled.asm["ptx"]
     result = dict(name=name, kind=kind, shared=compiled.metadata.shared, compile_s=round(time.time() - t0, 2),
-                  ptxas={})
+                  peeled=bool(constexprs.get("PEEL")), v4_loads=ptx.count("ld.global.v4"),
+                  v4_stores=ptx.count("st.global.v4"), ptxas={})
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
@@ -158,6 +178,11 @@ def spills(result) -> bool:
                for r in result["ptxas"].values())
 
 
+def unvectorised_peel(result) -> bool:
+    """A peeled configuration whose PTX has no 16-byte vector load."""
+    return result["peeled"] and not result["v4_loads"]
+
+
 def run(max_workers=None):
     todo = jobs()
     workers = max_workers or min(len(todo), os.cpu_count() or 1)
@@ -169,7 +194,7 @@ def run(max_workers=None):
 def format_table(results) -> str:
     labels = sorted({label for r in results for label in r["ptxas"]}, key=lambda x: x != "triton")
     head = f"{'configuration (sm_90a)':64s} " + " ".join(f"{lab + ' regs/spill st/ld':>24s}" for lab in labels) + \
-        f" {'smem':>6s} {'compile':>7s}"
+        f" {'v4 ld/st':>9s} {'smem':>6s} {'compile':>7s}"
     lines = [head, "-" * len(head)]
     for r in results:
         cells = []
@@ -178,7 +203,9 @@ def format_table(results) -> str:
             cells.append(f"{'ERROR':>24s}" if "error" in p else
                          f"{p['registers']:>10d} / {p['spill_stores']:>4d} / {p['spill_loads']:<4d}  ")
         flag = "  <-- SPILLS" if spills(r) else ""
-        lines.append(f"{r['name']:64s} " + " ".join(cells) + f" {r['shared']:>6d} {r['compile_s']:>6.1f}s{flag}")
+        flag += "  <-- PEEL NOT VECTORISED" if unvectorised_peel(r) else ""
+        lines.append(f"{r['name']:64s} " + " ".join(cells) + f" {r['v4_loads']:>4d}/{r['v4_stores']:<4d}"
+                     f" {r['shared']:>6d} {r['compile_s']:>6.1f}s{flag}")
     return "\n".join(lines)
 
 
@@ -191,12 +218,13 @@ def main(argv=None) -> int:
     results = run(args.workers)
     print(format_table(results))
     bad = [r["name"] for r in results if spills(r)]
+    unvectorised = [r["name"] for r in results if unvectorised_peel(r)]
     print(f"\n{len(results)} configurations compiled for sm_90a in {time.time() - t0:.1f}s; "
-          f"{len(bad)} spill or fail to assemble")
+          f"{len(bad)} spill or fail to assemble; {len(unvectorised)} peeled without vector loads")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    return 1 if bad else 0
+    return 1 if bad or unvectorised else 0
 
 
 if __name__ == "__main__":

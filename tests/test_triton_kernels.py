@@ -6,6 +6,7 @@ skip without it. The shared case list (harness/cases.py) runs the single-block p
 here the multi-block path is forced with a small block size, and the launch configuration,
 int64 addressing, scale_grad_, row statistics and the operator registrations are checked.
 """
+import contextlib
 import math
 
 import pytest
@@ -13,9 +14,9 @@ import torch
 
 from harness.backends import kernel_backend, kernel_settings
 from harness.cases import DIVERGENCES, LARGE_VOCAB_CENTRED, Case
-from harness.compare import check_case, check_rows, fp32_grad_tolerance, rel_err
+from harness.compare import check_case, check_rows, dtype_tolerances, fp32_grad_tolerance, rel_err
 from harness.inputs import logits_in_dtype, make_inputs
-from harness.results import reference_loss_and_grad, reference_row_stats, run_backend
+from harness.results import reference_loss_and_grad, reference_result, reference_row_stats, run_backend
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -215,6 +216,126 @@ def test_out_of_range_label_gives_nan_row():
 
 
 # ---------------------------------------------------------------------------------------
+# Peeled rows: odd V, rows not on 16 bytes (the multi-block sweeps peel the head)
+
+def _rows_at(n, v, dtype, offset=0, stride=None, seed=0):
+    """[n, v] logits in rows of ``stride`` elements starting ``offset`` elements into a
+    buffer whose other entries are sentinels (checked untouched by in-place writes)."""
+    g = torch.Generator().manual_seed(seed)
+    stride = stride or v
+    buf = torch.full((offset + n * stride + 8,), 1234.0, dtype=dtype, device=DEVICE)
+    rows = buf[offset:offset + n * stride].view(n, stride)[:, :v]
+    rows.copy_(torch.randn(n, v, generator=g, dtype=torch.float64).mul_(3).to(dtype))
+    return buf, rows
+
+
+def test_peel_columns():
+    """The launch decision: no peel where the JIT proves rows aligned, where no one lead
+    aligns every tensor, or for the fp32 pairs that would spill; else the narrowest
+    dtype's elements in 16 bytes."""
+    peel = triton_kd.launch.peel_columns
+    _, a = _rows_at(4, 32000, torch.bfloat16)
+    _, b = _rows_at(4, 32000, torch.bfloat16)
+    assert peel(32000, "jsd", a, b, torch.empty_like(a)) == 0               # aligned: the JIT vectorises
+    _, a = _rows_at(4, 50257, torch.bfloat16)
+    _, b = _rows_at(4, 50257, torch.bfloat16)
+    assert peel(50257, "jsd", a, b, torch.empty_like(a)) == 8
+    assert peel(50257, None, a, b) == 8                                      # the row_stats kernel
+    _, b32 = _rows_at(4, 50257, torch.float32, offset=4, stride=50261)
+    assert peel(50257, "tvd", a, b32) == 8                                   # mixed: bf16 sets the period
+    _, b1 = _rows_at(4, 50257, torch.bfloat16, offset=1)
+    assert peel(50257, "jsd", a, b1) == 0                                    # leads differ: no common head
+    _, b2 = _rows_at(4, 50257, torch.bfloat16, stride=50259)
+    assert peel(50257, "jsd", a, b2) == 0                                    # strides differ by 2 columns
+    assert peel(50257, "jsd", a, b, torch.empty(4, 50260, dtype=torch.bfloat16)[:, :50257]) == 0  # the gradient's
+    _, a32 = _rows_at(4, 32001, torch.float32)
+    _, c32 = _rows_at(4, 32001, torch.float32, offset=4, stride=32005)
+    assert peel(32001, "forward_kl", a32, c32) == 4                          # leads and strides agree mod 4
+    assert peel(32001, "tvd", a32, c32) == 0                                 # fp32 tvd: PEEL_FP32
+    _, f = _rows_at(4, 1001, torch.float32, offset=3, stride=1006)
+    assert peel(1001, "jsd", f, f, f) == 4 and triton_kd.launch.base_lead(f, 4) == 3   # in place
+
+
+PEELED_LAYOUTS = {
+    # name: (student dtype, teacher dtype, student offset/stride, teacher offset/stride, vocab_size, in place)
+    "bf16": (torch.bfloat16, torch.bfloat16, (0, None), (0, None), None, False),
+    "mixed-vocab_size": (torch.bfloat16, torch.float32, (0, None), (8, 1009), 995, False),
+    "fp32-inplace-odd-offset": (torch.float32, torch.float32, (3, 1006), (7, 1010), None, True),
+    "fp16-inplace-odd-offset": (torch.float16, torch.float16, (5, 1005), (13, 1013), 990, True),
+}
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("layout", list(PEELED_LAYOUTS))
+def test_peeled_rows_match_reference(layout, divergence, small_block):
+    """V = 1001 in blocks of 256, 16 rows (every lead): rows whose starts are not on 16
+    bytes, at odd offsets and strides, in and out of place, CE with ignored rows, the
+    gradient past vocab_size zero; per-row loss and gradient against float64, and an
+    in-place write touches nothing outside the student's rows."""
+    s_dtype, t_dtype, (s_off, s_stride), (t_off, t_stride), vocab_size, inplace = PEELED_LAYOUTS[layout]
+    n, v = 16, 1001
+    s_buf, s = _rows_at(n, v, s_dtype, s_off, s_stride, seed=1)
+    _, t = _rows_at(n, v, t_dtype, t_off, t_stride, seed=2)
+    vs = vocab_size or v
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, vs, (n,), generator=g).to(DEVICE)
+    labels[::5] = -100
+    settings = dict(divergence=divergence, temperature=2.0, alpha=0.6, beta=0.3)
+    grad_out = s if inplace else torch.empty_like(s)  # as forward allocates it
+    peels = triton_kd.launch.peel_elements(divergence, s.element_size(), t.element_size()) > 0
+    assert (triton_kd.launch.peel_columns(vs, divergence, s, t, grad_out) > 0) == peels  # fp32: PEEL_FP32
+    assert not triton_kd.launch_config(vs, s_dtype, t_dtype, divergence, SMALL_BLOCK).single_block
+    packed = kernel_settings(vs, **settings)
+    gs = torch.ones((), device=DEVICE)
+    ref_loss, ref_grad = reference_result(s, t, labels, reduction="none", ignore_index=-100,
+                                          vocab_size=vocab_size, **settings)
+    if inplace:
+        outside = s_buf.clone()
+        outside.view(-1)[s_off:s_off + n * (s_stride or v)].view(n, -1)[:, :v] = 0
+        loss = torch.ops.fastkd.triton_kd_forward_inplace(s, t, labels, gs, None, *packed)
+        grad = s
+        kept = s_buf.clone()
+        kept.view(-1)[s_off:s_off + n * (s_stride or v)].view(n, -1)[:, :v] = 0
+        assert torch.equal(kept, outside), "an in-place write left the student's rows"
+    else:
+        loss, grad = torch.ops.fastkd.triton_kd_forward(s, t, labels, gs, None, *packed)
+    loss_tol, grad_tol = dtype_tolerances({s_dtype, t_dtype} != {torch.float32})
+    assert rel_err(loss.double().cpu(), ref_loss) < loss_tol
+    assert rel_err(grad.double().cpu(), ref_grad) < grad_tol
+    if vocab_size:
+        assert (grad[:, vocab_size:] == 0).all()
+
+
+@pytest.mark.parametrize("layout", ["bf16", "fp32-inplace-odd-offset"])
+def test_peeled_row_stats(layout, small_block):
+    """The row_stats operator on peeled rows equals its unpeeled sweep (teacher and student
+    leads that disagree: no peel) to rounding, and the float64 statistics."""
+    s_dtype, t_dtype, (s_off, s_stride), (t_off, t_stride), _, _ = PEELED_LAYOUTS[layout]
+    _, s = _rows_at(16, 1001, s_dtype, s_off, s_stride, seed=1)
+    _, t = _rows_at(16, 1001, t_dtype, t_off, t_stride, seed=2)
+    packed = kernel_settings(1001, temperature=2.0, alpha=0.6)
+    assert triton_kd.launch.peel_columns(1001, None, s, t) > 0
+    out = triton_kd.row_stats(s, t, *packed)
+    ref = reference_row_stats(s.cpu(), t.cpu(), 2.0, True)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-6, atol=0)
+    _, t_off_by_one = _rows_at(16, 1001, t_dtype, t_off + 1, t_stride, seed=2)
+    assert triton_kd.launch.peel_columns(1001, None, s, t_off_by_one) == 0
+    torch.testing.assert_close(triton_kd.row_stats(s, t_off_by_one, *packed), out, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("vocab,dtype,divergence",
+                         [(50257, torch.bfloat16, "jsd"), (32001, torch.float32, "forward_kl")])
+def test_peeled_llm_vocab(vocab, dtype, divergence):
+    """The odd vocabularies of GPT-2 (50257) and others (32001) at the real block size
+    (multi block, 2048 columns): peeled, against float64."""
+    _, s = _rows_at(3, vocab, dtype, seed=4)
+    _, t = _rows_at(3, vocab, dtype, seed=5)
+    assert triton_kd.launch.peel_columns(vocab, divergence, s, t, torch.empty_like(s)) > 0
+    check_rows(s, t, torch.tensor([5, -100, vocab - 1], device=DEVICE), "triton", divergence=divergence,
+               temperature=2.0, alpha=0.6)
+
+
+# ---------------------------------------------------------------------------------------
 # scale_grad_
 
 @interpreter_only
@@ -265,6 +386,18 @@ def test_scale_grad_fp16_factor_above_fp16_max(factor, per_row):
     torch.ops.fastkd.triton_scale_grad_(grad, factors.to(DEVICE))
     assert torch.equal(grad.cpu(), expected)
     assert torch.isfinite(grad[1:]).all()
+
+
+@pytest.mark.parametrize("factor", ["meta", "rows"])
+def test_scale_grad_checks_factor(factor):
+    """grad_output on another device than the gradient (here 'meta') or with neither 1 nor N
+    elements is an error that names it, before any kernel reads it. The launcher is called
+    directly: through the operator, a meta argument dispatches to the fake implementation
+    (on a GPU, a factor on cuda:1 or the CPU reaches the launcher and its check)."""
+    grad = torch.randn(4, 300, device=DEVICE)
+    bad = torch.tensor(2.0, device="meta") if factor == "meta" else torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match="grad_output must"):
+        triton_kd.scale_grad.scale_grad_(grad, bad)
 
 
 def test_backward_with_grad_output(small_block):
@@ -373,6 +506,68 @@ def test_backend_registered_and_supports():
     assert backend.name == "triton" and backend.scale_grad_ is torch.ops.fastkd.triton_scale_grad_
     assert backend.supports(torch.device("cuda"))
     assert backend.supports(torch.device("cpu")) == INTERPRETED
+
+
+# ---------------------------------------------------------------------------------------
+# Device guard: every launch runs on the tensors' device, not the current one
+
+@pytest.fixture
+def launch_log(monkeypatch):
+    """[(kernel name, device of the innermost active launch guard or None)] per launch:
+    ``launch.device_guard`` wrapped to record the device it is entered with, and the
+    interpreter's launch entry (every ``kernel[grid](...)``) wrapped to log it."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    active, log = [], []
+    guard = triton_kd.launch.device_guard
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        with guard(device):
+            active.append(device)
+            try:
+                yield
+            finally:
+                active.pop()
+
+    run = InterpretedFunction.run
+
+    def logged_run(self, *args, **kwargs):
+        log.append((self.__name__, active[-1] if active else None))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton_kd.launch, "device_guard", recording_guard)
+    monkeypatch.setattr(InterpretedFunction, "run", logged_run)
+    return log
+
+
+@interpreter_only
+@pytest.mark.parametrize("path", ["single", "multi"])
+def test_every_launch_runs_under_the_tensors_device_guard(path, launch_log, monkeypatch):
+    """forward, forward_inplace, row_stats and scale_grad_ each launch inside a guard for
+    their tensors' device (on CUDA: torch.cuda.device(tensor.device); here the CPU's)."""
+    if path == "multi":
+        monkeypatch.setattr(triton_kd.launch, "BLOCK_OVERRIDE", SMALL_BLOCK)
+    s, t, labels, gs = _op_samples() if path == "single" else (*make_inputs(Case(lead=(4,)), DEVICE)[:3],
+                                                               torch.ones((), device=DEVICE))
+    s = s.detach()
+    tail = kernel_settings(s.shape[1], divergence="jsd", temperature=2.0, alpha=0.6)
+    stats = triton_kd.row_stats(s, t, *tail)
+    _, grad = torch.ops.fastkd.triton_kd_forward(s, t, labels, gs, stats, *tail)
+    torch.ops.fastkd.triton_kd_forward_inplace(s.clone(), t, labels, gs, None, *tail)
+    torch.ops.fastkd.triton_scale_grad_(grad, torch.tensor(2.0, device=DEVICE))
+    names = [name for name, _ in launch_log]
+    assert {"row_stats_kernel", "kd_forward_kernel", "scale_grad_kernel"} <= set(names), names
+    assert all(device == s.device for _, device in launch_log), launch_log
+
+
+def test_device_guard_is_the_tensors_cuda_device():
+    """On CUDA tensors the guard is torch.cuda.device of their device (checked without
+    entering it, which needs a GPU); on CPU tensors it does nothing."""
+    guard = triton_kd.launch.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with triton_kd.launch.device_guard(torch.device("cpu")):
+        pass
 
 
 # ---------------------------------------------------------------------------------------

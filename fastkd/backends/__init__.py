@@ -107,6 +107,18 @@ def check_operator_args(student, teacher, labels, grad_scale, row_stats, k, dtyp
                          "on the logits' device")
 
 
+def check_scale_grad_args(grad, factor) -> None:
+    """The scale_grad_ operator's tensors: a 2-D gradient with unit stride along the
+    vocabulary, and a factor of 1 or N elements on the gradient's device (a kernel would
+    otherwise read the factor through a pointer of another device)."""
+    if grad.dim() != 2 or grad.stride(1) != 1:
+        raise ValueError("fastkd: grad must be 2-D with unit stride along the vocabulary")
+    if factor.numel() not in (1, grad.shape[0]):
+        raise ValueError(f"fastkd: grad_output must have 1 or {grad.shape[0]} elements, got {factor.numel()}")
+    if factor.device != grad.device:
+        raise ValueError(f"fastkd: grad_output must be on the gradient's device ({grad.device}), got {factor.device}")
+
+
 # ---------------------------------------------------------------------------------------
 # Fake (meta) implementations of the operators: shapes and dtypes only, shared by every
 # backend's operators, so torch.compile(fullgraph=True) traces through them.

@@ -1,9 +1,11 @@
 """The Triton backend: fused KD loss and gradient kernels, registered as torch.library ops.
 
-    rows.py        row machinery every kernel shares: int64 row addressing, paired loads,
-                   exp2 anchors, and the helpers of the three phases below
-    launch.py      launch decisions: block sizes, single/multi-block path, warps, and the
-                   configuration classes the sm_90 no-spill check compiles
+    rows.py        row machinery every kernel shares: int64 row addressing, paired loads
+                   (peeled rows: 16-byte vectors at odd V), exp2 anchors, and the helpers
+                   of the three phases below
+    launch.py      launch decisions: block sizes, single/multi-block path, warps, the peel,
+                   the device guard every launch runs under, and the configuration
+                   classes the sm_90 no-spill check compiles
     dense.py       the dense KD kernel (all divergences, CE) and the row_stats kernel, with
                    the math, then their launchers
     scale_grad.py  backward: the stored gradient times grad_output, in place

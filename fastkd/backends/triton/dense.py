@@ -66,10 +66,10 @@ import triton.language as tl
 from ...config import DIVERGENCES, KernelSettings, resolve_divergence
 from .. import check_operator_args
 from . import launch
-from .launch import launch_config, quiet_numpy, warps_for
-from .rows import (CE_NONE, CE_RAW, CE_SHARED, LN2, LOG2E, ROW_STATS_WIDTH, add_block_sums,
-                   anchor, anchors, fill_row, load_pair, row_base, row_stats_block, row_stats_sweep, write_grad,
-                   zero32, zero64)
+from .launch import base_lead, kernel_launch, launch_config, peel_columns, warps_for
+from .rows import (CE_NONE, CE_RAW, CE_SHARED, LN2, LOG2E, ROW_STATS_WIDTH, add_block_sums, aligned_base,
+                   anchor, anchors, fill_row, load_block, load_pair, row_base, row_stats_block, row_stats_sweep,
+                   row_lead, write_grad, write_grad_block, zero32, zero64)
 
 DIVERGENCE_IDS = {name: i for i, name in enumerate(DIVERGENCES)}  # the kernels' ids (fastkd/config.py)
 _FORWARD_KL = tl.constexpr(DIVERGENCE_IDS["forward_kl"])
@@ -201,15 +201,14 @@ def _row_sums_parts(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE: tl
 
 
 @triton.jit
-def _row_sums_sweep(s_row, t_row, V, c, lse2_s, lse2_t, log2_beta, log2_1mb, acc0, acc1, acc2, acc3,
-                    DIVERGENCE: tl.constexpr, BLOCK: tl.constexpr):
+def _row_sums_sweep(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta, log2_1mb, acc0, acc1, acc2, acc3,
+                    DIVERGENCE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
     """row_sums of the multi-block path (tvd, reverse_kl, jsd): one more read of the row,
     the four sums of ``_row_sums_parts`` added block by block onto acc0..acc3, in their
     precision (``add_block_sums``). Scalar running sums: vector accumulators would cost
     4 x 8 registers on top of the divergence math."""
-    cols = tl.arange(0, BLOCK)
-    for start in range(0, V, BLOCK):
-        s, t = load_pair(s_row, t_row, start + cols, V)
+    for start in range(0, V + lead, BLOCK):
+        s, t, _ = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
         x0, x1, x2, x3 = _row_sums_parts(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
         acc0, acc1, acc2, acc3 = add_block_sums(acc0, acc1, acc2, acc3, x0, x1, x2, x3)
     return acc0, acc1, acc2, acc3
@@ -219,17 +218,21 @@ def _row_sums_sweep(s_row, t_row, V, c, lse2_s, lse2_t, log2_beta, log2_1mb, acc
 # The forward kernel: row_stats, then row_sums and write_grad per divergence.
 
 @triton.jit
-def _kd_row(s_row, t_row, g_row, loss_ptr, stats_ptr, label, V, g_width,
+def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
             c, inv_temperature, temperature, beta, log2_beta, log2_1mb,
             div_weight, ce_weight, gdiv, gce,
             DIVERGENCE: tl.constexpr, CE: tl.constexpr, HAS_STATS: tl.constexpr,
-            BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
+            BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     s_label = 0.0
     if CE != 0:
         s_label = tl.load(s_row + label).to(tl.float32)  # before an in-place write over it
     if SINGLE_BLOCK:
         s, t = load_pair(s_row, t_row, cols, V)
+    else:  # the sweeps' frame (rows.py: peeled rows)
+        s_base = aligned_base(s_row, lead, PEEL)
+        t_base = aligned_base(t_row, lead, PEEL)
+        g_base = aligned_base(g_row, lead, PEEL)
 
     # row_stats: raw maxes (or s/T-unit maxes from the caller) and anchored sums.
     if HAS_STATS:
@@ -245,8 +248,8 @@ def _kd_row(s_row, t_row, g_row, loss_ptr, stats_ptr, label, V, g_width,
         if SINGLE_BLOCK:
             m_s, z_s, m_t, z_t, z_r = row_stats_block(s, t, c, inv_temperature, temperature, CE == _CE_RAW)
         else:
-            m_s, z_s, m_t, z_t, z_r = row_stats_sweep(s_row, t_row, V, c, inv_temperature, temperature,
-                                                      BLOCK, CE == _CE_RAW)
+            m_s, z_s, m_t, z_t, z_r = row_stats_sweep(s_base, t_base, lead, V, c, inv_temperature, temperature,
+                                                      BLOCK, CE == _CE_RAW, PEEL)
         a_s, a_t, a_r = anchors(m_s, m_t, inv_temperature, temperature)
     if CE == _CE_SHARED:  # T == 1: the CE softmax is the student's own
         z_r = z_s
@@ -266,11 +269,11 @@ def _kd_row(s_row, t_row, g_row, loss_ptr, stats_ptr, label, V, g_width,
             D = tl.sum(d, axis=0)
         else:
             acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, g_width, BLOCK):
-                s, t = load_pair(s_row, t_row, start + cols, V)
+            for start in range(0, g_width + lead, BLOCK):
+                s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
                 d, w = _forward_kl_terms(s, t, c, lse2_s, lse2_t)
                 acc += d
-                write_grad(g_row, start + cols, V, g_width, s, w, gdiv, label, lse2_r, gce, CE)
+                write_grad_block(g_base, start, block_cols, V, g_width, s, w, gdiv, label, lse2_r, gce, CE, BLOCK, PEEL)
             D = tl.sum(acc, axis=0)
         D = D * LN2
     elif DIVERGENCE == _TVD:
@@ -282,8 +285,8 @@ def _kd_row(s_row, t_row, g_row, loss_ptr, stats_ptr, label, V, g_width,
             q_tie = tl.sum(tie, axis=0)
         else:  # fp32 running sums
             zero = zero32()
-            D, q_pos, q_neg, q_tie = _row_sums_sweep(s_row, t_row, V, c, lse2_s, lse2_t, log2_beta, log2_1mb,
-                                                     zero, zero, zero, zero, DIVERGENCE, BLOCK)
+            D, q_pos, q_neg, q_tie = _row_sums_sweep(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta,
+                                                     log2_1mb, zero, zero, zero, zero, DIVERGENCE, BLOCK, PEEL)
         # h_i - sum_j q_j h_j = sum_j q_j (h_i - h_j): masses on the other sides, exact.
         # D <= 1 is finite, so D - D is 0 unless the row holds a NaN, which the sign
         # comparisons would otherwise drop from the gradient.
@@ -295,11 +298,11 @@ def _kd_row(s_row, t_row, g_row, loss_ptr, stats_ptr, label, V, g_width,
             write_grad(g_row, cols, V, g_width, s, _tvd_grad(q, diff, g_pos, g_neg, g_tie), gdiv, label, lse2_r,
                        gce, CE)
         else:
-            for start in range(0, g_width, BLOCK):
-                s, t = load_pair(s_row, t_row, start + cols, V)
+            for start in range(0, g_width + lead, BLOCK):
+                s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
                 q, diff, half_abs, pos, neg, tie = _tvd_terms(s, t, c, lse2_s, lse2_t)
-                write_grad(g_row, start + cols, V, g_width, s, _tvd_grad(q, diff, g_pos, g_neg, g_tie), gdiv,
-                           label, lse2_r, gce, CE)
+                write_grad_block(g_base, start, block_cols, V, g_width, s, _tvd_grad(q, diff, g_pos, g_neg, g_tie),
+                                 gdiv, label, lse2_r, gce, CE, BLOCK, PEEL)
     else:  # reverse_kl, jsd: dD/d(s/T) = scale q (h - sum q h)
         if DIVERGENCE == _JSD:
             scale = (1.0 - beta) * LN2
@@ -322,8 +325,9 @@ def _kd_row(s_row, t_row, g_row, loss_ptr, stats_ptr, label, V, g_width,
                 kl_pm = tl.sum(pm, axis=0)
         else:  # fp64 running sums
             zero = zero64()
-            small_q, small_qh, big_qh, big_q = _row_sums_sweep(s_row, t_row, V, c, lse2_s, lse2_t, log2_beta,
-                                                               log2_1mb, zero, zero, zero, zero, DIVERGENCE, BLOCK)
+            small_q, small_qh, big_qh, big_q = _row_sums_sweep(s_base, t_base, lead, V, c, lse2_s, lse2_t,
+                                                               log2_beta, log2_1mb, zero, zero, zero, zero,
+                                                               DIVERGENCE, BLOCK, PEEL)
         h_mean, small_q_n, small_qh_n, qh = _centring(small_q, small_qh, big_qh, big_q)
         if SINGLE_BLOCK:
             write_grad(g_row, cols, V, g_width, s, _centre(q, h, small_q_n, small_qh_n, h_mean, scale), gdiv, label,
@@ -332,13 +336,14 @@ def _kd_row(s_row, t_row, g_row, loss_ptr, stats_ptr, label, V, g_width,
             # JSD's sum p (log p - log m) (the loss only) is taken here, one block sum per
             # block: as a fifth sum of the sums sweep it took the 16-bit build from 64 to 70
             # registers (a 4-byte spill under the CUDA toolkit's ptxas).
-            for start in range(0, g_width, BLOCK):
-                s, t = load_pair(s_row, t_row, start + cols, V)
+            for start in range(0, g_width + lead, BLOCK):
+                s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
                 q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
                 if DIVERGENCE == _JSD:
                     kl_pm += tl.sum(pm, axis=0)
-                write_grad(g_row, start + cols, V, g_width, s, _centre(q, h, small_q_n, small_qh_n, h_mean, scale),
-                           gdiv, label, lse2_r, gce, CE)
+                write_grad_block(g_base, start, block_cols, V, g_width, s,
+                                 _centre(q, h, small_q_n, small_qh_n, h_mean, scale), gdiv, label, lse2_r, gce,
+                                 CE, BLOCK, PEEL)
         if DIVERGENCE == _JSD:
             D = (beta * kl_pm + (1.0 - beta) * qh) * LN2
         else:
@@ -355,15 +360,16 @@ def _kd_row(s_row, t_row, g_row, loss_ptr, stats_ptr, label, V, g_width,
 @triton.jit
 def kd_forward_kernel(
     S, T, G, LOSS, LABELS, GRAD_SCALE, STATS,
-    s_stride, t_stride, g_stride, V, g_width,
+    s_stride, t_stride, g_stride, V, g_width, s_lead,
     c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr, HAS_STATS: tl.constexpr,
-    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = row_base(S, row, s_stride)
     t_row = row_base(T, row, t_stride)
     g_row = row_base(G, row, g_stride)
+    lead = row_lead(s_lead, row, s_stride, PEEL)  # one lead for s, t and g (launch.peel_columns)
     stats_row = STATS + row * _ROW_STATS_WIDTH
     scale = tl.load(GRAD_SCALE).to(tl.float32)
     gdiv = scale * div_weight * inv_temperature
@@ -377,26 +383,28 @@ def kd_forward_kernel(
             tl.store(LOSS + row, fill)
             fill_row(g_row, 0, g_width, fill, BLOCK)
         else:
-            _kd_row(s_row, t_row, g_row, LOSS + row, stats_row, label, V, g_width,
+            _kd_row(s_row, t_row, g_row, lead, LOSS + row, stats_row, label, V, g_width,
                     c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, gdiv, gce,
-                    DIVERGENCE, CE, HAS_STATS, BLOCK, SINGLE_BLOCK)
+                    DIVERGENCE, CE, HAS_STATS, BLOCK, SINGLE_BLOCK, PEEL)
     else:
-        _kd_row(s_row, t_row, g_row, LOSS + row, stats_row, -1, V, g_width,
+        _kd_row(s_row, t_row, g_row, lead, LOSS + row, stats_row, -1, V, g_width,
                 c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, gdiv, gce,
-                DIVERGENCE, CE, HAS_STATS, BLOCK, SINGLE_BLOCK)
+                DIVERGENCE, CE, HAS_STATS, BLOCK, SINGLE_BLOCK, PEEL)
 
 
 @triton.jit
-def row_stats_kernel(S, T, OUT, s_stride, t_stride, V, c, inv_temperature, temperature,
-                     RAW: tl.constexpr, BLOCK: tl.constexpr):
+def row_stats_kernel(S, T, OUT, s_stride, t_stride, V, s_lead, c, inv_temperature, temperature,
+                     RAW: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
     """[N, ROW_STATS_WIDTH] row_stats for a vocab-parallel caller: (max_s, sum_s, max_t, sum_t,
     sum_raw).
 
     RAW: CE_NONE (sum_raw = 0), CE_SHARED (T == 1: sum_raw = sum_s) or CE_RAW (T != 1).
     """
     row = tl.program_id(0).to(tl.int64)
-    m_s, z_s, m_t, z_t, z_r = row_stats_sweep(row_base(S, row, s_stride), row_base(T, row, t_stride), V, c,
-                                              inv_temperature, temperature, BLOCK, RAW == _CE_RAW)
+    lead = row_lead(s_lead, row, s_stride, PEEL)
+    m_s, z_s, m_t, z_t, z_r = row_stats_sweep(aligned_base(row_base(S, row, s_stride), lead, PEEL),
+                                              aligned_base(row_base(T, row, t_stride), lead, PEEL), lead, V, c,
+                                              inv_temperature, temperature, BLOCK, RAW == _CE_RAW, PEEL)
     if RAW == _CE_SHARED:
         z_r = z_s
     out = OUT + row * _ROW_STATS_WIDTH
@@ -435,19 +443,21 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSe
     # under torch.compile beta may have been a traced value there.
     divergence = resolve_divergence(k.divergence, k.beta)
     cfg = launch_config(k.vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE)
+    peel = 0 if cfg.single_block else peel_columns(k.vocab_size, divergence, student, teacher, grad)
     c, inv_t, temp, log2_beta, log2_1mb = kernel_scalars(k.inv_temperature, k.beta)
-    with quiet_numpy():
+    with kernel_launch(student.device):
         kd_forward_kernel[(n,)](
             student, teacher, grad, loss,
             labels if labels is not None else loss,  # unused pointer when there are no labels
             grad_scale,
             row_stats if row_stats is not None else loss,
             student.stride(0), teacher.stride(0), grad.stride(0), k.vocab_size, grad.shape[1],
+            base_lead(student, peel),
             c, inv_t, temp, float(k.beta), log2_beta, log2_1mb, float(k.div_weight), float(k.ce_weight),
             int(k.ignore_index),
             DIVERGENCE=DIVERGENCE_IDS[divergence], HAS_LABELS=labels is not None,
             CE=_ce_mode(k.ce_weight, k.inv_temperature), HAS_STATS=row_stats is not None,
-            BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block,
+            BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block, PEEL=peel,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return loss
@@ -478,7 +488,9 @@ def row_stats(student, teacher, k: KernelSettings):
     block = min(triton.next_power_of_2(k.vocab_size), launch.BLOCK_OVERRIDE or launch.MULTI_BLOCK)
     c, inv_t, temp, _, _ = kernel_scalars(k.inv_temperature, 0.5)
     raw = (CE_SHARED if inv_t == 1.0 else CE_RAW) if k.ce_weight != 0.0 else CE_NONE
-    with quiet_numpy():
-        row_stats_kernel[(n,)](student, teacher, out, student.stride(0), teacher.stride(0), k.vocab_size, c, inv_t,
-                               temp, RAW=raw, BLOCK=block, num_warps=warps_for(block))
+    peel = peel_columns(k.vocab_size, None, student, teacher)
+    with kernel_launch(student.device):
+        row_stats_kernel[(n,)](student, teacher, out, student.stride(0), teacher.stride(0), k.vocab_size,
+                               base_lead(student, peel), c, inv_t, temp, RAW=raw, BLOCK=block, PEEL=peel,
+                               num_warps=warps_for(block))
     return out

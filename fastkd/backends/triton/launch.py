@@ -10,6 +10,10 @@ Two shapes of the dense kernel, chosen per V by :func:`launch_config`:
   tvd need their row sums before any gradient entry is known, so they read it a second
   time for row_sums and a third time for write_grad.
 
+Multi-block rows that do not start on 16 bytes (odd V) are peeled (rows.py: peeled rows)
+where :func:`peel_columns` finds one lead that aligns every tensor. Every launch runs under
+:func:`kernel_launch`: the tensors' device guard (Triton launches on the current device).
+
 :func:`config_classes` lists the distinct configurations these can return, for the sm_90
 no-spill compile check (``.ci/triton_sm90_check.py``, tests/test_triton_compile.py).
 """
@@ -36,6 +40,9 @@ SINGLE_BLOCK_MAX = {"forward_kl": 16384, "reverse_kl": 8192, "jsd": 8192, "tvd":
 # aims at 64 registers here (four programs per SM); at 4096 columns x 16 warps the fp32
 # sweeps spill to reach it, at 16 per thread they need ~120 (one program per SM).
 MULTI_BLOCK = 2048
+
+# The widest load a thread issues (ld.global.v4.b32): what a peeled row's body is aligned to.
+VECTOR_BYTES = 16
 
 # Columns per program of the scale_grad kernel (a grid of row x column blocks).
 SCALE_BLOCK = 4096
@@ -74,6 +81,56 @@ def launch_config(vocab_size: int, student_dtype: torch.dtype, teacher_dtype: to
     return LaunchConfig(MULTI_BLOCK, False, warps_for(MULTI_BLOCK))
 
 
+def peel_columns(vocab_size: int, divergence: Optional[str], student: torch.Tensor, *others: torch.Tensor) -> int:
+    """Columns per 16-byte period by which the multi-block sweeps peel each row's
+    misaligned head (rows.py: peeled rows), or 0 for the plain masked loop.
+
+    ``others``: the teacher (and the gradient), read (and written) at the student's
+    columns; ``divergence``: the forward kernel's (None: the row_stats kernel). 0 where
+    the JIT already proves the student's and teacher's rows 16-byte aligned (pointers on
+    16 bytes, row strides and V multiples of 16: V = 32000, 128256), so the plain loop
+    loads vectors; 0 where no one lead aligns every tensor (a teacher or gradient whose
+    row stride differs from the student's by a non-multiple of a vector: each tensor
+    would need its own lead); 0 where ``peel_elements`` says so. Otherwise 16 bytes of
+    the narrowest dtype: the student's lead modulo it, (base + row * stride) mod PEEL,
+    then aligns every tensor in every row.
+    """
+    read = (student,) + others[:1]
+    if all(x.data_ptr() % VECTOR_BYTES == 0 and x.stride(0) % 16 == 0 for x in read) and vocab_size % 16 == 0:
+        return 0
+    peel = peel_elements(divergence, student.element_size(), *(x.element_size() for x in others))
+    if not peel:
+        return 0
+    for x in others:
+        vec = VECTOR_BYTES // x.element_size()
+        if x.data_ptr() % x.element_size() or (base_lead(x, peel) - base_lead(student, peel)) % vec or \
+                (x.stride(0) - student.stride(0)) % vec:
+            return 0
+    return peel
+
+
+# fp32 pairs (8 values per thread and tensor, two 16-byte loads each) peel where that
+# compiles without spilling for sm_90 under both ptxas (.ci/triton_sm90_check.py): the
+# peeled reverse_kl and tvd sweeps spill 4 bytes at the 64 registers the CUDA toolkit's
+# ptxas aims at, while forward_kl's plain loop at odd V spills 4 bytes and its peeled
+# one does not.
+PEEL_FP32 = {"forward_kl": True, "reverse_kl": False, "jsd": True, "tvd": False, None: True}
+
+
+def peel_elements(divergence: Optional[str], *element_sizes: int) -> int:
+    """The peel period of tensors of these element sizes: elements of the narrowest dtype
+    in 16 bytes (8 for 16-bit data), or 0 (no peel) for fp32 pairs where PEEL_FP32 says so."""
+    narrowest = min(element_sizes)
+    if narrowest >= 4 and not PEEL_FP32[divergence]:
+        return 0
+    return VECTOR_BYTES // narrowest
+
+
+def base_lead(x: torch.Tensor, peel: int) -> int:
+    """Elements by which ``x``'s first row starts past a ``peel``-element boundary (0 without a peel)."""
+    return (x.data_ptr() // x.element_size()) % peel if peel else 0
+
+
 def warps_for(block: int) -> int:
     """Warps for a block: 8 columns per thread, 4 to 32 warps."""
     return max(4, min(32, block // 256))
@@ -86,21 +143,30 @@ def _config_probe_vocab_sizes() -> Iterator[int]:
         yield v
         v *= 2
     yield 128256  # and a realistic LLM vocabulary
+    yield 50257   # odd: rows not on 16 bytes, the peeled multi-block sweeps
+
+
+def peeled_variant(cfg: LaunchConfig, vocab: int) -> bool:
+    """Whether contiguous rows of ``vocab`` columns take the peeled sweeps (peel_columns):
+    multi block, and a vocabulary the JIT cannot prove a multiple of 16."""
+    return not cfg.single_block and vocab % 16 != 0
 
 
 def config_classes():
     """The distinct kernel configurations the launcher can pick, a worst case of each class.
 
-    A class is (divergence, path, num_warps); its worst case for registers is its largest
-    block, and the smallest block of a class (tiny vocabularies: fewer columns than
-    threads) is listed too when it differs. Returns [(divergence, LaunchConfig, vocab)],
-    used by the sm_90 compile check so that it follows this function, not a copied list.
+    A class is (divergence, path, num_warps, peeled); its worst case for registers is its
+    largest block, and the smallest block of a class (tiny vocabularies: fewer columns
+    than threads) is listed too when it differs. The multi-block classes come twice: at a
+    vocabulary on 16 bytes (the plain sweeps) and at an odd one (the peeled sweeps,
+    ``peeled_variant``). Returns [(divergence, LaunchConfig, vocab)], used by the sm_90
+    compile check so that it follows this function, not a copied list.
     """
     largest, smallest = {}, {}
     for divergence in SINGLE_BLOCK_MAX:  # every divergence
         for v in _config_probe_vocab_sizes():
             cfg = launch_config(v, torch.bfloat16, torch.bfloat16, divergence)
-            key = (divergence, cfg.single_block, cfg.num_warps)
+            key = (divergence, cfg.single_block, cfg.num_warps, peeled_variant(cfg, v))
             if key not in largest or cfg.block > largest[key][1].block:
                 largest[key] = (divergence, cfg, v)
             if key not in smallest or cfg.block < smallest[key][1].block:
@@ -108,6 +174,24 @@ def config_classes():
     out = list(largest.values())
     out += [entry for key, entry in smallest.items() if entry[1] != largest[key][1]]
     return out
+
+
+def device_guard(device: torch.device):
+    """The guard a launch runs under: the tensors' CUDA device made current. Triton launches
+    on the current device and its stream, so tensors on cuda:1 while cuda:0 is current
+    (model parallel, ``device_map``, no ``set_device``) would run on GPU 0 with GPU 1
+    pointers. Nothing for CPU tensors (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def kernel_launch(device: torch.device):
+    """What every launcher runs its kernels under: the device guard of the tensors'
+    ``device`` (looked up here at each call, so a test can wrap it) and ``quiet_numpy``."""
+    with device_guard(device), quiet_numpy():
+        yield
 
 
 def quiet_numpy():

@@ -18,6 +18,18 @@ units) would be, so internal and external statistics give bitwise the same resul
 of -inf (every entry masked) anchors at 0, since exp2(-inf - -inf) is NaN.
 
 Row offsets are int64 (row * stride), so N*V > 2^31 works.
+
+Peeled rows (multi block, PEEL > 0): a row that does not start on 16 bytes (odd V: 50257,
+32001) loses vector loads, since the compiler vectorises only what it can prove aligned,
+and a column mask ``cols < V`` at odd V is not constant over a vector. Its sweeps then
+run in a frame shifted back by the row's ``lead`` (its columns past the last 16-byte
+boundary, ``row_lead``): position p = column + lead, blocks at multiples of BLOCK from a
+base hinted 16-byte aligned (``aligned_base``). Loads are masked by whole 16-byte
+granules, a mask the compiler proves constant per vector, and the entries of the row's
+first and last granule that lie outside the row are set to -inf (``load_block``). Stores
+keep exact column masks (``write_grad_block``). The launcher peels only where one lead
+aligns the student, the teacher and the gradient (launch.peel_columns); elsewhere PEEL = 0,
+lead = 0 and the sweeps are the plain masked loop.
 """
 import os
 
@@ -69,6 +81,48 @@ def load_pair(s_row, t_row, cols, V):
     return s, t
 
 
+@triton.jit
+def row_lead(lead0, row, stride, PEEL: tl.constexpr):
+    """Columns by which a row starts past a PEEL-column (16-byte) boundary: (lead of row 0
+    + row * stride) mod PEEL; 0 without PEEL."""
+    if PEEL:
+        # int32 from here: the columns of a peeled block stay 32-bit (int64 ones doubled
+        # the registers of every index and mask).
+        return ((lead0 + row_offset(row, stride)) % PEEL).to(tl.int32)
+    else:
+        return 0
+
+
+@triton.jit
+def aligned_base(row_ptr, lead, PEEL: tl.constexpr):
+    """The row's peeled frame: the pointer ``lead`` columns before the row, on 16 bytes
+    (the launcher checked it is) and so hinted; the row itself without PEEL."""
+    if PEEL:
+        return tl.multiple_of(row_ptr - lead, 16)
+    else:
+        return row_ptr
+
+
+@triton.jit
+def load_block(s_base, t_base, start, lead, V, BLOCK: tl.constexpr, PEEL: tl.constexpr):
+    """(s, t, cols) of the block at position ``start`` of a sweep. Without PEEL lead is 0
+    and this is ``load_pair`` of columns start + arange. Peeled, the loads are masked by
+    whole 16-byte granules (a granule is read when it holds a column of the row), which
+    the compiler proves constant per granule and so loads as 16-byte vectors; the entries
+    of those granules outside the row (at most PEEL - 1 before it and after it, in the
+    row's own first and last granules, never across a page) are then set to -inf."""
+    p = start + tl.arange(0, BLOCK)
+    cols = p - lead
+    if PEEL:
+        granules = p < tl.multiple_of((V + lead + PEEL - 1) // PEEL * PEEL, PEEL)
+        live = (cols >= 0) & (cols < V)
+        s = tl.where(live, tl.load(s_base + p, mask=granules).to(tl.float32), float("-inf"))
+        t = tl.where(live, tl.load(t_base + p, mask=granules).to(tl.float32), float("-inf"))
+    else:
+        s, t = load_pair(s_base, t_base, cols, V)
+    return s, t, cols
+
+
 def kernels_interpreted() -> bool:
     """True when the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
     return not isinstance(row_offset, triton.runtime.JITFunction)
@@ -98,15 +152,15 @@ def anchors(m_s, m_t, inv_temperature, temperature):
 
 
 @triton.jit
-def row_stats_sweep(s_row, t_row, V, c, inv_temperature, temperature,
-                    BLOCK: tl.constexpr, RAW: tl.constexpr):
+def row_stats_sweep(s_base, t_base, lead, V, c, inv_temperature, temperature,
+                    BLOCK: tl.constexpr, RAW: tl.constexpr, PEEL: tl.constexpr):
     """row_stats in one read of the row: max and sum-exp of s/T and t/T (and of s, when RAW).
 
     Returns raw maxes (logit units) and sums anchored as in :func:`anchors`. The sums are
     per-lane vectors, rescaled by one scalar factor when the block max moves: one exp2
-    per element per side, one cross-warp reduction (the max) per block.
+    per element per side, one cross-warp reduction (the max) per block. ``s_base``,
+    ``t_base`` and ``lead``: the row's frame (``aligned_base``, ``row_lead``).
     """
-    cols = tl.arange(0, BLOCK)
     m_s = float("-inf")
     m_t = float("-inf")
     a_s = float("-inf")
@@ -115,8 +169,8 @@ def row_stats_sweep(s_row, t_row, V, c, inv_temperature, temperature,
     z_s = tl.zeros([BLOCK], dtype=tl.float32)
     z_t = tl.zeros([BLOCK], dtype=tl.float32)
     z_r = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, V, BLOCK):
-        s, t = load_pair(s_row, t_row, start + cols, V)
+    for start in range(0, V + lead, BLOCK):
+        s, t, _ = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
         m_s = tl.maximum(m_s, tl.max(s, axis=0))
         m_t = tl.maximum(m_t, tl.max(t, axis=0))
         n_s, n_t, n_r = anchors(m_s, m_t, inv_temperature, temperature)
@@ -187,15 +241,38 @@ def add_block_sums(acc0, acc1, acc2, acc3, x0, x1, x2, x3):
 # write_grad.
 
 @triton.jit
-def write_grad(g_row, cols, V, g_width, s, w, gdiv, label, lse2_raw, gce, CE: tl.constexpr):
-    """ds = gdiv * dD/d(s/T) (+ gce * (softmax(s) - onehot)), 0 past V, in the student dtype."""
+def grad_values(cols, V, s, w, gdiv, label, lse2_raw, gce, CE: tl.constexpr):
+    """ds = gdiv * dD/d(s/T) (+ gce * (softmax(s) - onehot)), 0 past V, in fp32."""
     g = gdiv * w
     if CE != 0:
         sm = tl.exp2(s * LOG2E - lse2_raw)
         # The one-hot part is added in fp32, so the label entry is rounded once.
         g += gce * tl.where(cols == label, sm - 1.0, sm)
-    g = tl.where(cols < V, g, 0.0)
+    return tl.where(cols < V, g, 0.0)
+
+
+@triton.jit
+def write_grad(g_row, cols, V, g_width, s, w, gdiv, label, lse2_raw, gce, CE: tl.constexpr):
+    """The gradient (``grad_values``) of columns ``cols``, in the student dtype."""
+    g = grad_values(cols, V, s, w, gdiv, label, lse2_raw, gce, CE)
     tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < g_width)
+
+
+@triton.jit
+def write_grad_block(g_base, start, cols, V, g_width, s, w, gdiv, label, lse2_raw, gce,
+                     CE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
+    """write_grad of the block at position ``start`` of a sweep (``load_block`` gave its
+    ``cols``). Peeled, the stores keep exact masks (a store may not touch a neighbour's
+    columns; the head block's columns start below 0), so they are not vectorised: an
+    unmasked store for the full blocks in a branch of its own spilled the JSD build. The
+    frame's aligned base still gives the stores the loads' layout (addressed by column
+    alone they went through shared memory)."""
+    if PEEL:
+        g = grad_values(cols, V, s, w, gdiv, label, lse2_raw, gce, CE)
+        p = start + tl.arange(0, BLOCK)
+        tl.store(g_base + p, g.to(g_base.dtype.element_ty), mask=(cols >= 0) & (cols < g_width))
+    else:
+        write_grad(g_base, cols, V, g_width, s, w, gdiv, label, lse2_raw, gce, CE)
 
 
 @triton.jit

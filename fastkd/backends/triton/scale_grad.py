@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SCALE_BLOCK, quiet_numpy
+from .. import check_scale_grad_args
+from .launch import SCALE_BLOCK, kernel_launch
 from .rows import row_base
 
 
@@ -30,14 +31,11 @@ def scale_grad_kernel(G, GO, g_stride, go_stride, width, PER_ROW: tl.constexpr, 
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     if grad.numel() == 0:
         return
-    if grad.dim() != 2 or grad.stride(1) != 1:
-        raise ValueError("fastkd: grad must be 2-D with unit stride along the vocabulary")
+    check_scale_grad_args(grad, grad_output)
     n, width = grad.shape
     per_row = grad_output.numel() != 1
     go = grad_output.reshape(-1)
-    if per_row and go.shape[0] != n:
-        raise ValueError(f"fastkd: grad_output must have 1 or {n} elements, got {go.shape[0]}")
     grid = (n, triton.cdiv(width, SCALE_BLOCK))
-    with quiet_numpy():  # the interpreter warns where a product overflows fp16 (inf, as on the GPU)
+    with kernel_launch(grad.device):  # quiet: the interpreter warns where fp16 overflows (inf, as on the GPU)
         scale_grad_kernel[grid](grad, go, grad.stride(0), go.stride(0) if per_row else 0, width,
                                 PER_ROW=per_row, BLOCK=SCALE_BLOCK, num_warps=8)

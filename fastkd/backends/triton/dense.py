@@ -214,6 +214,79 @@ def _row_sums_sweep(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta, log2_
     return acc0, acc1, acc2, acc3
 
 
+@triton.jit
+def _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE: tl.constexpr):
+    """From the four row sums (tvd, reverse_kl, jsd): the gradient's row constants k0..k3
+    (what ``_block_grad`` reads) and the sums' value of D (``_divergence_value``)."""
+    if DIVERGENCE == _TVD:
+        # h_i - sum_j q_j h_j = sum_j q_j (h_i - h_j): masses on the other sides, exact.
+        # D <= 1 is finite, so D - D is 0 unless the row holds a NaN, which the sign
+        # comparisons would otherwise drop from the gradient.
+        D, q_pos, q_neg, q_tie = sum0, sum1, sum2, sum3
+        nan_or_zero = D - D
+        k0 = q_neg + 0.5 * q_tie + nan_or_zero
+        k1 = -(q_pos + 0.5 * q_tie) + nan_or_zero
+        k2 = 0.5 * (q_neg - q_pos) + nan_or_zero
+        k3 = 0.0
+        value = D
+    else:  # reverse_kl, jsd: dD/d(s/T) = scale q (h - sum q h)
+        h_mean, small_q_n, small_qh_n, qh = _centring(sum0, sum1, sum2, sum3)
+        k0, k1, k2 = small_q_n, small_qh_n, h_mean
+        if DIVERGENCE == _JSD:
+            k3 = (1.0 - beta) * LN2
+        else:
+            k3 = LN2
+        value = qh
+    return k0, k1, k2, k3, value
+
+
+@triton.jit
+def _divergence_value(sums_value, sweep_value, beta, DIVERGENCE: tl.constexpr):
+    """D from the row sums' value (``_grad_constants``: tvd's D, the centred sum q h) and
+    the write_grad sweep's (forward_kl's sum p (lp - lq), JSD's sum p (lp - lm), in bits).
+    Linear in each: the split path adds it up per split."""
+    if DIVERGENCE == _FORWARD_KL:
+        return sweep_value * LN2
+    elif DIVERGENCE == _TVD:
+        return sums_value
+    elif DIVERGENCE == _JSD:
+        return (beta * sweep_value + (1.0 - beta) * sums_value) * LN2
+    else:
+        return sums_value * LN2
+
+
+@triton.jit
+def _write_grad_sweep(s_base, t_base, g_base, lead, V, g_width, label, c, lse2_s, lse2_t, log2_beta, log2_1mb,
+                      k0, k1, k2, k3, gdiv, lse2_r, gce,
+                      DIVERGENCE: tl.constexpr, CE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
+    """write_grad of the multi-block path over columns [0, g_width) of a frame (rows.py:
+    peeled rows), given the row constants k0..k3 (``_grad_constants``; unused by
+    forward_kl). Returns the sweep's value of D (``_divergence_value``): forward_kl's
+    terms summed as a per-lane vector, JSD's sum p (log p - log m) (the loss only) one
+    block sum per block: as a fifth sum of the sums sweep it took the 16-bit build from 64
+    to 70 registers (a 4-byte spill under the CUDA toolkit's ptxas)."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    kl_pm = zero32()
+    for start in range(0, g_width + lead, BLOCK):
+        s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
+        if DIVERGENCE == _FORWARD_KL:
+            d, w = _forward_kl_terms(s, t, c, lse2_s, lse2_t)
+            acc += d
+        elif DIVERGENCE == _TVD:
+            q, diff, half_abs, pos, neg, tie = _tvd_terms(s, t, c, lse2_s, lse2_t)
+            w = _tvd_grad(q, diff, k0, k1, k2)
+        else:
+            q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
+            if DIVERGENCE == _JSD:
+                kl_pm += tl.sum(pm, axis=0)
+            w = _centre(q, h, k0, k1, k2, k3)
+        write_grad_block(g_base, start, block_cols, V, g_width, s, w, gdiv, label, lse2_r, gce, CE, BLOCK, PEEL)
+    if DIVERGENCE == _FORWARD_KL:
+        return tl.sum(acc, axis=0)
+    else:
+        return kl_pm
+
+
 # ---------------------------------------------------------------------------------------
 # The forward kernel: row_stats, then row_sums and write_grad per divergence.
 
@@ -266,48 +339,31 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
         if SINGLE_BLOCK:
             d, w = _forward_kl_terms(s, t, c, lse2_s, lse2_t)
             write_grad(g_row, cols, V, g_width, s, w, gdiv, label, lse2_r, gce, CE)
-            D = tl.sum(d, axis=0)
+            D = _divergence_value(0.0, tl.sum(d, axis=0), beta, DIVERGENCE)
         else:
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, g_width + lead, BLOCK):
-                s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
-                d, w = _forward_kl_terms(s, t, c, lse2_s, lse2_t)
-                acc += d
-                write_grad_block(g_base, start, block_cols, V, g_width, s, w, gdiv, label, lse2_r, gce, CE, BLOCK, PEEL)
-            D = tl.sum(acc, axis=0)
-        D = D * LN2
+            D = _divergence_value(0.0, _write_grad_sweep(s_base, t_base, g_base, lead, V, g_width, label, c, lse2_s,
+                                                         lse2_t, log2_beta, log2_1mb, 0.0, 0.0, 0.0, 0.0, gdiv,
+                                                         lse2_r, gce, DIVERGENCE, CE, BLOCK, PEEL),
+                                  beta, DIVERGENCE)
     elif DIVERGENCE == _TVD:
         if SINGLE_BLOCK:
             q, diff, half_abs, pos, neg, tie = _tvd_terms(s, t, c, lse2_s, lse2_t)
-            D = tl.sum(half_abs, axis=0)
-            q_pos = tl.sum(pos, axis=0)
-            q_neg = tl.sum(neg, axis=0)
-            q_tie = tl.sum(tie, axis=0)
+            sum0 = tl.sum(half_abs, axis=0)
+            sum1 = tl.sum(pos, axis=0)
+            sum2 = tl.sum(neg, axis=0)
+            sum3 = tl.sum(tie, axis=0)
         else:  # fp32 running sums
             zero = zero32()
-            D, q_pos, q_neg, q_tie = _row_sums_sweep(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta,
+            sum0, sum1, sum2, sum3 = _row_sums_sweep(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta,
                                                      log2_1mb, zero, zero, zero, zero, DIVERGENCE, BLOCK, PEEL)
-        # h_i - sum_j q_j h_j = sum_j q_j (h_i - h_j): masses on the other sides, exact.
-        # D <= 1 is finite, so D - D is 0 unless the row holds a NaN, which the sign
-        # comparisons would otherwise drop from the gradient.
-        nan_or_zero = D - D
-        g_pos = q_neg + 0.5 * q_tie + nan_or_zero
-        g_neg = -(q_pos + 0.5 * q_tie) + nan_or_zero
-        g_tie = 0.5 * (q_neg - q_pos) + nan_or_zero
+        k0, k1, k2, k3, sums_value = _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE)
         if SINGLE_BLOCK:
-            write_grad(g_row, cols, V, g_width, s, _tvd_grad(q, diff, g_pos, g_neg, g_tie), gdiv, label, lse2_r,
-                       gce, CE)
+            write_grad(g_row, cols, V, g_width, s, _tvd_grad(q, diff, k0, k1, k2), gdiv, label, lse2_r, gce, CE)
         else:
-            for start in range(0, g_width + lead, BLOCK):
-                s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
-                q, diff, half_abs, pos, neg, tie = _tvd_terms(s, t, c, lse2_s, lse2_t)
-                write_grad_block(g_base, start, block_cols, V, g_width, s, _tvd_grad(q, diff, g_pos, g_neg, g_tie),
-                                 gdiv, label, lse2_r, gce, CE, BLOCK, PEEL)
+            _write_grad_sweep(s_base, t_base, g_base, lead, V, g_width, label, c, lse2_s, lse2_t, log2_beta,
+                              log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gce, DIVERGENCE, CE, BLOCK, PEEL)
+        D = _divergence_value(sums_value, 0.0, beta, DIVERGENCE)
     else:  # reverse_kl, jsd: dD/d(s/T) = scale q (h - sum q h)
-        if DIVERGENCE == _JSD:
-            scale = (1.0 - beta) * LN2
-        else:
-            scale = LN2
         # Row sums: a tree within a block (tl.sum / tl.reduce: a few in-thread adds, then
         # shuffles), and across the blocks of a row (16 at V = 32000, 128 at 262144) fp64
         # running sums, one fp64 add per sum per block. Measured under the interpreter, fp32,
@@ -317,37 +373,24 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
         if SINGLE_BLOCK:
             q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
             sq, sqh, bqh, bq = _centred_sums(q, h)
-            small_q = tl.sum(sq, axis=0)
-            small_qh = tl.sum(sqh, axis=0)
-            big_qh = tl.sum(bqh, axis=0)
-            big_q = tl.sum(bq, axis=0)
+            sum0 = tl.sum(sq, axis=0)
+            sum1 = tl.sum(sqh, axis=0)
+            sum2 = tl.sum(bqh, axis=0)
+            sum3 = tl.sum(bq, axis=0)
             if DIVERGENCE == _JSD:
                 kl_pm = tl.sum(pm, axis=0)
         else:  # fp64 running sums
             zero = zero64()
-            small_q, small_qh, big_qh, big_q = _row_sums_sweep(s_base, t_base, lead, V, c, lse2_s, lse2_t,
-                                                               log2_beta, log2_1mb, zero, zero, zero, zero,
-                                                               DIVERGENCE, BLOCK, PEEL)
-        h_mean, small_q_n, small_qh_n, qh = _centring(small_q, small_qh, big_qh, big_q)
+            sum0, sum1, sum2, sum3 = _row_sums_sweep(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta,
+                                                     log2_1mb, zero, zero, zero, zero, DIVERGENCE, BLOCK, PEEL)
+        k0, k1, k2, k3, sums_value = _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE)
         if SINGLE_BLOCK:
-            write_grad(g_row, cols, V, g_width, s, _centre(q, h, small_q_n, small_qh_n, h_mean, scale), gdiv, label,
-                       lse2_r, gce, CE)
+            write_grad(g_row, cols, V, g_width, s, _centre(q, h, k0, k1, k2, k3), gdiv, label, lse2_r, gce, CE)
         else:
-            # JSD's sum p (log p - log m) (the loss only) is taken here, one block sum per
-            # block: as a fifth sum of the sums sweep it took the 16-bit build from 64 to 70
-            # registers (a 4-byte spill under the CUDA toolkit's ptxas).
-            for start in range(0, g_width + lead, BLOCK):
-                s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
-                q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
-                if DIVERGENCE == _JSD:
-                    kl_pm += tl.sum(pm, axis=0)
-                write_grad_block(g_base, start, block_cols, V, g_width, s,
-                                 _centre(q, h, small_q_n, small_qh_n, h_mean, scale), gdiv, label, lse2_r, gce,
-                                 CE, BLOCK, PEEL)
-        if DIVERGENCE == _JSD:
-            D = (beta * kl_pm + (1.0 - beta) * qh) * LN2
-        else:
-            D = qh * LN2
+            kl_pm = _write_grad_sweep(s_base, t_base, g_base, lead, V, g_width, label, c, lse2_s, lse2_t,
+                                      log2_beta, log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gce, DIVERGENCE, CE,
+                                      BLOCK, PEEL)
+        D = _divergence_value(sums_value, kl_pm, beta, DIVERGENCE)
 
     if SINGLE_BLOCK:
         fill_row(g_row, BLOCK, g_width, 0.0, BLOCK)  # student columns past the block

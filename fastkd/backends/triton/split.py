@@ -59,6 +59,14 @@ def _label_of(LABELS, row, V, ignore_index, HAS_LABELS: tl.constexpr):
 
 
 @triton.jit
+def _split_program(LABELS, V, ignore_index, HAS_LABELS: tl.constexpr):
+    """(row, split, splits, label, live, fill) of this program (``_label_of``)."""
+    row = tl.program_id(0).to(tl.int64)
+    label, live, fill = _label_of(LABELS, row, V, ignore_index, HAS_LABELS)
+    return row, tl.program_id(1), tl.num_programs(1), label, live, fill
+
+
+@triton.jit
 def _split_blocks(split, n_splits, chunk, row_end):
     """[begin, end): the positions of a split in its row's frame (rows.py: peeled rows,
     position = column + lead), whole blocks: the chunk is a multiple of the block and so of
@@ -101,17 +109,15 @@ def _combined_stats(part, n_splits, inv_temperature, temperature, CE: tl.constex
 def split_row_stats_kernel(S, T, LABELS, PART, s_stride, t_stride, V, chunk, s_lead,
                            c, inv_temperature, temperature, ignore_index,
                            HAS_LABELS: tl.constexpr, CE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    label, live, _ = _label_of(LABELS, row, V, ignore_index, HAS_LABELS)
+    row, split, n_splits, label, live, _ = _split_program(LABELS, V, ignore_index, HAS_LABELS)
     if live:
         lead = row_lead(s_lead, row, s_stride, PEEL)
-        begin, end = _split_blocks(split, tl.num_programs(1), chunk, V + lead)
+        begin, end = _split_blocks(split, n_splits, chunk, V + lead)
         m_s, z_s, m_t, z_t, z_r = row_stats_sweep(aligned_base(row_base(S, row, s_stride), lead, PEEL),
                                                   aligned_base(row_base(T, row, t_stride), lead, PEEL), lead,
                                                   begin, end, V, c, inv_temperature, temperature, BLOCK,
                                                   CE == _CE_RAW, PEEL)
-        out = PART + (row * tl.num_programs(1) + split) * _PART_WIDTH
+        out = PART + (row * n_splits + split) * _PART_WIDTH
         tl.store(out + 0, m_s)
         tl.store(out + 1, z_s)
         tl.store(out + 2, m_t)
@@ -127,10 +133,7 @@ def split_row_sums_kernel(S, T, LABELS, PART, SUMS, s_stride, t_stride, V, chunk
                           c, inv_temperature, temperature, log2_beta, log2_1mb, ignore_index,
                           DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr,
                           BLOCK: tl.constexpr, PEEL: tl.constexpr, SPLITS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    label, live, _ = _label_of(LABELS, row, V, ignore_index, HAS_LABELS)
+    row, split, n_splits, label, live, _ = _split_program(LABELS, V, ignore_index, HAS_LABELS)
     if live:
         lse2_s, lse2_t, _ = _combined_stats(PART + row * n_splits * _PART_WIDTH, n_splits, inv_temperature,
                                             temperature, 0, SPLITS)
@@ -173,10 +176,7 @@ def split_write_grad_kernel(S, T, G, LABELS, GRAD_SCALE, PART, SUMS, LOSS_PART,
                             ignore_index,
                             DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr,
                             BLOCK: tl.constexpr, PEEL: tl.constexpr, SPLITS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    label, live, fill = _label_of(LABELS, row, V, ignore_index, HAS_LABELS)
+    row, split, n_splits, label, live, fill = _split_program(LABELS, V, ignore_index, HAS_LABELS)
     lead = row_lead(s_lead, row, s_stride, PEEL)
     g_base = aligned_base(row_base(G, row, g_stride), lead, PEEL)
     begin, end = _split_blocks(split, n_splits, chunk, g_width + lead)

@@ -6,7 +6,8 @@ one per divergence, path, warp count and peel, at its largest block) and each dt
 (labels, CE at T != 1, computed statistics) through ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", 90, 32))``; the PTX is assembled with ``ptxas -v`` for sm_90a and
 the registers, spill stores/loads and stack frame are read from its report. The row-stats
-and scale-grad kernels are checked too. Exit status 1 when any configuration spills, or
+and scale-grad kernels, and the vocabulary-split kernels at each multi-block class
+(``split_config_classes()``), are checked too. Exit status 1 when any configuration spills, or
 when a peeled configuration (odd V: rows not on 16 bytes) has no 16-byte vector load
 (``ld.global.v4``) in its PTX: the peel exists to give its body loop those.
 
@@ -119,6 +120,33 @@ def _scale_grad_job(dtype):
     return name, scale_grad.scale_grad_kernel, signature, constexprs, ["G", "GO", "g_stride", "width"], 8, 1
 
 
+def _split_job(kernel, divergence, cfg, vocab, dtype_class):
+    """A kernel of the vocabulary-split path (split.py) at a multi-block class, with the
+    heaviest flags (labels, CE at T != 1) and the forward kernel's peel."""
+    from fastkd.backends.triton import dense, launch, rows, split
+
+    s_ty, t_ty = DTYPE_CLASSES[dtype_class]
+    fn = getattr(split, f"split_{kernel}_kernel")
+    peel = _peel(divergence, cfg, vocab, dtype_class)
+    pointers = {"S": f"*{s_ty}", "T": f"*{t_ty}", "G": f"*{s_ty}", "LABELS": "*i64", "GRAD_SCALE": "*fp32",
+                "PART": "*fp32", "SUMS": "*fp64", "LOSS_PART": "*fp32"}
+    constexprs = dict(DIVERGENCE=dense.DIVERGENCE_IDS[divergence], HAS_LABELS=True, CE=rows.CE_RAW,
+                      BLOCK=cfg.block, PEEL=peel, SPLITS=launch.MAX_SPLITS)
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    signature = {a: pointers.get(a, "i32" if a in _SPLIT_INTS else "fp32")
+                 for a in fn.arg_names if a not in constexprs}
+    # The chunk is whole blocks (launch.vocab_splits): the JIT always specialises it % 16.
+    aligned = [a for a in signature if signature[a].startswith("*")] + ["chunk"]
+    if vocab % 16 == 0:
+        aligned += [a for a in ("s_stride", "t_stride", "g_stride", "V", "g_width") if a in signature]
+    name = f"split {kernel:10s} {divergence if kernel != 'row_stats' else '':10s} block={cfg.block:<5d} " \
+           f"warps={cfg.num_warps:<2d} {dtype_class:6s} (V={vocab}{', peel' if peel else ''})"
+    return name, fn, signature, constexprs, aligned, cfg.num_warps, cfg.num_stages
+
+
+_SPLIT_INTS = ("s_stride", "t_stride", "g_stride", "V", "g_width", "chunk", "s_lead", "ignore_index")
+
+
 def jobs():
     from fastkd.backends.triton import launch
 
@@ -126,6 +154,14 @@ def jobs():
     for divergence, cfg, vocab in launch.config_classes():
         for dtype_class in DTYPE_CLASSES:
             out.append(("forward", (divergence, cfg, vocab, dtype_class)))
+    for divergence, cfg, vocab in launch.split_config_classes():
+        for dtype_class in DTYPE_CLASSES:
+            if divergence == "forward_kl" or _peel(divergence, cfg, vocab, dtype_class) != _peel(
+                    "forward_kl", cfg, vocab, dtype_class):  # the row_stats pass: one per peel
+                out.append(("split", ("row_stats", divergence, cfg, vocab, dtype_class)))
+            if divergence != "forward_kl":
+                out.append(("split", ("row_sums", divergence, cfg, vocab, dtype_class)))
+            out.append(("split", ("write_grad", divergence, cfg, vocab, dtype_class)))
     for dtype_class in DTYPE_CLASSES:
         for odd_vocab in (False, True):
             out.append(("row_stats", (dtype_class, odd_vocab)))
@@ -140,7 +176,8 @@ def compile_one(kind, args):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    make = {"forward": _forward_job, "row_stats": _row_stats_job, "scale_grad": _scale_grad_job}[kind]
+    make = {"forward": _forward_job, "row_stats": _row_stats_job, "scale_grad": _scale_grad_job,
+            "split": _split_job}[kind]
     name, fn, signature, constexprs, aligned, num_warps, num_stages = make(*args)
     for k in constexprs:
         signature[k] = "constexpr"

@@ -336,6 +336,142 @@ def test_peeled_llm_vocab(vocab, dtype, divergence):
 
 
 # ---------------------------------------------------------------------------------------
+# Vocabulary split: few rows at a large V, a row's columns across programs (split.py)
+
+def _check_split(n_rows, vocab, cfg, override=None):
+    split = triton_kd.launch.vocab_splits(n_rows, vocab, cfg, override)
+    if split.splits == 1:
+        return split
+    assert split.chunk % cfg.block == 0                                      # whole blocks, one lead
+    assert (split.splits - 1) * split.chunk < vocab <= split.splits * split.chunk  # no split past V
+    assert split.splits <= triton_kd.launch.MAX_SPLITS
+    return split
+
+
+def test_vocab_splits():
+    """The launch decision: split only multi-block rows, only while the rows alone leave
+    the GPU short of SPLIT_PROGRAMS programs, into splits of at least SPLIT_MIN_BLOCKS
+    blocks; an override asks for a count (bounded by one block per split)."""
+    launch = triton_kd.launch
+    cfg = triton_kd.launch_config(128256, torch.bfloat16, torch.bfloat16, "forward_kl")
+    assert launch.vocab_splits(4, 1000, triton_kd.launch_config(1000, torch.float32, torch.float32, "jsd")).splits == 1
+    assert launch.vocab_splits(launch.SPLIT_PROGRAMS, 128256, cfg).splits == 1     # enough rows
+    assert launch.vocab_splits(8192, 128256, cfg).splits == 1
+    for n in (1, 16, 64, 128, 256):
+        split = _check_split(n, 128256, cfg)
+        assert split.splits > 1 and split.chunk >= launch.SPLIT_MIN_BLOCKS * cfg.block
+        # the programs wanted, or as many splits as their minimum length allows
+        assert n * split.splits >= launch.SPLIT_PROGRAMS or split.chunk < 2 * launch.SPLIT_MIN_BLOCKS * cfg.block
+    small = triton_kd.launch_config(16385, torch.float32, torch.float32, "jsd")
+    assert launch.vocab_splits(1, 12000, small).splits == 1                       # < 2 x SPLIT_MIN_BLOCKS blocks
+    cfg = triton_kd.launch_config(1001, torch.float32, torch.float32, "jsd", block_override=128)
+    assert _check_split(37, 1001, cfg, 3) == launch.VocabSplit(3, 384)
+    assert _check_split(37, 1001, cfg, 100).splits == 8                           # one block each
+    assert launch.vocab_splits(37, 1001, cfg, 1).splits == 1
+    for n in range(1, 300, 7):
+        for vocab in PROBE_VOCABS + [65537, 100003, 200000]:
+            for divergence in DIVERGENCES:
+                _check_split(n, vocab, triton_kd.launch_config(vocab, torch.bfloat16, torch.bfloat16, divergence))
+
+
+SPLIT_BLOCK = 128  # V = 1001: 8 blocks, 3 splits of 3, 3 and 2 blocks
+
+
+@pytest.fixture
+def split_launches(monkeypatch):
+    """Forces the split path at V ~ 1000 (blocks of SPLIT_BLOCK, 3 splits); records the
+    VocabSplit of each split launch."""
+    monkeypatch.setattr(triton_kd.launch, "BLOCK_OVERRIDE", SPLIT_BLOCK)
+    monkeypatch.setattr(triton_kd.launch, "SPLIT_OVERRIDE", 3)
+    log = []
+    launch = triton_kd.split.launch
+
+    def logged(*args, **kwargs):
+        log.append(args[8])
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_kd.split, "launch", logged)
+    return log
+
+
+SPLIT_CASES = [
+    Case(divergence=d, alpha=0.6, temperature=2.0) for d in DIVERGENCES                # CE at T != 1
+] + [
+    Case(divergence=d, alpha=0.6, temperature=1.0) for d in DIVERGENCES                # CE at T == 1
+] + [
+    Case(divergence=d, temperature=0.5) for d in DIVERGENCES                           # no CE
+] + [
+    Case(divergence=d, student_dtype=torch.bfloat16, alpha=0.6, beta=0.3) for d in DIVERGENCES
+] + [
+    Case(divergence=d, inplace=True, alpha=0.6) for d in DIVERGENCES
+] + [
+    Case(divergence=d, vocab=1100, vocab_size=1000, teacher_pad=3, alpha=0.6) for d in ("forward_kl", "tvd")
+] + [
+    Case(divergence="jsd", student_dtype=torch.bfloat16, teacher_dtype=torch.float32, inplace=True, vocab=1100,
+         vocab_size=1000, alpha=0.6),
+    Case(divergence="reverse_kl", vocab=4097, lead=(5,), alpha=0.6),                  # 33 blocks: 3 of 11
+    Case(divergence="jsd", neg_inf="both", alpha=0.6),
+    Case(divergence="tvd", noncontiguous=True, alpha=0.6),
+    Case(divergence="forward_kl", ignore_frac=1.0, alpha=0.6),
+    Case(divergence="reverse_kl", labels=False),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c.id for c in SPLIT_CASES])
+def test_split_matches_reference(case, split_launches):
+    """The split path against float64 under the tolerance policy: every divergence, CE at
+    T != 1 and T == 1 and none, ignored rows, bf16 (peeled rows at V = 1001), in place,
+    a padded student (vocab_size < V: zeros past it), masked entries."""
+    check_case(case, "triton", DEVICE)
+    assert split_launches and all(split.splits == 3 for split in split_launches), split_launches
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_split_agrees_with_one_program_per_row(divergence, inplace, monkeypatch):
+    """Split and one-program-per-row launches of the same rows agree to rounding (the sums
+    are added in another order), per row, with ignored rows and an out-of-range label."""
+    monkeypatch.setattr(triton_kd.launch, "BLOCK_OVERRIDE", SPLIT_BLOCK)
+    s, t, labels = make_inputs(Case(lead=(9,), alpha=0.6, ignore_frac=0.3), DEVICE)
+    s = s.detach()
+    labels[4] = 1001
+    gs = torch.full((), 0.5, device=DEVICE)
+    tail = kernel_settings(1001, divergence=divergence, temperature=2.0, beta=0.3, alpha=0.6)
+    op = torch.ops.fastkd.triton_kd_forward_inplace if inplace else torch.ops.fastkd.triton_kd_forward
+    out = {}
+    for splits in (None, 4):
+        monkeypatch.setattr(triton_kd.launch, "SPLIT_OVERRIDE", splits)
+        x = s.clone()
+        result = op(x, t, labels, gs, None, *tail)
+        out[splits] = (result, x) if inplace else result
+    (loss_a, grad_a), (loss_b, grad_b) = out[None], out[4]
+    assert torch.isnan(loss_b[4]) and torch.isnan(grad_b[4]).all()
+    torch.testing.assert_close(loss_b, loss_a, rtol=2e-6, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-8, equal_nan=True)
+
+
+def test_split_out_of_range_label_gives_nan_row(split_launches):
+    """As the one-program kernel: labels outside [0, V) give a NaN loss and gradient row,
+    ignored rows zeros, in every split's columns."""
+    s, t, _ = make_inputs(Case(lead=(4,)), DEVICE)
+    labels = torch.tensor([3, 1001, -100, -5], dtype=torch.int64, device=DEVICE)
+    loss, grad = torch.ops.fastkd.triton_kd_forward(s.detach(), t, labels, torch.ones((), device=DEVICE), None,
+                                                    *kernel_settings(1001, temperature=2.0, alpha=0.6))
+    assert split_launches
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and loss[2] == 0 and torch.isnan(loss[3])
+    assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1]).all() and (grad[2] == 0).all()
+    assert torch.isnan(grad[3]).all()
+
+
+def test_split_does_not_sync(split_launches, no_host_sync):
+    s, t, labels = make_inputs(Case(lead=(4,), alpha=0.6), DEVICE)
+    gs = torch.ones((), device=DEVICE)
+    torch.ops.fastkd.triton_kd_forward(s.detach(), t, labels, gs, None,
+                                       *kernel_settings(1001, divergence="jsd", temperature=2.0, alpha=0.6))
+    assert split_launches
+
+
+# ---------------------------------------------------------------------------------------
 # scale_grad_
 
 @interpreter_only
@@ -542,12 +678,15 @@ def launch_log(monkeypatch):
 
 
 @interpreter_only
-@pytest.mark.parametrize("path", ["single", "multi"])
+@pytest.mark.parametrize("path", ["single", "multi", "split"])
 def test_every_launch_runs_under_the_tensors_device_guard(path, launch_log, monkeypatch):
     """forward, forward_inplace, row_stats and scale_grad_ each launch inside a guard for
-    their tensors' device (on CUDA: torch.cuda.device(tensor.device); here the CPU's)."""
-    if path == "multi":
+    their tensors' device (on CUDA: torch.cuda.device(tensor.device); here the CPU's); the
+    split path's three kernels too (forward_inplace without row_stats splits)."""
+    if path != "single":
         monkeypatch.setattr(triton_kd.launch, "BLOCK_OVERRIDE", SMALL_BLOCK)
+    if path == "split":
+        monkeypatch.setattr(triton_kd.launch, "SPLIT_OVERRIDE", 2)
     s, t, labels, gs = _op_samples() if path == "single" else (*make_inputs(Case(lead=(4,)), DEVICE)[:3],
                                                                torch.ones((), device=DEVICE))
     s = s.detach()
@@ -558,6 +697,8 @@ def test_every_launch_runs_under_the_tensors_device_guard(path, launch_log, monk
     torch.ops.fastkd.triton_scale_grad_(grad, torch.tensor(2.0, device=DEVICE))
     names = [name for name, _ in launch_log]
     assert {"row_stats_kernel", "kd_forward_kernel", "scale_grad_kernel"} <= set(names), names
+    if path == "split":
+        assert {"split_row_stats_kernel", "split_row_sums_kernel", "split_write_grad_kernel"} <= set(names), names
     assert all(device == s.device for _, device in launch_log), launch_log
 
 

@@ -4,10 +4,12 @@
                    (peeled rows: 16-byte vectors at odd V), exp2 anchors, and the helpers
                    of the three phases below
     launch.py      launch decisions: block sizes, single/multi-block path, warps, the peel,
-                   the device guard every launch runs under, and the configuration
-                   classes the sm_90 no-spill check compiles
+                   the vocabulary split, the device guard every launch runs under, and
+                   the configuration classes the sm_90 no-spill check compiles
     dense.py       the dense KD kernel (all divergences, CE) and the row_stats kernel, with
                    the math, then their launchers
+    split.py       the dense forward with each row's columns split across programs (few
+                   rows at a large V: launch.vocab_splits), in three passes
     scale_grad.py  backward: the stored gradient times grad_output, in place
     __init__.py    the operators (with fake implementations) and ``backend()``
 
@@ -27,7 +29,7 @@ import torch
 
 from ...config import KernelSettings
 from .. import KernelBackend, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_
-from . import dense, launch, rows, scale_grad  # noqa: F401  (launch, rows: for tests and the sm_90 check)
+from . import dense, launch, rows, scale_grad, split  # noqa: F401  (launch, rows, split: tests, the sm_90 check)
 from .launch import MAX_BLOCK, SINGLE_BLOCK_MAX, LaunchConfig, config_classes, launch_config  # noqa: F401
 from .rows import kernels_interpreted
 

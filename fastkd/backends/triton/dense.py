@@ -66,7 +66,7 @@ import triton.language as tl
 from ...config import DIVERGENCES, KernelSettings, resolve_divergence
 from .. import check_operator_args
 from . import launch
-from .launch import base_lead, kernel_launch, launch_config, peel_columns, warps_for
+from .launch import base_lead, kernel_launch, launch_config, peel_columns, vocab_splits, warps_for
 from .rows import (CE_NONE, CE_RAW, CE_SHARED, LN2, LOG2E, ROW_STATS_WIDTH, add_block_sums, aligned_base,
                    anchor, anchors, fill_row, load_block, load_pair, row_base, row_stats_block, row_stats_sweep,
                    row_lead, write_grad, write_grad_block, zero32, zero64)
@@ -201,17 +201,92 @@ def _row_sums_parts(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE: tl
 
 
 @triton.jit
-def _row_sums_sweep(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta, log2_1mb, acc0, acc1, acc2, acc3,
-                    DIVERGENCE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
-    """row_sums of the multi-block path (tvd, reverse_kl, jsd): one more read of the row,
+def _row_sums_sweep(s_base, t_base, lead, begin, end, V, c, lse2_s, lse2_t, log2_beta, log2_1mb,
+                    acc0, acc1, acc2, acc3, DIVERGENCE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
+    """row_sums of the multi-block path (tvd, reverse_kl, jsd) over the blocks at positions
+    [begin, end) of the row's frame (``row_stats_sweep``): one more read of the row,
     the four sums of ``_row_sums_parts`` added block by block onto acc0..acc3, in their
     precision (``add_block_sums``). Scalar running sums: vector accumulators would cost
     4 x 8 registers on top of the divergence math."""
-    for start in range(0, V + lead, BLOCK):
+    for start in range(begin, end, BLOCK):
         s, t, _ = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
         x0, x1, x2, x3 = _row_sums_parts(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
         acc0, acc1, acc2, acc3 = add_block_sums(acc0, acc1, acc2, acc3, x0, x1, x2, x3)
     return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE: tl.constexpr):
+    """From the four row sums (tvd, reverse_kl, jsd): the gradient's row constants k0..k3
+    (what ``_block_grad`` reads) and the sums' value of D (``_divergence_value``)."""
+    if DIVERGENCE == _TVD:
+        # h_i - sum_j q_j h_j = sum_j q_j (h_i - h_j): masses on the other sides, exact.
+        # D <= 1 is finite, so D - D is 0 unless the row holds a NaN, which the sign
+        # comparisons would otherwise drop from the gradient.
+        D, q_pos, q_neg, q_tie = sum0, sum1, sum2, sum3
+        nan_or_zero = D - D
+        k0 = q_neg + 0.5 * q_tie + nan_or_zero
+        k1 = -(q_pos + 0.5 * q_tie) + nan_or_zero
+        k2 = 0.5 * (q_neg - q_pos) + nan_or_zero
+        k3 = 0.0
+        value = D
+    else:  # reverse_kl, jsd: dD/d(s/T) = scale q (h - sum q h)
+        h_mean, small_q_n, small_qh_n, qh = _centring(sum0, sum1, sum2, sum3)
+        k0, k1, k2 = small_q_n, small_qh_n, h_mean
+        if DIVERGENCE == _JSD:
+            k3 = (1.0 - beta) * LN2
+        else:
+            k3 = LN2
+        value = qh
+    return k0, k1, k2, k3, value
+
+
+@triton.jit
+def _divergence_value(sums_value, sweep_value, beta, DIVERGENCE: tl.constexpr):
+    """D from the row sums' value (``_grad_constants``: tvd's D, the centred sum q h) and
+    the write_grad sweep's (forward_kl's sum p (lp - lq), JSD's sum p (lp - lm), in bits).
+    Linear in each: the split path adds it up per split."""
+    if DIVERGENCE == _FORWARD_KL:
+        return sweep_value * LN2
+    elif DIVERGENCE == _TVD:
+        return sums_value
+    elif DIVERGENCE == _JSD:
+        return (beta * sweep_value + (1.0 - beta) * sums_value) * LN2
+    else:
+        return sums_value * LN2
+
+
+@triton.jit
+def _write_grad_sweep(s_base, t_base, g_base, lead, begin, end, V, g_width, label, c, lse2_s, lse2_t, log2_beta,
+                      log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gce,
+                      DIVERGENCE: tl.constexpr, CE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
+    """write_grad of the multi-block path over the blocks at positions [begin, end) of a
+    row's frame (rows.py: peeled rows; 0 and g_width + lead: the whole row), given the
+    row constants k0..k3 (``_grad_constants``; unused by forward_kl). Returns the sweep's
+    value of D (``_divergence_value``): forward_kl's terms summed as a per-lane vector,
+    JSD's sum p (log p - log m) (the loss only) one block sum per block: as a fifth sum of
+    the sums sweep it took the 16-bit build from 64 to 70 registers (a 4-byte spill under
+    the CUDA toolkit's ptxas)."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    kl_pm = zero32()
+    for start in range(begin, end, BLOCK):
+        s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
+        if DIVERGENCE == _FORWARD_KL:
+            d, w = _forward_kl_terms(s, t, c, lse2_s, lse2_t)
+            acc += d
+        elif DIVERGENCE == _TVD:
+            q, diff, half_abs, pos, neg, tie = _tvd_terms(s, t, c, lse2_s, lse2_t)
+            w = _tvd_grad(q, diff, k0, k1, k2)
+        else:
+            q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
+            if DIVERGENCE == _JSD:
+                kl_pm += tl.sum(pm, axis=0)
+            w = _centre(q, h, k0, k1, k2, k3)
+        write_grad_block(g_base, start, block_cols, V, g_width, s, w, gdiv, label, lse2_r, gce, CE, BLOCK, PEEL)
+    if DIVERGENCE == _FORWARD_KL:
+        return tl.sum(acc, axis=0)
+    else:
+        return kl_pm
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,8 +323,8 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
         if SINGLE_BLOCK:
             m_s, z_s, m_t, z_t, z_r = row_stats_block(s, t, c, inv_temperature, temperature, CE == _CE_RAW)
         else:
-            m_s, z_s, m_t, z_t, z_r = row_stats_sweep(s_base, t_base, lead, V, c, inv_temperature, temperature,
-                                                      BLOCK, CE == _CE_RAW, PEEL)
+            m_s, z_s, m_t, z_t, z_r = row_stats_sweep(s_base, t_base, lead, 0, V + lead, V, c, inv_temperature,
+                                                      temperature, BLOCK, CE == _CE_RAW, PEEL)
         a_s, a_t, a_r = anchors(m_s, m_t, inv_temperature, temperature)
     if CE == _CE_SHARED:  # T == 1: the CE softmax is the student's own
         z_r = z_s
@@ -266,48 +341,32 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
         if SINGLE_BLOCK:
             d, w = _forward_kl_terms(s, t, c, lse2_s, lse2_t)
             write_grad(g_row, cols, V, g_width, s, w, gdiv, label, lse2_r, gce, CE)
-            D = tl.sum(d, axis=0)
+            D = _divergence_value(0.0, tl.sum(d, axis=0), beta, DIVERGENCE)
         else:
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, g_width + lead, BLOCK):
-                s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
-                d, w = _forward_kl_terms(s, t, c, lse2_s, lse2_t)
-                acc += d
-                write_grad_block(g_base, start, block_cols, V, g_width, s, w, gdiv, label, lse2_r, gce, CE, BLOCK, PEEL)
-            D = tl.sum(acc, axis=0)
-        D = D * LN2
+            d_sum = _write_grad_sweep(s_base, t_base, g_base, lead, 0, g_width + lead, V, g_width, label, c, lse2_s,
+                                      lse2_t, log2_beta, log2_1mb, 0.0, 0.0, 0.0, 0.0, gdiv, lse2_r, gce, DIVERGENCE,
+                                      CE, BLOCK, PEEL)
+            D = _divergence_value(0.0, d_sum, beta, DIVERGENCE)
     elif DIVERGENCE == _TVD:
         if SINGLE_BLOCK:
             q, diff, half_abs, pos, neg, tie = _tvd_terms(s, t, c, lse2_s, lse2_t)
-            D = tl.sum(half_abs, axis=0)
-            q_pos = tl.sum(pos, axis=0)
-            q_neg = tl.sum(neg, axis=0)
-            q_tie = tl.sum(tie, axis=0)
+            sum0 = tl.sum(half_abs, axis=0)
+            sum1 = tl.sum(pos, axis=0)
+            sum2 = tl.sum(neg, axis=0)
+            sum3 = tl.sum(tie, axis=0)
         else:  # fp32 running sums
             zero = zero32()
-            D, q_pos, q_neg, q_tie = _row_sums_sweep(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta,
-                                                     log2_1mb, zero, zero, zero, zero, DIVERGENCE, BLOCK, PEEL)
-        # h_i - sum_j q_j h_j = sum_j q_j (h_i - h_j): masses on the other sides, exact.
-        # D <= 1 is finite, so D - D is 0 unless the row holds a NaN, which the sign
-        # comparisons would otherwise drop from the gradient.
-        nan_or_zero = D - D
-        g_pos = q_neg + 0.5 * q_tie + nan_or_zero
-        g_neg = -(q_pos + 0.5 * q_tie) + nan_or_zero
-        g_tie = 0.5 * (q_neg - q_pos) + nan_or_zero
+            sum0, sum1, sum2, sum3 = _row_sums_sweep(s_base, t_base, lead, 0, V + lead, V, c, lse2_s, lse2_t,
+                                                     log2_beta, log2_1mb, zero, zero, zero, zero, DIVERGENCE, BLOCK,
+                                                     PEEL)
+        k0, k1, k2, k3, sums_value = _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE)
         if SINGLE_BLOCK:
-            write_grad(g_row, cols, V, g_width, s, _tvd_grad(q, diff, g_pos, g_neg, g_tie), gdiv, label, lse2_r,
-                       gce, CE)
+            write_grad(g_row, cols, V, g_width, s, _tvd_grad(q, diff, k0, k1, k2), gdiv, label, lse2_r, gce, CE)
         else:
-            for start in range(0, g_width + lead, BLOCK):
-                s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
-                q, diff, half_abs, pos, neg, tie = _tvd_terms(s, t, c, lse2_s, lse2_t)
-                write_grad_block(g_base, start, block_cols, V, g_width, s, _tvd_grad(q, diff, g_pos, g_neg, g_tie),
-                                 gdiv, label, lse2_r, gce, CE, BLOCK, PEEL)
+            _write_grad_sweep(s_base, t_base, g_base, lead, 0, g_width + lead, V, g_width, label, c, lse2_s, lse2_t,
+                              log2_beta, log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gce, DIVERGENCE, CE, BLOCK, PEEL)
+        D = _divergence_value(sums_value, 0.0, beta, DIVERGENCE)
     else:  # reverse_kl, jsd: dD/d(s/T) = scale q (h - sum q h)
-        if DIVERGENCE == _JSD:
-            scale = (1.0 - beta) * LN2
-        else:
-            scale = LN2
         # Row sums: a tree within a block (tl.sum / tl.reduce: a few in-thread adds, then
         # shuffles), and across the blocks of a row (16 at V = 32000, 128 at 262144) fp64
         # running sums, one fp64 add per sum per block. Measured under the interpreter, fp32,
@@ -317,37 +376,25 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
         if SINGLE_BLOCK:
             q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
             sq, sqh, bqh, bq = _centred_sums(q, h)
-            small_q = tl.sum(sq, axis=0)
-            small_qh = tl.sum(sqh, axis=0)
-            big_qh = tl.sum(bqh, axis=0)
-            big_q = tl.sum(bq, axis=0)
+            sum0 = tl.sum(sq, axis=0)
+            sum1 = tl.sum(sqh, axis=0)
+            sum2 = tl.sum(bqh, axis=0)
+            sum3 = tl.sum(bq, axis=0)
             if DIVERGENCE == _JSD:
                 kl_pm = tl.sum(pm, axis=0)
         else:  # fp64 running sums
             zero = zero64()
-            small_q, small_qh, big_qh, big_q = _row_sums_sweep(s_base, t_base, lead, V, c, lse2_s, lse2_t,
-                                                               log2_beta, log2_1mb, zero, zero, zero, zero,
-                                                               DIVERGENCE, BLOCK, PEEL)
-        h_mean, small_q_n, small_qh_n, qh = _centring(small_q, small_qh, big_qh, big_q)
+            sum0, sum1, sum2, sum3 = _row_sums_sweep(s_base, t_base, lead, 0, V + lead, V, c, lse2_s, lse2_t,
+                                                     log2_beta, log2_1mb, zero, zero, zero, zero, DIVERGENCE, BLOCK,
+                                                     PEEL)
+        k0, k1, k2, k3, sums_value = _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE)
         if SINGLE_BLOCK:
-            write_grad(g_row, cols, V, g_width, s, _centre(q, h, small_q_n, small_qh_n, h_mean, scale), gdiv, label,
-                       lse2_r, gce, CE)
+            write_grad(g_row, cols, V, g_width, s, _centre(q, h, k0, k1, k2, k3), gdiv, label, lse2_r, gce, CE)
         else:
-            # JSD's sum p (log p - log m) (the loss only) is taken here, one block sum per
-            # block: as a fifth sum of the sums sweep it took the 16-bit build from 64 to 70
-            # registers (a 4-byte spill under the CUDA toolkit's ptxas).
-            for start in range(0, g_width + lead, BLOCK):
-                s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
-                q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
-                if DIVERGENCE == _JSD:
-                    kl_pm += tl.sum(pm, axis=0)
-                write_grad_block(g_base, start, block_cols, V, g_width, s,
-                                 _centre(q, h, small_q_n, small_qh_n, h_mean, scale), gdiv, label, lse2_r, gce,
-                                 CE, BLOCK, PEEL)
-        if DIVERGENCE == _JSD:
-            D = (beta * kl_pm + (1.0 - beta) * qh) * LN2
-        else:
-            D = qh * LN2
+            kl_pm = _write_grad_sweep(s_base, t_base, g_base, lead, 0, g_width + lead, V, g_width, label, c, lse2_s,
+                                      lse2_t, log2_beta, log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gce, DIVERGENCE,
+                                      CE, BLOCK, PEEL)
+        D = _divergence_value(sums_value, kl_pm, beta, DIVERGENCE)
 
     if SINGLE_BLOCK:
         fill_row(g_row, BLOCK, g_width, 0.0, BLOCK)  # student columns past the block
@@ -403,8 +450,8 @@ def row_stats_kernel(S, T, OUT, s_stride, t_stride, V, s_lead, c, inv_temperatur
     row = tl.program_id(0).to(tl.int64)
     lead = row_lead(s_lead, row, s_stride, PEEL)
     m_s, z_s, m_t, z_t, z_r = row_stats_sweep(aligned_base(row_base(S, row, s_stride), lead, PEEL),
-                                              aligned_base(row_base(T, row, t_stride), lead, PEEL), lead, V, c,
-                                              inv_temperature, temperature, BLOCK, RAW == _CE_RAW, PEEL)
+                                              aligned_base(row_base(T, row, t_stride), lead, PEEL), lead, 0, V + lead,
+                                              V, c, inv_temperature, temperature, BLOCK, RAW == _CE_RAW, PEEL)
     if RAW == _CE_SHARED:
         z_r = z_s
     out = OUT + row * _ROW_STATS_WIDTH
@@ -445,6 +492,16 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSe
     cfg = launch_config(k.vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE)
     peel = 0 if cfg.single_block else peel_columns(k.vocab_size, divergence, student, teacher, grad)
     c, inv_t, temp, log2_beta, log2_1mb = kernel_scalars(k.inv_temperature, k.beta)
+    # Few rows at a large V: the vocabulary split across programs (split.py). A caller's
+    # row_stats take the one-program kernel (the split path reads the label's logit in its
+    # own row_stats pass, before the in-place write).
+    split = vocab_splits(n, k.vocab_size, cfg, launch.SPLIT_OVERRIDE) if row_stats is None else None
+    if split is not None and split.splits > 1:
+        from . import split as split_path  # it builds on this module's kernels
+
+        return split_path.launch(student, teacher, labels, grad_scale, grad, k, divergence, cfg, split, peel,
+                                 base_lead(student, peel), (c, inv_t, temp, log2_beta, log2_1mb),
+                                 _ce_mode(k.ce_weight, k.inv_temperature))
     with kernel_launch(student.device):
         kd_forward_kernel[(n,)](
             student, teacher, grad, loss,

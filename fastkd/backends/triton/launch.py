@@ -14,8 +14,11 @@ Multi-block rows that do not start on 16 bytes (odd V) are peeled (rows.py: peel
 where :func:`peel_columns` finds one lead that aligns every tensor. Every launch runs under
 :func:`kernel_launch`: the tensors' device guard (Triton launches on the current device).
 
-:func:`config_classes` lists the distinct configurations these can return, for the sm_90
-no-spill compile check (``.ci/triton_sm90_check.py``, tests/test_triton_compile.py).
+:func:`vocab_splits` cuts the multi-block rows' columns across programs when there are
+few rows (dense.py's split path, split.py).
+
+:func:`config_classes` (and :func:`split_config_classes`) list the distinct configurations
+these can return, for the sm_90 no-spill compile check (``.ci/triton_sm90_check.py``, tests/test_triton_compile.py).
 """
 import contextlib
 from dataclasses import dataclass
@@ -52,6 +55,21 @@ SCALE_BLOCK = 4096
 BLOCK_OVERRIDE: Optional[int] = None
 
 
+# The vocabulary split (:func:`vocab_splits`): few rows at a large V would leave most SMs
+# idle with one program per row, so each row's columns are cut into splits of whole blocks,
+# one program each. Aim: SPLIT_PROGRAMS programs (two per SM of an H100, 132 SMs), each
+# split at least SPLIT_MIN_BLOCKS blocks long (its sweeps still stream, and the partial
+# statistics stay a small fraction of the traffic), at most MAX_SPLITS splits (the width
+# the combining programs load as one vector). Not yet tuned on a GPU.
+SPLIT_PROGRAMS = 2 * 132
+SPLIT_MIN_BLOCKS = 4
+MAX_SPLITS = 64
+
+# Tests force a number of splits (at V ~ 1000, with BLOCK_OVERRIDE). Read at each launch as
+# ``launch.SPLIT_OVERRIDE``.
+SPLIT_OVERRIDE: Optional[int] = None
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     block: int           # columns of each tensor per block (power of two, <= MAX_BLOCK)
@@ -79,6 +97,41 @@ def launch_config(vocab_size: int, student_dtype: torch.dtype, teacher_dtype: to
     if full <= SINGLE_BLOCK_MAX[divergence]:
         return LaunchConfig(full, True, warps_for(full))
     return LaunchConfig(MULTI_BLOCK, False, warps_for(MULTI_BLOCK))
+
+
+@dataclass(frozen=True)
+class VocabSplit:
+    splits: int  # programs per row (1: the one-program-per-row kernel)
+    chunk: int   # columns per split, a multiple of the block (the last split takes the rest)
+
+
+def vocab_splits(n_rows: int, vocab_size: int, cfg: LaunchConfig,
+                 split_override: Optional[int] = None) -> VocabSplit:
+    """How many programs share each row's columns (the split path of dense.py).
+
+    1 for the single-block path (the row lives in registers), when the rows alone reach
+    SPLIT_PROGRAMS programs, or when a split would cover fewer than SPLIT_MIN_BLOCKS
+    blocks. Otherwise enough splits for n_rows * splits >= SPLIT_PROGRAMS, within those
+    bounds and MAX_SPLITS. ``split_override`` (tests) asks for that many splits, bounded
+    by one block per split and MAX_SPLITS. The chunk is rounded up to whole blocks, so
+    every split starts on a block (and a 16-byte granule: peeled rows keep one lead) and
+    the count is then recomputed: every split holds at least one column below V.
+    """
+    if cfg.single_block or n_rows <= 0:
+        return VocabSplit(1, vocab_size)
+    blocks = triton.cdiv(vocab_size, cfg.block)
+    if split_override is not None:
+        want = min(int(split_override), blocks)
+    elif n_rows >= SPLIT_PROGRAMS:
+        want = 1
+    else:
+        want = min(triton.cdiv(SPLIT_PROGRAMS, n_rows), blocks // SPLIT_MIN_BLOCKS)
+    want = min(want, MAX_SPLITS)
+    if want < 2:
+        return VocabSplit(1, vocab_size)
+    chunk = triton.cdiv(blocks, want) * cfg.block
+    splits = triton.cdiv(vocab_size, chunk)
+    return VocabSplit(splits, chunk) if splits > 1 else VocabSplit(1, vocab_size)
 
 
 def peel_columns(vocab_size: int, divergence: Optional[str], student: torch.Tensor, *others: torch.Tensor) -> int:
@@ -174,6 +227,13 @@ def config_classes():
     out = list(largest.values())
     out += [entry for key, entry in smallest.items() if entry[1] != largest[key][1]]
     return out
+
+
+def split_config_classes():
+    """The configurations of the vocabulary-split kernels (split.py): the multi-block
+    classes of :func:`config_classes`, the only ones :func:`vocab_splits` splits. Its
+    passes run the forward kernel's sweeps at the same block, warps and peel."""
+    return [entry for entry in config_classes() if not entry[1].single_block]
 
 
 def device_guard(device: torch.device):

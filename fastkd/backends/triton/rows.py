@@ -152,14 +152,16 @@ def anchors(m_s, m_t, inv_temperature, temperature):
 
 
 @triton.jit
-def row_stats_sweep(s_base, t_base, lead, V, c, inv_temperature, temperature,
+def row_stats_sweep(s_base, t_base, lead, begin, end, V, c, inv_temperature, temperature,
                     BLOCK: tl.constexpr, RAW: tl.constexpr, PEEL: tl.constexpr):
     """row_stats in one read of the row: max and sum-exp of s/T and t/T (and of s, when RAW).
 
     Returns raw maxes (logit units) and sums anchored as in :func:`anchors`. The sums are
     per-lane vectors, rescaled by one scalar factor when the block max moves: one exp2
     per element per side, one cross-warp reduction (the max) per block. ``s_base``,
-    ``t_base`` and ``lead``: the row's frame (``aligned_base``, ``row_lead``).
+    ``t_base`` and ``lead``: the row's frame (``aligned_base``, ``row_lead``); the blocks at
+    positions [begin, end) of it: 0 and V + lead for the whole row, a range of whole blocks
+    for one split of it (dense.py's split path).
     """
     m_s = float("-inf")
     m_t = float("-inf")
@@ -169,7 +171,7 @@ def row_stats_sweep(s_base, t_base, lead, V, c, inv_temperature, temperature,
     z_s = tl.zeros([BLOCK], dtype=tl.float32)
     z_t = tl.zeros([BLOCK], dtype=tl.float32)
     z_r = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, V + lead, BLOCK):
+    for start in range(begin, end, BLOCK):
         s, t, _ = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
         m_s = tl.maximum(m_s, tl.max(s, axis=0))
         m_t = tl.maximum(m_t, tl.max(t, axis=0))

@@ -216,6 +216,19 @@ def _row_sums_sweep(s_base, t_base, lead, begin, end, V, c, lse2_s, lse2_t, log2
 
 
 @triton.jit
+def _row_sums_whole_row(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE: tl.constexpr,
+                        BLOCK: tl.constexpr, PEEL: tl.constexpr):
+    """``_row_sums_sweep`` over the whole row, in each divergence's precision: fp32 running
+    sums for tvd's side masses, fp64 for the centring sums of reverse_kl and jsd."""
+    if DIVERGENCE == _TVD:
+        zero = zero32()
+    else:
+        zero = zero64()
+    return _row_sums_sweep(s_base, t_base, lead, 0, V + lead, V, c, lse2_s, lse2_t, log2_beta, log2_1mb,
+                           zero, zero, zero, zero, DIVERGENCE, BLOCK, PEEL)
+
+
+@triton.jit
 def _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE: tl.constexpr):
     """From the four row sums (tvd, reverse_kl, jsd): the gradient's row constants k0..k3
     (what ``_block_grad`` reads) and the sums' value of D (``_divergence_value``)."""
@@ -354,11 +367,9 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
             sum1 = tl.sum(pos, axis=0)
             sum2 = tl.sum(neg, axis=0)
             sum3 = tl.sum(tie, axis=0)
-        else:  # fp32 running sums
-            zero = zero32()
-            sum0, sum1, sum2, sum3 = _row_sums_sweep(s_base, t_base, lead, 0, V + lead, V, c, lse2_s, lse2_t,
-                                                     log2_beta, log2_1mb, zero, zero, zero, zero, DIVERGENCE, BLOCK,
-                                                     PEEL)
+        else:
+            sum0, sum1, sum2, sum3 = _row_sums_whole_row(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta,
+                                                         log2_1mb, DIVERGENCE, BLOCK, PEEL)
         k0, k1, k2, k3, sums_value = _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE)
         if SINGLE_BLOCK:
             write_grad(g_row, cols, V, g_width, s, _tvd_grad(q, diff, k0, k1, k2), gdiv, label, lse2_r, gce, CE)
@@ -382,11 +393,9 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
             sum3 = tl.sum(bq, axis=0)
             if DIVERGENCE == _JSD:
                 kl_pm = tl.sum(pm, axis=0)
-        else:  # fp64 running sums
-            zero = zero64()
-            sum0, sum1, sum2, sum3 = _row_sums_sweep(s_base, t_base, lead, 0, V + lead, V, c, lse2_s, lse2_t,
-                                                     log2_beta, log2_1mb, zero, zero, zero, zero, DIVERGENCE, BLOCK,
-                                                     PEEL)
+        else:
+            sum0, sum1, sum2, sum3 = _row_sums_whole_row(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta,
+                                                         log2_1mb, DIVERGENCE, BLOCK, PEEL)
         k0, k1, k2, k3, sums_value = _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE)
         if SINGLE_BLOCK:
             write_grad(g_row, cols, V, g_width, s, _centre(q, h, k0, k1, k2, k3), gdiv, label, lse2_r, gce, CE)

@@ -175,11 +175,35 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Bytes held by freed CPU gradient buffers kept for reuse");
   m.attr("int_settings") = fastkd::names(fastkd::kIntSettingNames, fastkd::kNumIntSettings);
   m.attr("float_settings") = fastkd::names(fastkd::kFloatSettingNames, fastkd::kNumFloatSettings);
+#define FASTKD_STR(...) #__VA_ARGS__
+#define FASTKD_XSTR(...) FASTKD_STR(__VA_ARGS__)
+  // What the CPU kernel was compiled for (python -m fastkd.info reports it): the widest
+  // vector ISA the compiler was allowed, the -march and torch of the build (cpp_build.py).
+#if defined(__AVX512F__)
+  m.attr("cpu_isa") = "avx512";
+#elif defined(__AVX2__)
+  m.attr("cpu_isa") = "avx2";
+#elif defined(__AVX__)
+  m.attr("cpu_isa") = "avx";
+#elif defined(__SSE2__)
+  m.attr("cpu_isa") = "sse2";
+#elif defined(__ARM_NEON)
+  m.attr("cpu_isa") = "neon";
+#else
+  m.attr("cpu_isa") = "scalar";
+#endif
+#ifdef FASTKD_CPU_ARCH
+  m.attr("cpu_arch") = FASTKD_XSTR(FASTKD_CPU_ARCH);
+#endif
+#ifdef FASTKD_TORCH_VERSION
+  m.attr("built_with_torch") = FASTKD_XSTR(FASTKD_TORCH_VERSION);
+#endif
+#ifdef __VERSION__
+  m.attr("compiler") = __VERSION__;
+#endif
 #ifdef FASTKD_WITH_CUDA
   m.attr("with_cuda") = true;
 #ifdef FASTKD_CUDA_ARCHS  // -DFASTKD_CUDA_ARCHS=8.0,9.0a (cpp_build.py) -> "8.0,9.0a"
-#define FASTKD_STR(...) #__VA_ARGS__
-#define FASTKD_XSTR(...) FASTKD_STR(__VA_ARGS__)
   m.attr("cuda_archs") = FASTKD_XSTR(FASTKD_CUDA_ARCHS);
 #endif
 #else

@@ -144,7 +144,17 @@ def cxx_flags() -> list:
     arch = os.environ.get("FASTKD_CPU_ARCH", "native")
     # No trapping math: lets GCC if-convert the selects in the exp/log polynomials so the
     # row loops vectorise (10x); NaN and inf semantics are unchanged (no -ffast-math).
-    return ["-O3", "-fopenmp", f"-march={arch}", "-fno-trapping-math", "-fno-math-errno"]
+    return ["-O3", "-fopenmp", f"-march={arch}", "-fno-trapping-math", "-fno-math-errno"] + build_info_flags(arch)
+
+
+def build_info_flags(arch: str) -> list:
+    """Defines that fastkd._C reports back (attributes ``cpu_arch``, ``built_with_torch``;
+    ``python -m fastkd.info``): what -march it got and which torch it was compiled against,
+    the first thing to compare when a prebuilt extension fails to load."""
+    import torch
+
+    version = re.sub(r"[^0-9A-Za-z.+_-]", "_", torch.__version__)  # survives the shell unquoted
+    return [f"-DFASTKD_CPU_ARCH={arch}", f"-DFASTKD_TORCH_VERSION={version}"]
 
 
 _ARCH_ENTRY = re.compile(r"(\d+)\.(\d+)([af]?)(\+PTX)?")

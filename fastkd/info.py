@@ -61,7 +61,7 @@ def extension_status(build: bool) -> Dict[str, object]:
         prebuilt = glob.glob(os.path.join(os.path.dirname(__file__), "_C*.so")) + glob.glob(
             os.path.join(os.path.dirname(__file__), "_C*.pyd"))
         status["problem"] = (f"the prebuilt {os.path.basename(prebuilt[0])} does not load: {exc}" if prebuilt
-                             else "no prebuilt extension (the package was not built with pip install)")
+                             else "no prebuilt extension (a source tree not built yet, or an isolated `pip install .`, which cannot compile it)")
     from .backends import cpp_build
 
     sources = [p for p in cpp_build.cpu_sources() if os.path.isfile(p)]

@@ -40,8 +40,20 @@ import shutil
 import subprocess
 import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CSRC = os.path.join(ROOT, "csrc")
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(PACKAGE)
+
+
+def _find_csrc() -> str:
+    """The C++ sources: csrc/ of a source checkout (or unpacked sdist), else the copy that
+    wheels carry as fastkd/_csrc (setup.py), so the JIT fallback works from an installed
+    wheel too (e.g. after a torch upgrade that the prebuilt extension does not load with)."""
+    checkout = os.path.join(ROOT, "csrc")
+    packaged = os.path.join(PACKAGE, "_csrc")
+    return checkout if os.path.isdir(checkout) or not os.path.isdir(packaged) else packaged
+
+
+CSRC = _find_csrc()
 DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 # The first architecture with thread-block clusters (csrc/cuda/kd_cluster.cu).
 CLUSTER_ARCH = 90

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds fastkd's sdist and wheel and installs each in a clean venv, as a user would:
-#   1. sdist + wheel with `python -m build --no-isolation` (against the torch installed here);
+#   1. sdist + wheel with `python -m build --no-isolation`, in a venv with TORCH_SPEC's torch;
 #   2. the wheel into a fresh venv with torch: the prebuilt extension loads, the cpu backend
 #      runs, `python -m fastkd.info` works;
 #   3. the sdist into a fresh venv with `pip install --no-build-isolation`: same checks;
 #   4. a plain (isolated) `pip install .` into a fresh venv: fastkd installs without fastkd._C,
 #      says so, and the first call compiles it from the sources the wheel carries.
-# Usage: bash .ci/package_check.sh [TORCH_SPEC]   (default torch==2.13.0). About 8 minutes on
+# Usage: bash .ci/package_check.sh [TORCH_SPEC]   (default torch==2.13.0). About 11 minutes on
 # a 2-core machine. `FASTKD_PACKAGE_CHECK=1 bash .ci/run` adds it to CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,9 +15,17 @@ WORK="$(mktemp -d /tmp/fastkd-package-XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 say() { printf '\n== %s\n' "$*"; }
 
-say "building sdist and wheel (no isolation, torch $(python -c 'import torch; print(torch.__version__)'))"
-python -m pip install -q build
-python -m build --no-isolation --sdist --wheel --outdir "$WORK/dist" . > "$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; exit 1; }
+fresh_venv() {
+  python -m venv "$1"
+  "$1/bin/python" -m pip install -q "$TORCH_SPEC" numpy ninja "setuptools>=64" wheel
+}
+
+# The wheel is built against TORCH_SPEC's torch, in a venv of its own, as a user building
+# for that torch would.
+fresh_venv "$WORK/venv-build"
+"$WORK/venv-build/bin/python" -m pip install -q build
+say "building sdist and wheel (no isolation, torch $("$WORK/venv-build/bin/python" -c 'import torch; print(torch.__version__)'))"
+MAX_JOBS=2 "$WORK/venv-build/bin/python" -m build --no-isolation --sdist --wheel --outdir "$WORK/dist" . > "$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; exit 1; }
 ls -l "$WORK/dist"
 SDIST=$(ls "$WORK"/dist/fastkd-*.tar.gz)
 WHEEL=$(ls "$WORK"/dist/fastkd-*.whl)
@@ -36,11 +44,6 @@ loss = fastkd.kd_loss(s, t, temperature=2.0, backend="cpu"); loss.backward()
 ref = fastkd.reference.kd_loss(s.detach().double(), t.double(), temperature=2.0)
 assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item()), (loss.item(), ref.item())
 print("fastkd", fastkd.__version__, "from", fastkd.__file__, "cpu backend ok, loss", round(loss.item(), 6))'
-
-fresh_venv() {
-  python -m venv "$1"
-  "$1/bin/python" -m pip install -q "$TORCH_SPEC" numpy ninja "setuptools>=64" wheel
-}
 
 say "wheel into a clean venv"
 fresh_venv "$WORK/venv-wheel"

@@ -8,6 +8,7 @@ import inspect
 import itertools
 import math
 import os
+import warnings
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -464,6 +465,54 @@ def test_fused_linear_loss_and_gradients_equal_gkd(tmp_path):
     # Evaluation with outputs falls back to the logits path (the fused loss on logits).
     loss, outputs = trainer.compute_loss(student, dict(inputs), return_outputs=True)
     assert outputs.logits.shape[-1] == VOCAB and math.isfinite(loss.item())
+
+
+def test_fused_linear_runs_inside_a_wrapper_and_falls_back(tmp_path, monkeypatch):
+    trainer, _ = make_trainer(ftrl.FastKDGKDTrainer, tmp_path, max_steps=1)
+    student, inputs = trainer.model, gkd_inputs()
+
+    class Wrapper(torch.nn.Module):  # DDP-like: its forward calls the wrapped module
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    wrapper = Wrapper(student)
+    unwrap = trainer.accelerator.unwrap_model
+    monkeypatch.setattr(trainer.accelerator, "unwrap_model",
+                        lambda m, *a, **k: m.module if isinstance(m, Wrapper) else unwrap(m, *a, **k))
+    own_forward = student.__dict__.get("forward")
+    direct = trainer.compute_loss(student, dict(inputs))
+    wrapped = trainer.compute_loss(wrapper, dict(inputs))
+    assert wrapper.calls == 1 and student.__dict__.get("forward") is own_forward
+    assert wrapped.item() == direct.item()
+
+    # Logits the LM head does not produce alone: the logits path, with one warning.
+    head_calls = []
+    hook = student.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
+    try:
+        student.config.final_logit_softcapping = 30.0   # (Llama ignores it: same loss)
+        with pytest.warns(UserWarning, match="from the logits"):
+            fallback = trainer.compute_loss(student, dict(inputs))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.compute_loss(student, dict(inputs))
+        assert not [w for w in caught if "fastkd" in str(w.message)]  # warned once only
+    finally:
+        hook.remove()
+        student.config.final_logit_softcapping = None
+    assert len(head_calls) == 2
+    assert fallback.item() == pytest.approx(direct.item(), rel=1e-5)
+
+
+def test_import_fastkd_does_not_import_trl():
+    import subprocess
+    import sys
+    code = "import sys, fastkd; assert not any(m.split('.')[0] in ('trl', 'transformers') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
 
 
 def test_lm_head_parts_refuses_postprocessed_logits():

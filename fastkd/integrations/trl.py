@@ -78,7 +78,8 @@ as ``GKDTrainer.compute_loss``, without the logits. It falls back to the logits 
 the fused loss) when it cannot prove the logits are ``lm_head(last_hidden_state)``: no
 ``nn.Linear`` output embedding, no separate ``base_model``, or a config that post-processes
 the logits (``final_logit_softcapping``, ``logit_scale``, ``output_multiplier``,
-``lm_head_multiplier``, ``logits_scaling``), and when ``compute_loss`` must return the
+``lm_head_multiplier``, ``logits_scaling``), under DeepSpeed or FSDP (their sharded LM
+heads are gathered only when called as modules), and when ``compute_loss`` must return the
 outputs (evaluation with predictions).
 
 This module imports ``trl`` (``import fastkd`` never does); the trainer classes import
@@ -103,7 +104,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
 from ..api import kd_loss
 from ..fused_linear import fused_linear_kd_loss
 
-__all__ = ["generalized_jsd_loss", "gold_generalized_jsd_loss", "patch_gkd_trainer", "TRLPatch",
+__all__ = ["generalized_jsd_loss", "gold_generalized_jsd_loss", "patch_gkd_trainer", "TRLPatch", "lm_head_parts",
            "fused_linear_gkd_loss", "FastKDGKDTrainer", "FastKDGOLDTrainer"]
 
 IGNORE_INDEX = -100  # the only label value TRL's loss ignores (hard-coded there)
@@ -504,18 +505,24 @@ class _FusedLinearMixin:
         return 1.0
 
     def _fastkd_parts(self, model):
+        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+            # Sharded parameters are gathered by module hooks; the LM heads are never called
+            # as modules on this path, so their weights would stay sharded.
+            self._fastkd_warn_fallback("DeepSpeed / FSDP shard the LM heads")
+            return None
         student = self.accelerator.unwrap_model(model)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         parts = lm_head_parts(student), lm_head_parts(teacher)
         if None in parts:
-            if not getattr(self, "_fastkd_fallback_warned", False):
-                warnings.warn(
-                    "fastkd: the student or teacher does not expose its logits as lm_head(last_hidden_state) "
-                    "(see fastkd.integrations.trl.lm_head_parts); computing the loss from the logits instead",
-                    stacklevel=3)
-                self._fastkd_fallback_warned = True
+            self._fastkd_warn_fallback("the student or teacher does not expose its logits as "
+                                       "lm_head(last_hidden_state) (see fastkd.integrations.trl.lm_head_parts)")
             return None
         return student, parts
+
+    def _fastkd_warn_fallback(self, why: str) -> None:
+        if not getattr(self, "_fastkd_fallback_warned", False):
+            warnings.warn(f"fastkd: {why}; computing the loss from the logits instead", stacklevel=4)
+            self._fastkd_fallback_warned = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         found = None if (return_outputs or not self.fastkd_fused_linear) else self._fastkd_parts(model)

@@ -11,8 +11,9 @@ Fences, the convention every page follows:
               ``FILE:LINE`` (the line of the opening fence), e.g. ``README.md:68``.
 * ```text     anything that looks like Python but is not run: signature listings, printed
               output, formulas. ```bash for shell commands (not run either).
-* ```py, ```python3, ```pycon, ```ipython are refused (a test fails), so that a block
-  is never left out of the run by the spelling of its fence.
+* ```py, ```python3, ```pycon, ```ipython, and info strings such as ```python-signature,
+  are refused (a test fails), so that a block is never left out of the run by the spelling
+  of its fence. A failing block's traceback names the markdown file and its line numbers.
 
 A block that needs something the machine may lack is marked by an HTML comment on the line
 directly above its fence (blank lines in between are allowed, nothing else):
@@ -32,7 +33,6 @@ left behind (a block that fails half-way must not break the next one).
 from __future__ import annotations
 
 import importlib
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -172,14 +172,18 @@ def test_every_python_fence_is_collected(path: Path):
     """The parser finds every ```python fence (a raw count agrees), refuses the spellings that
     would dodge the run, and a page that has Python code has snippets: never a vacuous pass."""
     text = path.read_text(encoding="utf-8")
-    raw = len(re.findall(r"^[ \t]*(`{3,}|~{3,})[ \t]*python\b(?!3)", text, flags=re.M))
+    refused = [f"{path.name}:{f.line} (```{f.info})" for f in fences(text) if _refused_info(f.info)]
+    assert not refused, f"use ```python (run) or ```text (not run): {refused}"
+    raw = len(re.findall(r"^[ \t]*(`{3,}|~{3,})[ \t]*python([ \t]|$)", text, flags=re.M))
     found = [s for s in ALL_SNIPPETS if s.path == path]
     assert len(found) == raw, f"{path.name}: {raw} ```python fences, {len(found)} collected"
     if raw:
         assert found, f"{path.name} has python fences but no snippet was collected"
-    refused = [f"{path.name}:{f.line} (```{f.info})" for f in fences(text)
-               if f.info.split()[:1] and f.info.split()[0].lower() in REFUSED_INFO]
-    assert not refused, f"use ```python (run) or ```text (not run): {refused}"
+
+
+def _refused_info(info: str) -> bool:
+    word = (info.split() or [""])[0]
+    return word.lower() in REFUSED_INFO or (word.lower().startswith("python") and word != "python")
 
 
 def test_readme_has_snippets():

@@ -74,7 +74,7 @@ def kd_loss(
             logits earlier are caught: their backward raises autograd's "modified by an
             inplace operation" error. A leaf that requires grad (an ``nn.Parameter``) is
             refused. Only active when autograd wants the logits' gradient.
-        backend: ``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch`` (see README).
+        backend: ``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch`` (see docs/backends.md).
     """
     cfg = make_config("kd_loss", **settings)
     return kd_loss_with_config(student_logits, teacher_logits, labels, cfg, num_items, inplace_backward, backend)

@@ -25,8 +25,8 @@ KERNEL_BACKENDS = ("cpu", "cuda", "triton", "torch")
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     """None when fastkd's `backend` runs on `device` tensors here, else fastkd's reason.
 
-    An explicitly requested backend that cannot run is a ValueError saying why (README,
-    Backends); a two-element call asks. The first call of a backend may load (or JIT-build)
+    An explicitly requested backend that cannot run is a ValueError saying why
+    (docs/backends.md); a two-element call asks. The first call of a backend may load (or JIT-build)
     the extension or import Triton, as the benchmark's first row would.
     """
     x = torch.zeros(1, 2, device=device)

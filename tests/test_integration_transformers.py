@@ -355,3 +355,39 @@ def test_error_missing_teacher_labels_and_label_smoothing(tmp_path, models):
 def test_import_fastkd_does_not_import_transformers():
     code = "import sys, fastkd; assert 'transformers' not in sys.modules and 'trl' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bf16_mixed_precision_step(tmp_path, models):
+    # Accelerate runs the prepared student under autocast; the teacher and the fused head
+    # matmuls get the same autocast. One step each way: the losses agree to bf16 precision.
+    student, teacher = models
+    b = batch_tensors()
+    losses = {}
+    for fused in (False, True):
+        args = training_args(tmp_path, bf16=True, logging_steps=1, logging_strategy="steps")
+        trainer = make_trainer(tmp_path, copy.deepcopy(student), teacher, batch=b, args=args,
+                               temperature=2.0, alpha=0.5, fused_linear=fused)
+        trainer.train()
+        losses[fused] = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+    with torch.no_grad():
+        s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        fp32 = fastkd.kd_loss(s, t, shift_causal_labels(b["labels"]), temperature=2.0, alpha=0.5).item()
+    for loss in losses.values():
+        assert abs(loss - fp32) < 2e-2 * fp32, (losses, fp32)
+
+
+def test_data_parallel_scaling_matches_trainer(tmp_path, models, monkeypatch):
+    # With N processes Trainer's num_items_in_batch counts every process's tokens and DDP
+    # averages gradients, so the loss is multiplied by N (as Trainer.compute_loss does).
+    student, teacher = models
+    trainer = make_trainer(tmp_path, student, teacher, temperature=2.0)
+    b = batch_tensors()
+    n = int((b["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        one = trainer.compute_loss(student, dict(b), num_items_in_batch=torch.tensor(3 * n))
+        monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 3))
+        three = trainer.compute_loss(student, dict(b), num_items_in_batch=torch.tensor(3 * n))
+        unscaled = trainer.compute_loss(student, dict(b))
+    torch.testing.assert_close(one * 3, three)
+    torch.testing.assert_close(three, unscaled)   # the local mean, as each rank's share

@@ -183,17 +183,18 @@ def _check_head_reproduces_logits(role: str, hidden: torch.Tensor, head: torch.n
     scale or transform the logits in a way the config check does not know. One host sync.
     """
     with torch.no_grad():
-        ref = last_logits[..., -1, :].float()
-        mine = hidden[..., -1, :].float() @ head.weight.float().t()
-        if getattr(head, "bias", None) is not None:
-            mine = mine + head.bias.float()
+        # F.linear, not the head module: module hooks (or adapters) that change the logits
+        # must show up as a difference. Under autocast it runs in the autocast dtype, as the
+        # model's own head did.
+        mine = torch.nn.functional.linear(hidden[..., -1:, :], head.weight, getattr(head, "bias", None))
+        ref = last_logits[..., -1:, :]
         if mine.shape != ref.shape:
             raise ValueError(f"KDTrainer(fused_linear=True): the {role}'s LM head gives logits of shape "
                              f"{tuple(mine.shape)} but the model returned {tuple(ref.shape)}; use fused_linear=False")
-        low = last_logits.dtype in (torch.bfloat16, torch.float16) or hidden.dtype in (torch.bfloat16, torch.float16)
+        low = any(x.dtype in (torch.bfloat16, torch.float16) for x in (mine, ref))
         tol = 2e-2 if low else 1e-4
-        err = (mine - ref).abs().max().item()
-        scale = ref.abs().max().item()
+        err = (mine.float() - ref.float()).abs().max().item()
+        scale = ref.float().abs().max().item()
     if not err <= tol * (1.0 + scale):  # also catches NaN
         raise ValueError(
             f"KDTrainer(fused_linear=True): the {role}'s logits are not its decoder output times its LM "
@@ -330,7 +331,9 @@ class KDTrainerMixin:
             loss = self._fused_linear_loss(model, model_inputs, labels, num_items_in_batch)
         else:
             outputs = model(**model_inputs)
-            with torch.no_grad():
+            # Accelerate runs the prepared student's forward under mixed-precision autocast;
+            # the teacher is not prepared, so it gets the same autocast here.
+            with torch.no_grad(), self.accelerator.autocast():
                 teacher_logits = _model_output_logits(self.teacher_model(**model_inputs))
             loss = self.kd_loss_fn(_model_output_logits(outputs), teacher_logits, labels,
                                    num_items=num_items_in_batch)
@@ -347,17 +350,21 @@ class KDTrainerMixin:
     def _fused_linear_loss(self, model, model_inputs, labels, num_items):
         student = self.accelerator.unwrap_model(model)
         hs, s_last = _decoder_hidden_and_logits(model, student, model_inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             ht, t_last = _decoder_hidden_and_logits(self.teacher_model, self.teacher_model, model_inputs)
         s_head = _lm_head(student, "student")
         t_head = _lm_head(self.teacher_model, "teacher")
-        if not self._heads_checked:
-            _check_head_reproduces_logits("student", hs, s_head, s_last)
-            _check_head_reproduces_logits("teacher", ht, t_head, t_last)
-            self._heads_checked = True
-        return self.fused_kd_loss_fn(hs, s_head.weight, ht, t_head.weight, labels,
-                                     student_bias=getattr(s_head, "bias", None),
-                                     teacher_bias=getattr(t_head, "bias", None), num_items=num_items)
+        # The LM-head matmuls run under the training's mixed precision, as the model's own
+        # head would (fused_linear_kd_loss casts both sides to the autocast dtype and keeps
+        # fp32 logits).
+        with self.accelerator.autocast():
+            if not self._heads_checked:
+                _check_head_reproduces_logits("student", hs, s_head, s_last)
+                _check_head_reproduces_logits("teacher", ht, t_head, t_last)
+                self._heads_checked = True
+            return self.fused_kd_loss_fn(hs, s_head.weight, ht, t_head.weight, labels,
+                                         student_bias=getattr(s_head, "bias", None),
+                                         teacher_bias=getattr(t_head, "bias", None), num_items=num_items)
 
 
 class KDTrainer(KDTrainerMixin, transformers.Trainer):

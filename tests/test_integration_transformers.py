@@ -119,6 +119,20 @@ def test_compute_loss_equals_kd_loss_by_hand(tmp_path, models, settings):
     student.zero_grad()
 
 
+def test_inplace_backward_option(tmp_path, models):
+    student, teacher = models
+    b = batch_tensors()
+    grads = []
+    for inplace in (False, True):
+        trainer = make_trainer(tmp_path, student, teacher, kd_kwargs=dict(temperature=2.0, inplace_backward=inplace))
+        student.zero_grad()
+        trainer.compute_loss(student, dict(b)).backward()
+        grads.append(grads_of(student))
+    student.zero_grad()
+    for g, r in zip(*grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
 def test_shift_labels_in_batch_used_as_is(tmp_path, models):
     student, teacher = models
     trainer = make_trainer(tmp_path, student, teacher, temperature=2.0, alpha=0.5)
@@ -199,10 +213,20 @@ def test_gradient_accumulation_equals_full_batch(tmp_path, models):
 # ---------------------------------------------------------------------------------------
 # Fused-linear mode: same loss and gradients, the logits never materialised.
 
-@pytest.mark.parametrize("case", ["plain", "tied", "padded_teacher_vocab"])
+def tiny_from(config_cls, seed, **config):
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_cls)(vocab_size=V, **config))
+
+
+@pytest.mark.parametrize("case", ["plain", "tied", "padded_teacher_vocab", "qwen2", "gpt2"])
 def test_fused_linear_equals_logits_path(tmp_path, case):
     kd = dict(divergence="forward_kl", temperature=2.0, alpha=0.5)
-    if case == "tied":
+    if case == "qwen2":
+        student, teacher = tiny_from("Qwen2Config", 0, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2), tiny_llama(48, 1)
+    elif case == "gpt2":   # tied head, learned positions, a different decoder
+        student, teacher = tiny_from("GPT2Config", 0, n_embd=32, n_layer=1, n_head=4), tiny_llama(48, 1)
+    elif case == "tied":
         student, teacher = tiny_llama(32, 0, tie_word_embeddings=True), tiny_llama(48, 1)
     elif case == "padded_teacher_vocab":
         student, teacher = tiny_llama(32, 0), tiny_llama(48, 1, vocab=V + 11)

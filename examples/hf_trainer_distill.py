@@ -12,8 +12,8 @@ Everything is built here, nothing is downloaded:
    cross-entropy);
 4. held-out cross-entropy (nats/token) of the teacher and both students.
 
-    python examples/hf_trainer_distill.py            # default run (about 1-2 min on 2 cores)
-    python examples/hf_trainer_distill.py --quick    # reduced run (used by the test)
+    python examples/hf_trainer_distill.py            # default run (30-60 s on a shared 2-core VM)
+    python examples/hf_trainer_distill.py --quick    # reduced run, ~20 s (used by the test)
     python examples/hf_trainer_distill.py --fused    # KDTrainer(fused_linear=True)
 
 Whether KD helps depends on the regime; the script prints the comparison as measured,

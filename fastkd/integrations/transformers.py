@@ -36,7 +36,6 @@ batch and its full distribution is used.
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch

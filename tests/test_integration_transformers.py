@@ -353,6 +353,7 @@ def test_error_head_that_rescales_logits(tmp_path):
     (dict(kd_kwargs={"temperatur": 2.0}), TypeError, "unknown loss keyword 'temperatur'"),
     (dict(temperatur=2.0), TypeError, "temperatur"),   # a direct keyword: Trainer's own error
     (dict(chunk_size=8), ValueError, "fused_linear=True only"),
+    (dict(ignore_index=0), ValueError, "ignore_index=-100"),
     (dict(compute_loss_func=lambda *a, **k: 0), ValueError, "compute_loss_func"),
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(kd_kwargs={"alpha": 0.5}, alpha=0.3), TypeError, "both in kd_kwargs"),

@@ -232,6 +232,9 @@ class KDTrainerMixin:
         if kd.get("reduction", "mean") != "mean":
             raise ValueError("KDTrainer needs reduction='mean' (the token mean Trainer's gradient accumulation "
                              f"expects), got {kd['reduction']!r}")
+        if kd.get("ignore_index", -100) != -100:
+            raise ValueError("KDTrainer needs ignore_index=-100: Trainer counts the step's tokens "
+                             f"(num_items_in_batch) as labels != -100, got {kd['ignore_index']!r}")
         if "chunk_size" in kd and not fused_linear:
             raise ValueError("chunk_size applies to fused_linear=True only")
 

@@ -310,18 +310,18 @@ class RelationDistillation(nn.Module):
         self.pooling = pooling
         self.block_size = _check_block_size(block_size)
 
-    def _embeddings(self, name: str, x, labels):
-        if isinstance(x, torch.Tensor) and x.dim() == 3:
-            return pool_hidden_states(x, labels)
-        if labels is not None and isinstance(x, torch.Tensor) and x.dim() == 2:
-            raise ValueError(f"labels mask the tokens of [B, S, H] hidden states, but {name} is "
-                             f"already [B, D] embeddings (shape {tuple(x.shape)}); pass labels=None")
-        return x  # the losses check the rest
-
     def forward(self, student: torch.Tensor, teacher: torch.Tensor,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        student = self._embeddings("student", student, labels)
-        teacher = self._embeddings("teacher", teacher, labels)
+        ranks = [x.dim() if isinstance(x, torch.Tensor) else None for x in (student, teacher)]
+        if labels is not None and 3 not in ranks:
+            raise ValueError("labels mask the tokens of [B, S, H] hidden states, but neither student nor "
+                             f"teacher has rank 3 (ranks {ranks[0]} and {ranks[1]}): [B, D] embeddings take "
+                             "labels=None")
+        # A rank-3 side is pooled; the losses check everything else.
+        if ranks[0] == 3:
+            student = pool_hidden_states(student, labels)
+        if ranks[1] == 3:
+            teacher = pool_hidden_states(teacher, labels)
         total = None
         for kind, weight in self.terms:
             extra = {"block_size": self.block_size} if kind == "rkd_angle" else {}

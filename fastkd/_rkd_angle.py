@@ -105,46 +105,58 @@ class _Anchors:
         return cos
 
 
+def loss_and_grad(gram_s, gram_t, scale: float, block_j: int, block_i: int, want_grad: bool):
+    """``(loss, dloss/dG_s or None)`` as in the module docstring, one tile at a time."""
+    batch = gram_s.shape[0]
+    u_s, u_t = inverse_distances(gram_s), inverse_distances(gram_t)
+    # Tile sums are added in float64: thousands of tiles would lose digits in fp32.
+    total = torch.zeros((), dtype=torch.float64, device=gram_s.device)
+    dgram = torch.zeros_like(gram_s) if want_grad else None
+    r = torch.zeros_like(gram_s) if want_grad else None      # u[j,i] dL/du[j,i] / scale
+    # dG[j,j] is accumulated apart: an in-place add to the diagonal of a slice of dgram (among
+    # the other in-place updates below) gave a wrong gradient under torch.compile of the
+    # autograd.Function (torch 2.13, whole-batch tiles; not reduced to a minimal case).
+    ddiag = gram_s.new_zeros(batch) if want_grad else None
+    for jlo in range(0, batch, block_j):
+        jhi = min(jlo + block_j, batch)
+        side_s, side_t = _Anchors(gram_s, u_s, jlo, jhi), _Anchors(gram_t, u_t, jlo, jhi)
+        for ilo in range(0, batch, block_i):
+            ihi = min(ilo + block_i, batch)
+            cos_s = side_s.cosines(gram_s, ilo, ihi)
+            cos_t = side_t.cosines(gram_t, ilo, ihi)
+            total += F.smooth_l1_loss(cos_s, cos_t, reduction="sum", beta=1.0)
+            if not want_grad:
+                continue
+            # W without the scale (applied once at the end), in the teacher's buffer.
+            w = torch.sub(cos_s, cos_t, out=cos_t).clamp_(-1.0, 1.0)
+            wc = cos_s.mul_(w)
+            r[jlo:jhi, ilo:ihi] += wc.sum(2)
+            r[jlo:jhi] += wc.sum(1)
+            del wc, cos_s
+            a = w.mul_(side_s.a[:, ilo:ihi, None]).mul_(side_s.a[:, None, :])    # dL/dN
+            dgram[ilo:ihi] += a.sum(0)
+            row_sums = a.sum(2)
+            dgram[jlo:jhi, ilo:ihi] -= row_sums
+            dgram[jlo:jhi] -= a.sum(1)
+            ddiag[jlo:jhi] += row_sums.sum(1)
+    total = (total * scale).to(gram_s.dtype)
+    if not want_grad:
+        return total, None
+    gsq = -0.5 * u_s * u_s * r
+    dgram -= 2 * gsq
+    dgram.diagonal().add_(ddiag + gsq.sum(1) + gsq.sum(0))
+    return total, dgram.mul_(scale)
+
+
 class AngleLoss(torch.autograd.Function):
     """``loss(G_s, G_t)`` as in the module docstring; the teacher's ``G_t`` is a constant."""
 
     @staticmethod
     def forward(ctx, gram_s, gram_t, scale: float, block_j: int, block_i: int):
-        batch = gram_s.shape[0]
-        want_grad = ctx.needs_input_grad[0]
-        u_s, u_t = inverse_distances(gram_s), inverse_distances(gram_t)
-        # Tile sums are added in float64: thousands of tiles would lose digits in fp32.
-        total = torch.zeros((), dtype=torch.float64, device=gram_s.device)
-        dgram = torch.zeros_like(gram_s) if want_grad else None
-        r = torch.zeros_like(gram_s) if want_grad else None      # u[j,i] dL/du[j,i] / scale
-        for jlo in range(0, batch, block_j):
-            jhi = min(jlo + block_j, batch)
-            side_s, side_t = _Anchors(gram_s, u_s, jlo, jhi), _Anchors(gram_t, u_t, jlo, jhi)
-            for ilo in range(0, batch, block_i):
-                ihi = min(ilo + block_i, batch)
-                cos_s = side_s.cosines(gram_s, ilo, ihi)
-                w = side_t.cosines(gram_t, ilo, ihi)
-                total += F.smooth_l1_loss(cos_s, w, reduction="sum", beta=1.0)
-                if not want_grad:
-                    continue
-                # W (without the scale, applied once at the end) in the teacher's buffer.
-                torch.sub(cos_s, w, out=w).clamp_(-1.0, 1.0)
-                wc = cos_s.mul_(w)
-                r[jlo:jhi, ilo:ihi] += wc.sum(2)
-                r[jlo:jhi] += wc.sum(1)
-                del wc, cos_s
-                a = w.mul_(side_s.a[:, ilo:ihi, None]).mul_(side_s.a[:, None, :])    # dL/dN
-                dgram[ilo:ihi] += a.sum(0)
-                row_sums = a.sum(2)
-                dgram[jlo:jhi, ilo:ihi] -= row_sums
-                dgram[jlo:jhi] -= a.sum(1)
-                dgram[jlo:jhi].diagonal(offset=jlo).add_(row_sums.sum(1))
-        if want_grad:
-            gsq = -0.5 * u_s * u_s * r
-            dgram -= 2 * gsq
-            dgram.diagonal().add_(gsq.sum(1) + gsq.sum(0))
-            ctx.save_for_backward(dgram.mul_(scale))
-        return (total * scale).to(gram_s.dtype)
+        loss, dgram = loss_and_grad(gram_s, gram_t, scale, block_j, block_i, ctx.needs_input_grad[0])
+        if dgram is not None:
+            ctx.save_for_backward(dgram)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -517,3 +517,18 @@ def test_angle_pairs_below_fp32_resolution_count_as_coincident():
     expect = rkd_angle_loss(exact.double(), t.double()).item()
     assert abs(loss.item() - expect) <= 1e-5 * expect
     assert near.grad.abs().max() < 1e-2
+
+
+def test_angle_under_torch_compile():
+    """The hand-differentiated angle Function traced by torch.compile(fullgraph=True) gives the
+    eager gradient (whole-batch tiles: an in-place update of dG's diagonal once broke this)."""
+    torch._dynamo.reset()
+    s, t = embeddings(8, d_s=5, d_t=7, seed=3, dtype=torch.float32)
+    s.requires_grad_(True)
+
+    def loss(x):
+        return rkd_angle_loss(x, t, block_size=8)
+
+    (expect,) = torch.autograd.grad(loss(s), s)
+    (got,) = torch.autograd.grad(torch.compile(loss, fullgraph=True)(s), s)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-7)

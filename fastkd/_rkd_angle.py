@@ -38,8 +38,10 @@ Tiles: ``cos[j, i, :]`` for ``j`` in a block of ``block_j`` anchors and ``i`` in
 exist at a time: memory O(block_j block_i B) beyond the O(B^2) Gram matrices, in forward
 and backward alike. The forward pass computes the gradient tile by tile and keeps only
 ``dG`` ``[B, B]`` for backward (double backward is therefore not supported). The automatic
-tile has about ``TILE_ELEMENTS`` elements (1 MiB of fp32: elementwise passes then run from
-cache, about four times faster on a CPU than 16 MiB tiles).
+tile has about ``TILE_ELEMENTS`` elements on a CPU (1 MiB of fp32: elementwise passes then
+run from cache, about four times faster than 16 MiB tiles) and ``TILE_ELEMENTS_GPU`` on
+other devices (64 MiB of fp32, so each of the ~25 kernel launches of a tile has enough
+work; a choice, not yet measured on a GPU).
 
 Coincident pairs: ``sq`` from the Gram matrix carries a rounding error of a few
 eps * (G[i,i] + G[j,j]); below that the direction of ``c_i - c_j`` is noise and ``u^2``
@@ -55,23 +57,25 @@ import torch
 import torch.nn.functional as F
 
 TILE_ELEMENTS = 1 << 18
+TILE_ELEMENTS_GPU = 1 << 24
 COINCIDENT_EPS = 64.0
 
 
-def tile_shape(batch: int, block_size=None) -> Tuple[int, int]:
+def tile_shape(batch: int, block_size=None, device_type: str = "cpu") -> Tuple[int, int]:
     """``(block_j, block_i)``: anchors and rows per tile.
 
     A given ``block_size`` is the number of anchors, with all B rows (tiles of
-    ``block_size * B^2`` elements); None picks tiles of about ``TILE_ELEMENTS``: several
-    anchors with all rows while one anchor's plane is small enough, else one anchor and a
-    block of rows.
+    ``block_size * B^2`` elements); None picks tiles of about ``TILE_ELEMENTS`` (CPU) or
+    ``TILE_ELEMENTS_GPU`` (other devices): several anchors with all rows while one anchor's
+    plane fits, else one anchor and a block of rows.
     """
     if block_size is not None:
         return block_size, batch
+    elements = TILE_ELEMENTS if device_type == "cpu" else TILE_ELEMENTS_GPU
     plane = batch * batch
-    if plane <= TILE_ELEMENTS:
-        return TILE_ELEMENTS // plane, batch
-    return 1, max(1, TILE_ELEMENTS // batch)
+    if plane <= elements:
+        return elements // plane, batch
+    return 1, max(1, elements // batch)
 
 
 def inverse_distances(gram: torch.Tensor) -> torch.Tensor:

@@ -177,6 +177,8 @@ def test_automatic_tiles():
     assert _rkd_angle.tile_shape(256) == (4, 256)
     assert _rkd_angle.tile_shape(1024) == (1, 256)
     assert _rkd_angle.tile_shape(1000, block_size=3) == (3, 1000)
+    assert _rkd_angle.tile_shape(1024, device_type="cuda") == (16, 1024)
+    assert _rkd_angle.tile_shape(8192, device_type="cuda") == (1, 2048)
 
 
 def test_automatic_row_tiles_equal_untiled(monkeypatch):

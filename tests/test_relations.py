@@ -382,8 +382,8 @@ def test_no_host_sync(no_host_sync):
     for fn in LOSSES.values():
         fn(s, t).backward()
     h = torch.randn(3, 5, 4, requires_grad=True)
-    RelationDistillation([("rkd_distance", 1.0), ("rkd_angle", 2.0)])(h, torch.randn(3, 5, 6),
-                                                                       torch.tensor([[1, 1, -100, 2, 3]] * 3)).backward()
+    labels = torch.tensor([[1, 1, -100, 2, 3]] * 3)
+    RelationDistillation([("rkd_distance", 1.0), ("rkd_angle", 2.0)])(h, torch.randn(3, 5, 6), labels).backward()
 
 
 # ---------------------------------------------------------------------------------------

@@ -212,7 +212,7 @@ class Plan:
     """Everything about a call that is not a tensor."""
 
     spec: FeatureSpec
-    chunk: int
+    chunk: Optional[int]  # rows per chunk; None: all rows in one chunk (under torch.compile)
     compute_dtype: torch.dtype
     reduced: bool
     want_student_grad: bool
@@ -238,15 +238,22 @@ def chunked_loss(plan: Plan, student, teacher, weight, labels, beta, row_coef, w
     n = student.shape[0]
     want_s = with_grads and plan.want_student_grad
     want_w = with_grads and plan.want_weight_grad
-    grad_s = torch.empty_like(student, memory_format=torch.contiguous_format) if want_s else None
+    grad_s = None
     # The weight gradient ([Ht, Hs], small) is summed over chunks in the compute dtype.
     acc_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_w else None
     w = None if weight is None else weight.to(dtype)
     loss = torch.empty((n,), dtype=dtype, device=student.device)
     per_row_coef = isinstance(row_coef, torch.Tensor) and row_coef.dim() == 1
 
-    for start in range(0, n, plan.chunk):
-        end = min(start + plan.chunk, n)
+    if plan.chunk is None:
+        bounds = ((0, n),)
+    else:
+        bounds = tuple((start, min(start + plan.chunk, n)) for start in range(0, n, plan.chunk))
+    single = len(bounds) == 1
+    if want_s and not single:
+        grad_s = torch.empty_like(student, memory_format=torch.contiguous_format)
+
+    for start, end in bounds:
         s_c = student[start:end].to(dtype)
         t_c = teacher[start:end].to(dtype)
         p_c = s_c if w is None else s_c @ w.t()
@@ -265,7 +272,10 @@ def chunked_loss(plan: Plan, student, teacher, weight, labels, beta, row_coef, w
                 acc_w.addmm_(g.t(), s_c)
             if want_s:
                 g = g @ w
-        if want_s:
+        if want_s and single:
+            # One chunk: its gradient is the buffer (no copy, no second [N, H] tensor).
+            grad_s = g if g.dtype == student.dtype else g.to(student.dtype)
+        elif want_s:
             grad_s[start:end] = g
     grad_w = None
     if want_w:
@@ -376,6 +386,21 @@ def _compute_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
+def _chunk_plan(n, hs, ht, device, chunk_size, projected: bool) -> Optional[int]:
+    """Rows per chunk, or None for a single chunk.
+
+    Under torch.compile, without a projection and without an explicit ``chunk_size``, the
+    loss runs as one chunk: inductor fuses the per-token arithmetic into a few kernels
+    that hold no [N, H] fp32 temporaries anyway, and a Python loop over the tokens would
+    specialise the graph on N (recompiling the whole compiled region for every sequence
+    length under ``dynamic=True``). With a projection the loop stays: the projected
+    [N, H_teacher] states would otherwise exist, so that graph is specialised on N.
+    """
+    if torch.compiler.is_compiling() and chunk_size is None and not projected:
+        return None
+    return chunk_rows(n, max(hs, ht), device, chunk_size)
+
+
 def feature_term(student, teacher, flat_labels, spec: FeatureSpec, num_items, *, weight=None,
                  layer_weight=1.0, student_name="student", teacher_name="teacher") -> torch.Tensor:
     """One feature loss on checked labels (``flat_labels``: int64 [N] or None) and checked
@@ -401,7 +426,7 @@ def feature_term(student, teacher, flat_labels, spec: FeatureSpec, num_items, *,
     reduced = spec.reduction != "none"
     plan = Plan(
         spec=spec,
-        chunk=chunk_rows(n, max(hs, ht), student.device, spec.chunk_size),
+        chunk=_chunk_plan(n, hs, ht, student.device, spec.chunk_size, weight is not None),
         compute_dtype=dtype,
         reduced=reduced,
         want_student_grad=grad_enabled and student.requires_grad,

@@ -1,6 +1,6 @@
 """Feature distillation on the CPU: fastkd.feature_loss against plain autograd.
 
-    python benchmarks/bench_features.py [--tokens 8192] [--hidden 4096] [--reps 9] [--compiled]
+    python benchmarks/bench_features.py [--tokens 8192] [--hidden 4096] [--reps 9] [--threads T] [--compiled]
 
 Forward + backward, fp32. Times are the minimum and median over interleaved repetitions
 (the two sides alternate, so a load change on a shared machine hits both); the floor is
@@ -68,6 +68,8 @@ def memory_row(args, name, kind, normalize) -> int:
     """Peak extra bytes of one call, in a fresh process."""
     cmd = [sys.executable, __file__, "--memory-row", name, kind, str(int(normalize)),
            "--tokens", str(args.tokens), "--hidden", str(args.hidden)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     if args.compiled:
         cmd.append("--compiled")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -110,8 +112,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--compiled", action="store_true", help="torch.compile both sides (inductor)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--memory-row", nargs=3, metavar=("IMPL", "KIND", "NORMALIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_row:
         name, kind, normalize = args.memory_row
         run_memory_row(args, name, kind, bool(int(normalize)))

@@ -33,18 +33,21 @@ per-token loss and d loss / d student in one pass (in fp32, or float64 for float
 input) and writes the gradient, already multiplied by the reduction's scale, into one
 preallocated tensor of the student's shape and dtype. That tensor is the only
 ``[N, H]``-sized allocation; the fp32 temporaries are ``[chunk, H]``. Backward only
-multiplies the stored gradient by ``grad_output`` (skipped on the CPU when it is 1). With
+multiplies the stored gradient by ``grad_output`` (skipped on the CPU when it is 1);
+``reduction="none"`` computes the values in forward and the gradient in backward. With
 a projection, each chunk is projected, its loss and gradient computed, the gradient
 taken back through the projection and the weight gradient accumulated: the projected
 ``[N, H_teacher]`` tensor never exists (the pattern of ``fused_linear.py``).
 
 Why no C++ kernel: every kind is a few elementwise operations and one row reduction, so
-the work is memory-bound, and the chunked torch operations already keep each chunk's
-temporaries in cache-sized blocks; the measurement in docs/features.md (N = 8192,
-H = 4096, fp32 forward + backward) puts the chunked version at about the time of plain
-autograd while using one [N, H] buffer instead of several. A fused kernel could save the
-passes over the chunk (a few reads of data in cache), not the one read of ``s`` and ``t``
-and write of the gradient that bound the op.
+the work is memory-bound, and the chunks' temporaries (2 MiB on the CPU) stay in cache
+between their passes. Measured (docs/features.md: N = 8192, H = 4096, fp32, forward +
+backward, a shared 2-vCPU AMD EPYC), eager ``feature_loss`` is 2-6x faster than plain
+autograd ``((s - t)**2).sum(-1).mean()`` (mse: 62 vs 211 ms) with one [N, H] buffer
+instead of four or five; under torch.compile it runs as one chunk and inductor fuses it
+into the kernels a hand-written one would be (plain and ours then time alike). What a
+C++ kernel could still save is the passes over cached data, a factor well under the
+cost of the layers whose features are distilled.
 
 File order: settings, the per-chunk math, the chunk loop, the autograd Function, the
 argument checks, ``feature_loss``, ``FeatureDistillation``.

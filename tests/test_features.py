@@ -495,7 +495,8 @@ def peak_extra(which, n, h, ht):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
-    assert peak is not None, "VmHWM reset (/proc/self/clear_refs) unavailable"
+    if peak is None:
+        pytest.skip("the peak resident set cannot be reset here (/proc/self/clear_refs, Linux only)")
     return peak
 
 

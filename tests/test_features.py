@@ -500,9 +500,10 @@ def peak_extra(which, n, h, ht):
     return peak
 
 
-# A few [chunk, H] fp32 temporaries (2 MiB each at the CPU's chunk size) that the malloc
-# heap keeps after they are freed.
-SLACK = 16 << 20
+# [chunk, H] fp32 temporaries (2 MiB each at the CPU's chunk size) that the malloc heap
+# keeps after they are freed: measured 4-14 MiB over the gradient for feature_loss and
+# 9-21 MiB over the gradients with a projection (first full-size call of a process).
+SLACK = 24 << 20
 
 
 def test_memory_feature_loss_one_gradient_buffer():

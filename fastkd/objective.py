@@ -135,7 +135,9 @@ class DistillationLoss(torch.nn.Module):
                 helper = {}
             if not isinstance(helper, Mapping):
                 raise TypeError(f"helper must be None, True or a dict of loss settings, got {type(helper).__name__}")
-            self.helper_loss = loss_cls(**options, **{**settings, "alpha": 1.0, **helper})
+            # Never in place: the logits term reads the student's logits after the helper term.
+            helper_options = dict(options, inplace_backward=False)
+            self.helper_loss = loss_cls(**helper_options, **{**settings, "alpha": 1.0, **helper})
         if self.logits_loss is None and self.helper_loss is None and set(settings) - {"ignore_index"}:
             raise ValueError(f"the loss settings {sorted(set(settings) - {'ignore_index'})} apply to the logits and "
                              "helper terms, and neither is on (logits=False, helper=None)")
@@ -237,10 +239,11 @@ class DistillationLoss(torch.nn.Module):
         values = {}
         # Every term that reads the student's logits runs before the logits term, which may
         # overwrite them with their gradient (inplace_backward).
+        relation_labels = self._relation_labels(labels)
         for name, term in self.relation_terms.items():
             s_layer, t_layer = self.relation_layers[name]
             why = f"relation term {name!r}"
-            values[name] = term(student.layer(s_layer, why), teacher.layer(t_layer, why), labels)
+            values[name] = term(student.layer(s_layer, why), teacher.layer(t_layer, why), relation_labels)
         for name, term in self.feature_terms.items():
             why = f"feature term {name!r}"
             values[name] = term(student.need_hidden_states(why), teacher.need_hidden_states(why), labels,
@@ -288,6 +291,13 @@ class DistillationLoss(torch.nn.Module):
             pad = torch.full_like(labels[..., :1], self.ignore_index)
             labels = torch.cat([labels[..., 1:], pad], dim=-1)
         return labels
+
+    def _relation_labels(self, labels):
+        # Relation terms pool hidden states over the tokens whose label is not -100 (their
+        # one convention); with another ignore_index, hand them that mask in their terms.
+        if labels is None or not self.relation_terms or self.ignore_index == -100:
+            return labels
+        return torch.where(labels == self.ignore_index, -100, 0)
 
     def extra_repr(self) -> str:
         weights = {n: (getattr(w, "__name__", "schedule") if callable(w) else w) for n, w in self.term_weights.items()}

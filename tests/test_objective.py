@@ -353,3 +353,73 @@ def test_non_scalar_term_is_refused():
     obj = DistillationLoss(logits=False, features=PerToken())
     with pytest.raises(ValueError, match=r"term 'features' returned \(3, 5\), not a scalar"):
         obj(c.student, c.teacher, c.labels)
+
+
+# ---------------------------------------------------------------------------- relation terms
+
+def direct_rkd_distance(s_hidden, t_hidden, valid):
+    """RKD distance on masked mean-pooled embeddings, written out in float64 (Park et al., eq. 3-4)."""
+    def pool(h):
+        w = valid[..., None].double()
+        return (h.double() * w).sum(1) / w.sum(1).clamp_min(1)
+
+    def normalised_distances(e):
+        i, j = torch.triu_indices(e.shape[0], e.shape[0], 1)
+        d = (e[i] - e[j]).norm(dim=-1)
+        return d / d.mean()
+
+    return F.smooth_l1_loss(normalised_distances(pool(s_hidden)), normalised_distances(pool(t_hidden)).detach())
+
+
+def test_relation_term_is_rkd_on_pooled_hidden_states():
+    from fastkd.relations import RelationDistillation, pool_hidden_states, rkd_angle_loss
+
+    c = make_case(20)
+    obj = DistillationLoss(alpha=0.5, relations=RelationDistillation([("rkd_distance", 1.0), ("rkd_angle", 2.0)]),
+                           weights={"relations": 0.3})
+    total, terms = obj(c.student, c.teacher, c.labels)
+    valid = c.labels != -100
+    angle = rkd_angle_loss(pool_hidden_states(c.s_states[-1], c.labels), pool_hidden_states(c.t_states[-1], c.labels))
+    relation = direct_rkd_distance(c.s_states[-1], c.t_states[-1], valid) + 2.0 * angle
+    logits = direct_kd(c.s_logits, c.t_logits, c.labels, 1.0, 0.5)
+    assert_close(terms["relations"], relation)
+    assert_close(terms["logits"], logits)
+    expected = logits + 0.3 * relation
+    assert_close(total, expected)
+    for g, ref in zip(grads(total, c.params), grads(expected, c.params)):
+        assert_close(g, ref)
+
+
+def test_relation_layers_and_another_ignore_index():
+    from fastkd.relations import RelationDistillation
+
+    c = make_case(21)
+    labels = c.labels.masked_fill(c.labels == -100, 7)             # 7 is this objective's ignore_index
+    obj = DistillationLoss(logits=False, ignore_index=7,
+                           relations={"mid": RelationDistillation("rkd_distance"),
+                                      "top": RelationDistillation("rkd_distance")},
+                           relation_layers={"mid": (1, 2)}, weights={"top": 0.5})
+    total, terms = obj(c.student, c.teacher, labels)
+    valid = labels != 7
+    mid = direct_rkd_distance(c.s_states[1], c.t_states[2], valid)
+    top = direct_rkd_distance(c.s_states[-1], c.t_states[-1], valid)
+    assert_close(terms["mid"], mid)
+    assert_close(terms["top"], top)
+    assert_close(total, mid + 0.5 * top)
+    assert obj.relation_layers == {"mid": (1, 2), "top": (-1, -1)}
+
+
+def test_relation_term_needs_hidden_states():
+    from fastkd.relations import RelationDistillation
+
+    c = make_case(22)
+    obj = DistillationLoss(relations=RelationDistillation("similarity"), relation_layers=(1, 1))
+    with pytest.raises(ValueError, match="student_outputs has no hidden_states.*output_hidden_states=True"):
+        obj(NS(logits=c.s_logits), c.teacher, c.labels)
+    with pytest.raises(ValueError, match="reads layer 5 of teacher_outputs.hidden_states, which has 3 entries"):
+        DistillationLoss(relations=RelationDistillation("similarity"), relation_layers=(1, 5))(
+            c.student, c.teacher, c.labels)
+    with pytest.raises(ValueError, match="relation_layers has unknown term 'x'"):
+        DistillationLoss(relations=RelationDistillation("similarity"), relation_layers={"x": (1, 1)})
+    with pytest.raises(TypeError, match="relation_layers must be a pair"):
+        DistillationLoss(relations=RelationDistillation("similarity"), relation_layers=3)

@@ -145,7 +145,7 @@ class DistillationLoss(torch.nn.Module):
         self.feature_terms = _terms("features", features)
         self.relation_terms = _terms("relations", relations)
         for name, term in self.feature_terms.items():
-            term_ignore = getattr(term, "ignore_index", self.ignore_index)
+            term_ignore = _ignore_index_of(term, self.ignore_index)
             if term_ignore != self.ignore_index:
                 raise ValueError(f"feature term {name!r} has ignore_index={term_ignore} but the objective has "
                                  f"ignore_index={self.ignore_index}; one label mask serves every term")
@@ -321,6 +321,15 @@ def _terms(kind: str, terms) -> torch.nn.ModuleDict:
         if not isinstance(term, torch.nn.Module):
             raise TypeError(f"{kind}[{name!r}] must be an nn.Module, got {type(term).__name__}")
     return torch.nn.ModuleDict(dict(terms))
+
+
+def _ignore_index_of(term: torch.nn.Module, default: int) -> int:
+    """The label value a feature term masks (FeatureDistillation keeps it in its ``spec``)."""
+    for holder in (term, getattr(term, "spec", None)):
+        value = getattr(holder, "ignore_index", None)
+        if isinstance(value, int):
+            return value
+    return default
 
 
 def _layer_pair(what: str, pair) -> Tuple[int, int]:

@@ -23,8 +23,10 @@ def test_distill_features_quick(capsys):
     losses = {k: m[k] for k in ("optimal", "teacher", "ce", "kd", "features", "relations")}
     assert all(math.isfinite(v) and v > 0 for v in losses.values()), losses
     assert m["optimal"] < m["teacher"] < m["ce"], losses
-    # Logits KD against CE only, same student, same data. MARGIN_NOTE
-    assert m["ce"] - m["kd"] > KD_MARGIN, losses
+    # Logits KD against CE only, same student, same data: quick mode measured +0.46, +0.49
+    # and +0.46 nats/token for seeds 0, 1, 2. The feature and relation terms' effects are
+    # reported by the example, not asserted: at this scale they do not help (docs/objective.md).
+    assert m["ce"] - m["kd"] > 0.3, losses
     # Every student trained: each distilled one is far below the untrained loss log(V).
     assert all(m[k] < math.log(m["vocab"]) - 1.0 for k in ("ce", "kd", "features", "relations")), losses
     # The objective's terms were logged (detached floats), the feature and relation terms included.

@@ -314,7 +314,8 @@ def _terms(kind: str, terms) -> torch.nn.ModuleDict:
     if isinstance(terms, torch.nn.Module):
         return torch.nn.ModuleDict({kind: terms})
     if not isinstance(terms, Mapping):
-        raise TypeError(f"{kind} must be an nn.Module, a mapping name -> nn.Module, or None, got {type(terms).__name__}")
+        raise TypeError(f"{kind} must be an nn.Module, a mapping name -> nn.Module, or None, "
+                        f"got {type(terms).__name__}")
     for name, term in terms.items():
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"{kind} names must be non-empty strings without '.', got {name!r}")

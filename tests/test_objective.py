@@ -4,7 +4,6 @@ Every value is checked against a direct float64 formula or the underlying fastkd
 on the same inputs, and every gradient against autograd through that formula. Hugging
 Face outputs are emulated with ``types.SimpleNamespace`` and dicts (no transformers).
 """
-import math
 from types import SimpleNamespace as NS
 
 import pytest

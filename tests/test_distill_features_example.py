@@ -4,6 +4,8 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distill_features.py"
 
 
@@ -17,7 +19,15 @@ def load_example():
 
 
 def test_distill_features_quick(capsys):
-    m = load_example().main(["--quick"])
+    # One thread: under pytest torch is imported before the example can set
+    # OMP_WAIT_POLICY=PASSIVE, and OpenMP threads that spin while they wait took 3-4x the
+    # CPU time of the script run on its own on a shared 2-core machine (94 s against 24 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = load_example().main(["--quick"])
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
 
     losses = {k: m[k] for k in ("optimal", "teacher", "ce", "kd", "features", "relations")}

@@ -38,8 +38,10 @@ Tiles: ``cos[j, i, :]`` for ``j`` in a block of ``block_j`` anchors and ``i`` in
 exist at a time: memory O(block_j block_i B) beyond the O(B^2) Gram matrices, in forward
 and backward alike. The forward pass computes the gradient tile by tile and keeps only
 ``dG`` ``[B, B]`` for backward (double backward is therefore not supported). The automatic
-tile has about ``TILE_ELEMENTS`` elements (1 MiB of fp32: elementwise passes then run from
-cache, about four times faster on a CPU than 16 MiB tiles).
+tile has about ``TILE_ELEMENTS`` elements on a CPU (1 MiB of fp32: elementwise passes then
+run from cache, about four times faster than 16 MiB tiles) and ``TILE_ELEMENTS_GPU`` on
+other devices (64 MiB of fp32, so each of the ~25 kernel launches of a tile has enough
+work; a choice, not yet measured on a GPU).
 
 Coincident pairs: ``sq`` from the Gram matrix carries a rounding error of a few
 eps * (G[i,i] + G[j,j]); below that the direction of ``c_i - c_j`` is noise and ``u^2``
@@ -55,23 +57,25 @@ import torch
 import torch.nn.functional as F
 
 TILE_ELEMENTS = 1 << 18
+TILE_ELEMENTS_GPU = 1 << 24
 COINCIDENT_EPS = 64.0
 
 
-def tile_shape(batch: int, block_size=None) -> Tuple[int, int]:
+def tile_shape(batch: int, block_size=None, device_type: str = "cpu") -> Tuple[int, int]:
     """``(block_j, block_i)``: anchors and rows per tile.
 
     A given ``block_size`` is the number of anchors, with all B rows (tiles of
-    ``block_size * B^2`` elements); None picks tiles of about ``TILE_ELEMENTS``: several
-    anchors with all rows while one anchor's plane is small enough, else one anchor and a
-    block of rows.
+    ``block_size * B^2`` elements); None picks tiles of about ``TILE_ELEMENTS`` (CPU) or
+    ``TILE_ELEMENTS_GPU`` (other devices): several anchors with all rows while one anchor's
+    plane fits, else one anchor and a block of rows.
     """
     if block_size is not None:
         return block_size, batch
+    elements = TILE_ELEMENTS if device_type == "cpu" else TILE_ELEMENTS_GPU
     plane = batch * batch
-    if plane <= TILE_ELEMENTS:
-        return TILE_ELEMENTS // plane, batch
-    return 1, max(1, TILE_ELEMENTS // batch)
+    if plane <= elements:
+        return elements // plane, batch
+    return 1, max(1, elements // batch)
 
 
 def inverse_distances(gram: torch.Tensor) -> torch.Tensor:
@@ -105,46 +109,58 @@ class _Anchors:
         return cos
 
 
+def loss_and_grad(gram_s, gram_t, scale: float, block_j: int, block_i: int, want_grad: bool):
+    """``(loss, dloss/dG_s or None)`` as in the module docstring, one tile at a time."""
+    batch = gram_s.shape[0]
+    u_s, u_t = inverse_distances(gram_s), inverse_distances(gram_t)
+    # Tile sums are added in float64: thousands of tiles would lose digits in fp32.
+    total = torch.zeros((), dtype=torch.float64, device=gram_s.device)
+    dgram = torch.zeros_like(gram_s) if want_grad else None
+    r = torch.zeros_like(gram_s) if want_grad else None      # u[j,i] dL/du[j,i] / scale
+    # dG[j,j] is accumulated apart: an in-place add to the diagonal of a slice of dgram (among
+    # the other in-place updates below) gave a wrong gradient under torch.compile of the
+    # autograd.Function (torch 2.13, whole-batch tiles; not reduced to a minimal case).
+    ddiag = gram_s.new_zeros(batch) if want_grad else None
+    for jlo in range(0, batch, block_j):
+        jhi = min(jlo + block_j, batch)
+        side_s, side_t = _Anchors(gram_s, u_s, jlo, jhi), _Anchors(gram_t, u_t, jlo, jhi)
+        for ilo in range(0, batch, block_i):
+            ihi = min(ilo + block_i, batch)
+            cos_s = side_s.cosines(gram_s, ilo, ihi)
+            cos_t = side_t.cosines(gram_t, ilo, ihi)
+            total += F.smooth_l1_loss(cos_s, cos_t, reduction="sum", beta=1.0)
+            if not want_grad:
+                continue
+            # W without the scale (applied once at the end), in the teacher's buffer.
+            w = torch.sub(cos_s, cos_t, out=cos_t).clamp_(-1.0, 1.0)
+            wc = cos_s.mul_(w)
+            r[jlo:jhi, ilo:ihi] += wc.sum(2)
+            r[jlo:jhi] += wc.sum(1)
+            del wc, cos_s
+            a = w.mul_(side_s.a[:, ilo:ihi, None]).mul_(side_s.a[:, None, :])    # dL/dN
+            dgram[ilo:ihi] += a.sum(0)
+            row_sums = a.sum(2)
+            dgram[jlo:jhi, ilo:ihi] -= row_sums
+            dgram[jlo:jhi] -= a.sum(1)
+            ddiag[jlo:jhi] += row_sums.sum(1)
+    total = (total * scale).to(gram_s.dtype)
+    if not want_grad:
+        return total, None
+    gsq = -0.5 * u_s * u_s * r
+    dgram -= 2 * gsq
+    dgram.diagonal().add_(ddiag + gsq.sum(1) + gsq.sum(0))
+    return total, dgram.mul_(scale)
+
+
 class AngleLoss(torch.autograd.Function):
     """``loss(G_s, G_t)`` as in the module docstring; the teacher's ``G_t`` is a constant."""
 
     @staticmethod
     def forward(ctx, gram_s, gram_t, scale: float, block_j: int, block_i: int):
-        batch = gram_s.shape[0]
-        want_grad = ctx.needs_input_grad[0]
-        u_s, u_t = inverse_distances(gram_s), inverse_distances(gram_t)
-        # Tile sums are added in float64: thousands of tiles would lose digits in fp32.
-        total = torch.zeros((), dtype=torch.float64, device=gram_s.device)
-        dgram = torch.zeros_like(gram_s) if want_grad else None
-        r = torch.zeros_like(gram_s) if want_grad else None      # u[j,i] dL/du[j,i] / scale
-        for jlo in range(0, batch, block_j):
-            jhi = min(jlo + block_j, batch)
-            side_s, side_t = _Anchors(gram_s, u_s, jlo, jhi), _Anchors(gram_t, u_t, jlo, jhi)
-            for ilo in range(0, batch, block_i):
-                ihi = min(ilo + block_i, batch)
-                cos_s = side_s.cosines(gram_s, ilo, ihi)
-                w = side_t.cosines(gram_t, ilo, ihi)
-                total += F.smooth_l1_loss(cos_s, w, reduction="sum", beta=1.0)
-                if not want_grad:
-                    continue
-                # W (without the scale, applied once at the end) in the teacher's buffer.
-                torch.sub(cos_s, w, out=w).clamp_(-1.0, 1.0)
-                wc = cos_s.mul_(w)
-                r[jlo:jhi, ilo:ihi] += wc.sum(2)
-                r[jlo:jhi] += wc.sum(1)
-                del wc, cos_s
-                a = w.mul_(side_s.a[:, ilo:ihi, None]).mul_(side_s.a[:, None, :])    # dL/dN
-                dgram[ilo:ihi] += a.sum(0)
-                row_sums = a.sum(2)
-                dgram[jlo:jhi, ilo:ihi] -= row_sums
-                dgram[jlo:jhi] -= a.sum(1)
-                dgram[jlo:jhi].diagonal(offset=jlo).add_(row_sums.sum(1))
-        if want_grad:
-            gsq = -0.5 * u_s * u_s * r
-            dgram -= 2 * gsq
-            dgram.diagonal().add_(gsq.sum(1) + gsq.sum(0))
-            ctx.save_for_backward(dgram.mul_(scale))
-        return (total * scale).to(gram_s.dtype)
+        loss, dgram = loss_and_grad(gram_s, gram_t, scale, block_j, block_i, ctx.needs_input_grad[0])
+        if dgram is not None:
+            ctx.save_for_backward(dgram)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -33,18 +33,21 @@ per-token loss and d loss / d student in one pass (in fp32, or float64 for float
 input) and writes the gradient, already multiplied by the reduction's scale, into one
 preallocated tensor of the student's shape and dtype. That tensor is the only
 ``[N, H]``-sized allocation; the fp32 temporaries are ``[chunk, H]``. Backward only
-multiplies the stored gradient by ``grad_output`` (skipped on the CPU when it is 1). With
+multiplies the stored gradient by ``grad_output`` (skipped on the CPU when it is 1);
+``reduction="none"`` computes the values in forward and the gradient in backward. With
 a projection, each chunk is projected, its loss and gradient computed, the gradient
 taken back through the projection and the weight gradient accumulated: the projected
 ``[N, H_teacher]`` tensor never exists (the pattern of ``fused_linear.py``).
 
 Why no C++ kernel: every kind is a few elementwise operations and one row reduction, so
-the work is memory-bound, and the chunked torch operations already keep each chunk's
-temporaries in cache-sized blocks; the measurement in docs/features.md (N = 8192,
-H = 4096, fp32 forward + backward) puts the chunked version at about the time of plain
-autograd while using one [N, H] buffer instead of several. A fused kernel could save the
-passes over the chunk (a few reads of data in cache), not the one read of ``s`` and ``t``
-and write of the gradient that bound the op.
+the work is memory-bound, and the chunks' temporaries (2 MiB on the CPU) stay in cache
+between their passes. Measured (docs/features.md: N = 8192, H = 4096, fp32, forward +
+backward, a shared 2-vCPU AMD EPYC), eager ``feature_loss`` is 2-6x faster than plain
+autograd ``((s - t)**2).sum(-1).mean()`` (mse: 62 vs 211 ms) with one [N, H] buffer
+instead of four or five; under torch.compile it runs as one chunk and inductor fuses it
+into the kernels a hand-written one would be (plain and ours then time alike). What a
+C++ kernel could still save is the passes over cached data, a factor well under the
+cost of the layers whose features are distilled.
 
 File order: settings, the per-chunk math, the chunk loop, the autograd Function, the
 argument checks, ``feature_loss``, ``FeatureDistillation``.
@@ -135,23 +138,32 @@ def chunk_rows(n_rows: int, width: int, device: torch.device, chunk_size: Option
 
 # ---------------------------------------------------------------------------------------
 # One chunk: per-token loss and d loss / d student of [c, H] features in the compute dtype.
+#
+# The gradient comes back as (g, factor) with d loss / d s = g * factor, factor a number
+# or a [c, 1] column: the constant 2 of mse and the standardisation's 1/sigma are folded
+# into the one multiply that writes the chunk's gradient (each pass over a chunk costs
+# about as much as the arithmetic of a pass).
 
 def _standardize(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x - mean) * rstd per row, and rstd = 1/sqrt(var + eps) ([c, 1])."""
-    var, mean = torch.var_mean(x, dim=-1, correction=0, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    return (x - mean).mul_(rstd), rstd
+    """((x - mean) * rstd, rstd) per row, rstd = 1/sqrt(var + eps) of shape [c, 1].
+
+    ``native_layer_norm`` gives both in one pass over x (``var_mean`` measured ~10x
+    slower on rows of a few thousand entries on the CPU).
+    """
+    x_hat, _, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, eps)
+    return x_hat, rstd
 
 
-def _standardize_backward(g: torch.Tensor, x_hat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """d/dx of the standardisation: rstd * (g - mean(g) - x_hat * mean(g * x_hat)) (layer norm)."""
-    mean_g = g.mean(dim=-1, keepdim=True)
-    mean_gx = torch.linalg.vecdot(g, x_hat, dim=-1).unsqueeze(-1) / g.shape[-1]
-    return g.sub_(mean_g).sub_(x_hat * mean_gx).mul_(rstd)
+def _standardize_backward_(g: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """g - mean(g) - x_hat * mean(g * x_hat), in place: the layer-norm backward without its
+    factor rstd (which the caller folds into the write)."""
+    width = g.shape[-1]
+    mean_gx = torch.linalg.vecdot(g, x_hat, dim=-1).unsqueeze(-1).div_(-width)
+    return g.sub_(g.mean(dim=-1, keepdim=True)).addcmul_(x_hat, mean_gx)
 
 
 def _distance(s: torch.Tensor, t: torch.Tensor, plan: "Plan", beta: Optional[torch.Tensor], want_grad: bool):
-    """Per-token value [c] and, when ``want_grad``, its gradient w.r.t. s [c, H].
+    """Per-token value [c] and, when ``want_grad``, (g, factor) with gradient g * factor.
 
     ``beta`` (smooth_l1) is a device scalar: a float setting read inside the autograd
     Function would be a free symbolic value under torch.compile(dynamic=True), which
@@ -161,11 +173,9 @@ def _distance(s: torch.Tensor, t: torch.Tensor, plan: "Plan", beta: Optional[tor
     kind, eps = plan.spec.kind, plan.cosine_eps
     if kind == "cosine":
         dot = torch.linalg.vecdot(s, t, dim=-1)
-        # sqrt of vecdot rather than linalg.vector_norm, which dynamo (2.13, dynamic=True)
-        # fails to trace inside an autograd Function called from a module.
-        s_norm = torch.linalg.vecdot(s, s, dim=-1).sqrt()
+        s_norm = torch.linalg.vector_norm(s, dim=-1)
         ns = s_norm.clamp_min(eps)
-        nt = torch.linalg.vecdot(t, t, dim=-1).sqrt().clamp_min(eps)
+        nt = torch.linalg.vector_norm(t, dim=-1).clamp_min(eps)
         inv = 1.0 / (ns * nt)
         cos = dot * inv
         if not want_grad:
@@ -173,14 +183,15 @@ def _distance(s: torch.Tensor, t: torch.Tensor, plan: "Plan", beta: Optional[tor
         # d(1 - cos)/ds = cos * s / ns^2 - t / (ns nt); below eps the clamped norm is the
         # constant eps, so the first term vanishes (the gradient of the value computed).
         a = torch.where(s_norm >= eps, cos / (ns * ns), 0.0)
-        return 1.0 - cos, s * a.unsqueeze(-1) - t * inv.unsqueeze(-1)
+        g = (s * a.unsqueeze(-1)).addcmul_(t, inv.unsqueeze(-1), value=-1.0)
+        return 1.0 - cos, (g, 1.0)
     d = s - t
     if kind == "mse":
-        value = torch.linalg.vecdot(d, d, dim=-1)
-        return value, (d.mul_(2.0) if want_grad else None)
+        value = torch.linalg.vector_norm(d, dim=-1).square()
+        return value, ((d, 2.0) if want_grad else None)
     if kind == "l1":
         value = d.abs().sum(-1)
-        return value, (d.sign_() if want_grad else None)
+        return value, ((d.sign_(), 1.0) if want_grad else None)
     # smooth_l1. beta = 0 needs no special case: |d| < 0 never holds, so both branches
     # below select the l1 forms (the unselected 1/beta terms are discarded by where).
     a = d.abs()
@@ -188,20 +199,21 @@ def _distance(s: torch.Tensor, t: torch.Tensor, plan: "Plan", beta: Optional[tor
     value = torch.where(quadratic, (0.5 / beta) * a * a, a - 0.5 * beta).sum(-1)
     if not want_grad:
         return value, None
-    return value, torch.where(quadratic, d / beta, d.sign())
+    return value, (torch.where(quadratic, d / beta, d.sign()), 1.0)
 
 
 def chunk_loss(s: torch.Tensor, t: torch.Tensor, plan: "Plan", beta: Optional[torch.Tensor],
                want_grad: bool):
-    """Per-token loss [c] and d loss / d s [c, H] (or None), standardising first if asked."""
+    """Per-token loss [c] and (g, factor) or None, standardising first if asked."""
     if not plan.spec.normalize:
         return _distance(s, t, plan, beta, want_grad)
     s_hat, rstd = _standardize(s, plan.normalize_eps)
     t_hat, _ = _standardize(t, plan.normalize_eps)
-    value, g = _distance(s_hat, t_hat, plan, beta, want_grad)
-    if g is not None:
-        g = _standardize_backward(g, s_hat, rstd)
-    return value, g
+    value, grad = _distance(s_hat, t_hat, plan, beta, want_grad)
+    if grad is None:
+        return value, None
+    g, factor = grad
+    return value, (_standardize_backward_(g, s_hat), rstd * factor)
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,7 +224,7 @@ class Plan:
     """Everything about a call that is not a tensor."""
 
     spec: FeatureSpec
-    chunk: int
+    chunk: Optional[int]  # rows per chunk; None: all rows in one chunk (under torch.compile)
     compute_dtype: torch.dtype
     reduced: bool
     want_student_grad: bool
@@ -238,35 +250,57 @@ def chunked_loss(plan: Plan, student, teacher, weight, labels, beta, row_coef, w
     n = student.shape[0]
     want_s = with_grads and plan.want_student_grad
     want_w = with_grads and plan.want_weight_grad
-    grad_s = torch.empty_like(student, memory_format=torch.contiguous_format) if want_s else None
+    grad_s = None
     # The weight gradient ([Ht, Hs], small) is summed over chunks in the compute dtype.
     acc_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_w else None
     w = None if weight is None else weight.to(dtype)
     loss = torch.empty((n,), dtype=dtype, device=student.device)
     per_row_coef = isinstance(row_coef, torch.Tensor) and row_coef.dim() == 1
 
-    for start in range(0, n, plan.chunk):
-        end = min(start + plan.chunk, n)
+    if plan.chunk is None:
+        bounds = ((0, n),)
+    else:
+        bounds = tuple((start, min(start + plan.chunk, n)) for start in range(0, n, plan.chunk))
+    single = len(bounds) == 1
+    if want_s and not single:
+        grad_s = torch.empty_like(student, memory_format=torch.contiguous_format)
+
+    for start, end in bounds:
         s_c = student[start:end].to(dtype)
         t_c = teacher[start:end].to(dtype)
         p_c = s_c if w is None else s_c @ w.t()
-        value, g = chunk_loss(p_c, t_c, plan, beta, want_s or want_w)
+        value, grad = chunk_loss(p_c, t_c, plan, beta, want_s or want_w)
         valid = None if labels is None else (labels[start:end] != spec.ignore_index)
         loss[start:end] = value if valid is None else torch.where(valid, value, 0.0)
-        if g is None:
+        if grad is None:
             continue
+        g, factor = grad
         coef = row_coef[start:end].unsqueeze(-1) if per_row_coef else row_coef
-        g = g.mul_(coef)
+        coef = coef * factor
         if valid is not None:
-            # where, not a multiply by the mask: an ignored token's NaN must not leak.
-            g = torch.where(valid.unsqueeze(-1), g, 0.0)
+            # Fills, not a multiply by the mask: an ignored token's NaN (in g, or in its
+            # factor 1/sigma) must not leak.
+            ignored = ~valid.unsqueeze(-1)
+            g = g.masked_fill_(ignored, 0.0)
+            coef = coef.masked_fill(ignored, 0.0) if coef.dim() == 2 else coef
         if w is not None:
+            g = g.mul_(coef)
             if want_w:
                 acc_w.addmm_(g.t(), s_c)
-            if want_s:
-                g = g @ w
-        if want_s:
-            grad_s[start:end] = g
+            if not want_s:
+                continue
+            if single:
+                grad_s = (g @ w).to(student.dtype)
+            elif grad_s.dtype == dtype:
+                torch.mm(g, w, out=grad_s[start:end])
+            else:
+                grad_s[start:end] = g @ w
+        elif single:
+            # One chunk: its gradient is the buffer (no second [N, H] tensor).
+            grad_s = g.mul_(coef) if g.dtype == student.dtype else (g * coef).to(student.dtype)
+        else:
+            # The scale, the mask's zeros and the cast to the student's dtype in one write.
+            torch.mul(g, coef, out=grad_s[start:end])
     grad_w = None
     if want_w:
         grad_w = acc_w if acc_w.dtype == weight.dtype else acc_w.to(weight.dtype)
@@ -376,6 +410,21 @@ def _compute_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
+def _chunk_plan(n, hs, ht, device, chunk_size, projected: bool) -> Optional[int]:
+    """Rows per chunk, or None for a single chunk.
+
+    Under torch.compile, without a projection and without an explicit ``chunk_size``, the
+    loss runs as one chunk: inductor fuses the per-token arithmetic into a few kernels
+    that hold no [N, H] fp32 temporaries anyway, and a Python loop over the tokens would
+    specialise the graph on N (recompiling the whole compiled region for every sequence
+    length under ``dynamic=True``). With a projection the loop stays: the projected
+    [N, H_teacher] states would otherwise exist, so that graph is specialised on N.
+    """
+    if torch.compiler.is_compiling() and chunk_size is None and not projected:
+        return None
+    return chunk_rows(n, max(hs, ht), device, chunk_size)
+
+
 def feature_term(student, teacher, flat_labels, spec: FeatureSpec, num_items, *, weight=None,
                  layer_weight=1.0, student_name="student", teacher_name="teacher") -> torch.Tensor:
     """One feature loss on checked labels (``flat_labels``: int64 [N] or None) and checked
@@ -401,7 +450,7 @@ def feature_term(student, teacher, flat_labels, spec: FeatureSpec, num_items, *,
     reduced = spec.reduction != "none"
     plan = Plan(
         spec=spec,
-        chunk=chunk_rows(n, max(hs, ht), student.device, spec.chunk_size),
+        chunk=_chunk_plan(n, hs, ht, student.device, spec.chunk_size, weight is not None),
         compute_dtype=dtype,
         reduced=reduced,
         want_student_grad=grad_enabled and student.requires_grad,

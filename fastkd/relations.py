@@ -161,11 +161,12 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, *, reduction: s
         cos_ijk = < (e_i - e_j)/|e_i - e_j| , (e_k - e_j)/|e_k - e_j| >   (angle at e_j)
         loss = sum_{i,j,k distinct} huber(cos^s_ijk - cos^t_ijk)   (÷ B(B-1)(B-2) for "mean")
 
-    Computed from each side's centred ``B x B`` Gram matrix in blocks of ``block_size``
-    anchors j, loss and gradient together: memory O(block_size * B^2) (default: blocks of
-    about 4M elements, so ~100 MB of fp32 temporaries), time O(B^3 + B^2 D); the whole
-    ``B^3`` cube, or a ``[B, B, D]`` tensor of differences, never exists. Double backward is
-    not supported. B < 3 gives 0; a pair of coincident embeddings (within fp rounding) has
+    Computed from each side's centred ``B x B`` Gram matrix in tiles of anchors j (and rows
+    i), loss and gradient together: memory O(block_size * B^2) for a given ``block_size``;
+    the default tiles have 2^18 elements on a CPU (cache-sized) and 2^24 elsewhere, about
+    six of them alive at a time. Time O(B^3 + B^2 D); the whole ``B^3`` cube, or a
+    ``[B, B, D]`` tensor of differences, never exists (docs/relations.md has measured
+    times). Double backward is not supported. B < 3 gives 0; a pair of coincident embeddings (within fp rounding) has
     unit vector 0, so its angles are 0.
 
     Args:
@@ -183,7 +184,7 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, *, reduction: s
     with torch.no_grad():
         gram_t = _centred_gram(teacher.to(dtype))
     scale = 1.0 / (batch * (batch - 1) * (batch - 2)) if reduction == "mean" else 1.0
-    block_j, block_i = tile_shape(batch, block_size)
+    block_j, block_i = tile_shape(batch, block_size, student.device.type)
     return AngleLoss.apply(_centred_gram(student.to(dtype)), gram_t, scale, block_j, block_i)
 
 
@@ -310,18 +311,18 @@ class RelationDistillation(nn.Module):
         self.pooling = pooling
         self.block_size = _check_block_size(block_size)
 
-    def _embeddings(self, name: str, x, labels):
-        if isinstance(x, torch.Tensor) and x.dim() == 3:
-            return pool_hidden_states(x, labels)
-        if labels is not None and isinstance(x, torch.Tensor) and x.dim() == 2:
-            raise ValueError(f"labels mask the tokens of [B, S, H] hidden states, but {name} is "
-                             f"already [B, D] embeddings (shape {tuple(x.shape)}); pass labels=None")
-        return x  # the losses check the rest
-
     def forward(self, student: torch.Tensor, teacher: torch.Tensor,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        student = self._embeddings("student", student, labels)
-        teacher = self._embeddings("teacher", teacher, labels)
+        ranks = [x.dim() if isinstance(x, torch.Tensor) else None for x in (student, teacher)]
+        if labels is not None and 3 not in ranks:
+            raise ValueError("labels mask the tokens of [B, S, H] hidden states, but neither student nor "
+                             f"teacher has rank 3 (ranks {ranks[0]} and {ranks[1]}): [B, D] embeddings take "
+                             "labels=None")
+        # A rank-3 side is pooled; the losses check everything else.
+        if ranks[0] == 3:
+            student = pool_hidden_states(student, labels)
+        if ranks[1] == 3:
+            teacher = pool_hidden_states(teacher, labels)
         total = None
         for kind, weight in self.terms:
             extra = {"block_size": self.block_size} if kind == "rkd_angle" else {}

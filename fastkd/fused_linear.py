@@ -210,7 +210,7 @@ def chunked_loss(plan: Plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
         acc_w = torch.empty(student.weight.shape, dtype=torch.float32, device=ws.device) \
             if separate_acc else grad_w[:V]
 
-    loss = torch.empty((n,), dtype=torch.float32, device=hs.device)
+    loss = torch.empty((n,), dtype=student.logits_dtype, device=hs.device)  # float64 stays float64
     chunk = max(1, min(plan.chunk_size, n))
     # Reused buffers where the matmul can write into them (the native mode allocates per
     # chunk; CUDA's caching allocator hands back the same blocks).
@@ -501,7 +501,8 @@ def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hid
         want_weight_grad=grad_enabled and student_weight.requires_grad,
         want_bias_grad=grad_enabled and student_bias is not None and student_bias.requires_grad,
     )
-    grad_scale = reduction_scale(flat_labels, n, cfg, num_items, device)
+    grad_scale = reduction_scale(flat_labels, n, cfg, num_items, device,
+                                 torch.float64 if student_weight.dtype == torch.float64 else torch.float32)
     out = FusedLinearKDFunction.apply(
         hs, student_weight, student_bias, ht, teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(), flat_labels, grad_scale, plan)

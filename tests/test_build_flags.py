@@ -68,11 +68,15 @@ def fake_nvcc(monkeypatch):
         return calls
 
     monkeypatch.setattr(_build, "nvcc_path", lambda: "/fake/cuda/bin/nvcc")
+    monkeypatch.setattr(_build, "cuda_headers_problem", lambda: None)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     for var in ("TORCH_CUDA_ARCH_LIST", "FASTKD_BUILD_CUDA"):
         monkeypatch.delenv(var, raising=False)
     yield install
     _build.nvcc_info.cache_clear()
+
+
+REAL_CUDA_HEADERS_PROBLEM = _build.cuda_headers_problem  # the fixture fakes it
 
 
 def no_warnings(fn, *args):
@@ -170,6 +174,25 @@ def test_torch_and_nvcc_major_mismatch_skips_the_cuda_build(fake_nvcc, monkeypat
         _build.want_cuda()
     monkeypatch.setenv("FASTKD_BUILD_CUDA", "0")
     assert no_warnings(_build.want_cuda) is False
+
+
+def test_missing_cuda_headers_skip_the_cuda_build_with_a_warning(fake_nvcc, monkeypatch, tmp_path):
+    # nvcc on PATH through a wrapper (/usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc)
+    # makes torch take CUDA_HOME=/usr/local, where no cuda_runtime.h is: the build used to go
+    # ahead and fail inside ninja ("fatal error: cuda_runtime.h: No such file or directory").
+    import torch.utils.cpp_extension as cpp_extension
+
+    fake_nvcc(*NVCC_13)
+    monkeypatch.setattr(_build, "cuda_headers_problem", REAL_CUDA_HEADERS_PROBLEM)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    with pytest.warns(_build.CudaBuildWarning, match=r"without its CUDA kernels.*has no include/cuda_runtime\.h"):
+        assert _build.want_cuda() is False
+    monkeypatch.setenv("FASTKD_BUILD_CUDA", "1")
+    with pytest.raises(RuntimeError, match="FASTKD_BUILD_CUDA=1.*cuda_runtime"):
+        _build.want_cuda()
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    assert _build.want_cuda() is True
 
 
 def test_a_minor_difference_builds(fake_nvcc, monkeypatch):

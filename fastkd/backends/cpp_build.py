@@ -82,6 +82,19 @@ def nvcc_path() -> str | None:
     return shutil.which("nvcc")
 
 
+def cuda_headers_problem() -> str | None:
+    """Why the CUDA toolkit's headers cannot be found where torch.utils.cpp_extension will look
+    ($CUDA_HOME/include), or None. torch derives CUDA_HOME from the nvcc on PATH when it is
+    not set, so a wrapper script such as /usr/local/bin/nvcc makes it /usr/local, whose
+    include/ has no cuda_runtime.h: the CUDA build would then fail deep inside ninja."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        return None
+    return (f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (torch derives CUDA_HOME from the nvcc "
+            f"on PATH when it is unset); set CUDA_HOME to the toolkit's root, e.g. /usr/local/cuda")
+
+
 def run_nvcc(nvcc: str, *args: str) -> str:
     """nvcc's stdout for ``args`` (the one place that runs nvcc; tests replace it)."""
     return subprocess.run([nvcc, *args], check=True, capture_output=True, text=True, timeout=60).stdout
@@ -126,6 +139,9 @@ def _cuda_skip() -> tuple:
         return (f"torch was built with CUDA {torch.version.cuda} but {nvcc} is CUDA {version[0]}.{version[1]}: "
                 f"torch.utils.cpp_extension refuses a different major version (and the kernels would need "
                 f"another CUDA runtime than torch's); point CUDA_HOME at a CUDA {torch_major}.x toolkit"), True
+    headers = cuda_headers_problem()
+    if headers is not None:
+        return headers, True
     return None, False
 
 

@@ -41,10 +41,7 @@ def check_same_tokens(student_name: str, student, teacher_name: str, teacher) ->
             f"got {tuple(student.shape)} and {tuple(teacher.shape)}")
     if student.device != teacher.device:
         raise ValueError(f"{student_name} is on {student.device} but {teacher_name} is on {teacher.device}")
-    if teacher.requires_grad:
-        raise ValueError(
-            f"{teacher_name} requires grad, but the teacher is a constant in distillation: "
-            "compute it under torch.no_grad() or pass .detach()")
+    check_teacher_is_constant(teacher_name, teacher)
 
 
 def resolve_vocab_size(cfg: KDConfig, student_width: int, teacher_width: int,
@@ -73,6 +70,29 @@ def check_logits_pair(student, teacher, cfg: KDConfig) -> KDConfig:
     return resolve_vocab_size(cfg, student.shape[-1], teacher.shape[-1])
 
 
+def check_label_tensor(labels, lead_shape, device, inputs: str, last_dim: str) -> None:
+    """Type, integer dtype, shape (``inputs``' shape without its ``last_dim`` dimension) and
+    device of a labels tensor; shared by kd_loss (which also range-checks them) and the
+    feature losses (which read them only as a mask)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an int64 (or int32) tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(lead_shape):
+        raise ValueError(
+            f"labels must have shape {tuple(lead_shape)} (the {inputs}' shape without the {last_dim} "
+            f"dimension), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but the {inputs} are on {device}")
+
+
+def check_teacher_is_constant(teacher_name: str, teacher: torch.Tensor) -> None:
+    if teacher.requires_grad:
+        raise ValueError(
+            f"{teacher_name} requires grad, but the teacher is a constant in distillation: "
+            "compute it under torch.no_grad() or pass .detach()")
+
+
 def check_labels(labels, lead_shape, device, cfg: KDConfig) -> None:
     """Presence, shape, dtype, device and (on CPU, where it costs no sync) range of the labels."""
     if labels is None:
@@ -84,16 +104,7 @@ def check_labels(labels, lead_shape, device, cfg: KDConfig) -> None:
                 f"alpha={cfg.alpha} mixes in a hard-label cross-entropy, which needs labels; "
                 "pass labels= or use alpha=1.0")
         return
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be an int64 (or int32) tensor, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(lead_shape):
-        raise ValueError(
-            f"labels must have shape {tuple(lead_shape)} (the logits' shape without the vocab "
-            f"dimension), got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
+    check_label_tensor(labels, lead_shape, device, "logits", "vocab")
     # The range check reads the labels: free on the CPU, a host sync on a GPU, and a
     # data-dependent branch under torch.compile. Where it is skipped, the kernels mark a
     # row whose label is out of range with a NaN loss, so it is never silently a number.

@@ -61,7 +61,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import check_float_tensor, check_num_items, check_same_tokens, reduction_scale
+from ._checks import check_float_tensor, check_label_tensor, check_num_items, check_same_tokens, reduction_scale
 from .config import KDConfig, check_bool, check_int, check_number, make_config
 
 KINDS = ("mse", "cosine", "l1", "smooth_l1")
@@ -382,16 +382,7 @@ def _check_mask_labels(labels, lead_shape, device) -> Optional[torch.Tensor]:
     """
     if labels is None:
         return None
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be an int64 (or int32) tensor, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(lead_shape):
-        raise ValueError(
-            f"labels must have shape {tuple(lead_shape)} (the features' shape without the hidden "
-            f"dimension), got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but the features are on {device}")
+    check_label_tensor(labels, lead_shape, device, "features", "hidden")
     return labels.reshape(-1).to(torch.int64)
 
 

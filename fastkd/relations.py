@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_float_tensor
+from ._checks import check_float_tensor, check_teacher_is_constant
 from ._rkd_angle import AngleLoss, tile_shape
 from .config import check_int, check_number
 
@@ -65,10 +65,7 @@ def _check_embeddings(student, teacher) -> torch.dtype:
             f"and {tuple(teacher.shape)}")
     if student.device != teacher.device:
         raise ValueError(f"student is on {student.device} but teacher is on {teacher.device}")
-    if teacher.requires_grad:
-        raise ValueError(
-            "teacher requires grad, but the teacher is a constant in distillation: "
-            "compute it under torch.no_grad() or pass .detach()")
+    check_teacher_is_constant("teacher", teacher)
     return torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
 
 

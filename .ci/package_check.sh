@@ -25,7 +25,11 @@ fresh_venv() {
 fresh_venv "$WORK/venv-build"
 "$WORK/venv-build/bin/python" -m pip install -q build
 say "building sdist and wheel (no isolation, torch $("$WORK/venv-build/bin/python" -c 'import torch; print(torch.__version__)'))"
-MAX_JOBS=2 "$WORK/venv-build/bin/python" -m build --no-isolation --sdist --wheel --outdir "$WORK/dist" . > "$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; exit 1; }
+# From a copy of the tracked files: a build in the checkout itself would share its build/
+# directory (compiled objects) with any other build running there, e.g. for another torch.
+mkdir -p "$WORK/src" && git ls-files -z | xargs -0 tar cf - | tar xf - -C "$WORK/src"
+(cd "$WORK/src" && MAX_JOBS=2 "$WORK/venv-build/bin/python" -m build --no-isolation --sdist --wheel --outdir "$WORK/dist" .) \
+  > "$WORK/build.log" 2>&1 || { grep -E "error|Error" "$WORK/build.log" | head -20; tail -30 "$WORK/build.log"; exit 1; }
 ls -l "$WORK/dist"
 SDIST=$(ls "$WORK"/dist/fastkd-*.tar.gz)
 WHEEL=$(ls "$WORK"/dist/fastkd-*.whl)
@@ -58,7 +62,7 @@ MAX_JOBS=2 "$WORK/venv-sdist/bin/python" -m pip install -q --no-build-isolation 
 
 say "plain pip install . (isolated build: no torch in the build environment)"
 fresh_venv "$WORK/venv-plain"
-"$WORK/venv-plain/bin/python" -m pip install -v . > "$WORK/plain.log" 2>&1 || { tail -30 "$WORK/plain.log"; exit 1; }
+"$WORK/venv-plain/bin/python" -m pip install -v "$WORK/src" > "$WORK/plain.log" 2>&1 || { tail -30 "$WORK/plain.log"; exit 1; }
 grep -q "fastkd: torch is not importable in this build environment" "$WORK/plain.log" && echo "the build said why fastkd._C is not compiled"
 (cd "$WORK" && "$WORK/venv-plain/bin/python" -m fastkd.info | grep -E "source|problem")
 (cd "$WORK" && FASTKD_BUILD_DIR="$WORK/jit" MAX_JOBS=2 "$WORK/venv-plain/bin/python" -c "$CHECK")

@@ -84,3 +84,26 @@ def test_info_reports_the_triton_it_finds():
     assert line(out, "triton") == triton.__version__
     backends = out.split("backends:")[1].split("auto picks:")[0]
     assert line(backends, "triton").startswith("available on CUDA tensors")
+
+
+def test_a_prebuilt_extension_that_does_not_load_says_why(unbuilt_copy, tmp_path):
+    # A _C built against another torch fails at import; the warning and the report must carry
+    # the import error instead of calling it "no compiled extension".
+    broken = tmp_path / "broken"
+    shutil.copytree(unbuilt_copy, broken)
+    import sysconfig
+    (broken / "fastkd" / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))).write_bytes(b"not a shared object")
+    env = {"PYTHONPATH": str(broken), "FASTKD_NO_JIT": "1"}
+    out = run_info(env=env, cwd=broken, prelude=NO_EDITABLE_FINDER)
+    assert "does not load" in line(out, "problem")
+    code = NO_EDITABLE_FINDER + ("import warnings, torch, fastkd\n"
+                                 "with warnings.catch_warnings(record=True) as w:\n"
+                                 "    warnings.simplefilter('always')\n"
+                                 "    fastkd.kd_loss(torch.randn(2, 5), torch.randn(2, 5))\n"
+                                 "print('|'.join(str(x.message) for x in w))")
+    full_env = {k: v for k, v in os.environ.items() if k not in ("FASTKD_BACKEND", "TRITON_INTERPRET")}
+    full_env.update(env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=broken,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "does not load" in done.stdout and "FASTKD_NO_JIT=1" in done.stdout, done.stdout

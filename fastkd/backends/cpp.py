@@ -92,10 +92,13 @@ def load_extension():
         from .. import _C  # noqa: F401
 
         return _C
-    except ImportError:
-        pass
+    except ImportError as exc:
+        # A prebuilt module that exists but does not load (built against another torch, a
+        # missing library) must say why, not pass for "no extension".
+        prebuilt = glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C*.so"))
+        why = f"the prebuilt {os.path.basename(prebuilt[0])} does not load ({exc})" if prebuilt else "no compiled extension"
     if os.environ.get("FASTKD_NO_JIT", "0") == "1":
-        warnings.warn("fastkd: no compiled extension (FASTKD_NO_JIT=1); the cpu/cuda backends are unavailable, "
+        warnings.warn(f"fastkd: {why} and FASTKD_NO_JIT=1; the cpu/cuda backends are unavailable, "
                       "using Triton/torch (the torch backend is about 10x slower on the CPU)",
                       RuntimeWarning, stacklevel=3)
         return None

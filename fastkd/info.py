@@ -9,8 +9,6 @@ cached extension it says what the first call would do instead.
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib
 import importlib.metadata
 import os
 import platform
@@ -53,15 +51,13 @@ def extension_status(build: bool) -> Dict[str, object]:
     from .backends import cpp
 
     status: Dict[str, object] = {"module": None, "source": None, "problem": None}
-    try:
-        module = importlib.import_module("fastkd._C")
+    module, why = cpp.import_prebuilt()
+    if module is not None:
         status.update(module=module, source=f"prebuilt ({module.__file__})")
         return status
-    except ImportError as exc:
-        prebuilt = glob.glob(os.path.join(os.path.dirname(__file__), "_C*.so")) + glob.glob(
-            os.path.join(os.path.dirname(__file__), "_C*.pyd"))
-        status["problem"] = (f"the prebuilt {os.path.basename(prebuilt[0])} does not load: {exc}" if prebuilt
-                             else "no prebuilt extension (a source tree not built yet, or an isolated `pip install .`, which cannot compile it)")
+    if why == "no prebuilt extension":
+        why += " (a source tree not built yet, or an isolated `pip install .`, which cannot compile it)"
+    status["problem"] = why
     from .backends import cpp_build
 
     sources = [p for p in cpp_build.cpu_sources() if os.path.isfile(p)]

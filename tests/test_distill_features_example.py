@@ -1,21 +1,13 @@
 """examples/distill_features.py runs (quick mode, ~20-30 s) and its logits KD beats CE only."""
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distill_features.py"
+from harness.scripts import load_script
 
 
 def load_example():
-    # examples/ is not a package: import the script by path.
-    spec = importlib.util.spec_from_file_location("distill_features", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/distill_features.py")
 
 
 def test_distill_features_quick(capsys):

@@ -1,19 +1,11 @@
 """The end-to-end example runs, and knowledge distillation helps in it (quick mode, ~15-25 s)."""
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distill_tiny_lm.py"
+from harness.scripts import load_script
 
 
 def load_example():
-    # examples/ is not a package: import the script by path.
-    spec = importlib.util.spec_from_file_location("distill_tiny_lm", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/distill_tiny_lm.py")
 
 
 def test_distill_tiny_lm_quick(capsys):

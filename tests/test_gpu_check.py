@@ -2,7 +2,6 @@
 CPU: the dry run lists all seven steps and finds every script it would run parseable; the
 smoke script's kernel classification, its refusal without a GPU, and its comparison path
 (Triton cases under the interpreter); the summary's floor and target tables."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,20 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("env", "build", "smoke", "tests", "sanitizer", "bench", "summary")
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load("gpu_check", "benchmarks/gpu_check.py")
-gpu_smoke = _load("gpu_smoke", "tests/gpu_smoke.py")
+gpu_check = load_script("benchmarks/gpu_check.py")
+gpu_smoke = load_script("tests/gpu_smoke.py")
 
 
 def _env():

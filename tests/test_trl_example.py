@@ -1,12 +1,11 @@
 """examples/trl_gkd_distill.py --quick runs: TRL's GKD trainer, the fastkd patch and the
 fused-linear trainer train the same tiny student to the same losses (about 15-30 s)."""
-import importlib.util
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
+
+from harness.scripts import load_script
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl", reason="TRL is not installed (the TRL integration is optional)")
@@ -14,15 +13,9 @@ pytest.importorskip("trl.experimental.gkd", reason="this trl has no trl.experime
 pytest.importorskip("datasets", reason="datasets is not installed (the example builds its data with it)")
 pytest.importorskip("tokenizers", reason="tokenizers is not installed (the example builds a tokenizer with it)")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trl_gkd_distill.py"
-
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("trl_gkd_distill", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/trl_gkd_distill.py")
 
 
 def test_trl_gkd_example_quick(capsys):

@@ -85,18 +85,28 @@ def _jit_build():
     return module
 
 
-@functools.lru_cache(maxsize=None)
-def load_extension():
-    """The extension module, or None when it can be neither imported nor built."""
+def import_prebuilt():
+    """``(module, None)`` for the prebuilt fastkd._C, else ``(None, why)``: why it is absent,
+    or the import error of one that exists but does not load (built against another torch,
+    a missing library), which must not pass for "no extension"."""
     try:
         from .. import _C  # noqa: F401
 
-        return _C
+        return _C, None
     except ImportError as exc:
-        # A prebuilt module that exists but does not load (built against another torch, a
-        # missing library) must say why, not pass for "no extension".
-        prebuilt = glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C*.so"))
-        why = f"the prebuilt {os.path.basename(prebuilt[0])} does not load ({exc})" if prebuilt else "no compiled extension"
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        found = glob.glob(os.path.join(package, "_C*.so")) + glob.glob(os.path.join(package, "_C*.pyd"))
+        if found:
+            return None, f"the prebuilt {os.path.basename(found[0])} does not load ({exc})"
+        return None, "no prebuilt extension"
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension():
+    """The extension module, or None when it can be neither imported nor built."""
+    module, why = import_prebuilt()
+    if module is not None:
+        return module
     if os.environ.get("FASTKD_NO_JIT", "0") == "1":
         warnings.warn(f"fastkd: {why} and FASTKD_NO_JIT=1; the cpu/cuda backends are unavailable, "
                       "using Triton/torch (the torch backend is about 10x slower on the CPU)",

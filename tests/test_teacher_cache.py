@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+import fastkd
+
 from fastkd import teacher_cache as tc
 from fastkd.teacher_cache import format as fmt
 
@@ -396,3 +398,43 @@ def test_retemper_bucket():
         tc.retemper(ids, lp0, from_temperature=2.0, to_temperature=1.0, tail="bucket")
     with pytest.raises(ValueError, match="to_temperature"):
         tc.retemper(ids, lp0, from_temperature=2.0, to_temperature=0.0)
+
+
+# --------------------------------------------------------------------------- with the loss
+
+def test_rskd_gradient_through_sparse_kd_loss_is_unbiased():
+    """bucket with RS-KD weights (P = 1): the forward-KL gradient q - w averages to q - p."""
+    from fastkd.sparse import sparse_kd_loss
+    vocab, n, draws = 12, 8, 4000
+    g = torch.Generator().manual_seed(4)
+    p = torch.softmax(1.5 * torch.randn(vocab, generator=g, dtype=torch.float64), -1)
+    s = torch.randn(vocab, generator=g, dtype=torch.float64)
+    ids, log_w = tc.rskd_sample(p.log().expand(draws, vocab), n, generator=g)
+    student = s.expand(draws, vocab).clone().requires_grad_()
+    sparse_kd_loss(student, ids, log_w.double(), tail="bucket", reduction="sum").backward()
+    dense = s.clone().requires_grad_()
+    fastkd.kd_loss(dense[None], p.log()[None], reduction="sum", backend="torch").backward()
+    sigma = (p * (1 - p) / (n * draws)).sqrt()               # the gradient's noise is that of w
+    err = student.grad.mean(0) - dense.grad
+    assert (err.abs() < 5 * sigma).all(), err / sigma
+    # The renormalised top-8 teacher is biased: far outside that band.
+    top_ids, top_lp = tc.topk_logprobs(p.log()[None], 8)
+    biased = s.clone()[None].requires_grad_()
+    sparse_kd_loss(biased, top_ids, top_lp, tail="renorm", reduction="sum").backward()
+    assert ((biased.grad[0] - dense.grad).abs() > 5 * sigma).any()
+
+
+def test_full_support_cache_gives_the_dense_loss(tmp_path):
+    """A cache with k = V (float32 values) through sparse_kd_loss equals kd_loss on the logits."""
+    from fastkd.sparse import sparse_kd_loss
+    logits = teacher_logits(n=3, length=5)
+    with tc.TeacherCacheWriter(tmp_path, k=V, vocab_size=V, temperature=T, dtype="float32") as w:
+        w.add_logits(logits, start=0)
+    ids, lp = tc.TeacherCacheReader(tmp_path, vocab_size=V, temperature=T).sequences(range(3))
+    s = torch.randn(3, 5, V, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(2))
+    labels[0, :2] = -100
+    kw = dict(temperature=T, alpha=0.7)
+    sparse = sparse_kd_loss(s, ids, lp.double(), labels, tail="bucket", **kw)
+    dense = fastkd.reference.kd_loss(s, logits[..., :V].double(), labels, **kw)
+    torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=0)   # float32 storage, rounded down

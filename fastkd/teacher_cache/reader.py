@@ -84,6 +84,7 @@ class TeacherCacheReader:
         for shard, part in zip(m["shards"], lengths):
             if len(part) != shard["sequences"] or int(part.sum()) != shard["tokens"]:
                 raise ValueError(f"{self._file(shard, 'lengths')} does not match the manifest's counts")
+        self._first_tokens = np.array([s["first_token"] for s in m["shards"]], dtype=np.int64)
         self.width = max([s["width"] for s in m["shards"]], default=self.k)
 
     # ------------------------------------------------------------------ sizes and checks
@@ -174,7 +175,11 @@ class TeacherCacheReader:
         if not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(f"token range [{start}, {stop}) is outside the cache's {self.num_tokens} tokens")
         parts_ids, parts_lp = [], []
-        for shard in self.manifest["shards"]:
+        shards = self.manifest["shards"]
+        # The shards that overlap [start, stop): a binary search, not a scan of the manifest.
+        first = max(0, int(np.searchsorted(self._first_tokens, start, side="right")) - 1)
+        last = int(np.searchsorted(self._first_tokens, stop, side="left"))
+        for shard in shards[first:last]:
             lo, hi = max(start, shard["first_token"]), min(stop, shard["first_token"] + shard["tokens"])
             if lo < hi:
                 ids, values = self._arrays(shard["index"])

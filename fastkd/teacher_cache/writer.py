@@ -160,10 +160,10 @@ class TeacherCacheWriter:
         if ids.dim() != 3 or ids.shape != logprobs.shape:
             raise ValueError(f"ids and logprobs must both have shape [B, L, K], got {tuple(ids.shape)} and "
                              f"{tuple(logprobs.shape)}")
-        rows = self._take(start, ids.shape[0])
-        if rows is None:
+        skip = self._take(start, ids.shape[0])
+        if skip is None:
             return
-        ids, logprobs = ids[rows].long(), logprobs[rows].double()
+        ids, logprobs = ids[skip:].long(), logprobs[skip:].double()
         logprobs = logprobs.masked_fill(ids < 0, float("-inf"))
         ids = ids.masked_fill(ids < 0, EMPTY_ID)
         if ids.shape[-1] > self.k:
@@ -179,7 +179,7 @@ class TeacherCacheWriter:
         order = torch.sort((ids < 0).to(torch.int8), dim=-1, stable=True).indices
         ids, logprobs = ids.gather(-1, order), logprobs.gather(-1, order)
         self._check_sparse(ids, logprobs)
-        self._append(ids, logprobs, self._lengths(lengths, rows, ids.shape[:2]))
+        self._append(ids, logprobs, self._lengths(lengths, skip, ids.shape[:2]))
 
     def _add_full(self, values, start, lengths, kind) -> None:
         if not isinstance(values, torch.Tensor) or not values.is_floating_point() or values.dim() != 3:
@@ -187,10 +187,10 @@ class TeacherCacheWriter:
         if values.shape[-1] < self.vocab_size:
             raise ValueError(f"{kind} has {values.shape[-1]} columns, fewer than the cache's "
                              f"vocab_size={self.vocab_size}")
-        rows = self._take(start, values.shape[0])
-        if rows is None:
+        skip = self._take(start, values.shape[0])
+        if skip is None:
             return
-        values = values[rows, :, : self.vocab_size].detach()
+        values = values[skip:, :, : self.vocab_size].detach()     # a view: no copy of the logits
         b, seq = values.shape[:2]
         # Rows converted at once: the float64 copy of a chunk stays near 256 MiB.
         chunk_rows = max(1, (1 << 25) // self.vocab_size)
@@ -200,7 +200,7 @@ class TeacherCacheWriter:
         for r in range(b):
             if generator is not None:
                 # Seeded per sequence: a resumed run draws exactly what an uninterrupted one would.
-                generator.manual_seed(self.seed * 1_000_003 + start + int(rows[r]))
+                generator.manual_seed(self.seed * 1_000_003 + start + skip + r)
             for lo in range(0, seq, chunk_rows):
                 # float64 for the log-normaliser: a support's mass P then stays <= 1 to ~1e-16.
                 chunk = values[r, lo: lo + chunk_rows].double()
@@ -211,10 +211,11 @@ class TeacherCacheWriter:
                     i, v = rskd_sample(full, self.k, proposal_exponent=self.proposal_exponent,
                                        generator=generator)
                 ids[r, lo: lo + chunk_rows], logp[r, lo: lo + chunk_rows] = i, v
-        self._append(ids, logp, self._lengths(lengths, rows, (b, seq)))
+        self._append(ids, logp, self._lengths(lengths, skip, (b, seq)))
 
-    def _take(self, start: int, count: int) -> Optional[torch.Tensor]:
-        """Which of rows ``start .. start+count-1`` are new; None when none is."""
+    def _take(self, start: int, count: int) -> Optional[int]:
+        """How many leading rows of sequences ``start .. start+count-1`` are stored already;
+        None when all are."""
         if self.complete:
             raise ValueError(f"{self.path} is a complete cache (the writer was closed); write to another directory")
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
@@ -225,14 +226,14 @@ class TeacherCacheWriter:
         skip = self.next_sequence - start
         if skip >= count:
             return None
-        return torch.arange(skip, count)
+        return skip
 
-    def _lengths(self, lengths, rows, shape) -> np.ndarray:
+    def _lengths(self, lengths, skip, shape) -> np.ndarray:
         b, seq = shape
         if lengths is None:
             return np.full(b, seq, dtype=fmt.LENGTH_DTYPE)
         lengths = torch.as_tensor(lengths).reshape(-1)
-        lengths = lengths[rows.to(lengths.device)].cpu().numpy().astype(fmt.LENGTH_DTYPE)
+        lengths = lengths[skip:].cpu().numpy().astype(fmt.LENGTH_DTYPE)
         if lengths.shape != (b,) or (lengths < 0).any() or (lengths > seq).any():
             raise ValueError(f"lengths must hold one length in [0, {seq}] per sequence")
         return lengths

@@ -1,11 +1,25 @@
 """The offline-distillation example runs in quick mode and its comparison holds (~20-25 s idle)."""
 import math
 
+import torch
+
 from harness.scripts import load_script
 
 
+def run_quick(cache_dir):
+    """The quick run on one thread: under pytest torch is imported before the example can set
+    OMP_WAIT_POLICY=PASSIVE, and OpenMP threads spinning on a shared 2-core machine made this
+    test take 228 s instead of about 35 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return load_script("examples/offline_distill.py").main(["--quick", "--seed", "0", "--cache-dir", cache_dir])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_offline_distill_quick(capsys, tmp_path):
-    m = load_script("examples/offline_distill.py").main(["--quick", "--seed", "0", "--cache-dir", str(tmp_path)])
+    m = run_quick(str(tmp_path))
     out = capsys.readouterr().out
     s = m["students"]
     names = ["CE only (no teacher)", "online dense KD (kd_loss)", "bucket, k=8", "bucket, k=64",

@@ -438,3 +438,31 @@ def test_full_support_cache_gives_the_dense_loss(tmp_path):
     sparse = sparse_kd_loss(s, ids, lp.double(), labels, tail="bucket", **kw)
     dense = fastkd.reference.kd_loss(s, logits[..., :V].double(), labels, **kw)
     torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=0)   # float32 storage, rounded down
+
+
+def test_logprobs_source_lengths_and_pickling(tmp_path):
+    """add_logprobs stores what add_logits does; write_teacher_cache's lengths; a pickled
+    reader (DataLoader workers) carries no shard data and reads the same."""
+    import pickle
+    logits = teacher_logits(n=4, length=6)
+    with tc.TeacherCacheWriter(tmp_path / "a", k=5, vocab_size=V, temperature=T) as w:
+        w.add_logits(logits, start=0)
+    with tc.TeacherCacheWriter(tmp_path / "b", k=5, vocab_size=V, temperature=T) as w:
+        w.add_logprobs(exact_logprobs(logits).float(), start=0)
+    a = tc.TeacherCacheReader(tmp_path / "a", vocab_size=V, temperature=T)
+    b = tc.TeacherCacheReader(tmp_path / "b", vocab_size=V, temperature=T)
+    assert torch.equal(a.sequences(range(4))[0], b.sequences(range(4))[0])
+    torch.testing.assert_close(a.sequences(range(4))[1], b.sequences(range(4))[1], atol=2e-3, rtol=0)
+
+    data = torch.arange(4)[:, None].expand(4, 7)
+    tc.write_teacher_cache(tmp_path / "c", lambda x: logits[x[:, 0], :, :], data.split(2), k=5, vocab_size=V,
+                           temperature=T, lengths=lambda x: 3 + x[:, 0] % 2)
+    c = tc.TeacherCacheReader(tmp_path / "c", vocab_size=V, temperature=T)
+    assert c.lengths.tolist() == [3, 4, 3, 4] and c.num_tokens == 14
+    assert torch.equal(c.sequences(1)[0], a.sequences(1)[0][:4])
+
+    a.sequences(range(4))                                   # maps the shards
+    assert a._maps
+    copy = pickle.loads(pickle.dumps(a))
+    assert not copy._maps                                   # no shard data travelled
+    assert torch.equal(copy.sequences(range(4))[0], a.sequences(range(4))[0])

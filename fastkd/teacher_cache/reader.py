@@ -228,6 +228,14 @@ class TeacherCacheReader:
         for lo in range(0, self.num_sequences, batch_size):
             yield self.sequences(np.arange(lo, min(lo + batch_size, self.num_sequences)), length=length)
 
+    def __getstate__(self):
+        # DataLoader workers (spawn) get the reader pickled: send the description, not the
+        # memory maps (numpy would pickle a map as a full copy of its shard); each worker
+        # maps the shards again on first use.
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
+
     def __repr__(self) -> str:
         return (f"TeacherCacheReader({str(self.path)!r}, mode={self.mode!r}, k={self.k}, "
                 f"temperature={self.temperature}, sequences={self.num_sequences}, tokens={self.num_tokens}, "

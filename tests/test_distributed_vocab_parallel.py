@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 import fastkd
 from fastkd.distributed import vocab_parallel_kd_loss
+from harness.backends import kernel_backend, supports
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 TIMEOUT_S = 30
@@ -362,21 +363,20 @@ def test_bad_input_raises_alike_on_every_rank(group2):
 # multi-block (a forced small block), through the same process groups.
 
 def cases_triton(rank, world):
+    """End to end through the Triton phases (their per-phase parity with the torch backend's
+    is test_shard_phases_match_the_torch_backend): the multi-block path (a forced small
+    block) for every divergence with the CE term, the single-block path padded."""
     from fastkd.backends.triton import launch
 
-    mixes = {None: ((1.0, 2.0), (0.3, 0.7)), 16: ((0.5, 1.0),)}  # (alpha, temperature) per block size
-    for block, settings in mixes.items():
-        launch.BLOCK_OVERRIDE = block
-        try:
-            for divergence in DIVERGENCES:
-                for alpha, temperature in settings:
-                    check_case(rank, world, backend="triton", dtype=torch.float32, divergence=divergence,
-                               alpha=alpha, temperature=temperature, uneven=alpha != 1.0,
-                               vocab_size=50 if alpha == 0.3 else None)
-            check_case(rank, world, backend="triton", dtype=torch.float32, divergence="jsd", alpha=0.5,
-                       explicit_start=True, beta=0.2, uneven=True)
-        finally:
-            launch.BLOCK_OVERRIDE = None
+    launch.BLOCK_OVERRIDE = 16
+    try:
+        for divergence in DIVERGENCES:
+            check_case(rank, world, backend="triton", dtype=torch.float32, divergence=divergence, alpha=0.5,
+                       temperature=0.7, uneven=True)
+    finally:
+        launch.BLOCK_OVERRIDE = None
+    check_case(rank, world, backend="triton", dtype=torch.float32, divergence="jsd", alpha=0.3, temperature=2.0,
+               vocab_size=50, explicit_start=True, beta=0.2)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -384,3 +384,92 @@ def cases_triton(rank, world):
 def test_triton_shard_phases_2_ranks(group2):
     pytest.importorskip("triton")
     group2.run("cases_triton")
+
+
+# ---------------------------------------------------------------------------------------
+# Each backend's shard phases against the torch backend's (fastkd/backends/reference_shard.py)
+# on the same slice, in one process: given the same global statistics and row sums, the
+# same outputs. (What a new backend, or the CUDA one on a GPU, must match.)
+
+PHASE_BACKENDS = [pytest.param("cpu", "cpu", id="cpu"),
+                  pytest.param("triton", "cpu", id="triton-interpreted"),
+                  pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+def shard_inputs(divergence, alpha, device, dtype):
+    from fastkd.backends import reference_shard
+
+    n, v, a, w = 7, 90, 30, 45  # the slice: columns [30, 75), of which 40 count (vocab_size 70)
+    s, t = make_logits(n, v, torch.float64, 1)
+    labels = make_labels(n, 70, 1)
+    labels[1], labels[2] = 31, 74 - 5  # labels inside the slice too
+    cfg = fastkd.make_config(divergence=divergence, alpha=alpha, temperature=0.8, beta=0.3)
+    full = reference_shard.row_stats(s[:, :70], t[:, :70], cfg.with_vocab_size(70))
+    stats = full[:, :5].contiguous()
+    if divergence == "reverse_kl":
+        kl = full[:, 5] / full[:, 1] + (full[:, 2] - full[:, 0]) + (full[:, 3].log() - full[:, 1].log())
+        sums = torch.stack([torch.ones_like(kl), kl] + [torch.zeros_like(kl)] * 3, dim=1)
+    elif divergence in ("jsd", "tvd"):
+        sums = reference_shard.row_sums(s[:, :70], t[:, :70], stats, cfg.with_vocab_size(70))
+    else:
+        sums = None
+    local = cfg.with_vocab_size(40)
+    exact = (s[:, a:a + w].contiguous(), t[:, a:a + w].contiguous(), labels, stats, sums)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    given = (s[:, a:a + w].to(device, dtype).contiguous(), t[:, a:a + w].to(device, dtype).contiguous(),
+             labels.to(device), stats.to(device, acc), None if sums is None else sums.to(device, acc))
+    return exact, given, local, a
+
+
+@pytest.mark.parametrize("backend,device", PHASE_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_shard_phases_match_the_torch_backend(backend, device, divergence, alpha):
+    from fastkd.backends import reference_shard
+
+    if not supports(backend, device):
+        pytest.skip(f"{backend} does not run on {device} here")
+    phases = kernel_backend(backend).shard
+    (s, t, labels, stats, sums), (gs, gt, glabels, gstats, gsums), cfg, start = shard_inputs(
+        divergence, alpha, device, torch.float32)
+    scale = torch.full((), 0.25, dtype=torch.float64)
+    want = reference_shard.row_stats(s, t, cfg)
+    got = phases.row_stats(gs, gt, cfg)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert rel(got.cpu(), want) < 1e-5, (got, want)
+    if divergence in ("jsd", "tvd"):
+        want = reference_shard.row_sums(s, t, stats, cfg)
+        got = phases.row_sums(gs, gt, gstats, cfg)
+        assert rel(got.cpu(), want) < 1e-5, (got, want)
+    want = reference_shard.write_grad(s, t, labels, scale, stats, sums, start, cfg)
+    got = phases.write_grad(gs, gt, glabels, scale.to(device, torch.float32), gstats, gsums, start, cfg)
+    assert got.shape == gs.shape and rel(got.cpu(), want) < 1e-5
+    assert torch.count_nonzero(got[:, 40:]) == 0  # past vocab_size
+
+
+def test_cpu_shard_phases_are_exact_in_float64():
+    from fastkd.backends import reference_shard
+
+    phases = kernel_backend("cpu").shard
+    for divergence in DIVERGENCES:
+        (s, t, labels, stats, sums), _, cfg, start = shard_inputs(divergence, 0.5, "cpu", torch.float64)
+        assert rel(phases.row_stats(s, t, cfg), reference_shard.row_stats(s, t, cfg)) < 1e-12
+        if divergence in ("jsd", "tvd"):
+            assert rel(phases.row_sums(s, t, stats, cfg), reference_shard.row_sums(s, t, stats, cfg)) < 1e-12
+        scale = torch.full((), 0.25, dtype=torch.float64)
+        got = phases.write_grad(s, t, labels, scale, stats, sums, start, cfg)
+        assert rel(got, reference_shard.write_grad(s, t, labels, scale, stats, sums, start, cfg)) < 1e-12
+
+
+def test_shard_operators_pass_opcheck():
+    """Schemas, fake implementations (torch.compile) and dispatch of the C++ shard operators."""
+    kernel_backend("cpu")  # loads the extension and registers the fakes
+    ops = torch.ops.fastkd
+    for divergence in ("forward_kl", "jsd"):
+        (s, t, labels, stats, sums), _, cfg, start = shard_inputs(divergence, 0.5, "cpu", torch.float64)
+        ints, floats = cfg.kernel_settings()
+        torch.library.opcheck(ops.shard_row_stats.default, (s, t, ints, floats))
+        if sums is not None:
+            torch.library.opcheck(ops.shard_row_sums.default, (s, t, stats, ints, floats))
+        torch.library.opcheck(ops.shard_write_grad.default,
+                              (s, t, labels, torch.ones((), dtype=torch.float64), stats, sums, start, ints, floats))

@@ -72,7 +72,7 @@ class Group:
         for box in self.inboxes:
             box.put(None)
         for p in self.procs:
-            p.join(timeout=2)
+            p.join(timeout=1)
             if p.is_alive():
                 p.kill()
 
@@ -207,6 +207,20 @@ def cases_cpu(rank, world):
                                  lab.reshape(2, 3), divergence="tvd", alpha=0.5, reduction="none")
     ref = fastkd.reference.kd_loss(s, t, lab, divergence="tvd", alpha=0.5, reduction="none")
     assert out.shape == (2, 3) and rel(out.reshape(-1), ref) < 1e-10
+    # A row whose first slice is all -inf (masked there) is an ordinary row; a NaN logit in
+    # the last slice makes its row's loss NaN on every rank, the others stay numbers.
+    s, t = make_logits(4, 30, torch.float64, 6)
+    s[1, :widths[0]] = float("-inf")
+    t[1, :widths[0]] = float("-inf")
+    s[2, -1] = float("nan")
+    for divergence in DIVERGENCES:
+        x = s[:, a:a + widths[rank]].clone().requires_grad_(True)
+        out = vocab_parallel_kd_loss(x, t[:, a:a + widths[rank]], divergence=divergence, reduction="none")
+        out.sum().backward()
+        ref = fastkd.reference.kd_loss(s, t, divergence=divergence, reduction="none")
+        assert torch.isnan(out[2]) and torch.isnan(x.grad[2]).all(), (divergence, out)
+        keep = torch.tensor([0, 1, 3])
+        assert rel(out[keep], ref[keep]) < 1e-10, (divergence, out, ref)
 
 
 def test_vocab_parallel_matches_single_process_2_ranks(group2):

@@ -10,8 +10,14 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import reduction_scale
 from ._dispatch import get_backend
-from .backends import loss_dtype
+from .backends import KernelBackend, loss_dtype
 from .config import KDConfig
+
+
+def _kernels(backend):
+    """A backend by name, or a KernelBackend given as is (the vocab-parallel loss passes
+    one whose forward runs the per-shard phases and their collectives)."""
+    return backend if isinstance(backend, KernelBackend) else get_backend(backend)
 
 
 def _fused_forward(ctx, student, grad_scale, backend_name, reduced, inplace, run, run_inplace):
@@ -51,14 +57,14 @@ def _fused_backward(ctx, grad_output) -> torch.Tensor:
     factor = grad_output.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
     if deferred_scale is not None:
         factor = factor * deferred_scale
-    get_backend(ctx.backend_name).scale_grad_(grad, factor)
+    _kernels(ctx.backend_name).scale_grad_(grad, factor)
     return grad
 
 
 class KDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, grad_scale, backend_name, reduced, inplace, cfg):
-        kernels = get_backend(backend_name)
+        kernels = _kernels(backend_name)
         return _fused_forward(
             ctx, student, grad_scale, backend_name, reduced, inplace,
             lambda scale: kernels.forward(student, teacher, labels, scale, cfg),
@@ -75,7 +81,7 @@ class SparseKDLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, ids, logprobs, labels, grad_scale, backend_name, reduced, inplace, cfg):
-        kernels = get_backend(backend_name)
+        kernels = _kernels(backend_name)
         return _fused_forward(
             ctx, student, grad_scale, backend_name, reduced, inplace,
             lambda scale: kernels.sparse_forward(student, ids, logprobs, labels, scale, cfg),

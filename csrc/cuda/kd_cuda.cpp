@@ -153,20 +153,17 @@ at::Tensor op_empty_grad(const at::Tensor& student) {
   return at::empty({g.numel(n, cols)}, student.options()).as_strided({n, cols}, {g.stride, 1}, g.offset);
 }
 
-void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
-  const at::Tensor& student = args.student;
-  const at::Tensor& teacher = args.teacher;
-  const c10::cuda::CUDAGuard guard(student.device());
+// A launch over the logits without a gradient (the row_stats and row_sums phases alone),
+// and its two-pass plan.
+KDLaunch stats_launch(const ForwardArgs& args, LaunchPlan& plan) {
   KDLaunch a{};
-  a.student = student.data_ptr();
-  a.teacher = teacher.data_ptr();
-  a.stats_out = out.data_ptr<float>();
-  a.s_stride = student.stride(0);
-  a.t_stride = teacher.stride(0);
-  a.n_rows = student.size(0);
-  a.s_type = elem_type(student.scalar_type(), "student logits");
-  a.t_type = elem_type(teacher.scalar_type(), "teacher logits");
-  a.with_ce_raw = with_ce;
+  a.student = args.student.data_ptr();
+  a.teacher = args.teacher.data_ptr();
+  a.s_stride = args.student.stride(0);
+  a.t_stride = args.teacher.stride(0);
+  a.n_rows = args.student.size(0);
+  a.s_type = elem_type(args.student.scalar_type(), "student logits");
+  a.t_type = elem_type(args.teacher.scalar_type(), "teacher logits");
   a.p = args.params;
   PlanInput in{};
   in.vocab_size = a.p.vocab_size;
@@ -174,9 +171,61 @@ void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
   in.s = row_layout(a.student, a.s_stride, a.s_type);
   in.t = row_layout(a.teacher, a.t_stride, a.t_type);
   in.force = KernelOverride::TwoPass;  // the row_stats phase is the two-pass kernel's
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.get_device()).stream();
-  C10_CUDA_CHECK(launch_row_stats(a, plan_launch(in), stream));
+  plan = plan_launch(in);
+  return a;
+}
+
+using StatsLauncher = cudaError_t (*)(const KDLaunch&, const LaunchPlan&, cudaStream_t);
+
+// A row_stats kernel (the [N, 5] one, or the vocab-parallel slice's [N, 6]) into `out`.
+void run_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out, StatsLauncher launcher) {
+  const c10::cuda::CUDAGuard guard(args.student.device());
+  LaunchPlan plan;
+  KDLaunch a = stats_launch(args, plan);
+  a.stats_out = out.data_ptr<float>();
+  a.with_ce_raw = with_ce;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(args.student.get_device()).stream();
+  C10_CUDA_CHECK(launcher(a, plan, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
+  run_row_stats(args, with_ce, out, &launch_row_stats);
+}
+
+// ---------------------------------------------------------------------------------------
+// The vocab-parallel shard phases (the two-pass kernel's sweeps; kd_twopass.cu).
+
+void op_shard_row_stats(const ForwardArgs& args, at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "fastkd (cuda): the shard statistics are float32");
+  run_row_stats(args, args.params.ce_weight != 0.0f, out, &launch_shard_row_stats);
+}
+
+void op_shard_row_sums(const ForwardArgs& args, at::Tensor& out) {
+  if (args.student.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(args.student.device());
+  LaunchPlan plan;
+  KDLaunch a = stats_launch(args, plan);
+  a.stats_in = args.row_stats->data_ptr<float>();
+  a.sums_out = out.data_ptr<float>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(args.student.get_device()).stream();
+  C10_CUDA_CHECK(launch_shard_row_sums(a, plan, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The forward kernel with the caller's statistics and row sums, and the slice's labels;
+// its per-row loss (the slice's share) goes to a scratch tensor.
+void op_shard_write_grad(const ForwardArgs& args, at::Tensor& grad) {
+  TORCH_CHECK(args.grad_scale.is_cuda(), "fastkd (cuda): grad_scale must be on the logits' device");
+  if (args.student.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(args.student.device());
+  const at::Tensor grad_scale = args.grad_scale.to(at::kFloat).contiguous();
+  at::Tensor scratch_loss = at::empty({args.student.size(0)}, args.student.options().dtype(at::kFloat));
+  KDLaunch a = make_launch(args, grad_scale, scratch_loss, grad);
+  a.sums_in = args.row_sums ? args.row_sums->data_ptr<float>() : nullptr;
+  a.shard = true;
+  a.vocab_start = args.vocab_start;
+  launch_forward(a, args.student.get_device());  // stats given: the two-pass kernel
 }
 
 // Backward: grad *= grad_output without reading grad_output on the host.
@@ -247,7 +296,8 @@ TORCH_LIBRARY_FRAGMENT(fastkd, m) {
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) { m.impl("cuda_kernel_plan", &cuda_kernel_plan); }
 
 const DeviceOps& device_ops() {
-  static const DeviceOps ops{&op_empty_grad, &op_forward, &op_row_stats, &op_scale_grad};
+  static const DeviceOps ops{&op_empty_grad,      &op_forward,        &op_row_stats,       &op_scale_grad,
+                             &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad};
   return ops;
 }
 

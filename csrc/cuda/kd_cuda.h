@@ -38,6 +38,11 @@ struct KDLaunch {
   int t_part, g_part;      // set by the launchers from the plan (LaunchPlan)
   bool with_ce_raw;        // row_stats kernel: also compute the T = 1 sum-exp of the CE term
   KDParams p;
+  // The vocab-parallel shard phases (fastkd/backends/__init__.py has the layouts).
+  const float* sums_in;    // [N, kRowSumsWidth] row sums (write_grad), or nullptr: compute them
+  float* sums_out;         // [N, kRowSumsWidth] (the shard_row_sums kernel)
+  bool shard;              // labels are global ids; this slice starts at vocab_start
+  int64_t vocab_start;
 };
 
 // ---------------------------------------------------------------------------------------
@@ -213,6 +218,13 @@ cudaError_t launch_kd_twopass(const KDLaunch& a, const LaunchPlan& plan, cudaStr
 
 // Row statistics [N, 5] (a.stats_out) with the two-pass kernel's first pass.
 cudaError_t launch_row_stats(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream);
+
+// The vocab-parallel shard phases with the two-pass kernel's sweeps: the slice's statistics
+// [N, kShardStatsWidth] (a.stats_out), and its row sums [N, kRowSumsWidth] (a.sums_out)
+// given the global statistics (a.stats_in). Its write_grad is launch_kd_twopass with
+// a.stats_in, a.sums_in and a.shard.
+cudaError_t launch_shard_row_stats(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream);
+cudaError_t launch_shard_row_sums(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream);
 
 // Loss and gradient with the cluster kernel (plan.kind == Cluster, from choose_plan with
 // cluster_launchable). Returns cudaErrorNotSupported, launching nothing, for a plan the

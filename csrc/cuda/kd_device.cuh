@@ -375,6 +375,8 @@ struct RowStatsBase2 {
   float mt, zt;   // max_i t_i; sum_i 2^((t_i - mt) c)
   float zraw;     // sum_i 2^((s_i - ms) log2 e)            (CE softmax at T = 1)
   float a;        // sum_i 2^((t_i - mt) c) (t_i - s_i)       (forward KL only)
+                  // or, kStudentA (the vocab-parallel reverse KL's value term):
+                  // sum_i 2^((s_i - ms) c) (s_i - t_i)
 };
 
 FASTKD_DEV RowStatsBase2 empty_stats() { return RowStatsBase2{FASTKD_NEG_INF, 0.f, FASTKD_NEG_INF, 0.f, 0.f, 0.f}; }
@@ -393,6 +395,7 @@ FASTKD_DEV float scaled_sum(float x, float fx, float y, float fy) {
   return __fadd_rn(__fmul_rn(x, fx), __fmul_rn(y, fy));
 }
 
+template <bool kStudentA = false>
 FASTKD_DEV void combine(RowStatsBase2& x, const RowStatsBase2& y, float c) {
   const float ms = fmaxf(x.ms, y.ms), mt = fmaxf(x.mt, y.mt);
   const float fxs = rescale(x.ms, ms, c), fys = rescale(y.ms, ms, c);
@@ -401,7 +404,7 @@ FASTKD_DEV void combine(RowStatsBase2& x, const RowStatsBase2& y, float c) {
   x.zs = scaled_sum(x.zs, fxs, y.zs, fys);
   x.zt = scaled_sum(x.zt, fxt, y.zt, fyt);
   x.zraw = scaled_sum(x.zraw, fxr, y.zraw, fyr);
-  x.a = scaled_sum(x.a, fxt, y.a, fyt);
+  x.a = kStudentA ? scaled_sum(x.a, fxs, y.a, fys) : scaled_sum(x.a, fxt, y.a, fyt);
   x.ms = ms;
   x.mt = mt;
 }
@@ -419,10 +422,11 @@ FASTKD_DEV RowStatsBase2 shfl_xor(const RowStatsBase2& v, int lane_mask) {
 
 // Butterfly reduction over the lanes of a warp: every lane ends with the same bits, and
 // every CTA of a cluster reducing the same partials derives the same row constants.
+template <bool kStudentA = false>
 FASTKD_DEV void warp_combine(RowStatsBase2& v, float c, int width = 32) {
 #pragma unroll
   for (int off = 16; off >= 1; off >>= 1)
-    if (off < width) combine(v, shfl_xor(v, off), c);
+    if (off < width) combine<kStudentA>(v, shfl_xor(v, off), c);
 }
 
 FASTKD_DEV float4 operator+(const float4& x, const float4& y) {
@@ -444,13 +448,14 @@ FASTKD_DEV float4 warp_sum(float4 v, int width = 32) {
 
 // Block-wide reductions through a [32] shared scratch (one slot per warp); every thread
 // gets the result. Each scratch array is used once per row.
+template <bool kStudentA = false>
 FASTKD_DEV RowStatsBase2 block_combine(RowStatsBase2 v, float c, RowStatsBase2* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
-  warp_combine(v, c);
+  warp_combine<kStudentA>(v, c);
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   v = lane < n_warps ? scratch[lane] : empty_stats();
-  warp_combine(v, c);
+  warp_combine<kStudentA>(v, c);
   return v;
 }
 
@@ -466,7 +471,8 @@ FASTKD_DEV float4 block_sum(float4 v, float4* scratch) {
 // Accumulates U pack pairs into a thread's running statistics: the maximum over all of
 // them first, one rescale of the running sums, then one exponential per element and side
 // (the online softmax, chunked so the rescale is paid once per U packs).
-template <bool kRaw, bool kA, int U, typename TS, typename TT, int VEC>
+// kStudentA: the value term `a` on the student's side (RowStatsBase2).
+template <bool kRaw, bool kA, int U, typename TS, typename TT, int VEC, bool kStudentA = false>
 FASTKD_DEV void row_stats_add(RowStatsBase2& st, const Pack<TS, VEC> (&sp)[U], const Pack<TT, VEC> (&tp)[U], float c) {
   float ms = st.ms, mt = st.mt;
 #pragma unroll
@@ -477,7 +483,7 @@ FASTKD_DEV void row_stats_add(RowStatsBase2& st, const Pack<TS, VEC> (&sp)[U], c
   st.zs *= rescale(st.ms, ms, c);
   st.zt *= rescale(st.mt, mt, c);
   if (kRaw) st.zraw *= rescale(st.ms, ms, kLog2e);
-  if (kA) st.a *= rescale(st.mt, mt, c);
+  if (kA) st.a *= kStudentA ? rescale(st.ms, ms, c) : rescale(st.mt, mt, c);
   st.ms = ms;
   st.mt = mt;
   const float rs = ref_point(ms, c), rt = ref_point(mt, c), rr = ref_point(ms, kLog2e);
@@ -486,11 +492,14 @@ FASTKD_DEV void row_stats_add(RowStatsBase2& st, const Pack<TS, VEC> (&sp)[U], c
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const float s = sp[u].get(j), t = tp[u].get(j);
-      st.zs += ex2(fmaf(s, c, -rs));
+      const float es = ex2(fmaf(s, c, -rs));
+      st.zs += es;
       const float et = ex2(fmaf(t, c, -rt));
       st.zt += et;
       if (kRaw) st.zraw += ex2(fmaf(s, kLog2e, -rr));
-      if (kA) st.a += et == 0.f ? 0.f : et * (t - s);  // == 0, not > 0: NaN must propagate
+      // == 0, not > 0: NaN must propagate
+      if (kA && kStudentA) st.a += es == 0.f ? 0.f : es * (s - t);
+      else if (kA) st.a += et == 0.f ? 0.f : et * (t - s);
     }
   }
 }
@@ -714,18 +723,28 @@ FASTKD_DEV void write_grad_pack(float (&g)[VEC], const Pack<TS, VEC>& sp, const 
 
 enum class RowKind : int { Normal = 0, Ignored = 1, BadLabel = 2 };
 
-FASTKD_DEV RowKind classify_row(const int64_t* labels, int64_t row, const KDParams& p, int64_t& label) {
+// kShard (the vocab-parallel write_grad): labels are global ids and the row is the slice
+// starting at vocab_start; a label outside it is another slice's (label -1: no one-hot).
+// A template flag, so the other kernels' code is what it was.
+template <bool kShard = false>
+FASTKD_DEV RowKind classify_row(const int64_t* labels, int64_t row, const KDParams& p, int64_t vocab_start,
+                                int64_t& label) {
   label = -1;
   if (labels == nullptr) return RowKind::Normal;
   label = labels[row];
   if (label == p.ignore_index) return RowKind::Ignored;  // zero loss, zero gradient
+  if constexpr (kShard) {
+    label -= vocab_start;
+    if (label < 0 || label >= p.vocab_size) label = -1;
+    return RowKind::Normal;
+  }
   if (label < 0 || label >= p.vocab_size) return RowKind::BadLabel;  // NaN marks the row, never a number
   return RowKind::Normal;
 }
 
 // Row `row` of a launch: where its student, teacher and gradient rows start, and its
 // label (-1 without labels) and kind.
-template <typename TS, typename TT>
+template <typename TS, typename TT, bool kShard = false>
 struct LaunchRow {
   const TS* s;
   const TT* t;
@@ -736,7 +755,7 @@ struct LaunchRow {
       : s(static_cast<const TS*>(a.student) + row * a.s_stride),
         t(static_cast<const TT*>(a.teacher) + row * a.t_stride),
         g(static_cast<TS*>(a.grad) + row * a.g_stride),
-        kind(classify_row(a.labels, row, a.p, label)) {}
+        kind(classify_row<kShard>(a.labels, row, a.p, a.vocab_start, label)) {}
 };
 
 template <typename T>

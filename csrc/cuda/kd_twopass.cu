@@ -16,7 +16,11 @@
  *               left for it), and the row's loss is written after it.
  * The math (base-2 units, the -inf and peaked-row guards) is in kd_device.cuh; it
  * reproduces csrc/cpu/kd_cpu.cpp. Row statistics may come from the caller instead
- * (`stats_in`, the vocab-parallel path), which skips row_stats.
+ * (`stats_in`, the vocab-parallel path), which skips row_stats; the vocab-parallel
+ * write_grad of one slice (kShard) also takes the row sums from the caller (`sums_in`),
+ * which skips row_sums, and the slice's own row_stats and row_sums phases run as kernels
+ * of their own (row_stats_kernel of width kShardStatsWidth, shard_row_sums_kernel) over
+ * the same sweeps.
  *
  * Traffic, in units of N * V * bytes: forward KL 5 (two reads of s and t, one write),
  * the other divergences 7, against the 3 of the floor. Why a third pass from memory and
@@ -76,16 +80,17 @@ FASTKD_DEV void sweep_row(const TS* srow, const TT* trow, int lead, int t_part, 
 // Phase row_stats: this thread's share of both sides' (max, sum-exp) over the row, and
 // of the CE term's T = 1 sum when `raw`, into `st`; block_combine() then gives every
 // thread the row's statistics.
-template <bool kStreaming, int VEC, typename TS, typename TT>
+// kA / kStudentA: also the value term st.a (RowStatsBase2) of the teacher's / student's side.
+template <bool kStreaming, int VEC, bool kA = false, bool kStudentA = false, typename TS, typename TT>
 FASTKD_DEV void row_stats(RowStatsBase2& st, const TS* srow, const TT* trow, int lead, int t_part, int64_t V, float c,
                           bool raw) {
   if (raw) {
     sweep_row<kStreaming, VEC>(srow, trow, lead, t_part, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
-      row_stats_add<true, false>(st, sp, tp, c);
+      row_stats_add<true, kA, U, TS, TT, VEC, kStudentA>(st, sp, tp, c);
     });
   } else {
     sweep_row<kStreaming, VEC>(srow, trow, lead, t_part, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
-      row_stats_add<false, false>(st, sp, tp, c);
+      row_stats_add<false, kA, U, TS, TT, VEC, kStudentA>(st, sp, tp, c);
     });
   }
 }
@@ -93,8 +98,8 @@ FASTKD_DEV void row_stats(RowStatsBase2& st, const TS* srow, const TT* trow, int
 // Phase row_sums: the row sums of the divergence's gradient (reverse_kl, jsd, tvd; zeros
 // for forward_kl, which needs none): TVD's sums, or the centring constants of reverse_kl
 // and jsd (centring()).
-template <Divergence DIV, int VEC, typename TS, typename TT>
-FASTKD_DEV float4 row_sums(const LaunchRow<TS, TT>& r, int lead, int t_part, int64_t V, const RowConsts& k,
+template <Divergence DIV, int VEC, typename TS, typename TT, bool kShard>
+FASTKD_DEV float4 row_sums(const LaunchRow<TS, TT, kShard>& r, int lead, int t_part, int64_t V, const RowConsts& k,
                            float4* scratch) {
   float4 tot = make_float4(0.f, 0.f, 0.f, 0.f);
   if constexpr (DIV != Divergence::ForwardKL) {
@@ -124,8 +129,8 @@ FASTKD_DEV float4 row_sums(const LaunchRow<TS, TT>& r, int lead, int t_part, int
 // Phase write_grad: the gradient, written once (the row's last read of s and t), then the
 // row's loss, whose forward KL and JSD terms this sweep accumulates, and zeros past
 // vocab_size.
-template <Divergence DIV, int VEC, typename TS, typename TT>
-FASTKD_DEV void write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, TT>& r, int lead, int64_t V,
+template <Divergence DIV, int VEC, typename TS, typename TT, bool kShard>
+FASTKD_DEV void write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, TT, kShard>& r, int lead, int64_t V,
                            float s_label, const RowConsts& k, const float4& tot, float4* kl_scratch) {
   float2 kl = make_float2(0.f, 0.f);
   sweep_row<true, VEC>(r.s, r.t, lead, a.t_part, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t base) {
@@ -165,15 +170,28 @@ FASTKD_DEV void write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, T
 // The phases after row_stats, for one divergence. (V is read here again, not passed
 // from the kernel: the kernel's PTX, and with it ptxas's register counts, stays that of
 // the hand-written version.)
-template <Divergence DIV, int VEC, typename TS, typename TT>
-FASTKD_DEV void row_sums_write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, TT>& r, int lead,
+// The caller's row sums (kRowSumsWidth layout: big q before big q h, fastkd/backends) as
+// row_sums() returns them: TVD's sums, or the centring constants of reverse_kl / jsd.
+template <Divergence DIV>
+FASTKD_DEV float4 given_row_sums(const float* v) {
+  if constexpr (DIV == Divergence::ForwardKL) return make_float4(0.f, 0.f, 0.f, 0.f);
+  else if constexpr (DIV == Divergence::TVD) return make_float4(v[0], v[1], v[2], v[3]);
+  else return centring<false>(make_float4(v[0], v[1], v[3], 0.f), v[2]);
+}
+
+template <Divergence DIV, int VEC, typename TS, typename TT, bool kShard>
+FASTKD_DEV void row_sums_write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, TT, kShard>& r, int lead,
                                     float s_label, const RowConsts& k, float4* sums_scratch, float4* kl_scratch) {
   const int64_t V = a.p.vocab_size;
-  const float4 tot = row_sums<DIV, VEC>(r, lead, a.t_part, V, k, sums_scratch);
+  float4 tot;
+  if constexpr (kShard) tot = given_row_sums<DIV>(a.sums_in + row * kRowSumsWidth);
+  else tot = row_sums<DIV, VEC>(r, lead, a.t_part, V, k, sums_scratch);
   write_grad<DIV, VEC>(a, row, r, lead, V, s_label, k, tot, kl_scratch);
 }
 
-template <typename TS, typename TT, int VEC>
+// kShard: the vocab-parallel write_grad of one slice (stats_in, sums_in and the slice's
+// labels given; the loss it writes is the slice's share, unused).
+template <typename TS, typename TT, int VEC, bool kShard = false>
 __global__ void __launch_bounds__(kTwoPassMaxThreads) kd_twopass_kernel(const KDLaunch a) {
   __shared__ RowStatsBase2 stats_scratch[32];
   __shared__ float4 sums_scratch[32];
@@ -181,7 +199,7 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) kd_twopass_kernel(const KD
   const KDParams& p = a.p;
   const int64_t row = blockIdx.x;
   const int64_t V = p.vocab_size;
-  const LaunchRow<TS, TT> r(a, row);
+  const LaunchRow<TS, TT, kShard> r(a, row);
   if (r.kind != RowKind::Normal) {
     fill_span(r.g, 0, a.g_width, row_fill_value(r.kind), threadIdx.x, blockDim.x);
     if (threadIdx.x == 0) a.loss[row] = row_fill_value(r.kind);
@@ -190,7 +208,7 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) kd_twopass_kernel(const KD
   const bool ce = p.ce_weight != 0.f;
   // Read before any thread can overwrite the row (in-place backward); a block barrier
   // (the stats reduction, or the one below) separates it from the first gradient store.
-  const float s_label = (ce && threadIdx.x == 0) ? load_elem(r.s + r.label) : 0.f;
+  const float s_label = (ce && threadIdx.x == 0 && (!kShard || r.label >= 0)) ? load_elem(r.s + r.label) : 0.f;
   const int lead = row_lead<TS, VEC>(r.s);
   const float grad_scale = *a.grad_scale;
 
@@ -211,8 +229,11 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) kd_twopass_kernel(const KD
 }
 
 // The row_stats phase alone: RowStats [N, 5] in natural units (max of s/T), the layout a
-// vocab-parallel caller combines across shards and feeds back as `stats_in`.
-template <typename TS, typename TT, int VEC>
+// vocab-parallel caller combines across shards and feeds back as `stats_in`. kWidth
+// kShardStatsWidth: the vocab-parallel row_stats of one slice, the same against the
+// slice's own maxima plus the value term of forward KL (kA: sum e_t (b - a)) or reverse KL
+// (kA and kStudentA: sum e_s (a - b)), accumulated online in the same sweep.
+template <typename TS, typename TT, int VEC, int kWidth = kRowStatsWidth, bool kA = false, bool kStudentA = false>
 __global__ void __launch_bounds__(kTwoPassMaxThreads) row_stats_kernel(const KDLaunch a) {
   __shared__ RowStatsBase2 scratch[32];
   const KDParams& p = a.p;
@@ -223,15 +244,58 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) row_stats_kernel(const KDL
   const float c = kLog2e * p.inv_temperature;
   const bool raw = a.with_ce_raw && p.temperature != 1.0f;
   RowStatsBase2 st = empty_stats();
-  row_stats<true, VEC>(st, srow, trow, lead, a.t_part, p.vocab_size, c, raw);
-  st = block_combine(st, c, scratch);
+  row_stats<true, VEC, kA, kStudentA>(st, srow, trow, lead, a.t_part, p.vocab_size, c, raw);
+  st = block_combine<kStudentA>(st, c, scratch);
   if (threadIdx.x == 0) {
-    float* o = a.stats_out + row * kRowStatsWidth;
+    float* o = a.stats_out + row * kWidth;
     o[0] = st.ms * p.inv_temperature;
     o[1] = st.zs;
     o[2] = st.mt * p.inv_temperature;
     o[3] = st.zt;
     o[4] = a.with_ce_raw ? (raw ? st.zraw : st.zs) : 0.f;
+    if constexpr (kWidth == kShardStatsWidth) o[5] = kA ? st.a * p.inv_temperature : 0.f;  // (t - s) / T
+  }
+}
+
+// The vocab-parallel row_sums of one slice given the global statistics (stats_in), in the
+// kRowSumsWidth layout: reverse_kl / jsd (sum_small q, sum_small q h, sum_big q, sum_big q h,
+// JSD's sum p (log p - log m)) in nats, tvd (sum |p - q| / 2, q_pos, q_neg, q_tie, 0).
+template <typename TS, typename TT, int VEC, Divergence DIV>
+__global__ void __launch_bounds__(kTwoPassMaxThreads) shard_row_sums_kernel(const KDLaunch a) {
+  __shared__ float4 scratch[32];
+  __shared__ float4 pm_scratch[32];
+  const int64_t row = blockIdx.x;
+  const LaunchRow<TS, TT> r(a, row);  // no labels: every row is Normal
+  const int lead = row_lead<TS, VEC>(r.s);
+  const RowConsts k = row_consts_given(a.stats_in + row * kRowStatsWidth, a.p, 1.0f);
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f), err = acc;
+  float pm = 0.f;
+  sweep_row<true, VEC>(r.s, r.t, lead, a.t_part, a.p.vocab_size, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U], int64_t) {
+    float4 part = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float s = sp[u].get(j), t = tp[u].get(j);
+        row_sums_add<DIV, true>(part, s, t, k);
+        if constexpr (DIV == Divergence::JSD) {
+          const float lq = fmaf(s, k.c, -k.ls), lp = fmaf(t, k.c, -k.lt);
+          const float pt = ex2(lp);
+          pm += pt == 0.f ? 0.f : pt * (lp - log2_add_exp2(lp + k.lb2, lq + k.l1b2));
+        }
+      }
+    two_sum_add(acc, err, part);
+  });
+  const float4 tot = block_sum(acc + err, scratch);
+  const float4 pms = block_sum(make_float4(pm, 0.f, 0.f, 0.f), pm_scratch);
+  if (threadIdx.x == 0) {
+    float* o = a.sums_out + row * kRowSumsWidth;
+    const bool centred = DIV != Divergence::TVD;
+    o[0] = tot.x;
+    o[1] = tot.y;
+    o[2] = centred ? tot.w : tot.z;  // big q (row_sums_add<.., true> keeps it in w)
+    o[3] = centred ? tot.z : tot.w;  // big q h
+    o[4] = kLn2 * pms.x;             // bits -> nats
   }
 }
 
@@ -241,7 +305,9 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) row_stats_kernel(const KDL
 // A part width the kernels take: a power of two in [1, vec].
 bool valid_part(int part, int vec) { return part >= 1 && part <= vec && (part & (part - 1)) == 0; }
 
-template <bool kStatsOnly>
+enum class Launch { Forward, RowStats, ShardRowStats, ShardRowSums };
+
+template <Launch kWhat>
 cudaError_t launch(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
   if (a.n_rows <= 0) return cudaSuccess;
   if (a.n_rows > 0x7fffffff || plan.kind != KernelKind::TwoPass || plan.refused != nullptr || plan.threads < 32 ||
@@ -254,8 +320,23 @@ cudaError_t launch(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t strea
   FASTKD_ELEM_TYPE_SWITCH(a.s_type, TS, FASTKD_ELEM_TYPE_SWITCH(a.t_type, TT, {
       constexpr int kVec = 16 / (sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
       if (plan.vec != kVec) return cudaErrorInvalidValue;
-      if constexpr (kStatsOnly) row_stats_kernel<TS, TT, kVec><<<grid, block, 0, stream>>>(k);
-      else kd_twopass_kernel<TS, TT, kVec><<<grid, block, 0, stream>>>(k);
+      if constexpr (kWhat == Launch::RowStats) {
+        row_stats_kernel<TS, TT, kVec><<<grid, block, 0, stream>>>(k);
+      } else if constexpr (kWhat == Launch::ShardRowStats) {
+        constexpr int kW = kShardStatsWidth;
+        if (a.p.divergence == Divergence::ForwardKL) row_stats_kernel<TS, TT, kVec, kW, true><<<grid, block, 0, stream>>>(k);
+        else if (a.p.divergence == Divergence::ReverseKL) row_stats_kernel<TS, TT, kVec, kW, true, true><<<grid, block, 0, stream>>>(k);
+        else row_stats_kernel<TS, TT, kVec, kW><<<grid, block, 0, stream>>>(k);
+      } else if constexpr (kWhat == Launch::ShardRowSums) {
+        if (a.p.divergence == Divergence::ReverseKL) shard_row_sums_kernel<TS, TT, kVec, Divergence::ReverseKL><<<grid, block, 0, stream>>>(k);
+        else if (a.p.divergence == Divergence::JSD) shard_row_sums_kernel<TS, TT, kVec, Divergence::JSD><<<grid, block, 0, stream>>>(k);
+        else if (a.p.divergence == Divergence::TVD) shard_row_sums_kernel<TS, TT, kVec, Divergence::TVD><<<grid, block, 0, stream>>>(k);
+        else return cudaErrorInvalidValue;  // forward KL needs no row sums
+      } else if (a.shard) {
+        kd_twopass_kernel<TS, TT, kVec, true><<<grid, block, 0, stream>>>(k);
+      } else {
+        kd_twopass_kernel<TS, TT, kVec><<<grid, block, 0, stream>>>(k);
+      }
       return cudaGetLastError();
   }));
   return cudaErrorInvalidValue;
@@ -264,11 +345,19 @@ cudaError_t launch(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t strea
 }  // namespace
 
 cudaError_t launch_kd_twopass(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
-  return launch<false>(a, plan, stream);
+  return launch<Launch::Forward>(a, plan, stream);
 }
 
 cudaError_t launch_row_stats(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
-  return launch<true>(a, plan, stream);
+  return launch<Launch::RowStats>(a, plan, stream);
+}
+
+cudaError_t launch_shard_row_stats(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
+  return launch<Launch::ShardRowStats>(a, plan, stream);
+}
+
+cudaError_t launch_shard_row_sums(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream) {
+  return launch<Launch::ShardRowSums>(a, plan, stream);
 }
 
 }  // namespace cuda

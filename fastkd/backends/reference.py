@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference, sparse_reference
-from . import KernelBackend
+from . import KernelBackend, reference_shard
 
 
 def forward(student, teacher, labels, grad_scale, cfg, row_stats=None):
@@ -50,6 +50,6 @@ def scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> None:
 def backend() -> KernelBackend:
     return KernelBackend("torch", forward, forward_inplace, scale_grad_, lambda device: True,
                          dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
-                         differentiable_loss=reference.kd_loss_with_config,
+                         differentiable_loss=reference.kd_loss_with_config, shard=reference_shard.phases(),
                          sparse_forward=sparse_forward, sparse_forward_inplace=sparse_forward_inplace,
                          differentiable_sparse_loss=sparse_reference.sparse_kd_loss_with_config)

@@ -144,7 +144,10 @@ class Projection:
 # ---------------------------------------------------------------------------------------
 # The chunk loop.
 
-KernelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]
+# (student chunk, teacher chunk, labels, grad_scale) -> loss rows, the gradient written over
+# the student chunk; or -> (loss rows, gradient) for a kernel that cannot write in place.
+KernelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor],
+                    Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]
 
 
 def _kernel_fn(backend: str, cfg: KDConfig) -> KernelFn:
@@ -166,6 +169,14 @@ class Plan:
     want_hidden_grad: bool
     want_weight_grad: bool
     want_bias_grad: bool
+    # The vocab-parallel loss (fastkd/distributed/fused_linear.py) runs this same loop on
+    # one rank's slice of the LM head: its kernel (the per-shard phases and their
+    # collectives) replaces the backend's, the head's rows are the slice's (not
+    # cfg.vocab_size, which is global there), and the hidden-state gradient, a partial
+    # sum over the slice's columns, is all-reduced over the ranks once the loop is done.
+    kernel: Optional[KernelFn] = None
+    columns: Optional[int] = None
+    reduce_hidden_grad: Optional[Callable[[torch.Tensor], None]] = None
 
     @property
     def reduced(self) -> bool:
@@ -184,11 +195,11 @@ def chunked_loss(plan: Plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
     ([N] or None) multiplies each row's gradient afterwards (``reduction="none"``).
     """
     cfg = plan.cfg
-    V = cfg.vocab_size
+    V = cfg.vocab_size if plan.columns is None else plan.columns
     n = hs.shape[0]
     student = Projection(ws, bs, V, plan.student_mode)
     teacher = Projection(wt, bt, V, plan.teacher_mode)
-    kernel = _kernel_fn(plan.backend, cfg)
+    kernel = _kernel_fn(plan.backend, cfg) if plan.kernel is None else plan.kernel
 
     want_h = with_grads and plan.want_hidden_grad
     want_w = with_grads and plan.want_weight_grad
@@ -227,10 +238,11 @@ def chunked_loss(plan: Plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
         s_logits = student.logits(h_s, None if s_buf is None else s_buf[:rows])
         t_logits = teacher.logits(h_t, None if t_buf is None else t_buf[:rows])
         lab = None if labels is None else labels[start:end]
-        loss[start:end] = kernel(s_logits, t_logits, lab, grad_scale)
+        out = kernel(s_logits, t_logits, lab, grad_scale)
+        # d loss / d logits: the kernel overwrote the student logits with it, or returned it.
+        loss[start:end], dlogits = out if isinstance(out, tuple) else (out, s_logits)
         if not with_grads or not plan.any_grad:
             continue
-        dlogits = s_logits  # the kernel overwrote the logits with d loss / d logits
         if row_scale is not None:
             dlogits.mul_(row_scale[start:end, None].to(dlogits.dtype))
         if want_b:
@@ -252,6 +264,8 @@ def chunked_loss(plan: Plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
                             first=start == 0)
     if separate_acc and n > 0:
         grad_w[:V] = acc_w
+    if want_h and plan.reduce_hidden_grad is not None:
+        plan.reduce_hidden_grad(grad_h)
     if want_b:
         grad_b = grad_b.to(bs.dtype)
     return loss, (grad_h, grad_w, grad_b)

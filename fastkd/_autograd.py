@@ -10,14 +10,20 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import reduction_scale
 from ._dispatch import get_backend
-from .backends import loss_dtype
+from .backends import KernelBackend, loss_dtype
 from .config import KDConfig
+
+
+def _kernels(backend):
+    """A backend by name, or a KernelBackend given as is (the vocab-parallel loss passes
+    one whose forward runs the per-shard phases and their collectives)."""
+    return backend if isinstance(backend, KernelBackend) else get_backend(backend)
 
 
 class KDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, grad_scale, backend_name, reduced, inplace, cfg):
-        kernels = get_backend(backend_name)
+        kernels = _kernels(backend_name)
         # fp16 cannot hold the scaled gradient: with reduction="mean" over thousands of
         # tokens most entries fall below its smallest subnormal, and no GradScaler brings
         # them back. So an fp16 gradient is stored unscaled (its entries are O(alpha T + 1))
@@ -53,7 +59,7 @@ class KDLossFunction(torch.autograd.Function):
         factor = grad_output.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
         if deferred_scale is not None:
             factor = factor * deferred_scale
-        get_backend(ctx.backend_name).scale_grad_(grad, factor)
+        _kernels(ctx.backend_name).scale_grad_(grad, factor)
         return (grad,) + (None,) * 7
 
 

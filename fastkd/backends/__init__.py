@@ -43,6 +43,47 @@ from ..config import DIVERGENCES
 ROW_STATS_WIDTH = 5  # (max_s, sumexp_s, max_t, sumexp_t, sumexp_raw); maxes in units of s/T
 LOW_PRECISION_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 
+# The per-shard phases of the vocab-parallel loss (fastkd/distributed): the same three
+# phases, each on one rank's columns, with the row statistics and row sums combined
+# across ranks between them. Their tensors are in loss_dtype (float32, float64 for float64
+# input)::
+#
+#   shard_row_stats(student, teacher, int[] ints, float[] floats) -> [N, SHARD_STATS_WIDTH]
+#       the shard's (max_s, sumexp_s, max_t, sumexp_t, sumexp_raw) with its LOCAL maxima,
+#       and the value term of forward/reverse KL over the shard, against those maxima:
+#         forward_kl  sum_i exp(b_i - max_t) (b_i - a_i)     (a = s/T, b = t/T)
+#         reverse_kl  sum_i exp(a_i - max_s) (a_i - b_i)
+#         jsd, tvd    0
+#   shard_row_sums(student, teacher, row_stats, int[] ints, float[] floats) -> [N, ROW_SUMS_WIDTH]
+#       given the GLOBAL row statistics [N, ROW_STATS_WIDTH], the shard's part of the row
+#       sums (additive across shards):
+#         jsd  (sum q, sum q h, sum q, sum q h, sum p softplus(-x)): the first two over the
+#              entries with q <= 1/2 + 2^-10, the next two over the others (peaked rows);
+#              h = log q - log m, x = log p - log q + log(beta / (1 - beta))
+#         tvd  (1/2 sum |q - p|, sum of q where q > p, where q < p, where q = p, 0)
+#   shard_write_grad(student, teacher, labels?, grad_scale, row_stats, row_sums?, int vocab_start,
+#                    int[] ints, float[] floats) -> grad
+#       the shard's gradient from the global statistics (and, for reverse_kl/jsd/tvd, the
+#       global row sums; reverse_kl's are (1, sum q (a - b), 0, 0, 0)); labels are global
+#       ids, the one-hot of the CE term lands where label - vocab_start is a column of the
+#       shard. Ignored rows get zeros.
+#
+# ``ints`` carries the SHARD's vocab_size: how many of its columns count (>= 1).
+SHARD_STATS_WIDTH = 6
+ROW_SUMS_WIDTH = 5
+
+
+@dataclass(frozen=True)
+class ShardPhases:
+    """A backend's per-shard phases (the operators above), called with a KDConfig whose
+    vocab_size is the shard's: ``row_stats(student, teacher, cfg)``,
+    ``row_sums(student, teacher, stats, cfg)``, ``write_grad(student, teacher, labels,
+    grad_scale, stats, sums, vocab_start, cfg)``."""
+
+    row_stats: Callable
+    row_sums: Callable
+    write_grad: Callable
+
 
 @dataclass(frozen=True)
 class KernelBackend:
@@ -62,6 +103,7 @@ class KernelBackend:
     supports: Callable[[torch.device], bool]
     dtypes: Tuple[torch.dtype, ...] = LOW_PRECISION_AND_FP32
     differentiable_loss: Optional[Callable] = None
+    shard: Optional[ShardPhases] = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,7 +166,8 @@ def check_scale_grad_args(grad, factor) -> None:
 # backend's operators, so torch.compile(fullgraph=True) traces through them.
 
 def loss_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
-    """Per-row losses are float32, or float64 when an input is float64."""
+    """Per-row losses (and the shard phases' statistics) are float32, or float64 when an
+    input is float64."""
     return torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
 
 
@@ -143,3 +186,15 @@ def fake_row_stats(student, teacher, ints, floats):
 
 def fake_scale_grad_(grad, factor):
     return None
+
+
+def fake_shard_row_stats(student, teacher, ints, floats):
+    return student.new_empty((student.shape[0], SHARD_STATS_WIDTH), dtype=loss_dtype(student, teacher))
+
+
+def fake_shard_row_sums(student, teacher, row_stats, ints, floats):
+    return student.new_empty((student.shape[0], ROW_SUMS_WIDTH), dtype=loss_dtype(student, teacher))
+
+
+def fake_shard_write_grad(student, teacher, labels, grad_scale, row_stats, row_sums, vocab_start, ints, floats):
+    return student.new_empty(student.shape)

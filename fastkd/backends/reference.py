@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import KernelBackend
+from . import KernelBackend, reference_shard
 
 
 def forward(student, teacher, labels, grad_scale, cfg, row_stats=None):
@@ -36,4 +36,4 @@ def scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> None:
 def backend() -> KernelBackend:
     return KernelBackend("torch", forward, forward_inplace, scale_grad_, lambda device: True,
                          dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
-                         differentiable_loss=reference.kd_loss_with_config)
+                         differentiable_loss=reference.kd_loss_with_config, shard=reference_shard.phases())

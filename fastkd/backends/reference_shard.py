@@ -1,0 +1,140 @@
+"""The ``torch`` backend's per-shard phases of the vocab-parallel loss, in plain PyTorch.
+
+The operators' contract is in ``fastkd/backends/__init__.py`` (``shard_row_stats``,
+``shard_row_sums``, ``shard_write_grad``); these are their readable, float64-capable
+versions, which the compiled and Triton phases are tested against. With a = s/T, b = t/T,
+the global log-normalisers lse_s = max_s + log sumexp_s (likewise lse_t), q = exp(a - lse_s),
+p = exp(b - lse_t):
+
+    forward_kl  dD/da = q - p
+    reverse_kl  dD/da = q (h - sum q h),                  h = a - b
+    jsd         dD/da = (1 - beta) q (h - sum q h),       h = log q - log m
+    tvd         dD/da = q (h - sum q h),                  h = sign(q - p) / 2
+
+and the CE term's softmax(s) - onehot(label) at T = 1. Entries of probability zero
+contribute nothing (0 log 0 = 0), as in ``fastkd.reference``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ShardPhases, loss_dtype
+
+PEAKED = 0.5 + 1.0 / 1024  # the C++ kernel's threshold for the peaked-row centring (kPeaked)
+
+
+def _scaled(student, teacher, cfg):
+    """The shard's counted columns as a = s/T, b = t/T in the accumulation dtype, and s."""
+    dtype = loss_dtype(student, teacher)
+    s = student[:, : cfg.vocab_size].to(dtype)
+    t = teacher[:, : cfg.vocab_size].to(dtype)
+    return s, s * cfg.inv_temperature, t * cfg.inv_temperature
+
+
+def _exp_from(x, m):
+    """exp(x - m) per row, 0 where the row's max m is -inf (no entry counts)."""
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    return (x - m[:, None]).exp()
+
+
+def _times(weight, x):
+    """weight * x with 0 where weight is 0 (0 * inf = 0: -inf logits are legal)."""
+    return torch.where(weight == 0, torch.zeros_like(x), weight * x)
+
+
+def row_stats(student, teacher, cfg):
+    s, a, b = _scaled(student, teacher, cfg)
+    max_s, max_t = a.amax(-1), b.amax(-1)
+    es, et = _exp_from(a, max_s), _exp_from(b, max_t)
+    raw = torch.zeros_like(max_s)
+    if cfg.ce_weight != 0.0:
+        raw = _exp_from(s, max_s * cfg.temperature).sum(-1)
+    if cfg.divergence == "forward_kl":
+        value = _times(et, b - a).sum(-1)
+    elif cfg.divergence == "reverse_kl":
+        value = _times(es, a - b).sum(-1)
+    else:
+        value = torch.zeros_like(max_s)
+    return torch.stack([max_s, es.sum(-1), max_t, et.sum(-1), raw, value], dim=1)
+
+
+def _log_probs(a, b, stats):
+    lse_s = stats[:, 0] + stats[:, 1].log()
+    lse_t = stats[:, 2] + stats[:, 3].log()
+    return a - lse_s[:, None], b - lse_t[:, None]
+
+
+def _jsd_h(log_q, log_p, beta):
+    """h = log q - log m, 0 where q = 0."""
+    both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
+    lp = torch.where(both_zero, torch.zeros_like(log_p), log_p)
+    lq = torch.where(both_zero, torch.zeros_like(log_q), log_q)
+    log_m = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    return torch.where(log_q.exp() == 0, torch.zeros_like(log_q), log_q - log_m)
+
+
+def row_sums(student, teacher, stats, cfg):
+    _, a, b = _scaled(student, teacher, cfg)
+    log_q, log_p = _log_probs(a, b, stats.to(a.dtype))
+    q, p = log_q.exp(), log_p.exp()
+    zero = torch.zeros_like(stats[:, 0])
+    if cfg.divergence == "tvd":
+        dq = q - p
+        return torch.stack([0.5 * dq.abs().sum(-1), torch.where(dq > 0, q, 0).sum(-1),
+                            torch.where(dq < 0, q, 0).sum(-1), torch.where(dq == 0, q, 0).sum(-1), zero], dim=1)
+    if cfg.divergence != "jsd":
+        raise ValueError(f"fastkd: shard_row_sums is for jsd and tvd, got {cfg.divergence}")
+    beta = cfg.beta
+    h = _jsd_h(log_q, log_p, beta)
+    x = log_p - log_q + math.log(beta / (1.0 - beta))
+    p_softplus = _times(p, torch.nn.functional.softplus(-x)).sum(-1)
+    qh = _times(q, h)
+    big = q > PEAKED
+    return torch.stack([torch.where(big, 0, q).sum(-1), torch.where(big, 0, qh).sum(-1),
+                        torch.where(big, q, 0).sum(-1), torch.where(big, qh, 0).sum(-1), p_softplus], dim=1)
+
+
+def _centred(q, h, sums, c):
+    """c q (h - sum q h / sum q), from the global row sums (small, big) of q and q h."""
+    qh = (sums[:, 1] + sums[:, 3]) / (sums[:, 0] + sums[:, 2])
+    return c * q * (h - qh[:, None])
+
+
+def write_grad(student, teacher, labels, grad_scale, stats, sums, vocab_start, cfg):
+    s, a, b = _scaled(student, teacher, cfg)
+    stats = stats.to(a.dtype)
+    log_q, log_p = _log_probs(a, b, stats)
+    q, p = log_q.exp(), log_p.exp()
+    if cfg.divergence == "forward_kl":
+        ddiv = q - p
+    elif cfg.divergence == "reverse_kl":
+        ddiv = _centred(q, torch.where(q == 0, 0, a - b), sums, 1.0)
+    elif cfg.divergence == "jsd":
+        ddiv = _centred(q, _jsd_h(log_q, log_p, cfg.beta), sums, 1.0 - cfg.beta)
+    else:
+        dq = q - p
+        h = torch.where(dq > 0, 0.5, torch.where(dq < 0, -0.5, 0.0)).to(q.dtype)
+        # sum q h = (mass where q > p - mass where q < p) / 2, over the total mass.
+        qh = 0.5 * (sums[:, 1] - sums[:, 2]) / (sums[:, 1] + sums[:, 2] + sums[:, 3])
+        ddiv = q * (h - qh[:, None])
+    grad = cfg.div_weight * cfg.inv_temperature * ddiv
+    if cfg.ce_weight != 0.0:
+        lse_raw = stats[:, 0] * cfg.temperature + stats[:, 4].log()
+        grad = grad + cfg.ce_weight * (s - lse_raw[:, None]).exp()
+        local = labels - vocab_start
+        here = (local >= 0) & (local < cfg.vocab_size)
+        onehot = torch.zeros_like(grad)
+        onehot.scatter_(1, torch.where(here, local, 0)[:, None], here.to(grad.dtype)[:, None])
+        grad = grad - cfg.ce_weight * onehot
+    grad = grad * grad_scale.to(grad.dtype)
+    if labels is not None:
+        grad = torch.where((labels == cfg.ignore_index)[:, None], torch.zeros_like(grad), grad)
+    out = torch.zeros_like(student)
+    out[:, : cfg.vocab_size] = grad.to(student.dtype)
+    return out
+
+
+def phases() -> ShardPhases:
+    return ShardPhases(row_stats, row_sums, write_grad)

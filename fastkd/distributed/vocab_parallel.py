@@ -1,0 +1,350 @@
+"""``vocab_parallel_kd_loss``: the fused KD loss on vocabulary-sharded logits (tensor parallelism).
+
+Each rank holds a contiguous slice ``[..., V_local]`` of both the student's and the
+teacher's logits. The kernels run the three phases of every fastkd backend on the local
+slice only (fastkd/backends/__init__.py: the shard operators), and the ranks exchange a
+few numbers per row between the phases, never logits:
+
+    handshake   (only without vocab_start=) one all_gather of HEADER_WIDTH int64 per RANK:
+                the slices' widths (their offsets), the row count, dtypes, settings and a
+                labels digest, so that bad or inconsistent input raises the same error on
+                every rank instead of hanging a collective
+    row_stats   local pass: maxima and sum-exps against the LOCAL maxima, and the value
+                term of forward/reverse KL
+    round 1     all_reduce(MAX) of (max_s, max_t): 2 floats per row
+                each rank moves its sums to the global maxima: sum * exp(m_local - M)
+    round 2     all_reduce(SUM) of (sumexp_s, sumexp_t[, value term][, CE: sumexp_raw,
+                label logit[, label found]]): 2 to 6 floats per row
+                -> every rank has the row's log-normalisers, and forward/reverse KL and CE
+                   values: KL(p||q) = A / S_t - delta, KL(q||p) = B / S_s + delta, with
+                   delta = lse_t - lse_s, A = sum e^(b - M_t) (b - a), B = sum e^(a - M_s) (a - b)
+    row_sums    (jsd, tvd) local pass with the global statistics: the centring sums
+    round 3     (jsd, tvd) all_reduce(SUM) of the row sums: 5 floats per row
+    write_grad  local pass: the slice's gradient from the global statistics and sums
+
+A "float" is 4 bytes (8 for float64 logits). So forward/reverse KL need two collectives
+and two passes over the slice, JSD and TVD three and three; the loss is the same on every
+rank, and each rank's gradient is its slice of the full one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .._autograd import fused_kd_loss
+from .._checks import (FLOAT_DTYPES, check_label_tensor, check_labels, check_logits, check_num_items,
+                       check_same_tokens)
+from .._dispatch import backend_for
+from ..backends import KernelBackend, loss_dtype
+from ..config import REDUCTIONS, KDConfig, make_config, takes_settings
+
+# The handshake's int64 fields, one row per rank.
+HEADER = ("error", "rows", "width", "student_dtype", "teacher_dtype", "has_labels", "label_min", "label_max",
+          "labels_digest", "settings_digest")
+HEADER_WIDTH = len(HEADER)
+_NO_LABEL_MIN = 2 ** 62  # label_min / label_max of a batch without valid labels
+_NO_LABEL_MAX = -1
+
+
+# ---------------------------------------------------------------------------------------
+# Checks: what one rank can check alone, then what the handshake shows across ranks.
+
+def _local_checks(student, teacher, labels, cfg: KDConfig, num_items, backend: str, vocab_start):
+    """The checks of one rank's arguments; returns (kernels, num_items)."""
+    check_logits("student_shard", student)
+    check_logits("teacher_shard", teacher)
+    check_same_tokens("student_shard", student, "teacher_shard", teacher)
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(
+            f"student_shard and teacher_shard must hold the same vocabulary columns, got {student.shape[-1]} "
+            f"and {teacher.shape[-1]} columns")
+    if labels is None:
+        check_labels(None, student.shape[:-1], student.device, cfg)  # alpha != 1 needs labels
+    else:
+        check_label_tensor(labels, student.shape[:-1], student.device, "logits", "vocab")
+    num_items = check_num_items(num_items, cfg.reduction)
+    kernels = backend_for(backend, student.device, student.dtype, teacher.dtype)
+    if kernels.shard is None:
+        raise ValueError(f"backend {kernels.name!r} has no vocab-parallel phases")
+    if vocab_start is not None:
+        if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+            raise ValueError(f"vocab_start must be an int >= 0 or None, got {vocab_start!r}")
+        lo, hi = _label_range(labels, cfg)
+        if lo is not None and (lo < 0 or (cfg.vocab_size is not None and hi >= cfg.vocab_size)):
+            bad = lo if lo < 0 else hi
+            bound = "" if cfg.vocab_size is None else f", {cfg.vocab_size}"
+            raise ValueError(f"labels must be in [0{bound}) or equal ignore_index={cfg.ignore_index}; found {bad}")
+    return kernels, num_items
+
+
+def _label_range(labels, cfg: KDConfig):
+    """(min, max) of the valid labels when they are on the CPU (free to read), else (None, None)."""
+    if labels is None or labels.device.type != "cpu" or labels.numel() == 0:
+        return None, None
+    valid = labels[labels != cfg.ignore_index]
+    if valid.numel() == 0:
+        return None, None
+    return int(valid.min()), int(valid.max())
+
+
+def _settings_digest(cfg: KDConfig, num_items) -> int:
+    """A number equal on ranks with equal settings (hashes of ints and floats do not vary
+    between processes, unlike those of strings)."""
+    values = [getattr(cfg, name) for name in ("divergence_id", "ignore_index", "temperature", "beta", "alpha",
+                                              "t_squared")]
+    values += [-1 if cfg.vocab_size is None else cfg.vocab_size, REDUCTIONS.index(cfg.reduction)]
+    values.append(num_items if isinstance(num_items, float) else -1.0)
+    return hash(tuple(values))
+
+
+def _header(student, teacher, labels, cfg: KDConfig, num_items, error: bool, device) -> torch.Tensor:
+    if error:
+        return torch.full((HEADER_WIDTH,), -1, dtype=torch.int64, device=device).index_fill_(
+            0, torch.tensor([0], device=device), 1)
+    fixed = torch.tensor([0, student.shape[:-1].numel(), student.shape[-1], FLOAT_DTYPES.index(student.dtype),
+                          FLOAT_DTYPES.index(teacher.dtype), labels is not None], dtype=torch.int64, device=device)
+    if labels is None or labels.numel() == 0:
+        label_part = torch.tensor([_NO_LABEL_MIN, _NO_LABEL_MAX, 0], dtype=torch.int64, device=device)
+    else:  # computed where the labels are: no host sync on a GPU
+        flat = labels.reshape(-1).to(torch.int64)
+        valid = flat != cfg.ignore_index
+        weights = torch.arange(flat.numel(), device=flat.device) % 65521 + 1
+        label_part = torch.stack([torch.where(valid, flat, _NO_LABEL_MIN).min(),
+                                  torch.where(valid, flat, _NO_LABEL_MAX).max(), (flat * weights).sum()])
+    digest = torch.tensor([_settings_digest(cfg, num_items)], dtype=torch.int64, device=device)
+    return torch.cat([fixed, label_part.to(device), digest])
+
+
+def _raise_everywhere(local_error: Optional[BaseException], headers, group):
+    """Every rank raises the error of the first rank that failed its local checks."""
+    failed = [r for r, h in enumerate(headers) if h[0] != 0]
+    messages = [None] * len(headers)
+    dist.all_gather_object(messages, None if local_error is None else
+                           (type(local_error).__name__, str(local_error)), group=group)
+    rank = failed[0]
+    kind, message = messages[rank]
+    error = TypeError if kind == "TypeError" else ValueError
+    raise error(f"vocab_parallel_kd_loss: rank {rank}: {message}") from local_error
+
+
+def _check_headers(headers, cfg: KDConfig):
+    """Cross-rank consistency, decided alike on every rank from the gathered headers;
+    returns the slices' widths."""
+    first = headers[0]
+    f = {name: i for i, name in enumerate(HEADER)}
+    for r, h in enumerate(headers[1:], start=1):
+        for name, what in (("rows", "rows (tokens)"), ("student_dtype", "student dtype"),
+                           ("teacher_dtype", "teacher dtype"), ("has_labels", "labels (given or None)"),
+                           ("labels_digest", "labels"), ("settings_digest", "loss settings")):
+            if h[f[name]] != first[f[name]]:
+                detail = ""
+                if name == "rows":
+                    detail = f": {h[f[name]]} on rank {r}, {first[f[name]]} on rank 0"
+                elif name.endswith("dtype"):
+                    detail = f": {FLOAT_DTYPES[h[f[name]]]} on rank {r}, {FLOAT_DTYPES[first[f[name]]]} on rank 0"
+                raise ValueError(f"vocab_parallel_kd_loss: the ranks disagree on the {what}{detail}; every rank "
+                                 "must pass its slice of the same tokens, with the same labels and settings")
+    widths = [h[f["width"]] for h in headers]
+    total = sum(widths)
+    if cfg.vocab_size is not None and cfg.vocab_size > total:
+        raise ValueError(f"vocab_size must be in [1, {total}] (the columns of all shards together), "
+                         f"got {cfg.vocab_size}")
+    vocab_size = total if cfg.vocab_size is None else cfg.vocab_size
+    lo, hi = first[f["label_min"]], first[f["label_max"]]
+    if hi != _NO_LABEL_MAX and (lo < 0 or hi >= vocab_size):
+        raise ValueError(f"labels must be in [0, {vocab_size}) or equal ignore_index={cfg.ignore_index}; "
+                         f"found {lo if lo < 0 else hi}")
+    return widths
+
+
+def _comm_device(group, student) -> torch.device:
+    if isinstance(student, torch.Tensor):
+        return student.device
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+
+
+def _handshake(student, teacher, labels, cfg, num_items, local_error, group):
+    """One all_gather of the headers; returns the slices' widths or raises on every rank."""
+    device = _comm_device(group, student)
+    header = _header(student, teacher, labels, cfg, num_items, local_error is not None, device)
+    gathered = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, header, group=group)
+    headers = torch.stack(gathered).tolist()  # the one host read of the handshake
+    if any(h[0] != 0 for h in headers):
+        _raise_everywhere(local_error, headers, group)
+    return _check_headers(headers, cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# The loss: the phases and the rounds between them.
+
+def _from_local_max(m_local, m_global, scale: float = 1.0):
+    """exp(scale (m_local - m_global)): moves a sum-exp from the local max to the global one
+    (0 for a slice whose entries are all -inf)."""
+    factor = torch.exp((m_local - m_global) * scale)
+    return torch.where(torch.isneginf(m_local), torch.zeros_like(factor), factor)
+
+
+class _ShardedRows:
+    """The forward of one call, as a KernelBackend ``forward``: 2-D logits of this rank's
+    slice in, the global per-row loss and this slice's gradient out."""
+
+    def __init__(self, phases, group, vocab_start: int, counted: int, check_label_found: bool):
+        self.phases = phases
+        self.group = group
+        self.vocab_start = vocab_start
+        self.counted = counted  # how many of this slice's columns lie below vocab_size
+        self.check_label_found = check_label_found
+
+    def __call__(self, student, teacher, labels, grad_scale, cfg: KDConfig):
+        n, width = student.shape
+        dtype = loss_dtype(student, teacher)
+        local_cfg = cfg.with_vocab_size(max(self.counted, 1))
+        divergence, with_ce = cfg.divergence, cfg.ce_weight != 0.0
+        if self.counted > 0:
+            part = self.phases.row_stats(student, teacher, local_cfg)
+        else:  # a slice wholly past vocab_size: nothing of it counts
+            part = torch.zeros((n, 6), dtype=dtype, device=student.device)
+            part[:, 0] = part[:, 2] = -math.inf
+
+        # Round 1: the global maxima.
+        maxima = part[:, [0, 2]].contiguous()
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self.group)
+        max_s, max_t = maxima[:, 0], maxima[:, 1]
+        f_s = _from_local_max(part[:, 0], max_s)
+        f_t = _from_local_max(part[:, 2], max_t)
+
+        # Round 2: the sums, moved to the global maxima, in named columns.
+        columns = {"sum_s": part[:, 1] * f_s, "sum_t": part[:, 3] * f_t}
+        if divergence in ("forward_kl", "reverse_kl"):
+            columns["value"] = part[:, 5] * (f_t if divergence == "forward_kl" else f_s)
+        if with_ce:
+            local = labels - self.vocab_start
+            here = (local >= 0) & (local < self.counted) & (labels != cfg.ignore_index)
+            at = torch.where(here, local, torch.zeros_like(local))[:, None]
+            label_logit = student.gather(1, at)[:, 0].to(dtype)
+            columns["sum_raw"] = part[:, 4] * _from_local_max(part[:, 0], max_s, cfg.temperature)
+            columns["s_label"] = torch.where(here, label_logit, torch.zeros_like(label_logit))
+            if self.check_label_found:
+                columns["found"] = here.to(dtype)
+        packed = torch.stack(list(columns.values()), dim=1)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
+        g = dict(zip(columns, packed.unbind(1)))
+        sum_s, sum_t = g["sum_s"], g["sum_t"]
+        zero = torch.zeros_like(sum_s)
+        stats = torch.stack([max_s, sum_s, max_t, sum_t, g.get("sum_raw", zero)], dim=1)
+        if "found" in g:
+            # A valid label that no slice holds (or two hold): never silently a number.
+            lost = (labels != cfg.ignore_index) & (g["found"] != 1)
+            stats = torch.where(lost[:, None], torch.full_like(stats, math.nan), stats)
+        delta = (max_t - max_s) + (sum_t.log() - sum_s.log())
+
+        # The divergence's value, and the row sums its gradient needs.
+        row_sums = None
+        if divergence == "forward_kl":
+            value = g["value"] / sum_t - delta
+        elif divergence == "reverse_kl":
+            qh = g["value"] / sum_s
+            value = qh + delta
+            row_sums = torch.stack([torch.ones_like(qh), qh, zero, zero, zero], dim=1)
+        else:  # Round 3: the centring sums.
+            if self.counted > 0:
+                row_sums = self.phases.row_sums(student, teacher, stats, local_cfg)
+            else:
+                row_sums = torch.zeros((n, 5), dtype=dtype, device=student.device)
+            dist.all_reduce(row_sums, op=dist.ReduceOp.SUM, group=self.group)
+            if divergence == "tvd":
+                value = row_sums[:, 0]
+            else:
+                beta = cfg.beta
+                qh = (row_sums[:, 1] + row_sums[:, 3]) / (row_sums[:, 0] + row_sums[:, 2])
+                value = beta * (-math.log(beta) - row_sums[:, 4]) + (1.0 - beta) * qh
+        loss = cfg.div_weight * value
+        if with_ce:
+            lse_raw = max_s * cfg.temperature + stats[:, 4].log()
+            loss = loss + cfg.ce_weight * (lse_raw - g["s_label"])
+        if labels is not None:
+            loss = torch.where(labels == cfg.ignore_index, torch.zeros_like(loss), loss)
+
+        if self.counted > 0:
+            grad = self.phases.write_grad(student, teacher, labels, grad_scale, stats, row_sums, self.vocab_start,
+                                          local_cfg)
+        else:
+            grad = torch.zeros_like(student)
+        return loss, grad
+
+
+def _no_inplace(*args):
+    raise NotImplementedError("vocab_parallel_kd_loss has no in-place backward")
+
+
+@takes_settings(after=("num_items", "backend"))
+def vocab_parallel_kd_loss(
+    student_shard: torch.Tensor,
+    teacher_shard: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    num_items=None,
+    backend: str = "auto",
+    **settings,
+) -> torch.Tensor:
+    """``kd_loss`` over logits split by vocabulary across the ranks of ``group``.
+
+    Every rank passes its contiguous slice of the vocabulary, ``[..., V_local]`` of both
+    the student's and the teacher's logits (slices may differ in width; rank r's slice
+    follows rank r-1's). The loss is the same on every rank and equals ``kd_loss`` on the
+    concatenated logits; each rank's gradient is its slice of that loss's gradient. The
+    ranks exchange a few numbers per token, never logits (module docstring: the rounds).
+
+    Args:
+        student_shard: ``[..., V_local]`` this rank's columns of the student's logits.
+        teacher_shard: ``[..., V_local]`` the same columns of the teacher's (a constant).
+        labels: ``[...]`` global token ids (the same on every rank), for the CE term and
+            ``ignore_index``.
+        group: the tensor-parallel process group (None: the default group).
+        vocab_start: the global index of this rank's first column. None: found from one
+            all_gather of the slices' widths, which also checks that the ranks agree on
+            rows, dtypes, labels and settings, so that bad input raises the same error on
+            every rank (on a GPU it reads the result on the host: one sync). Given: no
+            such exchange and no cross-rank checks; a label that no slice holds gives a
+            NaN loss.
+        {settings}
+            ``vocab_size`` counts globally: columns at or past it, on whichever rank, get
+            zero gradient. With ``vocab_start=`` and no ``vocab_size``, every column counts.
+        num_items: the denominator of ``reduction="mean"``, as in ``kd_loss``.
+        backend: ``auto``, ``cpu``, ``cuda``, ``triton`` or ``torch``: whose per-shard phases run.
+    """
+    cfg = make_config("vocab_parallel_kd_loss", **settings)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (dist.init_process_group)")
+    if vocab_start is not None:  # nothing to tell the other ranks: a local error is raised here
+        kernels, num_items = _local_checks(student_shard, teacher_shard, labels, cfg, num_items, backend,
+                                           vocab_start)
+        counted = student_shard.shape[-1] if cfg.vocab_size is None else \
+            min(max(cfg.vocab_size - vocab_start, 0), student_shard.shape[-1])
+        global_vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_start + student_shard.shape[-1]
+        check_found = True
+    else:
+        local_error = None
+        try:
+            kernels, num_items = _local_checks(student_shard, teacher_shard, labels, cfg, num_items, backend, None)
+        except (TypeError, ValueError) as exc:
+            local_error = exc
+        widths = _handshake(student_shard, teacher_shard, labels, cfg, num_items, local_error, group)
+        rank = dist.get_rank(group)
+        vocab_start = sum(widths[:rank])
+        global_vocab = sum(widths) if cfg.vocab_size is None else cfg.vocab_size
+        counted = min(max(global_vocab - vocab_start, 0), student_shard.shape[-1])
+        check_found = False
+    # The global vocab_size, for the reduction's and the checks' view of the config.
+    cfg = cfg.with_vocab_size(global_vocab)
+    rows = _ShardedRows(kernels.shard, group, vocab_start, counted, check_found)
+    sharded = KernelBackend(f"{kernels.name}+vocab_parallel", rows, _no_inplace, kernels.scale_grad_,
+                            kernels.supports, kernels.dtypes)
+    return fused_kd_loss(student_shard, teacher_shard, labels, cfg, num_items, sharded, False)

@@ -15,9 +15,13 @@ struct ForwardArgs {
   at::Tensor teacher;                  // [N, Vt], unit stride along the vocab
   c10::optional<at::Tensor> labels;    // [N] int64, contiguous
   at::Tensor grad_scale;               // scalar: the reduction's 1/denominator
-  c10::optional<at::Tensor> row_stats; // [N, kRowStatsWidth] float32, contiguous, or none
+  c10::optional<at::Tensor> row_stats; // [N, kRowStatsWidth] float32 (shard ops: the loss dtype), or none
   KDParams params;
   ExactParams exact;                   // the same settings in double
+  // The shard operators of the vocab-parallel loss (fastkd/backends/__init__.py): the
+  // global row sums, and where this slice starts in the vocabulary (labels are global ids).
+  c10::optional<at::Tensor> row_sums;  // [N, kRowSumsWidth] in the loss dtype, or none
+  int64_t vocab_start = 0;
 };
 
 // The shape/device/stride/vocab_size checks of a student-teacher logits pair.
@@ -34,6 +38,12 @@ struct DeviceOps {
   void (*row_stats)(const ForwardArgs& args, bool with_ce, at::Tensor& out);
   // grad *= factor (one element, or one per row), skipped when it is exactly 1.
   void (*scale_grad)(at::Tensor& grad, const at::Tensor& factor);
+  // The per-shard phases (null where a device lacks them): the slice's statistics against
+  // its local maxima [N, kShardStatsWidth]; its part of the row sums [N, kRowSumsWidth]
+  // given the global statistics; its gradient given the global statistics and row sums.
+  void (*shard_row_stats)(const ForwardArgs& args, at::Tensor& out);
+  void (*shard_row_sums)(const ForwardArgs& args, at::Tensor& out);
+  void (*shard_write_grad)(const ForwardArgs& args, at::Tensor& grad);
 };
 
 namespace cpu {

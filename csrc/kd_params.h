@@ -20,6 +20,13 @@ struct RowStats {
 };
 constexpr int kRowStatsWidth = 5;
 
+// The vocab-parallel loss's per-shard layouts (fastkd/backends/__init__.py describes them):
+// a shard's statistics are RowStats against its local maxima plus one value term (forward
+// KL: sum e_t (b - a), reverse KL: sum e_s (a - b)); the row sums of JSD are (small q, small
+// q h, big q, big q h, sum p softplus(-x)), of TVD (1/2 sum |q - p|, q_pos, q_neg, q_tie, 0).
+constexpr int kShardStatsWidth = 6;
+constexpr int kRowSumsWidth = 5;
+
 // The loss settings as the kernels use them, in the precision of their arithmetic:
 // KDParams (float) for the fp32-accumulating kernels, ExactParams (double) for the CPU
 // kernel's float64 path.

@@ -6,6 +6,11 @@
 //   kd_forward_inplace(student!, ...same...) -> loss [N]    (the gradient overwrites student)
 //   row_stats(student, teacher, int[] ints, float[] floats) -> [N, 5] float32
 //   scale_grad_(grad!, factor)                              (backward: grad *= factor)
+//   shard_row_stats(student, teacher, int[] ints, float[] floats) -> [N, 6]
+//   shard_row_sums(student, teacher, row_stats, int[] ints, float[] floats) -> [N, 5]
+//   shard_write_grad(student, teacher, labels?, grad_scale, row_stats, row_sums?, int vocab_start,
+//                    int[] ints, float[] floats) -> grad
+//       (the per-shard phases of the vocab-parallel loss: fastkd/backends/__init__.py)
 //
 // `ints`/`floats` are the loss settings packed by fastkd/config.py and unpacked by
 // kd_params.h. Inputs are 2-D with unit stride along the vocabulary; the Python layer
@@ -128,6 +133,63 @@ at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, at::I
   return out;
 }
 
+// The shard operators' statistics and sums: [N, width] in the loss dtype, contiguous, on
+// the logits' device.
+void check_shard_table(const char* name, const at::Tensor& x, const at::Tensor& student, const at::Tensor& teacher,
+                       int64_t width) {
+  const at::Tensor like = empty_loss(student, teacher);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == student.size(0) && x.size(1) == width &&
+                  x.scalar_type() == like.scalar_type() && x.is_contiguous() && x.device() == student.device(),
+              "fastkd: ", name, " must be a contiguous ", like.scalar_type(), " [N, ", width,
+              "] tensor on the logits' device (float64 for float64 logits, else float32)");
+}
+
+const DeviceOps& shard_ops_for(const at::Tensor& x) {
+  const DeviceOps& device = ops_for(x);
+  TORCH_CHECK(device.shard_row_stats && device.shard_row_sums && device.shard_write_grad,
+              "fastkd: no vocab-parallel shard kernels for ", x.device(), " tensors in this build");
+  return device;
+}
+
+at::Tensor shard_row_stats(const at::Tensor& student, const at::Tensor& teacher, at::IntArrayRef ints,
+                           at::ArrayRef<double> floats) {
+  const ForwardArgs args = check_settings_and_logits(student, teacher, ints, floats);
+  at::Tensor out = at::empty({student.size(0), kShardStatsWidth}, empty_loss(student, teacher).options());
+  if (student.size(0) > 0) shard_ops_for(student).shard_row_stats(args, out);
+  return out;
+}
+
+at::Tensor shard_row_sums(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_stats,
+                          at::IntArrayRef ints, at::ArrayRef<double> floats) {
+  ForwardArgs args = check_settings_and_logits(student, teacher, ints, floats);
+  TORCH_CHECK(args.params.divergence != Divergence::ForwardKL,
+              "fastkd: shard_row_sums is for reverse_kl, jsd and tvd (forward KL's gradient needs no row sums)");
+  check_shard_table("row_stats", row_stats, student, teacher, kRowStatsWidth);
+  args.row_stats = row_stats;
+  at::Tensor out = at::empty({student.size(0), kRowSumsWidth}, row_stats.options());
+  shard_ops_for(student).shard_row_sums(args, out);
+  return out;
+}
+
+at::Tensor shard_write_grad(const at::Tensor& student, const at::Tensor& teacher,
+                            const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
+                            const at::Tensor& row_stats, const c10::optional<at::Tensor>& row_sums,
+                            int64_t vocab_start, at::IntArrayRef ints, at::ArrayRef<double> floats) {
+  ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, c10::nullopt, ints, floats);
+  check_shard_table("row_stats", row_stats, student, teacher, kRowStatsWidth);
+  TORCH_CHECK(row_sums || args.params.divergence == Divergence::ForwardKL,
+              "fastkd: shard_write_grad needs row_sums for reverse_kl, jsd and tvd");
+  if (row_sums) check_shard_table("row_sums", *row_sums, student, teacher, kRowSumsWidth);
+  TORCH_CHECK(vocab_start >= 0, "fastkd: vocab_start must be >= 0, got ", vocab_start);
+  args.row_stats = row_stats;
+  args.row_sums = row_sums;
+  args.vocab_start = vocab_start;
+  const DeviceOps& device = shard_ops_for(student);
+  at::Tensor grad = device.empty_grad(student);
+  device.shard_write_grad(args, grad);
+  return grad;
+}
+
 void scale_grad_(at::Tensor& grad, const at::Tensor& factor) {
   // On the gradient's device, or a one-element CPU tensor (a host scalar costs nothing to
   // read); a factor on another GPU would be read through the wrong device's pointers.
@@ -152,6 +214,11 @@ TORCH_LIBRARY(fastkd, m) {
       "Tensor? row_stats, int[] ints, float[] floats) -> Tensor");
   m.def("row_stats(Tensor student, Tensor teacher, int[] ints, float[] floats) -> Tensor");
   m.def("scale_grad_(Tensor(a!) grad, Tensor factor) -> ()");
+  m.def("shard_row_stats(Tensor student, Tensor teacher, int[] ints, float[] floats) -> Tensor");
+  m.def("shard_row_sums(Tensor student, Tensor teacher, Tensor row_stats, int[] ints, float[] floats) -> Tensor");
+  m.def(
+      "shard_write_grad(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, Tensor row_stats, "
+      "Tensor? row_sums, int vocab_start, int[] ints, float[] floats) -> Tensor");
 }
 
 // One implementation per operator, registered for each device the build has.
@@ -159,7 +226,10 @@ TORCH_LIBRARY(fastkd, m) {
   m.impl("kd_forward", &fastkd::kd_forward);             \
   m.impl("kd_forward_inplace", &fastkd::kd_forward_inplace); \
   m.impl("row_stats", &fastkd::row_stats);               \
-  m.impl("scale_grad_", &fastkd::scale_grad_)
+  m.impl("scale_grad_", &fastkd::scale_grad_);           \
+  m.impl("shard_row_stats", &fastkd::shard_row_stats);   \
+  m.impl("shard_row_sums", &fastkd::shard_row_sums);     \
+  m.impl("shard_write_grad", &fastkd::shard_write_grad)
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) { FASTKD_REGISTER_OPS(m); }
 #ifdef FASTKD_WITH_CUDA

@@ -214,10 +214,19 @@ struct SignGrad {
   inline Acc operator()(Acc q, Acc d) const { return q * (d > Acc(0) ? pos : (d < Acc(0) ? neg : tie)); }
 };
 
+// The row sums of one row, or of one slice of it (the vocab-parallel loss adds the slices'),
+// in the layout of the shard_row_sums operator (kd_params.h: kRowSumsWidth):
+//   reverse KL, JSD  (sum q, sum q h) over the small (q <= 1/2 + 2^-10) entries, the same over
+//                    the others, and JSD's sum p (log p - log m) (its KL(p||m) over the row)
+//   TVD              (1/2 sum |q - p|, the mass of q where q > p, where q < p, where q = p, 0)
+struct RowSums {
+  double v[kRowSumsWidth] = {0.0, 0.0, 0.0, 0.0, 0.0};
+};
+
 // Phase row_sums of reverse KL and JSD, after row_sums(): sum q, sum q h over the small
-// (q <= 1/2 + 2^-10) entries and over all, in chunks, as the gradient's centring.
+// (q <= 1/2 + 2^-10) entries and over the others, in chunks, into sums.v[0..3].
 template <typename Acc>
-CentredGrad<Acc> row_sums_centring(const Acc* w, const Acc* h, int64_t V, Acc c) {
+void row_sums_centring(const Acc* w, const Acc* h, int64_t V, RowSums& sums) {
   double small_q = 0.0, small_qh = 0.0, big_q = 0.0, big_qh = 0.0;
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
@@ -238,9 +247,30 @@ CentredGrad<Acc> row_sums_centring(const Acc* w, const Acc* h, int64_t V, Acc c)
     big_q += bq;
     big_qh += bqh;
   }
-  const double sum_q = small_q + big_q;
-  return CentredGrad<Acc>{c, static_cast<Acc>((small_qh + big_qh) / sum_q), static_cast<Acc>(small_q),
+  sums.v[0] = small_q;
+  sums.v[1] = small_qh;
+  sums.v[2] = big_q;
+  sums.v[3] = big_qh;
+}
+
+// The centred gradient c q (h - sum q h) from the row's centring sums.
+template <typename Acc>
+CentredGrad<Acc> centred_grad(const RowSums& sums, Acc c) {
+  const double small_q = sums.v[0], small_qh = sums.v[1];
+  const double sum_q = small_q + sums.v[2];
+  return CentredGrad<Acc>{c, static_cast<Acc>((small_qh + sums.v[3]) / sum_q), static_cast<Acc>(small_q),
                           static_cast<Acc>(small_qh), static_cast<Acc>(1.0 / sum_q)};
+}
+
+// TVD's gradient from its row sums (h = sign(q - p)/2, see SignGrad). D <= 1 is finite, so
+// D - D is 0 unless the row holds a NaN, which the sign comparisons would otherwise drop.
+template <typename Acc>
+SignGrad<Acc> sign_grad(const RowSums& sums) {
+  const double q_pos = sums.v[1], q_neg = sums.v[2], q_tie = sums.v[3];
+  const Acc nan_or_zero = static_cast<Acc>(sums.v[0] - sums.v[0]);
+  return SignGrad<Acc>{static_cast<Acc>(q_neg + 0.5 * q_tie) + nan_or_zero,     // h = +1/2
+                       -static_cast<Acc>(q_pos + 0.5 * q_tie) + nan_or_zero,    // h = -1/2
+                       static_cast<Acc>(0.5 * (q_neg - q_pos)) + nan_or_zero};  // h = 0
 }
 
 template <typename Acc>
@@ -252,7 +282,8 @@ constexpr Acc kNearLog1p = Acc(0.3);
 template <>
 constexpr double kNearLog1p<double> = std::numeric_limits<double>::infinity();
 
-// One chunk of JSD's pass: q into w, h into h (which held e_t); returns sum p softplus(-x).
+// One chunk of JSD's pass: q into w, h into h (which held e_t); returns sum p (log p - log m),
+// with log p - log m = -log beta - softplus(-x) (x = log p - log q + log(beta/(1-beta))).
 // h = log q - log m = -log1p(beta expm1(log p - log q)) near p = q, exact there where
 // -log(1-beta) - softplus(x) subtracts O(1) values to get an O(log p - log q) result;
 // elsewhere (|log p - log q| > 1/2, where h varies by O(1)) the softplus form.
@@ -262,6 +293,7 @@ Acc jsd_chunk(Acc* __restrict w, Acc* __restrict h, const Acc* __restrict d, int
   const Acc log_r = static_cast<Acc>(x.log_beta - x.log_one_minus_beta);
   const Acc beta = static_cast<Acc>(x.beta);
   const Acc l1b = static_cast<Acc>(x.log_one_minus_beta);
+  const Acc neg_log_beta = static_cast<Acc>(-x.log_beta);
   Acc part = 0;
 #pragma omp simd reduction(+ : part)
   for (int64_t i = c0; i < c0 + n; ++i) {
@@ -270,7 +302,7 @@ Acc jsd_chunk(Acc* __restrict w, Acc* __restrict h, const Acc* __restrict d, int
     const Acc z = dl + log_r;
     Acc sp_pos, sp_neg;  // softplus(x), softplus(-x)
     softplus_pair(z, &sp_pos, &sp_neg);
-    part += pt == Acc(0) ? Acc(0) : pt * sp_neg;
+    part += pt == Acc(0) ? Acc(0) : pt * (neg_log_beta - sp_neg);  // p (log p - log m)
     const Acc u = beta * expm1_small(dl);
     const bool near = std::abs(dl) <= kNearHalf<Acc> && std::abs(u) <= kNearLog1p<Acc>;
     const Acc far = -l1b - sp_pos;  // p = 0 (-inf teacher logit): -log(1-beta), as it should
@@ -287,17 +319,17 @@ Acc jsd_chunk(Acc* __restrict w, Acc* __restrict h, const Acc* __restrict d, int
 //   reverse KL  h = log q - log p = delta - d: centring drops the constant, h' = -d.
 //   JSD         h = log q - log m = -log1p(beta expm1(log p - log q)), see below;
 //               log p - log m = -log(beta) - softplus(-x), x = log p - log q + log(beta/(1-beta)).
-// Returns the rest of D: reverse KL's delta, JSD's beta KL(p||m), TVD's D itself; then
-// D = rest + (1 - beta) sum q h for reverse KL (beta = 0) and JSD.
+// Returns TVD's row sums and JSD's sum p (log p - log m) (its KL(p||m));
+// row_sums_centring adds reverse KL's and JSD's centring sums.
 template <typename Acc>
-double row_sums(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence divergence, const ExactParams& x,
-                double* q_pos, double* q_neg, double* q_tie) {
+RowSums row_sums(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence divergence, const ExactParams& x) {
   // Locals, not c.member inside the loops: a store through w could alias the struct,
   // which would reload the pointer each iteration and stop vectorisation.
   Acc* __restrict w = c.es;
   Acc* __restrict h = c.et;
   const Acc* __restrict d = c.d;
   double total = 0.0;
+  RowSums sums;
   for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
     const Acc fs = c.ref_s[k], ft = c.ref_t[k];
@@ -324,15 +356,13 @@ double row_sums(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence diverge
         h[i] = dq;
       }
       total += d_sum;
-      *q_pos += pos;
-      *q_neg += neg;
-      *q_tie += tie;
+      sums.v[1] += pos;
+      sums.v[2] += neg;
+      sums.v[3] += tie;
     }
   }
-  if (divergence == Divergence::ReverseKL) return static_cast<double>(delta);
-  if (divergence == Divergence::JSD)  // beta KL(p||m) = beta (-log beta - sum p softplus(-x))
-    return x.beta * (-x.log_beta - total);
-  return total;
+  sums.v[divergence == Divergence::TVD ? 0 : 4] = total;
+  return sums;
 }
 
 // The CE term's softmax(s) at T = 1: exp(T a - lse_raw), or q itself when T = 1.
@@ -409,6 +439,30 @@ void write_grad_centred(const RowCache<Acc>& c, int64_t V, const G grad_of, Acc 
   }
 }
 
+// The forward KL / reverse KL value term of a slice against its own maxima (the shard
+// statistics' last column): sum_i e_t,i (b_i - a_i) or sum_i e_s,i (a_i - b_i), over the row
+// cache that row_stats() filled (each chunk's exponentials are against the running max of
+// their chunk, moved here to the final one).
+template <typename Acc>
+double value_term(const RowCache<Acc>& c, int64_t V, const Stats<Acc>& st, Divergence divergence) {
+  const bool forward = divergence == Divergence::ForwardKL;
+  const Acc* __restrict e = forward ? c.et : c.es;
+  const Acc* __restrict d = c.d;
+  const Acc* ref = forward ? c.ref_t : c.ref_s;
+  const Acc m = forward ? st.max_t : st.max_s;
+  if (m == kNegInf<Acc>) return 0.0;
+  double total = 0.0;
+  for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    if (ref[k] == kNegInf<Acc>) continue;  // nothing but -inf so far: all e are 0
+    Acc part = 0;
+#pragma omp simd reduction(+ : part)
+    for (int64_t i = c0; i < c0 + n; ++i) part += e[i] == Acc(0) ? Acc(0) : e[i] * d[i];  // == 0: NaN reaches it
+    total += static_cast<double>(exp_approx(ref[k] - m)) * static_cast<double>(part);
+  }
+  return forward ? total : -total;  // d = b - a
+}
+
 template <typename TS, typename TT>
 struct RowKernel {
   // Double for float64 input, float otherwise (bf16/fp16 are converted on load).
@@ -419,18 +473,29 @@ struct RowKernel {
   const TT* t;
   int64_t t_stride;
   const int64_t* labels;
-  const float* stats_in;  // [N, 5] or nullptr
-  Acc* loss;              // [N]: float64 for float64 input, else float32
+  const Acc* stats_in;    // [N, kRowStatsWidth] or nullptr: the row statistics from outside
+  Acc* loss;              // [N]: float64 for float64 input, else float32; nullptr: not wanted
   TS* grad;               // rows of width g_width; may alias s (in-place backward)
   int64_t g_stride;
   int64_t g_width;
   KDParams p;        // divergence, ignore_index, vocab_size
   ExactParams x;     // the float settings, cast to Acc where used
   double grad_scale;
+  // The vocab-parallel shard phases: labels are global ids and this slice starts at
+  // vocab_start (a label elsewhere is no error: its one-hot is another slice's); the row
+  // sums come from outside (sums_in), or are the output (sums_out, and no gradient).
+  bool shard = false;
+  int64_t vocab_start = 0;
+  const Acc* sums_in = nullptr;  // [N, kRowSumsWidth]
+  Acc* sums_out = nullptr;       // [N, kRowSumsWidth]
 
   void fill_grad_row(TS* g, float value) const {
     const TS v = static_cast<TS>(value);
     for (int64_t i = 0; i < g_width; ++i) g[i] = v;
+  }
+
+  void set_loss(int64_t row, Acc value) const {
+    if (loss != nullptr) loss[row] = value;
   }
 
   void operator()(int64_t row) const {
@@ -438,26 +503,30 @@ struct RowKernel {
     const TS* srow = s + row * s_stride;
     TS* grow = grad + row * g_stride;
     const bool with_ce = x.ce_weight != 0.0;
-    int64_t label = -1;
+    int64_t label = -1;  // the label's column in this row (slice), or -1 where it has none
     if (labels != nullptr) {
       label = labels[row];
       if (label == p.ignore_index) {
-        loss[row] = Acc(0);
+        set_loss(row, Acc(0));
         fill_grad_row(grow, 0.0f);
         return;
       }
-      if (label < 0 || label >= V) {  // never silently a number: NaN marks the bad row
-        loss[row] = std::numeric_limits<Acc>::quiet_NaN();
+      if (shard) {
+        label -= vocab_start;
+        if (label < 0 || label >= V) label = -1;
+      } else if (label < 0 || label >= V) {  // never silently a number: NaN marks the bad row
+        set_loss(row, std::numeric_limits<Acc>::quiet_NaN());
         fill_grad_row(grow, std::numeric_limits<float>::quiet_NaN());
         return;
       }
     }
+    const bool label_here = with_ce && label >= 0;
     // row_stats, or the caller's statistics and the row cache.
     const RowCache<Acc> c = RowCache<Acc>::get(V);
     const bool need_raw = with_ce && x.temperature != 1.0;
     Stats<Acc> st;
     if (stats_in != nullptr) {
-      const float* r = stats_in + row * kRowStatsWidth;
+      const Acc* r = stats_in + row * kRowStatsWidth;
       st.max_s = r[0];
       st.sum_s = r[1];
       st.max_t = r[2];
@@ -483,43 +552,46 @@ struct RowKernel {
     const Acc lse_raw = with_ce ? temp * st.max_s + static_cast<Acc>(std::log(st.sum_raw)) : Acc(0);
     const RawSoftmax<Acc> raw{!need_raw, temp, lse_raw};
     // Read before the gradient sweep: in place, grow is srow.
-    const Acc s_label = with_ce ? static_cast<Acc>(srow[label]) : Acc(0);
-    const Acc q_label = with_ce ? c.es[label] * c.ref_s[label / kChunk] : Acc(0);
+    const Acc s_label = label_here ? static_cast<Acc>(srow[label]) : Acc(0);
+    const Acc q_label = label_here ? c.es[label] * c.ref_s[label / kChunk] : Acc(0);
     // row_sums (the centred divergences only), then write_grad.
     Acc D, div_grad_label = 0;
     if (p.divergence == Divergence::ForwardKL) {
       D = write_grad_forward_kl(c, V, delta, gdiv, with_ce, raw, gce, grow);
-      if (with_ce) div_grad_label = q_label - c.et[label] * c.ref_t[label / kChunk];
+      if (label_here) div_grad_label = q_label - c.et[label] * c.ref_t[label / kChunk];
     } else {
-      double q_pos = 0.0, q_neg = 0.0, q_tie = 0.0;
-      const double rest = row_sums(c, V, delta, p.divergence, x, &q_pos, &q_neg, &q_tie);
+      RowSums sums = row_sums(c, V, delta, p.divergence, x);
+      if (p.divergence != Divergence::TVD) row_sums_centring(c.es, c.et, V, sums);
+      if (sums_out != nullptr) {
+        std::copy(sums.v, sums.v + kRowSumsWidth, sums_out + row * kRowSumsWidth);
+        return;
+      }
+      if (sums_in != nullptr) std::copy(sums_in + row * kRowSumsWidth, sums_in + (row + 1) * kRowSumsWidth, sums.v);
       if (p.divergence == Divergence::TVD) {
-        // D <= 1 is finite, so D - D is 0 unless the row holds a NaN, which the sign
-        // comparisons would otherwise drop.
-        const Acc nan_or_zero = static_cast<Acc>(rest - rest);
-        const SignGrad<Acc> grad_of{static_cast<Acc>(q_neg + 0.5 * q_tie) + nan_or_zero,     // h = +1/2
-                                    -static_cast<Acc>(q_pos + 0.5 * q_tie) + nan_or_zero,    // h = -1/2
-                                    static_cast<Acc>(0.5 * (q_neg - q_pos)) + nan_or_zero};  // h = 0
-        D = static_cast<Acc>(rest);
+        const SignGrad<Acc> grad_of = sign_grad<Acc>(sums);
+        D = static_cast<Acc>(sums.v[0]);
         write_grad_centred(c, V, grad_of, gdiv, with_ce, raw, gce, grow);
-        if (with_ce) div_grad_label = grad_of(c.es[label], c.et[label]);
+        if (label_here) div_grad_label = grad_of(c.es[label], c.et[label]);
       } else {
-        const Acc beta = p.divergence == Divergence::JSD ? static_cast<Acc>(x.beta) : Acc(0);
-        const CentredGrad<Acc> grad_of = row_sums_centring(c.es, c.et, V, Acc(1) - beta);
+        const bool jsd = p.divergence == Divergence::JSD;
+        const Acc beta = jsd ? static_cast<Acc>(x.beta) : Acc(0);
+        const CentredGrad<Acc> grad_of = centred_grad(sums, Acc(1) - beta);
+        // D = the rest + (1 - beta) sum q h; the rest is reverse KL's delta, JSD's beta KL(p||m).
+        const double rest = jsd ? x.beta * sums.v[4] : static_cast<double>(delta);
         D = static_cast<Acc>(rest + static_cast<double>((Acc(1) - beta) * grad_of.qh));
         write_grad_centred(c, V, grad_of, gdiv, with_ce, raw, gce, grow);
-        if (with_ce) div_grad_label = grad_of(c.es[label], c.et[label]);
+        if (label_here) div_grad_label = grad_of(c.es[label], c.et[label]);
       }
     }
     Acc row_loss = static_cast<Acc>(x.div_weight) * D;
-    if (with_ce) {
-      row_loss += static_cast<Acc>(x.ce_weight) * (lse_raw - s_label);
+    if (with_ce) row_loss += static_cast<Acc>(x.ce_weight) * (lse_raw - s_label);
+    if (label_here) {
       // The one-hot part, added in the accumulation type so the label entry is rounded once.
       const Acc sm_label = need_raw ? exp_approx(temp * c.a[label] - lse_raw) : q_label;
       grow[label] = static_cast<TS>(gdiv * div_grad_label + gce * (sm_label - Acc(1)));
     }
     for (int64_t i = V; i < g_width; ++i) grow[i] = static_cast<TS>(0.0f);
-    loss[row] = row_loss;
+    set_loss(row, row_loss);
   }
 };
 
@@ -548,10 +620,14 @@ void run_rows(const RowKernel<TS, TT>& k, int64_t n_rows) {
   for_each_row(n_rows, [&](int64_t r) { k(r); });
 }
 
-template <typename TS, typename TT>
+// Phase row_stats alone, into `out` rows of `width` entries of type Out: the five RowStats
+// (the row_stats operator: float32, width 5), and with width kShardStatsWidth the value term
+// of forward / reverse KL (the shard_row_stats operator: the loss dtype).
+template <typename TS, typename TT, typename Out>
 void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, int64_t n_rows, int64_t V,
-                const ExactParams& x, bool with_raw, float* out) {
+                const ExactParams& x, Divergence divergence, bool with_raw, int64_t width, Out* out) {
   using Acc = typename RowKernel<TS, TT>::Acc;
+  const bool with_value = width == kShardStatsWidth;
   at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
     const RowCache<Acc> c = RowCache<Acc>::get(V);
     for (int64_t r = begin; r < end; ++r) {
@@ -559,12 +635,16 @@ void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, in
       const bool raw_differs = with_raw && x.temperature != 1.0;
       row_stats(s + r * s_stride, t + r * t_stride, V, x, raw_differs, /*fixed=*/false, /*keep_a=*/false, c, st);
       if (!raw_differs) st.sum_raw = with_raw ? st.sum_s : 0.0;
-      float* o = out + r * kRowStatsWidth;
-      o[0] = static_cast<float>(st.max_s);
-      o[1] = static_cast<float>(st.sum_s);
-      o[2] = static_cast<float>(st.max_t);
-      o[3] = static_cast<float>(st.sum_t);
-      o[4] = static_cast<float>(st.sum_raw);
+      Out* o = out + r * width;
+      o[0] = static_cast<Out>(st.max_s);
+      o[1] = static_cast<Out>(st.sum_s);
+      o[2] = static_cast<Out>(st.max_t);
+      o[3] = static_cast<Out>(st.sum_t);
+      o[4] = static_cast<Out>(st.sum_raw);
+      if (with_value) {
+        const bool kl = divergence == Divergence::ForwardKL || divergence == Divergence::ReverseKL;
+        o[5] = kl ? static_cast<Out>(value_term(c, V, st, divergence)) : Out(0);
+      }
     }
   });
 }
@@ -576,20 +656,36 @@ void dispatch_pair(at::ScalarType ss, at::ScalarType ts, const F& f) {
                             FASTKD_SCALAR_TYPE_SWITCH(ts, TT, "fastkd_teacher", f(TS{}, TT{})));
 }
 
+// A RowKernel over the call's tensors; `stats` (the row statistics from outside) must be
+// in the kernel's accumulation type, `loss` too (or undefined: not wanted).
+template <typename TS, typename TT>
+RowKernel<TS, TT> row_kernel(const ForwardArgs& args, const at::Tensor& stats, const at::Tensor& loss,
+                             at::Tensor& grad) {
+  using Acc = typename RowKernel<TS, TT>::Acc;
+  return RowKernel<TS, TT>{args.student.data_ptr<TS>(), args.student.stride(0),
+                           args.teacher.data_ptr<TT>(), args.teacher.stride(0),
+                           args.labels ? args.labels->data_ptr<int64_t>() : nullptr,
+                           stats.defined() ? stats.data_ptr<Acc>() : nullptr,
+                           loss.defined() ? loss.data_ptr<Acc>() : nullptr,
+                           grad.defined() ? grad.data_ptr<TS>() : nullptr,
+                           grad.defined() ? grad.stride(0) : 0, grad.defined() ? grad.size(1) : 0,
+                           args.params, args.exact,
+                           args.grad_scale.defined() ? args.grad_scale.to(at::kDouble).item<double>() : 1.0};
+}
+
+// The accumulation type's tensor of the row statistics (the row_stats argument of
+// kd_forward is float32 for every input; float64 input reads it in double).
+at::Tensor stats_in_acc(const ForwardArgs& args) {
+  if (!args.row_stats) return at::Tensor();
+  const bool f64 = args.student.scalar_type() == at::kDouble || args.teacher.scalar_type() == at::kDouble;
+  return args.row_stats->to(f64 ? at::kDouble : at::kFloat).contiguous();
+}
+
 void op_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
-  const int64_t n_rows = args.student.size(0);
-  if (n_rows == 0) return;
-  const double grad_scale = args.grad_scale.to(at::kDouble).item<double>();
+  if (args.student.size(0) == 0) return;
+  const at::Tensor stats = stats_in_acc(args);
   dispatch_pair(args.student.scalar_type(), args.teacher.scalar_type(), [&](auto s0, auto t0) {
-    using TS = decltype(s0);
-    using TT = decltype(t0);
-    RowKernel<TS, TT> k{args.student.data_ptr<TS>(), args.student.stride(0),
-                        args.teacher.data_ptr<TT>(), args.teacher.stride(0),
-                        args.labels ? args.labels->data_ptr<int64_t>() : nullptr,
-                        args.row_stats ? args.row_stats->data_ptr<float>() : nullptr,
-                        loss.data_ptr<typename RowKernel<TS, TT>::Acc>(), grad.data_ptr<TS>(), grad.stride(0), grad.size(1),
-                        args.params, args.exact, grad_scale};
-    run_rows(k, n_rows);
+    run_rows(row_kernel<decltype(s0), decltype(t0)>(args, stats, loss, grad), args.student.size(0));
   });
 }
 
@@ -599,14 +695,51 @@ at::Tensor op_empty_grad(const at::Tensor& student) {
   return cached_empty(student.size(0), student.size(1), student.options());
 }
 
-void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
+template <typename Out>
+void stats_of(const ForwardArgs& args, bool with_ce, int64_t width, at::Tensor& out) {
   const at::Tensor& student = args.student;
   const at::Tensor& teacher = args.teacher;
   dispatch_pair(student.scalar_type(), teacher.scalar_type(), [&](auto s0, auto t0) {
     using TS = decltype(s0);
     using TT = decltype(t0);
     stats_rows(student.data_ptr<TS>(), student.stride(0), teacher.data_ptr<TT>(), teacher.stride(0),
-               student.size(0), args.params.vocab_size, args.exact, with_ce, out.data_ptr<float>());
+               student.size(0), args.params.vocab_size, args.exact, args.params.divergence, with_ce, width,
+               out.data_ptr<Out>());
+  });
+}
+
+void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
+  stats_of<float>(args, with_ce, kRowStatsWidth, out);
+}
+
+// The shard operators (the stats and sums tensors are in the loss dtype, checked by ops.cpp).
+void op_shard_row_stats(const ForwardArgs& args, at::Tensor& out) {
+  if (out.scalar_type() == at::kDouble) {
+    stats_of<double>(args, args.exact.ce_weight != 0.0, kShardStatsWidth, out);
+  } else {
+    stats_of<float>(args, args.exact.ce_weight != 0.0, kShardStatsWidth, out);
+  }
+}
+
+void op_shard_row_sums(const ForwardArgs& args, at::Tensor& out) {
+  if (args.student.size(0) == 0) return;
+  at::Tensor none;
+  dispatch_pair(args.student.scalar_type(), args.teacher.scalar_type(), [&](auto s0, auto t0) {
+    auto k = row_kernel<decltype(s0), decltype(t0)>(args, *args.row_stats, none, none);
+    k.sums_out = out.data_ptr<typename decltype(k)::Acc>();
+    run_rows(k, args.student.size(0));
+  });
+}
+
+void op_shard_write_grad(const ForwardArgs& args, at::Tensor& grad) {
+  if (args.student.size(0) == 0) return;
+  at::Tensor none;
+  dispatch_pair(args.student.scalar_type(), args.teacher.scalar_type(), [&](auto s0, auto t0) {
+    auto k = row_kernel<decltype(s0), decltype(t0)>(args, *args.row_stats, none, grad);
+    k.shard = true;
+    k.vocab_start = args.vocab_start;
+    k.sums_in = args.row_sums ? args.row_sums->data_ptr<typename decltype(k)::Acc>() : nullptr;
+    run_rows(k, args.student.size(0));
   });
 }
 
@@ -645,7 +778,8 @@ void op_scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
 }  // namespace
 
 const DeviceOps& device_ops() {
-  static const DeviceOps ops{&op_empty_grad, &op_forward, &op_row_stats, &op_scale_grad};
+  static const DeviceOps ops{&op_empty_grad,  &op_forward,         &op_row_stats,       &op_scale_grad,
+                             &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad};
   return ops;
 }
 

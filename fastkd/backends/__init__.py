@@ -57,9 +57,9 @@ LOW_PRECISION_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 #   shard_row_sums(student, teacher, row_stats, int[] ints, float[] floats) -> [N, ROW_SUMS_WIDTH]
 #       given the GLOBAL row statistics [N, ROW_STATS_WIDTH], the shard's part of the row
 #       sums (additive across shards):
-#         jsd  (sum q, sum q h, sum q, sum q h, sum p softplus(-x)): the first two over the
-#              entries with q <= 1/2 + 2^-10, the next two over the others (peaked rows);
-#              h = log q - log m, x = log p - log q + log(beta / (1 - beta))
+#         jsd  (sum q, sum q h, sum q, sum q h, sum p (log p - log m)): the first two over
+#              the entries with q <= 1/2 + 2^-10, the next two over the others (peaked
+#              rows); h = log q - log m (reverse_kl, when asked: h = a - b, last column 0)
 #         tvd  (1/2 sum |q - p|, sum of q where q > p, where q < p, where q = p, 0)
 #   shard_write_grad(student, teacher, labels?, grad_scale, row_stats, row_sums?, int vocab_start,
 #                    int[] ints, float[] floats) -> grad

@@ -18,7 +18,8 @@ import warnings
 
 import torch
 
-from . import KernelBackend, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_
+from . import (KernelBackend, ShardPhases, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_,
+               fake_shard_row_stats, fake_shard_row_sums, fake_shard_write_grad)
 
 EXT_NAME = "fastkd_C"
 
@@ -219,7 +220,9 @@ def backends() -> tuple:
     if ext is None:
         return ()
     for op, fake in (("kd_forward", fake_kd_forward), ("kd_forward_inplace", fake_forward_inplace),
-                     ("row_stats", fake_row_stats), ("scale_grad_", fake_scale_grad_)):
+                     ("row_stats", fake_row_stats), ("scale_grad_", fake_scale_grad_),
+                     ("shard_row_stats", fake_shard_row_stats), ("shard_row_sums", fake_shard_row_sums),
+                     ("shard_write_grad", fake_shard_write_grad)):
         torch.library.register_fake(f"fastkd::{op}")(fake)
     ops = torch.ops.fastkd
 
@@ -230,7 +233,23 @@ def backends() -> tuple:
         return ops.kd_forward_inplace(student, teacher, labels, grad_scale, row_stats, *cfg.kernel_settings())
 
     cpu = KernelBackend("cpu", forward, forward_inplace, ops.scale_grad_, lambda device: device.type == "cpu",
-                        dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
+                        dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), shard=shard_phases(ops))
     if not getattr(ext, "with_cuda", False):
         return (cpu,)
-    return cpu, KernelBackend("cuda", forward, forward_inplace, ops.scale_grad_, _runs_on_cuda)
+    return cpu, KernelBackend("cuda", forward, forward_inplace, ops.scale_grad_, _runs_on_cuda,
+                              shard=shard_phases(ops))
+
+
+def shard_phases(ops) -> ShardPhases:
+    """The per-shard phases of the vocab-parallel loss, as operators of ``ops`` (torch.ops.fastkd)."""
+    def row_stats(student, teacher, cfg):
+        return ops.shard_row_stats(student, teacher, *cfg.kernel_settings())
+
+    def row_sums(student, teacher, stats, cfg):
+        return ops.shard_row_sums(student, teacher, stats, *cfg.kernel_settings())
+
+    def write_grad(student, teacher, labels, grad_scale, stats, sums, vocab_start, cfg):
+        return ops.shard_write_grad(student, teacher, labels, grad_scale, stats, sums, vocab_start,
+                                    *cfg.kernel_settings())
+
+    return ShardPhases(row_stats, row_sums, write_grad)

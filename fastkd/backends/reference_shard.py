@@ -66,12 +66,16 @@ def _log_probs(a, b, stats):
     return a - lse_s[:, None], b - lse_t[:, None]
 
 
-def _jsd_h(log_q, log_p, beta):
-    """h = log q - log m, 0 where q = 0."""
+def _log_m(log_q, log_p, beta):
+    """log m, m = beta p + (1 - beta) q, as a log-sum-exp (finite where both are 0: unused there)."""
     both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
     lp = torch.where(both_zero, torch.zeros_like(log_p), log_p)
     lq = torch.where(both_zero, torch.zeros_like(log_q), log_q)
-    log_m = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    return torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+
+
+def _jsd_h(log_q, log_m):
+    """h = log q - log m, 0 where q = 0."""
     return torch.where(log_q.exp() == 0, torch.zeros_like(log_q), log_q - log_m)
 
 
@@ -87,13 +91,13 @@ def row_sums(student, teacher, stats, cfg):
     if cfg.divergence != "jsd":
         raise ValueError(f"fastkd: shard_row_sums is for jsd and tvd, got {cfg.divergence}")
     beta = cfg.beta
-    h = _jsd_h(log_q, log_p, beta)
-    x = log_p - log_q + math.log(beta / (1.0 - beta))
-    p_softplus = _times(p, torch.nn.functional.softplus(-x)).sum(-1)
+    log_m = _log_m(log_q, log_p, beta)
+    h = _jsd_h(log_q, log_m)
+    kl_pm = _times(p, log_p - log_m).sum(-1)
     qh = _times(q, h)
     big = q > PEAKED
     return torch.stack([torch.where(big, 0, q).sum(-1), torch.where(big, 0, qh).sum(-1),
-                        torch.where(big, q, 0).sum(-1), torch.where(big, qh, 0).sum(-1), p_softplus], dim=1)
+                        torch.where(big, q, 0).sum(-1), torch.where(big, qh, 0).sum(-1), kl_pm], dim=1)
 
 
 def _centred(q, h, sums, c):
@@ -112,7 +116,7 @@ def write_grad(student, teacher, labels, grad_scale, stats, sums, vocab_start, c
     elif cfg.divergence == "reverse_kl":
         ddiv = _centred(q, torch.where(q == 0, 0, a - b), sums, 1.0)
     elif cfg.divergence == "jsd":
-        ddiv = _centred(q, _jsd_h(log_q, log_p, cfg.beta), sums, 1.0 - cfg.beta)
+        ddiv = _centred(q, _jsd_h(log_q, _log_m(log_q, log_p, cfg.beta)), sums, 1.0 - cfg.beta)
     else:
         dq = q - p
         h = torch.where(dq > 0, 0.5, torch.where(dq < 0, -0.5, 0.0)).to(q.dtype)

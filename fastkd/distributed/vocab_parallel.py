@@ -262,7 +262,7 @@ class _ShardedRows:
             else:
                 beta = cfg.beta
                 qh = (row_sums[:, 1] + row_sums[:, 3]) / (row_sums[:, 0] + row_sums[:, 2])
-                value = beta * (-math.log(beta) - row_sums[:, 4]) + (1.0 - beta) * qh
+                value = beta * row_sums[:, 4] + (1.0 - beta) * qh
         loss = cfg.div_weight * value
         if with_ce:
             lse_raw = max_s * cfg.temperature + stats[:, 4].log()

@@ -1,8 +1,8 @@
-"""Data parallelism: global_num_items and the DDP recipe, on 4 CPU ranks (gloo).
+"""Data parallelism: global_num_items and the DDP/FSDP recipe, on 4 CPU ranks (gloo).
 
 The recipe (fastkd/distributed/data_parallel.py): every micro-batch's loss gets
 ``num_items=global_num_items(<the step's labels>)`` and is multiplied by the world size.
-Under DDP with gradient accumulation its gradient must equal the single-process gradient
+Under DDP (and FSDP2's fully_shard) with gradient accumulation its gradient must equal the single-process gradient
 of the mean over the concatenation of every rank's micro-batches; the per-micro-batch
 mean must not (so the comparison can fail). One process group runs every case
 (harness/ranks.py); each case is reported as its own test.
@@ -96,6 +96,21 @@ def ddp_step(rank, dtype, recipe: str, group=None, **model_kw) -> list:
                 loss = model(x, t, labels) / len(step)
             loss.backward()
     return grads(model.module)
+
+
+def fsdp_step(rank, dtype) -> list:
+    """The recipe under FSDP2 (fully_shard), which averages gradients over ranks like DDP."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = KDModel(dtype)
+    fully_shard(model)
+    world = dist.get_world_size()
+    step = micro_batches(rank, dtype)
+    num_items = global_num_items([labels for _, _, labels in step])
+    for i, (x, t, labels) in enumerate(step):
+        model.set_requires_gradient_sync(i == len(step) - 1)   # reduce once, after the last
+        (model(x, t, labels, num_items=num_items) * world).backward()
+    return [p.grad.full_tensor() for p in model.parameters()]
 
 
 def assert_grads_close(got, want, **tol):
@@ -192,6 +207,11 @@ def case_ddp_pitfalls_fail_the_comparison(rank, world):
     assert err > 0.05, err
 
 
+def case_fsdp2_recipe_float64(rank, world):
+    want = single_process_grads(range(world), torch.float64)
+    assert_grads_close(fsdp_step(rank, torch.float64), want, rtol=1e-12, atol=1e-14)
+
+
 def case_ddp_recipe_fused_linear_jsd(rank, world):
     kw = dict(fused_linear=True, divergence="jsd", beta=0.3, temperature=1.5, alpha=0.7)
     want = single_process_grads(range(world), torch.float64, **kw)
@@ -205,7 +225,7 @@ def case_ddp_over_a_data_parallel_subgroup(rank, world, dp_group, dp_ranks):
 
 CASES = ("count_world", "count_group", "count_empty_step", "count_errors_before_any_collective",
          "ddp_recipe_float64", "ddp_recipe_float32", "ddp_pitfalls_fail_the_comparison",
-         "ddp_recipe_fused_linear_jsd", "ddp_over_a_data_parallel_subgroup")
+         "fsdp2_recipe_float64", "ddp_recipe_fused_linear_jsd", "ddp_over_a_data_parallel_subgroup")
 
 
 def worker(rank, world):

@@ -1,0 +1,357 @@
+"""fastkd.distributed.vocab_parallel_kd_loss on real process groups: gloo ranks on the CPU.
+
+Each test spawns one process group (torch.multiprocessing, a FileStore under tmp_path, a
+short collective timeout, so a hang fails instead of stalling) and runs many cases inside
+it; a rank that finds a problem raises, which fails the test with the rank's message.
+
+Against single-process ground truth, every rank builds the full logits from one seed and
+passes its columns: the loss must equal ``fastkd.reference.kd_loss`` on the whole logits
+and each rank's gradient must be its slice of the reference gradient (float64 on the cpu
+and torch backends: 1e-10; float32: the design's 1e-5 relative norm; Triton under the
+interpreter, float32, in its own group).
+"""
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastkd
+from fastkd.distributed import vocab_parallel_kd_loss
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+TIMEOUT_S = 30
+
+
+# ---------------------------------------------------------------------------------------
+# Process groups: one per world size for the whole module (starting ranks costs seconds
+# each), driven through queues: each test sends a scenario name, every rank runs it and
+# answers "ok" or its traceback.
+
+def _serve(rank, world, store_path, env, inbox, outbox):
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    while True:
+        scenario = inbox.get()
+        if scenario is None:
+            break
+        try:
+            globals()[scenario](rank, world)
+            outbox.put((rank, "ok"))
+        except BaseException as exc:  # noqa: BLE001  (reported to the test, which fails)
+            outbox.put((rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    dist.destroy_process_group()
+
+
+class Group:
+    def __init__(self, world, store_path):
+        ctx = mp.get_context("spawn")
+        self.world = world
+        self.inboxes = [ctx.Queue() for _ in range(world)]
+        self.outbox = ctx.Queue()
+        env = {k: v for k, v in os.environ.items() if k.startswith(("TRITON_", "FASTKD_"))}
+        self.procs = [ctx.Process(target=_serve, args=(r, world, store_path, env, self.inboxes[r], self.outbox),
+                                  daemon=True) for r in range(world)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, scenario, timeout=240):
+        for box in self.inboxes:
+            box.put(scenario)
+        answers = dict(self.outbox.get(timeout=timeout) for _ in range(self.world))
+        failed = {r: a for r, a in sorted(answers.items()) if a != "ok"}
+        assert not failed, "\n".join(f"rank {r}: {a}" for r, a in failed.items())
+
+    def close(self):
+        for box in self.inboxes:
+            box.put(None)
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def group2(tmp_path_factory):
+    group = Group(2, str(tmp_path_factory.mktemp("store") / "store2"))
+    yield group
+    group.close()
+
+
+@pytest.fixture(scope="module")
+def group4(tmp_path_factory):
+    group = Group(4, str(tmp_path_factory.mktemp("store") / "store4"))
+    yield group
+    group.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Cases.
+
+def split_widths(total, world, uneven):
+    if not uneven:
+        base = [total // world] * world
+        base[-1] += total - sum(base)
+        return base
+    # Uneven, including a narrow slice: [1, 2, ...] weights.
+    weights = list(range(1, world + 1))
+    widths = [max(1, total * w // sum(weights)) for w in weights]
+    widths[-1] += total - sum(widths)
+    return widths
+
+
+def make_logits(n, v, dtype, seed, peaked=True):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+    if peaked and n > 2:
+        t[1, 5] += 40.0  # a very peaked teacher row
+        s[2, 7] += 40.0  # a very peaked student row
+        s[0, 3] = float("-inf")  # a masked entry on both sides
+        t[0, 3] = float("-inf")
+    return s.to(dtype), t.to(dtype)
+
+
+def make_labels(n, vocab_size, seed, ignored=True):
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, vocab_size, (n,), generator=g)
+    if ignored == "all":
+        labels[:] = -100
+    elif ignored:
+        labels[::4] = -100
+    return labels
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_case(rank, world, *, backend, dtype, n=9, v=61, uneven=False, vocab_size=None, labels=True,
+               ignored=True, explicit_start=False, tol=None, num_items=None, seed=0, **settings):
+    s_full, t_full = make_logits(n, v, dtype, seed)
+    counted = vocab_size or v
+    lab = make_labels(n, counted, seed, ignored) if labels else None
+    widths = split_widths(v, world, uneven)
+    start = sum(widths[:rank])
+    width = widths[rank]
+
+    s_ref = s_full.double().clone().requires_grad_(True)
+    ref = fastkd.reference.kd_loss(s_ref, t_full.double(), lab, vocab_size=vocab_size, num_items=num_items,
+                                   **settings)
+    ref.sum().backward()
+
+    s_shard = s_full[:, start:start + width].clone().requires_grad_(True)
+    out = vocab_parallel_kd_loss(s_shard, t_full[:, start:start + width], lab, backend=backend,
+                                 vocab_start=start if explicit_start else None, vocab_size=vocab_size,
+                                 num_items=num_items, **settings)
+    out.sum().backward()
+    if tol is None:
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+    what = (f"backend={backend} dtype={dtype} widths={widths} vocab_size={vocab_size} labels={labels} "
+            f"explicit_start={explicit_start} num_items={num_items} {settings}")
+    assert out.shape == ref.shape, what
+    err_loss = rel(out.detach(), ref.detach())
+    err_grad = rel(s_shard.grad, s_ref.grad[:, start:start + width])
+    assert err_loss <= tol and err_grad <= tol, f"{what}: loss err {err_loss:.2e}, grad err {err_grad:.2e}"
+    # The loss is the same on every rank.
+    gathered = [torch.empty_like(out.detach()) for _ in range(world)]
+    dist.all_gather(gathered, out.detach().contiguous())
+    assert all(torch.equal(x, gathered[0]) for x in gathered), what
+
+
+def cases_cpu(rank, world):
+    """Every divergence, CE mix, ignored tokens, uneven shards, padded vocab, reductions and
+    num_items, on the cpu and torch backends in float64 and the cpu backend in float32."""
+    for divergence in DIVERGENCES:
+        for alpha, temperature in ((1.0, 2.0), (0.6, 1.0), (0.3, 0.7)):
+            for backend in ("cpu", "torch"):
+                check_case(rank, world, backend=backend, dtype=torch.float64, divergence=divergence, alpha=alpha,
+                           temperature=temperature, uneven=alpha == 0.6)
+            check_case(rank, world, backend="cpu", dtype=torch.float32, divergence=divergence, alpha=alpha,
+                       temperature=temperature, uneven=True)
+        # Padded vocabulary: the last columns (all of the last rank's, at 4 ranks) do not count.
+        # (At 2 ranks the uneven slices are [20, 41], at 4 [6, 12, 18, 25]: vocab_size 15 or 30
+        # leaves the last rank nothing that counts.)
+        for vocab_size in (50, 15 if world == 2 else 30):
+            check_case(rank, world, backend="cpu", dtype=torch.float64, divergence=divergence, alpha=0.5,
+                       vocab_size=vocab_size, uneven=True)
+        check_case(rank, world, backend="cpu", dtype=torch.float64, divergence=divergence, explicit_start=True,
+                   uneven=True, alpha=0.5, beta=0.3)
+    for reduction in ("mean", "sum", "batchmean", "none"):
+        check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="jsd", alpha=0.5,
+                   reduction=reduction)
+        check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="forward_kl", labels=False,
+                   reduction=reduction)
+    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="reverse_kl", alpha=0.5, num_items=37.0)
+    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="tvd", num_items=torch.tensor(5.0))
+    # Every token ignored: zero loss and gradient, not NaN.
+    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="jsd", alpha=0.5, ignored="all")
+    # bf16 logits: the design's low-precision tolerances against float64.
+    check_case(rank, world, backend="cpu", dtype=torch.bfloat16, divergence="forward_kl", alpha=0.5, tol=2e-2)
+    # JSD at beta 0 / 1 is forward / reverse KL.
+    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="jsd", beta=0.0)
+    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="jsd", beta=1.0, alpha=0.5)
+    # Leading dimensions [B, L, V_local].
+    s, t = make_logits(6, 30, torch.float64, 5)
+    lab = make_labels(6, 30, 5)
+    widths = split_widths(30, world, True)
+    a = sum(widths[:rank])
+    out = vocab_parallel_kd_loss(s[:, a:a + widths[rank]].reshape(2, 3, -1), t[:, a:a + widths[rank]].reshape(2, 3, -1),
+                                 lab.reshape(2, 3), divergence="tvd", alpha=0.5, reduction="none")
+    ref = fastkd.reference.kd_loss(s, t, lab, divergence="tvd", alpha=0.5, reduction="none")
+    assert out.shape == (2, 3) and rel(out.reshape(-1), ref) < 1e-10
+
+
+def test_vocab_parallel_matches_single_process_2_ranks(group2):
+    group2.run("cases_cpu")
+
+
+def test_vocab_parallel_matches_single_process_4_ranks(group4):
+    group4.run("cases_cpu")
+
+
+# ---------------------------------------------------------------------------------------
+# Collectives per call: a few floats per row in 2 rounds (forward/reverse KL, CE) or 3
+# (JSD, TVD), plus the handshake without vocab_start=. An all-gather of logits fails here.
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
+               "all_to_all_single", "gather", "scatter", "send", "recv", "isend", "irecv", "barrier")
+
+
+class CountCollectives:
+    """Replaces torch.distributed's collectives with recording wrappers: (name, op, shape)."""
+
+    def __enter__(self):
+        self.calls = []
+        self.saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+        for name, fn in self.saved.items():
+            setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def _wrap(self, name, fn):
+        def wrapper(*args, **kwargs):
+            tensor = args[1] if name == "all_gather" else (args[0] if args else None)
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None
+            op = kwargs.get("op")
+            self.calls.append((name, None if op is None else str(op).split(".")[-1], shape))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+
+def expected_rounds(divergence, ce, n, handshake, found):
+    """The collectives of one call: (name, op, shape), shape [N, floats per row]."""
+    from fastkd.distributed.vocab_parallel import HEADER_WIDTH
+
+    calls = [("all_gather", None, (HEADER_WIDTH,))] if handshake else []
+    calls.append(("all_reduce", "MAX", (n, 2)))  # max_s, max_t
+    kl = divergence in ("forward_kl", "reverse_kl")
+    # sumexp_s, sumexp_t [, KL value term] [, CE: sumexp_raw, label logit [, label found]]
+    calls.append(("all_reduce", "SUM", (n, 2 + kl + 2 * ce + (ce and found))))
+    if not kl:
+        calls.append(("all_reduce", "SUM", (n, 5)))  # the row sums
+    return calls
+
+
+def collective_counts(rank, world):
+    n, v = 9, 61
+    s, t = make_logits(n, v, torch.float32, 0)
+    widths = split_widths(v, world, True)
+    a, w = sum(widths[:rank]), widths[rank]
+    for divergence in DIVERGENCES:
+        for alpha in (1.0, 0.5):
+            for explicit in (False, True):
+                labels = make_labels(n, v, 0) if alpha != 1.0 else None
+                with CountCollectives() as counted:
+                    loss = vocab_parallel_kd_loss(s[:, a:a + w].clone().requires_grad_(True), t[:, a:a + w], labels,
+                                                  divergence=divergence, alpha=alpha, backend="cpu",
+                                                  vocab_start=a if explicit else None)
+                    loss.backward()  # backward communicates nothing
+                want = expected_rounds(divergence, alpha != 1.0, n, not explicit, explicit)
+                assert counted.calls == want, (divergence, alpha, explicit, counted.calls, want)
+
+
+def test_collectives_per_call(group2):
+    group2.run("collective_counts")
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: every rank raises the same error (no rank waits in a collective), and the
+# group still works afterwards.
+
+def expect_same_error(rank, world, kind, fragment, call):
+    try:
+        call()
+    except (TypeError, ValueError) as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    else:
+        message = "no error"
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    assert all(m == messages[0] for m in messages), f"ranks raised different errors: {messages}"
+    assert message.startswith(kind.__name__) and fragment in message, f"expected {kind.__name__} '{fragment}', got {message}"
+
+
+def bad_inputs(rank, world):
+    n, v = 9, 61
+    s, t = make_logits(n, v, torch.float64, 0)
+    widths = split_widths(v, world, False)
+    a, w = sum(widths[:rank]), widths[rank]
+    ss, ts = s[:, a:a + w], t[:, a:a + w]
+    labels = make_labels(n, v, 0)
+    other = 1 if rank == 1 else 0  # what only rank 1 does differently
+
+    def call(student=ss, teacher=ts, lab=labels, **kw):
+        return lambda: vocab_parallel_kd_loss(student, teacher, lab, backend="cpu", **kw)
+
+    extra_row = torch.cat([ss, ss[:1]]), torch.cat([ts, ts[:1]]), torch.cat([labels, labels[:1]])
+    expect_same_error(rank, world, ValueError, "disagree on the rows (tokens): 10 on rank 1, 9 on rank 0",
+                      call(*extra_row) if other else call())
+    out_of_range = labels.clone()
+    out_of_range[1] = v
+    expect_same_error(rank, world, ValueError, f"labels must be in [0, {v}) or equal ignore_index=-100; found {v}",
+                      call(lab=out_of_range, alpha=0.5))
+    expect_same_error(rank, world, ValueError, "labels must be in [0, 50)", call(alpha=0.5, vocab_size=50))
+    expect_same_error(rank, world, ValueError, "disagree on the student dtype: torch.float32 on rank 1",
+                      call(student=ss.float()) if other else call())
+    expect_same_error(rank, world, ValueError, "rank 1: teacher_shard requires grad",
+                      call(teacher=ts.clone().requires_grad_(True)) if other else call())
+    expect_same_error(rank, world, ValueError, "disagree on the loss settings",
+                      call(temperature=2.0) if other else call())
+    shuffled = labels.flip(0)
+    expect_same_error(rank, world, ValueError, "disagree on the labels", call(lab=shuffled) if other else call())
+    expect_same_error(rank, world, ValueError, f"vocab_size must be in [1, {v}]", call(vocab_size=v + 1))
+    expect_same_error(rank, world, ValueError, "rank 1: alpha=0.5 mixes in a hard-label cross-entropy",
+                      call(lab=None, alpha=0.5) if other else call(alpha=0.5))
+    expect_same_error(rank, world, TypeError, "rank 0: student_shard must be a torch.Tensor",
+                      call(student=ss.tolist()) if rank == 0 else call())
+    expect_same_error(rank, world, ValueError, "rank 1: student_shard and teacher_shard must hold the same",
+                      call(teacher=ts[:, :-1]) if other else call())
+    # With vocab_start= there is no handshake: what every rank sees alike raises before any
+    # collective, and a label that no slice holds gives NaN, not a number.
+    negative = labels.clone()
+    negative[2] = -5
+    with CountCollectives() as counted:
+        expect_same_error(rank, world, ValueError, "labels must be in [0, 61) or equal ignore_index=-100; found -5",
+                          call(lab=negative, alpha=0.5, vocab_start=a, vocab_size=v))
+    assert [c[0] for c in counted.calls] == ["all_gather_object"], counted.calls  # the test's own
+    nowhere = labels.clone()
+    nowhere[1] = v + 3
+    loss = vocab_parallel_kd_loss(ss, ts, nowhere, alpha=0.5, vocab_start=a, backend="cpu", reduction="none")
+    assert torch.isnan(loss[1]) and not torch.isnan(loss[0]), loss
+    # The group is still in step.
+    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="jsd", alpha=0.5)
+
+
+def test_bad_input_raises_alike_on_every_rank(group2):
+    group2.run("bad_inputs")

@@ -9,18 +9,19 @@ does, and the KD loss runs on the slices:
   hidden states and the head slices; no rank ever holds logits beyond its slice of one
   chunk of tokens, and the hidden states' gradient is all-reduced over the ranks inside;
 * ``--loss logits``: ``vocab_parallel_kd_loss`` on each rank's ``[B, L, V/world]`` slice of
-  the logits (the body's gradient is then summed over the ranks by hand).
+  the logits (the hidden states' gradient is then all-reduced by a hook).
 
 Rank 0 also trains the same student on one process with the dense ``fastkd.kd_loss`` on
 the full head (same weights, same batches) and prints both loss curves: they agree to
 float32 rounding, and the script fails if they do not.
 
     torchrun --nproc_per_node 2 examples/tensor_parallel_distill.py --quick   # CPU, gloo
-    torchrun --nproc_per_node 4 examples/tensor_parallel_distill.py --loss logits
+    torchrun --nproc_per_node 4 examples/tensor_parallel_distill.py --quick --loss logits
     python examples/tensor_parallel_distill.py --quick                        # one rank
 
-``--quick`` takes about 20-30 s with 2 ranks on 2 CPU cores (startup included). On GPUs the same code runs
-with ``--device cuda`` (NCCL, one GPU per rank).
+``--quick`` takes about 20-30 s with 2 ranks on 2 CPU cores (startup included).
+``--device cuda`` (NCCL, one GPU per rank) has not been run: it needs a backend with
+per-shard phases on CUDA (``--backend torch`` runs the reference phases anywhere).
 """
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ import torch.nn as nn  # noqa: E402
 
 import fastkd  # noqa: E402
 from distill_tiny_lm import DEFAULT, TinyLM, TopicBigramSource, ce_step, train  # noqa: E402
-from fastkd._dispatch import get_backend  # noqa: E402
 from fastkd.distributed import vocab_parallel_kd_loss  # noqa: E402
 from fastkd.distributed.fused_linear import vocab_parallel_fused_linear_kd_loss  # noqa: E402
 
@@ -85,18 +85,17 @@ def body_hidden(model: TinyLM, x):
     return model.norm(model.blocks(model.tok(x) + model.pos(torch.arange(x.shape[1], device=x.device))))
 
 
-def shard_backend(device: torch.device) -> str:
-    """auto's backend when it has per-shard phases, else the torch (reference) phases."""
-    name = fastkd.resolve_backend("auto", device)
-    return name if get_backend(name).shard is not None else "torch"
+def all_reduced(grad):
+    grad = grad.clone()
+    dist.all_reduce(grad)
+    return grad
 
 
 class VocabParallelKDStep:
     """One KD step of the sharded student; records the loss (the same number on every rank)."""
 
-    def __init__(self, teacher, start, end, cfg, loss_kind):
-        self.teacher, self.cfg, self.loss_kind = teacher, cfg, loss_kind
-        self.backend = shard_backend(teacher.head.weight.device)
+    def __init__(self, teacher, start, end, cfg, loss_kind, backend):
+        self.teacher, self.cfg, self.loss_kind, self.backend = teacher, cfg, loss_kind, backend
         self.teacher_slice = teacher.head.weight[start:end]
         self.losses = []
 
@@ -113,14 +112,12 @@ class VocabParallelKDStep:
         else:
             with torch.no_grad():
                 t_logits = t_hidden @ self.teacher_slice.T
+            # The column-parallel backward: the hidden states' gradient is a sum over the
+            # slices (vocab_parallel_fused_linear_kd_loss does this all-reduce itself).
+            hidden.register_hook(all_reduced)
             logits = hidden @ model.head_slice.T                # [B, L, V_r]
             loss = vocab_parallel_kd_loss(logits, t_logits, y, **kw)
             loss.backward()
-            # The column-parallel backward: the body's gradient is a sum over the slices.
-            # (vocab_parallel_fused_linear_kd_loss does this itself, on the hidden states.)
-            for p in model.parameters():
-                if p is not model.head_slice and p.grad is not None:
-                    dist.all_reduce(p.grad)
         self.losses.append(float(loss.detach()))
 
 
@@ -159,6 +156,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a short run (about 20-30 s with 2 ranks on 2 CPU cores)")
     ap.add_argument("--loss", choices=("fused_linear", "logits"), default="fused_linear")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="auto", help="whose per-shard phases run (cpu, torch, ...)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else STANDARD
@@ -192,7 +190,7 @@ def main(argv=None):
 
         start, end = vocab_slice(cfg.vocab, rank, world)
         sharded = VocabParallelLM(new_student(), start, end)
-        tp_step = VocabParallelKDStep(teacher, start, end, cfg, args.loss)
+        tp_step = VocabParallelKDStep(teacher, start, end, cfg, args.loss, args.backend)
         train(sharded, batches, tp_step, lr=cfg.lr)
         tp_seconds = time.perf_counter() - wall
 
@@ -202,7 +200,8 @@ def main(argv=None):
             train(new_student(), batches, dense_step, lr=cfg.lr)
             diffs = np.abs(np.array(tp_step.losses) - np.array(dense_step.losses))
             print(f"vocabulary {cfg.vocab} split over {world} rank(s) (rank 0: rows {start}..{end - 1}); "
-                  f"loss: {args.loss} (per-shard phases: {tp_step.backend}); {cfg.student_steps} steps of "
+                  f"loss: {args.loss} (backend {fastkd.resolve_backend(args.backend, device)}); "
+                  f"{cfg.student_steps} steps of "
                   f"{cfg.batch}x{cfg.seq_len} tokens")
             print(f"{'step':>5}{'1 process':>12}{f'{world} ranks':>12}{'|diff|':>10}")
             shown = sorted(set(range(0, cfg.student_steps, max(1, cfg.student_steps // 10))) | {cfg.student_steps - 1})

@@ -71,7 +71,7 @@ class Group:
         for box in self.inboxes:
             box.put(None)
         for p in self.procs:
-            p.join(timeout=5)
+            p.join(timeout=2)
             if p.is_alive():
                 p.kill()
 
@@ -355,3 +355,32 @@ def bad_inputs(rank, world):
 
 def test_bad_input_raises_alike_on_every_rank(group2):
     group2.run("bad_inputs")
+
+
+# ---------------------------------------------------------------------------------------
+# The Triton shard phases (under TRITON_INTERPRET=1 without a GPU), single-block and
+# multi-block (a forced small block), through the same process groups.
+
+def cases_triton(rank, world):
+    from fastkd.backends.triton import launch
+
+    mixes = {None: ((1.0, 2.0), (0.3, 0.7)), 16: ((0.5, 1.0),)}  # (alpha, temperature) per block size
+    for block, settings in mixes.items():
+        launch.BLOCK_OVERRIDE = block
+        try:
+            for divergence in DIVERGENCES:
+                for alpha, temperature in settings:
+                    check_case(rank, world, backend="triton", dtype=torch.float32, divergence=divergence,
+                               alpha=alpha, temperature=temperature, uneven=alpha != 1.0,
+                               vocab_size=50 if alpha == 0.3 else None)
+            check_case(rank, world, backend="triton", dtype=torch.float32, divergence="jsd", alpha=0.5,
+                       explicit_start=True, beta=0.2, uneven=True)
+        finally:
+            launch.BLOCK_OVERRIDE = None
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+def test_triton_shard_phases_2_ranks(group2):
+    pytest.importorskip("triton")
+    group2.run("cases_triton")

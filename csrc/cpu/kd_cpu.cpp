@@ -562,11 +562,22 @@ struct RowKernel {
     } else {
       RowSums sums = row_sums(c, V, delta, p.divergence, x);
       if (p.divergence != Divergence::TVD) row_sums_centring(c.es, c.et, V, sums);
+      // The cache holds reverse KL's h as log q - log p - delta (row_sums); the row-sums
+      // table, shared with the other backends, holds sums of q (log q - log p).
+      const double h_shift = p.divergence == Divergence::ReverseKL ? static_cast<double>(delta) : 0.0;
       if (sums_out != nullptr) {
-        std::copy(sums.v, sums.v + kRowSumsWidth, sums_out + row * kRowSumsWidth);
+        Acc* o = sums_out + row * kRowSumsWidth;
+        for (int i = 0; i < kRowSumsWidth; ++i) o[i] = static_cast<Acc>(sums.v[i]);
+        o[1] = static_cast<Acc>(sums.v[1] + h_shift * sums.v[0]);
+        o[3] = static_cast<Acc>(sums.v[3] + h_shift * sums.v[2]);
         return;
       }
-      if (sums_in != nullptr) std::copy(sums_in + row * kRowSumsWidth, sums_in + (row + 1) * kRowSumsWidth, sums.v);
+      if (sums_in != nullptr) {
+        const Acc* r = sums_in + row * kRowSumsWidth;
+        for (int i = 0; i < kRowSumsWidth; ++i) sums.v[i] = static_cast<double>(r[i]);
+        sums.v[1] -= h_shift * sums.v[0];
+        sums.v[3] -= h_shift * sums.v[2];
+      }
       if (p.divergence == Divergence::TVD) {
         const SignGrad<Acc> grad_of = sign_grad<Acc>(sums);
         D = static_cast<Acc>(sums.v[0]);

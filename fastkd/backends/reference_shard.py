@@ -114,7 +114,7 @@ def write_grad(student, teacher, labels, grad_scale, stats, sums, vocab_start, c
     if cfg.divergence == "forward_kl":
         ddiv = q - p
     elif cfg.divergence == "reverse_kl":
-        ddiv = _centred(q, torch.where(q == 0, 0, a - b), sums, 1.0)
+        ddiv = _centred(q, torch.where(q == 0, 0, log_q - log_p), sums, 1.0)
     elif cfg.divergence == "jsd":
         ddiv = _centred(q, _jsd_h(log_q, _log_m(log_q, log_p, cfg.beta)), sums, 1.0 - cfg.beta)
     else:

@@ -248,9 +248,8 @@ class _ShardedRows:
         if divergence == "forward_kl":
             value = g["value"] / sum_t - delta
         elif divergence == "reverse_kl":
-            qh = g["value"] / sum_s
-            value = qh + delta
-            row_sums = torch.stack([torch.ones_like(qh), qh, zero, zero, zero], dim=1)
+            value = g["value"] / sum_s + delta  # sum q (log q - log p): the centring sum itself
+            row_sums = torch.stack([torch.ones_like(value), value, zero, zero, zero], dim=1)
         else:  # Round 3: the centring sums.
             if self.counted > 0:
                 row_sums = self.phases.row_sums(student, teacher, stats, local_cfg)

@@ -11,6 +11,7 @@
     split.py       the dense forward with each row's columns split across programs (few
                    rows at a large V: launch.vocab_splits), in three passes
     scale_grad.py  backward: the stored gradient times grad_output, in place
+    shard.py       the vocab-parallel loss's per-shard phases (fastkd/distributed)
     __init__.py    the operators (with fake implementations) and ``backend()``
 
 Every kernel runs the phases that carry these names in every backend:
@@ -28,8 +29,9 @@ from typing import List, Optional, Tuple
 import torch
 
 from ...config import KernelSettings
-from .. import KernelBackend, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_
-from . import dense, launch, rows, scale_grad, split  # noqa: F401  (launch, rows, split: tests, the sm_90 check)
+from .. import (KernelBackend, ShardPhases, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_,
+               fake_shard_row_stats, fake_shard_row_sums, fake_shard_write_grad)
+from . import dense, launch, rows, scale_grad, shard, split  # noqa: F401  (launch, rows, split: tests, the sm_90 check)
 from .launch import MAX_BLOCK, SINGLE_BLOCK_MAX, LaunchConfig, config_classes, launch_config  # noqa: F401
 from .rows import kernels_interpreted
 
@@ -62,10 +64,33 @@ def triton_row_stats(student: torch.Tensor, teacher: torch.Tensor, ints: List[in
     return dense.row_stats(student, teacher, KernelSettings(ints, floats))
 
 
+@torch.library.custom_op("fastkd::triton_shard_row_stats", mutates_args=())
+def triton_shard_row_stats(student: torch.Tensor, teacher: torch.Tensor, ints: List[int],
+                           floats: List[float]) -> torch.Tensor:
+    return shard.row_stats(student, teacher, KernelSettings(ints, floats))
+
+
+@torch.library.custom_op("fastkd::triton_shard_row_sums", mutates_args=())
+def triton_shard_row_sums(student: torch.Tensor, teacher: torch.Tensor, row_stats: torch.Tensor, ints: List[int],
+                          floats: List[float]) -> torch.Tensor:
+    return shard.row_sums(student, teacher, row_stats, KernelSettings(ints, floats))
+
+
+@torch.library.custom_op("fastkd::triton_shard_write_grad", mutates_args=())
+def triton_shard_write_grad(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                            grad_scale: torch.Tensor, row_stats: torch.Tensor, row_sums: Optional[torch.Tensor],
+                            vocab_start: int, ints: List[int], floats: List[float]) -> torch.Tensor:
+    return shard.write_grad(student, teacher, labels, grad_scale, row_stats, row_sums, vocab_start,
+                            KernelSettings(ints, floats))
+
+
 triton_kd_forward.register_fake(fake_forward)
 triton_kd_forward_inplace.register_fake(fake_forward_inplace)
 triton_scale_grad_.register_fake(fake_scale_grad_)
 triton_row_stats.register_fake(fake_row_stats)
+triton_shard_row_stats.register_fake(fake_shard_row_stats)
+triton_shard_row_sums.register_fake(fake_shard_row_sums)
+triton_shard_write_grad.register_fake(fake_shard_write_grad)
 
 row_stats = torch.ops.fastkd.triton_row_stats
 
@@ -85,5 +110,16 @@ def _forward_inplace(student, teacher, labels, grad_scale, cfg, row_stats=None):
                                                       *cfg.kernel_settings())
 
 
+def _shard_phases() -> ShardPhases:
+    ops = torch.ops.fastkd
+    return ShardPhases(
+        lambda student, teacher, cfg: ops.triton_shard_row_stats(student, teacher, *cfg.kernel_settings()),
+        lambda student, teacher, stats, cfg: ops.triton_shard_row_sums(student, teacher, stats,
+                                                                       *cfg.kernel_settings()),
+        lambda student, teacher, labels, grad_scale, stats, sums, vocab_start, cfg: ops.triton_shard_write_grad(
+            student, teacher, labels, grad_scale, stats, sums, vocab_start, *cfg.kernel_settings()))
+
+
 def backend() -> KernelBackend:
-    return KernelBackend("triton", _forward, _forward_inplace, torch.ops.fastkd.triton_scale_grad_, _supports)
+    return KernelBackend("triton", _forward, _forward_inplace, torch.ops.fastkd.triton_scale_grad_, _supports,
+                         shard=_shard_phases())

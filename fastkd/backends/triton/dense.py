@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 
 from ...config import DIVERGENCES, KernelSettings, resolve_divergence
-from .. import check_operator_args
+from .. import ROW_SUMS_WIDTH, check_operator_args
 from . import launch
 from .launch import base_lead, kernel_launch, launch_config, peel_columns, vocab_splits, warps_for
 from .rows import (CE_NONE, CE_RAW, CE_SHARED, LN2, LOG2E, ROW_STATS_WIDTH, add_block_sums, aligned_base,
@@ -77,6 +77,7 @@ _JSD = tl.constexpr(DIVERGENCE_IDS["jsd"])
 _TVD = tl.constexpr(DIVERGENCE_IDS["tvd"])  # reverse_kl: the remaining case
 
 _ROW_STATS_WIDTH = tl.constexpr(ROW_STATS_WIDTH)
+_ROW_SUMS_WIDTH = tl.constexpr(ROW_SUMS_WIDTH)
 _CE_SHARED = tl.constexpr(CE_SHARED)  # CE at T == 1: its softmax is the student's own
 _CE_RAW = tl.constexpr(CE_RAW)        # CE at T != 1: a third sum-exp, of the raw logits
 
@@ -306,15 +307,34 @@ def _write_grad_sweep(s_base, t_base, g_base, lead, begin, end, V, g_width, labe
 # The forward kernel: row_stats, then row_sums and write_grad per divergence.
 
 @triton.jit
-def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
+def _external_row_sums(sums_ptr, DIVERGENCE: tl.constexpr):
+    """The four row sums from a caller's row_sums (the vocab-parallel shard layout,
+    backends/__init__.py: sums of q h in nats, big q before big q h) in this kernel's form
+    (sums of q h in bits, big q h before big q)."""
+    v0 = tl.load(sums_ptr + 0)
+    v1 = tl.load(sums_ptr + 1)
+    v2 = tl.load(sums_ptr + 2)
+    v3 = tl.load(sums_ptr + 3)
+    if DIVERGENCE == _TVD:
+        return v0, v1, v2, v3
+    else:
+        return v0, v1 * LOG2E, v3 * LOG2E, v2
+
+
+@triton.jit
+def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, g_width,
             c, inv_temperature, temperature, beta, log2_beta, log2_1mb,
             div_weight, ce_weight, gdiv, gce,
-            DIVERGENCE: tl.constexpr, CE: tl.constexpr, HAS_STATS: tl.constexpr,
+            DIVERGENCE: tl.constexpr, CE: tl.constexpr, HAS_STATS: tl.constexpr, HAS_SUMS: tl.constexpr,
             BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr):
+    """One row: its loss into loss_ptr and its gradient. label -1: none in this row (a
+    vocab-parallel slice without the label's column: no one-hot, no label logit).
+    HAS_SUMS: the row sums come from sums_ptr (vocab-parallel: summed over the slices)."""
     cols = tl.arange(0, BLOCK)
     s_label = 0.0
     if CE != 0:
-        s_label = tl.load(s_row + label).to(tl.float32)  # before an in-place write over it
+        # before an in-place write over it
+        s_label = tl.load(s_row + tl.maximum(label, 0)).to(tl.float32) * (label >= 0).to(tl.float32)
     if SINGLE_BLOCK:
         s, t = load_pair(s_row, t_row, cols, V)
     else:  # the sweeps' frame (rows.py: peeled rows)
@@ -367,7 +387,9 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
             sum1 = tl.sum(pos, axis=0)
             sum2 = tl.sum(neg, axis=0)
             sum3 = tl.sum(tie, axis=0)
-        else:
+        if HAS_SUMS:
+            sum0, sum1, sum2, sum3 = _external_row_sums(sums_ptr, DIVERGENCE)
+        elif not SINGLE_BLOCK:
             sum0, sum1, sum2, sum3 = _row_sums_whole_row(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta,
                                                          log2_1mb, DIVERGENCE, BLOCK, PEEL)
         k0, k1, k2, k3, sums_value = _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE)
@@ -393,7 +415,9 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
             sum3 = tl.sum(bq, axis=0)
             if DIVERGENCE == _JSD:
                 kl_pm = tl.sum(pm, axis=0)
-        else:
+        if HAS_SUMS:
+            sum0, sum1, sum2, sum3 = _external_row_sums(sums_ptr, DIVERGENCE)
+        elif not SINGLE_BLOCK:
             sum0, sum1, sum2, sum3 = _row_sums_whole_row(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta,
                                                          log2_1mb, DIVERGENCE, BLOCK, PEEL)
         k0, k1, k2, k3, sums_value = _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE)
@@ -415,37 +439,47 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, label, V, g_width,
 
 @triton.jit
 def kd_forward_kernel(
-    S, T, G, LOSS, LABELS, GRAD_SCALE, STATS,
-    s_stride, t_stride, g_stride, V, g_width, s_lead,
+    S, T, G, LOSS, LABELS, GRAD_SCALE, STATS, SUMS,
+    s_stride, t_stride, g_stride, V, g_width, s_lead, vocab_start,
     c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr, HAS_STATS: tl.constexpr,
+    HAS_SUMS: tl.constexpr, SHARD: tl.constexpr,
     BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr,
 ):
+    """The fused forward of whole rows; SHARD: the vocab-parallel write_grad of one slice
+    (labels are global ids, the slice starts at vocab_start, a label elsewhere is no error)."""
     row = tl.program_id(0).to(tl.int64)
     s_row = row_base(S, row, s_stride)
     t_row = row_base(T, row, t_stride)
     g_row = row_base(G, row, g_stride)
     lead = row_lead(s_lead, row, s_stride, PEEL)  # one lead for s, t and g (launch.peel_columns)
     stats_row = STATS + row * _ROW_STATS_WIDTH
+    sums_row = SUMS + row * _ROW_SUMS_WIDTH
     scale = tl.load(GRAD_SCALE).to(tl.float32)
     gdiv = scale * div_weight * inv_temperature
     gce = scale * ce_weight
     if HAS_LABELS:
         label = tl.load(LABELS + row)
         ignored = label == ignore_index
-        if ignored | (label < 0) | (label >= V):
+        if SHARD:  # a label outside this slice is another slice's: -1, no one-hot here
+            local = label - vocab_start
+            label = tl.where((local < 0) | (local >= V), -1, local)
+            marked = ignored
+        else:
+            marked = ignored | (label < 0) | (label >= V)
+        if marked:
             # Ignored: out of every term. Out of range: NaN marks the row, never a number.
             fill = tl.where(ignored, 0.0, float("nan"))
             tl.store(LOSS + row, fill)
             fill_row(g_row, 0, g_width, fill, BLOCK)
         else:
-            _kd_row(s_row, t_row, g_row, lead, LOSS + row, stats_row, label, V, g_width,
+            _kd_row(s_row, t_row, g_row, lead, LOSS + row, stats_row, sums_row, label, V, g_width,
                     c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, gdiv, gce,
-                    DIVERGENCE, CE, HAS_STATS, BLOCK, SINGLE_BLOCK, PEEL)
+                    DIVERGENCE, CE, HAS_STATS, HAS_SUMS, BLOCK, SINGLE_BLOCK, PEEL)
     else:
-        _kd_row(s_row, t_row, g_row, lead, LOSS + row, stats_row, -1, V, g_width,
+        _kd_row(s_row, t_row, g_row, lead, LOSS + row, stats_row, sums_row, -1, V, g_width,
                 c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, gdiv, gce,
-                DIVERGENCE, CE, HAS_STATS, BLOCK, SINGLE_BLOCK, PEEL)
+                DIVERGENCE, CE, HAS_STATS, HAS_SUMS, BLOCK, SINGLE_BLOCK, PEEL)
 
 
 @triton.jit
@@ -490,7 +524,10 @@ def kernel_scalars(inv_temperature: float, beta: float):
     return (1.4426950408889634 * inv_t, inv_t, 1.0 / inv_t, _log2_or_ninf(beta), _log2_or_ninf(1.0 - beta))
 
 
-def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSettings, grad):
+def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSettings, grad, row_sums=None,
+                    vocab_start=None):
+    """The forward kernel; with vocab_start, the vocab-parallel write_grad of one slice
+    (row_stats and, for reverse_kl/jsd/tvd, row_sums from the caller)."""
     n = student.shape[0]
     loss = torch.empty((n,), dtype=torch.float32, device=student.device)
     if n == 0:
@@ -517,12 +554,14 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSe
             labels if labels is not None else loss,  # unused pointer when there are no labels
             grad_scale,
             row_stats if row_stats is not None else loss,
+            row_sums if row_sums is not None else loss,
             student.stride(0), teacher.stride(0), grad.stride(0), k.vocab_size, grad.shape[1],
-            base_lead(student, peel),
+            base_lead(student, peel), 0 if vocab_start is None else int(vocab_start),
             c, inv_t, temp, float(k.beta), log2_beta, log2_1mb, float(k.div_weight), float(k.ce_weight),
             int(k.ignore_index),
             DIVERGENCE=DIVERGENCE_IDS[divergence], HAS_LABELS=labels is not None,
             CE=_ce_mode(k.ce_weight, k.inv_temperature), HAS_STATS=row_stats is not None,
+            HAS_SUMS=row_sums is not None, SHARD=vocab_start is not None,
             BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block, PEEL=peel,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

@@ -8,6 +8,8 @@ case (harness/ranks.py); the 2-rank cases run on the pairs {0, 1} and {2, 3} at 
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -259,23 +261,57 @@ def case_low_precision_matches_dense(ctx):
     assert got[1].dtype == got[2].dtype == torch.bfloat16
 
 
+def case_triton_float32(ctx):
+    """The Triton per-shard phases (TRITON_INTERPRET=1 without a GPU; float32 only) in the
+    chunk loop: divergences with CE and biases on uneven slices, several chunks, a padded
+    vocabulary with a slice wholly past vocab_size, against the dense loss."""
+    p = problem(14, 37, torch.float32, bias=True)
+    for div in DIVERGENCES:
+        compare(p, [5, 12, 9, 11], ctx.rank, None, TOL[torch.float32], dense_kw=dict(temperature=2.0, alpha=0.6, **div),
+                temperature=2.0, alpha=0.6, chunk_size=7, backend="triton", **div)
+    p = problem(9, 40, torch.float32)
+    p["labels"] = torch.where(p["labels"] < 0, p["labels"], p["labels"] % 29)
+    compare(p, [10, 10, 11, 9], ctx.rank, None, TOL[torch.float32], dense_kw=dict(vocab_size=29, alpha=0.7,
+            divergence="jsd"), vocab_size=29, alpha=0.7, divergence="jsd", backend="triton")
+
+
 CASES = ("divergences_4_ranks_uneven", "divergences_2_ranks", "batch_dims_and_chunks", "padded_vocab",
          "reductions_and_num_items", "no_labels", "vocab_start_given", "collectives_per_call",
          "bad_input_raises_everywhere", "low_precision_matches_dense")
 
 
+def triton_runs_here() -> bool:
+    """Triton kernels run on a GPU, or on CPU tensors under TRITON_INTERPRET=1 (which
+    conftest sets without a GPU, and the spawned ranks inherit)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def worker(rank, world):
-    results = {"backends": shard_backends()}
+    results = {"backends": shard_backends(), "triton": triton_runs_here()}
     for backend in results["backends"]:
         ctx = Ctx(rank, world, backend)
         cases = {f"{backend}:{name}": (lambda r, w, case=globals()[f"case_{name}"]: case(ctx)) for name in CASES}
         results.update(run_cases(cases, rank, world))
+    if results["triton"]:
+        ctx = Ctx(rank, world, "triton")
+        results.update(run_cases({"triton:float32": lambda r, w: case_triton_float32(ctx)}, rank, world))
     return results
 
 
 @pytest.fixture(scope="module")
 def per_rank():
     return run_ranks(worker, WORLD)
+
+
+def test_triton_shard_phases_in_the_chunk_loop(per_rank):
+    if not per_rank[0]["triton"]:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (and triton)")
+    problems = failures(per_rank, "triton:float32")
+    assert not problems, "\n".join(problems)
 
 
 def test_shard_phases_exist(per_rank):

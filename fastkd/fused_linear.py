@@ -152,12 +152,12 @@ class DenseTeacher:
     write into one); the last chunk's buffer is dead once the kernel ran, a spare."""
 
     def __init__(self, plan: "Plan", ht, wt, bt, n: int):
-        self.projection = Projection(wt, bt, plan.cfg.vocab_size, plan.teacher_mode)
+        self.projection = Projection(wt, bt, plan.head_rows, plan.teacher_mode)
         self.hidden = ht
         self.buf = None
         if plan.teacher_mode != "native" and n > 0:
             chunk = max(1, min(plan.chunk_size, n))
-            self.buf = torch.empty((chunk, plan.cfg.vocab_size), dtype=self.projection.logits_dtype, device=ht.device)
+            self.buf = torch.empty((chunk, plan.head_rows), dtype=self.projection.logits_dtype, device=ht.device)
         self.spare = None
 
     def chunk(self, start: int, end: int) -> tuple:
@@ -178,7 +178,9 @@ class SparseTeacher:
 # ---------------------------------------------------------------------------------------
 # The chunk loop.
 
-KernelFn = Callable[..., torch.Tensor]
+# (student chunk, teacher chunk, labels, grad_scale) -> loss rows, the gradient written over
+# the student chunk; or -> (loss rows, gradient) for a kernel that cannot write in place.
+KernelFn = Callable[..., Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]
 
 
 def _kernel_fn(plan: "Plan") -> KernelFn:
@@ -205,6 +207,19 @@ class Plan:
     want_weight_grad: bool
     want_bias_grad: bool
     op: str = "dense"  # "sparse": the teacher tensors are (ids, logprobs)
+    # The vocab-parallel loss (fastkd/distributed/fused_linear.py) runs this same loop on
+    # one rank's slice of the LM head: its kernel (the per-shard phases and their
+    # collectives) replaces the backend's, the head's rows are the slice's (not
+    # cfg.vocab_size, which is global there), and the hidden-state gradient, a partial
+    # sum over the slice's columns, is all-reduced over the ranks once the loop is done.
+    kernel: Optional[KernelFn] = None
+    columns: Optional[int] = None
+    reduce_hidden_grad: Optional[Callable[[torch.Tensor], None]] = None
+
+    @property
+    def head_rows(self) -> int:
+        """The LM heads' rows the loop projects onto: ``cfg.vocab_size``, or a rank's slice."""
+        return self.cfg.vocab_size if self.columns is None else self.columns
 
     @property
     def reduced(self) -> bool:
@@ -225,11 +240,11 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
     (``reduction="none"``).
     """
     cfg = plan.cfg
-    V = cfg.vocab_size
+    V = plan.head_rows
     n = hs.shape[0]
     student = Projection(ws, bs, V, plan.student_mode)
     teacher = SparseTeacher(*teacher_tensors) if plan.op == "sparse" else DenseTeacher(plan, *teacher_tensors, n)
-    kernel = _kernel_fn(plan)
+    kernel = _kernel_fn(plan) if plan.kernel is None else plan.kernel
 
     want_h = with_grads and plan.want_hidden_grad
     want_w = with_grads and plan.want_weight_grad
@@ -266,10 +281,11 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
         s_logits = student.logits(h_s, None if s_buf is None else s_buf[:rows])
         teacher_args = teacher.chunk(start, end)
         lab = None if labels is None else labels[start:end]
-        loss[start:end] = kernel(s_logits, *teacher_args, lab, grad_scale)
+        out = kernel(s_logits, *teacher_args, lab, grad_scale)
+        # d loss / d logits: the kernel overwrote the student logits with it, or returned it.
+        loss[start:end], dlogits = out if isinstance(out, tuple) else (out, s_logits)
         if not with_grads or not plan.any_grad:
             continue
-        dlogits = s_logits  # the kernel overwrote the logits with d loss / d logits
         if row_scale is not None:
             dlogits.mul_(row_scale[start:end, None].to(dlogits.dtype))
         if want_b:
@@ -291,6 +307,8 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
                             first=start == 0)
     if separate_acc and n > 0:
         grad_w[:V] = acc_w
+    if want_h and plan.reduce_hidden_grad is not None:
+        plan.reduce_hidden_grad(grad_h)
     if want_b:
         grad_b = grad_b.to(bs.dtype)
     return loss, (grad_h, grad_w, grad_b)

@@ -1,14 +1,15 @@
 // The fastkd operators: their schemas, the one entry check every device shares, and the
 // dispatch to the device's implementation (kd_op.h: DeviceOps).
 //
-//   kd_forward(student, teacher, labels?, grad_scale, row_stats?, int[] ints, float[] floats)
+//   kd_forward(student, teacher, labels?, grad_scale, row_stats?, int[] ints, Tensor floats)
 //       -> (loss [N], grad)
 //   kd_forward_inplace(student!, ...same...) -> loss [N]    (the gradient overwrites student)
-//   row_stats(student, teacher, int[] ints, float[] floats) -> [N, 5] float32
+//   row_stats(student, teacher, int[] ints, Tensor floats) -> [N, 5] float32
 //   scale_grad_(grad!, factor)                              (backward: grad *= factor)
 //
 // `ints`/`floats` are the loss settings packed by fastkd/config.py and unpacked by
-// kd_params.h. Inputs are 2-D with unit stride along the vocabulary; the Python layer
+// kd_params.h; `floats` is a float64 host tensor, not a float[], so that torch.compile
+// keeps a temperature/alpha/beta schedule symbolic instead of recompiling per value. Inputs are 2-D with unit stride along the vocabulary; the Python layer
 // flattens and validates user input, these checks guard the operator contract itself.
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -49,15 +50,21 @@ const DeviceOps& ops_for(const at::Tensor& x) {
 // The entry check of every operator that reads logits: the packed settings and the
 // logits; the forward operators add labels, grad_scale and row_stats.
 ForwardArgs check_settings_and_logits(const at::Tensor& student, const at::Tensor& teacher, at::IntArrayRef ints,
-                                      at::ArrayRef<double> floats) {
-  TORCH_CHECK(ints.size() == kNumIntSettings && floats.size() == kNumFloatSettings, "fastkd: expected ",
+                                      const at::Tensor& floats) {
+  // The float settings are a float64 host tensor (fastkd/config.py: pack_floats), read
+  // here on the host whatever the logits' device.
+  TORCH_CHECK(floats.is_cpu() && floats.scalar_type() == at::kDouble && floats.dim() == 1 && floats.is_contiguous(),
+              "fastkd: the float settings must be a contiguous 1-D float64 CPU tensor, got a ", floats.dim(),
+              "-D ", floats.scalar_type(), " tensor on ", floats.device());
+  TORCH_CHECK(ints.size() == kNumIntSettings && floats.numel() == kNumFloatSettings, "fastkd: expected ",
               int(kNumIntSettings), " int and ", int(kNumFloatSettings), " float settings, got ", ints.size(),
-              " and ", floats.size(), " (fastkd._C is older or newer than the Python package: rebuild it)");
-  const char* error = settings_error(ints.data(), floats.data());
+              " and ", floats.numel(), " (fastkd._C is older or newer than the Python package: rebuild it)");
+  const double* float_values = floats.data_ptr<double>();
+  const char* error = settings_error(ints.data(), float_values);
   TORCH_CHECK(error == nullptr, "fastkd: ", error);
   ForwardArgs args{student, teacher, c10::nullopt, at::Tensor(), c10::nullopt,
-                   unpack_settings<float>(ints.data(), floats.data()),
-                   unpack_settings<double>(ints.data(), floats.data())};
+                   unpack_settings<float>(ints.data(), float_values),
+                   unpack_settings<double>(ints.data(), float_values)};
   check_logits_pair(student, teacher, args.params.vocab_size);
   return args;
 }
@@ -65,7 +72,7 @@ ForwardArgs check_settings_and_logits(const at::Tensor& student, const at::Tenso
 ForwardArgs check_forward_args(const at::Tensor& student, const at::Tensor& teacher,
                                const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
                                const c10::optional<at::Tensor>& row_stats, at::IntArrayRef ints,
-                               at::ArrayRef<double> floats) {
+                               const at::Tensor& floats) {
   ForwardArgs args = check_settings_and_logits(student, teacher, ints, floats);
   const int64_t n = student.size(0);
   if (labels) {
@@ -99,7 +106,7 @@ at::Tensor empty_loss(const at::Tensor& student, const at::Tensor& teacher) {
 std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
                                               const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
                                               const c10::optional<at::Tensor>& row_stats, at::IntArrayRef ints,
-                                              at::ArrayRef<double> floats) {
+                                              const at::Tensor& floats) {
   const ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, ints, floats);
   const DeviceOps& device = ops_for(student);
   at::Tensor loss = empty_loss(student, teacher);
@@ -110,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
 
 at::Tensor kd_forward_inplace(at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
                               const at::Tensor& grad_scale, const c10::optional<at::Tensor>& row_stats,
-                              at::IntArrayRef ints, at::ArrayRef<double> floats) {
+                              at::IntArrayRef ints, const at::Tensor& floats) {
   const ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, ints, floats);
   at::Tensor loss = empty_loss(student, teacher);
   // Every kernel reads a row element before overwriting it (the CPU kernel reads the
@@ -121,7 +128,7 @@ at::Tensor kd_forward_inplace(at::Tensor& student, const at::Tensor& teacher, co
 }
 
 at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, at::IntArrayRef ints,
-                     at::ArrayRef<double> floats) {
+                     const at::Tensor& floats) {
   const ForwardArgs args = check_settings_and_logits(student, teacher, ints, floats);
   at::Tensor out = at::empty({student.size(0), kRowStatsWidth}, student.options().dtype(at::kFloat));
   if (student.size(0) > 0) ops_for(student).row_stats(args, args.exact.ce_weight != 0.0, out);
@@ -146,11 +153,11 @@ std::vector<std::string> names(const char* const* list, int n) { return std::vec
 TORCH_LIBRARY(fastkd, m) {
   m.def(
       "kd_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, Tensor? row_stats, "
-      "int[] ints, float[] floats) -> (Tensor, Tensor)");
+      "int[] ints, Tensor floats) -> (Tensor, Tensor)");
   m.def(
       "kd_forward_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor grad_scale, "
-      "Tensor? row_stats, int[] ints, float[] floats) -> Tensor");
-  m.def("row_stats(Tensor student, Tensor teacher, int[] ints, float[] floats) -> Tensor");
+      "Tensor? row_stats, int[] ints, Tensor floats) -> Tensor");
+  m.def("row_stats(Tensor student, Tensor teacher, int[] ints, Tensor floats) -> Tensor");
   m.def("scale_grad_(Tensor(a!) grad, Tensor factor) -> ()");
 }
 

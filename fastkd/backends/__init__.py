@@ -14,14 +14,17 @@ loss and its gradient in one fused pass, in three phases with the same names eve
 The compiled backends expose them as operators with one schema (``torch.ops.fastkd.*``
 for ``cpu``/``cuda``, ``torch.ops.fastkd.triton_*`` for ``triton``)::
 
-    kd_forward(student, teacher, labels?, grad_scale, row_stats?, int[] ints, float[] floats)
+    kd_forward(student, teacher, labels?, grad_scale, row_stats?, int[] ints, Tensor floats)
         -> (loss [N], grad)
     kd_forward_inplace(student!, ...same...) -> loss [N]    # the gradient overwrites student
-    row_stats(student, teacher, int[] ints, float[] floats) -> [N, ROW_STATS_WIDTH] float32
+    row_stats(student, teacher, int[] ints, Tensor floats) -> [N, ROW_STATS_WIDTH] float32
     scale_grad_(grad!, factor)                             # grad *= factor, skipped when 1
 
 ``ints``/``floats`` are :meth:`fastkd.config.KDConfig.kernel_settings`: the whole loss
-description, in the order ``csrc/kd_params.h`` unpacks. ``loss`` is the per-row loss
+description, in the order ``csrc/kd_params.h`` unpacks. ``floats`` is a float64 tensor
+in host memory whatever the logits' device (the operators read it on the host): as a
+tensor it stays a graph input under torch.compile, where a ``float[]`` specialised each
+new temperature, alpha or beta (one recompile per value). ``loss`` is the per-row loss
 before reduction (0 at ignored rows; float32, float64 for float64 input); ``grad`` is
 d(sum_rows loss * grad_scale)/d student in the student's dtype. Folding the reduction's
 scale into the kernel means backward only multiplies by ``grad_output``, and the kernels

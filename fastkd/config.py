@@ -22,6 +22,7 @@ temperature or alpha schedule compiled with dynamic shapes), it becomes a
 """
 from __future__ import annotations
 
+import array
 import inspect
 import math
 import numbers
@@ -215,7 +216,9 @@ def pack_floats(values) -> torch.Tensor:
     host before launching, the Triton launchers with ``.tolist()`` (no device sync).
     """
     if not torch.compiler.is_compiling():
-        return torch.tensor(values, dtype=torch.float64, device="cpu")  # eager: ~2 us
+        # A view of a fresh array (the tensor keeps it alive): a third of torch.tensor's
+        # cost, which parses the list element by element.
+        return torch.frombuffer(array.array("d", values), dtype=torch.float64)
     # Under compile, torch.tensor / torch.full would read a symbolic value as a Python
     # number (specialising it again); products with a tensor keep it symbolic.
     one = torch.ones((), dtype=torch.float64, device="cpu")

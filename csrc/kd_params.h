@@ -49,7 +49,8 @@ struct Settings {
 using KDParams = Settings<float>;
 using ExactParams = Settings<double>;
 
-// The settings cross the operator boundary as two lists, `int[] ints, float[] floats`,
+// The settings cross the operator boundary as `int[] ints, Tensor floats` (a float64 host
+// tensor, so that torch.compile keeps float settings symbolic; ops.cpp reads its data),
 // packed by fastkd/config.py (KDConfig.kernel_settings) in this order; a test compares
 // these names with INT_SETTINGS / FLOAT_SETTINGS there. Adding a setting: an entry here,
 // its name, a field above, a line in unpack_settings, and the kernels that read it.

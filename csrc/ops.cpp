@@ -1,22 +1,23 @@
 // The fastkd operators: their schemas, the one entry check every device shares, and the
 // dispatch to the device's implementation (kd_op.h: DeviceOps).
 //
-//   kd_forward(student, teacher, labels?, grad_scale, row_stats?, int[] ints, float[] floats)
+//   kd_forward(student, teacher, labels?, grad_scale, row_stats?, int[] ints, Tensor floats)
 //       -> (loss [N], grad)
 //   kd_forward_inplace(student!, ...same...) -> loss [N]    (the gradient overwrites student)
-//   row_stats(student, teacher, int[] ints, float[] floats) -> [N, 5] float32
+//   row_stats(student, teacher, int[] ints, Tensor floats) -> [N, 5] float32
 //   scale_grad_(grad!, factor)                              (backward: grad *= factor)
-//   sparse_kd_forward(student, ids, logprobs, labels?, grad_scale, int[] ints, float[] floats)
+//   sparse_kd_forward(student, ids, logprobs, labels?, grad_scale, int[] ints, Tensor floats)
 //       -> (loss [N], grad)                                 (a sparse teacher: K ids per row)
 //   sparse_kd_forward_inplace(student!, ...same...) -> loss [N]
-//   shard_row_stats(student, teacher, int[] ints, float[] floats) -> [N, 6]
-//   shard_row_sums(student, teacher, row_stats, int[] ints, float[] floats) -> [N, 5]
+//   shard_row_stats(student, teacher, int[] ints, Tensor floats) -> [N, 6]
+//   shard_row_sums(student, teacher, row_stats, int[] ints, Tensor floats) -> [N, 5]
 //   shard_write_grad(student, teacher, labels?, grad_scale, row_stats, row_sums?, int vocab_start,
-//                    int[] ints, float[] floats) -> grad
+//                    int[] ints, Tensor floats) -> grad
 //       (the per-shard phases of the vocab-parallel loss: fastkd/backends/__init__.py)
 //
 // `ints`/`floats` are the loss settings packed by fastkd/config.py and unpacked by
-// kd_params.h. Inputs are 2-D with unit stride along the vocabulary; the Python layer
+// kd_params.h; `floats` is a float64 host tensor, not a float[], so that torch.compile
+// keeps a temperature/alpha/beta schedule symbolic instead of recompiling per value. Inputs are 2-D with unit stride along the vocabulary; the Python layer
 // flattens and validates user input, these checks guard the operator contract itself.
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -54,18 +55,29 @@ const DeviceOps& ops_for(const at::Tensor& x) {
   return cpu::device_ops();
 }
 
+// The packed settings' entry check: `ints.size() == n_ints` and the float settings, a
+// contiguous 1-D float64 host tensor (fastkd/config.py: pack_floats), read here on the
+// host whatever the logits' device. Returns the float values.
+const double* float_settings(at::IntArrayRef ints, const at::Tensor& floats, int n_ints) {
+  TORCH_CHECK(floats.is_cpu() && floats.scalar_type() == at::kDouble && floats.dim() == 1 && floats.is_contiguous(),
+              "fastkd: the float settings must be a contiguous 1-D float64 CPU tensor, got a ", floats.dim(),
+              "-D ", floats.scalar_type(), " tensor on ", floats.device());
+  TORCH_CHECK(static_cast<int>(ints.size()) == n_ints && floats.numel() == kNumFloatSettings, "fastkd: expected ",
+              n_ints, " int and ", int(kNumFloatSettings), " float settings, got ", ints.size(), " and ",
+              floats.numel(), " (fastkd._C is older or newer than the Python package: rebuild it)");
+  return floats.data_ptr<double>();
+}
+
 // The entry check of every operator that reads logits: the packed settings and the
 // logits; the forward operators add labels, grad_scale and row_stats.
 ForwardArgs check_settings_and_logits(const at::Tensor& student, const at::Tensor& teacher, at::IntArrayRef ints,
-                                      at::ArrayRef<double> floats) {
-  TORCH_CHECK(ints.size() == kNumIntSettings && floats.size() == kNumFloatSettings, "fastkd: expected ",
-              int(kNumIntSettings), " int and ", int(kNumFloatSettings), " float settings, got ", ints.size(),
-              " and ", floats.size(), " (fastkd._C is older or newer than the Python package: rebuild it)");
-  const char* error = settings_error(ints.data(), floats.data());
+                                      const at::Tensor& floats) {
+  const double* float_values = float_settings(ints, floats, kNumIntSettings);
+  const char* error = settings_error(ints.data(), float_values);
   TORCH_CHECK(error == nullptr, "fastkd: ", error);
   ForwardArgs args{student, teacher, c10::nullopt, at::Tensor(), c10::nullopt,
-                   unpack_settings<float>(ints.data(), floats.data()),
-                   unpack_settings<double>(ints.data(), floats.data())};
+                   unpack_settings<float>(ints.data(), float_values),
+                   unpack_settings<double>(ints.data(), float_values)};
   check_logits_pair(student, teacher, args.params.vocab_size);
   return args;
 }
@@ -73,7 +85,7 @@ ForwardArgs check_settings_and_logits(const at::Tensor& student, const at::Tenso
 ForwardArgs check_forward_args(const at::Tensor& student, const at::Tensor& teacher,
                                const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
                                const c10::optional<at::Tensor>& row_stats, at::IntArrayRef ints,
-                               at::ArrayRef<double> floats) {
+                               const at::Tensor& floats) {
   ForwardArgs args = check_settings_and_logits(student, teacher, ints, floats);
   const int64_t n = student.size(0);
   if (labels) {
@@ -107,7 +119,7 @@ at::Tensor empty_loss(const at::Tensor& student, const at::Tensor& teacher) {
 std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
                                               const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
                                               const c10::optional<at::Tensor>& row_stats, at::IntArrayRef ints,
-                                              at::ArrayRef<double> floats) {
+                                              const at::Tensor& floats) {
   const ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, ints, floats);
   const DeviceOps& device = ops_for(student);
   at::Tensor loss = empty_loss(student, teacher);
@@ -118,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
 
 at::Tensor kd_forward_inplace(at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
                               const at::Tensor& grad_scale, const c10::optional<at::Tensor>& row_stats,
-                              at::IntArrayRef ints, at::ArrayRef<double> floats) {
+                              at::IntArrayRef ints, const at::Tensor& floats) {
   const ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, ints, floats);
   at::Tensor loss = empty_loss(student, teacher);
   // Every kernel reads a row element before overwriting it (the CPU kernel reads the
@@ -129,7 +141,7 @@ at::Tensor kd_forward_inplace(at::Tensor& student, const at::Tensor& teacher, co
 }
 
 at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, at::IntArrayRef ints,
-                     at::ArrayRef<double> floats) {
+                     const at::Tensor& floats) {
   const ForwardArgs args = check_settings_and_logits(student, teacher, ints, floats);
   at::Tensor out = at::empty({student.size(0), kRowStatsWidth}, student.options().dtype(at::kFloat));
   if (student.size(0) > 0) ops_for(student).row_stats(args, args.exact.ce_weight != 0.0, out);
@@ -155,7 +167,7 @@ const DeviceOps& shard_ops_for(const at::Tensor& x) {
 }
 
 at::Tensor shard_row_stats(const at::Tensor& student, const at::Tensor& teacher, at::IntArrayRef ints,
-                           at::ArrayRef<double> floats) {
+                           const at::Tensor& floats) {
   const ForwardArgs args = check_settings_and_logits(student, teacher, ints, floats);
   at::Tensor out = at::empty({student.size(0), kShardStatsWidth}, empty_loss(student, teacher).options());
   if (student.size(0) > 0) shard_ops_for(student).shard_row_stats(args, out);
@@ -163,7 +175,7 @@ at::Tensor shard_row_stats(const at::Tensor& student, const at::Tensor& teacher,
 }
 
 at::Tensor shard_row_sums(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_stats,
-                          at::IntArrayRef ints, at::ArrayRef<double> floats) {
+                          at::IntArrayRef ints, const at::Tensor& floats) {
   ForwardArgs args = check_settings_and_logits(student, teacher, ints, floats);
   TORCH_CHECK(args.params.divergence != Divergence::ForwardKL,
               "fastkd: shard_row_sums is for reverse_kl, jsd and tvd (forward KL's gradient needs no row sums)");
@@ -177,7 +189,7 @@ at::Tensor shard_row_sums(const at::Tensor& student, const at::Tensor& teacher, 
 at::Tensor shard_write_grad(const at::Tensor& student, const at::Tensor& teacher,
                             const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
                             const at::Tensor& row_stats, const c10::optional<at::Tensor>& row_sums,
-                            int64_t vocab_start, at::IntArrayRef ints, at::ArrayRef<double> floats) {
+                            int64_t vocab_start, at::IntArrayRef ints, const at::Tensor& floats) {
   ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, c10::nullopt, ints, floats);
   check_shard_table("row_stats", row_stats, student, teacher, kRowStatsWidth);
   TORCH_CHECK(row_sums || args.params.divergence == Divergence::ForwardKL,
@@ -206,15 +218,13 @@ void scale_grad_(at::Tensor& grad, const at::Tensor& factor) {
 // The entry check of the sparse operators (the sparse twin of check_forward_args).
 SparseForwardArgs check_sparse_args(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
                                     const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
-                                    at::IntArrayRef ints, at::ArrayRef<double> floats) {
-  TORCH_CHECK(ints.size() == kNumSparseIntSettings && floats.size() == kNumFloatSettings, "fastkd: expected ",
-              int(kNumSparseIntSettings), " int and ", int(kNumFloatSettings), " float settings, got ", ints.size(),
-              " and ", floats.size(), " (fastkd._C is older or newer than the Python package: rebuild it)");
-  const char* error = sparse_settings_error(ints.data(), floats.data());
+                                    at::IntArrayRef ints, const at::Tensor& floats) {
+  const double* float_values = float_settings(ints, floats, kNumSparseIntSettings);
+  const char* error = sparse_settings_error(ints.data(), float_values);
   TORCH_CHECK(error == nullptr, "fastkd: ", error);
   SparseForwardArgs args{student, ids, logprobs, labels, grad_scale,
-                         unpack_sparse_settings<float>(ints.data(), floats.data()),
-                         unpack_sparse_settings<double>(ints.data(), floats.data())};
+                         unpack_sparse_settings<float>(ints.data(), float_values),
+                         unpack_sparse_settings<double>(ints.data(), float_values)};
   const int64_t n = student.dim() == 2 ? student.size(0) : -1;
   TORCH_CHECK(student.dim() == 2 && student.stride(1) == 1 && at::isFloatingType(student.scalar_type()),
               "fastkd: student must be a floating 2-D [N, V] tensor with unit stride along V, got ", student.sizes());
@@ -250,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward(const at::Tensor& student, 
                                                      const at::Tensor& logprobs,
                                                      const c10::optional<at::Tensor>& labels,
                                                      const at::Tensor& grad_scale, at::IntArrayRef ints,
-                                                     at::ArrayRef<double> floats) {
+                                                     const at::Tensor& floats) {
   const SparseForwardArgs args = check_sparse_args(student, ids, logprobs, labels, grad_scale, ints, floats);
   at::Tensor loss = empty_loss(student, logprobs);
   at::Tensor grad = ops_for(student).empty_grad(student);
@@ -260,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward(const at::Tensor& student, 
 
 at::Tensor sparse_kd_forward_inplace(at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
                                      const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
-                                     at::IntArrayRef ints, at::ArrayRef<double> floats) {
+                                     at::IntArrayRef ints, const at::Tensor& floats) {
   const SparseForwardArgs args = check_sparse_args(student, ids, logprobs, labels, grad_scale, ints, floats);
   at::Tensor loss = empty_loss(student, logprobs);
   // The kernels read every value of a row they need (statistics, the support's and the
@@ -277,23 +287,23 @@ std::vector<std::string> names(const char* const* list, int n) { return std::vec
 TORCH_LIBRARY(fastkd, m) {
   m.def(
       "kd_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, Tensor? row_stats, "
-      "int[] ints, float[] floats) -> (Tensor, Tensor)");
+      "int[] ints, Tensor floats) -> (Tensor, Tensor)");
   m.def(
       "kd_forward_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor grad_scale, "
-      "Tensor? row_stats, int[] ints, float[] floats) -> Tensor");
-  m.def("row_stats(Tensor student, Tensor teacher, int[] ints, float[] floats) -> Tensor");
+      "Tensor? row_stats, int[] ints, Tensor floats) -> Tensor");
+  m.def("row_stats(Tensor student, Tensor teacher, int[] ints, Tensor floats) -> Tensor");
   m.def("scale_grad_(Tensor(a!) grad, Tensor factor) -> ()");
   m.def(
       "sparse_kd_forward(Tensor student, Tensor ids, Tensor logprobs, Tensor? labels, Tensor grad_scale, "
-      "int[] ints, float[] floats) -> (Tensor, Tensor)");
+      "int[] ints, Tensor floats) -> (Tensor, Tensor)");
   m.def(
       "sparse_kd_forward_inplace(Tensor(a!) student, Tensor ids, Tensor logprobs, Tensor? labels, "
-      "Tensor grad_scale, int[] ints, float[] floats) -> Tensor");
-  m.def("shard_row_stats(Tensor student, Tensor teacher, int[] ints, float[] floats) -> Tensor");
-  m.def("shard_row_sums(Tensor student, Tensor teacher, Tensor row_stats, int[] ints, float[] floats) -> Tensor");
+      "Tensor grad_scale, int[] ints, Tensor floats) -> Tensor");
+  m.def("shard_row_stats(Tensor student, Tensor teacher, int[] ints, Tensor floats) -> Tensor");
+  m.def("shard_row_sums(Tensor student, Tensor teacher, Tensor row_stats, int[] ints, Tensor floats) -> Tensor");
   m.def(
       "shard_write_grad(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, Tensor row_stats, "
-      "Tensor? row_sums, int vocab_start, int[] ints, float[] floats) -> Tensor");
+      "Tensor? row_sums, int vocab_start, int[] ints, Tensor floats) -> Tensor");
 }
 
 // One implementation per operator, registered for each device the build has.

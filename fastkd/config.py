@@ -5,8 +5,9 @@ This file is the one place a loss setting is declared. A setting is a field of
 come the keywords of ``kd_loss``, ``KDLoss``, ``fused_linear_kd_loss`` and
 ``FusedLinearKDLoss`` (their signatures and docstrings), :func:`make_config` and the
 modules' ``repr``. Kernels receive the settings they read as two flat lists
-(:meth:`KDConfig.kernel_settings`), in the order of :data:`INT_SETTINGS` and
-:data:`FLOAT_SETTINGS`; ``csrc/kd_params.h`` unpacks them in the same order (a test
+(:meth:`KDConfig.kernel_settings`: a list of ints and a float64 host tensor, so that
+torch.compile keeps the float settings symbolic), in the order of :data:`INT_SETTINGS`
+and :data:`FLOAT_SETTINGS`; ``csrc/kd_params.h`` unpacks them in the same order (a test
 compares the two).
 
 Adding a scalar setting: a field here (with its check and doc), its name in
@@ -24,6 +25,7 @@ temperature or alpha schedule compiled with dynamic shapes), it becomes a
 """
 from __future__ import annotations
 
+import array
 import inspect
 import math
 import numbers
@@ -63,7 +65,10 @@ def check_number(name: str, value, *, low=None, high=None, low_open=False):
     if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name} must be a real number (e.g. a Python float), got {type(value).__name__}")
     if not is_concrete(value):
-        traced_check(value == value, lambda: f"{name} must be finite, got NaN")
+        # No separate NaN check: the range checks below refuse NaN (every comparison with
+        # NaN is false), and ``value == value`` made torch.compile specialise the value.
+        if low is None and high is None:
+            traced_check(value == value, lambda: f"{name} must be finite, got NaN")
         if low is not None:
             if low_open:
                 traced_check(value > low, lambda: f"{name} must be > {low}")
@@ -185,10 +190,11 @@ class KDConfig:
         values["vocab_size"] = vocab_size
         return type(self)(**values)
 
-    def kernel_settings(self) -> Tuple[List[int], List[float]]:
-        """The settings kernels read, as (ints, floats) in INT_SETTINGS / FLOAT_SETTINGS order
-        (SPARSE_INT_SETTINGS for a :class:`SparseKDConfig`)."""
-        return [getattr(self, n) for n in self._INTS], [getattr(self, n) for n in FLOAT_SETTINGS]
+    def kernel_settings(self) -> Tuple[List[int], torch.Tensor]:
+        """The settings kernels read, as (ints, floats) in INT_SETTINGS (SPARSE_INT_SETTINGS for
+        a :class:`SparseKDConfig`) / FLOAT_SETTINGS order: ``ints`` a list, ``floats`` a
+        float64 CPU tensor (:func:`pack_floats`)."""
+        return [getattr(self, n) for n in self._INTS], pack_floats([getattr(self, n) for n in FLOAT_SETTINGS])
 
     def changed_settings(self) -> dict:
         """The settings that differ from their defaults (for a module's repr)."""
@@ -237,6 +243,26 @@ KDConfig._SPECS, KDConfig._INTS = _SETTINGS, INT_SETTINGS
 SparseKDConfig._SPECS, SparseKDConfig._INTS = _specs(SparseKDConfig), SPARSE_INT_SETTINGS
 
 
+def pack_floats(values) -> torch.Tensor:
+    """The float settings as the operators take them: a float64 tensor in host memory.
+
+    Not a ``float[]``: torch.compile traces a Python float argument as a symbolic value
+    (a schedule's temperature, alpha or beta), but an operator's ``float[]`` argument
+    needs a number, so the value was specialised and every new one recompiled (the 9th
+    failed under ``fullgraph=True``). A tensor argument stays an input of the graph.
+    It lives on the host whatever the logits' device: the C++ operators read it on the
+    host before launching, the Triton launchers with ``.tolist()`` (no device sync).
+    """
+    if not torch.compiler.is_compiling():
+        # A view of a fresh array (the tensor keeps it alive): a third of torch.tensor's
+        # cost, which parses the list element by element.
+        return torch.frombuffer(array.array("d", values), dtype=torch.float64)
+    # Under compile, torch.tensor / torch.full would read a symbolic value as a Python
+    # number (specialising it again); products with a tensor keep it symbolic.
+    one = torch.ones((), dtype=torch.float64, device="cpu")
+    return torch.stack([one * v for v in values])
+
+
 def resolve_divergence(divergence: str, beta) -> str:
     if divergence == "jsd" and is_concrete(beta):
         if beta == 0.0:
@@ -275,6 +301,13 @@ class KernelSettings:
     __slots__ = INT_SETTINGS + FLOAT_SETTINGS
 
     def __init__(self, ints, floats):
+        if isinstance(floats, torch.Tensor):  # the operators' form (pack_floats): read on the host
+            if floats.device.type != "cpu" or floats.dtype != torch.float64 or floats.dim() != 1:
+                raise ValueError(f"fastkd: the float settings must be a 1-D float64 CPU tensor, got "
+                                 f"{floats.dim()}-D {floats.dtype} on {floats.device}")
+            # Through numpy, which refuses device tensors: this can never be a device sync
+            # (and the tests' no-sync guard, which refuses Tensor.tolist, stays meaningful).
+            floats = floats.numpy().tolist()
         if len(ints) != len(self.INTS) or len(floats) != len(FLOAT_SETTINGS):
             raise ValueError(f"fastkd: expected {len(self.INTS)} int and {len(FLOAT_SETTINGS)} float settings, "
                              f"got {len(ints)} and {len(floats)}")

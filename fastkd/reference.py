@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_kd_args
-from .config import KDConfig, make_config, takes_settings
+from .config import KDConfig, is_concrete, make_config, takes_settings
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -41,20 +41,33 @@ def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return (a * diff).sum(-1)
 
 
+def _jsd(log_p, log_q, beta, log_beta, log_one_minus_beta) -> torch.Tensor:
+    """Row-wise beta KL(p||m) + (1 - beta) KL(q||m), m = beta p + (1 - beta) q."""
+    # log m as a log-sum-exp; entries where both sides are -inf are excluded first
+    # (logaddexp's backward is NaN there, and they contribute nothing anyway).
+    both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
+    lp = torch.where(both_zero, torch.zeros_like(log_p), log_p)
+    lq = torch.where(both_zero, torch.zeros_like(log_q), log_q)
+    log_m = torch.logaddexp(lp + log_beta, lq + log_one_minus_beta)
+    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+
+
 def divergence_per_row(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
     """D(p, q) for each row of teacher (log_p) and student (log_q) log-probabilities."""
     if divergence == "forward_kl":
         return _kl(log_p, log_q)
     if divergence == "reverse_kl":
         return _kl(log_q, log_p)
+    if divergence == "jsd" and not is_concrete(beta):
+        # A traced beta (a schedule under torch.compile): no Python branch on its value and
+        # no math.log of it; beta 0 / 1 select forward / reverse KL, as the kernels do.
+        beta_t = torch.ones((), dtype=torch.float64, device=log_p.device) * beta  # double, as math.log
+        special = (beta_t == 0) | (beta_t == 1)
+        safe = torch.where(special, torch.full_like(beta_t, 0.5), beta_t)  # no log(0) in the unused branch
+        jsd = _jsd(log_p, log_q, safe, torch.log(safe), torch.log1p(-safe))
+        return torch.where(beta_t == 0, _kl(log_p, log_q), torch.where(beta_t == 1, _kl(log_q, log_p), jsd))
     if divergence == "jsd":
-        # log m as a log-sum-exp; entries where both sides are -inf are excluded first
-        # (logaddexp's backward is NaN there, and they contribute nothing anyway).
-        both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
-        lp = torch.where(both_zero, torch.zeros_like(log_p), log_p)
-        lq = torch.where(both_zero, torch.zeros_like(log_q), log_q)
-        log_m = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
-        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+        return _jsd(log_p, log_q, beta, math.log(beta), math.log1p(-beta))
     if divergence == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")

@@ -189,3 +189,15 @@ def test_cuda_grad_row_stride_matches_the_kernels_layout():
     contiguous = type("T", (), dict(shape=(4, 50257), device=torch.device("cuda"), element_size=lambda self: 4,
                                     stride=lambda self, d: 50257))()
     assert stride(contiguous) == 50257
+
+
+def test_float_settings_must_be_a_float64_host_tensor():
+    """The float settings cross as a float64 CPU tensor (a tensor stays symbolic under
+    torch.compile); another dtype or layout is refused by name, not read as garbage."""
+    ints, floats = settings()
+    s, t, _, scale = op_args()
+    for bad in (floats.float(), floats.reshape(2, 2), floats.repeat(2)[::2]):
+        with pytest.raises(RuntimeError, match="float settings must be a contiguous 1-D float64 CPU tensor"):
+            ops.kd_forward(s, t, None, scale, None, ints, bad)
+        with pytest.raises(RuntimeError, match="float settings must be a contiguous 1-D float64 CPU tensor"):
+            ops.row_stats(s, t, ints, bad)

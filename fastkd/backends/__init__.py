@@ -14,14 +14,17 @@ loss and its gradient in one fused pass, in three phases with the same names eve
 The compiled backends expose them as operators with one schema (``torch.ops.fastkd.*``
 for ``cpu``/``cuda``, ``torch.ops.fastkd.triton_*`` for ``triton``)::
 
-    kd_forward(student, teacher, labels?, grad_scale, row_stats?, int[] ints, float[] floats)
+    kd_forward(student, teacher, labels?, grad_scale, row_stats?, int[] ints, Tensor floats)
         -> (loss [N], grad)
     kd_forward_inplace(student!, ...same...) -> loss [N]    # the gradient overwrites student
-    row_stats(student, teacher, int[] ints, float[] floats) -> [N, ROW_STATS_WIDTH] float32
+    row_stats(student, teacher, int[] ints, Tensor floats) -> [N, ROW_STATS_WIDTH] float32
     scale_grad_(grad!, factor)                             # grad *= factor, skipped when 1
 
 ``ints``/``floats`` are :meth:`fastkd.config.KDConfig.kernel_settings`: the whole loss
-description, in the order ``csrc/kd_params.h`` unpacks. ``loss`` is the per-row loss
+description, in the order ``csrc/kd_params.h`` unpacks. ``floats`` is a float64 tensor
+in host memory whatever the logits' device (the operators read it on the host): as a
+tensor it stays a graph input under torch.compile, where a ``float[]`` specialised each
+new temperature, alpha or beta (one recompile per value). ``loss`` is the per-row loss
 before reduction (0 at ignored rows; float32, float64 for float64 input); ``grad`` is
 d(sum_rows loss * grad_scale)/d student in the student's dtype. Folding the reduction's
 scale into the kernel means backward only multiplies by ``grad_output``, and the kernels
@@ -31,7 +34,7 @@ Sparse (top-k / sampled) teachers have their own operators (``fastkd.sparse_kd_l
 the math per row, with its gradients, is in ``fastkd/sparse_reference.py`` and
 docs/sparse.md, and written for kernel authors in the kernels' header comments)::
 
-    sparse_kd_forward(student, ids, logprobs, labels?, grad_scale, int[] ints, float[] floats)
+    sparse_kd_forward(student, ids, logprobs, labels?, grad_scale, int[] ints, Tensor floats)
         -> (loss [N], grad)
     sparse_kd_forward_inplace(student!, ...same...) -> loss [N]   # the gradient overwrites student
 
@@ -64,13 +67,13 @@ LOW_PRECISION_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 # across ranks between them. Their tensors are in loss_dtype (float32, float64 for float64
 # input)::
 #
-#   shard_row_stats(student, teacher, int[] ints, float[] floats) -> [N, SHARD_STATS_WIDTH]
+#   shard_row_stats(student, teacher, int[] ints, Tensor floats) -> [N, SHARD_STATS_WIDTH]
 #       the shard's (max_s, sumexp_s, max_t, sumexp_t, sumexp_raw) with its LOCAL maxima,
 #       and the value term of forward/reverse KL over the shard, against those maxima:
 #         forward_kl  sum_i exp(b_i - max_t) (b_i - a_i)     (a = s/T, b = t/T)
 #         reverse_kl  sum_i exp(a_i - max_s) (a_i - b_i)
 #         jsd, tvd    0
-#   shard_row_sums(student, teacher, row_stats, int[] ints, float[] floats) -> [N, ROW_SUMS_WIDTH]
+#   shard_row_sums(student, teacher, row_stats, int[] ints, Tensor floats) -> [N, ROW_SUMS_WIDTH]
 #       given the GLOBAL row statistics [N, ROW_STATS_WIDTH], the shard's part of the row
 #       sums (additive across shards):
 #         jsd  (sum q, sum q h, sum q, sum q h, sum p (log p - log m)): the first two over
@@ -79,7 +82,7 @@ LOW_PRECISION_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 #              column 0)
 #         tvd  (1/2 sum |q - p|, sum of q where q > p, where q < p, where q = p, 0)
 #   shard_write_grad(student, teacher, labels?, grad_scale, row_stats, row_sums?, int vocab_start,
-#                    int[] ints, float[] floats) -> grad
+#                    int[] ints, Tensor floats) -> grad
 #       the shard's gradient from the global statistics (and, for reverse_kl/jsd/tvd, the
 #       global row sums; reverse_kl's may be (1, KL(q||p), 0, 0, 0)); labels are global
 #       ids, the one-hot of the CE term lands where label - vocab_start is a column of the

@@ -37,20 +37,22 @@ from .rows import kernels_interpreted
 
 # ---------------------------------------------------------------------------------------
 # torch.library operators (the contract of fastkd/backends/__init__.py) with fake
-# implementations. The settings arrive packed (fastkd/config.py) and are unpacked by name.
+# implementations. The settings arrive packed (fastkd/config.py: ints a list, floats a
+# float64 host tensor) and are unpacked by name; KernelSettings reads the floats with
+# .tolist() inside the operator, where torch.compile does not trace.
 
 
 @torch.library.custom_op("fastkd::triton_kd_forward", mutates_args=())
 def triton_kd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                       grad_scale: torch.Tensor, row_stats: Optional[torch.Tensor], ints: List[int],
-                      floats: List[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+                      floats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return dense.forward(student, teacher, labels, grad_scale, row_stats, KernelSettings(ints, floats))
 
 
 @torch.library.custom_op("fastkd::triton_kd_forward_inplace", mutates_args=("student",))
 def triton_kd_forward_inplace(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                               grad_scale: torch.Tensor, row_stats: Optional[torch.Tensor], ints: List[int],
-                              floats: List[float]) -> torch.Tensor:
+                              floats: torch.Tensor) -> torch.Tensor:
     return dense.forward_inplace(student, teacher, labels, grad_scale, row_stats, KernelSettings(ints, floats))
 
 
@@ -60,26 +62,26 @@ def triton_scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> None:
 
 
 @torch.library.custom_op("fastkd::triton_row_stats", mutates_args=())
-def triton_row_stats(student: torch.Tensor, teacher: torch.Tensor, ints: List[int], floats: List[float]) -> torch.Tensor:
+def triton_row_stats(student: torch.Tensor, teacher: torch.Tensor, ints: List[int], floats: torch.Tensor) -> torch.Tensor:
     return dense.row_stats(student, teacher, KernelSettings(ints, floats))
 
 
 @torch.library.custom_op("fastkd::triton_shard_row_stats", mutates_args=())
 def triton_shard_row_stats(student: torch.Tensor, teacher: torch.Tensor, ints: List[int],
-                           floats: List[float]) -> torch.Tensor:
+                           floats: torch.Tensor) -> torch.Tensor:
     return shard.row_stats(student, teacher, KernelSettings(ints, floats))
 
 
 @torch.library.custom_op("fastkd::triton_shard_row_sums", mutates_args=())
 def triton_shard_row_sums(student: torch.Tensor, teacher: torch.Tensor, row_stats: torch.Tensor, ints: List[int],
-                          floats: List[float]) -> torch.Tensor:
+                          floats: torch.Tensor) -> torch.Tensor:
     return shard.row_sums(student, teacher, row_stats, KernelSettings(ints, floats))
 
 
 @torch.library.custom_op("fastkd::triton_shard_write_grad", mutates_args=())
 def triton_shard_write_grad(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                             grad_scale: torch.Tensor, row_stats: torch.Tensor, row_sums: Optional[torch.Tensor],
-                            vocab_start: int, ints: List[int], floats: List[float]) -> torch.Tensor:
+                            vocab_start: int, ints: List[int], floats: torch.Tensor) -> torch.Tensor:
     return shard.write_grad(student, teacher, labels, grad_scale, row_stats, row_sums, vocab_start,
                             KernelSettings(ints, floats))
 

@@ -189,9 +189,10 @@ def _from_local_max(m_local, m_global, scale: float = 1.0):
     return torch.where(torch.isneginf(m_local), torch.zeros_like(factor), factor)
 
 
-class _ShardedRows:
+class ShardedRows:
     """The forward of one call, as a KernelBackend ``forward``: 2-D logits of this rank's
-    slice in, the global per-row loss and this slice's gradient out."""
+    slice in, the global per-row loss and this slice's gradient out (every rank calls it
+    with the same rows: it runs the rounds' collectives)."""
 
     def __init__(self, phases, group, vocab_start: int, counted: int, check_label_found: bool):
         self.phases = phases
@@ -320,14 +321,23 @@ def vocab_parallel_kd_loss(
         backend: ``auto``, ``cpu``, ``cuda``, ``triton`` or ``torch``: whose per-shard phases run.
     """
     cfg = make_config("vocab_parallel_kd_loss", **settings)
+    kernels, num_items, rows, cfg = shard_rows(student_shard, teacher_shard, labels, cfg, num_items, backend, group,
+                                               vocab_start)
+    sharded = KernelBackend(f"{kernels.name}+vocab_parallel", rows, _no_inplace, kernels.scale_grad_,
+                            kernels.supports, kernels.dtypes)
+    return fused_kd_loss(student_shard, teacher_shard, labels, cfg, num_items, sharded, False)
+
+
+def shard_rows(student_shard, teacher_shard, labels, cfg: KDConfig, num_items, backend: str, group, vocab_start):
+    """The checks of one call (and the handshake without vocab_start) and where this rank's
+    slice lies: (kernels, num_items, ShardedRows, cfg with the global vocab_size)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (dist.init_process_group)")
+    width = student_shard.shape[-1] if isinstance(student_shard, torch.Tensor) else 0
     if vocab_start is not None:  # nothing to tell the other ranks: a local error is raised here
         kernels, num_items = _local_checks(student_shard, teacher_shard, labels, cfg, num_items, backend,
                                            vocab_start)
-        counted = student_shard.shape[-1] if cfg.vocab_size is None else \
-            min(max(cfg.vocab_size - vocab_start, 0), student_shard.shape[-1])
-        global_vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_start + student_shard.shape[-1]
+        global_vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_start + width
         check_found = True
     else:
         local_error = None
@@ -336,14 +346,10 @@ def vocab_parallel_kd_loss(
         except (TypeError, ValueError) as exc:
             local_error = exc
         widths = _handshake(student_shard, teacher_shard, labels, cfg, num_items, local_error, group)
-        rank = dist.get_rank(group)
-        vocab_start = sum(widths[:rank])
+        vocab_start = sum(widths[:dist.get_rank(group)])
         global_vocab = sum(widths) if cfg.vocab_size is None else cfg.vocab_size
-        counted = min(max(global_vocab - vocab_start, 0), student_shard.shape[-1])
         check_found = False
+    counted = min(max(global_vocab - vocab_start, 0), width)  # this slice's columns below vocab_size
+    rows = ShardedRows(kernels.shard, group, vocab_start, counted, check_found)
     # The global vocab_size, for the reduction's and the checks' view of the config.
-    cfg = cfg.with_vocab_size(global_vocab)
-    rows = _ShardedRows(kernels.shard, group, vocab_start, counted, check_found)
-    sharded = KernelBackend(f"{kernels.name}+vocab_parallel", rows, _no_inplace, kernels.scale_grad_,
-                            kernels.supports, kernels.dtypes)
-    return fused_kd_loss(student_shard, teacher_shard, labels, cfg, num_items, sharded, False)
+    return kernels, num_items, rows, cfg.with_vocab_size(global_vocab)

@@ -38,7 +38,7 @@ from .._autograd import fused_kd_loss
 from .._checks import (FLOAT_DTYPES, check_label_tensor, check_labels, check_logits, check_num_items,
                        check_same_tokens)
 from .._dispatch import backend_for
-from ..backends import KernelBackend, loss_dtype
+from ..backends import ROW_SUMS_WIDTH, SHARD_STATS_WIDTH, KernelBackend, loss_dtype
 from ..config import REDUCTIONS, KDConfig, make_config, takes_settings
 
 # The handshake's int64 fields, one row per rank.
@@ -202,14 +202,14 @@ class ShardedRows:
         self.check_label_found = check_label_found
 
     def __call__(self, student, teacher, labels, grad_scale, cfg: KDConfig):
-        n, width = student.shape
+        n = student.shape[0]
         dtype = loss_dtype(student, teacher)
         local_cfg = cfg.with_vocab_size(max(self.counted, 1))
         divergence, with_ce = cfg.divergence, cfg.ce_weight != 0.0
         if self.counted > 0:
             part = self.phases.row_stats(student, teacher, local_cfg)
         else:  # a slice wholly past vocab_size: nothing of it counts
-            part = torch.zeros((n, 6), dtype=dtype, device=student.device)
+            part = torch.zeros((n, SHARD_STATS_WIDTH), dtype=dtype, device=student.device)
             part[:, 0] = part[:, 2] = -math.inf
 
         # Round 1: the global maxima.
@@ -255,7 +255,7 @@ class ShardedRows:
             if self.counted > 0:
                 row_sums = self.phases.row_sums(student, teacher, stats, local_cfg)
             else:
-                row_sums = torch.zeros((n, 5), dtype=dtype, device=student.device)
+                row_sums = torch.zeros((n, ROW_SUMS_WIDTH), dtype=dtype, device=student.device)
             dist.all_reduce(row_sums, op=dist.ReduceOp.SUM, group=self.group)
             if divergence == "tvd":
                 value = row_sums[:, 0]

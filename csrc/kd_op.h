@@ -24,6 +24,17 @@ struct ForwardArgs {
   int64_t vocab_start = 0;
 };
 
+// A sparse teacher's call (ops.cpp: sparse_kd_forward): K ids and log-probs per row.
+struct SparseForwardArgs {
+  at::Tensor student;                  // [N, Vs], unit stride along the vocab
+  at::Tensor ids;                      // [N, K] int32 or int64, contiguous; < 0: empty slot
+  at::Tensor logprobs;                 // [N, K] floating, contiguous
+  c10::optional<at::Tensor> labels;    // [N] int64, contiguous
+  at::Tensor grad_scale;               // scalar: the reduction's 1/denominator
+  KDParams params;                     // with .tail
+  ExactParams exact;
+};
+
 // The shape/device/stride/vocab_size checks of a student-teacher logits pair.
 void check_logits_pair(const at::Tensor& student, const at::Tensor& teacher, int64_t vocab_size);
 
@@ -44,7 +55,14 @@ struct DeviceOps {
   void (*shard_row_stats)(const ForwardArgs& args, at::Tensor& out);
   void (*shard_row_sums)(const ForwardArgs& args, at::Tensor& out);
   void (*shard_write_grad)(const ForwardArgs& args, at::Tensor& grad);
+  // Sparse teachers: per-row loss into `loss`, gradient into `grad` (may be the student);
+  // nullptr where the device has no sparse kernel yet.
+  void (*sparse_forward)(const SparseForwardArgs& args, at::Tensor& loss, at::Tensor& grad) = nullptr;
 };
+
+namespace cpu {
+void sparse_forward(const SparseForwardArgs& args, at::Tensor& loss, at::Tensor& grad);
+}
 
 namespace cpu {
 const DeviceOps& device_ops();

@@ -20,47 +20,77 @@ def _kernels(backend):
     return backend if isinstance(backend, KernelBackend) else get_backend(backend)
 
 
+def _fused_forward(ctx, student, grad_scale, backend_name, reduced, inplace, run, run_inplace):
+    """The forward of every fused loss: ``run(scale) -> (loss rows, grad)`` or
+    ``run_inplace(scale) -> loss rows`` (the gradient written over ``student``)."""
+    # fp16 cannot hold the scaled gradient: with reduction="mean" over thousands of
+    # tokens most entries fall below its smallest subnormal, and no GradScaler brings
+    # them back. So an fp16 gradient is stored unscaled (its entries are O(alpha T + 1))
+    # and the scale is applied with grad_output in fp32 in backward, rounded once.
+    deferred = student.dtype == torch.float16 and reduced
+    kernel_scale = torch.ones_like(grad_scale) if deferred else grad_scale
+    if inplace:
+        loss_rows = run_inplace(kernel_scale)
+        grad = student
+        if not torch.compiler.is_compiling():
+            # The logits now hold their gradient: bump their version so that autograd
+            # refuses any graph node that saved them ("modified by an inplace
+            # operation"), as a mutating op does. (Compiled graphs record the
+            # mutation themselves.)
+            torch.autograd.graph.increment_version(student)
+    else:
+        loss_rows, grad = run(kernel_scale)
+    ctx.save_for_backward(grad, grad_scale if deferred else None)
+    ctx.backend_name = backend_name
+    if reduced:
+        return loss_rows.sum() * grad_scale
+    return loss_rows
+
+
+def _fused_backward(ctx, grad_output) -> torch.Tensor:
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError(
+            "fastkd: the fused loss keeps one copy of its gradient and rescales it in place, "
+            "so it can be backpropagated only once (retain_graph=True is not supported)")
+    ctx.consumed = True
+    grad, deferred_scale = ctx.saved_tensors
+    factor = grad_output.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    if deferred_scale is not None:
+        factor = factor * deferred_scale
+    _kernels(ctx.backend_name).scale_grad_(grad, factor)
+    return grad
+
+
 class KDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, grad_scale, backend_name, reduced, inplace, cfg):
         kernels = _kernels(backend_name)
-        # fp16 cannot hold the scaled gradient: with reduction="mean" over thousands of
-        # tokens most entries fall below its smallest subnormal, and no GradScaler brings
-        # them back. So an fp16 gradient is stored unscaled (its entries are O(alpha T + 1))
-        # and the scale is applied with grad_output in fp32 in backward, rounded once.
-        deferred = student.dtype == torch.float16 and reduced
-        kernel_scale = torch.ones_like(grad_scale) if deferred else grad_scale
-        if inplace:
-            loss_rows = kernels.forward_inplace(student, teacher, labels, kernel_scale, cfg)
-            grad = student
-            if not torch.compiler.is_compiling():
-                # The logits now hold their gradient: bump their version so that autograd
-                # refuses any graph node that saved them ("modified by an inplace
-                # operation"), as a mutating op does. (Compiled graphs record the
-                # mutation themselves.)
-                torch.autograd.graph.increment_version(student)
-        else:
-            loss_rows, grad = kernels.forward(student, teacher, labels, kernel_scale, cfg)
-        ctx.save_for_backward(grad, grad_scale if deferred else None)
-        ctx.backend_name = backend_name
-        if reduced:
-            return loss_rows.sum() * grad_scale
-        return loss_rows
+        return _fused_forward(
+            ctx, student, grad_scale, backend_name, reduced, inplace,
+            lambda scale: kernels.forward(student, teacher, labels, scale, cfg),
+            lambda scale: kernels.forward_inplace(student, teacher, labels, scale, cfg))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError(
-                "fastkd: the fused loss keeps one copy of its gradient and rescales it in place, "
-                "so it can be backpropagated only once (retain_graph=True is not supported)")
-        ctx.consumed = True
-        grad, deferred_scale = ctx.saved_tensors
-        factor = grad_output.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-        if deferred_scale is not None:
-            factor = factor * deferred_scale
-        _kernels(ctx.backend_name).scale_grad_(grad, factor)
-        return (grad,) + (None,) * 7
+        return (_fused_backward(ctx, grad_output),) + (None,) * 7
+
+
+class SparseKDLossFunction(torch.autograd.Function):
+    """The sparse-teacher twin of :class:`KDLossFunction` (teacher: ids and log-probs)."""
+
+    @staticmethod
+    def forward(ctx, student, ids, logprobs, labels, grad_scale, backend_name, reduced, inplace, cfg):
+        kernels = _kernels(backend_name)
+        return _fused_forward(
+            ctx, student, grad_scale, backend_name, reduced, inplace,
+            lambda scale: kernels.sparse_forward(student, ids, logprobs, labels, scale, cfg),
+            lambda scale: kernels.sparse_forward_inplace(student, ids, logprobs, labels, scale, cfg))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        return (_fused_backward(ctx, grad_output),) + (None,) * 8
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -82,4 +112,23 @@ def fused_kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: Optional
                                  loss_dtype(student, teacher))
     reduced = cfg.reduction != "none"
     out = KDLossFunction.apply(s2, t2.detach(), flat_labels, grad_scale, backend, reduced, inplace, cfg)
+    return out if reduced else out.reshape(lead)
+
+
+def fused_sparse_kd_loss(student: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                         labels: Optional[torch.Tensor], cfg, num_items, backend: str,
+                         inplace: bool) -> torch.Tensor:
+    """A backend's fused sparse kernel on checked input: the reduced (or per-token) loss."""
+    lead = student.shape[:-1]
+    s2 = _as_rows(student)
+    K = teacher_ids.shape[-1]
+    ids = teacher_ids.reshape(-1, K).contiguous()
+    logprobs = teacher_logprobs.detach().reshape(-1, K).contiguous()
+    flat_labels = None
+    if labels is not None:
+        flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    grad_scale = reduction_scale(flat_labels, s2.shape[0], cfg, num_items, student.device,
+                                 loss_dtype(student, logprobs))
+    reduced = cfg.reduction != "none"
+    out = SparseKDLossFunction.apply(s2, ids, logprobs, flat_labels, grad_scale, backend, reduced, inplace, cfg)
     return out if reduced else out.reshape(lead)

@@ -170,3 +170,72 @@ def reduction_scale(
         return torch.full((), 1.0, dtype=dtype, device=device) / num_items
     n_valid = (labels != cfg.ignore_index).sum().clamp_min(1)
     return n_valid.to(dtype).reciprocal()
+
+
+# ---------------------------------------------------------------------------------------
+# Sparse teachers: K ids and their log-probabilities per token (fastkd/sparse.py).
+
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+def check_sparse_teacher(teacher_ids, teacher_logprobs, lead_shape, device) -> None:
+    """Types, dtypes, shapes ``[..., K]`` and devices of a sparse teacher; constant log-probs."""
+    if not isinstance(teacher_ids, torch.Tensor):
+        raise TypeError(f"teacher_ids must be a torch.Tensor, got {type(teacher_ids).__name__}")
+    if teacher_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"teacher_ids must be an int32 or int64 tensor, got {teacher_ids.dtype}")
+    check_float_tensor("teacher_logprobs", teacher_logprobs, "[..., K]")
+    if teacher_ids.dim() == 0 or tuple(teacher_ids.shape[:-1]) != tuple(lead_shape):
+        raise ValueError(f"teacher_ids must have shape [..., K] with leading shape {tuple(lead_shape)} (the "
+                         f"student's token shape), got {tuple(teacher_ids.shape)}")
+    if tuple(teacher_logprobs.shape) != tuple(teacher_ids.shape):
+        raise ValueError(f"teacher_logprobs must have the shape of teacher_ids {tuple(teacher_ids.shape)}, "
+                         f"got {tuple(teacher_logprobs.shape)}")
+    for name, x in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but the student is on {device}")
+    check_teacher_is_constant("teacher_logprobs", teacher_logprobs)
+
+
+def check_sparse_ids(teacher_ids: torch.Tensor, vocab_size: int) -> None:
+    """On the CPU (free there; a host sync on a GPU, a data-dependent branch under
+    torch.compile): every id < 0 (an empty slot) or in [0, vocab_size), and no id twice in
+    one token's support. Where skipped, the kernels give such a row a NaN loss."""
+    if teacher_ids.device.type != "cpu" or teacher_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    ids = teacher_ids.reshape(-1, teacher_ids.shape[-1])
+    bad = ids >= vocab_size
+    if bool(bad.any()):
+        raise ValueError(f"teacher_ids must be in [0, {vocab_size}) (vocab_size) or < 0 for an empty slot; "
+                         f"found {ids[bad][0].item()}")
+    if ids.shape[-1] > 1:
+        ordered = ids.sort(dim=-1).values
+        dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+        if bool(dup.any()):
+            row = int(dup.any(-1).nonzero()[0, 0])
+            value = ordered[row, 1:][dup[row]][0].item()
+            raise ValueError(f"teacher_ids must not repeat an id within a token's support; token {row} (of the "
+                             f"flattened tokens) has id {value} twice")
+
+
+def check_sparse_kd_args(student, teacher_ids, teacher_logprobs, labels, cfg: KDConfig, num_items=None,
+                         student_name: str = "student_logits", student_width: Optional[int] = None):
+    """The tensors of one ``sparse_kd_loss`` call: (config with vocab_size, num_items).
+
+    ``student_width`` is the student's vocabulary (the logits' last dimension by default;
+    the LM head's rows for the fused-linear form, whose ``student`` is the hidden states).
+    """
+    if student_width is None:
+        check_logits(student_name, student)
+        student_width = student.shape[-1]
+    lead = student.shape[:-1]
+    check_sparse_teacher(teacher_ids, teacher_logprobs, lead, student.device)
+    vocab_size = cfg.vocab_size
+    if vocab_size is None:
+        vocab_size = student_width
+    elif vocab_size > student_width:
+        raise ValueError(f"vocab_size must be in [1, {student_width}] (the student's vocabulary), got {vocab_size}")
+    cfg = cfg.with_vocab_size(vocab_size)
+    check_sparse_ids(teacher_ids, vocab_size)
+    check_labels(labels, lead, student.device, cfg)
+    return cfg, check_num_items(num_items, cfg.reduction)

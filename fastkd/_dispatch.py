@@ -66,11 +66,12 @@ def check_backend_name(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, op: str = "dense") -> str:
     """The backend that will run: ``auto`` (or ``FASTKD_BACKEND``) resolved for ``device``.
 
-    An explicitly requested backend that cannot run on ``device`` is an error, not a
-    silent fallback.
+    ``op`` is ``dense`` (kd_loss) or ``sparse`` (sparse_kd_loss): ``auto`` skips backends
+    without kernels for it. An explicitly requested backend that cannot run on ``device``
+    (or lacks ``op``) is an error, not a silent fallback.
     """
     check_backend_name(backend)
     source = "backend="
@@ -83,7 +84,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("torch",)):
             kernels = get_backend(name)
-            if kernels is not None and kernels.supports(device):
+            if kernels is not None and kernels.has(op) and kernels.supports(device):
                 return name
         return "torch"
     kernels = get_backend(backend)
@@ -92,13 +93,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if not kernels.supports(device):
         hint = " (set TRITON_INTERPRET=1 before importing fastkd to run Triton on the CPU)" if backend == "triton" else ""
         raise ValueError(f"{source}{backend!r} cannot run on {device.type} tensors{hint}")
+    if not kernels.has(op):
+        raise ValueError(f"{source}{backend!r} has no {op} kernels (yet); use backend='auto' or 'torch'")
     return backend
 
 
 def backend_for(backend: str, device: torch.device, *dtypes: torch.dtype,
-                what: str = "logits") -> KernelBackend:
+                what: str = "logits", op: str = "dense") -> KernelBackend:
     """The resolved backend for tensors of ``device`` and ``dtypes``; refuses a dtype it lacks."""
-    name = resolve_backend(backend, device)
+    name = resolve_backend(backend, device, op)
     kernels = get_backend(name)
     for dtype in dtypes:
         if dtype not in kernels.dtypes:

@@ -11,7 +11,10 @@ compares the two).
 
 Adding a scalar setting: a field here (with its check and doc), its name in
 ``INT_SETTINGS``/``FLOAT_SETTINGS`` if a kernel reads it, the same in ``kd_params.h``, and
-the kernels that use it. Nothing else changes.
+the kernels that use it. Nothing else changes. A setting that only sparse teachers have
+(``tail``) is a field of :class:`SparseKDConfig` instead, which the sparse functions list
+(``takes_settings(config=SparseKDConfig)``) and ``kd_loss`` does not; its kernel ints follow
+the dense ones (``SPARSE_INT_SETTINGS``).
 
 Settings checks need no tensors, so modules validate at construction. Tensor checks
 (shapes, dtypes, devices) are in ``fastkd/_checks.py``. Every check is traceable by
@@ -32,6 +35,8 @@ import torch
 # The kernels' divergence ids are the positions in this tuple (csrc/kd_params.h: Divergence).
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
+# The sparse kernels' tail ids are the positions in this tuple (csrc/kd_params.h: Tail).
+TAILS = ("bucket", "renorm", "none")
 
 # ---------------------------------------------------------------------------------------
 # Traceable checks of one value.
@@ -176,27 +181,60 @@ class KDConfig:
         if vocab_size == self.vocab_size:
             return self
         # The constructor, not dataclasses.replace: torch.compile (2.4) cannot trace the latter.
-        values = {name: getattr(self, name) for name in SETTING_NAMES}
+        values = {name: getattr(self, name) for name, _, _ in self._SPECS}
         values["vocab_size"] = vocab_size
-        return KDConfig(**values)
+        return type(self)(**values)
 
     def kernel_settings(self) -> Tuple[List[int], List[float]]:
-        """The settings kernels read, as (ints, floats) in INT_SETTINGS / FLOAT_SETTINGS order."""
-        return [getattr(self, n) for n in INT_SETTINGS], [getattr(self, n) for n in FLOAT_SETTINGS]
+        """The settings kernels read, as (ints, floats) in INT_SETTINGS / FLOAT_SETTINGS order
+        (SPARSE_INT_SETTINGS for a :class:`SparseKDConfig`)."""
+        return [getattr(self, n) for n in self._INTS], [getattr(self, n) for n in FLOAT_SETTINGS]
 
     def changed_settings(self) -> dict:
         """The settings that differ from their defaults (for a module's repr)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
 
 
-# (name, default, check) of every setting; a plain tuple, which torch.compile can trace
-# (it cannot trace dataclasses.fields).
-_SETTINGS = tuple((f.name, f.default, f.metadata["check"]) for f in fields(KDConfig))
-SETTING_NAMES = tuple(name for name, _, _ in _SETTINGS)
+@dataclass(frozen=True)
+class SparseKDConfig(KDConfig):
+    """The settings of a sparse-teacher loss (``sparse_kd_loss``): those of :class:`KDConfig`
+    and ``tail``, which only a teacher given on a support of K ids has. Build it with
+    ``make_config(..., config=SparseKDConfig)``.
 
-# The kernel boundary. csrc/kd_params.h unpacks the same names in the same order.
+    ``tail="none"`` is forward KL only (the check is here, so a module fails at construction).
+    """
+
+    tail: str = setting(
+        "bucket", _one_of(TAILS),
+        "the teacher mass outside its K ids: ``bucket`` (default; one extra bin holding 1 - P for the "
+        "teacher and 1 - Q for the student, exact for every divergence), ``renorm`` (both sides "
+        "renormalised over the K ids) or ``none`` (sum over the K ids of p (log p - log q), forward KL "
+        "only, biased). See docs/sparse.md.")
+
+    @property
+    def tail_id(self) -> int:
+        return TAILS.index(self.tail)
+
+
+# (name, default, check) of every setting of a config class; a plain tuple, which
+# torch.compile can trace (it cannot trace dataclasses.fields). Set on the classes after
+# their definition, so the dataclass machinery does not take it for a field.
+def _specs(config_class) -> tuple:
+    return tuple((f.name, f.default, f.metadata["check"]) for f in fields(config_class))
+
+
+_SETTINGS = _specs(KDConfig)
+SETTING_NAMES = tuple(name for name, _, _ in _SETTINGS)
+SPARSE_SETTING_NAMES = tuple(name for name, _, _ in _specs(SparseKDConfig))
+
+# The kernel boundary. csrc/kd_params.h unpacks the same names in the same order. The
+# sparse operators take the dense ints followed by the sparse-only ones.
 INT_SETTINGS = ("divergence_id", "ignore_index", "vocab_size")
+SPARSE_INT_SETTINGS = INT_SETTINGS + ("tail_id",)
 FLOAT_SETTINGS = ("inv_temperature", "beta", "div_weight", "ce_weight")
+
+KDConfig._SPECS, KDConfig._INTS = _SETTINGS, INT_SETTINGS
+SparseKDConfig._SPECS, SparseKDConfig._INTS = _specs(SparseKDConfig), SPARSE_INT_SETTINGS
 
 
 def resolve_divergence(divergence: str, beta) -> str:
@@ -208,32 +246,39 @@ def resolve_divergence(divergence: str, beta) -> str:
     return divergence
 
 
-def make_config(caller: str = "make_config", **settings) -> KDConfig:
+def make_config(caller: str = "make_config", *, config=KDConfig, **settings) -> KDConfig:
     """Validate the loss settings (no tensors needed) and return the frozen config.
 
-    ``caller`` names the public function in the error for an unknown keyword.
+    ``caller`` names the public function in the error for an unknown keyword; ``config``
+    is the config class (:class:`KDConfig`, or :class:`SparseKDConfig` for the sparse
+    losses, which add ``tail``).
     """
     values = {}
-    for name, default, check in _SETTINGS:
+    specs = config._SPECS
+    for name, default, check in specs:
         values[name] = check(name, settings.pop(name, default))
     if settings:
         name = next(iter(settings))
         raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}; "
-                        f"the loss settings are {', '.join(SETTING_NAMES)}")
+                        f"the loss settings are {', '.join(n for n, _, _ in specs)}")
     values["divergence"] = resolve_divergence(values["divergence"], values["beta"])
-    return KDConfig(**values)
+    if values.get("tail") == "none" and values["divergence"] != "forward_kl":
+        raise ValueError(f"tail='none' is forward KL only (sum over the K ids of p (log p - log q)); "
+                         f"got divergence={values['divergence']!r}: use tail='bucket' or 'renorm'")
+    return config(**values)
 
 
 class KernelSettings:
     """The kernel settings unpacked from (ints, floats) by name, for Python kernels (Triton)."""
 
+    INTS = INT_SETTINGS
     __slots__ = INT_SETTINGS + FLOAT_SETTINGS
 
     def __init__(self, ints, floats):
-        if len(ints) != len(INT_SETTINGS) or len(floats) != len(FLOAT_SETTINGS):
-            raise ValueError(f"fastkd: expected {len(INT_SETTINGS)} int and {len(FLOAT_SETTINGS)} float settings, "
+        if len(ints) != len(self.INTS) or len(floats) != len(FLOAT_SETTINGS):
+            raise ValueError(f"fastkd: expected {len(self.INTS)} int and {len(FLOAT_SETTINGS)} float settings, "
                              f"got {len(ints)} and {len(floats)}")
-        for name, value in zip(INT_SETTINGS + FLOAT_SETTINGS, tuple(ints) + tuple(floats)):
+        for name, value in zip(self.INTS + FLOAT_SETTINGS, tuple(ints) + tuple(floats)):
             setattr(self, name, value)
 
     @property
@@ -241,36 +286,49 @@ class KernelSettings:
         return DIVERGENCES[self.divergence_id]
 
 
+class SparseKernelSettings(KernelSettings):
+    """The sparse operators' settings (SPARSE_INT_SETTINGS, FLOAT_SETTINGS) by name."""
+
+    INTS = SPARSE_INT_SETTINGS
+    __slots__ = ("tail_id",)
+
+    @property
+    def tail(self) -> str:
+        return TAILS[self.tail_id]
+
+
 # ---------------------------------------------------------------------------------------
 # Public signatures: the settings as keyword-only parameters, documented once.
 
-def settings_parameters(**defaults) -> List[inspect.Parameter]:
-    """The settings as keyword-only parameters (``defaults`` overrides a default)."""
+def settings_parameters(config=KDConfig, **defaults) -> List[inspect.Parameter]:
+    """The settings of ``config`` (a config class) as keyword-only parameters (``defaults``
+    overrides a default)."""
     return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(f.name, f.default))
-            for f in fields(KDConfig)]
+            for f in fields(config)]
 
 
-def settings_doc(indent: str = "        ") -> str:
+def settings_doc(indent: str = "        ", config=KDConfig) -> str:
     """The settings' documentation, one entry each, for a public docstring."""
-    return "\n".join(f"{indent}{f.name}: {f.metadata['doc']}" for f in fields(KDConfig))
+    return "\n".join(f"{indent}{f.name}: {f.metadata['doc']}" for f in fields(config))
 
 
-def takes_settings(func=None, *, after: Tuple[str, ...] = ()):
+def takes_settings(func=None, *, after: Tuple[str, ...] = (), config=KDConfig):
     """Give ``func(..., **settings)`` a signature and docstring that list every setting.
 
-    ``help()``, IDEs and ``inspect.signature`` then show the settings as keyword-only
-    parameters; ``{settings}`` in the docstring becomes their documentation. The
-    parameters named in ``after`` (call options such as ``backend``) go after them.
+    ``help()``, IDEs and ``inspect.signature`` then show the settings (the fields of
+    ``config``: :class:`KDConfig`, or :class:`SparseKDConfig` for the sparse losses) as
+    keyword-only parameters; ``{settings}`` in the docstring becomes their documentation.
+    The parameters named in ``after`` (call options such as ``backend``) go after them.
     """
     if func is None:
-        return lambda f: takes_settings(f, after=after)
+        return lambda f: takes_settings(f, after=after, config=config)
     sig = inspect.signature(func)
     params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     head = [p for p in params if p.name not in after]
     tail = [p for p in params if p.name in after]
     taken = {p.name for p in params}
     func.__signature__ = sig.replace(
-        parameters=head + [p for p in settings_parameters() if p.name not in taken] + tail)
+        parameters=head + [p for p in settings_parameters(config) if p.name not in taken] + tail)
     if func.__doc__ and "{settings}" in func.__doc__:
-        func.__doc__ = func.__doc__.replace("{settings}", settings_doc().lstrip())
+        func.__doc__ = func.__doc__.replace("{settings}", settings_doc(config=config).lstrip())
     return func

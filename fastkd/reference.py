@@ -72,7 +72,14 @@ def loss_per_row(
     t = teacher.detach().to(dtype)
     log_q = F.log_softmax(s / cfg.temperature, dim=-1)
     log_p = F.log_softmax(t / cfg.temperature, dim=-1)
-    loss = cfg.div_weight * divergence_per_row(log_p, log_q, cfg.divergence, cfg.beta)
+    return add_hard_label_term(cfg.div_weight * divergence_per_row(log_p, log_q, cfg.divergence, cfg.beta),
+                               s, labels, cfg)
+
+
+def add_hard_label_term(loss: torch.Tensor, s: torch.Tensor, labels: Optional[torch.Tensor],
+                        cfg: KDConfig) -> torch.Tensor:
+    """``loss`` (the weighted divergence per row) plus ``ce_weight * CE(s, labels)`` (raw
+    logits, T = 1), zero at ignored rows; shared by the dense and sparse references."""
     if labels is not None:
         valid = labels != cfg.ignore_index
         if cfg.ce_weight != 0.0:

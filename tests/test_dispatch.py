@@ -51,6 +51,11 @@ def test_every_backend_fills_the_contract():
     _dispatch._register_all()
     for backend in _dispatch._BACKENDS.values():
         for field in dataclasses.fields(KernelBackend):
-            if field.name != "differentiable_loss":
+            # Optional: the torch backend's autograd graphs, and the sparse kernels (a
+            # backend without them is skipped by auto for sparse_kd_loss).
+            if field.name not in ("differentiable_loss", "differentiable_sparse_loss", "sparse_forward",
+                                  "sparse_forward_inplace"):
                 assert getattr(backend, field.name) is not None, (backend.name, field.name)
+        assert (backend.sparse_forward is None) == (backend.sparse_forward_inplace is None), backend.name
     assert _dispatch.get_backend("torch").differentiable_loss is not None
+    assert _dispatch.get_backend("torch").differentiable_sparse_loss is not None

@@ -27,6 +27,22 @@ d(sum_rows loss * grad_scale)/d student in the student's dtype. Folding the redu
 scale into the kernel means backward only multiplies by ``grad_output``, and the kernels
 skip even that when it is 1, without a host sync.
 
+Sparse (top-k / sampled) teachers have their own operators (``fastkd.sparse_kd_loss``;
+the math per row, with its gradients, is in ``fastkd/sparse_reference.py`` and
+docs/sparse.md, and written for kernel authors in the kernels' header comments)::
+
+    sparse_kd_forward(student, ids, logprobs, labels?, grad_scale, int[] ints, float[] floats)
+        -> (loss [N], grad)
+    sparse_kd_forward_inplace(student!, ...same...) -> loss [N]   # the gradient overwrites student
+
+``student`` is [N, Vs] (unit stride along the vocabulary), ``ids`` [N, K] int32 or int64
+and ``logprobs`` [N, K] float32/bfloat16/float16 (float64 where the backend takes it),
+both contiguous; ``ints`` are :data:`fastkd.config.SPARSE_INT_SETTINGS` (the dense ints,
+then ``tail_id``), ``floats`` as for ``kd_forward``. An id < 0 is an empty slot (its
+log-prob is never read as a number); the Python layer has checked ids on the CPU, and a
+kernel gives a row with an id >= vocab_size or an id twice a NaN loss and gradient. The
+sparse operators have no ``row_stats`` argument (yet). ``scale_grad_`` is shared.
+
 Backends register with ``fastkd._dispatch`` on first use; nothing here imports Triton or
 loads the C++ extension.
 """
@@ -38,7 +54,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..config import DIVERGENCES
+from ..config import DIVERGENCES, TAILS
 
 ROW_STATS_WIDTH = 5  # (max_s, sumexp_s, max_t, sumexp_t, sumexp_raw); maxes in units of s/T
 LOW_PRECISION_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
@@ -104,7 +120,18 @@ class KernelBackend:
     supports: Callable[[torch.device], bool]
     dtypes: Tuple[torch.dtype, ...] = LOW_PRECISION_AND_FP32
     differentiable_loss: Optional[Callable] = None
+    # Sparse teachers: sparse_forward(student, ids, logprobs, labels, grad_scale, cfg) ->
+    # (loss rows, grad), sparse_forward_inplace(...) -> loss rows, with a SparseKDConfig;
+    # differentiable_sparse_loss(student, ids, logprobs, labels, cfg, num_items) as above.
+    # None where the backend has no sparse kernels (dispatch then skips it for them).
     shard: Optional[ShardPhases] = None
+    sparse_forward: Optional[Callable] = None
+    sparse_forward_inplace: Optional[Callable] = None
+    differentiable_sparse_loss: Optional[Callable] = None
+
+    def has(self, op: str) -> bool:
+        """Whether the backend runs ``op``: ``dense`` (kd_loss) or ``sparse`` (sparse_kd_loss)."""
+        return op == "dense" or self.sparse_forward is not None or self.differentiable_sparse_loss is not None
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,6 +177,42 @@ def check_operator_args(student, teacher, labels, grad_scale, row_stats, k, dtyp
                          "on the logits' device")
 
 
+def check_sparse_operator_args(student, ids, logprobs, labels, grad_scale, k, dtypes) -> None:
+    """The sparse operators' tensors and unpacked settings ``k``
+    (:class:`fastkd.config.SparseKernelSettings`), for sparse operators written in Python."""
+    if student.dim() != 2 or student.stride(1) != 1:
+        raise ValueError(f"fastkd: student must be 2-D [N, V] with unit stride along V, got {tuple(student.shape)}")
+    n = student.shape[0]
+    if ids.dim() != 2 or ids.shape[0] != n or tuple(logprobs.shape) != tuple(ids.shape):
+        raise ValueError(f"fastkd: ids and logprobs must be [N, K] with N = {n}, got {tuple(ids.shape)} and "
+                         f"{tuple(logprobs.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64) or not ids.is_contiguous() or not logprobs.is_contiguous():
+        raise ValueError("fastkd: ids must be int32/int64 and ids, logprobs contiguous")
+    if ids.device != student.device or logprobs.device != student.device:
+        raise ValueError("fastkd: ids and logprobs must be on the student's device")
+    if student.dtype not in dtypes or logprobs.dtype not in dtypes:
+        raise TypeError(f"fastkd: this backend takes {', '.join(str(d).replace('torch.', '') for d in dtypes)} "
+                        f"student logits and log-probs, got {student.dtype} and {logprobs.dtype}")
+    if not 1 <= k.vocab_size <= student.shape[1]:
+        raise ValueError(f"fastkd: vocab_size {k.vocab_size} must be in [1, {student.shape[1]}]")
+    if not 0 <= k.divergence_id < len(DIVERGENCES) or not 0 <= k.tail_id < len(TAILS):
+        raise ValueError("fastkd: unknown divergence or tail id")
+    divergence = DIVERGENCES[k.divergence_id]
+    if TAILS[k.tail_id] == "none" and not (divergence == "forward_kl" or (divergence == "jsd" and k.beta == 0.0)):
+        raise ValueError("fastkd: tail 'none' is forward KL only")
+    if not (k.inv_temperature > 0.0 and math.isfinite(k.inv_temperature)):
+        raise ValueError("fastkd: inv_temperature must be finite and > 0 (temperature > 0)")
+    if not 0.0 <= k.beta <= 1.0:
+        raise ValueError("fastkd: beta must be in [0, 1]")
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != n or labels.dtype != torch.int64
+                               or not labels.is_contiguous() or labels.device != student.device):
+        raise ValueError("fastkd: labels must be a contiguous int64 [N] tensor on the logits' device")
+    if k.ce_weight != 0.0 and labels is None:
+        raise ValueError("fastkd: ce_weight != 0 needs labels")
+    if grad_scale.numel() != 1 or grad_scale.device != student.device:
+        raise ValueError("fastkd: grad_scale must be a one-element tensor on the logits' device")
+
+
 def check_scale_grad_args(grad, factor) -> None:
     """The scale_grad_ operator's tensors: a 2-D gradient with unit stride along the
     vocabulary, and a factor of 1 or N elements on the gradient's device (a kernel would
@@ -179,6 +242,15 @@ def fake_forward(student, teacher, labels, grad_scale, row_stats, ints, floats):
 
 def fake_forward_inplace(student, teacher, labels, grad_scale, row_stats, ints, floats):
     return student.new_empty((student.shape[0],), dtype=loss_dtype(student, teacher))
+
+
+def fake_sparse_forward(student, ids, logprobs, labels, grad_scale, ints, floats):
+    loss = student.new_empty((student.shape[0],), dtype=loss_dtype(student, logprobs))
+    return loss, student.new_empty(student.shape)
+
+
+def fake_sparse_forward_inplace(student, ids, logprobs, labels, grad_scale, ints, floats):
+    return student.new_empty((student.shape[0],), dtype=loss_dtype(student, logprobs))
 
 
 def fake_row_stats(student, teacher, ints, floats):

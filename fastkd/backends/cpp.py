@@ -19,7 +19,8 @@ import warnings
 import torch
 
 from . import (KernelBackend, ShardPhases, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_,
-               fake_shard_row_stats, fake_shard_row_sums, fake_shard_write_grad)
+               fake_shard_row_stats, fake_shard_row_sums, fake_shard_write_grad, fake_sparse_forward,
+               fake_sparse_forward_inplace)
 
 EXT_NAME = "fastkd_C"
 
@@ -225,6 +226,17 @@ def backends() -> tuple:
                      ("shard_write_grad", fake_shard_write_grad)):
         torch.library.register_fake(f"fastkd::{op}")(fake)
     ops = torch.ops.fastkd
+    # An extension built before the sparse operators existed has none (no sparse kernels then).
+    has_sparse = hasattr(ext, "sparse_int_settings")
+    if has_sparse:
+        torch.library.register_fake("fastkd::sparse_kd_forward")(fake_sparse_forward)
+        torch.library.register_fake("fastkd::sparse_kd_forward_inplace")(fake_sparse_forward_inplace)
+
+    def sparse_forward(student, ids, logprobs, labels, grad_scale, cfg):
+        return ops.sparse_kd_forward(student, ids, logprobs, labels, grad_scale, *cfg.kernel_settings())
+
+    def sparse_forward_inplace(student, ids, logprobs, labels, grad_scale, cfg):
+        return ops.sparse_kd_forward_inplace(student, ids, logprobs, labels, grad_scale, *cfg.kernel_settings())
 
     def forward(student, teacher, labels, grad_scale, cfg, row_stats=None):
         return ops.kd_forward(student, teacher, labels, grad_scale, row_stats, *cfg.kernel_settings())
@@ -233,7 +245,9 @@ def backends() -> tuple:
         return ops.kd_forward_inplace(student, teacher, labels, grad_scale, row_stats, *cfg.kernel_settings())
 
     cpu = KernelBackend("cpu", forward, forward_inplace, ops.scale_grad_, lambda device: device.type == "cpu",
-                        dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), shard=shard_phases(ops))
+                        dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), shard=shard_phases(ops),
+                        sparse_forward=sparse_forward if has_sparse else None,
+                        sparse_forward_inplace=sparse_forward_inplace if has_sparse else None)
     if not getattr(ext, "with_cuda", False):
         return (cpu,)
     return cpu, KernelBackend("cuda", forward, forward_inplace, ops.scale_grad_, _runs_on_cuda,

@@ -25,6 +25,14 @@ few numbers per row between the phases, never logits:
 A "float" is 4 bytes (8 for float64 logits). So forward/reverse KL need two collectives
 and two passes over the slice, JSD and TVD three and three; the loss is the same on every
 rank, and each rank's gradient is its slice of the full one.
+
+Precision: reverse KL's centring sum is its value from round 2, without the peaked-row
+split of the single-process kernels (sums over the entries other than one with q > 1/2),
+which needs sums that exclude the row's argmax. At fp32, for a row whose student puts
+nearly all its mass on one token, that token's gradient then carries an error of about
+1e-7 |log q - log p| absolute instead of 1e-6 relative (a row at q_max = 1 - 1e-7: its
+gradient, itself ~1e-7, is wrong by 100%; the whole batch's gradient by far less). JSD
+and TVD, whose row sums have a round of their own, match the single-process kernels.
 """
 from __future__ import annotations
 

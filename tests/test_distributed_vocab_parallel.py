@@ -396,8 +396,8 @@ def cases_triton(rank, world):
                vocab_size=50, explicit_start=True, beta=0.2)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the gloo ranks hold CPU tensors: Triton runs on them under TRITON_INTERPRET=1 only")
 def test_triton_shard_phases_2_ranks(group2):
     pytest.importorskip("triton")
     group2.run("cases_triton")

@@ -25,6 +25,14 @@ few numbers per row between the phases, never logits:
 A "float" is 4 bytes (8 for float64 logits). So forward/reverse KL need two collectives
 and two passes over the slice, JSD and TVD three and three; the loss is the same on every
 rank, and each rank's gradient is its slice of the full one.
+
+Precision: reverse KL's centring sum is its value from round 2, without the peaked-row
+split of the single-process kernels (sums over the entries other than one with q > 1/2),
+which needs sums that exclude the row's argmax. At fp32, for a row whose student puts
+nearly all its mass on one token, that token's gradient then carries an error of about
+1e-7 |log q - log p| absolute instead of 1e-6 relative (a row at q_max = 1 - 1e-7: its
+gradient, itself ~1e-7, is wrong by 100%; the whole batch's gradient by far less). JSD
+and TVD, whose row sums have a round of their own, match the single-process kernels.
 """
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ from .._autograd import fused_kd_loss
 from .._checks import (FLOAT_DTYPES, check_label_tensor, check_labels, check_logits, check_num_items,
                        check_same_tokens)
 from .._dispatch import backend_for
-from ..backends import KernelBackend, loss_dtype
+from ..backends import ROW_SUMS_WIDTH, SHARD_STATS_WIDTH, KernelBackend, loss_dtype
 from ..config import REDUCTIONS, KDConfig, make_config, takes_settings
 
 # The handshake's int64 fields, one row per rank.
@@ -189,9 +197,10 @@ def _from_local_max(m_local, m_global, scale: float = 1.0):
     return torch.where(torch.isneginf(m_local), torch.zeros_like(factor), factor)
 
 
-class _ShardedRows:
+class ShardedRows:
     """The forward of one call, as a KernelBackend ``forward``: 2-D logits of this rank's
-    slice in, the global per-row loss and this slice's gradient out."""
+    slice in, the global per-row loss and this slice's gradient out (every rank calls it
+    with the same rows: it runs the rounds' collectives)."""
 
     def __init__(self, phases, group, vocab_start: int, counted: int, check_label_found: bool):
         self.phases = phases
@@ -201,14 +210,14 @@ class _ShardedRows:
         self.check_label_found = check_label_found
 
     def __call__(self, student, teacher, labels, grad_scale, cfg: KDConfig):
-        n, width = student.shape
+        n = student.shape[0]
         dtype = loss_dtype(student, teacher)
         local_cfg = cfg.with_vocab_size(max(self.counted, 1))
         divergence, with_ce = cfg.divergence, cfg.ce_weight != 0.0
         if self.counted > 0:
             part = self.phases.row_stats(student, teacher, local_cfg)
         else:  # a slice wholly past vocab_size: nothing of it counts
-            part = torch.zeros((n, 6), dtype=dtype, device=student.device)
+            part = torch.zeros((n, SHARD_STATS_WIDTH), dtype=dtype, device=student.device)
             part[:, 0] = part[:, 2] = -math.inf
 
         # Round 1: the global maxima.
@@ -254,7 +263,7 @@ class _ShardedRows:
             if self.counted > 0:
                 row_sums = self.phases.row_sums(student, teacher, stats, local_cfg)
             else:
-                row_sums = torch.zeros((n, 5), dtype=dtype, device=student.device)
+                row_sums = torch.zeros((n, ROW_SUMS_WIDTH), dtype=dtype, device=student.device)
             dist.all_reduce(row_sums, op=dist.ReduceOp.SUM, group=self.group)
             if divergence == "tvd":
                 value = row_sums[:, 0]
@@ -320,14 +329,23 @@ def vocab_parallel_kd_loss(
         backend: ``auto``, ``cpu``, ``cuda``, ``triton`` or ``torch``: whose per-shard phases run.
     """
     cfg = make_config("vocab_parallel_kd_loss", **settings)
+    kernels, num_items, rows, cfg = shard_rows(student_shard, teacher_shard, labels, cfg, num_items, backend, group,
+                                               vocab_start)
+    sharded = KernelBackend(f"{kernels.name}+vocab_parallel", rows, _no_inplace, kernels.scale_grad_,
+                            kernels.supports, kernels.dtypes)
+    return fused_kd_loss(student_shard, teacher_shard, labels, cfg, num_items, sharded, False)
+
+
+def shard_rows(student_shard, teacher_shard, labels, cfg: KDConfig, num_items, backend: str, group, vocab_start):
+    """The checks of one call (and the handshake without vocab_start) and where this rank's
+    slice lies: (kernels, num_items, ShardedRows, cfg with the global vocab_size)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (dist.init_process_group)")
+    width = student_shard.shape[-1] if isinstance(student_shard, torch.Tensor) else 0
     if vocab_start is not None:  # nothing to tell the other ranks: a local error is raised here
         kernels, num_items = _local_checks(student_shard, teacher_shard, labels, cfg, num_items, backend,
                                            vocab_start)
-        counted = student_shard.shape[-1] if cfg.vocab_size is None else \
-            min(max(cfg.vocab_size - vocab_start, 0), student_shard.shape[-1])
-        global_vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_start + student_shard.shape[-1]
+        global_vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_start + width
         check_found = True
     else:
         local_error = None
@@ -336,14 +354,10 @@ def vocab_parallel_kd_loss(
         except (TypeError, ValueError) as exc:
             local_error = exc
         widths = _handshake(student_shard, teacher_shard, labels, cfg, num_items, local_error, group)
-        rank = dist.get_rank(group)
-        vocab_start = sum(widths[:rank])
+        vocab_start = sum(widths[:dist.get_rank(group)])
         global_vocab = sum(widths) if cfg.vocab_size is None else cfg.vocab_size
-        counted = min(max(global_vocab - vocab_start, 0), student_shard.shape[-1])
         check_found = False
+    counted = min(max(global_vocab - vocab_start, 0), width)  # this slice's columns below vocab_size
+    rows = ShardedRows(kernels.shard, group, vocab_start, counted, check_found)
     # The global vocab_size, for the reduction's and the checks' view of the config.
-    cfg = cfg.with_vocab_size(global_vocab)
-    rows = _ShardedRows(kernels.shard, group, vocab_start, counted, check_found)
-    sharded = KernelBackend(f"{kernels.name}+vocab_parallel", rows, _no_inplace, kernels.scale_grad_,
-                            kernels.supports, kernels.dtypes)
-    return fused_kd_loss(student_shard, teacher_shard, labels, cfg, num_items, sharded, False)
+    return kernels, num_items, rows, cfg.with_vocab_size(global_vocab)

@@ -78,13 +78,13 @@ LOW_PRECISION_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 #       sums (additive across shards):
 #         jsd  (sum q, sum q h, sum q, sum q h, sum p (log p - log m)): the first two over
 #              the entries with q <= 1/2 + 2^-10, the next two over the others (peaked
-#              rows); h = log q - log m (reverse_kl, when asked: h = log q - log p, last
-#              column 0)
+#              rows); h = log q - log m
+#         reverse_kl  the same with h = log q - log p, last column 0
 #         tvd  (1/2 sum |q - p|, sum of q where q > p, where q < p, where q = p, 0)
 #   shard_write_grad(student, teacher, labels?, grad_scale, row_stats, row_sums?, int vocab_start,
 #                    int[] ints, Tensor floats) -> grad
 #       the shard's gradient from the global statistics (and, for reverse_kl/jsd/tvd, the
-#       global row sums; reverse_kl's may be (1, KL(q||p), 0, 0, 0)); labels are global
+#       global row sums); labels are global
 #       ids, the one-hot of the CE term lands where label - vocab_start is a column of the
 #       shard. Ignored rows get zeros.
 #

@@ -88,12 +88,15 @@ def row_sums(student, teacher, stats, cfg):
         dq = q - p
         return torch.stack([0.5 * dq.abs().sum(-1), torch.where(dq > 0, q, 0).sum(-1),
                             torch.where(dq < 0, q, 0).sum(-1), torch.where(dq == 0, q, 0).sum(-1), zero], dim=1)
-    if cfg.divergence != "jsd":
-        raise ValueError(f"fastkd: shard_row_sums is for jsd and tvd, got {cfg.divergence}")
-    beta = cfg.beta
-    log_m = _log_m(log_q, log_p, beta)
-    h = _jsd_h(log_q, log_m)
-    kl_pm = _times(p, log_p - log_m).sum(-1)
+    if cfg.divergence == "reverse_kl":
+        h = torch.where(q == 0, torch.zeros_like(log_q), log_q - log_p)
+        kl_pm = zero
+    elif cfg.divergence == "jsd":
+        log_m = _log_m(log_q, log_p, cfg.beta)
+        h = _jsd_h(log_q, log_m)
+        kl_pm = _times(p, log_p - log_m).sum(-1)
+    else:
+        raise ValueError(f"fastkd: shard_row_sums is for reverse_kl, jsd and tvd, got {cfg.divergence}")
     qh = _times(q, h)
     big = q > PEAKED
     return torch.stack([torch.where(big, 0, q).sum(-1), torch.where(big, 0, qh).sum(-1),

@@ -22,7 +22,7 @@ every rank the full hidden-state gradient: the backward of the column-parallel l
 as they are, without a copy/all-reduce wrapper of its own (that would sum twice).
 
 Collectives per call: the handshake's all_gather (without ``vocab_start=``; it also
-checks the ranks agree), 2 per chunk (forward/reverse KL) or 3 (JSD, TVD), and one
+checks the ranks agree), 2 per chunk (forward KL) or 3 (reverse KL, JSD, TVD), and one
 all-reduce of ``N x H`` hidden-gradient entries when the hidden states require grad.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from . import vocab_parallel as vp
 
 # ---------------------------------------------------------------------------------------
 # This rank's place in the vocabulary, and the per-chunk kernel: built from
-# vocab_parallel.py's handshake and per-shard rows (_handshake, _label_range, _ShardedRows),
+# vocab_parallel.py's handshake and per-shard rows (_handshake, _label_range, ShardedRows),
 # the same steps vocab_parallel_kd_loss takes for logits slices.
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def vocab_parallel_fused_linear_kd_loss(
     n, width = flat_hs.shape[0], ws.shape[0]
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(n, width, _logits_dtype(ws), _logits_dtype(wt), device)
-    rows = vp._ShardedRows(kernels.shard, group, layout.vocab_start, layout.counted, layout.check_label_found)
+    rows = vp.ShardedRows(kernels.shard, group, layout.vocab_start, layout.counted, layout.check_label_found)
     grad_enabled = torch.is_grad_enabled()
     plan = Plan(
         cfg=cfg, backend=kernels.name, chunk_size=chunk_size,

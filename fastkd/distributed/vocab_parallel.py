@@ -18,21 +18,19 @@ few numbers per row between the phases, never logits:
                 -> every rank has the row's log-normalisers, and forward/reverse KL and CE
                    values: KL(p||q) = A / S_t - delta, KL(q||p) = B / S_s + delta, with
                    delta = lse_t - lse_s, A = sum e^(b - M_t) (b - a), B = sum e^(a - M_s) (a - b)
-    row_sums    (jsd, tvd) local pass with the global statistics: the centring sums
-    round 3     (jsd, tvd) all_reduce(SUM) of the row sums: 5 floats per row
+    row_sums    (reverse_kl, jsd, tvd) local pass with the global statistics: the centring sums
+    round 3     (reverse_kl, jsd, tvd) all_reduce(SUM) of the row sums: 5 floats per row
     write_grad  local pass: the slice's gradient from the global statistics and sums
 
-A "float" is 4 bytes (8 for float64 logits). So forward/reverse KL need two collectives
-and two passes over the slice, JSD and TVD three and three; the loss is the same on every
+A "float" is 4 bytes (8 for float64 logits). So forward KL needs two collectives and two
+passes over the slice, reverse KL, JSD and TVD three and three; the loss is the same on every
 rank, and each rank's gradient is its slice of the full one.
 
-Precision: reverse KL's centring sum is its value from round 2, without the peaked-row
-split of the single-process kernels (sums over the entries other than one with q > 1/2),
-which needs sums that exclude the row's argmax. At fp32, for a row whose student puts
-nearly all its mass on one token, that token's gradient then carries an error of about
-1e-7 |log q - log p| absolute instead of 1e-6 relative (a row at q_max = 1 - 1e-7: its
-gradient, itself ~1e-7, is wrong by 100%; the whole batch's gradient by far less). JSD
-and TVD, whose row sums have a round of their own, match the single-process kernels.
+Reverse KL takes the third round too, though round 2 already gives its value: its
+gradient's centring sum must be split around a peaked entry (the sums over the entries
+other than one with q > 1/2, as in the single-process kernels), or a row whose student
+puts nearly all its mass on one token loses that token's gradient in fp32 (at
+q_max = 1 - 1e-7 it was wrong by 100% when the sum came from round 2).
 """
 from __future__ import annotations
 
@@ -256,16 +254,17 @@ class ShardedRows:
         row_sums = None
         if divergence == "forward_kl":
             value = g["value"] / sum_t - delta
-        elif divergence == "reverse_kl":
-            value = g["value"] / sum_s + delta  # sum q (log q - log p): the centring sum itself
-            row_sums = torch.stack([torch.ones_like(value), value, zero, zero, zero], dim=1)
         else:  # Round 3: the centring sums.
             if self.counted > 0:
                 row_sums = self.phases.row_sums(student, teacher, stats, local_cfg)
             else:
                 row_sums = torch.zeros((n, ROW_SUMS_WIDTH), dtype=dtype, device=student.device)
             dist.all_reduce(row_sums, op=dist.ReduceOp.SUM, group=self.group)
-            if divergence == "tvd":
+            if divergence == "reverse_kl":
+                # The value from round 2; the gradient's centring sums from this round,
+                # split around a peaked entry as the single-process kernels split them.
+                value = g["value"] / sum_s + delta
+            elif divergence == "tvd":
                 value = row_sums[:, 0]
             else:
                 beta = cfg.beta

@@ -20,17 +20,15 @@ struct ForwardArgs {
   ExactParams exact;                   // the same settings in double
 };
 
-// One sparse-teacher call (sparse_kd_forward), checked: K ids and log-probabilities per
-// row instead of teacher logits (fastkd/sparse_reference.py has the math).
+// A sparse teacher's call (ops.cpp: sparse_kd_forward): K ids and log-probs per row.
 struct SparseForwardArgs {
   at::Tensor student;                  // [N, Vs], unit stride along the vocab
-  at::Tensor ids;                      // [N, K] int32 or int64, contiguous
+  at::Tensor ids;                      // [N, K] int32 or int64, contiguous; < 0: empty slot
   at::Tensor logprobs;                 // [N, K] floating, contiguous
   c10::optional<at::Tensor> labels;    // [N] int64, contiguous
   at::Tensor grad_scale;               // scalar: the reduction's 1/denominator
-  KDParams params;
+  KDParams params;                     // with .tail
   ExactParams exact;
-  int tail;                            // fastkd/config.py TAILS: 0 bucket, 1 renorm, 2 none
 };
 
 // The shape/device/stride/vocab_size checks of a student-teacher logits pair.
@@ -48,9 +46,13 @@ struct DeviceOps {
   // grad *= factor (one element, or one per row), skipped when it is exactly 1.
   void (*scale_grad)(at::Tensor& grad, const at::Tensor& factor);
   // Sparse teachers: per-row loss into `loss`, gradient into `grad` (may be the student);
-  // nullptr where the device has no sparse kernel.
-  void (*sparse_forward)(const SparseForwardArgs& args, at::Tensor& loss, at::Tensor& grad);
+  // nullptr where the device has no sparse kernel yet.
+  void (*sparse_forward)(const SparseForwardArgs& args, at::Tensor& loss, at::Tensor& grad) = nullptr;
 };
+
+namespace cpu {
+void sparse_forward(const SparseForwardArgs& args, at::Tensor& loss, at::Tensor& grad);
+}
 
 namespace cpu {
 const DeviceOps& device_ops();

@@ -7,6 +7,8 @@
 namespace fastkd {
 
 enum class Divergence : int { ForwardKL = 0, ReverseKL = 1, JSD = 2, TVD = 3 };
+// How a sparse teacher's mass outside its K ids counts (fastkd/config.py: TAILS).
+enum class Tail : int { Bucket = 0, Renorm = 1, None = 2 };
 
 // Row statistics of one token, in the layout of the `row_stats` op (float32 [N, 5]).
 // Max and sum-exp are kept apart (not folded into a log-sum-exp) so that a vocab-parallel
@@ -35,6 +37,7 @@ struct Settings {
   Real ce_weight;          // 1 - alpha
   int64_t ignore_index;
   int64_t vocab_size;      // columns that count, <= both tensors' widths
+  Tail tail;               // sparse operators only (unpack_sparse_settings); Bucket elsewhere
 };
 using KDParams = Settings<float>;
 using ExactParams = Settings<double>;
@@ -49,6 +52,11 @@ constexpr const char* kIntSettingNames[kNumIntSettings] = {"divergence_id", "ign
 constexpr const char* kFloatSettingNames[kNumFloatSettings] = {"inv_temperature", "beta", "div_weight",
                                                                "ce_weight"};
 constexpr int kNumDivergences = 4;
+// The sparse operators take the dense ints followed by these (SPARSE_INT_SETTINGS).
+enum SparseIntSetting : int { kTailId = kNumIntSettings, kNumSparseIntSettings };
+constexpr const char* kSparseIntSettingNames[kNumSparseIntSettings] = {"divergence_id", "ignore_index",
+                                                                       "vocab_size", "tail_id"};
+constexpr int kNumTails = 3;
 
 // Why the packed settings are invalid, or nullptr when they are valid.
 inline const char* settings_error(const int64_t* ints, const double* floats) {
@@ -78,6 +86,24 @@ inline Settings<Real> unpack_settings(const int64_t* ints, const double* floats)
   p.ce_weight = static_cast<Real>(floats[kCeWeight]);
   p.ignore_index = ints[kIgnoreIndex];
   p.vocab_size = ints[kVocabSize];
+  p.tail = Tail::Bucket;
+  return p;
+}
+
+// Why the packed sparse settings are invalid, or nullptr (ints has kNumSparseIntSettings).
+inline const char* sparse_settings_error(const int64_t* ints, const double* floats) {
+  if (const char* error = settings_error(ints, floats)) return error;
+  if (ints[kTailId] < 0 || ints[kTailId] >= kNumTails) return "unknown tail id";
+  const bool forward_kl = ints[kDivergenceId] == static_cast<int>(Divergence::ForwardKL) ||
+                          (ints[kDivergenceId] == static_cast<int>(Divergence::JSD) && floats[kBeta] == 0.0);
+  if (ints[kTailId] == static_cast<int>(Tail::None) && !forward_kl) return "tail 'none' is forward KL only";
+  return nullptr;
+}
+
+template <typename Real>
+inline Settings<Real> unpack_sparse_settings(const int64_t* ints, const double* floats) {
+  Settings<Real> p = unpack_settings<Real>(ints, floats);
+  p.tail = static_cast<Tail>(ints[kTailId]);
   return p;
 }
 

@@ -6,6 +6,9 @@
 //   kd_forward_inplace(student!, ...same...) -> loss [N]    (the gradient overwrites student)
 //   row_stats(student, teacher, int[] ints, float[] floats) -> [N, 5] float32
 //   scale_grad_(grad!, factor)                              (backward: grad *= factor)
+//   sparse_kd_forward(student, ids, logprobs, labels?, grad_scale, int[] ints, float[] floats)
+//       -> (loss [N], grad)                                 (a sparse teacher: K ids per row)
+//   sparse_kd_forward_inplace(student!, ...same...) -> loss [N]
 //
 // `ints`/`floats` are the loss settings packed by fastkd/config.py and unpacked by
 // kd_params.h. Inputs are 2-D with unit stride along the vocabulary; the Python layer
@@ -138,6 +141,72 @@ void scale_grad_(at::Tensor& grad, const at::Tensor& factor) {
   ops_for(grad).scale_grad(grad, factor);
 }
 
+// The entry check of the sparse operators (the sparse twin of check_forward_args).
+SparseForwardArgs check_sparse_args(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+                                    const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
+                                    at::IntArrayRef ints, at::ArrayRef<double> floats) {
+  TORCH_CHECK(ints.size() == kNumSparseIntSettings && floats.size() == kNumFloatSettings, "fastkd: expected ",
+              int(kNumSparseIntSettings), " int and ", int(kNumFloatSettings), " float settings, got ", ints.size(),
+              " and ", floats.size(), " (fastkd._C is older or newer than the Python package: rebuild it)");
+  const char* error = sparse_settings_error(ints.data(), floats.data());
+  TORCH_CHECK(error == nullptr, "fastkd: ", error);
+  SparseForwardArgs args{student, ids, logprobs, labels, grad_scale,
+                         unpack_sparse_settings<float>(ints.data(), floats.data()),
+                         unpack_sparse_settings<double>(ints.data(), floats.data())};
+  const int64_t n = student.dim() == 2 ? student.size(0) : -1;
+  TORCH_CHECK(student.dim() == 2 && student.stride(1) == 1 && at::isFloatingType(student.scalar_type()),
+              "fastkd: student must be a floating 2-D [N, V] tensor with unit stride along V, got ", student.sizes());
+  TORCH_CHECK(args.params.vocab_size >= 1 && args.params.vocab_size <= student.size(1), "fastkd: vocab_size ",
+              args.params.vocab_size, " must be in [1, ", student.size(1), "]");
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == n && logprobs.sizes() == ids.sizes(),
+              "fastkd: ids and logprobs must be [N, K] with N = ", n, ", got ", ids.sizes(), " and ", logprobs.sizes());
+  TORCH_CHECK((ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt) && ids.is_contiguous(),
+              "fastkd: ids must be a contiguous int32 or int64 tensor");
+  TORCH_CHECK(at::isFloatingType(logprobs.scalar_type()) && logprobs.is_contiguous(),
+              "fastkd: logprobs must be a contiguous floating tensor");
+  TORCH_CHECK(ids.device() == student.device() && logprobs.device() == student.device(),
+              "fastkd: ids and logprobs must be on the student's device");
+  if (labels) {
+    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n && labels->scalar_type() == at::kLong &&
+                    labels->is_contiguous() && labels->device() == student.device(),
+                "fastkd: labels must be a contiguous int64 [N] tensor on the logits' device");
+  }
+  TORCH_CHECK(grad_scale.numel() == 1 && grad_scale.device() == student.device(),
+              "fastkd: grad_scale must be a one-element tensor on the logits' device");
+  TORCH_CHECK(args.exact.ce_weight == 0.0 || labels, "fastkd: ce_weight != 0 needs labels");
+  return args;
+}
+
+void run_sparse(const SparseForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
+  const DeviceOps& device = ops_for(args.student);
+  TORCH_CHECK(device.sparse_forward != nullptr, "fastkd: no sparse kernel for ", args.student.device(),
+              " tensors in this build");
+  device.sparse_forward(args, loss, grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_kd_forward(const at::Tensor& student, const at::Tensor& ids,
+                                                     const at::Tensor& logprobs,
+                                                     const c10::optional<at::Tensor>& labels,
+                                                     const at::Tensor& grad_scale, at::IntArrayRef ints,
+                                                     at::ArrayRef<double> floats) {
+  const SparseForwardArgs args = check_sparse_args(student, ids, logprobs, labels, grad_scale, ints, floats);
+  at::Tensor loss = empty_loss(student, logprobs);
+  at::Tensor grad = ops_for(student).empty_grad(student);
+  run_sparse(args, loss, grad);
+  return {loss, grad};
+}
+
+at::Tensor sparse_kd_forward_inplace(at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+                                     const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
+                                     at::IntArrayRef ints, at::ArrayRef<double> floats) {
+  const SparseForwardArgs args = check_sparse_args(student, ids, logprobs, labels, grad_scale, ints, floats);
+  at::Tensor loss = empty_loss(student, logprobs);
+  // The kernels read every value of a row they need (statistics, the support's and the
+  // label's logits) before the row's gradient is written.
+  run_sparse(args, loss, student);
+  return loss;
+}
+
 std::vector<std::string> names(const char* const* list, int n) { return std::vector<std::string>(list, list + n); }
 
 }  // namespace
@@ -152,6 +221,12 @@ TORCH_LIBRARY(fastkd, m) {
       "Tensor? row_stats, int[] ints, float[] floats) -> Tensor");
   m.def("row_stats(Tensor student, Tensor teacher, int[] ints, float[] floats) -> Tensor");
   m.def("scale_grad_(Tensor(a!) grad, Tensor factor) -> ()");
+  m.def(
+      "sparse_kd_forward(Tensor student, Tensor ids, Tensor logprobs, Tensor? labels, Tensor grad_scale, "
+      "int[] ints, float[] floats) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_kd_forward_inplace(Tensor(a!) student, Tensor ids, Tensor logprobs, Tensor? labels, "
+      "Tensor grad_scale, int[] ints, float[] floats) -> Tensor");
 }
 
 // One implementation per operator, registered for each device the build has.
@@ -159,7 +234,9 @@ TORCH_LIBRARY(fastkd, m) {
   m.impl("kd_forward", &fastkd::kd_forward);             \
   m.impl("kd_forward_inplace", &fastkd::kd_forward_inplace); \
   m.impl("row_stats", &fastkd::row_stats);               \
-  m.impl("scale_grad_", &fastkd::scale_grad_)
+  m.impl("scale_grad_", &fastkd::scale_grad_);                     \
+  m.impl("sparse_kd_forward", &fastkd::sparse_kd_forward);         \
+  m.impl("sparse_kd_forward_inplace", &fastkd::sparse_kd_forward_inplace)
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) { FASTKD_REGISTER_OPS(m); }
 #ifdef FASTKD_WITH_CUDA
@@ -175,6 +252,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Bytes held by freed CPU gradient buffers kept for reuse");
   m.attr("int_settings") = fastkd::names(fastkd::kIntSettingNames, fastkd::kNumIntSettings);
   m.attr("float_settings") = fastkd::names(fastkd::kFloatSettingNames, fastkd::kNumFloatSettings);
+  m.attr("sparse_int_settings") = fastkd::names(fastkd::kSparseIntSettingNames, fastkd::kNumSparseIntSettings);
 #define FASTKD_STR(...) #__VA_ARGS__
 #define FASTKD_XSTR(...) FASTKD_STR(__VA_ARGS__)
   // What the CPU kernel was compiled for (python -m fastkd.info reports it): the widest

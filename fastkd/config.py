@@ -11,7 +11,10 @@ compares the two).
 
 Adding a scalar setting: a field here (with its check and doc), its name in
 ``INT_SETTINGS``/``FLOAT_SETTINGS`` if a kernel reads it, the same in ``kd_params.h``, and
-the kernels that use it. Nothing else changes.
+the kernels that use it. Nothing else changes. A setting that only sparse teachers have
+(``tail``) is a field of :class:`SparseKDConfig` instead, which the sparse functions list
+(``takes_settings(config=SparseKDConfig)``) and ``kd_loss`` does not; its kernel ints follow
+the dense ones (``SPARSE_INT_SETTINGS``).
 
 Settings checks need no tensors, so modules validate at construction. Tensor checks
 (shapes, dtypes, devices) are in ``fastkd/_checks.py``. Every check is traceable by

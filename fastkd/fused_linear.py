@@ -62,7 +62,7 @@ def chunk_budget_bytes(device: torch.device) -> int:
 
 
 def auto_chunk_size(n_rows: int, vocab_size: int, student_logits_dtype: torch.dtype,
-                    teacher_logits_dtype: torch.dtype, device: torch.device) -> int:
+                    teacher_logits_dtype: Optional[torch.dtype], device: torch.device) -> int:
     """Rows per chunk: as many as fit the budget, then evened out over the chunks.
 
     ``rows = budget // (V * (bytes of a student + a teacher logit))``; with
@@ -71,7 +71,8 @@ def auto_chunk_size(n_rows: int, vocab_size: int, student_logits_dtype: torch.dt
     """
     if n_rows <= 0:
         return 1
-    row_bytes = vocab_size * (_itemsize(student_logits_dtype) + _itemsize(teacher_logits_dtype))
+    teacher_bytes = 0 if teacher_logits_dtype is None else _itemsize(teacher_logits_dtype)  # None: a sparse teacher
+    row_bytes = vocab_size * (_itemsize(student_logits_dtype) + teacher_bytes)
     rows = max(1, chunk_budget_bytes(device) // row_bytes)
     n_chunks = -(-n_rows // rows)
     return -(-n_rows // n_chunks)
@@ -142,14 +143,51 @@ class Projection:
 
 
 # ---------------------------------------------------------------------------------------
+# The teacher of one call, chunk by chunk: dense (hidden states and LM head -> logits) or
+# sparse (K ids and log-probs per token, fused_linear_sparse_kd_loss). Each gives the
+# kernel's teacher arguments for a chunk of rows.
+
+class DenseTeacher:
+    """Logits chunks ``hidden @ weight.T + bias`` (in a reused buffer where the matmul can
+    write into one); the last chunk's buffer is dead once the kernel ran, a spare."""
+
+    def __init__(self, plan: "Plan", ht, wt, bt, n: int):
+        self.projection = Projection(wt, bt, plan.cfg.vocab_size, plan.teacher_mode)
+        self.hidden = ht
+        self.buf = None
+        if plan.teacher_mode != "native" and n > 0:
+            chunk = max(1, min(plan.chunk_size, n))
+            self.buf = torch.empty((chunk, plan.cfg.vocab_size), dtype=self.projection.logits_dtype, device=ht.device)
+        self.spare = None
+
+    def chunk(self, start: int, end: int) -> tuple:
+        out = None if self.buf is None else self.buf[:end - start]
+        self.spare = self.projection.logits(self.hidden[start:end], out)
+        return (self.spare,)
+
+
+class SparseTeacher:
+    def __init__(self, ids, logprobs):
+        self.ids, self.logprobs = ids, logprobs
+        self.spare = None
+
+    def chunk(self, start: int, end: int) -> tuple:
+        return self.ids[start:end], self.logprobs[start:end]
+
+
+# ---------------------------------------------------------------------------------------
 # The chunk loop.
 
-KernelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]
+KernelFn = Callable[..., torch.Tensor]
 
 
-def _kernel_fn(backend: str, cfg: KDConfig) -> KernelFn:
-    """(student chunk, teacher chunk, labels, grad_scale) -> loss rows; grad written in place."""
-    kernels = get_backend(backend)
+def _kernel_fn(plan: "Plan") -> KernelFn:
+    """(student chunk, *teacher chunk, labels, grad_scale) -> loss rows; grad written in place."""
+    kernels = get_backend(plan.backend)
+    cfg = plan.cfg
+    if plan.op == "sparse":
+        return lambda student, ids, logprobs, labels, grad_scale: kernels.sparse_forward_inplace(
+            student, ids, logprobs, labels, grad_scale, cfg)
     return lambda student, teacher, labels, grad_scale: kernels.forward_inplace(
         student, teacher, labels, grad_scale, cfg)
 
@@ -166,6 +204,7 @@ class Plan:
     want_hidden_grad: bool
     want_weight_grad: bool
     want_bias_grad: bool
+    op: str = "dense"  # "sparse": the teacher tensors are (ids, logprobs)
 
     @property
     def reduced(self) -> bool:
@@ -176,19 +215,21 @@ class Plan:
         return self.want_hidden_grad or self.want_weight_grad or self.want_bias_grad
 
 
-def chunked_loss(plan: Plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
+def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_scale,
                  row_scale: Optional[torch.Tensor], with_grads: bool):
     """Loss rows [N] fp32 and, when ``with_grads``, (grad_hidden, grad_weight, grad_bias).
 
-    ``grad_scale`` (device scalar) is folded into the kernel's gradient; ``row_scale``
-    ([N] or None) multiplies each row's gradient afterwards (``reduction="none"``).
+    ``teacher_tensors`` are (hidden, weight, bias) of a dense teacher or (ids, logprobs) of
+    a sparse one (``plan.op``). ``grad_scale`` (device scalar) is folded into the kernel's
+    gradient; ``row_scale`` ([N] or None) multiplies each row's gradient afterwards
+    (``reduction="none"``).
     """
     cfg = plan.cfg
     V = cfg.vocab_size
     n = hs.shape[0]
     student = Projection(ws, bs, V, plan.student_mode)
-    teacher = Projection(wt, bt, V, plan.teacher_mode)
-    kernel = _kernel_fn(plan.backend, cfg)
+    teacher = SparseTeacher(*teacher_tensors) if plan.op == "sparse" else DenseTeacher(plan, *teacher_tensors, n)
+    kernel = _kernel_fn(plan)
 
     want_h = with_grads and plan.want_hidden_grad
     want_w = with_grads and plan.want_weight_grad
@@ -212,22 +253,20 @@ def chunked_loss(plan: Plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
 
     loss = torch.empty((n,), dtype=student.logits_dtype, device=hs.device)  # float64 stays float64
     chunk = max(1, min(plan.chunk_size, n))
-    # Reused buffers where the matmul can write into them (the native mode allocates per
+    # A reused buffer where the matmul can write into it (the native mode allocates per
     # chunk; CUDA's caching allocator hands back the same blocks).
-    s_buf = t_buf = None
+    s_buf = None
     if plan.student_mode != "native" and n > 0:
         s_buf = torch.empty((chunk, V), dtype=student.logits_dtype, device=hs.device)
-    if plan.teacher_mode != "native" and n > 0:
-        t_buf = torch.empty((chunk, V), dtype=teacher.logits_dtype, device=ht.device)
 
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         rows = end - start
-        h_s, h_t = hs[start:end], ht[start:end]
+        h_s = hs[start:end]
         s_logits = student.logits(h_s, None if s_buf is None else s_buf[:rows])
-        t_logits = teacher.logits(h_t, None if t_buf is None else t_buf[:rows])
+        teacher_args = teacher.chunk(start, end)
         lab = None if labels is None else labels[start:end]
-        loss[start:end] = kernel(s_logits, t_logits, lab, grad_scale)
+        loss[start:end] = kernel(s_logits, *teacher_args, lab, grad_scale)
         if not with_grads or not plan.any_grad:
             continue
         dlogits = s_logits  # the kernel overwrote the logits with d loss / d logits
@@ -236,7 +275,7 @@ def chunked_loss(plan: Plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
         if want_b:
             grad_b[:V] += dlogits.sum(0)
         if plan.student_mode == "native":
-            dl = _low_precision_copy(dlogits, t_logits, ws.dtype)
+            dl = _low_precision_copy(dlogits, teacher.spare, ws.dtype)
             if want_h:
                 torch.mm(dl, student.weight, out=grad_h[start:end])
             if want_w:
@@ -271,7 +310,7 @@ def _low_precision_copy(dlogits: torch.Tensor, spare: torch.Tensor, dtype: torch
     half-width copy with room to spare, which saves a [chunk, V] allocation.
     """
     rows, width = dlogits.shape
-    if spare.dtype == torch.float32 and spare.is_contiguous() and spare.shape == dlogits.shape:
+    if spare is not None and spare.dtype == torch.float32 and spare.is_contiguous() and spare.shape == dlogits.shape:
         out = spare.view(dtype)[:, :width]
         out.copy_(dlogits)
         return out
@@ -282,20 +321,23 @@ def _low_precision_copy(dlogits: torch.Tensor, spare: torch.Tensor, dtype: torch
 # Autograd.
 
 class FusedLinearKDFunction(torch.autograd.Function):
+    """``teacher``: (hidden, weight, bias) of a dense teacher or (ids, logprobs) of a sparse
+    one (``plan.op``); constants."""
+
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, grad_scale, plan: Plan):
+    def forward(ctx, hs, ws, bs, labels, grad_scale, plan: Plan, *teacher):
         ctx.plan = plan
-        ctx.shapes = (hs.shape, ws.shape)
+        ctx.n_teacher = len(teacher)
         with torch.autocast(hs.device.type, enabled=False):
             if plan.reduced:
-                loss_rows, grads = chunked_loss(plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
+                loss_rows, grads = chunked_loss(plan, hs, ws, bs, teacher, labels, grad_scale,
                                                 None, with_grads=plan.any_grad)
                 ctx.save_for_backward(*grads)
                 return loss_rows.sum() * grad_scale
             # reduction="none": the per-token grad_output arrives only in backward.
-            loss_rows, _ = chunked_loss(plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
+            loss_rows, _ = chunked_loss(plan, hs, ws, bs, teacher, labels, grad_scale,
                                         None, with_grads=False)
-            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels, grad_scale)
+            ctx.save_for_backward(hs, ws, bs, labels, grad_scale, *teacher)
             return loss_rows
 
     @staticmethod
@@ -314,12 +356,12 @@ class FusedLinearKDFunction(torch.autograd.Function):
                     _scale_(g, grad_output, plan.backend)
             grad_h, grad_w, grad_b = grads
         else:
-            hs, ws, bs, ht, wt, bt, labels, grad_scale = ctx.saved_tensors
+            hs, ws, bs, labels, grad_scale, *teacher = ctx.saved_tensors
             with torch.autocast(hs.device.type, enabled=False):
                 _, (grad_h, grad_w, grad_b) = chunked_loss(
-                    plan, hs, ws, bs, ht, wt, bt, labels, grad_scale,
+                    plan, hs, ws, bs, tuple(teacher), labels, grad_scale,
                     grad_output.reshape(-1), with_grads=True)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return (grad_h, grad_w, grad_b, None, None, None) + (None,) * ctx.n_teacher
 
 
 def _scale_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> None:
@@ -504,8 +546,8 @@ def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hid
     grad_scale = reduction_scale(flat_labels, n, cfg, num_items, device,
                                  torch.float64 if student_weight.dtype == torch.float64 else torch.float32)
     out = FusedLinearKDFunction.apply(
-        hs, student_weight, student_bias, ht, teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), flat_labels, grad_scale, plan)
+        hs, student_weight, student_bias, flat_labels, grad_scale, plan,
+        ht, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
     return out if cfg.reduction != "none" else out.reshape(lead)
 
 

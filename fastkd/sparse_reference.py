@@ -121,6 +121,10 @@ def sparse_divergence_per_row(rows: SparseRows, cfg: SparseKDConfig) -> torch.Te
 def sparse_loss_per_row(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
                         labels: Optional[torch.Tensor], cfg: SparseKDConfig) -> torch.Tensor:
     """Per-token loss [N] for 2-D student logits cut to ``cfg.vocab_size`` and [N, K] ids/log-probs."""
+    if labels is not None:
+        # Ignored tokens take no part in the graph: an infinite D there (reverse KL against
+        # an empty teacher tail) would otherwise send 0 * inf = NaN back through the mask.
+        student = torch.where((labels != cfg.ignore_index).unsqueeze(-1), student, student.detach())
     rows = SparseRows(student, ids, logprobs, cfg)
     return add_hard_label_term(cfg.div_weight * sparse_divergence_per_row(rows, cfg), rows.s, labels, cfg)
 

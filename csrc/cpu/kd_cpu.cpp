@@ -44,19 +44,13 @@
 
 #include "../dispatch.h"
 #include "../kd_op.h"
+#include "cpu_rows.h"
 #include "fast_math.h"
 #include "grad_buffer_cache.h"
 
 namespace fastkd {
 namespace cpu {
 namespace {
-
-constexpr int64_t kChunk = 1024;  // entries per chunk: both sides' chunk fits in L1
-
-template <typename Acc>
-constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
-
-inline int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
 
 // The row cache of one thread, in the accumulation type, reused across rows and calls.
 template <typename Acc>
@@ -88,30 +82,6 @@ struct Stats {
   double sum_t = 0.0;
   double sum_raw = 0.0;  // sum exp(s - T max_s): the T = 1 softmax of the CE term
 };
-
-// Moves a running sum-exp from reference max `old_max` to `new_max`.
-template <typename Acc>
-inline double rescale(double sum, Acc old_max, Acc new_max, Acc factor) {
-  return old_max == new_max || sum == 0.0 ? sum : sum * static_cast<double>(exp_approx(factor * (old_max - new_max)));
-}
-
-// sum_i exp(x_i - m) over one chunk, storing the terms; all zero when m = -inf (a chunk
-// with nothing but -inf so far: exp(-inf - -inf) would be NaN).
-template <typename Acc>
-inline Acc exp_chunk(const Acc* x, Acc m, int64_t n, Acc* e) {
-  Acc z = 0;
-  if (m == kNegInf<Acc>) {
-    for (int64_t i = 0; i < n; ++i) e[i] = 0;
-    return z;
-  }
-#pragma omp simd reduction(+ : z)
-  for (int64_t i = 0; i < n; ++i) {
-    const Acc v = exp_approx(x[i] - m);
-    e[i] = v;
-    z += v;
-  }
-  return z;
-}
 
 // Phase row_stats: one sweep of s and t into the row cache, and the row statistics into
 // `st`. With `fixed` set, the maxima come from `st` (external row statistics) and only the
@@ -523,26 +493,6 @@ struct RowKernel {
   }
 };
 
-// Rows are handed out a few at a time from a shared counter rather than split into one
-// fixed block per thread: on a shared VM a thread that loses its core for a while would
-// otherwise leave the others idle (or spinning) until its block is done.
-template <typename F>
-void for_each_row(int64_t n_rows, const F& f) {
-  constexpr int64_t kRowsPerGrab = 4;
-  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), (n_rows + kRowsPerGrab - 1) / kRowsPerGrab);
-  if (n_threads <= 1) {
-    for (int64_t r = 0; r < n_rows; ++r) f(r);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
-    for (int64_t r0 = next.fetch_add(kRowsPerGrab); r0 < n_rows; r0 = next.fetch_add(kRowsPerGrab)) {
-      const int64_t r1 = std::min(r0 + kRowsPerGrab, n_rows);
-      for (int64_t r = r0; r < r1; ++r) f(r);
-    }
-  });
-}
-
 template <typename TS, typename TT>
 void run_rows(const RowKernel<TS, TT>& k, int64_t n_rows) {
   for_each_row(n_rows, [&](int64_t r) { k(r); });
@@ -645,7 +595,7 @@ void op_scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
 }  // namespace
 
 const DeviceOps& device_ops() {
-  static const DeviceOps ops{&op_empty_grad, &op_forward, &op_row_stats, &op_scale_grad};
+  static const DeviceOps ops{&op_empty_grad, &op_forward, &op_row_stats, &op_scale_grad, &sparse_forward};
   return ops;
 }
 

@@ -18,7 +18,8 @@ import warnings
 
 import torch
 
-from . import KernelBackend, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_
+from . import (KernelBackend, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_,
+               fake_sparse_forward, fake_sparse_forward_inplace)
 
 EXT_NAME = "fastkd_C"
 
@@ -222,6 +223,17 @@ def backends() -> tuple:
                      ("row_stats", fake_row_stats), ("scale_grad_", fake_scale_grad_)):
         torch.library.register_fake(f"fastkd::{op}")(fake)
     ops = torch.ops.fastkd
+    # An extension built before the sparse operators existed has none (no sparse kernels then).
+    has_sparse = hasattr(ext, "sparse_int_settings")
+    if has_sparse:
+        torch.library.register_fake("fastkd::sparse_kd_forward")(fake_sparse_forward)
+        torch.library.register_fake("fastkd::sparse_kd_forward_inplace")(fake_sparse_forward_inplace)
+
+    def sparse_forward(student, ids, logprobs, labels, grad_scale, cfg):
+        return ops.sparse_kd_forward(student, ids, logprobs, labels, grad_scale, *cfg.kernel_settings())
+
+    def sparse_forward_inplace(student, ids, logprobs, labels, grad_scale, cfg):
+        return ops.sparse_kd_forward_inplace(student, ids, logprobs, labels, grad_scale, *cfg.kernel_settings())
 
     def forward(student, teacher, labels, grad_scale, cfg, row_stats=None):
         return ops.kd_forward(student, teacher, labels, grad_scale, row_stats, *cfg.kernel_settings())
@@ -230,7 +242,9 @@ def backends() -> tuple:
         return ops.kd_forward_inplace(student, teacher, labels, grad_scale, row_stats, *cfg.kernel_settings())
 
     cpu = KernelBackend("cpu", forward, forward_inplace, ops.scale_grad_, lambda device: device.type == "cpu",
-                        dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
+                        dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
+                        sparse_forward=sparse_forward if has_sparse else None,
+                        sparse_forward_inplace=sparse_forward_inplace if has_sparse else None)
     if not getattr(ext, "with_cuda", False):
         return (cpu,)
     return cpu, KernelBackend("cuda", forward, forward_inplace, ops.scale_grad_, _runs_on_cuda)

@@ -1,0 +1,401 @@
+/*
+ * Fused loss and gradient against a sparse teacher (K ids and log-probs per token) on the CPU.
+ *
+ * The math is pinned in fastkd/sparse_reference.py and docs/sparse.md; per row, with
+ * a = s/T over the vocab_size columns, S the valid ids (id >= 0), lp_j their log-probs:
+ *
+ *   row_stats   ONE read of the student row into the thread's row cache: chunked online
+ *               softmax as in kd_cpu.cpp (e_i = exp(a_i - m(c))), except that the support's
+ *               entries are set to -inf before the exponentials, so the running sum is
+ *               sum_off = sum_{i not in S} exp(a_i - M): the student's tail 1 - Q comes from
+ *               the complement's own sum, never as 1 - Q (which cancels as Q -> 1). The K
+ *               support logits are gathered on the way (in double), and with the CE term at
+ *               T != 1 the full T = 1 sum-exp.
+ *   row_sums    over the K + 1 bins only, in double: log q_j = a_j - lse with
+ *               lse = M + log(sum_off + sum_S); log(1 - Q) = log sum_off - log(sum_off + sum_S);
+ *               lse_P = logsumexp_S lp, log(1 - P) = log(-expm1(lse_P)) (exact as P -> 1; a
+ *               P >= 1 leaves the teacher's tail empty); both tails empty when S is the whole
+ *               vocabulary. Then D and dD/da per bin:
+ *     bucket    bins (p_j, q_j) and (1 - P, 1 - Q); the dense divergence on them. It is the
+ *               dense loss on the implicit teacher p~ (p on S, q (1-P)/(1-Q) off S), so every
+ *               entry off S has dD/da_i = q_i c_off with one per-row factor:
+ *                 forward_kl  support q_j - p_j                c_off = 1 - (1-P)/(1-Q)
+ *                 reverse_kl  support q_j (h_j - D)           c_off = h_tail - D,  h = log q - log p
+ *                 jsd         support (1-b) q_j (h_j - H)      c_off = (1-b)(h_tail - H), h = log q - log m,
+ *                                                                      H = sum_bins q h
+ *                 tvd         support q_j (h_j - H)           c_off = h_tail - H,  h = sign(q - p)/2
+ *     renorm    bins p_j / P and q^_j = exp(a_j - lse_S): the same formulas on the K bins,
+ *               c_off = 0; no row_stats pass at all unless the CE term needs the softmax.
+ *               An empty support (no id, or P = 0) contributes 0.
+ *     none      D = sum_S p (lp - log q) (forward KL only): support P q_j - p_j, c_off = P.
+ *   write_grad  ONE write of the gradient row from the cache: g_i = scale (w_div/T q_i c_off +
+ *               w_ce softmax(s)_i); then the K support entries and the label entry are
+ *               rewritten with their own values (computed in double), zeros past vocab_size.
+ *
+ * Two units of memory traffic per row (read s, write g) against the dense kernel's three
+ * (s, t, g). Empty slots (id < 0) are never read as numbers; an id >= vocab_size or an id
+ * twice in a row gives that row a NaN loss and gradient (the Python layer raises on CPU
+ * tensors before), as an out-of-range label does. 0 log 0 = 0 throughout.
+ *
+ * Precision: fp32/bf16/fp16 input sums in fp32 within 1024-entry chunks and in double
+ * across them; the K + 1 bins are in double; float64 input runs in double with libm.
+ */
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../dispatch.h"
+#include "../kd_op.h"
+#include "cpu_rows.h"
+#include "fast_math.h"
+#include "grad_buffer_cache.h"
+
+namespace fastkd {
+namespace cpu {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// One valid support slot of a row. Slots are sorted by id (the sweep masks them chunk by
+// chunk, and a repeated id shows up as two neighbours).
+struct Slot {
+  int64_t id;
+  double lp;  // the teacher's log-prob
+  double s;   // the student's raw logit at id, read before any write to the row
+  double g;   // dD/da at id
+};
+
+// Reads row `row`'s slots into `out`; false when an id is >= V or repeated.
+using SlotLoader = bool (*)(const void* ids, const void* lp, int64_t row, int64_t K, int64_t V,
+                            std::vector<Slot>& out);
+
+template <typename TI, typename TL>
+bool load_slots(const void* ids_v, const void* lp_v, int64_t row, int64_t K, int64_t V, std::vector<Slot>& out) {
+  const TI* ids = static_cast<const TI*>(ids_v) + row * K;
+  const TL* lp = static_cast<const TL*>(lp_v) + row * K;
+  out.clear();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t id = static_cast<int64_t>(ids[k]);
+    if (id < 0) continue;  // an empty slot: its log-prob is never read
+    if (id >= V) return false;
+    out.push_back(Slot{id, static_cast<double>(lp[k]), 0.0, 0.0});
+  }
+  std::sort(out.begin(), out.end(), [](const Slot& x, const Slot& y) { return x.id < y.id; });
+  for (size_t k = 1; k < out.size(); ++k)
+    if (out[k].id == out[k - 1].id) return false;
+  return true;
+}
+
+SlotLoader slot_loader(at::ScalarType ids, at::ScalarType lp) {
+  SlotLoader f = nullptr;
+  FASTKD_SCALAR_TYPE_SWITCH(lp, TL, "fastkd_sparse_logprobs", {
+    f = ids == at::kLong ? &load_slots<int64_t, TL> : &load_slots<int32_t, TL>;
+  });
+  return f;
+}
+
+// log(exp(x) + exp(y)), -inf when both are.
+inline double log_add_exp(double x, double y) {
+  const double m = std::max(x, y);
+  if (m == -kInf) return -kInf;
+  return m + std::log1p(std::exp(-std::abs(x - y)));
+}
+
+// logsumexp of the slots' log-probs: -inf for an empty (or all -inf) support, NaN if one is NaN.
+double logsumexp_lp(const std::vector<Slot>& slots) {
+  double m = -kInf;
+  for (const Slot& sl : slots) {
+    if (std::isnan(sl.lp)) return kNaN;
+    m = std::max(m, sl.lp);
+  }
+  if (m == -kInf) return -kInf;
+  double z = 0.0;
+  for (const Slot& sl : slots) z += std::exp(sl.lp - m);
+  return m + std::log(z);
+}
+
+// Phase row_sums: D over the bins (log pi[b], log kappa[b]), b < B, and dD/da per bin into
+// g[b] (for a bin of one entry, that entry's gradient); for a tail bin (the last, when
+// `tail_bin`) g holds instead the factor per unit of q of the entries it stands for.
+// 0 log 0 = 0: tested as "== 0" so that a NaN still reaches D.
+double bins_divergence(Divergence div, double beta, const double* lpi, const double* lka, int64_t B, bool tail_bin,
+                       double* g) {
+  double D = 0.0;
+  const int64_t last = tail_bin ? B - 1 : -1;
+  if (div == Divergence::ForwardKL) {
+    for (int64_t b = 0; b < B; ++b) {
+      const double pi = std::exp(lpi[b]), ka = std::exp(lka[b]);
+      D += pi == 0.0 ? 0.0 : pi * (lpi[b] - lka[b]);
+      // The tail's entries have q_i - p~_i = q_i (1 - pi/kappa): -expm1 keeps r ~ 1 exact.
+      g[b] = b == last ? (ka == 0.0 ? 0.0 : -std::expm1(lpi[b] - lka[b])) : ka - pi;
+    }
+    return D;
+  }
+  // The centred divergences: dD/da = c kappa (h - H), H = sum kappa h.
+  double c = 1.0, H = 0.0;
+  thread_local std::vector<double> h;
+  h.resize(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const double pi = std::exp(lpi[b]), ka = std::exp(lka[b]);
+    if (div == Divergence::ReverseKL) {
+      h[b] = ka == 0.0 ? 0.0 : lka[b] - lpi[b];
+      D += ka * h[b];
+    } else if (div == Divergence::JSD) {
+      const double lm = log_add_exp(std::log(beta) + lpi[b], std::log1p(-beta) + lka[b]);
+      h[b] = ka == 0.0 ? 0.0 : lka[b] - lm;
+      D += beta * (pi == 0.0 ? 0.0 : pi * (lpi[b] - lm)) + (1.0 - beta) * ka * h[b];
+    } else {  // TVD
+      const double d = ka - pi;
+      h[b] = d > 0.0 ? 0.5 : (d < 0.0 ? -0.5 : (d == d ? 0.0 : kNaN));
+      D += 0.5 * std::abs(d);
+    }
+    H += ka * h[b];
+  }
+  if (div == Divergence::JSD) c = 1.0 - beta;
+  for (int64_t b = 0; b < B; ++b) {
+    const double ka = std::exp(lka[b]);
+    g[b] = b == last ? (ka == 0.0 ? 0.0 : c * (h[b] - H)) : c * ka * (h[b] - H);
+  }
+  return D;
+}
+
+template <typename TS>
+struct SparseRowKernel {
+  using Acc = std::conditional_t<std::is_same<TS, double>::value, double, float>;
+
+  const TS* s;
+  int64_t s_stride;
+  SlotLoader load;
+  const void* ids;
+  const void* lp;
+  int64_t K;
+  const int64_t* labels;
+  void* loss;     // [N] float64 when the student or the log-probs are float64, else float32
+  bool loss_f64;
+  TS* grad;       // may alias s
+  int64_t g_stride;
+  int64_t g_width;
+  KDParams p;
+  ExactParams x;
+  double grad_scale;
+
+  void put_loss(int64_t row, double v) const {
+    if (loss_f64)
+      static_cast<double*>(loss)[row] = v;
+    else
+      static_cast<float*>(loss)[row] = static_cast<float>(v);
+  }
+
+  void fill_row(TS* g, double v, int64_t from) const {
+    const TS t = static_cast<TS>(v);
+    for (int64_t i = from; i < g_width; ++i) g[i] = t;
+  }
+
+  // Phase row_stats: the row into `e` (exp(a_i - m(c)), 0 at the support), m(c) into `ref`,
+  // `a` = s/T kept when `keep_a`; returns M and the sums through the references.
+  void row_stats(const TS* srow, int64_t V, const std::vector<Slot>& slots, bool need_raw, Acc* e, Acc* a,
+                 Acc* ref, Acc& M, double& sum_off, double& sum_raw) const {
+    const Acc inv_t = static_cast<Acc>(x.inv_temperature);
+    const Acc temp = static_cast<Acc>(x.temperature);
+    const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+    M = neg_inf;
+    sum_off = 0.0;
+    sum_raw = 0.0;
+    size_t next = 0;  // the first slot not yet masked
+    for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
+      const int64_t n = std::min(kChunk, V - c0);
+      Acc* __restrict ac = e + c0;
+      Acc cmax = neg_inf;
+#pragma omp simd reduction(max : cmax)
+      for (int64_t i = 0; i < n; ++i) {
+        const Acc v = static_cast<Acc>(srow[c0 + i]) * inv_t;
+        ac[i] = v;
+        cmax = std::max(cmax, v);
+      }
+      if (a != nullptr) std::copy(ac, ac + n, a + c0);
+      if (cmax > M) {
+        sum_off = rescale(sum_off, M, cmax, Acc(1));
+        sum_raw = rescale(sum_raw, M, cmax, temp);
+        M = cmax;
+      }
+      ref[k] = M;
+      if (need_raw && M != neg_inf) {  // the CE term's T = 1 sum: every entry, support included
+        Acc zr = 0;
+#pragma omp simd reduction(+ : zr)
+        for (int64_t i = 0; i < n; ++i) zr += exp_approx(temp * (ac[i] - M));
+        sum_raw += static_cast<double>(zr);
+      }
+      for (; next < slots.size() && slots[next].id < c0 + n; ++next) ac[slots[next].id - c0] = neg_inf;
+      sum_off += static_cast<double>(exp_chunk(ac, M, n, ac));
+    }
+  }
+
+  void operator()(int64_t row) const {
+    const int64_t V = p.vocab_size;
+    const TS* srow = s + row * s_stride;
+    TS* grow = grad + row * g_stride;
+    const bool with_ce = x.ce_weight != 0.0;
+    int64_t label = -1;
+    if (labels != nullptr) {
+      label = labels[row];
+      if (label == p.ignore_index) {
+        put_loss(row, 0.0);
+        fill_row(grow, 0.0, 0);
+        return;
+      }
+      if (label < 0 || label >= V) {
+        put_loss(row, kNaN);
+        fill_row(grow, kNaN, 0);
+        return;
+      }
+    }
+    thread_local std::vector<Slot> slots;
+    if (!load(ids, lp, row, K, V, slots)) {  // an id >= V or twice: NaN marks the row
+      put_loss(row, kNaN);
+      fill_row(grow, kNaN, 0);
+      return;
+    }
+    const int64_t B = static_cast<int64_t>(slots.size());
+    // Every value of the row the fix-ups need, before any write (in place, grow is srow).
+    for (Slot& sl : slots) sl.s = static_cast<double>(srow[sl.id]);
+    const double s_label = with_ce ? static_cast<double>(srow[label]) : 0.0;
+    const double inv_t = x.inv_temperature, temp = x.temperature;
+    const bool need_stats = p.tail != Tail::Renorm || with_ce;
+    const bool need_raw = with_ce && temp != 1.0;
+
+    // Phase row_stats.
+    const int64_t nc = num_chunks(V);
+    thread_local std::vector<Acc> cache;
+    const size_t need = static_cast<size_t>((need_raw ? 2 : 1) * V + nc);
+    if (cache.size() < need) cache.resize(need);
+    Acc* const e = cache.data();
+    Acc* const ref = e + V;
+    Acc* const a = need_raw ? ref + nc : nullptr;
+    Acc M = 0;
+    double sum_off = 0.0, sum_raw = 0.0, lse = 0.0, lse_raw = 0.0;
+    if (need_stats) {
+      row_stats(srow, V, slots, need_raw, e, a, ref, M, sum_off, sum_raw);
+      double sum_s = 0.0;
+      for (const Slot& sl : slots) sum_s += std::exp(sl.s * inv_t - static_cast<double>(M));
+      const double log_all = std::log(sum_off + sum_s);
+      lse = static_cast<double>(M) + log_all;
+      lse_raw = need_raw ? temp * static_cast<double>(M) + std::log(sum_raw) : lse;
+      // Phase row_sums needs log(1 - Q) = log sum_off - log(sum_off + sum_S).
+      sum_raw = std::log(sum_off) - log_all;  // reused: log(1 - Q), -inf when sum_off = 0
+    }
+    const double log_tail_q = sum_raw;
+
+    // Phase row_sums: the K + 1 (bucket) or K (renorm, none) bins.
+    thread_local std::vector<double> lpi, lka, gb;
+    lpi.resize(B + 1);
+    lka.resize(B + 1);
+    gb.resize(B + 1);
+    const double lse_p = logsumexp_lp(slots);
+    double D = 0.0, c_off = 0.0;
+    if (p.tail == Tail::Bucket) {
+      const bool whole = B == V;  // S is the vocabulary: both tails empty, whatever 1 - P rounded to
+      for (int64_t b = 0; b < B; ++b) {
+        lpi[b] = slots[b].lp;
+        lka[b] = slots[b].s * inv_t - lse;
+      }
+      lpi[B] = whole || !(lse_p < 0.0) ? (std::isnan(lse_p) ? kNaN : -kInf) : std::log(-std::expm1(lse_p));
+      lka[B] = whole ? -kInf : log_tail_q;
+      D = bins_divergence(p.divergence, x.beta, lpi.data(), lka.data(), B + 1, true, gb.data());
+      c_off = gb[B];
+    } else if (p.tail == Tail::Renorm) {
+      double m = -kInf;
+      for (const Slot& sl : slots) m = std::max(m, sl.s * inv_t);
+      if (B > 0 && lse_p != -kInf) {
+        double z = 0.0;
+        for (const Slot& sl : slots) z += std::exp(sl.s * inv_t - m);
+        const double lse_s = m + std::log(z);
+        for (int64_t b = 0; b < B; ++b) {
+          lpi[b] = slots[b].lp - lse_p;
+          lka[b] = slots[b].s * inv_t - lse_s;
+        }
+        D = bins_divergence(p.divergence, x.beta, lpi.data(), lka.data(), B, false, gb.data());
+      } else {
+        std::fill(gb.begin(), gb.end(), 0.0);
+      }
+    } else {  // None: forward KL over S against the full-vocabulary q
+      const double P = std::exp(lse_p);
+      for (int64_t b = 0; b < B; ++b) {
+        const double pj = std::exp(slots[b].lp), lq = slots[b].s * inv_t - lse;
+        D += pj == 0.0 ? 0.0 : pj * (slots[b].lp - lq);
+        gb[b] = P * std::exp(lq) - pj;
+      }
+      c_off = P;
+    }
+    for (int64_t b = 0; b < B; ++b) slots[b].g = gb[b];
+
+    // Phase write_grad: the whole row, then the support and the label.
+    const double gdiv = grad_scale * x.div_weight * inv_t;
+    const double gce = grad_scale * x.ce_weight;
+    if (need_stats) {
+      for (int64_t k = 0; k < nc; ++k) ref[k] = exp_approx(ref[k] - static_cast<Acc>(lse));
+      const Acc coef = static_cast<Acc>(gdiv * c_off), ce = static_cast<Acc>(gce);
+      const Acc t_acc = static_cast<Acc>(temp), lse_raw_acc = static_cast<Acc>(lse_raw);
+      const Acc* __restrict ec = e;
+      for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
+        const int64_t n = std::min(kChunk, V - c0);
+        const Acc f = ref[k];
+        TS* __restrict gc = grow + c0;
+        if (with_ce && need_raw) {
+          const Acc* __restrict ac = a + c0;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i)
+            gc[i] = static_cast<TS>(coef * (ec[c0 + i] * f) + ce * exp_approx(t_acc * ac[i] - lse_raw_acc));
+        } else if (with_ce) {
+          const Acc both = coef + ce;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) gc[i] = static_cast<TS>(both * (ec[c0 + i] * f));
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) gc[i] = static_cast<TS>(coef * (ec[c0 + i] * f));
+        }
+      }
+    } else {
+      fill_row(grow, 0.0, 0);
+    }
+    // The support entries (the row sweep zeroed them), each rounded once.
+    const Slot* label_slot = nullptr;
+    for (const Slot& sl : slots) {
+      const double sm = with_ce ? std::exp(sl.s - lse_raw) : 0.0;
+      if (sl.id == label) label_slot = &sl;
+      grow[sl.id] = static_cast<TS>(gdiv * sl.g + gce * sm);
+    }
+    double row_loss = x.div_weight * D;
+    if (with_ce) {
+      row_loss += x.ce_weight * (lse_raw - s_label);
+      const double div_label = label_slot != nullptr ? label_slot->g : std::exp(s_label * inv_t - lse) * c_off;
+      grow[label] = static_cast<TS>(gdiv * div_label + gce * (std::exp(s_label - lse_raw) - 1.0));
+    }
+    fill_row(grow, 0.0, V);
+    put_loss(row, row_loss);
+  }
+};
+
+}  // namespace
+
+void sparse_forward(const SparseForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
+  const int64_t n_rows = args.student.size(0);
+  if (n_rows == 0) return;
+  const double grad_scale = args.grad_scale.to(at::kDouble).item<double>();
+  const SlotLoader load = slot_loader(args.ids.scalar_type(), args.logprobs.scalar_type());
+  FASTKD_SCALAR_TYPE_SWITCH(args.student.scalar_type(), TS, "fastkd_sparse_student", {
+    SparseRowKernel<TS> k{args.student.data_ptr<TS>(), args.student.stride(0), load, args.ids.data_ptr(),
+                          args.logprobs.data_ptr(), args.ids.size(1),
+                          args.labels ? args.labels->data_ptr<int64_t>() : nullptr, loss.data_ptr(),
+                          loss.scalar_type() == at::kDouble, grad.data_ptr<TS>(), grad.stride(0), grad.size(1),
+                          args.params, args.exact, grad_scale};
+    for_each_row(n_rows, [&](int64_t r) { k(r); });
+  });
+}
+
+}  // namespace cpu
+}  // namespace fastkd

@@ -243,7 +243,6 @@ void op_sparse_forward(const SparseForwardArgs& args, at::Tensor& loss, at::Tens
   TORCH_CHECK(args.ids.scalar_type() == at::kInt || args.ids.scalar_type() == at::kLong,
               "fastkd (cuda): teacher ids must be int32 or int64");
   a.ids_int64 = args.ids.scalar_type() == at::kLong;
-  a.tail = args.tail;
   a.stage_limit = sparse_stage_limit();
   a.p = args.params;
   const SparsePlan plan = sparse_plan_for(a);

@@ -210,11 +210,6 @@ LaunchPlan choose_plan(const PlanInput& in, Launchable&& launchable) {
 // it as fits staged in shared memory) and the gradient written once; only the part of the
 // row that did not fit is read a second time (from L2, likely: a few tens of KB per SM).
 
-// Tail ids, in fastkd/config.py's TAILS order.
-constexpr int kTailBucket = 0;
-constexpr int kTailRenorm = 1;
-constexpr int kTailNone = 2;
-
 constexpr int kSparseMaxThreads = 1024;
 constexpr int kSparseUnroll = 4;          // 16-byte packs of s in flight per thread in the read sweep
 constexpr int kSparseSlotBytes = 16;      // shared memory per support slot: id, s, log p, gradient
@@ -231,9 +226,8 @@ struct SparseKDLaunch {
   int64_t g_width, n_rows, k;
   ElemType s_type, lp_type;
   bool ids_int64;
-  int tail;                // kTail*
   int64_t stage_limit;     // bytes of shared memory the row copy may use at most (< 0: all that fits)
-  KDParams p;
+  KDParams p;              // with p.tail
 };
 
 // The launch of one sparse call: threads per CTA, and the dynamic shared memory layout:

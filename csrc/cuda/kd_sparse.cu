@@ -233,7 +233,7 @@ __device__ __noinline__ SupportResult support_phase(const SparseKDLaunch& a, con
   const double z = double(st.zs) + sums[1];
   const double lse2 = anchor + log2(z);             // log2 of q's normaliser, bits
   const double lse2_support = ref_x + log2(sums[2]);  // renorm: over S only
-  const bool renorm = a.tail == kTailRenorm, none = a.tail == kTailNone;
+  const bool renorm = p.tail == Tail::Renorm, none = p.tail == Tail::None;
   const bool renorm_empty = renorm && log_mass_p == FASTKD_NEG_INF_D;
   const double P = exp(log_mass_p);
   const double log_beta = log(double(p.beta)), log_1mb = log1p(-double(p.beta));
@@ -249,7 +249,7 @@ __device__ __noinline__ SupportResult support_phase(const SparseKDLaunch& a, con
   block_reduce<4, false>(acc, sums_scratch);
   // The tail bin (bucket): 1 - P = -expm1(log P), 1 - Q = Z_off / Z; empty when S covers V.
   double w_off = 0.0, tail_h = 0.0, q_t = 0.0, p_t = 0.0;
-  if (a.tail == kTailBucket) {
+  if (p.tail == Tail::Bucket) {
     const bool full = sums[3] >= double(V);
     p_t = (full || log_mass_p >= 0.0) ? 0.0 : -expm1(log_mass_p);
     q_t = full ? 0.0 : double(st.zs) / z;
@@ -257,7 +257,7 @@ __device__ __noinline__ SupportResult support_phase(const SparseKDLaunch& a, con
   }
   const SparseConsts k = sparse_consts(none ? Divergence::ForwardKL : div, acc, double(p.beta));
   if (none) w_off = P;
-  else if (a.tail == kTailBucket)
+  else if (p.tail == Tail::Bucket)
     w_off = div == Divergence::ForwardKL ? (q_t > 0.0 ? 1.0 - p_t / q_t : 0.0) : centred_grad(div, k, 1.0, tail_h);
 
   // The support's own gradient (divergence part) into its slots.

@@ -247,4 +247,6 @@ def backends() -> tuple:
                         sparse_forward_inplace=sparse_forward_inplace if has_sparse else None)
     if not getattr(ext, "with_cuda", False):
         return (cpu,)
-    return cpu, KernelBackend("cuda", forward, forward_inplace, ops.scale_grad_, _runs_on_cuda)
+    return cpu, KernelBackend("cuda", forward, forward_inplace, ops.scale_grad_, _runs_on_cuda,
+                              sparse_forward=sparse_forward if has_sparse else None,
+                              sparse_forward_inplace=sparse_forward_inplace if has_sparse else None)

@@ -337,11 +337,14 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
     for (int64_t i = 0; i < j; ++i) bad |= slot_id[i] == id;
   }
 
-  // --- row_stats: the one read of the row; the support's columns stay out of z_s.
+  // --- row_stats: the one read of the row; the support's columns stay out of z_s. renorm
+  // without the CE term needs no full-row statistic: no read at all, the row's gradient is
+  // zero off the support.
   const float c = kLog2e * p.inv_temperature;
   const bool raw = ce && p.temperature != 1.0f;
+  const bool sweep = p.tail != Tail::Renorm || ce;
   RowStatsBase2 st = empty_stats();
-  for (int64_t base = tid; base < packs; base += int64_t(nt) * U) {
+  for (int64_t base = tid; sweep && base < packs; base += int64_t(nt) * U) {
     Pack<TS, VEC> sp[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -404,21 +407,26 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
       if (idx >= packs) break;
       const int64_t col0 = idx * VEC - lead;
       const bool inside = col0 >= 0 && col0 + VEC <= V;
-      Pack<TS, VEC> sp;
-      if (idx < plan.stage_packs) sp.raw = stage[idx];
-      else if (inside) sp = load_pack<TS, VEC, true>(srow + col0);
-      else sp = load_pack_masked<TS, VEC>(srow, col0, V);
       float g[VEC];
-      const int64_t label_lane = label - col0;
-      const bool has_label = rc.ce && uint64_t(label_lane) < uint64_t(VEC);
+      if (!sweep) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float s = sp.get(j);
-        const float q = ex2(fmaf(s, c, -rc.ls));
-        g[j] = rc.gdiv * (q * w_off32);
-        if (rc.ce) {
-          const float r = rc.raw_is_q ? q : ex2(fmaf(s, kLog2e, -rc.lraw));
-          g[j] = fmaf(rc.gce, (has_label && j == label_lane) ? r - 1.0f : r, g[j]);
+        for (int j = 0; j < VEC; ++j) g[j] = 0.f;
+      } else {
+        Pack<TS, VEC> sp;
+        if (idx < plan.stage_packs) sp.raw = stage[idx];
+        else if (inside) sp = load_pack<TS, VEC, true>(srow + col0);
+        else sp = load_pack_masked<TS, VEC>(srow, col0, V);
+        const int64_t label_lane = label - col0;
+        const bool has_label = rc.ce && uint64_t(label_lane) < uint64_t(VEC);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float s = sp.get(j);
+          const float q = ex2(fmaf(s, c, -rc.ls));
+          g[j] = rc.gdiv * (q * w_off32);
+          if (rc.ce) {
+            const float r = rc.raw_is_q ? q : ex2(fmaf(s, kLog2e, -rc.lraw));
+            g[j] = fmaf(rc.gce, (has_label && j == label_lane) ? r - 1.0f : r, g[j]);
+          }
         }
       }
       if (inside) {

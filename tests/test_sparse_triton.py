@@ -196,3 +196,14 @@ def test_launch_shape():
         block, k_block, warps = triton_kd.sparse.launch_shape(vocab, k)
         assert k_block >= max(k, 16) and k_block & (k_block - 1) == 0
         assert block & (block - 1) == 0 and warps in (4, 8, 16, 32)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_operators_schema_and_fake(inplace):
+    """The registered operators' schemas (mutation of the student only in place) and fake
+    implementations (torch.compile traces through them) agree with what the kernel does."""
+    s, ids, lps, labels = sparse_inputs(3, 40, 6, seed=18, device=DEVICE)
+    ints, floats = kernel_settings(40, alpha=0.5)
+    op = (torch.ops.fastkd.triton_sparse_kd_forward_inplace if inplace else torch.ops.fastkd.triton_sparse_kd_forward)
+    torch.library.opcheck(op.default, (s.clone(), ids, lps, labels, torch.tensor(1.0, device=DEVICE), ints, floats),
+                          test_utils=("test_schema", "test_faketensor"))

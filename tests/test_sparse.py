@@ -397,3 +397,25 @@ def test_torch_compile_fullgraph(backend):
     (grad,) = torch.autograd.grad(out, x)
     ref_loss, ref_grad = reference(s, ids, lp, labels, temperature=2.0, alpha=0.5)
     assert rel_err(out.detach(), ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize("tail", ["bucket", "none"])
+def test_streamed_gradient_is_the_same(tail):
+    """A gradient of 32 MiB or more is written with non-temporal stores (csrc/cpu/
+    sparse_cpu.cpp): the same bits as two calls on halves of the rows, which store plainly,
+    for rows that start at any alignment (odd V, a row stride that is not V)."""
+    if "cpu" not in SPARSE_BACKENDS:
+        pytest.skip("no cpu sparse kernel in this build")
+    n, V, K = 300, 30001, 16
+    g = torch.Generator().manual_seed(11)
+    s = (torch.randn(n, V + 3, generator=g) * 3)[:, 1:V + 1]   # rows start 4 bytes past any alignment
+    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(n)])
+    lp = torch.randn(n, K, generator=g).log_softmax(-1) - 0.5
+    cfg = make_config(config=SparseKDConfig, tail=tail, temperature=2.0).with_vocab_size(V)
+    cpu = get_backend("cpu")
+    loss, grad = cpu.sparse_forward(s, ids, lp, None, torch.ones(()), cfg)
+    assert grad.numel() * 4 >= 32 << 20
+    halves = [cpu.sparse_forward(s[r], ids[r], lp[r], None, torch.ones(()), cfg)
+              for r in (slice(0, n // 2), slice(n // 2, n))]
+    assert torch.equal(loss, torch.cat([h[0] for h in halves]))
+    assert torch.equal(grad, torch.cat([h[1] for h in halves]))

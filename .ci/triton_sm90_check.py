@@ -157,12 +157,13 @@ def _sparse_job(divergence, tail, k, dtype_class):
     signature = {
         "S": f"*{s_ty}", "G": f"*{s_ty}", "IDS": "*i64", "LPS": f"*{lp_ty}", "SORTED": "*i32", "LOSS": "*fp32",
         "LABELS": "*i64", "GRAD_SCALE": "*fp32",
-        "s_stride": "i32", "g_stride": "i32", "ids_stride": "i32", "lps_stride": "i32", "K": "i32", "V": "i32",
+        "n_rows": "i32", "s_stride": "i32", "g_stride": "i32", "ids_stride": "i32", "lps_stride": "i32",
+        "K": "i32", "V": "i32",
         "g_width": "i32", "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32", "beta": "fp32",
         "log_beta": "fp32", "log_1mb": "fp32", "div_weight": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
     }
     constexprs = dict(DIVERGENCE=sparse.DIVERGENCE_IDS[divergence], TAIL=sparse.TAIL_IDS[tail], HAS_LABELS=True,
-                      CE=rows.CE_RAW, SWEEP=True, BLOCK=block, K_BLOCK=k_block)
+                      CE=rows.CE_RAW, SWEEP=True, BLOCK=block, K_BLOCK=k_block, PERSISTENT=False)
     aligned = ["S", "G", "IDS", "LPS", "SORTED", "LOSS", "LABELS", "GRAD_SCALE", "s_stride", "g_stride", "V",
                "g_width"]
     name = f"sparse  {divergence:10s} {tail:6s} block={block:<5d} K={k_block:<4d} warps={warps:<2d} {dtype_class:6s}"

@@ -60,8 +60,8 @@ DESCRIPTIONS = {
 # Seconds each step may take (its commands are killed past it), and what each is expected
 # to take on an H100 with 16 cores: an estimate until the first GPU run replaces it. The
 # expected times add up to about 13 minutes; benchmarks/README.md says how they were reckoned.
-BUDGETS = {"env": 30, "build": 240, "smoke": 150, "tests": 240, "sanitizer": 180, "bench": 540, "summary": 30}
-EXPECTED = {"env": 10, "build": 90, "smoke": 75, "tests": 180, "sanitizer": 120, "bench": 300, "summary": 1}
+BUDGETS = {"env": 30, "build": 240, "smoke": 150, "tests": 240, "sanitizer": 180, "bench": 560, "summary": 30}
+EXPECTED = {"env": 10, "build": 90, "smoke": 75, "tests": 180, "sanitizer": 120, "bench": 310, "summary": 1}
 SUMMARY_RESERVE_S = 20   # kept back under --deadline for the summary and the export
 MIN_STEP_S = 20          # under --deadline, a step with less than this left is skipped
 
@@ -540,9 +540,10 @@ BENCH_RUNS = [
 
 # The sparse-teacher kernels (issue 11): correctness on the first and last rows, and time
 # against the two-pass floor, 8192 x {128256, 32000} bf16, K = 64 (its own script: the
-# rows and the floor differ from bench_kd.py's). Budget: 2 shapes x 2 backends x 4 modes.
+# rows and the floor differ from bench_kd.py's). Budget: 2 shapes x 4 modes x (cuda, and
+# triton with one program per row and with a grid of 264 programs).
 SPARSE_RUN = "sparse"
-SPARSE_BUDGET = 90
+SPARSE_BUDGET = 110
 
 
 def bench_commands(ctx: Context) -> List[Cmd]:

@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--check-rows", type=int, default=32)
+    p.add_argument("--triton-programs", default="0,264",
+                   help="Triton grids to compare: 0 = one program per row, n = n programs taking rows in turn "
+                        "(fastkd.backends.triton.launch.SPARSE_PROGRAMS; 264 = two per H100 SM)")
     return p.parse_args(argv)
 
 
@@ -139,12 +142,20 @@ def main(argv=None) -> int:
         n, vocab = (int(x) for x in shape.split("x"))
         s, ids, lps = make_inputs(n, vocab, args.k)
         floor = 2 * n * vocab * s.element_size() / bw
+        variants = []
         for backend in args.backends.split(","):
+            grids = [int(x) for x in args.triton_programs.split(",")] if backend == "triton" else [0]
+            variants += [(backend, grid) for grid in grids]
+        for backend, grid in variants:
             kernels = get_backend(backend)
+            if backend == "triton" and kernels is not None:
+                from fastkd.backends.triton import launch
+
+                launch.SPARSE_PROGRAMS = grid or None
             for tail in args.tails.split(","):
                 for divergence in args.divergences.split(","):
-                    row = {"impl": f"fastkd[{backend}]", "kind": "fastkd", "shape": shape, "tail": tail,
-                           "divergence": divergence, "floor_s": floor}
+                    row = {"impl": f"fastkd[{backend}]" + (f" programs={grid}" if grid else ""), "kind": "fastkd",
+                           "shape": shape, "tail": tail, "divergence": divergence, "floor_s": floor}
                     rows.append(row)
                     if kernels is None or not kernels.has("sparse") or kernels.sparse_forward is None:
                         row["error"] = f"backend {backend!r} has no sparse kernels here"

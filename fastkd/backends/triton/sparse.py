@@ -319,17 +319,39 @@ def _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, loss_ptr, label, K, 
 @triton.jit
 def sparse_kd_forward_kernel(
     S, G, IDS, LPS, SORTED, LOSS, LABELS, GRAD_SCALE,
-    s_stride, g_stride, ids_stride, lps_stride, K, V, g_width,
+    n_rows, s_stride, g_stride, ids_stride, lps_stride, K, V, g_width,
     c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight, ignore_index,
     DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr,
-    SWEEP: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
+    SWEEP: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # One row per program, or (PERSISTENT: launch.SPARSE_PROGRAMS) a fixed grid whose
+    # programs take rows in turn: fewer rows in flight, so the write pass's second read of
+    # a row may still find it in L2. The sorted-ids scratch is per program. (The loop is
+    # compiled only when asked for: it took the sm_90 build from 80 to 121 registers.)
+    sorted_row = SORTED + tl.program_id(0).to(tl.int64) * K_BLOCK
+    if PERSISTENT:
+        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            _sparse_kernel_row(tl.zeros((), dtype=tl.int64) + row, S, G, IDS, LPS, sorted_row, LOSS, LABELS,
+                               GRAD_SCALE, s_stride, g_stride, ids_stride, lps_stride, K, V, g_width,
+                               c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight,
+                               ignore_index, DIVERGENCE, TAIL, HAS_LABELS, CE, SWEEP, BLOCK, K_BLOCK)
+    else:
+        _sparse_kernel_row(tl.program_id(0).to(tl.int64), S, G, IDS, LPS, sorted_row, LOSS, LABELS, GRAD_SCALE,
+                           s_stride, g_stride, ids_stride, lps_stride, K, V, g_width,
+                           c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight,
+                           ignore_index, DIVERGENCE, TAIL, HAS_LABELS, CE, SWEEP, BLOCK, K_BLOCK)
+
+
+@triton.jit
+def _sparse_kernel_row(row, S, G, IDS, LPS, sorted_row, LOSS, LABELS, GRAD_SCALE,
+                       s_stride, g_stride, ids_stride, lps_stride, K, V, g_width,
+                       c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight, ignore_index,
+                       DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr,
+                       SWEEP: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr):
     s_row = row_base(S, row, s_stride)
     g_row = row_base(G, row, g_stride)
     ids_row = row_base(IDS, row, ids_stride)
     lps_row = row_base(LPS, row, lps_stride)
-    sorted_row = SORTED + row * K_BLOCK
     scale = tl.load(GRAD_SCALE).to(tl.float32)
     gdiv = scale * div_weight * inv_temperature
     gce = scale * ce_weight
@@ -377,16 +399,17 @@ def _launch(student, ids, logprobs, labels, grad_scale, k, grad):
     K = ids.shape[1]
     block, k_block, warps = launch_shape(k.vocab_size, K)
     inv_t = float(k.inv_temperature)
-    # Per row, its support ids in increasing order (the sweep's exclusion list).
-    sorted_ids = torch.empty((n, k_block) if sweep else (1,), dtype=torch.int32, device=student.device)
+    programs = min(n, launch.SPARSE_PROGRAMS or n)
+    # Per program, the support ids of its row in increasing order (the sweep's exclusion list).
+    sorted_ids = torch.empty((programs, k_block) if sweep else (1,), dtype=torch.int32, device=student.device)
     with kernel_launch(student.device):
-        sparse_kd_forward_kernel[(n,)](
+        sparse_kd_forward_kernel[(programs,)](
             student, grad, ids, logprobs, sorted_ids, loss, labels if labels is not None else loss, grad_scale,
-            student.stride(0), grad.stride(0), ids.stride(0), logprobs.stride(0), K, k.vocab_size, grad.shape[1],
+            n, student.stride(0), grad.stride(0), ids.stride(0), logprobs.stride(0), K, k.vocab_size, grad.shape[1],
             1.4426950408889634 * inv_t, inv_t, 1.0 / inv_t, float(k.beta), _log_or_ninf(k.beta), _log_or_ninf(1.0 - k.beta),
             float(k.div_weight), float(k.ce_weight), int(k.ignore_index),
             DIVERGENCE=DIVERGENCE_IDS[divergence], TAIL=TAIL_IDS[tail], HAS_LABELS=labels is not None, CE=ce,
-            SWEEP=sweep, BLOCK=block, K_BLOCK=k_block, num_warps=warps,
+            SWEEP=sweep, BLOCK=block, K_BLOCK=k_block, PERSISTENT=programs < n, num_warps=warps,
         )
     return loss
 

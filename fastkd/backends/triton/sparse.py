@@ -27,28 +27,32 @@ log-probabilities log p_j (slots with id < 0 are empty), P = sum_S p, Q = sum_S 
     loss = div_weight D + ce_weight (lse(s) - s[label])
     ds_i = grad_scale (div_weight / T dD/da_i + ce_weight (softmax(s)_i - [i == label]))
 
-The kernel, one program per row, moves the row twice:
+The kernel, one program per row (or a fixed grid taking rows in turn: launch.SPARSE_PROGRAMS),
+moves the row twice:
 
-    row_stats   one read of s: online max and sum-exp of s/T (and the T = 1 sum of the CE
-                term when T != 1), ``_student_stats_sweep``; skipped for renorm without CE.
     support     the K slots: ids, log-probs and the gathers s[id] (issued before any write,
-                so the in-place variant reads every logit it needs first), then the bins'
-                masses, D and the gradient weights, in float64 (K values: free).
+                so the in-place variant reads every logit it needs first); the ids sorted
+                (duplicates: adjacent equal) into a scratch row the sweep walks.
+    row_stats   one read of s: online max, the sum-exp of s/T over the columns NOT in S
+                (each block skips the support ids below its end: one cached scalar load
+                per id), and the T = 1 sum of every column for the CE term when T != 1,
+                ``_student_stats_sweep``; skipped for renorm without CE.
+    row_sums    the bins in float64 (K values: free): log P, Z_S, D and the gradient weights.
     write_grad  one more read of s and one write: q_i w_off (+ CE) for every column, zero
                 past V; then, after a barrier, the K support columns are written again with
                 their own gradient (the only stores of a column by two threads of the
                 program; the barrier orders them).
 
-Numerics: 1 - P is 1 - sum p in float64 (exact enough at P -> 1: the fp32 sum cancelled,
-the failure ModelOpt reported at K = 1024). 1 - Q is (Z - Z_S) / Z with Z the row's
-sum-exp and Z_S the support's, both anchored at the same point, the difference taken in
-float64 and floored at 0: its absolute error is that of Z's fp32 sum (~1e-7), since the
-kernel does not know which streamed columns are in S. A support holding all V columns
-(K valid ids = V) has an empty tail bin: p_t = q_t = 0 exactly. Empty bins contribute 0
-(0 log 0 = 0). A valid id >= V (or, under ``check_duplicates``, an id twice in a row) is a
-contract violation the Python layer checks on CPU tensors; here it gives the row a NaN loss
-and a NaN gradient row, never a number. Ignored rows (label == ignore_index): zero loss
-and gradient. Labels outside [0, V): NaN, as in the dense kernels.
+Numerics (docs/sparse.md, the contract every backend follows): 1 - P = -expm1(log P) in
+float64, log P a log-sum-exp of the support's log-probs (never 1 - sum p, which cancels
+in fp32 as P -> 1: the failure ModelOpt reported at K = 1024); P >= 1 leaves the teacher's
+tail empty. 1 - Q = Z_off / Z with Z_off the sum-exp over the columns off S (excluded while
+streaming, never Z - Z_S) and Z = Z_off + Z_S, Z_S from the gathered logits in float64. A
+support holding all V columns has empty tail bins. Empty bins contribute 0 (0 log 0 = 0);
+an empty slot's log-prob is never read. A valid id >= V or a valid id twice (the Python
+layer raises for CPU tensors) gives the row a NaN loss and a NaN gradient row, never a
+number. Ignored rows (label == ignore_index): zero loss and gradient. Labels outside
+[0, V): NaN, as in the dense kernels. Traffic and the floor: docs/sparse_kernels.md.
 """
 import math
 

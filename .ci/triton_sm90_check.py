@@ -144,6 +144,32 @@ def _split_job(kernel, divergence, cfg, vocab, dtype_class):
     return name, fn, signature, constexprs, aligned, cfg.num_warps, cfg.num_stages
 
 
+def _sparse_job(divergence, tail, k, dtype_class):
+    """The sparse-teacher kernel (fastkd/backends/triton/sparse.py) at the sweeps' full block,
+    with labels and CE at T != 1; K slots in a power-of-two block (64: the benchmark's K;
+    1024: the largest the issue asks for)."""
+    from fastkd.backends.triton import rows, sparse
+
+    s_ty = {"16bit": "bf16", "fp32": "fp32", "mixed": "bf16"}[dtype_class]
+    lp_ty = {"16bit": "bf16", "fp32": "fp32", "mixed": "fp32"}[dtype_class]
+    block, k_block, warps = sparse.launch_shape(128256, k)
+    fn = sparse.sparse_kd_forward_kernel
+    signature = {
+        "S": f"*{s_ty}", "G": f"*{s_ty}", "IDS": "*i64", "LPS": f"*{lp_ty}", "SORTED": "*i32", "LOSS": "*fp32",
+        "LABELS": "*i64", "GRAD_SCALE": "*fp32",
+        "n_rows": "i32", "s_stride": "i32", "g_stride": "i32", "ids_stride": "i32", "lps_stride": "i32",
+        "K": "i32", "V": "i32",
+        "g_width": "i32", "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32", "beta": "fp32",
+        "log_beta": "fp32", "log_1mb": "fp32", "div_weight": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
+    }
+    constexprs = dict(DIVERGENCE=sparse.DIVERGENCE_IDS[divergence], TAIL=sparse.TAIL_IDS[tail], HAS_LABELS=True,
+                      CE=rows.CE_RAW, SWEEP=True, BLOCK=block, K_BLOCK=k_block, PERSISTENT=False)
+    aligned = ["S", "G", "IDS", "LPS", "SORTED", "LOSS", "LABELS", "GRAD_SCALE", "s_stride", "g_stride", "V",
+               "g_width"]
+    name = f"sparse  {divergence:10s} {tail:6s} block={block:<5d} K={k_block:<4d} warps={warps:<2d} {dtype_class:6s}"
+    return name, fn, signature, constexprs, aligned, warps, 1
+
+
 _SPLIT_INTS = ("s_stride", "t_stride", "g_stride", "V", "g_width", "chunk", "s_lead", "ignore_index")
 
 
@@ -167,6 +193,13 @@ def jobs():
             out.append(("row_stats", (dtype_class, odd_vocab)))
     for dtype in ("bf16", "fp32"):
         out.append(("scale_grad", (dtype,)))
+    for divergence in ("forward_kl", "reverse_kl", "jsd", "tvd"):
+        for tail in ("bucket", "renorm"):
+            for dtype_class in DTYPE_CLASSES:
+                out.append(("sparse", (divergence, tail, 64, dtype_class)))
+    out.append(("sparse", ("forward_kl", "none", 64, "16bit")))
+    for divergence in ("forward_kl", "jsd"):
+        out.append(("sparse", (divergence, "bucket", 1024, "16bit")))
     return out
 
 
@@ -177,7 +210,7 @@ def compile_one(kind, args):
     from triton.compiler import ASTSource
 
     make = {"forward": _forward_job, "row_stats": _row_stats_job, "scale_grad": _scale_grad_job,
-            "split": _split_job}[kind]
+            "split": _split_job, "sparse": _sparse_job}[kind]
     name, fn, signature, constexprs, aligned, num_warps, num_stages = make(*args)
     for k in constexprs:
         signature[k] = "constexpr"

@@ -254,6 +254,57 @@ void op_scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The sparse-teacher forward (kd_sparse.cu). FASTKD_SPARSE_STAGE_KB caps the shared memory
+// that holds a copy of the row (default: all the device allows), for tuning on a GPU.
+int64_t sparse_stage_limit() {
+  const char* env = std::getenv("FASTKD_SPARSE_STAGE_KB");
+  if (env == nullptr || *env == '\0') return -1;
+  char* end = nullptr;
+  const long kb = std::strtol(env, &end, 10);
+  TORCH_CHECK(end != env && *end == '\0' && kb >= 0, "FASTKD_SPARSE_STAGE_KB must be a number of KB >= 0, got '", env,
+              "'");
+  return int64_t(kb) * 1024;
+}
+
+void op_sparse_forward(const SparseForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
+  TORCH_CHECK(args.grad_scale.is_cuda(), "fastkd (cuda): grad_scale must be on the logits' device");
+  TORCH_CHECK(loss.scalar_type() == at::kFloat, "fastkd (cuda): float64 runs on the 'cpu' and 'torch' backends");
+  if (args.student.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(args.student.device());
+  const at::Tensor grad_scale = args.grad_scale.to(at::kFloat).contiguous();
+  SparseKDLaunch a{};
+  a.student = args.student.data_ptr();
+  a.grad = grad.data_ptr();
+  a.ids = args.ids.data_ptr();
+  a.logprobs = args.logprobs.data_ptr();
+  a.labels = args.labels ? args.labels->data_ptr<int64_t>() : nullptr;
+  a.grad_scale = grad_scale.data_ptr<float>();
+  a.loss = loss.data_ptr<float>();
+  a.s_stride = args.student.stride(0);
+  a.g_stride = grad.stride(0);
+  a.ids_stride = args.ids.size(1);
+  a.lp_stride = args.logprobs.size(1);
+  a.g_width = grad.size(1);
+  a.n_rows = args.student.size(0);
+  a.k = args.ids.size(1);
+  a.s_type = elem_type(args.student.scalar_type(), "student logits");
+  a.lp_type = elem_type(args.logprobs.scalar_type(), "teacher log-probs");
+  TORCH_CHECK(args.ids.scalar_type() == at::kInt || args.ids.scalar_type() == at::kLong,
+              "fastkd (cuda): teacher ids must be int32 or int64");
+  a.ids_int64 = args.ids.scalar_type() == at::kLong;
+  a.stage_limit = sparse_stage_limit();
+  a.p = args.params;
+  const SparsePlan plan = sparse_plan_for(a);
+  TORCH_CHECK(plan.refused == nullptr, "fastkd (cuda): sparse_kd_forward cannot run K = ", a.k, ": ", plan.refused);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(args.student.get_device()).stream();
+  C10_CUDA_CHECK(launch_kd_sparse(a, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const std::lock_guard<std::mutex> lock(last_kernel_mutex);
+  last_kernel = "sparse[vec=" + std::to_string(plan.vec) + ",threads=" + std::to_string(plan.threads) +
+                ",stage_packs=" + std::to_string(plan.stage_packs) + "/" + std::to_string(plan.max_packs) +
+                ",g_part=" + std::to_string(plan.g_part) + ",smem=" + std::to_string(plan.smem) + "]";
+}
+
 // Which kernel a forward call on these tensors would run (describe()), by the same
 // decision as the launch: the gradient is the one op_empty_grad would allocate (aligned
 // as the allocator aligns, to 512 bytes), or the student itself when `inplace`. Raises
@@ -296,8 +347,8 @@ TORCH_LIBRARY_FRAGMENT(fastkd, m) {
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) { m.impl("cuda_kernel_plan", &cuda_kernel_plan); }
 
 const DeviceOps& device_ops() {
-  static const DeviceOps ops{&op_empty_grad,      &op_forward,        &op_row_stats,       &op_scale_grad,
-                             &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad};
+  static const DeviceOps ops{&op_empty_grad,      &op_forward,        &op_row_stats,        &op_scale_grad,
+                             &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad, &op_sparse_forward};
   return ops;
 }
 

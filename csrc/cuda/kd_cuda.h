@@ -210,6 +210,71 @@ LaunchPlan choose_plan(const PlanInput& in, Launchable&& launchable) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Sparse teachers (kd_sparse.cu): K ids and log-probabilities per row instead of teacher
+// logits. One CTA per row; the row of s is read once (statistics, and a copy of as much of
+// it as fits staged in shared memory) and the gradient written once; only the part of the
+// row that did not fit is read a second time (from L2, likely: a few tens of KB per SM).
+
+constexpr int kSparseMaxThreads = 1024;
+constexpr int kSparseUnroll = 4;          // 16-byte packs of s in flight per thread in the read sweep
+constexpr int kSparseSlotBytes = 16;      // shared memory per support slot: id, s, log p, gradient
+
+struct SparseKDLaunch {
+  const void* student;     // [N, >= V], dtype s_type
+  void* grad;              // [N, g_width], dtype s_type; may alias student (in place)
+  const void* ids;         // [N, k] int32 or int64 (ids_int64), contiguous rows of ids_stride
+  const void* logprobs;    // [N, k] dtype lp_type
+  const int64_t* labels;   // [N] or nullptr
+  const float* grad_scale; // device scalar
+  float* loss;             // [N]
+  int64_t s_stride, g_stride, ids_stride, lp_stride;
+  int64_t g_width, n_rows, k;
+  ElemType s_type, lp_type;
+  bool ids_int64;
+  int64_t stage_limit;     // bytes of shared memory the row copy may use at most (< 0: all that fits)
+  KDParams p;              // with p.tail
+};
+
+// The launch of one sparse call: threads per CTA, and the dynamic shared memory layout:
+// [stage: stage_packs 16-byte packs of the row][bitmap: the support's columns, one bit per
+// pack position][slots: k x kSparseSlotBytes].
+struct SparsePlan {
+  int vec, threads, g_part;
+  int64_t max_packs;     // packs a row spans at most (its lead included)
+  int64_t stage_packs;   // the first stage_packs packs of each row are kept in shared memory
+  int64_t bitmap_words;  // 32-bit words of the support bitmap
+  size_t smem;           // dynamic shared memory bytes
+  const char* refused;   // why it cannot launch (K too large for shared memory), or nullptr
+};
+
+inline SparsePlan plan_sparse(int64_t vocab_size, int64_t k, const RowLayout& s, const RowLayout& g, int64_t n_rows,
+                              size_t smem_available, int64_t stage_limit) {
+  SparsePlan plan{};
+  plan.vec = 16 / elem_bytes(s.type);
+  plan.max_packs = (vocab_size + 2 * int64_t(plan.vec) - 2) / plan.vec;
+  plan.threads = std::min(twopass_threads(plan.max_packs), kSparseMaxThreads);
+  plan.g_part = part_width(g, s, plan.vec, n_rows);
+  plan.bitmap_words = (plan.max_packs * plan.vec + 31) / 32;
+  const int64_t fixed = plan.bitmap_words * 4 + ((k * kSparseSlotBytes + 15) / 16) * 16;
+  if (fixed > int64_t(smem_available)) {
+    plan.refused = "the support (K) and the bitmap need more shared memory than the device has";
+    return plan;
+  }
+  int64_t room = (int64_t(smem_available) - fixed) / 16;
+  if (stage_limit >= 0) room = std::min(room, stage_limit / 16);
+  plan.stage_packs = std::min(room, plan.max_packs);
+  plan.smem = size_t(plan.stage_packs * 16 + fixed);
+  return plan;
+}
+
+// Loss [N] and gradient of the sparse loss (kd_sparse.cu). Returns cudaErrorInvalidValue
+// for a plan it does not take, launching nothing.
+cudaError_t launch_kd_sparse(const SparseKDLaunch& a, cudaStream_t stream);
+
+// The plan launch_kd_sparse would use for `a` on the current device.
+SparsePlan sparse_plan_for(const SparseKDLaunch& a);
+
+// ---------------------------------------------------------------------------------------
 // Launchers (kd_twopass.cu, kd_cluster.cu, kd_scale_grad.cu). They return the CUDA error
 // of the launch; the caller checks it.
 

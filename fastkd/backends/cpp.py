@@ -251,7 +251,9 @@ def backends() -> tuple:
     if not getattr(ext, "with_cuda", False):
         return (cpu,)
     return cpu, KernelBackend("cuda", forward, forward_inplace, ops.scale_grad_, _runs_on_cuda,
-                              shard=shard_phases(ops))
+                              shard=shard_phases(ops),
+                              sparse_forward=sparse_forward if has_sparse else None,
+                              sparse_forward_inplace=sparse_forward_inplace if has_sparse else None)
 
 
 def shard_phases(ops) -> ShardPhases:

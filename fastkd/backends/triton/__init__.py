@@ -8,6 +8,8 @@
                    the configuration classes the sm_90 no-spill check compiles
     dense.py       the dense KD kernel (all divergences, CE) and the row_stats kernel, with
                    the math, then their launchers
+    sparse.py      the sparse-teacher kernel (K ids and log-probs per token; every tail and
+                   divergence, CE) in two passes over the row, with the math, then its launcher
     split.py       the dense forward with each row's columns split across programs (few
                    rows at a large V: launch.vocab_splits), in three passes
     scale_grad.py  backward: the stored gradient times grad_output, in place
@@ -28,10 +30,11 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ...config import KernelSettings
+from ...config import KernelSettings, SparseKernelSettings
 from .. import (KernelBackend, ShardPhases, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_,
-               fake_shard_row_stats, fake_shard_row_sums, fake_shard_write_grad)
-from . import dense, launch, rows, scale_grad, shard, split  # noqa: F401  (launch, rows, split: tests, the sm_90 check)
+               fake_shard_row_stats, fake_shard_row_sums, fake_shard_write_grad, fake_sparse_forward,
+               fake_sparse_forward_inplace)
+from . import dense, launch, rows, scale_grad, shard, sparse, split  # noqa: F401  (launch, rows, split: tests, the sm_90 check)
 from .launch import MAX_BLOCK, SINGLE_BLOCK_MAX, LaunchConfig, config_classes, launch_config  # noqa: F401
 from .rows import kernels_interpreted
 
@@ -86,7 +89,23 @@ def triton_shard_write_grad(student: torch.Tensor, teacher: torch.Tensor, labels
                             KernelSettings(ints, floats))
 
 
+@torch.library.custom_op("fastkd::triton_sparse_kd_forward", mutates_args=())
+def triton_sparse_kd_forward(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                             labels: Optional[torch.Tensor], grad_scale: torch.Tensor, ints: List[int],
+                             floats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return sparse.forward(student, ids, logprobs, labels, grad_scale, SparseKernelSettings(ints, floats))
+
+
+@torch.library.custom_op("fastkd::triton_sparse_kd_forward_inplace", mutates_args=("student",))
+def triton_sparse_kd_forward_inplace(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                                     labels: Optional[torch.Tensor], grad_scale: torch.Tensor, ints: List[int],
+                                     floats: torch.Tensor) -> torch.Tensor:
+    return sparse.forward_inplace(student, ids, logprobs, labels, grad_scale, SparseKernelSettings(ints, floats))
+
+
 triton_kd_forward.register_fake(fake_forward)
+triton_sparse_kd_forward.register_fake(fake_sparse_forward)
+triton_sparse_kd_forward_inplace.register_fake(fake_sparse_forward_inplace)
 triton_kd_forward_inplace.register_fake(fake_forward_inplace)
 triton_scale_grad_.register_fake(fake_scale_grad_)
 triton_row_stats.register_fake(fake_row_stats)
@@ -122,6 +141,17 @@ def _shard_phases() -> ShardPhases:
             student, teacher, labels, grad_scale, stats, sums, vocab_start, *cfg.kernel_settings()))
 
 
+def _sparse_forward(student, ids, logprobs, labels, grad_scale, cfg):
+    return torch.ops.fastkd.triton_sparse_kd_forward(student, ids, logprobs, labels, grad_scale,
+                                                     *cfg.kernel_settings())
+
+
+def _sparse_forward_inplace(student, ids, logprobs, labels, grad_scale, cfg):
+    return torch.ops.fastkd.triton_sparse_kd_forward_inplace(student, ids, logprobs, labels, grad_scale,
+                                                             *cfg.kernel_settings())
+
+
 def backend() -> KernelBackend:
     return KernelBackend("triton", _forward, _forward_inplace, torch.ops.fastkd.triton_scale_grad_, _supports,
-                         shard=_shard_phases())
+                         shard=_shard_phases(), sparse_forward=_sparse_forward,
+                         sparse_forward_inplace=_sparse_forward_inplace)

@@ -69,6 +69,12 @@ MAX_SPLITS = 64
 # ``launch.SPLIT_OVERRIDE``.
 SPLIT_OVERRIDE: Optional[int] = None
 
+# The sparse kernel (sparse.py): None launches one program per row; a number launches that
+# many programs, which take the rows in turn (fewer rows in flight, so that the write pass's
+# second read of a row can hit L2: 132 rows of 128256 bf16 are 33 MB, an H100's L2 50 MB).
+# Unmeasured: benchmarks/sparse_gpu_check.py --triton-programs compares the choices.
+SPARSE_PROGRAMS: Optional[int] = None
+
 
 @dataclass(frozen=True)
 class LaunchConfig:

@@ -68,16 +68,16 @@ def _forward_job(divergence, cfg, vocab, dtype_class):
     peel = _peel(divergence, cfg, vocab, dtype_class)
     signature = {
         "S": f"*{s_ty}", "T": f"*{t_ty}", "G": f"*{s_ty}", "LOSS": "*fp32", "LABELS": "*i64",
-        "GRAD_SCALE": "*fp32", "STATS": "*fp32",
+        "GRAD_SCALE": "*fp32", "STATS": "*fp32", "SUMS": "*fp32",
         "s_stride": "i32", "t_stride": "i32", "g_stride": "i32", "V": "i32", "g_width": "i32", "s_lead": "i32",
-        "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32", "beta": "fp32", "log2_beta": "fp32",
+        "vocab_start": "i32", "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32", "beta": "fp32", "log2_beta": "fp32",
         "log2_1mb": "fp32", "div_weight": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
     }
     constexprs = dict(DIVERGENCE=dense.DIVERGENCE_IDS[divergence], HAS_LABELS=True, CE=rows.CE_RAW,
-                      HAS_STATS=False, BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block, PEEL=peel)
+                      HAS_STATS=False, HAS_SUMS=False, SHARD=False, BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block, PEEL=peel)
     # As the JIT specialises a launch: 16-byte aligned pointers, and strides and widths
     # divisible by 16 where the vocabulary is (128256, 151936, ... are).
-    aligned = ["S", "T", "G", "LOSS", "LABELS", "GRAD_SCALE", "STATS"]
+    aligned = ["S", "T", "G", "LOSS", "LABELS", "GRAD_SCALE", "STATS", "SUMS"]
     if vocab % 16 == 0:
         aligned += ["s_stride", "t_stride", "g_stride", "V", "g_width"]
     name = f"forward {divergence:10s} {'single' if cfg.single_block else 'multi '} block={cfg.block:<5d} " \

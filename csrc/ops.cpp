@@ -82,19 +82,25 @@ ForwardArgs check_settings_and_logits(const at::Tensor& student, const at::Tenso
   return args;
 }
 
+// The labels and the reduction's scale of a forward operator (dense or sparse).
+void check_labels_and_scale(const at::Tensor& student, const c10::optional<at::Tensor>& labels,
+                            const at::Tensor& grad_scale) {
+  if (labels) {
+    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == student.size(0) && labels->scalar_type() == at::kLong &&
+                    labels->is_contiguous() && labels->device() == student.device(),
+                "fastkd: labels must be a contiguous int64 [N] tensor on the logits' device");
+  }
+  TORCH_CHECK(grad_scale.numel() == 1 && grad_scale.device() == student.device(),
+              "fastkd: grad_scale must be a one-element tensor on the logits' device");
+}
+
 ForwardArgs check_forward_args(const at::Tensor& student, const at::Tensor& teacher,
                                const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
                                const c10::optional<at::Tensor>& row_stats, at::IntArrayRef ints,
                                const at::Tensor& floats) {
   ForwardArgs args = check_settings_and_logits(student, teacher, ints, floats);
   const int64_t n = student.size(0);
-  if (labels) {
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n && labels->scalar_type() == at::kLong &&
-                    labels->is_contiguous() && labels->device() == student.device(),
-                "fastkd: labels must be a contiguous int64 [N] tensor on the logits' device");
-  }
-  TORCH_CHECK(grad_scale.numel() == 1 && grad_scale.device() == student.device(),
-              "fastkd: grad_scale must be a one-element tensor on the logits' device");
+  check_labels_and_scale(student, labels, grad_scale);
   if (row_stats) {
     TORCH_CHECK(row_stats->dim() == 2 && row_stats->size(0) == n && row_stats->size(1) == kRowStatsWidth &&
                     row_stats->scalar_type() == at::kFloat && row_stats->is_contiguous() &&
@@ -238,13 +244,7 @@ SparseForwardArgs check_sparse_args(const at::Tensor& student, const at::Tensor&
               "fastkd: logprobs must be a contiguous floating tensor");
   TORCH_CHECK(ids.device() == student.device() && logprobs.device() == student.device(),
               "fastkd: ids and logprobs must be on the student's device");
-  if (labels) {
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n && labels->scalar_type() == at::kLong &&
-                    labels->is_contiguous() && labels->device() == student.device(),
-                "fastkd: labels must be a contiguous int64 [N] tensor on the logits' device");
-  }
-  TORCH_CHECK(grad_scale.numel() == 1 && grad_scale.device() == student.device(),
-              "fastkd: grad_scale must be a one-element tensor on the logits' device");
+  check_labels_and_scale(student, labels, grad_scale);
   TORCH_CHECK(args.exact.ce_weight == 0.0 || labels, "fastkd: ce_weight != 0 needs labels");
   return args;
 }

@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
   const TS* srow = static_cast<const TS*>(a.student) + row * a.s_stride;
   TS* grow = static_cast<TS*>(a.grad) + row * a.g_stride;
   int64_t label;
-  const RowKind kind = classify_row(a.labels, row, p, label);
+  const RowKind kind = classify_row(a.labels, row, p, /*vocab_start=*/0, label);
   if (kind != RowKind::Normal) {
     fill_span(grow, 0, a.g_width, row_fill_value(kind), tid, nt);
     if (tid == 0) a.loss[row] = row_fill_value(kind);

@@ -142,6 +142,25 @@ class KernelBackend:
 # operators have its twin in csrc/ops.cpp; both guard the contract, the user's input was
 # checked before (fastkd/_checks.py).
 
+def _check_call_tensors(student, labels, grad_scale, k) -> None:
+    """The labels and the reduction's scale of a forward operator (dense or sparse)."""
+    n = student.shape[0]
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != n or labels.dtype != torch.int64
+                               or not labels.is_contiguous() or labels.device != student.device):
+        raise ValueError("fastkd: labels must be a contiguous int64 [N] tensor on the logits' device")
+    if k.ce_weight != 0.0 and labels is None:
+        raise ValueError("fastkd: ce_weight != 0 needs labels")
+    if grad_scale.numel() != 1 or grad_scale.device != student.device:
+        raise ValueError("fastkd: grad_scale must be a one-element tensor on the logits' device")
+
+
+def _check_float_settings(k) -> None:
+    if not (k.inv_temperature > 0.0 and math.isfinite(k.inv_temperature)):
+        raise ValueError("fastkd: inv_temperature must be finite and > 0 (temperature > 0)")
+    if not 0.0 <= k.beta <= 1.0:
+        raise ValueError("fastkd: beta must be in [0, 1]")
+
+
 def check_operator_args(student, teacher, labels, grad_scale, row_stats, k, dtypes) -> None:
     """Tensors and unpacked settings ``k`` (:class:`fastkd.config.KernelSettings`) of one call;
     ``grad_scale`` None for the row_stats operator."""
@@ -160,19 +179,10 @@ def check_operator_args(student, teacher, labels, grad_scale, row_stats, k, dtyp
                          f"{teacher.shape[1]})]")
     if not 0 <= k.divergence_id < len(DIVERGENCES):
         raise ValueError("fastkd: unknown divergence id")
-    if not (k.inv_temperature > 0.0 and math.isfinite(k.inv_temperature)):
-        raise ValueError("fastkd: inv_temperature must be finite and > 0 (temperature > 0)")
-    if not 0.0 <= k.beta <= 1.0:
-        raise ValueError("fastkd: beta must be in [0, 1]")
+    _check_float_settings(k)
     if grad_scale is None:
         return
-    if labels is not None and (labels.dim() != 1 or labels.shape[0] != student.shape[0] or labels.dtype != torch.int64
-                               or not labels.is_contiguous() or labels.device != student.device):
-        raise ValueError("fastkd: labels must be a contiguous int64 [N] tensor on the logits' device")
-    if k.ce_weight != 0.0 and labels is None:
-        raise ValueError("fastkd: ce_weight != 0 needs labels")
-    if grad_scale.numel() != 1 or grad_scale.device != student.device:
-        raise ValueError("fastkd: grad_scale must be a one-element tensor on the logits' device")
+    _check_call_tensors(student, labels, grad_scale, k)
     if row_stats is not None and (tuple(row_stats.shape) != (student.shape[0], ROW_STATS_WIDTH)
                                   or row_stats.dtype != torch.float32 or not row_stats.is_contiguous()
                                   or row_stats.device != student.device):
@@ -203,17 +213,8 @@ def check_sparse_operator_args(student, ids, logprobs, labels, grad_scale, k, dt
     divergence = DIVERGENCES[k.divergence_id]
     if TAILS[k.tail_id] == "none" and not (divergence == "forward_kl" or (divergence == "jsd" and k.beta == 0.0)):
         raise ValueError("fastkd: tail 'none' is forward KL only")
-    if not (k.inv_temperature > 0.0 and math.isfinite(k.inv_temperature)):
-        raise ValueError("fastkd: inv_temperature must be finite and > 0 (temperature > 0)")
-    if not 0.0 <= k.beta <= 1.0:
-        raise ValueError("fastkd: beta must be in [0, 1]")
-    if labels is not None and (labels.dim() != 1 or labels.shape[0] != n or labels.dtype != torch.int64
-                               or not labels.is_contiguous() or labels.device != student.device):
-        raise ValueError("fastkd: labels must be a contiguous int64 [N] tensor on the logits' device")
-    if k.ce_weight != 0.0 and labels is None:
-        raise ValueError("fastkd: ce_weight != 0 needs labels")
-    if grad_scale.numel() != 1 or grad_scale.device != student.device:
-        raise ValueError("fastkd: grad_scale must be a one-element tensor on the logits' device")
+    _check_float_settings(k)
+    _check_call_tensors(student, labels, grad_scale, k)
 
 
 def check_scale_grad_args(grad, factor) -> None:

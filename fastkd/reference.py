@@ -82,6 +82,11 @@ def loss_per_row(
     """Per-token loss, shape [N], for 2-D logits already cut to ``cfg.vocab_size``."""
     dtype = _compute_dtype(student, teacher)
     s = student.to(dtype)
+    if labels is not None:
+        # An ignored row takes no part in the graph: masking its loss afterwards is not
+        # enough, since an infinite divergence there (reverse KL against a teacher's -inf)
+        # sends 0 * inf = NaN back through the mask.
+        s = torch.where((labels != cfg.ignore_index).unsqueeze(-1), s, s.detach())
     t = teacher.detach().to(dtype)
     log_q = F.log_softmax(s / cfg.temperature, dim=-1)
     log_p = F.log_softmax(t / cfg.temperature, dim=-1)

@@ -136,3 +136,19 @@ def test_nan_propagates():
     assert torch.isnan(reference.kd_loss(s, t))
     rows = reference.kd_loss(s, t, reduction="none")
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+
+
+def test_ignored_row_with_an_infinite_divergence_gets_a_zero_gradient():
+    """Reverse KL is +inf on a row where the teacher has a -inf logit and the student mass;
+    ignored, that row must give zeros (as the kernels give), not NaN through the mask."""
+    s = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, dtype=torch.float64)
+    t[0, 2] = float("-inf")
+    labels = torch.tensor([-100, 1])
+    loss = reference.kd_loss(s, t, labels, divergence="reverse_kl")
+    loss.backward()
+    assert torch.equal(s.grad[0], torch.zeros(5, dtype=torch.float64))
+    x = s.detach()[1:].clone().requires_grad_(True)  # the valid row alone: the same loss and gradient
+    reference.kd_loss(x, t[1:], labels[1:], divergence="reverse_kl").backward()
+    assert torch.allclose(loss, reference.kd_loss(s.detach()[1:], t[1:], labels[1:], divergence="reverse_kl"))
+    assert torch.allclose(s.grad[1:], x.grad, rtol=1e-12, atol=0)

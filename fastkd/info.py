@@ -84,7 +84,8 @@ def backend_status(extension_loaded: bool) -> Dict[str, str]:
     """Each backend: "available ..." or "unavailable: why"."""
     from . import _dispatch
 
-    out = {"torch": "available (float64 reference, differentiated by autograd; any device)"}
+    out = {"torch": "available (float64 reference, differentiated by autograd; any device; dense, sparse, "
+                    "vocab-parallel)"}
     if extension_loaded:
         backends = {name: _dispatch.get_backend(name) for name in ("cpu", "cuda", "triton")}
     else:  # the registry would load (and build) the extension: ask triton alone
@@ -94,7 +95,11 @@ def backend_status(extension_loaded: bool) -> Dict[str, str]:
             where = {"cpu": "CPU tensors", "cuda": "CUDA tensors",
                      "triton": "CUDA tensors" + (", and CPU tensors (TRITON_INTERPRET=1)"
                                                  if os.environ.get("TRITON_INTERPRET") == "1" else "")}[name]
-            out[name] = f"available on {where}"
+            # Which losses its kernels run: dense kd_loss always; sparse teachers and the
+            # vocab-parallel shard phases where the backend (or an older _C) has them.
+            losses = ["dense"] + [op for op, has in (("sparse", kernels.has("sparse")),
+                                                     ("vocab-parallel", kernels.shard is not None)) if has]
+            out[name] = f"available on {where} ({', '.join(losses)})"
         elif name == "triton":
             out[name] = f"unavailable: {_dispatch._UNAVAILABLE_WHY['triton']}"
         elif not extension_loaded:

@@ -107,3 +107,13 @@ def test_a_prebuilt_extension_that_does_not_load_says_why(unbuilt_copy, tmp_path
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "does not load" in done.stdout and "FASTKD_NO_JIT=1" in done.stdout, done.stdout
+
+
+def test_backends_list_the_losses_their_kernels_run():
+    from fastkd import _dispatch, info
+
+    status = info.backend_status(extension_loaded=True)
+    if _dispatch.get_backend("cpu") is None:
+        pytest.skip("fastkd._C is not available here")
+    assert status["cpu"] == "available on CPU tensors (dense, sparse, vocab-parallel)"
+    assert "sparse" in status["torch"] and "vocab-parallel" in status["torch"]

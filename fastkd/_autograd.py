@@ -99,14 +99,17 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _flat_labels(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """[...] labels -> the contiguous int64 [N] the operators take."""
+    return None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+
+
 def fused_kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                   cfg: KDConfig, num_items, backend: str, inplace: bool) -> torch.Tensor:
     """A backend's fused kernel on checked input: the reduced loss (or the per-token loss)."""
     lead = student.shape[:-1]
     s2, t2 = _as_rows(student), _as_rows(teacher)
-    flat_labels = None
-    if labels is not None:
-        flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    flat_labels = _flat_labels(labels)
     # In the loss's dtype: a float32 scale would cost float64 input its 1e-12 precision.
     grad_scale = reduction_scale(flat_labels, s2.shape[0], cfg, num_items, student.device,
                                  loss_dtype(student, teacher))
@@ -124,9 +127,7 @@ def fused_sparse_kd_loss(student: torch.Tensor, teacher_ids: torch.Tensor, teach
     K = teacher_ids.shape[-1]
     ids = teacher_ids.reshape(-1, K).contiguous()
     logprobs = teacher_logprobs.detach().reshape(-1, K).contiguous()
-    flat_labels = None
-    if labels is not None:
-        flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    flat_labels = _flat_labels(labels)
     grad_scale = reduction_scale(flat_labels, s2.shape[0], cfg, num_items, student.device,
                                  loss_dtype(student, logprobs))
     reduced = cfg.reduction != "none"

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
+
 from .backends import KernelBackend
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
@@ -98,10 +99,32 @@ def resolve_backend(backend: str, device: torch.device, op: str = "dense") -> st
     return backend
 
 
+# The backends whose kernels apply the logit options (logit_scale, softcap, label_smoothing,
+# z_loss; issue 13). Until every kernel does, a config using them runs on these only:
+# ``auto`` picks ``torch``, and naming another backend is an error, never a silent no-op.
+LOGIT_OPTIONS_BACKENDS = {"torch"}
+
+
+def _equals(value, default) -> bool:
+    """``value == default`` for a number; False for a symbolic value (it may be anything)."""
+    return not isinstance(value, (torch.SymFloat, torch.SymInt)) and value == default
+
+
+def uses_logit_options(cfg) -> bool:
+    return (not _equals(cfg.logit_scale, 1.0) or cfg.softcap is not None or not _equals(cfg.teacher_scale, 1.0)
+            or cfg.teacher_cap is not None or not _equals(cfg.label_smoothing, 0.0) or not _equals(cfg.z_loss, 0.0))
+
+
 def backend_for(backend: str, device: torch.device, *dtypes: torch.dtype,
-                what: str = "logits", op: str = "dense") -> KernelBackend:
-    """The resolved backend for tensors of ``device`` and ``dtypes``; refuses a dtype it lacks."""
+                what: str = "logits", op: str = "dense", cfg=None) -> KernelBackend:
+    """The resolved backend for tensors of ``device`` and ``dtypes``; refuses a dtype it
+    lacks, and (given the call's ``cfg``) logit options its kernels do not apply."""
     name = resolve_backend(backend, device, op)
+    if cfg is not None and name not in LOGIT_OPTIONS_BACKENDS and uses_logit_options(cfg):
+        if backend != "auto":
+            raise NotImplementedError(f"backend {name!r} does not apply logit_scale, softcap, label_smoothing "
+                                      f"or z_loss yet; use backend='auto' or 'torch'")
+        name = "torch"
     kernels = get_backend(name)
     for dtype in dtypes:
         if dtype not in kernels.dtypes:

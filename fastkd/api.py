@@ -36,7 +36,7 @@ def kd_loss_with_config(student_logits, teacher_logits, labels, cfg: KDConfig, n
     """:func:`kd_loss` with the settings already validated into ``cfg`` (``KDLoss`` uses it)."""
     cfg, num_items = check_kd_args(student_logits, teacher_logits, labels, cfg, num_items)
     inplace = _inplace_wanted(student_logits, inplace_backward)
-    kernels = backend_for(backend, student_logits.device, student_logits.dtype, teacher_logits.dtype)
+    kernels = backend_for(backend, student_logits.device, student_logits.dtype, teacher_logits.dtype, cfg=cfg)
     if kernels.differentiable_loss is not None:
         return kernels.differentiable_loss(student_logits, teacher_logits, labels, cfg, num_items)
     return fused_kd_loss(student_logits, teacher_logits, labels, cfg, num_items, kernels.name, inplace)

@@ -117,6 +117,40 @@ def _vocab_size(name, value):
     return value
 
 
+class _SameAsStudent:
+    """The default of the teacher's logit options: the student's value (its repr names it)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self):
+        return "SAME_AS_STUDENT"
+
+    def __reduce__(self):  # pickles (modules in a checkpoint) as the one instance
+        return (_SameAsStudent, ())
+
+
+SAME_AS_STUDENT = _SameAsStudent()
+
+
+def _softcap(name, value):
+    """None (no cap) or c > 0."""
+    if value is None:
+        return None
+    return check_number(name, value, low=0.0, low_open=True)
+
+
+def _teacher(check):
+    """A teacher's logit option: SAME_AS_STUDENT (the default) or a value ``check`` takes."""
+    def checked(name, value):
+        return value if value is SAME_AS_STUDENT else check(name, value)
+    return checked
+
+
 def setting(default, check: Callable, doc: str):
     """A loss setting: a config field with its default, its check and its documentation."""
     return field(default=default, metadata={"check": check, "doc": doc})
@@ -162,6 +196,30 @@ class KDConfig:
         None, _vocab_size,
         "only the first ``vocab_size`` columns of each side count (padded vocabularies); the "
         "student's extra columns get zero gradient. None: all columns, and both sides must match.")
+    logit_scale: float = setting(
+        1.0, lambda n, v: check_number(n, v, low=0.0, low_open=True),
+        "m > 0 multiplies the student's logits first (Cohere, muP-style heads): s' = cap(m s).")
+    softcap: Optional[float] = setting(
+        None, _softcap,
+        "None or c > 0: the student's logits become c tanh(m s / c) before the temperature "
+        "(Gemma 2's final_logit_softcapping); the gradient carries the factor 1 - tanh^2.")
+    teacher_logit_scale: float = setting(
+        SAME_AS_STUDENT, _teacher(lambda n, v: check_number(n, v, low=0.0, low_open=True)),
+        "the teacher's logit scale; by default the student's ``logit_scale``.")
+    teacher_softcap: Optional[float] = setting(
+        SAME_AS_STUDENT, _teacher(_softcap),
+        "the teacher's softcap; by default the student's ``softcap``; None: no cap on the teacher.")
+    label_smoothing: float = setting(
+        0.0, lambda n, v: check_number(n, v, low=0.0, high=1.0),
+        "epsilon in [0, 1] of the hard-label cross-entropy, PyTorch's convention: the target is "
+        "(1 - epsilon) onehot(label) + epsilon / V.")
+    z_loss: float = setting(
+        0.0, lambda n, v: check_number(n, v, low=0.0),
+        "lambda >= 0: adds lambda logsumexp(s')^2 per token (s' the student's transformed logits), "
+        "not scaled by 1 - alpha; needs no labels.")
+    # Not a setting: the number of classes label smoothing spreads epsilon over, where it
+    # differs from vocab_size (a vocab-parallel shard: its own columns, the global classes).
+    classes: Optional[int] = field(default=None, repr=False, metadata={"internal": True})
 
     # Derived values, in the form the kernels use.
     @property
@@ -179,15 +237,48 @@ class KDConfig:
         return 1.0 - self.alpha
 
     @property
+    def teacher_scale(self):
+        """The teacher's logit scale, resolved (SAME_AS_STUDENT is the student's)."""
+        return self.logit_scale if self.teacher_logit_scale is SAME_AS_STUDENT else self.teacher_logit_scale
+
+    @property
+    def teacher_cap(self):
+        """The teacher's softcap, resolved: None or c > 0."""
+        return self.softcap if self.teacher_softcap is SAME_AS_STUDENT else self.teacher_softcap
+
+    @property
+    def has_hard_label_terms(self) -> bool:
+        """Whether a term at T = 1 (the CE term or z-loss) may need the student's softmax."""
+        return self.ce_weight != 0.0 or self.z_loss != 0.0
+
+    @property
+    def smooth_per_class(self):
+        """epsilon / V: the smoothed target's mass on every class, V the classes of the whole
+        vocabulary (``classes``, which a vocab-parallel shard sets; else ``vocab_size``)."""
+        return self.label_smoothing / (self.classes if self.classes is not None else self.vocab_size)
+
+    @property
     def divergence_id(self) -> int:
         return DIVERGENCES.index(self.divergence)
 
-    def with_vocab_size(self, vocab_size: int) -> "KDConfig":
-        if vocab_size == self.vocab_size:
+    @property
+    def softcap_value(self):
+        """The student's softcap as kernels read it: c, or 0.0 for none."""
+        return 0.0 if self.softcap is None else self.softcap
+
+    @property
+    def teacher_softcap_value(self):
+        return 0.0 if self.teacher_cap is None else self.teacher_cap
+
+    def with_vocab_size(self, vocab_size: int, classes: Optional[int] = None) -> "KDConfig":
+        """This config with ``vocab_size`` fixed; ``classes`` (a vocab-parallel shard's global
+        vocabulary) is what label smoothing divides by, where it is not ``vocab_size``."""
+        if vocab_size == self.vocab_size and classes == self.classes:
             return self
         # The constructor, not dataclasses.replace: torch.compile (2.4) cannot trace the latter.
         values = {name: getattr(self, name) for name, _, _ in self._SPECS}
         values["vocab_size"] = vocab_size
+        values["classes"] = classes
         return type(self)(**values)
 
     def kernel_settings(self) -> Tuple[List[int], torch.Tensor]:
@@ -198,7 +289,8 @@ class KDConfig:
 
     def changed_settings(self) -> dict:
         """The settings that differ from their defaults (for a module's repr)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+        return {f.name: getattr(self, f.name) for f in setting_fields(self) if getattr(self, f.name) is not f.default
+                and getattr(self, f.name) != f.default}
 
 
 @dataclass(frozen=True)
@@ -221,12 +313,27 @@ class SparseKDConfig(KDConfig):
     def tail_id(self) -> int:
         return TAILS.index(self.tail)
 
+    # The teacher arrives as log-probabilities at the distillation temperature: its logits'
+    # transforms are already applied (make_config refuses setting them).
+    @property
+    def teacher_scale(self):
+        return 1.0
+
+    @property
+    def teacher_cap(self):
+        return None
+
 
 # (name, default, check) of every setting of a config class; a plain tuple, which
 # torch.compile can trace (it cannot trace dataclasses.fields). Set on the classes after
 # their definition, so the dataclass machinery does not take it for a field.
+def setting_fields(config) -> list:
+    """The fields of a config class (or instance) that are settings: not internal values."""
+    return [f for f in fields(config) if "check" in f.metadata]
+
+
 def _specs(config_class) -> tuple:
-    return tuple((f.name, f.default, f.metadata["check"]) for f in fields(config_class))
+    return tuple((f.name, f.default, f.metadata["check"]) for f in setting_fields(config_class))
 
 
 _SETTINGS = _specs(KDConfig)
@@ -237,7 +344,8 @@ SPARSE_SETTING_NAMES = tuple(name for name, _, _ in _specs(SparseKDConfig))
 # sparse operators take the dense ints followed by the sparse-only ones.
 INT_SETTINGS = ("divergence_id", "ignore_index", "vocab_size")
 SPARSE_INT_SETTINGS = INT_SETTINGS + ("tail_id",)
-FLOAT_SETTINGS = ("inv_temperature", "beta", "div_weight", "ce_weight")
+FLOAT_SETTINGS = ("inv_temperature", "beta", "div_weight", "ce_weight", "logit_scale", "softcap_value",
+                  "teacher_scale", "teacher_softcap_value", "label_smoothing", "smooth_per_class", "z_loss")
 
 KDConfig._SPECS, KDConfig._INTS = _SETTINGS, INT_SETTINGS
 SparseKDConfig._SPECS, SparseKDConfig._INTS = _specs(SparseKDConfig), SPARSE_INT_SETTINGS
@@ -288,6 +396,11 @@ def make_config(caller: str = "make_config", *, config=KDConfig, **settings) -> 
         raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}; "
                         f"the loss settings are {', '.join(n for n, _, _ in specs)}")
     values["divergence"] = resolve_divergence(values["divergence"], values["beta"])
+    if "tail" in values:
+        for name in ("teacher_logit_scale", "teacher_softcap"):
+            if values[name] is not SAME_AS_STUDENT:
+                raise ValueError(f"{name} does not apply to a sparse teacher: its log-probabilities are "
+                                 "given after every transform of its logits (scale, softcap, temperature)")
     if values.get("tail") == "none" and values["divergence"] != "forward_kl":
         raise ValueError(f"tail='none' is forward KL only (sum over the K ids of p (log p - log q)); "
                          f"got divergence={values['divergence']!r}: use tail='bucket' or 'renorm'")
@@ -337,12 +450,12 @@ def settings_parameters(config=KDConfig, **defaults) -> List[inspect.Parameter]:
     """The settings of ``config`` (a config class) as keyword-only parameters (``defaults``
     overrides a default)."""
     return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(f.name, f.default))
-            for f in fields(config)]
+            for f in setting_fields(config)]
 
 
 def settings_doc(indent: str = "        ", config=KDConfig) -> str:
     """The settings' documentation, one entry each, for a public docstring."""
-    return "\n".join(f"{indent}{f.name}: {f.metadata['doc']}" for f in fields(config))
+    return "\n".join(f"{indent}{f.name}: {f.metadata['doc']}" for f in setting_fields(config))
 
 
 def takes_settings(func=None, *, after: Tuple[str, ...] = (), config=KDConfig):

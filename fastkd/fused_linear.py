@@ -541,7 +541,7 @@ def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hid
                              "student_weight (the student's LM head)", "teacher_weight (the teacher's LM head)")
     check_labels(labels, lead, device, cfg)
     num_items = check_num_items(num_items, cfg.reduction)
-    name = backend_for(backend, device, student_hidden.dtype, teacher_hidden.dtype, what="inputs").name
+    name = backend_for(backend, device, student_hidden.dtype, teacher_hidden.dtype, what="inputs", cfg=cfg).name
 
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])

@@ -80,7 +80,7 @@ def fused_linear_sparse_kd_loss_with_config(student_hidden, student_weight, teac
     cfg, num_items = check_sparse_kd_args(student_hidden, teacher_ids, teacher_logprobs, labels, cfg, num_items,
                                           student_name="student_hidden", student_width=student_weight.shape[0])
     name = backend_for(backend, device, student_hidden.dtype, teacher_logprobs.dtype, what="inputs",
-                       op="sparse").name
+                       op="sparse", cfg=cfg).name
 
     lead = student_hidden.shape[:-1]
     K = teacher_ids.shape[-1]

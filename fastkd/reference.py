@@ -4,14 +4,19 @@ Slow and memory-hungry on purpose (it materialises several ``[tokens, vocab]`` t
 but exact: run it in float64 and every backend is compared against it. Autograd supplies
 its gradient, so it is also the ``backend="torch"`` fallback.
 
-Per token, with q = softmax(s / T) and p = softmax(t / T):
+Per token, each side's logits first pass through its logit transforms (``logit_scale`` m,
+``softcap`` c; the teacher's may differ): x' = c tanh(m x / c), or m x without a cap.
+With q = softmax(s' / T) and p = softmax(t' / T):
 
     forward_kl  KL(p||q) = sum p (log p - log q)
     reverse_kl  KL(q||p) = sum q (log q - log p)
     jsd         beta KL(p||m) + (1 - beta) KL(q||m),  m = beta p + (1 - beta) q
     tvd         1/2 sum |p - q|
 
-    loss = alpha * T^2 * D(p, q) + (1 - alpha) * CE(softmax(s), label)
+    loss = alpha * T^2 * D(p, q) + (1 - alpha) * CE_eps(softmax(s'), label) + lambda lse(s')^2
+
+CE_eps is PyTorch's label-smoothed cross-entropy (target (1 - eps) onehot + eps / V), and
+lambda lse(s')^2 the z-loss (``z_loss``), on every counted token with or without labels.
 
 Zero-probability entries contribute 0 (0 log 0 = 0), so -inf logits are legal. The
 ``torch.where`` guards are applied *before* the multiplication so that their backward
@@ -73,6 +78,27 @@ def divergence_per_row(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
+def transform_logits(x: torch.Tensor, scale, cap) -> torch.Tensor:
+    """One side's logit transforms: cap tanh(scale x / cap), or scale x where cap is None."""
+    if not (is_concrete(scale) and scale == 1.0):
+        x = x * scale
+    if cap is not None:
+        x = cap * torch.tanh(x / cap)
+    return x
+
+
+def student_logits_of(student: torch.Tensor, labels: Optional[torch.Tensor], cfg: KDConfig) -> torch.Tensor:
+    """The student's transformed logits s' in the compute dtype, cut off the graph at ignored
+    rows; shared by the dense and sparse references."""
+    s = student.to(_compute_dtype(student))
+    if labels is not None:
+        # An ignored row takes no part in the graph: masking its loss afterwards is not
+        # enough, since an infinite divergence there (reverse KL against a teacher's -inf)
+        # sends 0 * inf = NaN back through the mask.
+        s = torch.where((labels != cfg.ignore_index).unsqueeze(-1), s, s.detach())
+    return transform_logits(s, cfg.logit_scale, cfg.softcap)
+
+
 def loss_per_row(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -81,13 +107,8 @@ def loss_per_row(
 ) -> torch.Tensor:
     """Per-token loss, shape [N], for 2-D logits already cut to ``cfg.vocab_size``."""
     dtype = _compute_dtype(student, teacher)
-    s = student.to(dtype)
-    if labels is not None:
-        # An ignored row takes no part in the graph: masking its loss afterwards is not
-        # enough, since an infinite divergence there (reverse KL against a teacher's -inf)
-        # sends 0 * inf = NaN back through the mask.
-        s = torch.where((labels != cfg.ignore_index).unsqueeze(-1), s, s.detach())
-    t = teacher.detach().to(dtype)
+    s = student_logits_of(student.to(dtype), labels, cfg)
+    t = transform_logits(teacher.detach().to(dtype), cfg.teacher_scale, cfg.teacher_cap)
     log_q = F.log_softmax(s / cfg.temperature, dim=-1)
     log_p = F.log_softmax(t / cfg.temperature, dim=-1)
     return add_hard_label_term(cfg.div_weight * divergence_per_row(log_p, log_q, cfg.divergence, cfg.beta),
@@ -96,13 +117,16 @@ def loss_per_row(
 
 def add_hard_label_term(loss: torch.Tensor, s: torch.Tensor, labels: Optional[torch.Tensor],
                         cfg: KDConfig) -> torch.Tensor:
-    """``loss`` (the weighted divergence per row) plus ``ce_weight * CE(s, labels)`` (raw
-    logits, T = 1), zero at ignored rows; shared by the dense and sparse references."""
+    """``loss`` (the weighted divergence per row) plus the terms at T = 1 on the student's
+    transformed logits ``s``: ``ce_weight`` times the label-smoothed CE, and the z-loss;
+    zero at ignored rows. Shared by the dense and sparse references."""
+    if cfg.z_loss != 0.0:
+        loss = loss + cfg.z_loss * torch.logsumexp(s, dim=-1).square()
     if labels is not None:
         valid = labels != cfg.ignore_index
         if cfg.ce_weight != 0.0:
             safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-            ce = F.cross_entropy(s, safe, reduction="none")
+            ce = F.cross_entropy(s, safe, reduction="none", label_smoothing=cfg.label_smoothing)
             loss = loss + cfg.ce_weight * ce
         loss = torch.where(valid, loss, torch.zeros_like(loss))
     return loss

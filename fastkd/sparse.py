@@ -27,7 +27,7 @@ def sparse_kd_loss_with_config(student_logits, teacher_ids, teacher_logprobs, la
     cfg, num_items = check_sparse_kd_args(student_logits, teacher_ids, teacher_logprobs, labels, cfg, num_items)
     inplace = _inplace_wanted(student_logits, inplace_backward)
     kernels = backend_for(backend, student_logits.device, student_logits.dtype, teacher_logprobs.dtype,
-                          op="sparse")
+                          op="sparse", cfg=cfg)
     if kernels.differentiable_sparse_loss is not None:
         return kernels.differentiable_sparse_loss(student_logits, teacher_ids, teacher_logprobs, labels, cfg,
                                                   num_items)

@@ -15,7 +15,11 @@ q = softmax(s / T) over the whole (``vocab_size``-cut) vocabulary. P = sum_S p, 
     tail="none"    sum_S p (log p - log q), forward KL only (biased; negative only for
                    inconsistent input, and never clamped).
 
-    loss = alpha * T^2 * D + (1 - alpha) * CE(softmax(s), label)     (as kd_loss)
+    loss = alpha * T^2 * D + (1 - alpha) * CE_eps(softmax(s'), label) + lambda lse(s')^2   (as kd_loss)
+
+The student's logits pass through its transforms (``logit_scale``, ``softcap``) first, s
+standing for s' above; the teacher's log-probabilities are used as given (its transforms
+cannot apply to them, and ``make_config`` refuses setting them).
 
 Conventions pinned here (docs/sparse.md):
 * 1 - P = -expm1(logsumexp_S(log p)), exact as P -> 1 (never 1 - sum p). A P above 1
@@ -39,7 +43,7 @@ import torch
 
 from ._checks import check_sparse_kd_args
 from .config import KDConfig, SparseKDConfig, make_config, takes_settings
-from .reference import add_hard_label_term, divergence_per_row, reduce_loss
+from .reference import add_hard_label_term, divergence_per_row, reduce_loss, transform_logits
 
 NEG_INF = float("-inf")
 
@@ -59,13 +63,13 @@ def _logsumexp(x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
 class SparseRows:
     """The per-row quantities of a sparse teacher against 2-D student logits (cut to V).
 
-    a = s / T, lse = logsumexp(a); for the K slots: valid (id >= 0), the teacher's log p
+    s the student's transformed logits (logit_scale, softcap), a = s / T, lse = logsumexp(a); for the K slots: valid (id >= 0), the teacher's log p
     (-inf at empty slots) and the student's log q; the support's membership mask [N, V].
     """
 
     def __init__(self, student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, cfg: KDConfig):
         dtype = _compute_dtype(student, logprobs)
-        self.s = student.to(dtype)
+        self.s = transform_logits(student.to(dtype), cfg.logit_scale, cfg.softcap)  # s' 
         self.a = self.s / cfg.temperature
         self.valid = ids >= 0
         self.safe_ids = torch.where(self.valid, ids, torch.zeros_like(ids)).long()

@@ -45,11 +45,16 @@ def test_modules_hold_the_validated_config():
 
 
 def test_kernel_settings_are_the_derived_values():
-    cfg = fastkd.make_config(divergence="reverse_kl", temperature=2.0, alpha=0.75, ignore_index=3).with_vocab_size(11)
+    cfg = fastkd.make_config(divergence="reverse_kl", temperature=2.0, alpha=0.75, ignore_index=3, softcap=30.0,
+                             teacher_logit_scale=2.0, label_smoothing=0.22, z_loss=0.5).with_vocab_size(11)
     ints, floats = cfg.kernel_settings()
     assert dict(zip(INT_SETTINGS, ints)) == {"divergence_id": 1, "ignore_index": 3, "vocab_size": 11}
     # The floats travel as a float64 host tensor (a tensor stays symbolic under torch.compile).
     assert floats.dtype == torch.float64 and floats.device.type == "cpu" and floats.shape == (len(FLOAT_SETTINGS),)
-    assert dict(zip(FLOAT_SETTINGS, floats.tolist())) == {"inv_temperature": 0.5, "beta": 0.5, "div_weight": 3.0,
-                                                          "ce_weight": 0.25}
+    assert dict(zip(FLOAT_SETTINGS, floats.tolist())) == {
+        "inv_temperature": 0.5, "beta": 0.5, "div_weight": 3.0, "ce_weight": 0.25, "logit_scale": 1.0,
+        "softcap_value": 30.0, "teacher_scale": 2.0, "teacher_softcap_value": 30.0, "label_smoothing": 0.22,
+        "smooth_per_class": 0.02, "z_loss": 0.5}
+    # A vocab-parallel shard spreads epsilon over the global classes, not its own columns.
+    assert cfg.with_vocab_size(3, classes=11).smooth_per_class == 0.02
     assert cfg.with_vocab_size(11) is cfg and cfg.with_vocab_size(7).vocab_size == 7

@@ -5,7 +5,7 @@ import torch
 from harness.cases import DIVERGENCES, Case
 from harness.compare import check_case
 from harness.inputs import make_inputs
-from harness.registry import KD_LOSS, OPS, backend_devices, case_ids, computes_in, ids
+from harness.registry import KD_LOSS, OPS, backend_devices, case_ids, ids, runs_case
 from harness.results import run_backend
 
 import fastkd
@@ -21,7 +21,7 @@ BACKEND_IDS = ids(BACKEND_DEVICES)
 CASES = OPS[KD_LOSS].cases
 CASE_PARAMS = [pytest.param(case, backend, device, id=f"{case_id}-{backend}@{device}")
                for case, case_id in zip(CASES, case_ids(CASES)) for backend, device in BACKEND_DEVICES
-               if computes_in(backend, case.dtypes)]
+               if runs_case(backend, case)]
 
 
 @pytest.mark.parametrize("case,backend,device", CASE_PARAMS)

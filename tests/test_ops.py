@@ -196,7 +196,7 @@ def test_float_settings_must_be_a_float64_host_tensor():
     torch.compile); another dtype or layout is refused by name, not read as garbage."""
     ints, floats = settings()
     s, t, _, scale = op_args()
-    for bad in (floats.float(), floats.reshape(2, 2), floats.repeat(2)[::2]):
+    for bad in (floats.float(), floats[:10].reshape(2, 5), floats.repeat(2)[::2]):
         with pytest.raises(RuntimeError, match="float settings must be a contiguous 1-D float64 CPU tensor"):
             ops.kd_forward(s, t, None, scale, None, ints, bad)
         with pytest.raises(RuntimeError, match="float settings must be a contiguous 1-D float64 CPU tensor"):

@@ -18,7 +18,7 @@ import torch
 import fastkd
 from fastkd import sparse_reference
 from fastkd._dispatch import get_backend
-from fastkd.config import DIVERGENCES, SPARSE_INT_SETTINGS, TAILS, SparseKDConfig, make_config
+from fastkd.config import DIVERGENCES, FLOAT_SETTINGS, SPARSE_INT_SETTINGS, TAILS, SparseKDConfig, make_config
 from fastkd.sparse import SparseKDLoss, sparse_kd_loss
 
 from harness.compare import rel_err
@@ -372,7 +372,7 @@ def test_settings_order_matches_the_extension():
 
     assert tuple(load_extension().sparse_int_settings) == SPARSE_INT_SETTINGS
     ints, floats = make_config(config=SparseKDConfig, tail="renorm", divergence="tvd").with_vocab_size(9).kernel_settings()
-    assert ints == [3, -100, 9, 1] and len(floats) == 4
+    assert ints == [3, -100, 9, 1] and tuple(load_extension().float_settings) == FLOAT_SETTINGS and len(floats) == len(FLOAT_SETTINGS)
 
 
 def test_module_and_signature():

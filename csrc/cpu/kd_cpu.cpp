@@ -605,6 +605,7 @@ void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, in
       if (with_value) {
         const bool kl = divergence == Divergence::ForwardKL || divergence == Divergence::ReverseKL;
         o[5] = kl ? static_cast<Out>(value_term(c, V, st, divergence)) : Out(0);
+        o[6] = Out(0);  // sum of s' (label smoothing): not yet computed here
       }
     }
   });

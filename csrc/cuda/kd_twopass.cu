@@ -253,7 +253,10 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) row_stats_kernel(const KDL
     o[2] = st.mt * p.inv_temperature;
     o[3] = st.zt;
     o[4] = a.with_ce_raw ? (raw ? st.zraw : st.zs) : 0.f;
-    if constexpr (kWidth == kShardStatsWidth) o[5] = kA ? st.a * p.inv_temperature : 0.f;  // (t - s) / T
+    if constexpr (kWidth == kShardStatsWidth) {
+      o[5] = kA ? st.a * p.inv_temperature : 0.f;  // (t - s) / T
+      o[6] = 0.f;                                  // sum of s' (label smoothing): not yet computed here
+    }
   }
 }
 

@@ -73,6 +73,8 @@ LOW_PRECISION_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 #         forward_kl  sum_i exp(b_i - max_t) (b_i - a_i)     (a = s/T, b = t/T)
 #         reverse_kl  sum_i exp(a_i - max_s) (a_i - b_i)
 #         jsd, tvd    0
+#       and, in column 6, the sum of the student's transformed logits s' over the shard's
+#       counted columns when label_smoothing > 0 (0 otherwise)
 #   shard_row_sums(student, teacher, row_stats, int[] ints, Tensor floats) -> [N, ROW_SUMS_WIDTH]
 #       given the GLOBAL row statistics [N, ROW_STATS_WIDTH], the shard's part of the row
 #       sums (additive across shards):
@@ -89,7 +91,7 @@ LOW_PRECISION_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 #       shard. Ignored rows get zeros.
 #
 # ``ints`` carries the SHARD's vocab_size: how many of its columns count (>= 1).
-SHARD_STATS_WIDTH = 6
+SHARD_STATS_WIDTH = 7
 ROW_SUMS_WIDTH = 5
 
 

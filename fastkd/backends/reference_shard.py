@@ -2,7 +2,8 @@
 
 The operators' contract is in ``fastkd/backends/__init__.py`` (``shard_row_stats``,
 ``shard_row_sums``, ``shard_write_grad``); these are their readable, float64-capable
-versions, which the compiled and Triton phases are tested against. With a = s/T, b = t/T,
+versions, which the compiled and Triton phases are tested against. With s, t each side's
+transformed logits (``logit_scale``, ``softcap``: fastkd.reference.transform_logits), a = s/T, b = t/T,
 the global log-normalisers lse_s = max_s + log sumexp_s (likewise lse_t), q = exp(a - lse_s),
 p = exp(b - lse_t):
 
@@ -11,8 +12,10 @@ p = exp(b - lse_t):
     jsd         dD/da = (1 - beta) q (h - sum q h),       h = log q - log m
     tvd         dD/da = q (h - sum q h),                  h = sign(q - p) / 2
 
-and the CE term's softmax(s) - onehot(label) at T = 1. Entries of probability zero
-contribute nothing (0 log 0 = 0), as in ``fastkd.reference``.
+and, at T = 1, the CE term's softmax(s) - (1 - eps) onehot(label) - eps/V and the z-loss's
+2 lambda lse(s) softmax(s) (csrc/kd_params.h states the whole contract); the gradient with
+respect to the raw logits carries the transform's chain factor. Entries of probability
+zero contribute nothing (0 log 0 = 0), as in ``fastkd.reference``.
 """
 from __future__ import annotations
 
@@ -20,17 +23,27 @@ import math
 
 import torch
 
+from ..reference import transform_logits
 from . import ShardPhases, loss_dtype
 
 PEAKED = 0.5 + 1.0 / 1024  # the C++ kernel's threshold for the peaked-row centring (kPeaked)
 
 
 def _scaled(student, teacher, cfg):
-    """The shard's counted columns as a = s/T, b = t/T in the accumulation dtype, and s."""
+    """The shard's counted columns as a = s'/T, b = t'/T in the accumulation dtype, and s'
+    (each side's transformed logits)."""
     dtype = loss_dtype(student, teacher)
-    s = student[:, : cfg.vocab_size].to(dtype)
-    t = teacher[:, : cfg.vocab_size].to(dtype)
+    s = transform_logits(student[:, : cfg.vocab_size].to(dtype), cfg.logit_scale, cfg.softcap)
+    t = transform_logits(teacher[:, : cfg.vocab_size].to(dtype), cfg.teacher_scale, cfg.teacher_cap)
     return s, s * cfg.inv_temperature, t * cfg.inv_temperature
+
+
+def _chain(student, cfg):
+    """ds'/ds per entry of the counted columns (a number without a softcap)."""
+    if cfg.softcap is None:
+        return cfg.logit_scale
+    x = student[:, : cfg.vocab_size].to(loss_dtype(student, student)) * (cfg.logit_scale / cfg.softcap)
+    return cfg.logit_scale * (1 - torch.tanh(x).square())
 
 
 def _exp_from(x, m):
@@ -49,15 +62,16 @@ def row_stats(student, teacher, cfg):
     max_s, max_t = a.amax(-1), b.amax(-1)
     es, et = _exp_from(a, max_s), _exp_from(b, max_t)
     raw = torch.zeros_like(max_s)
-    if cfg.ce_weight != 0.0:
+    if cfg.has_hard_label_terms:
         raw = _exp_from(s, max_s * cfg.temperature).sum(-1)
+    sum_s = s.sum(-1) if cfg.label_smoothing != 0.0 else torch.zeros_like(max_s)
     if cfg.divergence == "forward_kl":
         value = _times(et, b - a).sum(-1)
     elif cfg.divergence == "reverse_kl":
         value = _times(es, a - b).sum(-1)
     else:
         value = torch.zeros_like(max_s)
-    return torch.stack([max_s, es.sum(-1), max_t, et.sum(-1), raw, value], dim=1)
+    return torch.stack([max_s, es.sum(-1), max_t, et.sum(-1), raw, value, sum_s], dim=1)
 
 
 def _log_probs(a, b, stats):
@@ -127,15 +141,18 @@ def write_grad(student, teacher, labels, grad_scale, stats, sums, vocab_start, c
         qh = 0.5 * (sums[:, 1] - sums[:, 2]) / (sums[:, 1] + sums[:, 2] + sums[:, 3])
         ddiv = q * (h - qh[:, None])
     grad = cfg.div_weight * cfg.inv_temperature * ddiv
-    if cfg.ce_weight != 0.0:
+    with_ce = labels is not None and cfg.ce_weight != 0.0
+    if with_ce or cfg.z_loss != 0.0:
         lse_raw = stats[:, 0] * cfg.temperature + stats[:, 4].log()
-        grad = grad + cfg.ce_weight * (s - lse_raw[:, None]).exp()
+        c_raw = 2 * cfg.z_loss * lse_raw + (cfg.ce_weight if with_ce else 0.0)
+        grad = grad + c_raw[:, None] * (s - lse_raw[:, None]).exp()
+    if with_ce:
         local = labels - vocab_start
         here = (local >= 0) & (local < cfg.vocab_size)
         onehot = torch.zeros_like(grad)
         onehot.scatter_(1, torch.where(here, local, 0)[:, None], here.to(grad.dtype)[:, None])
-        grad = grad - cfg.ce_weight * onehot
-    grad = grad * grad_scale.to(grad.dtype)
+        grad = grad - cfg.ce_weight * ((1.0 - cfg.label_smoothing) * onehot + cfg.smooth_per_class)
+    grad = grad * _chain(student, cfg) * grad_scale.to(grad.dtype)
     if labels is not None:
         grad = torch.where((labels == cfg.ignore_index)[:, None], torch.zeros_like(grad), grad)
     out = torch.zeros_like(student)

@@ -115,7 +115,7 @@ def _local_checks(hs, ws, bs, ht, wt, bt, labels, cfg: KDConfig, num_items, inpl
     else:
         check_label_tensor(labels, lead, device, "hidden states", "hidden")
     num_items = check_num_items(num_items, cfg.reduction)
-    kernels = backend_for(backend, device, _logits_dtype(ws), _logits_dtype(wt), what="inputs")
+    kernels = backend_for(backend, device, _logits_dtype(ws), _logits_dtype(wt), what="inputs", cfg=cfg)
     if kernels.shard is None:
         raise ValueError(f"backend {kernels.name!r} has no vocab-parallel phases")
     if vocab_start is not None:

@@ -13,8 +13,9 @@ few numbers per row between the phases, never logits:
                 term of forward/reverse KL
     round 1     all_reduce(MAX) of (max_s, max_t): 2 floats per row
                 each rank moves its sums to the global maxima: sum * exp(m_local - M)
-    round 2     all_reduce(SUM) of (sumexp_s, sumexp_t[, value term][, CE: sumexp_raw,
-                label logit[, label found]]): 2 to 6 floats per row
+    round 2     all_reduce(SUM) of (sumexp_s, sumexp_t[, value term][, CE or z-loss: sumexp_raw]
+                [, label smoothing: sum of s'][, CE: label logit[, label found]]): 2 to 7 floats
+                per row
                 -> every rank has the row's log-normalisers, and forward/reverse KL and CE
                    values: KL(p||q) = A / S_t - delta, KL(q||p) = B / S_s + delta, with
                    delta = lse_t - lse_s, A = sum e^(b - M_t) (b - a), B = sum e^(a - M_s) (a - b)
@@ -46,6 +47,7 @@ from .._checks import (FLOAT_DTYPES, check_label_tensor, check_labels, check_log
 from .._dispatch import backend_for
 from ..backends import ROW_SUMS_WIDTH, SHARD_STATS_WIDTH, KernelBackend, loss_dtype
 from ..config import REDUCTIONS, KDConfig, make_config, takes_settings
+from ..reference import transform_logits
 
 # The handshake's int64 fields, one row per rank.
 HEADER = ("error", "rows", "width", "student_dtype", "teacher_dtype", "has_labels", "label_min", "label_max",
@@ -72,7 +74,7 @@ def _local_checks(student, teacher, labels, cfg: KDConfig, num_items, backend: s
     else:
         check_label_tensor(labels, student.shape[:-1], student.device, "logits", "vocab")
     num_items = check_num_items(num_items, cfg.reduction)
-    kernels = backend_for(backend, student.device, student.dtype, teacher.dtype)
+    kernels = backend_for(backend, student.device, student.dtype, teacher.dtype, cfg=cfg)
     if kernels.shard is None:
         raise ValueError(f"backend {kernels.name!r} has no vocab-parallel phases")
     if vocab_start is not None:
@@ -100,7 +102,8 @@ def _settings_digest(cfg: KDConfig, num_items) -> int:
     """A number equal on ranks with equal settings (hashes of ints and floats do not vary
     between processes, unlike those of strings)."""
     values = [getattr(cfg, name) for name in ("divergence_id", "ignore_index", "temperature", "beta", "alpha",
-                                              "t_squared")]
+                                              "t_squared", "logit_scale", "softcap_value", "teacher_scale",
+                                              "teacher_softcap_value", "label_smoothing", "z_loss")]
     values += [-1 if cfg.vocab_size is None else cfg.vocab_size, REDUCTIONS.index(cfg.reduction)]
     values.append(num_items if isinstance(num_items, float) else -1.0)
     return hash(tuple(values))
@@ -210,8 +213,12 @@ class ShardedRows:
     def __call__(self, student, teacher, labels, grad_scale, cfg: KDConfig):
         n = student.shape[0]
         dtype = loss_dtype(student, teacher)
-        local_cfg = cfg.with_vocab_size(max(self.counted, 1))
-        divergence, with_ce = cfg.divergence, cfg.ce_weight != 0.0
+        # The shard's columns, with label smoothing's epsilon spread over the global classes.
+        local_cfg = cfg.with_vocab_size(max(self.counted, 1), classes=cfg.vocab_size)
+        divergence = cfg.divergence
+        with_ce = labels is not None and cfg.ce_weight != 0.0
+        with_raw = with_ce or cfg.z_loss != 0.0
+        with_smoothing = with_ce and cfg.label_smoothing != 0.0
         if self.counted > 0:
             part = self.phases.row_stats(student, teacher, local_cfg)
         else:  # a slice wholly past vocab_size: nothing of it counts
@@ -229,12 +236,15 @@ class ShardedRows:
         columns = {"sum_s": part[:, 1] * f_s, "sum_t": part[:, 3] * f_t}
         if divergence in ("forward_kl", "reverse_kl"):
             columns["value"] = part[:, 5] * (f_t if divergence == "forward_kl" else f_s)
+        if with_raw:
+            columns["sum_raw"] = part[:, 4] * _from_local_max(part[:, 0], max_s, cfg.temperature)
+        if with_smoothing:
+            columns["sum_logits"] = part[:, 6]
         if with_ce:
             local = labels - self.vocab_start
             here = (local >= 0) & (local < self.counted) & (labels != cfg.ignore_index)
             at = torch.where(here, local, torch.zeros_like(local))[:, None]
-            label_logit = student.gather(1, at)[:, 0].to(dtype)
-            columns["sum_raw"] = part[:, 4] * _from_local_max(part[:, 0], max_s, cfg.temperature)
+            label_logit = transform_logits(student.gather(1, at)[:, 0].to(dtype), cfg.logit_scale, cfg.softcap)
             columns["s_label"] = torch.where(here, label_logit, torch.zeros_like(label_logit))
             if self.check_label_found:
                 columns["found"] = here.to(dtype)
@@ -271,9 +281,15 @@ class ShardedRows:
                 qh = (row_sums[:, 1] + row_sums[:, 3]) / (row_sums[:, 0] + row_sums[:, 2])
                 value = beta * row_sums[:, 4] + (1.0 - beta) * qh
         loss = cfg.div_weight * value
-        if with_ce:
+        if with_raw:
             lse_raw = max_s * cfg.temperature + stats[:, 4].log()
-            loss = loss + cfg.ce_weight * (lse_raw - g["s_label"])
+        if with_ce:
+            ce = lse_raw - (1.0 - cfg.label_smoothing) * g["s_label"]
+            if with_smoothing:
+                ce = ce - cfg.smooth_per_class * g["sum_logits"]
+            loss = loss + cfg.ce_weight * ce
+        if cfg.z_loss != 0.0:
+            loss = loss + cfg.z_loss * lse_raw.square()
         if labels is not None:
             loss = torch.where(labels == cfg.ignore_index, torch.zeros_like(loss), loss)
 

@@ -40,6 +40,7 @@ class Case:
     noncontiguous: bool = False
     num_items: Optional[float] = None
     inplace: bool = False
+    options: Tuple[Tuple[str, Any], ...] = ()  # logit options (softcap, label_smoothing, ...) as pairs
 
     @property
     def id(self) -> str:
@@ -52,6 +53,7 @@ class Case:
                   "nan_row", "teacher_pad", "vocab_size", "noncontiguous", "num_items", "inplace"):
             if getattr(self, f) != getattr(defaults, f):
                 parts.append(f"{f}={getattr(self, f)}".replace(" ", ""))
+        parts += [f"{k}={v}" for k, v in self.options]
         return "-".join(parts)
 
     @property
@@ -64,7 +66,7 @@ class Case:
     def kwargs(self) -> dict:
         return dict(divergence=self.divergence, temperature=self.temperature, beta=self.beta,
                     alpha=self.alpha, t_squared=self.t_squared, reduction=self.reduction,
-                    num_items=self.num_items, vocab_size=self.vocab_size)
+                    num_items=self.num_items, vocab_size=self.vocab_size, **dict(self.options))
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class LinearCase:
     bias: bool = True
     num_items: Optional[float] = None
     chunk_size: object = 10           # 37 tokens -> 4 chunks
+    options: Tuple[Tuple[str, Any], ...] = ()  # logit options as pairs, as Case.options
 
     @property
     def id(self) -> str:
@@ -102,7 +105,7 @@ class LinearCase:
         pad = self.student_pad or self.teacher_pad
         return dict(divergence=self.divergence, temperature=self.temperature, beta=self.beta,
                     alpha=self.alpha, reduction=self.reduction, num_items=self.num_items,
-                    vocab_size=self.vocab if pad else None)
+                    vocab_size=self.vocab if pad else None, **dict(self.options))
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,35 @@ SPECIAL = [
     for d, r in [("forward_kl", "none"), ("jsd", "mean"), ("reverse_kl", "sum"), ("tvd", "none")]
 ]
 
-ALL_CASES = GRID_DIV_RED_DTYPE + GRID_TEMPERATURE + GRID_BETA + SPECIAL
+# The logit options (issue 13): each alone, then combined, over the divergences, dtypes,
+# padded vocabularies, -inf entries and ignored tokens. The logits are drawn with a spread
+# of a few units, so a cap of 2 saturates some entries (tanh' far from 1) and 1e4 none.
+_CAP = (("softcap", 2.0),)
+_ALL = (("logit_scale", 1.5), ("softcap", 3.0), ("teacher_logit_scale", 0.7), ("teacher_softcap", 5.0),
+        ("label_smoothing", 0.1), ("z_loss", 1e-3))
+LOGIT_OPTION_CASES = [
+    Case(alpha=0.6, options=_CAP),
+    Case(alpha=0.6, options=(("softcap", 1e4),)),
+    Case(alpha=0.6, options=(("logit_scale", 0.5),)),
+    Case(alpha=0.6, options=(("softcap", 2.0), ("teacher_softcap", None))),
+    Case(alpha=0.6, options=(("teacher_logit_scale", 2.0), ("teacher_softcap", 4.0))),
+    Case(alpha=0.3, options=(("label_smoothing", 0.1),)),
+    Case(alpha=0.0, options=(("label_smoothing", 1.0),)),
+    Case(alpha=1.0, labels=False, options=(("z_loss", 1e-2),)),
+    Case(alpha=0.6, temperature=1.0, options=(("z_loss", 1e-2), ("label_smoothing", 0.2))),
+    Case(alpha=1.0, options=(("z_loss", 1e-2), ("softcap", 2.0))),
+    Case(alpha=0.6, reduction="none", options=(("z_loss", 1e-2), ("softcap", 2.0))),
+    Case(alpha=0.6, student_dtype=torch.bfloat16, options=_ALL),
+    Case(alpha=0.6, student_dtype=torch.float16, teacher_dtype=torch.bfloat16, divergence="jsd", options=_ALL),
+    Case(alpha=0.6, teacher_pad=3, vocab_size=990, options=_ALL),
+    Case(alpha=0.6, neg_inf="both", divergence="reverse_kl", options=(("softcap", 2.0), ("z_loss", 1e-3))),
+    Case(alpha=0.6, inplace=True, divergence="tvd", options=_ALL),
+] + [
+    Case(divergence=d, alpha=0.6, temperature=T, options=_ALL)
+    for d, T in itertools.product(DIVERGENCES, (0.5, 2.0))
+]
+
+ALL_CASES = GRID_DIV_RED_DTYPE + GRID_TEMPERATURE + GRID_BETA + SPECIAL + LOGIT_OPTION_CASES
 
 # fp32 centred divergences at a real vocabulary size: the gradient must be within
 # fp32_grad_tolerance (1e-5, or 2x PyTorch's fp32 error) of float64. Pure divergence (no
@@ -206,6 +237,8 @@ LINEAR_CASES = [
     LinearCase(teacher_pad=128, reduction="sum"),
     LinearCase(alpha=0.0),                                           # pure cross-entropy
     LinearCase(lead=(0,)),                                           # no tokens
+    LinearCase(divergence="jsd", options=(("softcap", 2.0), ("label_smoothing", 0.1), ("z_loss", 1e-3))),
+    LinearCase(student_pad=3, teacher_pad=7, options=(("logit_scale", 1.5), ("teacher_softcap", 3.0))),
 ]
 
 # ---------------------------------------------------------------------------------------

@@ -92,6 +92,15 @@ def backend_names(device: str = "cpu", op: str = KD_LOSS, dtype: Optional[torch.
             if dtype is None or computes_in(name, (dtype,))]
 
 
+def runs_case(backend: str, case) -> bool:
+    """Whether the backend runs this case: computes in its dtypes, and applies its logit
+    options (fastkd._dispatch.LOGIT_OPTIONS_BACKENDS; until every backend is there, the
+    others refuse them with NotImplementedError, tested in test_logit_options.py)."""
+    from fastkd._dispatch import LOGIT_OPTIONS_BACKENDS
+    dtypes = case.dtypes
+    return computes_in(backend, dtypes) and (not case.options or backend in LOGIT_OPTIONS_BACKENDS)
+
+
 def computes_in(backend: str, dtypes) -> bool:
     """Whether the backend computes in every one of these dtypes."""
     return all(dt in BY_NAME[backend].dtypes for dt in dtypes)

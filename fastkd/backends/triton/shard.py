@@ -102,6 +102,7 @@ def shard_row_stats_kernel(S, T, OUT, s_stride, t_stride, V, c, inv_temperature,
         tl.store(out + 5, _lane_total(val, a_s, r_s))
     else:
         tl.store(out + 5, 0.0)
+    tl.store(out + 6, 0.0)  # sum of s' (label smoothing): not yet computed here
 
 
 @triton.jit

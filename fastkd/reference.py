@@ -120,16 +120,34 @@ def add_hard_label_term(loss: torch.Tensor, s: torch.Tensor, labels: Optional[to
     """``loss`` (the weighted divergence per row) plus the terms at T = 1 on the student's
     transformed logits ``s``: ``ce_weight`` times the label-smoothed CE, and the z-loss;
     zero at ignored rows. Shared by the dense and sparse references."""
-    if cfg.z_loss != 0.0:
-        loss = loss + cfg.z_loss * torch.logsumexp(s, dim=-1).square()
+    if not _is_zero(cfg.z_loss):
+        loss = loss + _times(cfg.z_loss, torch.logsumexp(s, dim=-1).square())
     if labels is not None:
         valid = labels != cfg.ignore_index
         if cfg.ce_weight != 0.0:
             safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-            ce = F.cross_entropy(s, safe, reduction="none", label_smoothing=cfg.label_smoothing)
+            ce = F.cross_entropy(s, safe, reduction="none")
+            if not _is_zero(cfg.label_smoothing):
+                # PyTorch's label_smoothing, written out: a traced epsilon (a schedule under
+                # torch.compile) passed to F.cross_entropy is specialised, one graph per value.
+                mean_neg_log_q = torch.logsumexp(s, dim=-1) - s.mean(-1)
+                ce = ce + _times(cfg.label_smoothing, mean_neg_log_q - ce)
             loss = loss + cfg.ce_weight * ce
         loss = torch.where(valid, loss, torch.zeros_like(loss))
     return loss
+
+
+def _is_zero(value) -> bool:
+    """A setting that is concretely 0 (a traced value may be anything)."""
+    return is_concrete(value) and value == 0.0
+
+
+def _times(weight, x: torch.Tensor) -> torch.Tensor:
+    """weight * x, 0 where weight is 0 (a traced 0 must not turn an infinite x into NaN)."""
+    if is_concrete(weight):
+        return weight * x
+    w = torch.ones((), dtype=x.dtype, device=x.device) * weight
+    return torch.where(w == 0, torch.zeros_like(x), w * x)
 
 
 def reduce_loss(rows: torch.Tensor, labels, cfg: KDConfig, num_items) -> torch.Tensor:

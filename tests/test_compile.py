@@ -209,3 +209,33 @@ def test_kdloss_module_in_a_compiled_step_with_a_schedule():
         eager = crit(s, t, labels) + fastkd.kd_loss(s, t, labels, temperature=T, alpha=0.5, backend="torch")
         torch.testing.assert_close(out, eager)
     assert counter.frame_count <= MAX_FRAMES
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_logit_option_schedule(backend):
+    """A softcap / label-smoothing / z-loss schedule under fullgraph=True: values equal eager
+    and float64 at every step, and no recompile after the second value."""
+    from fastkd._dispatch import LOGIT_OPTIONS_BACKENDS
+
+    if backend not in LOGIT_OPTIONS_BACKENDS:
+        pytest.skip(f"{backend} does not apply the logit options yet")
+    if backend == "cpu" and kernel_backend("cpu") is None:
+        pytest.skip("fastkd._C not available")
+    torch._dynamo.reset()
+    s, t, labels = make_inputs(Case(lead=(6,), vocab=211))
+    counter = CompileCounterWithBackend("inductor" if backend == "cpu" else "eager")
+
+    def loss(s, t, lab, cap, eps, lam):
+        return fastkd.kd_loss(s, t, lab, temperature=2.0, alpha=0.5, softcap=cap, label_smoothing=eps, z_loss=lam,
+                              backend=backend)
+
+    f = torch.compile(loss, fullgraph=True, dynamic=True, backend=counter)
+    for cap, eps, lam in [(3.0, 0.1, 1e-3), (5.0, 0.0, 0.0), (2.0, 0.3, 1e-2), (30.0, 1.0, 0.5), (4.0, 0.05, 0.0)]:
+        out = f(s, t, labels, cap, eps, lam)
+        eager = loss(s, t, labels, cap, eps, lam)
+        ref = fastkd.reference.kd_loss(s.detach().double(), t.double(), labels, temperature=2.0, alpha=0.5,
+                                       softcap=cap, label_smoothing=eps, z_loss=lam)
+        torch.testing.assert_close(out, eager)
+        torch.testing.assert_close(_grad(out, s), _grad(eager, s))
+        assert abs(out.item() - ref.item()) < 1e-5 * abs(ref.item()), (cap, eps, lam, out.item(), ref.item())
+    assert counter.frame_count <= 2, counter.frame_count

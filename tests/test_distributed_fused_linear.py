@@ -239,6 +239,32 @@ def case_bad_input_raises_everywhere(ctx, backend):
     compare(p, [5, 5, 5, 5], ctx.rank, None, TOL[torch.float32], alpha=0.5, backend=backend)
 
 
+def case_hidden_grad_wanted_on_some_ranks(ctx, backend):
+    """student_hidden requiring grad on some ranks only: the ranks that require it would
+    all-reduce its gradient in backward and wait there for the others until the group's
+    timeout. Every rank raises the same ValueError from the handshake instead."""
+    p = problem(8, 20, torch.float32)
+    lo, hi = bounds([9, 11], ctx.rank)
+
+    def call(requires_grad, grad_mode=True):
+        hs = p["hs"].clone().requires_grad_(requires_grad)
+        with torch.set_grad_enabled(grad_mode):
+            loss = vocab_parallel_fused_linear_kd_loss(hs, p["ws"][lo:hi].clone().requires_grad_(), p["ht"],
+                                                       p["wt"][lo:hi], p["labels"], alpha=0.5, group=ctx.group,
+                                                       backend=backend)
+            loss.backward()
+
+    message = (r"vocab_parallel_fused_linear_kd_loss: the ranks disagree on whether student_hidden requires "
+               r"grad \(with grad mode on\): yes on rank 1, no on rank 0")
+    with pytest.raises(ValueError, match=message):
+        call(requires_grad=ctx.rank == 1)
+    with pytest.raises(ValueError, match=message):  # grad mode counts: off on rank 0
+        call(requires_grad=True, grad_mode=ctx.rank == 1)
+    # The group still works, and when no rank wants the hidden gradient nothing waits.
+    call(requires_grad=False)
+    compare(p, [9, 11], ctx.rank, ctx.group, TOL[torch.float32], alpha=0.5, backend=backend)
+
+
 def case_low_precision_matches_dense(ctx, backend):
     """bf16 heads on the CPU (upcast to fp32 once, as the dense loss does)."""
     p = problem(10, 24, torch.bfloat16)
@@ -291,6 +317,12 @@ def test_triton_shard_phases_in_the_chunk_loop(gloo_ranks):
     if not triton_runs_here():
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (and triton)")
     gloo_ranks.run(case_triton_float32, "triton", size=2)
+
+
+def test_hidden_grad_wanted_on_some_ranks_raises_everywhere(gloo_ranks):
+    # Before the handshake compared it, this call hung until the group's timeout: the
+    # harness fails it after `timeout` (or GRACE_S after the first rank's failure).
+    gloo_ranks.run(case_hidden_grad_wanted_on_some_ranks, "torch", size=2, timeout=60)
 
 
 def test_shard_phases_exist():

@@ -311,6 +311,8 @@ def bad_inputs(ctx):
                       call(student=ss.float()) if other else call())
     expect_same_error(ctx, ValueError, "rank 1: teacher_shard requires grad",
                       call(teacher=ts.clone().requires_grad_(True)) if other else call())
+    expect_same_error(ctx, ValueError, "disagree on whether student_shard requires grad (with grad mode on): "
+                      "yes on rank 1, no on rank 0", call(student=ss.clone().requires_grad_(True)) if other else call())
     expect_same_error(ctx, ValueError, "disagree on the loss settings",
                       call(temperature=2.0) if other else call())
     shuffled = labels.flip(0)

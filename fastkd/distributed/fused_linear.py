@@ -131,9 +131,16 @@ def vocab_parallel_fused_linear_kd_loss(
         student_bias, teacher_bias: ``[V_r]`` this rank's entries of the heads' biases.
         group: the tensor-parallel process group (None: the default group).
         vocab_start: the global index of this rank's first row. None: found with one
-            all_gather of the slices' widths, which also checks that the ranks agree on
-            tokens, dtypes, labels and settings, so bad input raises the same error on
-            every rank (on a GPU it reads the result on the host: one sync).
+            all_gather of the slices' widths (the handshake), which also checks that the
+            ranks agree on tokens, dtypes, labels, settings and whether ``student_hidden``
+            requires grad, so bad input raises the same error on every rank (on a GPU it
+            reads the result on the host: one sync). Given: no handshake, so NOTHING is
+            compared across ranks. Ranks that disagree, or heads split with overlaps or
+            gaps, give a wrong loss (a different one on each rank) without any error, or a
+            collective that fails or waits until the group's timeout (so does backward
+            when ``student_hidden`` requires grad on some ranks only). Each rank checks
+            only its own arguments, and with the CE term a label that no slice holds (or
+            two hold) makes its row's loss NaN.
         {settings}
             ``vocab_size`` counts globally: rows at or past it, on whichever rank, get zero
             gradient.
@@ -142,7 +149,8 @@ def vocab_parallel_fused_linear_kd_loss(
             fewer collectives), and ``backend`` picks whose per-shard phases run.
 
     ``student_hidden`` must require grad on every rank of the group or on none (its
-    gradient's all-reduce is a collective).
+    gradient's all-reduce is a collective): the handshake raises otherwise; with
+    ``vocab_start=`` the ranks that require it wait in backward until the group's timeout.
     """
     cfg = make_config("vocab_parallel_fused_linear_kd_loss", **settings)
     _check_initialised()
@@ -159,7 +167,9 @@ def vocab_parallel_fused_linear_kd_loss(
             stand_ins = (_stand_in_logits(sides[0], sides[1]), _stand_in_logits(sides[3], sides[4]))
         except (TypeError, ValueError) as exc:
             local_error = exc
-        layout = handshake(*stand_ins, labels, cfg, num_items, local_error, group)
+        wants_grad = local_error is None and torch.is_grad_enabled() and sides[0].requires_grad
+        layout = handshake(*stand_ins, labels, cfg, num_items, local_error, group, wants_grad=wants_grad,
+                           caller="vocab_parallel_fused_linear_kd_loss", grad_arg="student_hidden")
     hs, ws, bs, ht, wt, bt = sides
     cfg = cfg.with_vocab_size(layout.vocab_size)   # global: the reduction and the checks see the whole head
 

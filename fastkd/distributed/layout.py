@@ -27,8 +27,8 @@ from .._checks import FLOAT_DTYPES
 from ..config import REDUCTIONS, KDConfig
 
 # The handshake's int64 fields, one row per rank.
-HEADER = ("error", "rows", "width", "student_dtype", "teacher_dtype", "has_labels", "label_min", "label_max",
-          "labels_digest", "settings_digest")
+HEADER = ("error", "rows", "width", "student_dtype", "teacher_dtype", "wants_grad", "has_labels", "label_min",
+          "label_max", "labels_digest", "settings_digest")
 HEADER_WIDTH = len(HEADER)
 _NO_LABEL_MIN = 2 ** 62  # label_min / label_max of a batch without valid labels
 _NO_LABEL_MAX = -1
@@ -100,12 +100,14 @@ def _settings_digest(cfg: KDConfig, num_items) -> int:
     return hash(tuple(values))
 
 
-def _header(student, teacher, labels, cfg: KDConfig, num_items, error: bool, device) -> torch.Tensor:
+def _header(student, teacher, labels, cfg: KDConfig, num_items, wants_grad: bool, error: bool,
+            device) -> torch.Tensor:
     if error:
         return torch.full((HEADER_WIDTH,), -1, dtype=torch.int64, device=device).index_fill_(
             0, torch.tensor([0], device=device), 1)
     fixed = torch.tensor([0, student.shape[:-1].numel(), student.shape[-1], FLOAT_DTYPES.index(student.dtype),
-                          FLOAT_DTYPES.index(teacher.dtype), labels is not None], dtype=torch.int64, device=device)
+                          FLOAT_DTYPES.index(teacher.dtype), wants_grad, labels is not None], dtype=torch.int64,
+                         device=device)
     if labels is None or labels.numel() == 0:
         label_part = torch.tensor([_NO_LABEL_MIN, _NO_LABEL_MAX, 0], dtype=torch.int64, device=device)
     else:  # computed where the labels are: no host sync on a GPU
@@ -118,7 +120,7 @@ def _header(student, teacher, labels, cfg: KDConfig, num_items, error: bool, dev
     return torch.cat([fixed, label_part.to(device), digest])
 
 
-def _raise_everywhere(local_error: Optional[BaseException], headers, group):
+def _raise_everywhere(local_error: Optional[BaseException], headers, group, caller: str):
     """Every rank raises the error of the first rank that failed its local checks."""
     failed = [r for r, h in enumerate(headers) if h[0] != 0]
     messages = [None] * len(headers)
@@ -127,15 +129,25 @@ def _raise_everywhere(local_error: Optional[BaseException], headers, group):
     rank = failed[0]
     kind, message = messages[rank]
     error = TypeError if kind == "TypeError" else ValueError
-    raise error(f"vocab_parallel_kd_loss: rank {rank}: {message}") from local_error
+    raise error(f"{caller}: rank {rank}: {message}") from local_error
 
 
-def _check_headers(headers, cfg: KDConfig) -> List[int]:
+def _check_headers(headers, cfg: KDConfig, caller: str, grad_arg: str) -> List[int]:
     """Cross-rank consistency, decided alike on every rank from the gathered headers;
     returns the slices' widths."""
     first = headers[0]
     f = {name: i for i, name in enumerate(HEADER)}
     for r, h in enumerate(headers[1:], start=1):
+        if h[f["wants_grad"]] != first[f["wants_grad"]]:
+            # The fused-linear loss all-reduces the hidden states' gradient in backward: a
+            # rank that skips it leaves the others waiting there until the group's timeout.
+            # (The logits form has no collective in backward, but a rank whose slice gets
+            # no gradient is a part of the head that does not train: a mistake too.)
+            said = {True: "yes", False: "no"}
+            raise ValueError(
+                f"{caller}: the ranks disagree on whether {grad_arg} requires grad (with grad mode on): "
+                f"{said[bool(h[f['wants_grad']])]} on rank {r}, {said[bool(first[f['wants_grad']])]} on rank 0; "
+                f"{grad_arg} must require grad on every rank of the group or on none")
         for name, what in (("rows", "rows (tokens)"), ("student_dtype", "student dtype"),
                            ("teacher_dtype", "teacher dtype"), ("has_labels", "labels (given or None)"),
                            ("labels_digest", "labels"), ("settings_digest", "loss settings")):
@@ -145,7 +157,7 @@ def _check_headers(headers, cfg: KDConfig) -> List[int]:
                     detail = f": {h[f[name]]} on rank {r}, {first[f[name]]} on rank 0"
                 elif name.endswith("dtype"):
                     detail = f": {FLOAT_DTYPES[h[f[name]]]} on rank {r}, {FLOAT_DTYPES[first[f[name]]]} on rank 0"
-                raise ValueError(f"vocab_parallel_kd_loss: the ranks disagree on the {what}{detail}; every rank "
+                raise ValueError(f"{caller}: the ranks disagree on the {what}{detail}; every rank "
                                  "must pass its slice of the same tokens, with the same labels and settings")
     widths = [h[f["width"]] for h in headers]
     total = sum(widths)
@@ -167,21 +179,23 @@ def _comm_device(group, student) -> torch.device:
         else torch.device("cpu")
 
 
-def handshake(student, teacher, labels, cfg: KDConfig, num_items, local_error: Optional[BaseException],
-              group) -> Layout:
+def handshake(student, teacher, labels, cfg: KDConfig, num_items, local_error: Optional[BaseException], group,
+              *, wants_grad: bool, caller: str, grad_arg: str) -> Layout:
     """One all_gather of the ranks' headers: this rank's layout, or the same error raised
     on every rank.
 
     ``student`` and ``teacher`` are this rank's logits slices ``[..., width]`` (only their
     shapes and dtypes are read; the fused-linear loss passes zero-memory stand-ins), and
-    ``num_items`` the checked one. ``local_error``: what this rank's own checks raised
-    (then its other arguments are not read), re-raised on every rank.
+    ``num_items`` the checked one. ``wants_grad``: whether this call will compute the
+    gradient of the student argument named ``grad_arg`` (grad mode on and it requires
+    grad). ``local_error``: what this rank's own checks raised (then its other arguments
+    are not read), re-raised on every rank. ``caller`` names the loss in the errors.
     """
     device = _comm_device(group, student)
-    header = _header(student, teacher, labels, cfg, num_items, local_error is not None, device)
+    header = _header(student, teacher, labels, cfg, num_items, wants_grad, local_error is not None, device)
     gathered = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, header, group=group)
     headers = torch.stack(gathered).tolist()  # the one host read of the handshake
     if any(h[0] != 0 for h in headers):
-        _raise_everywhere(local_error, headers, group)
-    return Layout.from_widths(_check_headers(headers, cfg), dist.get_rank(group), cfg)
+        _raise_everywhere(local_error, headers, group, caller)
+    return Layout.from_widths(_check_headers(headers, cfg, caller, grad_arg), dist.get_rank(group), cfg)

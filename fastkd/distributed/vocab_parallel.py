@@ -7,8 +7,9 @@ few numbers per row between the phases, never logits:
 
     handshake   (only without vocab_start=; layout.py) one all_gather of HEADER_WIDTH int64
                 per RANK: the slices' widths (their offsets), the row count, dtypes,
-                settings and a labels digest, so that bad or inconsistent input raises the
-                same error on every rank instead of hanging a collective
+                whether the student requires grad, settings and a labels digest, so that
+                bad or inconsistent input raises the same error on every rank instead of
+                hanging a collective
     row_stats   local pass: maxima and sum-exps against the LOCAL maxima, and the value
                 term of forward/reverse KL
     round 1     all_reduce(MAX) of (max_s, max_t): 2 floats per row
@@ -45,7 +46,7 @@ from .._checks import check_label_tensor, check_labels, check_logits, check_num_
 from .._dispatch import backend_for
 from ..backends import ROW_SUMS_WIDTH, SHARD_STATS_WIDTH, KernelBackend, loss_dtype
 from ..config import KDConfig, make_config, takes_settings
-from .layout import HEADER, HEADER_WIDTH, Layout, check_vocab_start, handshake  # noqa: F401  (HEADER*: as before)
+from .layout import Layout, check_vocab_start, handshake
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,11 +205,15 @@ def vocab_parallel_kd_loss(
             ``ignore_index``.
         group: the tensor-parallel process group (None: the default group).
         vocab_start: the global index of this rank's first column. None: found from one
-            all_gather of the slices' widths, which also checks that the ranks agree on
-            rows, dtypes, labels and settings, so that bad input raises the same error on
-            every rank (on a GPU it reads the result on the host: one sync). Given: no
-            such exchange and no cross-rank checks; a label that no slice holds gives a
-            NaN loss.
+            all_gather of the slices' widths (the handshake), which also checks that the
+            ranks agree on rows, dtypes, labels, settings and whether ``student_shard``
+            requires grad, so that bad input raises the same error on every rank (on a GPU
+            it reads the result on the host: one sync). Given: no handshake, so NOTHING is
+            compared across ranks. Ranks that disagree, or slices that overlap or leave a
+            gap, give a wrong loss (a different one on each rank) without any error, or a
+            collective that fails (gloo aborts the process on a size mismatch) or waits
+            until the group's timeout. Each rank checks only its own arguments, and with
+            the CE term a label that no slice holds (or two hold) makes its row's loss NaN.
         {settings}
             ``vocab_size`` counts globally: columns at or past it, on whichever rank, get
             zero gradient. With ``vocab_start=`` and no ``vocab_size``, every column counts.
@@ -238,7 +243,9 @@ def shard_rows(student_shard, teacher_shard, labels, cfg: KDConfig, num_items, b
             kernels, num_items = _local_checks(student_shard, teacher_shard, labels, cfg, num_items, backend, None)
         except (TypeError, ValueError) as exc:
             local_error = exc
-        layout = handshake(student_shard, teacher_shard, labels, cfg, num_items, local_error, group)
+        wants_grad = local_error is None and torch.is_grad_enabled() and student_shard.requires_grad
+        layout = handshake(student_shard, teacher_shard, labels, cfg, num_items, local_error, group,
+                           wants_grad=wants_grad, caller="vocab_parallel_kd_loss", grad_arg="student_shard")
     rows = ShardedRows(kernels.shard, group, layout.vocab_start, layout.counted, layout.check_label_found)
     # The global vocab_size, for the reduction's and the checks' view of the config.
     return kernels, num_items, rows, cfg.with_vocab_size(layout.vocab_size)

@@ -101,6 +101,7 @@ class Ranks:
         self._calls = 0
 
     def run(self, fn: Callable, *args, size: Optional[int] = None, timeout: float = CALL_TIMEOUT_S) -> List:
+        __tracebackhide__ = True  # pytest shows the ranks' tracebacks, not this loop
         size = self.world if size is None else size
         if not 2 <= size <= self.world:
             raise ValueError(f"size must be in [2, {self.world}], got {size}")

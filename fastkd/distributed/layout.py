@@ -6,8 +6,9 @@ places:
 
 * ``vocab_start=`` given: the caller says where the slice starts. Nothing is exchanged,
   so nothing is compared across ranks: each rank checks its own arguments
-  (:func:`check_vocab_start`), and a valid label that no slice holds is marked on the way
-  (``check_label_found``: its row's loss becomes NaN in round 2);
+  (:func:`check_vocab_start`), and with the CE term a valid label that no slice holds (or
+  two hold) is marked on the way (``check_label_found``: its row's loss becomes NaN in
+  round 2);
 * otherwise the :func:`handshake`: one all_gather of ``HEADER_WIDTH`` int64 per rank (the
   slices' widths, from which the offsets follow, and what must agree across ranks: row
   count, dtypes, whether the student's gradient is wanted, labels, settings). It runs

@@ -121,6 +121,7 @@ class Ranks:
                 dead = [r for r in members if not self._procs[r].is_alive() and r not in values and r not in failed]
                 for r in dead:
                     failed[r] = f"rank {r} (global): its process died (exit code {self._procs[r].exitcode})"
+                    deadline = min(deadline, time.monotonic() + GRACE_S)
                 if time.monotonic() > deadline:
                     break
                 continue

@@ -5,4 +5,4 @@ harness.backends is imported first: without a GPU it sets TRITON_INTERPRET=1, wh
 happen before triton (and so any fastkd backend) is imported.
 """
 import harness.backends  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
-from harness.fixtures import no_host_sync, store_counter  # noqa: F401  (fixtures for every test file)
+from harness.fixtures import gloo_ranks, no_host_sync, store_counter  # noqa: F401  (fixtures for every test file)

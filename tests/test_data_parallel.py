@@ -4,12 +4,10 @@ The recipe (fastkd/distributed/data_parallel.py): every micro-batch's loss gets
 ``num_items=global_num_items(<the step's labels>)`` and is multiplied by the world size.
 Under DDP (and FSDP2's fully_shard) with gradient accumulation its gradient must equal the single-process gradient
 of the mean over the concatenation of every rank's micro-batches; the per-micro-batch
-mean must not (so the comparison can fail). One process group runs every case
-(harness/ranks.py); each case is reported as its own test.
+mean must not (so the comparison can fail). The session's pool of 4 ranks
+(harness/ranks.py) runs each case as its own test.
 """
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
@@ -17,9 +15,7 @@ import torch.distributed as dist
 
 import fastkd
 from fastkd.distributed.data_parallel import global_num_items, local_num_items
-from harness.ranks import failures, run_cases, run_ranks
 
-WORLD = 4
 V, H, ROWS, MICRO = 37, 12, 10, 3
 KD = dict(divergence="forward_kl", temperature=2.0, alpha=0.5)
 
@@ -124,7 +120,15 @@ def relative_error(got, want) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# The cases (run in every rank).
+# The cases (run in every rank): ``case_<name>(ctx)``, ctx a harness.ranks.RankContext.
+
+def data_parallel_group(ctx):
+    """This rank's data-parallel group of {0, 2} and {1, 3}, and its ranks: the layout of
+    2-way tensor parallelism x 2-way data parallelism, where ranks 0 and 1 would hold the
+    same tokens. Both groups are made on every rank, in the same order."""
+    groups = [ctx.subgroup((r, r + 2)) for r in range(ctx.world // 2)]
+    return groups[ctx.rank % 2], [ctx.rank % 2, ctx.rank % 2 + 2]
+
 
 class CountingAllReduce:
     def __init__(self):
@@ -146,7 +150,8 @@ def expected_count(ranks, seed=0) -> int:
     return sum(int((labels != -100).sum()) for r in ranks for _, _, labels in micro_batches(r, seed=seed))
 
 
-def case_count_world(rank, world):
+def case_count_world(ctx):
+    rank, world = ctx.rank, ctx.world
     step = [labels for _, _, labels in micro_batches(rank)]
     with CountingAllReduce() as counter:
         n = global_num_items(step)
@@ -161,20 +166,21 @@ def case_count_world(rank, world):
     assert int(global_num_items(alt, ignore_index=V)) == expected_count(range(world))
 
 
-def case_count_group(rank, world, dp_group, dp_ranks):
-    step = [labels for _, _, labels in micro_batches(rank)]
+def case_count_group(ctx):
+    dp_group, dp_ranks = data_parallel_group(ctx)
+    step = [labels for _, _, labels in micro_batches(ctx.rank)]
     with CountingAllReduce() as counter:
         n = global_num_items(step, group=dp_group)
     assert counter.calls == 1
     assert int(n) == expected_count(dp_ranks), (int(n), expected_count(dp_ranks), dp_ranks)
 
 
-def case_count_empty_step(rank, world):
+def case_count_empty_step(ctx):
     labels = torch.full((2, 5), -100)
     assert int(global_num_items([labels, labels[:0]])) == 1   # clamped, as kd_loss's own mean
 
 
-def case_count_errors_before_any_collective(rank, world):
+def case_count_errors_before_any_collective(ctx):
     bad = [([], ValueError, "non-empty"), ((torch.zeros(3),), TypeError, "int64"),
            ("labels", TypeError, "list/tuple"), ([torch.zeros(3, dtype=torch.int64), 3], TypeError, r"labels\[1\]"),
            (torch.zeros(3, dtype=torch.int64), TypeError, "ignore_index")]
@@ -186,18 +192,21 @@ def case_count_errors_before_any_collective(rank, world):
     assert counter.calls == 0
 
 
-def case_ddp_recipe_float64(rank, world):
+def case_ddp_recipe_float64(ctx):
+    rank, world = ctx.rank, ctx.world
     want = single_process_grads(range(world), torch.float64)
     assert_grads_close(ddp_step(rank, torch.float64, "fastkd"), want, rtol=1e-12, atol=1e-14)
 
 
-def case_ddp_recipe_float32(rank, world):
+def case_ddp_recipe_float32(ctx):
+    rank, world = ctx.rank, ctx.world
     want = single_process_grads(range(world), torch.float64)
     got = ddp_step(rank, torch.float32, "fastkd")
     assert_grads_close([g.double() for g in got], want, rtol=2e-5, atol=1e-6)
 
 
-def case_ddp_pitfalls_fail_the_comparison(rank, world):
+def case_ddp_pitfalls_fail_the_comparison(ctx):
+    rank, world = ctx.rank, ctx.world
     want = single_process_grads(range(world), torch.float64)
     # Without the world factor DDP's average leaves exactly 1/world of the gradient.
     no_factor = ddp_step(rank, torch.float64, "no_world_factor")
@@ -207,20 +216,23 @@ def case_ddp_pitfalls_fail_the_comparison(rank, world):
     assert err > 0.05, err
 
 
-def case_fsdp2_recipe_float64(rank, world):
+def case_fsdp2_recipe_float64(ctx):
+    rank, world = ctx.rank, ctx.world
     want = single_process_grads(range(world), torch.float64)
     assert_grads_close(fsdp_step(rank, torch.float64), want, rtol=1e-12, atol=1e-14)
 
 
-def case_ddp_recipe_fused_linear_jsd(rank, world):
+def case_ddp_recipe_fused_linear_jsd(ctx):
+    rank, world = ctx.rank, ctx.world
     kw = dict(fused_linear=True, divergence="jsd", beta=0.3, temperature=1.5, alpha=0.7)
     want = single_process_grads(range(world), torch.float64, **kw)
     assert_grads_close(ddp_step(rank, torch.float64, "fastkd", **kw), want, rtol=1e-12, atol=1e-14)
 
 
-def case_ddp_over_a_data_parallel_subgroup(rank, world, dp_group, dp_ranks):
+def case_ddp_over_a_data_parallel_subgroup(ctx):
+    dp_group, dp_ranks = data_parallel_group(ctx)
     want = single_process_grads(dp_ranks, torch.float64)
-    assert_grads_close(ddp_step(rank, torch.float64, "fastkd", group=dp_group), want, rtol=1e-12, atol=1e-14)
+    assert_grads_close(ddp_step(ctx.rank, torch.float64, "fastkd", group=dp_group), want, rtol=1e-12, atol=1e-14)
 
 
 CASES = ("count_world", "count_group", "count_empty_step", "count_errors_before_any_collective",
@@ -228,27 +240,6 @@ CASES = ("count_world", "count_group", "count_empty_step", "count_errors_before_
          "fsdp2_recipe_float64", "ddp_recipe_fused_linear_jsd", "ddp_over_a_data_parallel_subgroup")
 
 
-def worker(rank, world):
-    # Data-parallel groups {0, 2} and {1, 3}: the layout of 2-way tensor parallelism x
-    # 2-way data parallelism, where ranks 0 and 1 would hold the same tokens. Every rank
-    # creates every group, in the same order (torch.distributed's rule).
-    groups = {r: dist.new_group([r, r + 2]) for r in range(world // 2)}
-    dp_ranks = [rank % 2, rank % 2 + 2]
-    dp_group = groups[rank % 2]
-    cases = {}
-    for name in CASES:
-        fn = globals()[f"case_{name}"]
-        cases[name] = functools.partial(fn, dp_group=dp_group, dp_ranks=dp_ranks) \
-            if "dp_group" in fn.__code__.co_varnames else fn
-    return run_cases(cases, rank, world)
-
-
-@pytest.fixture(scope="module")
-def per_rank():
-    return run_ranks(worker, WORLD)
-
-
 @pytest.mark.parametrize("name", CASES)
-def test_data_parallel(per_rank, name):
-    problems = failures(per_rank, name)
-    assert not problems, "\n".join(problems)
+def test_data_parallel(gloo_ranks, name):
+    gloo_ranks.run(globals()[f"case_{name}"])

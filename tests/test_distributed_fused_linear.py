@@ -3,8 +3,8 @@
 Every rank builds the same full problem (hidden states, both LM heads, labels), keeps its
 rows of the heads, and compares the vocab-parallel loss, the hidden-state gradient (full
 on every rank) and its rows of the weight and bias gradients with single-process
-``fastkd.fused_linear_kd_loss`` on the whole heads. One process group of 4 ranks runs every
-case (harness/ranks.py); the 2-rank cases run on the pairs {0, 1} and {2, 3} at once.
+``fastkd.fused_linear_kd_loss`` on the whole heads. The session's pool of ranks
+(harness/ranks.py) runs each case on 4 ranks (the default group) or 2 (a subgroup).
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import torch.distributed as dist
 import fastkd
 from fastkd._dispatch import get_backend
 from fastkd.distributed.fused_linear import vocab_parallel_fused_linear_kd_loss
-from harness.ranks import failures, run_cases, run_ranks
 
-WORLD = 4
 H_S, H_T = 12, 16
+
+
 def shard_backends():
     """The backends whose per-shard phases exist here; every case runs on each."""
     names = []
@@ -98,16 +98,7 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-
 
 
 # ---------------------------------------------------------------------------------------
-# Process-group context given to every case.
-
-class Ctx:
-    def __init__(self, rank, world, backend):
-        self.rank, self.world, self.backend = rank, world, backend
-        # The 2-rank groups {0, 1} and {2, 3}; every rank creates every group, in order.
-        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        self.pair = pairs[rank // 2]
-        self.pair_rank = rank % 2
-
+# The cases: ``case_<name>(ctx, backend)``, ctx a harness.ranks.RankContext.
 
 class Counting:
     """Counts the collectives of torch.distributed called inside the block."""
@@ -136,61 +127,62 @@ DIVERGENCES = [dict(divergence="forward_kl"), dict(divergence="reverse_kl"),
                dict(divergence="jsd", beta=0.3), dict(divergence="tvd")]
 
 
-def case_divergences_4_ranks_uneven(ctx):
+def case_divergences_4_ranks_uneven(ctx, backend):
     for dtype in (torch.float64, torch.float32):
         p = problem(23, 37, dtype, bias=True)
         for div in DIVERGENCES:
             compare(p, [5, 12, 9, 11], ctx.rank, None, TOL[dtype], temperature=2.0, alpha=0.6,
-                    backend=ctx.backend, **div)
+                    backend=backend, **div)
 
 
-def case_divergences_2_ranks(ctx):
+def case_divergences_2_ranks(ctx, backend):
+    """Run on 2 ranks (a subgroup of the pool): the group's ranks are not the global ones."""
     p = problem(17, 30, torch.float64)
     for div in DIVERGENCES:
-        compare(p, [13, 17], ctx.pair_rank, ctx.pair, TOL[torch.float64], temperature=1.5, alpha=0.8,
-                backend=ctx.backend, **div)
+        compare(p, [13, 17], ctx.rank, ctx.group, TOL[torch.float64], temperature=1.5, alpha=0.8,
+                backend=backend, **div)
 
 
-def case_batch_dims_and_chunks(ctx):
+def case_batch_dims_and_chunks(ctx, backend):
     p = problem(0, 29, torch.float64, lead=(3, 7))
     for chunk_size in (4, 5, "auto"):
         compare(p, [7, 8, 6, 8], ctx.rank, None, TOL[torch.float64], divergence="jsd", beta=0.5, alpha=0.5,
-                chunk_size=chunk_size, backend=ctx.backend)
+                chunk_size=chunk_size, backend=backend)
 
 
-def case_padded_vocab(ctx):
+def case_padded_vocab(ctx, backend):
     # 40 rows of which 29 count: rank 2 holds 29..30 partly, rank 3 (31..39) none at all.
     p = problem(19, 40, torch.float64, bias=True)
     p["labels"] = torch.where(p["labels"] < 0, p["labels"], p["labels"] % 29)  # valid labels below vocab_size
     for div in DIVERGENCES:
         compare(p, [10, 10, 11, 9], ctx.rank, None, TOL[torch.float64], vocab_size=29, alpha=0.7,
-                backend=ctx.backend, **div)
+                backend=backend, **div)
 
 
-def case_reductions_and_num_items(ctx):
+def case_reductions_and_num_items(ctx, backend):
     p = problem(13, 26, torch.float64)
     for kw in (dict(reduction="sum"), dict(reduction="batchmean"), dict(reduction="none"),
                dict(num_items=40), dict(num_items=torch.tensor(17.0))):
         compare(p, [6, 7, 6, 7], ctx.rank, None, TOL[torch.float64], divergence="reverse_kl", alpha=0.5,
-                temperature=3.0, backend=ctx.backend, **kw)
+                temperature=3.0, backend=backend, **kw)
 
 
-def case_no_labels(ctx):
+def case_no_labels(ctx, backend):
     p = problem(11, 24, torch.float64)
     p["labels"] = None
     for div in DIVERGENCES:
-        compare(p, [6, 6, 6, 6], ctx.rank, None, TOL[torch.float64], backend=ctx.backend, **div)
+        compare(p, [6, 6, 6, 6], ctx.rank, None, TOL[torch.float64], backend=backend, **div)
 
 
-def case_vocab_start_given(ctx):
+def case_vocab_start_given(ctx, backend):
     p = problem(9, 21, torch.float64)
     widths = [4, 6, 5, 6]
     start = bounds(widths, ctx.rank)[0]
     compare(p, widths, ctx.rank, None, TOL[torch.float64], dense_kw=dict(divergence="tvd", alpha=0.5),
-            divergence="tvd", alpha=0.5, vocab_start=start, backend=ctx.backend)
+            divergence="tvd", alpha=0.5, vocab_start=start, backend=backend)
 
 
-def case_collectives_per_call(ctx):
+def case_collectives_per_call(ctx, backend):
     """Handshake + 2 (KL) or 3 (JSD, TVD) per chunk + the hidden gradient's all-reduce;
     a regression to an all-gather of the logits would add collectives and fail here."""
     p = problem(12, 20, torch.float32)
@@ -204,20 +196,20 @@ def case_collectives_per_call(ctx):
                 with Counting() as c:
                     loss = vocab_parallel_fused_linear_kd_loss(
                         hs, ws, p["ht"], p["wt"][lo:hi], p["labels"], divergence=div, alpha=0.5,
-                        chunk_size=chunk_size, vocab_start=start, backend=ctx.backend)
+                        chunk_size=chunk_size, vocab_start=start, backend=backend)
                     loss.backward()
                 want = ["all_gather"] * handshake + ["all_reduce"] * (rounds * chunks + hidden_grad)
                 assert sorted(c.calls) == sorted(want), (div, chunk_size, start, c.calls, want)
 
 
-def case_bad_input_raises_everywhere(ctx):
+def case_bad_input_raises_everywhere(ctx, backend):
     """Input wrong on one rank only: every rank raises the same error, no rank hangs."""
     p = problem(8, 20, torch.float32)
     lo, hi = bounds([5, 5, 5, 5], ctx.rank)
 
     def call(hs=p["hs"], labels=p["labels"], ht=p["ht"], **kw):
         return vocab_parallel_fused_linear_kd_loss(hs, p["ws"][lo:hi], ht, p["wt"][lo:hi], labels,
-                                                   alpha=0.5, backend=ctx.backend, **kw)
+                                                   alpha=0.5, backend=backend, **kw)
 
     # Fewer tokens on rank 1 (its own check passes: its hidden states agree with its labels).
     n = 7 if ctx.rank == 1 else 8
@@ -242,18 +234,44 @@ def case_bad_input_raises_everywhere(ctx):
     # Heads split differently for the two sides: a local error, raised on every rank.
     with pytest.raises(ValueError, match="same vocabulary rows"):
         vocab_parallel_fused_linear_kd_loss(p["hs"], p["ws"][lo:hi], p["ht"], p["wt"][lo:hi + (ctx.rank == 2)],
-                                            p["labels"], alpha=0.5, backend=ctx.backend)
+                                            p["labels"], alpha=0.5, backend=backend)
     # The process group still works after every error.
-    compare(p, [5, 5, 5, 5], ctx.rank, None, TOL[torch.float32], alpha=0.5, backend=ctx.backend)
+    compare(p, [5, 5, 5, 5], ctx.rank, None, TOL[torch.float32], alpha=0.5, backend=backend)
 
 
-def case_low_precision_matches_dense(ctx):
+def case_hidden_grad_wanted_on_some_ranks(ctx, backend):
+    """student_hidden requiring grad on some ranks only: the ranks that require it would
+    all-reduce its gradient in backward and wait there for the others until the group's
+    timeout. Every rank raises the same ValueError from the handshake instead."""
+    p = problem(8, 20, torch.float32)
+    lo, hi = bounds([9, 11], ctx.rank)
+
+    def call(requires_grad, grad_mode=True):
+        hs = p["hs"].clone().requires_grad_(requires_grad)
+        with torch.set_grad_enabled(grad_mode):
+            loss = vocab_parallel_fused_linear_kd_loss(hs, p["ws"][lo:hi].clone().requires_grad_(), p["ht"],
+                                                       p["wt"][lo:hi], p["labels"], alpha=0.5, group=ctx.group,
+                                                       backend=backend)
+            loss.backward()
+
+    message = (r"vocab_parallel_fused_linear_kd_loss: the ranks disagree on whether student_hidden requires "
+               r"grad \(with grad mode on\): yes on rank 1, no on rank 0")
+    with pytest.raises(ValueError, match=message):
+        call(requires_grad=ctx.rank == 1)
+    with pytest.raises(ValueError, match=message):  # grad mode counts: off on rank 0
+        call(requires_grad=True, grad_mode=ctx.rank == 1)
+    # The group still works, and when no rank wants the hidden gradient nothing waits.
+    call(requires_grad=False)
+    compare(p, [9, 11], ctx.rank, ctx.group, TOL[torch.float32], alpha=0.5, backend=backend)
+
+
+def case_low_precision_matches_dense(ctx, backend):
     """bf16 heads on the CPU (upcast to fp32 once, as the dense loss does)."""
     p = problem(10, 24, torch.bfloat16)
     lo, hi = bounds([6, 6, 6, 6], ctx.rank)
     want = dense(p, divergence="forward_kl", alpha=0.5, temperature=2.0)
     got = sharded(p, [6, 6, 6, 6], ctx.rank, None, divergence="forward_kl", alpha=0.5, temperature=2.0,
-                  backend=ctx.backend)
+                  backend=backend)
     tol = dict(rtol=1.6e-2, atol=1e-3)
     torch.testing.assert_close(got[0], want[0], **tol)
     torch.testing.assert_close(got[1], want[1], **tol)
@@ -261,23 +279,28 @@ def case_low_precision_matches_dense(ctx):
     assert got[1].dtype == got[2].dtype == torch.bfloat16
 
 
-def case_triton_float32(ctx):
+def case_triton_float32(ctx, backend):
     """The Triton per-shard phases (TRITON_INTERPRET=1 without a GPU; float32 only) in the
-    chunk loop: divergences with CE and biases on uneven slices, several chunks, a padded
-    vocabulary with a slice wholly past vocab_size, against the dense loss."""
+    chunk loop, on 2 ranks: divergences with CE and biases on uneven slices, several
+    chunks, and a padded vocabulary that counts only part of the second slice, against
+    the dense loss. (A slice wholly past vocab_size runs no kernel at all: the padded_vocab
+    cases check it. Two ranks cost half the interpreter time of four.)"""
     p = problem(14, 37, torch.float32, bias=True)
     for div in DIVERGENCES:
-        compare(p, [5, 12, 9, 11], ctx.rank, None, TOL[torch.float32], dense_kw=dict(temperature=2.0, alpha=0.6, **div),
-                temperature=2.0, alpha=0.6, chunk_size=7, backend="triton", **div)
+        compare(p, [14, 23], ctx.rank, ctx.group, TOL[torch.float32],
+                dense_kw=dict(temperature=2.0, alpha=0.6, **div), temperature=2.0, alpha=0.6, chunk_size=7,
+                backend="triton", **div)
     p = problem(9, 40, torch.float32)
     p["labels"] = torch.where(p["labels"] < 0, p["labels"], p["labels"] % 29)
-    compare(p, [10, 10, 11, 9], ctx.rank, None, TOL[torch.float32], dense_kw=dict(vocab_size=29, alpha=0.7,
-            divergence="jsd"), vocab_size=29, alpha=0.7, divergence="jsd", backend="triton")
+    compare(p, [20, 20], ctx.rank, ctx.group, TOL[torch.float32],
+            dense_kw=dict(vocab_size=29, alpha=0.7, divergence="jsd"), vocab_size=29, alpha=0.7, divergence="jsd",
+            backend="triton")
 
 
 CASES = ("divergences_4_ranks_uneven", "divergences_2_ranks", "batch_dims_and_chunks", "padded_vocab",
          "reductions_and_num_items", "no_labels", "vocab_start_given", "collectives_per_call",
          "bad_input_raises_everywhere", "low_precision_matches_dense")
+SIZES = {"divergences_2_ranks": 2}  # the others run on all 4 ranks
 
 
 def triton_runs_here() -> bool:
@@ -290,38 +313,25 @@ def triton_runs_here() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def worker(rank, world):
-    results = {"backends": shard_backends(), "triton": triton_runs_here()}
-    for backend in results["backends"]:
-        ctx = Ctx(rank, world, backend)
-        cases = {f"{backend}:{name}": (lambda r, w, case=globals()[f"case_{name}"]: case(ctx)) for name in CASES}
-        results.update(run_cases(cases, rank, world))
-    if results["triton"]:
-        ctx = Ctx(rank, world, "triton")
-        results.update(run_cases({"triton:float32": lambda r, w: case_triton_float32(ctx)}, rank, world))
-    return results
-
-
-@pytest.fixture(scope="module")
-def per_rank():
-    return run_ranks(worker, WORLD)
-
-
-def test_triton_shard_phases_in_the_chunk_loop(per_rank):
-    if not per_rank[0]["triton"]:
+def test_triton_shard_phases_in_the_chunk_loop(gloo_ranks):
+    if not triton_runs_here():
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (and triton)")
-    problems = failures(per_rank, "triton:float32")
-    assert not problems, "\n".join(problems)
+    gloo_ranks.run(case_triton_float32, "triton", size=2)
 
 
-def test_shard_phases_exist(per_rank):
-    assert "torch" in per_rank[0]["backends"], per_rank[0]["backends"]
+def test_hidden_grad_wanted_on_some_ranks_raises_everywhere(gloo_ranks):
+    # Before the handshake compared it, this call hung until the group's timeout: the
+    # harness fails it after `timeout` (or GRACE_S after the first rank's failure).
+    gloo_ranks.run(case_hidden_grad_wanted_on_some_ranks, "torch", size=2, timeout=60)
+
+
+def test_shard_phases_exist():
+    assert "torch" in shard_backends(), shard_backends()
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("name", CASES)
-def test_vocab_parallel_fused_linear(per_rank, backend, name):
-    if backend not in per_rank[0]["backends"]:
+def test_vocab_parallel_fused_linear(gloo_ranks, backend, name):
+    if backend not in shard_backends():
         pytest.skip(f"backend {backend!r} has no vocab-parallel phases in this build")
-    problems = failures(per_rank, f"{backend}:{name}")
-    assert not problems, "\n".join(problems)
+    gloo_ranks.run(globals()[f"case_{name}"], backend, size=SIZES.get(name))

@@ -7,7 +7,6 @@ import torch
 import fastkd
 from fastkd.distributed import vocab_parallel_kd_loss
 
-from harness.ranks import failures, run_cases, run_ranks
 
 ALL = dict(logit_scale=1.5, softcap=3.0, teacher_logit_scale=0.7, teacher_softcap=5.0, label_smoothing=0.1,
            z_loss=1e-3)
@@ -20,13 +19,14 @@ def _widths(total, world):
     return widths
 
 
-def _check(rank, world, backend, dtype, n=9, v=61, vocab_size=None, labels=True, tol=None, **settings):
+def _check(ctx, backend, dtype, n=9, v=61, vocab_size=None, labels=True, tol=None, **settings):
     g = torch.Generator().manual_seed(11)
     s = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
     t = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
     lab = torch.randint(0, vocab_size or v, (n,), generator=g) if labels else None
     if lab is not None:
         lab[::4] = -100
+    rank, world = ctx.rank, ctx.world
     widths = _widths(v, world)
     start, width = sum(widths[:rank]), widths[rank]
     s_ref = s.clone().requires_grad_(True)
@@ -34,7 +34,7 @@ def _check(rank, world, backend, dtype, n=9, v=61, vocab_size=None, labels=True,
     ref.sum().backward()
     shard = s.to(dtype)[:, start:start + width].clone().requires_grad_(True)
     out = vocab_parallel_kd_loss(shard, t.to(dtype)[:, start:start + width], lab, vocab_size=vocab_size,
-                                 backend=backend, **settings)
+                                 backend=backend, group=ctx.group, **settings)
     out.sum().backward()
     tol = tol or (1e-10 if dtype == torch.float64 else 1e-5)
     err_loss = ((out.double() - ref).norm() / ref.norm()).item()
@@ -43,22 +43,21 @@ def _check(rank, world, backend, dtype, n=9, v=61, vocab_size=None, labels=True,
     assert err_loss <= tol and err_grad <= tol, (backend, dtype, settings, err_loss, err_grad)
 
 
-def _cases(backends):
-    cases = {}
-    for backend in backends:
-        for name, settings in [
-            ("softcap", dict(softcap=2.0, alpha=0.6)),
-            ("teacher_uncapped", dict(softcap=2.0, teacher_softcap=None, divergence="jsd")),
-            ("smoothing", dict(label_smoothing=0.2, alpha=0.3, divergence="reverse_kl")),
-            ("z_loss_no_labels", dict(z_loss=1e-2, labels=False, divergence="tvd")),
-            ("all_fkl", dict(ALL, alpha=0.6)),
-            ("all_jsd_T", dict(ALL, alpha=0.6, divergence="jsd", temperature=2.0)),
-            ("all_padded", dict(ALL, alpha=0.6, vocab_size=50)),
-        ]:
-            cases[f"{backend}-f64-{name}"] = (lambda r, w, b=backend, k=settings:
-                                              _check(r, w, b, torch.float64, **k))
-        cases[f"{backend}-f32-all"] = lambda r, w, b=backend: _check(r, w, b, torch.float32, **ALL, alpha=0.5)
-    return cases
+SETTINGS = {
+    "softcap": dict(softcap=2.0, alpha=0.6),
+    "teacher_uncapped": dict(softcap=2.0, teacher_softcap=None, divergence="jsd"),
+    "smoothing": dict(label_smoothing=0.2, alpha=0.3, divergence="reverse_kl"),
+    "z_loss_no_labels": dict(z_loss=1e-2, labels=False, divergence="tvd"),
+    "all_fkl": dict(ALL, alpha=0.6),
+    "all_jsd_T": dict(ALL, alpha=0.6, divergence="jsd", temperature=2.0),
+    "all_padded": dict(ALL, alpha=0.6, vocab_size=50),
+}
+
+
+def _cases(ctx, backend):
+    for settings in SETTINGS.values():
+        _check(ctx, backend, torch.float64, **settings)
+    _check(ctx, backend, torch.float32, **ALL, alpha=0.5)
 
 
 def _backends():
@@ -66,18 +65,6 @@ def _backends():
     return sorted(b for b in ("cpu", "torch") if b in LOGIT_OPTIONS_BACKENDS)
 
 
-CASE_NAMES = list(_cases(_backends()))
-
-
-def _run(rank, world):
-    return run_cases(_cases(_backends()), rank, world)
-
-
-@pytest.fixture(scope="module")
-def results():
-    return run_ranks(_run, 2)
-
-
-@pytest.mark.parametrize("name", CASE_NAMES)
-def test_vocab_parallel_logit_options(results, name):
-    assert not failures(results, name), "\n".join(failures(results, name))
+@pytest.mark.parametrize("backend", _backends())
+def test_vocab_parallel_logit_options(gloo_ranks, backend):
+    gloo_ranks.run(_cases, backend, size=2)

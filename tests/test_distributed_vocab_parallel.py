@@ -1,96 +1,29 @@
 """fastkd.distributed.vocab_parallel_kd_loss on real process groups: gloo ranks on the CPU.
 
-Each test spawns one process group (torch.multiprocessing, a FileStore under tmp_path, a
-short collective timeout, so a hang fails instead of stalling) and runs many cases inside
-it; a rank that finds a problem raises, which fails the test with the rank's message.
+The session's pool of ranks (harness/ranks.py, the ``gloo_ranks`` fixture) runs each
+case on 4 ranks (the default group) or 2 (a subgroup of the last two ranks, passed as
+``group=``); a rank that finds a problem raises, which fails the test with the rank's
+message, and a hang fails it after a timeout.
 
 Against single-process ground truth, every rank builds the full logits from one seed and
 passes its columns: the loss must equal ``fastkd.reference.kd_loss`` on the whole logits
 and each rank's gradient must be its slice of the reference gradient (float64 on the cpu
 and torch backends: 1e-10; float32: the design's 1e-5 relative norm; Triton under the
-interpreter, float32, in its own group).
+interpreter, float32).
 """
-import datetime
 import math
 import os
-import traceback
 
 import pytest
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastkd
 from fastkd.distributed import vocab_parallel_kd_loss
 from harness.backends import kernel_backend, supports
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
-TIMEOUT_S = 30
-
-
-# ---------------------------------------------------------------------------------------
-# Process groups: one per world size for the whole module (starting ranks costs seconds
-# each), driven through queues: each test sends a scenario name, every rank runs it and
-# answers "ok" or its traceback.
-
-def _serve(rank, world, store_path, env, inbox, outbox):
-    os.environ.update(env)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    while True:
-        scenario = inbox.get()
-        if scenario is None:
-            break
-        try:
-            globals()[scenario](rank, world)
-            outbox.put((rank, "ok"))
-        except BaseException as exc:  # noqa: BLE001  (reported to the test, which fails)
-            outbox.put((rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-    dist.destroy_process_group()
-
-
-class Group:
-    def __init__(self, world, store_path):
-        ctx = mp.get_context("spawn")
-        self.world = world
-        self.inboxes = [ctx.Queue() for _ in range(world)]
-        self.outbox = ctx.Queue()
-        env = {k: v for k, v in os.environ.items() if k.startswith(("TRITON_", "FASTKD_"))}
-        self.procs = [ctx.Process(target=_serve, args=(r, world, store_path, env, self.inboxes[r], self.outbox),
-                                  daemon=True) for r in range(world)]
-        for p in self.procs:
-            p.start()
-
-    def run(self, scenario, timeout=240):
-        for box in self.inboxes:
-            box.put(scenario)
-        answers = dict(self.outbox.get(timeout=timeout) for _ in range(self.world))
-        failed = {r: a for r, a in sorted(answers.items()) if a != "ok"}
-        assert not failed, "\n".join(f"rank {r}: {a}" for r, a in failed.items())
-
-    def close(self):
-        for box in self.inboxes:
-            box.put(None)
-        for p in self.procs:
-            p.join(timeout=1)
-            if p.is_alive():
-                p.kill()
-
-
-@pytest.fixture(scope="module")
-def group2(tmp_path_factory):
-    group = Group(2, str(tmp_path_factory.mktemp("store") / "store2"))
-    yield group
-    group.close()
-
-
-@pytest.fixture(scope="module")
-def group4(tmp_path_factory):
-    group = Group(4, str(tmp_path_factory.mktemp("store") / "store4"))
-    yield group
-    group.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,8 +68,9 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check_case(rank, world, *, backend, dtype, n=9, v=61, uneven=False, vocab_size=None, labels=True,
+def check_case(ctx, *, backend, dtype, n=9, v=61, uneven=False, vocab_size=None, labels=True,
                ignored=True, explicit_start=False, tol=None, num_items=None, seed=0, **settings):
+    rank, world = ctx.rank, ctx.world
     s_full, t_full = make_logits(n, v, dtype, seed)
     counted = vocab_size or v
     lab = make_labels(n, counted, seed, ignored) if labels else None
@@ -150,7 +84,7 @@ def check_case(rank, world, *, backend, dtype, n=9, v=61, uneven=False, vocab_si
     ref.sum().backward()
 
     s_shard = s_full[:, start:start + width].clone().requires_grad_(True)
-    out = vocab_parallel_kd_loss(s_shard, t_full[:, start:start + width], lab, backend=backend,
+    out = vocab_parallel_kd_loss(s_shard, t_full[:, start:start + width], lab, backend=backend, group=ctx.group,
                                  vocab_start=start if explicit_start else None, vocab_size=vocab_size,
                                  num_items=num_items, **settings)
     out.sum().backward()
@@ -164,52 +98,53 @@ def check_case(rank, world, *, backend, dtype, n=9, v=61, uneven=False, vocab_si
     assert err_loss <= tol and err_grad <= tol, f"{what}: loss err {err_loss:.2e}, grad err {err_grad:.2e}"
     # The loss is the same on every rank.
     gathered = [torch.empty_like(out.detach()) for _ in range(world)]
-    dist.all_gather(gathered, out.detach().contiguous())
+    dist.all_gather(gathered, out.detach().contiguous(), group=ctx.group)
     assert all(torch.equal(x, gathered[0]) for x in gathered), what
 
 
-def cases_cpu(rank, world):
+def cases_cpu(ctx):
     """Every divergence, CE mix, ignored tokens, uneven shards, padded vocab, reductions and
     num_items, on the cpu and torch backends in float64 and the cpu backend in float32."""
+    rank, world = ctx.rank, ctx.world
     for divergence in DIVERGENCES:
         for alpha, temperature in ((1.0, 2.0), (0.6, 1.0), (0.3, 0.7)):
             for backend in ("cpu", "torch"):
-                check_case(rank, world, backend=backend, dtype=torch.float64, divergence=divergence, alpha=alpha,
+                check_case(ctx, backend=backend, dtype=torch.float64, divergence=divergence, alpha=alpha,
                            temperature=temperature, uneven=alpha == 0.6)
-            check_case(rank, world, backend="cpu", dtype=torch.float32, divergence=divergence, alpha=alpha,
+            check_case(ctx, backend="cpu", dtype=torch.float32, divergence=divergence, alpha=alpha,
                        temperature=temperature, uneven=True)
         # Padded vocabulary: the last columns (all of the last rank's, at 4 ranks) do not count.
         # (At 2 ranks the uneven slices are [20, 41], at 4 [6, 12, 18, 25]: vocab_size 15 or 30
         # leaves the last rank nothing that counts.)
         for vocab_size in (50, 15 if world == 2 else 30):
-            check_case(rank, world, backend="cpu", dtype=torch.float64, divergence=divergence, alpha=0.5,
+            check_case(ctx, backend="cpu", dtype=torch.float64, divergence=divergence, alpha=0.5,
                        vocab_size=vocab_size, uneven=True)
-        check_case(rank, world, backend="cpu", dtype=torch.float64, divergence=divergence, explicit_start=True,
+        check_case(ctx, backend="cpu", dtype=torch.float64, divergence=divergence, explicit_start=True,
                    uneven=True, alpha=0.5, beta=0.3)
     for reduction in ("mean", "sum", "batchmean", "none"):
-        check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="jsd", alpha=0.5,
+        check_case(ctx, backend="cpu", dtype=torch.float64, divergence="jsd", alpha=0.5,
                    reduction=reduction)
-        check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="forward_kl", labels=False,
+        check_case(ctx, backend="cpu", dtype=torch.float64, divergence="forward_kl", labels=False,
                    reduction=reduction)
-    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="reverse_kl", alpha=0.5, num_items=37.0)
-    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="tvd", num_items=torch.tensor(5.0))
+    check_case(ctx, backend="cpu", dtype=torch.float64, divergence="reverse_kl", alpha=0.5, num_items=37.0)
+    check_case(ctx, backend="cpu", dtype=torch.float64, divergence="tvd", num_items=torch.tensor(5.0))
     # Every token ignored: zero loss and gradient, not NaN.
-    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="jsd", alpha=0.5, ignored="all")
+    check_case(ctx, backend="cpu", dtype=torch.float64, divergence="jsd", alpha=0.5, ignored="all")
     # No tokens at all.
-    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="jsd", alpha=0.5, n=0)
-    check_case(rank, world, backend="cpu", dtype=torch.float32, divergence="reverse_kl", n=0, labels=False)
+    check_case(ctx, backend="cpu", dtype=torch.float64, divergence="jsd", alpha=0.5, n=0)
+    check_case(ctx, backend="cpu", dtype=torch.float32, divergence="reverse_kl", n=0, labels=False)
     # bf16 logits: the design's low-precision tolerances against float64.
-    check_case(rank, world, backend="cpu", dtype=torch.bfloat16, divergence="forward_kl", alpha=0.5, tol=2e-2)
+    check_case(ctx, backend="cpu", dtype=torch.bfloat16, divergence="forward_kl", alpha=0.5, tol=2e-2)
     # JSD at beta 0 / 1 is forward / reverse KL.
-    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="jsd", beta=0.0)
-    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="jsd", beta=1.0, alpha=0.5)
+    check_case(ctx, backend="cpu", dtype=torch.float64, divergence="jsd", beta=0.0)
+    check_case(ctx, backend="cpu", dtype=torch.float64, divergence="jsd", beta=1.0, alpha=0.5)
     # Leading dimensions [B, L, V_local].
     s, t = make_logits(6, 30, torch.float64, 5)
     lab = make_labels(6, 30, 5)
     widths = split_widths(30, world, True)
     a = sum(widths[:rank])
     out = vocab_parallel_kd_loss(s[:, a:a + widths[rank]].reshape(2, 3, -1), t[:, a:a + widths[rank]].reshape(2, 3, -1),
-                                 lab.reshape(2, 3), divergence="tvd", alpha=0.5, reduction="none")
+                                 lab.reshape(2, 3), divergence="tvd", alpha=0.5, reduction="none", group=ctx.group)
     ref = fastkd.reference.kd_loss(s, t, lab, divergence="tvd", alpha=0.5, reduction="none")
     assert out.shape == (2, 3) and rel(out.reshape(-1), ref) < 1e-10
     # A row whose first slice is all -inf (masked there) is an ordinary row; a NaN logit in
@@ -220,7 +155,8 @@ def cases_cpu(rank, world):
     s[2, -1] = float("nan")
     for divergence in DIVERGENCES:
         x = s[:, a:a + widths[rank]].clone().requires_grad_(True)
-        out = vocab_parallel_kd_loss(x, t[:, a:a + widths[rank]], divergence=divergence, reduction="none")
+        out = vocab_parallel_kd_loss(x, t[:, a:a + widths[rank]], divergence=divergence, reduction="none",
+                                     group=ctx.group)
         out.sum().backward()
         ref = fastkd.reference.kd_loss(s, t, divergence=divergence, reduction="none")
         assert torch.isnan(out[2]) and torch.isnan(x.grad[2]).all(), (divergence, out)
@@ -228,7 +164,7 @@ def cases_cpu(rank, world):
         assert rel(out[keep], ref[keep]) < 1e-10, (divergence, out, ref)
 
 
-def peaked_reverse_kl(rank, world):
+def peaked_reverse_kl(ctx):
     """A student row with q_max = 1 - 1e-7: the peaked entry's gradient (itself ~1e-7) must be
     as precise in fp32 as the single-process kernel's. Its centring sum, taken from round 2
     instead of the split row sums of round 3, got that entry 100% wrong."""
@@ -240,11 +176,11 @@ def peaked_reverse_kl(rank, world):
     fastkd.reference.kd_loss(s_ref, t, divergence="reverse_kl").backward()
     single = s.float().clone().requires_grad_(True)
     fastkd.kd_loss(single, t.float(), divergence="reverse_kl", backend="cpu").backward()
-    widths = split_widths(v, world, False)
-    start, width = sum(widths[:rank]), widths[rank]
+    widths = split_widths(v, ctx.world, False)
+    start, width = sum(widths[:ctx.rank]), widths[ctx.rank]
     shard = s.float()[:, start:start + width].clone().requires_grad_(True)
     vocab_parallel_kd_loss(shard, t.float()[:, start:start + width], divergence="reverse_kl",
-                           backend="cpu").backward()
+                           backend="cpu", group=ctx.group).backward()
     if start <= 5 < start + width:
         exact = s_ref.grad[:, 5]
         err = ((shard.grad[:, 5 - start].double() - exact).abs() / exact.abs()).max().item()
@@ -252,16 +188,16 @@ def peaked_reverse_kl(rank, world):
         assert err < max(10 * err_single, 1e-5), (err, err_single)
 
 
-def test_reverse_kl_keeps_a_peaked_rows_gradient(group2):
-    group2.run("peaked_reverse_kl")
+def test_reverse_kl_keeps_a_peaked_rows_gradient(gloo_ranks):
+    gloo_ranks.run(peaked_reverse_kl, size=2)
 
 
-def test_vocab_parallel_matches_single_process_2_ranks(group2):
-    group2.run("cases_cpu")
+def test_vocab_parallel_matches_single_process_2_ranks(gloo_ranks):
+    gloo_ranks.run(cases_cpu, size=2)
 
 
-def test_vocab_parallel_matches_single_process_4_ranks(group4):
-    group4.run("cases_cpu")
+def test_vocab_parallel_matches_single_process_4_ranks(gloo_ranks):
+    gloo_ranks.run(cases_cpu)
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,7 +235,7 @@ class CountCollectives:
 
 def expected_rounds(divergence, ce, n, handshake, found):
     """The collectives of one call: (name, op, shape), shape [N, floats per row]."""
-    from fastkd.distributed.vocab_parallel import HEADER_WIDTH
+    from fastkd.distributed.layout import HEADER_WIDTH
 
     calls = [("all_gather", None, (HEADER_WIDTH,))] if handshake else []
     calls.append(("all_reduce", "MAX", (n, 2)))  # max_s, max_t
@@ -311,11 +247,11 @@ def expected_rounds(divergence, ce, n, handshake, found):
     return calls
 
 
-def collective_counts(rank, world):
+def collective_counts(ctx):
     n, v = 9, 61
     s, t = make_logits(n, v, torch.float32, 0)
-    widths = split_widths(v, world, True)
-    a, w = sum(widths[:rank]), widths[rank]
+    widths = split_widths(v, ctx.world, True)
+    a, w = sum(widths[:ctx.rank]), widths[ctx.rank]
     for divergence in DIVERGENCES:
         for alpha in (1.0, 0.5):
             for explicit in (False, True):
@@ -323,34 +259,35 @@ def collective_counts(rank, world):
                 with CountCollectives() as counted:
                     loss = vocab_parallel_kd_loss(s[:, a:a + w].clone().requires_grad_(True), t[:, a:a + w], labels,
                                                   divergence=divergence, alpha=alpha, backend="cpu",
-                                                  vocab_start=a if explicit else None)
+                                                  vocab_start=a if explicit else None, group=ctx.group)
                     loss.backward()  # backward communicates nothing
                 want = expected_rounds(divergence, alpha != 1.0, n, not explicit, explicit)
                 assert counted.calls == want, (divergence, alpha, explicit, counted.calls, want)
 
 
-def test_collectives_per_call(group2):
-    group2.run("collective_counts")
+def test_collectives_per_call(gloo_ranks):
+    gloo_ranks.run(collective_counts, size=2)
 
 
 # ---------------------------------------------------------------------------------------
 # Bad input: every rank raises the same error (no rank waits in a collective), and the
 # group still works afterwards.
 
-def expect_same_error(rank, world, kind, fragment, call):
+def expect_same_error(ctx, kind, fragment, call):
     try:
         call()
     except (TypeError, ValueError) as exc:
         message = f"{type(exc).__name__}: {exc}"
     else:
         message = "no error"
-    messages = [None] * world
-    dist.all_gather_object(messages, message)
+    messages = [None] * ctx.world
+    dist.all_gather_object(messages, message, group=ctx.group)
     assert all(m == messages[0] for m in messages), f"ranks raised different errors: {messages}"
     assert message.startswith(kind.__name__) and fragment in message, f"expected {kind.__name__} '{fragment}', got {message}"
 
 
-def bad_inputs(rank, world):
+def bad_inputs(ctx):
+    rank, world = ctx.rank, ctx.world
     n, v = 9, 61
     s, t = make_logits(n, v, torch.float64, 0)
     widths = split_widths(v, world, False)
@@ -360,56 +297,59 @@ def bad_inputs(rank, world):
     other = 1 if rank == 1 else 0  # what only rank 1 does differently
 
     def call(student=ss, teacher=ts, lab=labels, **kw):
-        return lambda: vocab_parallel_kd_loss(student, teacher, lab, backend="cpu", **kw)
+        return lambda: vocab_parallel_kd_loss(student, teacher, lab, backend="cpu", group=ctx.group, **kw)
 
     extra_row = torch.cat([ss, ss[:1]]), torch.cat([ts, ts[:1]]), torch.cat([labels, labels[:1]])
-    expect_same_error(rank, world, ValueError, "disagree on the rows (tokens): 10 on rank 1, 9 on rank 0",
+    expect_same_error(ctx, ValueError, "disagree on the rows (tokens): 10 on rank 1, 9 on rank 0",
                       call(*extra_row) if other else call())
     out_of_range = labels.clone()
     out_of_range[1] = v
-    expect_same_error(rank, world, ValueError, f"labels must be in [0, {v}) or equal ignore_index=-100; found {v}",
+    expect_same_error(ctx, ValueError, f"labels must be in [0, {v}) or equal ignore_index=-100; found {v}",
                       call(lab=out_of_range, alpha=0.5))
-    expect_same_error(rank, world, ValueError, "labels must be in [0, 50)", call(alpha=0.5, vocab_size=50))
-    expect_same_error(rank, world, ValueError, "disagree on the student dtype: torch.float32 on rank 1",
+    expect_same_error(ctx, ValueError, "labels must be in [0, 50)", call(alpha=0.5, vocab_size=50))
+    expect_same_error(ctx, ValueError, "disagree on the student dtype: torch.float32 on rank 1",
                       call(student=ss.float()) if other else call())
-    expect_same_error(rank, world, ValueError, "rank 1: teacher_shard requires grad",
+    expect_same_error(ctx, ValueError, "rank 1: teacher_shard requires grad",
                       call(teacher=ts.clone().requires_grad_(True)) if other else call())
-    expect_same_error(rank, world, ValueError, "disagree on the loss settings",
+    expect_same_error(ctx, ValueError, "disagree on whether student_shard requires grad (with grad mode on): "
+                      "yes on rank 1, no on rank 0", call(student=ss.clone().requires_grad_(True)) if other else call())
+    expect_same_error(ctx, ValueError, "disagree on the loss settings",
                       call(temperature=2.0) if other else call())
     shuffled = labels.flip(0)
-    expect_same_error(rank, world, ValueError, "disagree on the labels", call(lab=shuffled) if other else call())
-    expect_same_error(rank, world, ValueError, f"vocab_size must be in [1, {v}]", call(vocab_size=v + 1))
-    expect_same_error(rank, world, ValueError, "rank 1: alpha=0.5 mixes in a hard-label cross-entropy",
+    expect_same_error(ctx, ValueError, "disagree on the labels", call(lab=shuffled) if other else call())
+    expect_same_error(ctx, ValueError, f"vocab_size must be in [1, {v}]", call(vocab_size=v + 1))
+    expect_same_error(ctx, ValueError, "rank 1: alpha=0.5 mixes in a hard-label cross-entropy",
                       call(lab=None, alpha=0.5) if other else call(alpha=0.5))
-    expect_same_error(rank, world, TypeError, "rank 0: student_shard must be a torch.Tensor",
+    expect_same_error(ctx, TypeError, "rank 0: student_shard must be a torch.Tensor",
                       call(student=ss.tolist()) if rank == 0 else call())
-    expect_same_error(rank, world, ValueError, "rank 1: student_shard and teacher_shard must hold the same",
+    expect_same_error(ctx, ValueError, "rank 1: student_shard and teacher_shard must hold the same",
                       call(teacher=ts[:, :-1]) if other else call())
     # With vocab_start= there is no handshake: what every rank sees alike raises before any
     # collective, and a label that no slice holds gives NaN, not a number.
     negative = labels.clone()
     negative[2] = -5
     with CountCollectives() as counted:
-        expect_same_error(rank, world, ValueError, "labels must be in [0, 61) or equal ignore_index=-100; found -5",
+        expect_same_error(ctx, ValueError, "labels must be in [0, 61) or equal ignore_index=-100; found -5",
                           call(lab=negative, alpha=0.5, vocab_start=a, vocab_size=v))
     assert [c[0] for c in counted.calls] == ["all_gather_object"], counted.calls  # the test's own
     nowhere = labels.clone()
     nowhere[1] = v + 3
-    loss = vocab_parallel_kd_loss(ss, ts, nowhere, alpha=0.5, vocab_start=a, backend="cpu", reduction="none")
+    loss = vocab_parallel_kd_loss(ss, ts, nowhere, alpha=0.5, vocab_start=a, backend="cpu", reduction="none",
+                                  group=ctx.group)
     assert torch.isnan(loss[1]) and not torch.isnan(loss[0]), loss
     # The group is still in step.
-    check_case(rank, world, backend="cpu", dtype=torch.float64, divergence="jsd", alpha=0.5)
+    check_case(ctx, backend="cpu", dtype=torch.float64, divergence="jsd", alpha=0.5)
 
 
-def test_bad_input_raises_alike_on_every_rank(group2):
-    group2.run("bad_inputs")
+def test_bad_input_raises_alike_on_every_rank(gloo_ranks):
+    gloo_ranks.run(bad_inputs, size=2)
 
 
 # ---------------------------------------------------------------------------------------
 # The Triton shard phases (under TRITON_INTERPRET=1 without a GPU), single-block and
-# multi-block (a forced small block), through the same process groups.
+# multi-block (a forced small block), through the same pool of ranks.
 
-def cases_triton(rank, world):
+def cases_triton(ctx):
     """End to end through the Triton phases (their per-phase parity with the torch backend's
     is test_shard_phases_match_the_torch_backend): the multi-block path (a forced small
     block) for every divergence with the CE term, the single-block path padded."""
@@ -418,19 +358,19 @@ def cases_triton(rank, world):
     launch.BLOCK_OVERRIDE = 16
     try:
         for divergence in DIVERGENCES:
-            check_case(rank, world, backend="triton", dtype=torch.float32, divergence=divergence, alpha=0.5,
+            check_case(ctx, backend="triton", dtype=torch.float32, divergence=divergence, alpha=0.5,
                        temperature=0.7, uneven=True)
     finally:
         launch.BLOCK_OVERRIDE = None
-    check_case(rank, world, backend="triton", dtype=torch.float32, divergence="jsd", alpha=0.3, temperature=2.0,
+    check_case(ctx, backend="triton", dtype=torch.float32, divergence="jsd", alpha=0.3, temperature=2.0,
                vocab_size=50, explicit_start=True, beta=0.2)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the gloo ranks hold CPU tensors: Triton runs on them under TRITON_INTERPRET=1 only")
-def test_triton_shard_phases_2_ranks(group2):
+def test_triton_shard_phases_2_ranks(gloo_ranks):
     pytest.importorskip("triton")
-    group2.run("cases_triton")
+    gloo_ranks.run(cases_triton, size=2)
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ all-reduce of ``N x H`` hidden-gradient entries when the hidden states require g
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -38,54 +37,18 @@ from .._dispatch import backend_for
 from ..config import KDConfig, check_bool, make_config, takes_settings
 from ..fused_linear import (FusedLinearKDFunction, Plan, _autocast_side, _check_chunk_size, _check_side,
                             _check_side_dtypes, auto_chunk_size, matmul_mode)
-from . import vocab_parallel as vp
+from .layout import Layout, check_vocab_start, handshake
+from .vocab_parallel import ShardedRows
 
 
 # ---------------------------------------------------------------------------------------
-# This rank's place in the vocabulary, and the per-chunk kernel: built from
-# vocab_parallel.py's handshake and per-shard rows (_handshake, _label_range, ShardedRows),
-# the same steps vocab_parallel_kd_loss takes for logits slices.
-
-@dataclass(frozen=True)
-class Layout:
-    vocab_start: int        # global index of this rank's first row
-    counted: int            # how many of its rows lie below the global vocab_size
-    vocab_size: int         # global
-    check_label_found: bool  # no handshake checked the labels: mark a label no slice holds (NaN)
-
-
-def _layout_from_start(vocab_start: int, width: int, cfg: KDConfig) -> Layout:
-    if cfg.vocab_size is None:
-        return Layout(vocab_start, width, vocab_start + width, True)
-    return Layout(vocab_start, min(max(cfg.vocab_size - vocab_start, 0), width), cfg.vocab_size, True)
-
-
-def _layout_from_handshake(student, teacher, labels, cfg, num_items, local_error, group) -> Layout:
-    widths = vp._handshake(student, teacher, labels, cfg, num_items, local_error, group)
-    start = sum(widths[:dist.get_rank(group)])
-    vocab_size = sum(widths) if cfg.vocab_size is None else cfg.vocab_size
-    width = widths[dist.get_rank(group)]
-    return Layout(start, min(max(vocab_size - start, 0), width), vocab_size, False)
-
-
-def _check_vocab_start(vocab_start, labels, cfg: KDConfig) -> None:
-    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-        raise ValueError(f"vocab_start must be an int >= 0 or None, got {vocab_start!r}")
-    lo, hi = vp._label_range(labels, cfg)
-    if lo is not None and (lo < 0 or (cfg.vocab_size is not None and hi >= cfg.vocab_size)):
-        bound = "" if cfg.vocab_size is None else f", {cfg.vocab_size}"
-        raise ValueError(f"labels must be in [0{bound}) or equal ignore_index={cfg.ignore_index}; "
-                         f"found {lo if lo < 0 else hi}")
-
+# Checks and the public function.
 
 def _check_initialised() -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_fused_linear_kd_loss needs torch.distributed initialised "
                            "(dist.init_process_group)")
 
-
-# ---------------------------------------------------------------------------------------
-# Checks and the public function.
 
 def _logits_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -119,7 +82,7 @@ def _local_checks(hs, ws, bs, ht, wt, bt, labels, cfg: KDConfig, num_items, inpl
     if kernels.shard is None:
         raise ValueError(f"backend {kernels.name!r} has no vocab-parallel phases")
     if vocab_start is not None:
-        _check_vocab_start(vocab_start, labels, cfg)
+        check_vocab_start(vocab_start, labels, cfg)
     return (hs, ws, bs, ht, wt, bt), kernels, num_items
 
 
@@ -168,9 +131,16 @@ def vocab_parallel_fused_linear_kd_loss(
         student_bias, teacher_bias: ``[V_r]`` this rank's entries of the heads' biases.
         group: the tensor-parallel process group (None: the default group).
         vocab_start: the global index of this rank's first row. None: found with one
-            all_gather of the slices' widths, which also checks that the ranks agree on
-            tokens, dtypes, labels and settings, so bad input raises the same error on
-            every rank (on a GPU it reads the result on the host: one sync).
+            all_gather of the slices' widths (the handshake), which also checks that the
+            ranks agree on tokens, dtypes, labels, settings and whether ``student_hidden``
+            requires grad, so bad input raises the same error on every rank (on a GPU it
+            reads the result on the host: one sync). Given: no handshake, so NOTHING is
+            compared across ranks. Ranks that disagree, or heads split with overlaps or
+            gaps, give a wrong loss (a different one on each rank) without any error, or a
+            collective that fails or waits until the group's timeout (so does backward
+            when ``student_hidden`` requires grad on some ranks only). Each rank checks
+            only its own arguments, and with the CE term a label that no slice holds (or
+            two hold) makes its row's loss NaN.
         {settings}
             ``vocab_size`` counts globally: rows at or past it, on whichever rank, get zero
             gradient.
@@ -179,7 +149,8 @@ def vocab_parallel_fused_linear_kd_loss(
             fewer collectives), and ``backend`` picks whose per-shard phases run.
 
     ``student_hidden`` must require grad on every rank of the group or on none (its
-    gradient's all-reduce is a collective).
+    gradient's all-reduce is a collective): the handshake raises otherwise; with
+    ``vocab_start=`` the ranks that require it wait in backward until the group's timeout.
     """
     cfg = make_config("vocab_parallel_fused_linear_kd_loss", **settings)
     _check_initialised()
@@ -187,7 +158,7 @@ def vocab_parallel_fused_linear_kd_loss(
     if vocab_start is not None:  # no handshake: a local error is raised here, on this rank
         sides, kernels, num_items = _local_checks(*args, labels, cfg, num_items, inplace_backward, chunk_size,
                                                   backend, vocab_start)
-        layout = _layout_from_start(vocab_start, student_weight.shape[0], cfg)
+        layout = Layout.from_vocab_start(vocab_start, student_weight.shape[0], cfg)
     else:
         local_error, sides, stand_ins = None, args, (None, None)
         try:
@@ -196,7 +167,9 @@ def vocab_parallel_fused_linear_kd_loss(
             stand_ins = (_stand_in_logits(sides[0], sides[1]), _stand_in_logits(sides[3], sides[4]))
         except (TypeError, ValueError) as exc:
             local_error = exc
-        layout = _layout_from_handshake(*stand_ins, labels, cfg, num_items, local_error, group)
+        wants_grad = local_error is None and torch.is_grad_enabled() and sides[0].requires_grad
+        layout = handshake(*stand_ins, labels, cfg, num_items, local_error, group, wants_grad=wants_grad,
+                           caller="vocab_parallel_fused_linear_kd_loss", grad_arg="student_hidden")
     hs, ws, bs, ht, wt, bt = sides
     cfg = cfg.with_vocab_size(layout.vocab_size)   # global: the reduction and the checks see the whole head
 
@@ -207,7 +180,7 @@ def vocab_parallel_fused_linear_kd_loss(
     n, width = flat_hs.shape[0], ws.shape[0]
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(n, width, _logits_dtype(ws), _logits_dtype(wt), device)
-    rows = vp.ShardedRows(kernels.shard, group, layout.vocab_start, layout.counted, layout.check_label_found)
+    rows = ShardedRows(kernels.shard, group, layout.vocab_start, layout.counted, layout.check_label_found)
     grad_enabled = torch.is_grad_enabled()
     plan = Plan(
         cfg=cfg, backend=kernels.name, chunk_size=chunk_size,

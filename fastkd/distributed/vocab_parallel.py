@@ -5,10 +5,11 @@ teacher's logits. The kernels run the three phases of every fastkd backend on th
 slice only (fastkd/backends/__init__.py: the shard operators), and the ranks exchange a
 few numbers per row between the phases, never logits:
 
-    handshake   (only without vocab_start=) one all_gather of HEADER_WIDTH int64 per RANK:
-                the slices' widths (their offsets), the row count, dtypes, settings and a
-                labels digest, so that bad or inconsistent input raises the same error on
-                every rank instead of hanging a collective
+    handshake   (only without vocab_start=; layout.py) one all_gather of HEADER_WIDTH int64
+                per RANK: the slices' widths (their offsets), the row count, dtypes,
+                whether the student requires grad, settings and a labels digest, so that
+                bad or inconsistent input raises the same error on every rank instead of
+                hanging a collective
     row_stats   local pass: maxima and sum-exps against the LOCAL maxima, and the value
                 term of forward/reverse KL
     round 1     all_reduce(MAX) of (max_s, max_t): 2 floats per row
@@ -42,23 +43,16 @@ import torch
 import torch.distributed as dist
 
 from .._autograd import fused_kd_loss
-from .._checks import (FLOAT_DTYPES, check_label_tensor, check_labels, check_logits, check_num_items,
-                       check_same_tokens)
+from .._checks import check_label_tensor, check_labels, check_logits, check_num_items, check_same_tokens
 from .._dispatch import backend_for
 from ..backends import ROW_SUMS_WIDTH, SHARD_STATS_WIDTH, KernelBackend, loss_dtype
-from ..config import REDUCTIONS, KDConfig, make_config, takes_settings
+from ..config import KDConfig, make_config, takes_settings
 from ..reference import transform_logits
-
-# The handshake's int64 fields, one row per rank.
-HEADER = ("error", "rows", "width", "student_dtype", "teacher_dtype", "has_labels", "label_min", "label_max",
-          "labels_digest", "settings_digest")
-HEADER_WIDTH = len(HEADER)
-_NO_LABEL_MIN = 2 ** 62  # label_min / label_max of a batch without valid labels
-_NO_LABEL_MAX = -1
+from .layout import Layout, check_vocab_start, handshake
 
 
 # ---------------------------------------------------------------------------------------
-# Checks: what one rank can check alone, then what the handshake shows across ranks.
+# Checks: what one rank can check alone (the handshake, layout.py, checks across ranks).
 
 def _local_checks(student, teacher, labels, cfg: KDConfig, num_items, backend: str, vocab_start):
     """The checks of one rank's arguments; returns (kernels, num_items)."""
@@ -78,114 +72,8 @@ def _local_checks(student, teacher, labels, cfg: KDConfig, num_items, backend: s
     if kernels.shard is None:
         raise ValueError(f"backend {kernels.name!r} has no vocab-parallel phases")
     if vocab_start is not None:
-        if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-            raise ValueError(f"vocab_start must be an int >= 0 or None, got {vocab_start!r}")
-        lo, hi = _label_range(labels, cfg)
-        if lo is not None and (lo < 0 or (cfg.vocab_size is not None and hi >= cfg.vocab_size)):
-            bad = lo if lo < 0 else hi
-            bound = "" if cfg.vocab_size is None else f", {cfg.vocab_size}"
-            raise ValueError(f"labels must be in [0{bound}) or equal ignore_index={cfg.ignore_index}; found {bad}")
+        check_vocab_start(vocab_start, labels, cfg)
     return kernels, num_items
-
-
-def _label_range(labels, cfg: KDConfig):
-    """(min, max) of the valid labels when they are on the CPU (free to read), else (None, None)."""
-    if labels is None or labels.device.type != "cpu" or labels.numel() == 0:
-        return None, None
-    valid = labels[labels != cfg.ignore_index]
-    if valid.numel() == 0:
-        return None, None
-    return int(valid.min()), int(valid.max())
-
-
-def _settings_digest(cfg: KDConfig, num_items) -> int:
-    """A number equal on ranks with equal settings (hashes of ints and floats do not vary
-    between processes, unlike those of strings)."""
-    values = [getattr(cfg, name) for name in ("divergence_id", "ignore_index", "temperature", "beta", "alpha",
-                                              "t_squared", "logit_scale", "softcap_value", "teacher_scale",
-                                              "teacher_softcap_value", "label_smoothing", "z_loss")]
-    values += [-1 if cfg.vocab_size is None else cfg.vocab_size, REDUCTIONS.index(cfg.reduction)]
-    values.append(num_items if isinstance(num_items, float) else -1.0)
-    return hash(tuple(values))
-
-
-def _header(student, teacher, labels, cfg: KDConfig, num_items, error: bool, device) -> torch.Tensor:
-    if error:
-        return torch.full((HEADER_WIDTH,), -1, dtype=torch.int64, device=device).index_fill_(
-            0, torch.tensor([0], device=device), 1)
-    fixed = torch.tensor([0, student.shape[:-1].numel(), student.shape[-1], FLOAT_DTYPES.index(student.dtype),
-                          FLOAT_DTYPES.index(teacher.dtype), labels is not None], dtype=torch.int64, device=device)
-    if labels is None or labels.numel() == 0:
-        label_part = torch.tensor([_NO_LABEL_MIN, _NO_LABEL_MAX, 0], dtype=torch.int64, device=device)
-    else:  # computed where the labels are: no host sync on a GPU
-        flat = labels.reshape(-1).to(torch.int64)
-        valid = flat != cfg.ignore_index
-        weights = torch.arange(flat.numel(), device=flat.device) % 65521 + 1
-        label_part = torch.stack([torch.where(valid, flat, _NO_LABEL_MIN).min(),
-                                  torch.where(valid, flat, _NO_LABEL_MAX).max(), (flat * weights).sum()])
-    digest = torch.tensor([_settings_digest(cfg, num_items)], dtype=torch.int64, device=device)
-    return torch.cat([fixed, label_part.to(device), digest])
-
-
-def _raise_everywhere(local_error: Optional[BaseException], headers, group):
-    """Every rank raises the error of the first rank that failed its local checks."""
-    failed = [r for r, h in enumerate(headers) if h[0] != 0]
-    messages = [None] * len(headers)
-    dist.all_gather_object(messages, None if local_error is None else
-                           (type(local_error).__name__, str(local_error)), group=group)
-    rank = failed[0]
-    kind, message = messages[rank]
-    error = TypeError if kind == "TypeError" else ValueError
-    raise error(f"vocab_parallel_kd_loss: rank {rank}: {message}") from local_error
-
-
-def _check_headers(headers, cfg: KDConfig):
-    """Cross-rank consistency, decided alike on every rank from the gathered headers;
-    returns the slices' widths."""
-    first = headers[0]
-    f = {name: i for i, name in enumerate(HEADER)}
-    for r, h in enumerate(headers[1:], start=1):
-        for name, what in (("rows", "rows (tokens)"), ("student_dtype", "student dtype"),
-                           ("teacher_dtype", "teacher dtype"), ("has_labels", "labels (given or None)"),
-                           ("labels_digest", "labels"), ("settings_digest", "loss settings")):
-            if h[f[name]] != first[f[name]]:
-                detail = ""
-                if name == "rows":
-                    detail = f": {h[f[name]]} on rank {r}, {first[f[name]]} on rank 0"
-                elif name.endswith("dtype"):
-                    detail = f": {FLOAT_DTYPES[h[f[name]]]} on rank {r}, {FLOAT_DTYPES[first[f[name]]]} on rank 0"
-                raise ValueError(f"vocab_parallel_kd_loss: the ranks disagree on the {what}{detail}; every rank "
-                                 "must pass its slice of the same tokens, with the same labels and settings")
-    widths = [h[f["width"]] for h in headers]
-    total = sum(widths)
-    if cfg.vocab_size is not None and cfg.vocab_size > total:
-        raise ValueError(f"vocab_size must be in [1, {total}] (the columns of all shards together), "
-                         f"got {cfg.vocab_size}")
-    vocab_size = total if cfg.vocab_size is None else cfg.vocab_size
-    lo, hi = first[f["label_min"]], first[f["label_max"]]
-    if hi != _NO_LABEL_MAX and (lo < 0 or hi >= vocab_size):
-        raise ValueError(f"labels must be in [0, {vocab_size}) or equal ignore_index={cfg.ignore_index}; "
-                         f"found {lo if lo < 0 else hi}")
-    return widths
-
-
-def _comm_device(group, student) -> torch.device:
-    if isinstance(student, torch.Tensor):
-        return student.device
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-        else torch.device("cpu")
-
-
-def _handshake(student, teacher, labels, cfg, num_items, local_error, group):
-    """One all_gather of the headers; returns the slices' widths or raises on every rank."""
-    device = _comm_device(group, student)
-    header = _header(student, teacher, labels, cfg, num_items, local_error is not None, device)
-    gathered = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, header, group=group)
-    headers = torch.stack(gathered).tolist()  # the one host read of the handshake
-    if any(h[0] != 0 for h in headers):
-        _raise_everywhere(local_error, headers, group)
-    return _check_headers(headers, cfg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,11 +220,15 @@ def vocab_parallel_kd_loss(
             ``ignore_index``.
         group: the tensor-parallel process group (None: the default group).
         vocab_start: the global index of this rank's first column. None: found from one
-            all_gather of the slices' widths, which also checks that the ranks agree on
-            rows, dtypes, labels and settings, so that bad input raises the same error on
-            every rank (on a GPU it reads the result on the host: one sync). Given: no
-            such exchange and no cross-rank checks; a label that no slice holds gives a
-            NaN loss.
+            all_gather of the slices' widths (the handshake), which also checks that the
+            ranks agree on rows, dtypes, labels, settings and whether ``student_shard``
+            requires grad, so that bad input raises the same error on every rank (on a GPU
+            it reads the result on the host: one sync). Given: no handshake, so NOTHING is
+            compared across ranks. Ranks that disagree, or slices that overlap or leave a
+            gap, give a wrong loss (a different one on each rank) without any error, or a
+            collective that fails (gloo aborts the process on a size mismatch) or waits
+            until the group's timeout. Each rank checks only its own arguments, and with
+            the CE term a label that no slice holds (or two hold) makes its row's loss NaN.
         {settings}
             ``vocab_size`` counts globally: columns at or past it, on whichever rank, get
             zero gradient. With ``vocab_start=`` and no ``vocab_size``, every column counts.
@@ -356,23 +248,19 @@ def shard_rows(student_shard, teacher_shard, labels, cfg: KDConfig, num_items, b
     slice lies: (kernels, num_items, ShardedRows, cfg with the global vocab_size)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (dist.init_process_group)")
-    width = student_shard.shape[-1] if isinstance(student_shard, torch.Tensor) else 0
     if vocab_start is not None:  # nothing to tell the other ranks: a local error is raised here
         kernels, num_items = _local_checks(student_shard, teacher_shard, labels, cfg, num_items, backend,
                                            vocab_start)
-        global_vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_start + width
-        check_found = True
+        layout = Layout.from_vocab_start(vocab_start, student_shard.shape[-1], cfg)
     else:
         local_error = None
         try:
             kernels, num_items = _local_checks(student_shard, teacher_shard, labels, cfg, num_items, backend, None)
         except (TypeError, ValueError) as exc:
             local_error = exc
-        widths = _handshake(student_shard, teacher_shard, labels, cfg, num_items, local_error, group)
-        vocab_start = sum(widths[:dist.get_rank(group)])
-        global_vocab = sum(widths) if cfg.vocab_size is None else cfg.vocab_size
-        check_found = False
-    counted = min(max(global_vocab - vocab_start, 0), width)  # this slice's columns below vocab_size
-    rows = ShardedRows(kernels.shard, group, vocab_start, counted, check_found)
+        wants_grad = local_error is None and torch.is_grad_enabled() and student_shard.requires_grad
+        layout = handshake(student_shard, teacher_shard, labels, cfg, num_items, local_error, group,
+                           wants_grad=wants_grad, caller="vocab_parallel_kd_loss", grad_arg="student_shard")
+    rows = ShardedRows(kernels.shard, group, layout.vocab_start, layout.counted, layout.check_label_found)
     # The global vocab_size, for the reduction's and the checks' view of the config.
-    return kernels, num_items, rows, cfg.with_vocab_size(global_vocab)
+    return kernels, num_items, rows, cfg.with_vocab_size(layout.vocab_size)

@@ -6,5 +6,6 @@
     inputs.py     device-aware input makers: logits, labels, layouts, each case's tensors
     results.py    running the float64 reference and a backend: loss and gradients
     compare.py    relative errors and the tolerance policy (dtype tolerances, 2x torch fp32)
-    fixtures.py   pytest fixtures (no_host_sync, store_counter), loaded by conftest.py
+    fixtures.py   pytest fixtures (no_host_sync, store_counter, gloo_ranks), loaded by conftest.py
+    ranks.py      a pool of CPU ranks (gloo) that runs the distributed tests' cases
 """

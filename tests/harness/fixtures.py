@@ -32,3 +32,13 @@ def no_host_sync(monkeypatch):
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.fixture(scope="session")
+def gloo_ranks():
+    """The session's pool of CPU ranks (harness/ranks.py), started on its first call."""
+    from harness.ranks import Ranks
+
+    ranks = Ranks()
+    yield ranks
+    ranks.close()

@@ -129,6 +129,15 @@ MULTI_BLOCK_CASES = [
 ]
 
 
+def _few_rows(cases, rows=(9,)):
+    """The interpreter's time grows with the rows, the paths' coverage does not: 9 rows
+    (some ignored, some peaked) instead of the default 37, where a case sets no shape."""
+    return [c.replace(lead=rows) if c.lead == Case().lead else c for c in cases]
+
+
+MULTI_BLOCK_CASES = _few_rows(MULTI_BLOCK_CASES)
+
+
 @pytest.mark.parametrize("case", MULTI_BLOCK_CASES, ids=[c.id for c in MULTI_BLOCK_CASES])
 def test_multi_block_matches_reference(case, small_block):
     assert not triton_kd.launch_config(case.vocab_size or case.vocab, case.student_dtype, case.student_dtype,
@@ -415,6 +424,7 @@ SPLIT_CASES = [
     Case(divergence="forward_kl", ignore_frac=1.0, alpha=0.6),
     Case(divergence="reverse_kl", labels=False),
 ]
+SPLIT_CASES = _few_rows(SPLIT_CASES)
 
 
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=[c.id for c in SPLIT_CASES])

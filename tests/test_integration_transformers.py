@@ -554,8 +554,11 @@ def test_head_check_applies_the_transform(tmp_path):
     hook.remove()
     hidden = captured[0].last_hidden_state
     _check_head_reproduces_logits("student", hidden, gemma.lm_head, last, head_transform(gemma))
-    with pytest.raises(ValueError, match="a plain linear head"):
+    with pytest.raises(ValueError, match=r"not its decoder output times its LM head \(max difference"):
         _check_head_reproduces_logits("student", hidden, gemma.lm_head, last, HeadTransform())
+    with pytest.raises(ValueError, match=r"LM head, transformed by config.final_logit_softcapping=2.0 \(gemma2\)"):
+        _check_head_reproduces_logits("student", hidden, gemma.lm_head, last,
+                                      HeadTransform(softcap=2.0, source="config.final_logit_softcapping=2.0 (gemma2)"))
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -608,3 +611,11 @@ def test_logits_mode_options_that_are_not_applied_twice(tmp_path):
         ref = fastkd.reference.kd_loss(s.double(), t.double(), shift_causal_labels(b["labels"]), temperature=2.0,
                                        **kw)
         assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+
+
+def test_error_known_attribute_that_is_not_a_positive_number(tmp_path):
+    student = tiny_cohere(0)
+    student.logit_scale = -0.5            # what Cohere's forward multiplies by
+    with pytest.raises(ValueError, match=r"config.logit_scale=-0.5 of a 'cohere' model: .* finite positive"):
+        make_trainer(tmp_path, student, tiny_llama(48, 1), fused_linear=True)
+    make_trainer(tmp_path, student, tiny_llama(48, 1), fused_linear=False)   # the logits path reads its logits

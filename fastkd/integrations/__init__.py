@@ -4,5 +4,5 @@ Each submodule imports its library on import and is optional: `import fastkd` ne
 imports them. `fastkd.integrations.trl` needs `trl`; `fastkd.integrations.transformers`
 needs `transformers`. `fastkd.integrations.heads` (which imports neither) reads the
 transform a model applies to its logits after the LM head (softcap, scale) from its
-config; both trainers' fused-linear paths apply it with it.
+config; the fused-linear paths of both trainers apply it.
 """

@@ -115,10 +115,15 @@ class UnknownHeadTransform(ValueError):
             f"whose forward it has read ({', '.join(FAMILIES)})")
 
 
-def _configs_of(model) -> Tuple[Any, Any]:
-    """(the model's own config, its text config) of ``model`` (a PEFT model: its base model's)."""
+def _unwrapped(model):
+    """A PEFT model's base model (its forward is the one that transforms the logits)."""
     if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
-        model = model.get_base_model()
+        return model.get_base_model()
+    return model
+
+
+def _configs_of(model) -> Tuple[Any, Any]:
+    """(the model's own config, its text config)."""
     config = getattr(model, "config", None)
     text = config
     if config is not None and hasattr(config, "get_text_config"):
@@ -154,6 +159,7 @@ def head_transform(model) -> HeadTransform:
     >>> head_transform(gemma2)       # final_logit_softcapping=30.0
     HeadTransform(logit_scale=1.0, softcap=30.0, source='config.final_logit_softcapping=30.0 (gemma2)')
     """
+    model = _unwrapped(model)
     config, text = _configs_of(model)
     if config is None:
         return HeadTransform()
@@ -168,9 +174,8 @@ def head_transform(model) -> HeadTransform:
         return HeadTransform()
     attribute, how, model_attribute = family
     value = getattr(config, attribute, None)
-    if model_attribute is not None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") and callable(model.get_base_model) else model
-        read = _attribute_path(base, model_attribute)
+    if model_attribute is not None:  # the copy forward reads (made at __init__), where the model has one
+        read = _attribute_path(model, model_attribute)
         value = value if read is None else read
     source = f"config.{attribute}={value!r} ({model_type})"
     if how == SOFTCAP:

@@ -204,9 +204,9 @@ def _check_head_reproduces_logits(role: str, hidden: torch.Tensor, head: torch.n
     if not err <= tol * (1.0 + scale):  # also catches NaN
         raise ValueError(
             f"KDTrainer(fused_linear=True): the {role}'s logits are not its decoder output times its LM "
-            f"head followed by {transform.describe()} (max difference {err:.3g} at logits of size {scale:.3g}): "
-            "the model transforms its logits after the head in a way its config does not say. "
-            "Use fused_linear=False.")
+            f"head{', transformed by ' + transform.source if transform.source else ''} (max difference "
+            f"{err:.3g} at logits of size {scale:.3g}): the model transforms its logits after the head in a "
+            "way its config does not say. Use fused_linear=False.")
 
 
 class KDTrainerMixin:

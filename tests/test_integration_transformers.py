@@ -530,6 +530,9 @@ def test_fused_linear_applies_the_models_logit_transforms(tmp_path, case):
         assert rel(g, r) < 1e-5
     assert all(p.grad is None for p in teacher.parameters())
     student.zero_grad()
+    with torch.no_grad():   # evaluation reads the models' logits, already transformed: not twice
+        loss_eval, _ = trainer.compute_loss(student, dict(b), return_outputs=True)
+    torch.testing.assert_close(loss_eval, loss_ref, rtol=1e-6, atol=1e-7)
     fused_settings = trainer.fused_kd_loss_fn.config
     assert (fused_settings.softcap, fused_settings.logit_scale) == \
         (head_transform(student).softcap, head_transform(student).logit_scale)

@@ -328,15 +328,13 @@ def test_error_different_vocab_without_vocab_size(tmp_path, models):
         make_trainer(tmp_path, student, teacher, vocab_size=V + 1)
 
 
-def test_error_softcapping_in_fused_linear(tmp_path):
-    cfg = transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                    final_logit_softcapping=30.0)
-    torch.manual_seed(0)
-    gemma = transformers.AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        make_trainer(tmp_path, gemma, tiny_llama(48, 1), fused_linear=True)
-    make_trainer(tmp_path, gemma, tiny_llama(48, 1), fused_linear=False)   # the logits path is fine
+def test_error_unknown_logit_postprocessing_in_fused_linear(tmp_path):
+    # A family whose forward fastkd has not read (Llama ignores this attribute, but another
+    # model might not): fused-linear mode cannot know the transform and refuses.
+    student = tiny_llama(32, 0, final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0 on a 'llama' model"):
+        make_trainer(tmp_path, student, tiny_llama(48, 1), fused_linear=True)
+    make_trainer(tmp_path, student, tiny_llama(48, 1), fused_linear=False)   # the logits path is fine
 
 
 def test_error_head_that_rescales_logits(tmp_path):
@@ -416,3 +414,211 @@ def test_data_parallel_scaling_matches_trainer(tmp_path, models, monkeypatch):
         unscaled = trainer.compute_loss(student, dict(b))
     torch.testing.assert_close(one * 3, three)
     torch.testing.assert_close(three, unscaled)   # the local mean, as each rank's share
+
+
+# ---------------------------------------------------------------------------------------
+# Logits post-processed after the LM head (Gemma 2's softcap, Cohere's and Granite's scales):
+# fused-linear mode applies the models' transforms, read from their configs.
+
+from fastkd.integrations.heads import FAMILIES, HeadTransform, head_transform  # noqa: E402
+from fastkd.integrations.transformers import _check_head_reproduces_logits  # noqa: E402
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+
+
+def with_large_logits(model, factor=20.0):
+    # Random tiny models have logits of size ~0.5, where a cap of 3 changes nothing: scale
+    # the head so the logits reach ~10 and the transforms matter.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(factor)
+    return model
+
+
+def tiny_gemma2(seed, cap=3.0):
+    return with_large_logits(tiny_from("Gemma2Config", seed, head_dim=8, final_logit_softcapping=cap, **SMALL))
+
+
+def tiny_cohere(seed, scale=0.25):
+    return with_large_logits(tiny_from("CohereConfig", seed, logit_scale=scale, **SMALL))
+
+
+def tiny_granite(seed, scaling=0.25):   # logits / 0.25: logit_scale 4
+    return tiny_from("GraniteConfig", seed, logits_scaling=scaling, **SMALL)
+
+
+# Every family of heads.FAMILIES: the config class and a non-neutral value of its attribute.
+FAMILY_CONFIGS = {
+    "gemma2": ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=3.0)),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=8, final_logit_softcapping=3.0)),
+    "vaultgemma": ("VaultGemmaConfig", dict(head_dim=8, final_logit_softcapping=3.0)),
+    "nanochat": ("NanoChatConfig", dict(final_logit_softcapping=3.0)),
+    "cohere": ("CohereConfig", dict(logit_scale=4.0)),
+    "cohere2": ("Cohere2Config", dict(logit_scale=4.0)),
+    "cohere2_moe": ("Cohere2MoeConfig", dict(logit_scale=4.0)),
+    "granite": ("GraniteConfig", dict(logits_scaling=3.0)),
+    "granitemoe": ("GraniteMoeConfig", dict(logits_scaling=3.0, num_local_experts=2, num_experts_per_tok=1)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(logits_scaling=3.0, num_local_experts=2,
+                                                        num_experts_per_tok=1)),
+    "falcon_h1": ("FalconH1Config", dict(lm_head_multiplier=4.0)),
+    "hyperclovax": ("HyperCLOVAXConfig", dict(logits_scaling=4.0)),
+}
+
+
+def test_head_transform_reproduces_every_known_family():
+    """Each family's transform, applied to its LM head's output, is the model's own logits
+    (what its forward in the installed transformers computes), and differs from the raw head."""
+    assert set(FAMILY_CONFIGS) == set(FAMILIES)
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
+    for family, (config_cls, extra) in FAMILY_CONFIGS.items():
+        model = with_large_logits(tiny_from(config_cls, 0, **extra, **SMALL))
+        assert model.config.model_type == family
+        transform = head_transform(model)
+        assert not transform.is_identity, family
+        captured = []
+        hook = model.get_decoder().register_forward_hook(lambda mod, args, out: captured.append(out))
+        with torch.no_grad():
+            logits = model(input_ids=ids, logits_to_keep=1).logits
+            hook.remove()
+            raw = model.get_output_embeddings()(captured[0].last_hidden_state[:, -1:])
+        torch.testing.assert_close(transform.apply(raw), logits, rtol=1e-6, atol=1e-5, msg=family)
+        assert (raw - logits).abs().max() > 1.0, family
+    # Neutral values are the identity; a plain family has none.
+    assert head_transform(tiny_from("Gemma2Config", 0, head_dim=8, final_logit_softcapping=None, **SMALL)) \
+        == HeadTransform()
+    assert head_transform(tiny_llama(32, 0)) == HeadTransform()
+    assert head_transform(torch.nn.Linear(2, 3)) == HeadTransform()
+    assert head_transform(tiny_granite(0, scaling=3.0)).logit_scale == pytest.approx(1 / 3.0, rel=1e-15)
+
+
+LOGIT_CASES = {
+    "gemma2_student": lambda: (tiny_gemma2(0), tiny_llama(48, 1)),
+    "gemma2_teacher": lambda: (tiny_llama(32, 0), tiny_gemma2(1)),
+    "cohere_student_gemma2_teacher": lambda: (tiny_cohere(0), tiny_gemma2(1, cap=5.0)),
+    "granite_teacher": lambda: (tiny_llama(32, 0), tiny_granite(1)),
+}
+
+
+def untransformed(model):
+    """The model with its post-head transform switched off (to show the transform matters)."""
+    model = copy.deepcopy(model)
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        model.config.final_logit_softcapping = None
+    if hasattr(model, "logit_scale"):
+        model.logit_scale = 1.0
+    if getattr(model.config, "logits_scaling", None) is not None:
+        model.config.logits_scaling = 1.0
+    return model
+
+
+@pytest.mark.parametrize("case", list(LOGIT_CASES))
+def test_fused_linear_applies_the_models_logit_transforms(tmp_path, case):
+    """Same loss and student gradients as the logits path, where the models transform their
+    own logits (same tolerances as test_fused_linear_equals_logits_path)."""
+    student, teacher = LOGIT_CASES[case]()
+    kd = dict(divergence="forward_kl", temperature=2.0, alpha=0.5)
+    b = batch_tensors()
+    results = []
+    for fused in (False, True):
+        trainer = make_trainer(tmp_path, student, teacher, fused_linear=fused, **kd)
+        student.zero_grad()
+        loss = trainer.compute_loss(student, dict(b))
+        loss.backward()
+        results.append((loss.detach(), grads_of(student)))
+    (loss_ref, g_ref), (loss_fused, g_fused) = results
+    torch.testing.assert_close(loss_fused, loss_ref, rtol=1e-6, atol=1e-7)
+    for g, r in zip(g_fused, g_ref):
+        assert rel(g, r) < 1e-5
+    assert all(p.grad is None for p in teacher.parameters())
+    student.zero_grad()
+    with torch.no_grad():   # evaluation reads the models' logits, already transformed: not twice
+        loss_eval, _ = trainer.compute_loss(student, dict(b), return_outputs=True)
+    torch.testing.assert_close(loss_eval, loss_ref, rtol=1e-6, atol=1e-7)
+    fused_settings = trainer.fused_kd_loss_fn.config
+    assert (fused_settings.softcap, fused_settings.logit_scale) == \
+        (head_transform(student).softcap, head_transform(student).logit_scale)
+    assert (fused_settings.teacher_cap, fused_settings.teacher_scale) == \
+        (head_transform(teacher).softcap, head_transform(teacher).logit_scale)
+
+    # The transforms matter: without them the loss is another one.
+    with torch.no_grad():
+        plain = make_trainer(tmp_path, untransformed(student), untransformed(teacher), **kd)
+        loss_plain = plain.compute_loss(plain.model, dict(b))
+    assert abs(loss_plain.item() - loss_ref.item()) > 1e-2 * abs(loss_ref.item()), (loss_plain, loss_ref)
+
+
+def test_head_check_applies_the_transform(tmp_path):
+    # The one-time check compares transform(hidden @ W.T) with the model's logits: the
+    # identity transform does not reproduce a soft-capped Gemma 2.
+    gemma = tiny_gemma2(0)
+    captured = []
+    hook = gemma.get_decoder().register_forward_hook(lambda mod, args, out: captured.append(out))
+    with torch.no_grad():
+        last = gemma(input_ids=batch_tensors()["input_ids"], logits_to_keep=1).logits
+    hook.remove()
+    hidden = captured[0].last_hidden_state
+    _check_head_reproduces_logits("student", hidden, gemma.lm_head, last, head_transform(gemma))
+    with pytest.raises(ValueError, match=r"not its decoder output times its LM head \(max difference"):
+        _check_head_reproduces_logits("student", hidden, gemma.lm_head, last, HeadTransform())
+    with pytest.raises(ValueError, match=r"LM head, transformed by config.final_logit_softcapping=2.0 \(gemma2\)"):
+        _check_head_reproduces_logits("student", hidden, gemma.lm_head, last,
+                                      HeadTransform(softcap=2.0, source="config.final_logit_softcapping=2.0 (gemma2)"))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(softcap=5.0), r"softcap=5.0 was given, but the student's own logits have softcap=3.0"),
+    (dict(logit_scale=2.0), r"logit_scale=2.0 was given, but the student's own logits have logit_scale=1.0"),
+    (dict(teacher_softcap=3.0), r"teacher_softcap=3.0 was given, but the teacher's own logits have softcap=None"),
+    (dict(teacher_softcap=fastkd.config.SAME_AS_STUDENT), r"teacher_softcap=SAME_AS_STUDENT \(the student's\)"),
+    (dict(teacher_logit_scale=0.5), r"teacher_logit_scale=0.5 was given"),
+])
+def test_error_explicit_logit_settings_in_fused_linear(tmp_path, kw, match):
+    student, teacher = tiny_gemma2(0), tiny_llama(48, 1)
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, student, teacher, fused_linear=True, **kw)
+
+
+def test_explicit_logit_settings_equal_to_the_configs_are_accepted(tmp_path):
+    student, teacher = tiny_gemma2(0), tiny_llama(48, 1)
+    trainer = make_trainer(tmp_path, student, teacher, fused_linear=True, softcap=3.0, logit_scale=1.0,
+                           teacher_softcap=None, teacher_logit_scale=1.0)
+    assert (trainer.fused_kd_loss_fn.config.softcap, trainer.fused_kd_loss_fn.config.teacher_cap) == (3.0, None)
+    # The logits path (evaluation) reads the models' own, already capped logits: no options.
+    assert trainer.kd_loss_fn.config.softcap is None and trainer.kd_loss_fn.config.teacher_cap is None
+
+
+@pytest.mark.parametrize("pair, kw, match", [
+    ("gemma_llama", dict(softcap=3.0), r"softcap=3.0 was given, but the student's logits already have it"),
+    ("llama_gemma", dict(softcap=2.0), r"teacher_softcap \(by default the student's softcap\) is 2.0"),
+    ("llama_gemma", dict(teacher_softcap=3.0), r"teacher_softcap=3.0 was given, but the teacher's"),
+    ("cohere_llama", dict(logit_scale=2.0), r"logit_scale=2.0 was given.*would apply logit_scale twice"),
+])
+def test_error_double_transform_in_logits_mode(tmp_path, pair, kw, match):
+    models = {"gemma_llama": lambda: (tiny_gemma2(0), tiny_llama(48, 1)),
+              "llama_gemma": lambda: (tiny_llama(32, 0), tiny_gemma2(1)),
+              "cohere_llama": lambda: (tiny_cohere(0), tiny_llama(48, 1))}
+    student, teacher = models[pair]()
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, student, teacher, **kw)
+
+
+def test_logits_mode_options_that_are_not_applied_twice(tmp_path):
+    # A cap on a plain student only, and a cap on a scaled (not capped) Cohere: each applied once.
+    b = batch_tensors()
+    for student, teacher, kw in ((tiny_llama(32, 0), tiny_gemma2(1), dict(softcap=2.0, teacher_softcap=None)),
+                                 (tiny_cohere(0), tiny_llama(48, 1), dict(softcap=2.0, teacher_softcap=None))):
+        trainer = make_trainer(tmp_path, student, teacher, temperature=2.0, **kw)
+        with torch.no_grad():
+            loss = trainer.compute_loss(student, dict(b))
+            s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        ref = fastkd.reference.kd_loss(s.double(), t.double(), shift_causal_labels(b["labels"]), temperature=2.0,
+                                       **kw)
+        assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+
+
+def test_error_known_attribute_that_is_not_a_positive_number(tmp_path):
+    student = tiny_cohere(0)
+    student.logit_scale = -0.5            # what Cohere's forward multiplies by
+    with pytest.raises(ValueError, match=r"config.logit_scale=-0.5 of a 'cohere' model: .* finite positive"):
+        make_trainer(tmp_path, student, tiny_llama(48, 1), fused_linear=True)
+    make_trainer(tmp_path, student, tiny_llama(48, 1), fused_linear=False)   # the logits path reads its logits

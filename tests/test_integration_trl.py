@@ -384,13 +384,34 @@ def collate(rows):
     return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
 
 
-def make_trainer(cls, tmp_path, max_steps, **kw):
+def tiny_gemma2(seed, hidden, dtype=torch.float32, cap=3.0):
+    """A Gemma 2 with final_logit_softcapping=cap and logits large enough (~10) for the cap to matter."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                          final_logit_softcapping=cap, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model.to(dtype)
+
+
+PAIRS = {  # (student, teacher) builders: (seed, hidden, dtype) -> model
+    "llama": (lambda dtype: tiny_model(0, 32, dtype), lambda dtype: tiny_model(1, 48, dtype)),
+    "gemma2_student": (lambda dtype: tiny_gemma2(0, 32, dtype), lambda dtype: tiny_model(1, 48, dtype)),
+    "gemma2_teacher": (lambda dtype: tiny_model(0, 32, dtype), lambda dtype: tiny_gemma2(1, 48, dtype, cap=5.0)),
+}
+
+
+def make_trainer(cls, tmp_path, max_steps, pair="llama", **kw):
     from datasets import Dataset
     args = GKDConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=max_steps,
                      learning_rate=1e-2, lmbda=0.0, beta=0.5, seq_kd=False, logging_steps=1, report_to=[],
                      use_cpu=True, bf16=False, save_strategy="no", seed=0, max_length=None, disable_tqdm=True)
     rows = {k: v.tolist() for k, v in tiny_batches().items()}
-    trainer = cls(model=tiny_model(0, 32), teacher_model=tiny_model(1, 48), args=args,
+    student, teacher = (build(torch.float32) for build in PAIRS[pair])
+    trainer = cls(model=student, teacher_model=teacher, args=args,
                   train_dataset=Dataset.from_dict(rows), processing_class=tiny_tokenizer(), data_collator=collate,
                   **kw)
     losses = []
@@ -423,10 +444,13 @@ def gkd_inputs():
     return {k: v[:4] for k, v in batch.items()}
 
 
-def test_fused_linear_loss_and_gradients_equal_gkd(tmp_path):
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_fused_linear_loss_and_gradients_equal_gkd(tmp_path, pair):
     """FastKDGKDTrainer.compute_loss == GKDTrainer.compute_loss (loss and every student
-    gradient), with the logits never computed; float64 TRL is the truth."""
-    trainer, _ = make_trainer(ftrl.FastKDGKDTrainer, tmp_path, max_steps=1)
+    gradient), with the logits never computed; float64 TRL is the truth. With a Gemma 2
+    student or teacher, the loss applies its final_logit_softcapping (read from its config)."""
+    trainer, _ = make_trainer(ftrl.FastKDGKDTrainer, tmp_path, max_steps=1, pair=pair)
+    build_student, build_teacher = PAIRS[pair]
     inputs = gkd_inputs()
     student, teacher = trainer.model, trainer.teacher_model
 
@@ -444,8 +468,9 @@ def test_fused_linear_loss_and_gradients_equal_gkd(tmp_path):
     def refuse(*_):
         raise AssertionError("the fused-linear path computed the logits")
 
+    truth_none = None
     for num_items in (None, torch.tensor(17)):
-        truth = trl_compute_loss(tiny_model(0, 32, torch.float64), tiny_model(1, 48, torch.float64), num_items)
+        truth = trl_compute_loss(build_student(torch.float64), build_teacher(torch.float64), num_items)
         trl32 = trl_compute_loss(student, teacher, num_items)
         hooks = [m.lm_head.register_forward_hook(refuse) for m in (student, teacher)]
         try:
@@ -456,6 +481,7 @@ def test_fused_linear_loss_and_gradients_equal_gkd(tmp_path):
             for h in hooks:
                 h.remove()
         ours = (loss.detach(), [p.grad.clone() for p in student.parameters()])
+        truth_none = truth if num_items is None else truth_none
         for name, a, b, ref in (("loss", ours[0], trl32[0], truth[0]),
                                 ("grads", torch.cat([g.flatten() for g in ours[1]]),
                                  torch.cat([g.flatten() for g in trl32[1]]),
@@ -465,6 +491,12 @@ def test_fused_linear_loss_and_gradients_equal_gkd(tmp_path):
     # Evaluation with outputs falls back to the logits path (the fused loss on logits).
     loss, outputs = trainer.compute_loss(student, dict(inputs), return_outputs=True)
     assert outputs.logits.shape[-1] == VOCAB and math.isfinite(loss.item())
+    if pair != "llama":
+        # The softcap matters: without it GKD's loss is another one.
+        for model in (student, teacher):
+            model.config.final_logit_softcapping = None
+        uncapped = trl_compute_loss(student, teacher, None)[0]
+        assert abs(uncapped.item() - truth_none[0].item()) > 1e-2 * abs(truth_none[0].item())
 
 
 def test_fused_linear_runs_inside_a_wrapper_and_falls_back(tmp_path, monkeypatch):
@@ -515,13 +547,21 @@ def test_import_fastkd_does_not_import_trl():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
 
 
-def test_lm_head_parts_refuses_postprocessed_logits():
+def test_lm_head_parts_reads_known_transforms_and_refuses_unknown_ones():
     model = tiny_model(0, 32)
-    backbone, head = ftrl.lm_head_parts(model)
-    assert backbone is model.model and head is model.lm_head
-    model.config.final_logit_softcapping = 30.0
+    backbone, head, transform = ftrl.lm_head_parts(model)
+    assert backbone is model.model and head is model.lm_head and transform.is_identity
+    model.config.final_logit_softcapping = 30.0      # Llama's forward ignores it: unknown
     assert ftrl.lm_head_parts(model) is None
     model.config.final_logit_softcapping = None
     model.config.logit_scale = 0.5
     assert ftrl.lm_head_parts(model) is None
     assert ftrl.lm_head_parts(torch.nn.Linear(3, 4)) is None
+    gemma = tiny_gemma2(0, 32, cap=7.0)
+    parts = ftrl.lm_head_parts(gemma)
+    assert parts.backbone is gemma.model and parts.lm_head is gemma.lm_head
+    assert (parts.transform.softcap, parts.transform.logit_scale) == (7.0, 1.0)
+    # A bare (backbone, head) pair would say nothing of the softcap: refused.
+    with pytest.raises(TypeError, match=r"student_parts must be \(backbone, lm_head, transform\)"):
+        ftrl.fused_linear_gkd_loss(parts[:2], ftrl.lm_head_parts(model.__class__(model.config)), gkd_inputs(),
+                                   beta=0.5)

@@ -29,6 +29,14 @@ How the parts fit Trainer (transformers 5.x; written against 5.24):
 * **Teacher**: moved to the training device when Trainer places the student (otherwise
   it must already be on the student's device), put in eval mode, never given to the
   optimizer and never saved: checkpoints and ``save_model`` hold the student only.
+* **Logits transformed after the LM head** (Gemma 2's ``final_logit_softcapping``,
+  Cohere's ``logit_scale``, Granite's ``logits_scaling``; :mod:`fastkd.integrations.heads`
+  reads them): in fused-linear mode the loss computes the logits itself and applies each
+  model's transform from its config (the student's as ``logit_scale`` / ``softcap``, the
+  teacher's as ``teacher_logit_scale`` / ``teacher_softcap``); passing one of those four
+  settings too is an error unless it is the same value. In logits mode the models' logits
+  are already transformed, and a ``softcap`` (``logit_scale``) setting that would apply to
+  a model whose config already soft-caps (scales) is an error: it would apply twice.
 
 The sparse (top-k) teacher cache of fastkd has not landed: the teacher runs on every
 batch and its full distribution is used.
@@ -46,9 +54,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
     raise ImportError("fastkd.integrations.transformers needs the `transformers` package "
                       "(pip install transformers)") from exc
 
-from ..config import SETTING_NAMES
+from ..config import SETTING_NAMES, make_config
 from ..api import KDLoss
 from ..fused_linear import FusedLinearKDLoss
+from .heads import (LOGIT_SETTINGS, HeadTransform, UnknownHeadTransform, check_no_double_transform,
+                    fused_linear_logit_settings, head_transform)
 
 __all__ = ["KDTrainer", "KDTrainerMixin", "shift_causal_labels", "KD_OPTIONS"]
 
@@ -56,18 +66,6 @@ __all__ = ["KDTrainer", "KDTrainerMixin", "shift_causal_labels", "KD_OPTIONS"]
 # per-call options of kd_loss / fused_linear_kd_loss.
 CALL_OPTIONS = ("backend", "inplace_backward", "chunk_size")
 KD_OPTIONS = SETTING_NAMES + CALL_OPTIONS
-
-# Config attributes of model families whose logits are not `hidden @ lm_head.weight.T (+ bias)`:
-# (attribute, value that means "plain linear head"). fused_linear_kd_loss has no softcap or
-# logit scale, so those heads are refused rather than silently distilled wrongly.
-_NONLINEAR_HEAD_ATTRS = (
-    ("final_logit_softcapping", None),  # Gemma 2 / 3: tanh(logits / c) * c
-    ("logit_scale", 1.0),                # Cohere: logits * logit_scale
-    ("logits_scaling", 1.0),             # Granite: logits / logits_scaling
-    ("lm_head_multiplier", 1.0),         # Falcon-H1
-    ("output_logits_multiplier", 1.0),
-)
-
 
 def shift_causal_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """The causal-LM targets of each logits position: ``labels[..., i + 1]``, ``ignore_index`` last.
@@ -118,17 +116,16 @@ def _vocab_of(model) -> Optional[int]:
     return getattr(config, "vocab_size", None)
 
 
-def _check_plain_linear_head(model, role: str) -> None:
-    """Refuse models whose logits are not a plain linear function of the decoder output."""
-    config = _config_of(model)
-    for attr, plain in _NONLINEAR_HEAD_ATTRS:
-        value = getattr(config, attr, plain)
-        if value is not None and value != plain:
-            raise ValueError(
-                f"KDTrainer(fused_linear=True): the {role} ({type(model).__name__}) has "
-                f"config.{attr}={value!r}, so its logits are not hidden @ lm_head.weight.T; "
-                "fastkd's fused-linear loss has no logit softcapping or scaling yet. "
-                "Use fused_linear=False (the loss then reads the model's own logits).")
+def _check_fused_linear_model(model, role: str) -> HeadTransform:
+    """Refuse models whose logits fused-linear mode cannot compute; return the transform
+    their forward applies after the LM head (the loss applies it to its own logits)."""
+    try:
+        transform = head_transform(model)
+    except UnknownHeadTransform as exc:
+        raise ValueError(f"KDTrainer(fused_linear=True): the {role} ({type(model).__name__}) has {exc}. "
+                         "Use fused_linear=False (the loss then reads the model's own logits).") from None
+    except ValueError as exc:
+        raise ValueError(f"KDTrainer(fused_linear=True): the {role} ({type(model).__name__}): {exc}") from None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         raise ValueError(
@@ -140,6 +137,15 @@ def _check_plain_linear_head(model, role: str) -> None:
         raise ValueError(f"KDTrainer(fused_linear=True): cannot find the {role}'s decoder "
                          "(model.get_decoder()) whose output the LM head reads; use fused_linear=False")
     _lm_head(model, role)
+    return transform
+
+
+def _logits_transform(model) -> Optional[HeadTransform]:
+    """The transform ``model``'s forward applies to its logits; None where it is unknown."""
+    try:
+        return head_transform(model)
+    except ValueError:  # UnknownHeadTransform too: logits mode reads whatever the model computes
+        return None
 
 
 def _decoder_hidden_and_logits(call, model, inputs: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -175,17 +181,18 @@ def _decoder_hidden_and_logits(call, model, inputs: Dict[str, Any]) -> Tuple[tor
 
 
 def _check_head_reproduces_logits(role: str, hidden: torch.Tensor, head: torch.nn.Module,
-                                  last_logits: torch.Tensor) -> None:
-    """One-time check that ``hidden @ W.T + b`` is what the model computed as its logits.
+                                  last_logits: torch.Tensor, transform: HeadTransform) -> None:
+    """One-time check that ``transform(hidden @ W.T + b)`` is what the model computed as its logits.
 
     Compares the last position only (the one the model computed); catches heads that
-    scale or transform the logits in a way the config check does not know. One host sync.
+    transform the logits in a way the config does not say. One host sync.
     """
     with torch.no_grad():
         # F.linear, not the head module: module hooks (or adapters) that change the logits
         # must show up as a difference. Under autocast it runs in the autocast dtype, as the
-        # model's own head did.
-        mine = torch.nn.functional.linear(hidden[..., -1:, :], head.weight, getattr(head, "bias", None))
+        # model's own head did, and so does the transform.
+        mine = transform.apply(torch.nn.functional.linear(hidden[..., -1:, :], head.weight,
+                                                          getattr(head, "bias", None)))
         ref = last_logits[..., -1:, :]
         if mine.shape != ref.shape:
             raise ValueError(f"KDTrainer(fused_linear=True): the {role}'s LM head gives logits of shape "
@@ -197,9 +204,9 @@ def _check_head_reproduces_logits(role: str, hidden: torch.Tensor, head: torch.n
     if not err <= tol * (1.0 + scale):  # also catches NaN
         raise ValueError(
             f"KDTrainer(fused_linear=True): the {role}'s logits are not its decoder output times its LM "
-            f"head (max difference {err:.3g} at logits of size {scale:.3g}): the model transforms its "
-            "logits after the head (softcapping, scaling), which fastkd's fused-linear loss does not "
-            "support. Use fused_linear=False.")
+            f"head{', transformed by ' + transform.source if transform.source else ''} (max difference "
+            f"{err:.3g} at logits of size {scale:.3g}): the model transforms its logits after the head in a "
+            "way its config does not say. Use fused_linear=False.")
 
 
 class KDTrainerMixin:
@@ -249,23 +256,34 @@ class KDTrainerMixin:
                              "launch), or make one GPU visible")
 
         settings = {k: v for k, v in kd.items() if k in SETTING_NAMES}
+        make_config("KDTrainer", **settings)  # the settings' own checks come first
         backend = kd.get("backend", "auto")
-        self.kd_loss_fn = KDLoss(**settings, backend=backend, inplace_backward=kd.get("inplace_backward", False))
-        self.fused_linear = fused_linear
-        self.fused_kd_loss_fn = None
-        if fused_linear:
-            self.fused_kd_loss_fn = FusedLinearKDLoss(**settings, backend=backend,
-                                                      chunk_size=kd.get("chunk_size", "auto"))
-        self.kd_ignore_index = self.kd_loss_fn.config.ignore_index
-
         self.teacher_model = teacher_model
         teacher_model.eval()
         if getattr(self, "place_model_on_device", False):
             teacher_model.to(self.args.device)
-        self._check_vocab_sizes(self.kd_loss_fn.config.vocab_size)
+        student = self.accelerator.unwrap_model(self.model)
+        self.fused_linear = fused_linear
+        self.fused_kd_loss_fn = None
         if fused_linear:
-            _check_plain_linear_head(self.accelerator.unwrap_model(self.model), "student")
-            _check_plain_linear_head(teacher_model, "teacher")
+            # The loss computes the logits from the heads, so it applies the models' own
+            # transforms (softcap, scale), read from their configs. The logits path below
+            # (evaluation) reads the models' logits, already transformed: no options there.
+            self.student_transform = _check_fused_linear_model(student, "student")
+            self.teacher_transform = _check_fused_linear_model(teacher_model, "teacher")
+            logit = fused_linear_logit_settings(self.student_transform, self.teacher_transform, settings,
+                                                caller="KDTrainer(fused_linear=True)")
+            settings = {k: v for k, v in settings.items() if k not in LOGIT_SETTINGS}
+            self.fused_kd_loss_fn = FusedLinearKDLoss(**settings, **logit, backend=backend,
+                                                      chunk_size=kd.get("chunk_size", "auto"))
+        self.kd_loss_fn = KDLoss(**settings, backend=backend, inplace_backward=kd.get("inplace_backward", False))
+        if not fused_linear:
+            self.student_transform = _logits_transform(student)
+            self.teacher_transform = _logits_transform(teacher_model)
+            check_no_double_transform(self.student_transform, self.teacher_transform, self.kd_loss_fn.config,
+                                      caller="KDTrainer(fused_linear=False)")
+        self.kd_ignore_index = self.kd_loss_fn.config.ignore_index
+        self._check_vocab_sizes(self.kd_loss_fn.config.vocab_size)
         self._heads_checked = False
 
         # Trainer counts the step's valid labels (num_items_in_batch) only for models that
@@ -361,8 +379,8 @@ class KDTrainerMixin:
         # fp32 logits).
         with self.accelerator.autocast():
             if not self._heads_checked:
-                _check_head_reproduces_logits("student", hs, s_head, s_last)
-                _check_head_reproduces_logits("teacher", ht, t_head, t_last)
+                _check_head_reproduces_logits("student", hs, s_head, s_last, self.student_transform)
+                _check_head_reproduces_logits("teacher", ht, t_head, t_last, self.teacher_transform)
                 self._heads_checked = True
             return self.fused_kd_loss_fn(hs, s_head.weight, ht, t_head.weight, labels,
                                          student_bias=getattr(s_head, "bias", None),
@@ -384,7 +402,8 @@ class KDTrainer(KDTrainerMixin, transformers.Trainer):
         kd_kwargs: the loss keywords as a dict; they may also be passed directly as
             keywords. The settings of :func:`fastkd.kd_loss` (``divergence``,
             ``temperature``, ``beta``, ``alpha``, ``t_squared``, ``ignore_index``,
-            ``vocab_size``; ``reduction`` must stay ``"mean"``) and the call options
+            ``vocab_size``, ``logit_scale``, ``softcap``, ...; ``reduction`` must stay
+            ``"mean"``; the logit transforms: see ``fused_linear``) and the call options
             ``backend``, ``inplace_backward`` and, with ``fused_linear=True``,
             ``chunk_size``. ``alpha < 1`` mixes in hard-label cross-entropy on the same
             shifted labels.
@@ -393,10 +412,12 @@ class KDTrainer(KDTrainerMixin, transformers.Trainer):
             ``[tokens, vocab]`` logits exist (the models are run with
             ``logits_to_keep=1``). Needs a plain linear LM head (``get_output_embeddings()``)
             fed by ``get_decoder()``'s ``last_hidden_state``, as Llama, Mistral, Qwen2/3
-            and Phi-3 have; models with logit softcapping or scaling (Gemma 2/3, Cohere,
-            Granite) are refused, and the first step checks that the head reproduces the
-            model's own last-position logits. Evaluation (``return_outputs=True``) uses
-            the model's logits.
+            and Phi-3 have. Logit softcapping or scaling after the head (Gemma 2/3,
+            Cohere, Granite: :data:`fastkd.integrations.heads.FAMILIES`) is applied by the
+            loss, read from each model's config; a config attribute of another family that
+            may transform the logits is refused. The first step checks that the
+            (transformed) head reproduces the model's own last-position logits.
+            Evaluation (``return_outputs=True``) uses the model's logits.
         other arguments: those of ``transformers.Trainer`` (``compute_loss_func`` and
             ``label_smoothing_factor`` are refused: the loss is fastkd's).
 

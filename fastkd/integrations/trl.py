@@ -25,9 +25,9 @@ What it covers (``trl.experimental`` of trl 1.16):
   probabilities, not logits: that call runs the unfused path below.
 * Not covered: ``trl.DistillationTrainer`` (also ``trl.experimental.distillation``) has no
   such method; it already computes its divergence chunk by chunk from hidden states
-  (``_chunked_divergence_loss``, which also returns the student entropy it logs and applies
-  logit scales and soft-capping). The server and async distillation trainers compare
-  sparse top-k teacher log-probabilities, not dense logits.
+  (``_chunked_divergence_loss``, which also returns the student entropy it logs). The
+  server and async distillation trainers compare sparse top-k teacher log-probabilities,
+  not dense logits.
 
 TRL's conventions, as :func:`generalized_jsd_loss` reproduces them (and how it maps them
 onto ``fastkd.kd_loss(..., divergence="jsd", t_squared=False)``):
@@ -74,13 +74,17 @@ backbones (``model.base_model``) for their last hidden states and calls
 :func:`fastkd.fused_linear_kd_loss` with the LM heads (``get_output_embeddings()``), with
 GKD's shift (hidden states ``[:, :-1]``, labels ``[:, 1:]``) and its reduction
 (``batchmean`` with labels, or ``num_items_in_batch``): the same loss and student gradients
-as ``GKDTrainer.compute_loss``, without the logits. It falls back to the logits path (with
-the fused loss) when it cannot prove the logits are ``lm_head(last_hidden_state)``: no
-``nn.Linear`` output embedding, no separate ``base_model``, or a config that post-processes
-the logits (``final_logit_softcapping``, ``logit_scale``, ``output_multiplier``,
-``lm_head_multiplier``, ``logits_scaling``), under DeepSpeed or FSDP (their sharded LM
-heads are gathered only when called as modules), and when ``compute_loss`` must return the
-outputs (evaluation with predictions).
+as ``GKDTrainer.compute_loss``, without the logits. A model that transforms its logits
+after the head (Gemma 2/3's ``final_logit_softcapping``, Cohere's ``logit_scale``,
+Granite's ``logits_scaling``: :data:`fastkd.integrations.heads.FAMILIES`) gets the same
+transform in the loss (``logit_scale`` / ``softcap`` for the student, ``teacher_*`` for the
+teacher, read from each model's config). It falls back to the logits path (with the fused
+loss) when it cannot establish the logits as ``transform(lm_head(last_hidden_state))``: no
+``nn.Linear`` output embedding, no separate ``base_model``, or a config attribute that may
+post-process the logits (``final_logit_softcapping``, ``logit_scale``, ``output_multiplier``,
+``lm_head_multiplier``, ``logits_scaling``, ...) on a family whose forward fastkd has not
+read; under DeepSpeed or FSDP (their sharded LM heads are gathered only when called as
+modules); and when ``compute_loss`` must return the outputs (evaluation with predictions).
 
 This module imports ``trl`` (``import fastkd`` never does); the trainer classes import
 ``trl.experimental.gkd`` / ``trl.experimental.gold`` on first use.
@@ -91,7 +95,7 @@ import inspect
 import math
 import numbers
 import warnings
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -103,9 +107,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
 
 from ..api import kd_loss
 from ..fused_linear import fused_linear_kd_loss
+from .heads import HeadTransform, fused_linear_logit_settings, head_transform
 
 __all__ = ["generalized_jsd_loss", "gold_generalized_jsd_loss", "patch_gkd_trainer", "TRLPatch", "lm_head_parts",
-           "fused_linear_gkd_loss", "FastKDGKDTrainer", "FastKDGOLDTrainer"]
+           "LMHeadParts", "fused_linear_gkd_loss", "FastKDGKDTrainer", "FastKDGOLDTrainer"]
 
 IGNORE_INDEX = -100  # the only label value TRL's loss ignores (hard-coded there)
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -405,36 +410,56 @@ def patch_gkd_trainer(trainer_cls: Union[None, type, Iterable[type]] = None) -> 
 # ---------------------------------------------------------------------------------------
 # The fused-linear path: hidden states and LM heads, no logits.
 
-# Config attributes with which a model's forward changes the logits after its LM head.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                         "logits_scaling")
+class LMHeadParts(NamedTuple):
+    """What the fused-linear path needs of a model: its logits are
+    ``transform(lm_head(backbone(...).last_hidden_state))``."""
+
+    backbone: torch.nn.Module
+    lm_head: torch.nn.Linear
+    transform: HeadTransform
 
 
-def lm_head_parts(model) -> Optional[Tuple[torch.nn.Module, torch.nn.Linear]]:
-    """``(backbone, lm_head)`` when ``model``'s logits are ``lm_head(backbone(...).last_hidden_state)``.
-
-    ``None`` when that cannot be established: no ``nn.Linear`` output embedding, no
-    backbone separate from the model (``model.base_model``), or a config that rescales or
-    soft-caps the logits. A PEFT model is looked at through its base model (a LoRA-wrapped
-    LM head is not an ``nn.Linear``: ``None``).
-    """
+def _lm_head_parts_or_reason(model) -> Tuple[Optional[LMHeadParts], str]:
     if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
         model = model.get_base_model()
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else getattr(model, "lm_head", None)
     if type(head) is not torch.nn.Linear:
-        return None
+        return None, f"its output embedding is a {type(head).__name__}, not an nn.Linear"
     backbone = getattr(model, "base_model", None)
     if not isinstance(backbone, torch.nn.Module) or backbone is model:
-        return None
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    for name in _LOGIT_POSTPROCESSING:
-        value = getattr(config, name, None)
-        if value is not None and value != 1:
-            return None
-    return backbone, head
+        return None, "it has no backbone separate from the model (model.base_model)"
+    try:
+        transform = head_transform(model)
+    except ValueError as exc:  # UnknownHeadTransform, or a known attribute fastkd cannot apply
+        return None, str(exc)
+    return LMHeadParts(backbone, head, transform), ""
+
+
+def lm_head_parts(model) -> Optional[LMHeadParts]:
+    """``(backbone, lm_head, transform)`` when ``model``'s logits are
+    ``transform(lm_head(backbone(...).last_hidden_state))``.
+
+    ``transform`` is the :class:`fastkd.integrations.heads.HeadTransform` the model's
+    forward applies after its head (Gemma 2's softcap, Cohere's and Granite's scales: read
+    from its config by :func:`fastkd.integrations.heads.head_transform`; the identity for
+    a plain head). ``None`` when that cannot be established: no ``nn.Linear`` output
+    embedding, no backbone separate from the model (``model.base_model``), or a config
+    attribute that may transform the logits on a family whose forward fastkd has not read.
+    A PEFT model is looked at through its base model (a LoRA-wrapped LM head is not an
+    ``nn.Linear``: ``None``).
+    """
+    return _lm_head_parts_or_reason(model)[0]
+
+
+def _unpack_parts(role: str, parts) -> LMHeadParts:
+    # A bare (backbone, lm_head) pair says nothing of the transform after the head: taking
+    # it as the identity is how fused losses silently dropped Gemma 2's softcap.
+    if not (isinstance(parts, tuple) and len(parts) == 3 and isinstance(parts[2], HeadTransform)):
+        raise TypeError(f"{role}_parts must be (backbone, lm_head, transform) as lm_head_parts(model) returns "
+                        f"it, got {type(parts).__name__}" + (f" of length {len(parts)}" if isinstance(parts, tuple)
+                                                             else ""))
+    return LMHeadParts(*parts)
 
 
 def _last_hidden_state(backbone, inputs) -> torch.Tensor:
@@ -446,14 +471,17 @@ def fused_linear_gkd_loss(student_parts, teacher_parts, inputs, *, beta: float, 
                           num_items_in_batch=None, chunk_size="auto", backend: str = "auto") -> torch.Tensor:
     """GKD's ``compute_loss`` value from hidden states: the logits are never materialised.
 
-    ``student_parts`` / ``teacher_parts``: ``(backbone, lm_head)`` from :func:`lm_head_parts`;
+    ``student_parts`` / ``teacher_parts``: ``(backbone, lm_head, transform)`` from
+    :func:`lm_head_parts`; each side's transform (softcap, scale) is applied to the logits
+    the loss computes, as the model's forward applies it (the student's as ``logit_scale``
+    / ``softcap``, the teacher's as ``teacher_logit_scale`` / ``teacher_softcap``).
     ``inputs``: the batch (``input_ids``, ``attention_mask``, ``labels``). Causal shift as
     GKD's: hidden states ``[:, :-1]``, labels ``[:, 1:]``; reduction as GKD's call of
     ``generalized_jsd_loss`` (``batchmean`` with labels, i.e. ``sum / max(1, valid)``, or
     ``sum / num_items_in_batch``). The teacher runs under ``torch.no_grad()``.
     """
-    s_backbone, s_head = student_parts
-    t_backbone, t_head = teacher_parts
+    s_backbone, s_head, s_transform = _unpack_parts("student", student_parts)
+    t_backbone, t_head, t_transform = _unpack_parts("teacher", teacher_parts)
     student_hidden = _last_hidden_state(s_backbone, inputs)[:, :-1]
     with torch.no_grad():
         teacher_hidden = _last_hidden_state(t_backbone, inputs)[:, :-1]
@@ -462,7 +490,8 @@ def fused_linear_gkd_loss(student_parts, teacher_parts, inputs, *, beta: float, 
     teacher_hidden = teacher_hidden.to(student_hidden.device)
     settings = dict(divergence="jsd", beta=float(beta), temperature=float(temperature), t_squared=False,
                     ignore_index=IGNORE_INDEX, student_bias=s_head.bias, teacher_bias=t_head.bias,
-                    chunk_size=chunk_size, backend=backend)
+                    chunk_size=chunk_size, backend=backend,
+                    **fused_linear_logit_settings(s_transform, t_transform, {}))
     args = (student_hidden, s_head.weight, teacher_hidden, t_head.weight, mask_labels)
     if _fusable_num_items(num_items_in_batch):  # None too: sum / max(1, valid tokens)
         return fused_linear_kd_loss(*args, reduction="mean", num_items=num_items_in_batch, **settings)
@@ -512,12 +541,15 @@ class _FusedLinearMixin:
             return None
         student = self.accelerator.unwrap_model(model)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        parts = lm_head_parts(student), lm_head_parts(teacher)
-        if None in parts:
-            self._fastkd_warn_fallback("the student or teacher does not expose its logits as "
-                                       "lm_head(last_hidden_state) (see fastkd.integrations.trl.lm_head_parts)")
-            return None
-        return student, parts
+        found = []
+        for role, module in (("student", student), ("teacher", teacher)):
+            parts, why = _lm_head_parts_or_reason(module)
+            if parts is None:
+                self._fastkd_warn_fallback(f"the {role}'s logits cannot be computed from its last hidden state "
+                                           f"and LM head ({why}; see fastkd.integrations.trl.lm_head_parts)")
+                return None
+            found.append(parts)
+        return student, tuple(found)
 
     def _fastkd_warn_fallback(self, why: str) -> None:
         if not getattr(self, "_fastkd_fallback_warned", False):
@@ -552,9 +584,11 @@ def _make_gkd_trainer():
         :func:`fastkd.fused_linear_kd_loss` on their LM heads, so the ``[batch, seq, vocab]``
         logits of neither model are materialised; the loss and the student's gradients
         equal ``GKDTrainer``'s (JSD with ``args.beta``, temperature 1 as GKD's loss uses,
-        ``batchmean`` over the completion tokens or ``num_items_in_batch``). Where the
-        models do not allow it (see :func:`lm_head_parts`), or when the outputs are asked
-        for, it falls back to the logits path with :func:`generalized_jsd_loss`.
+        ``batchmean`` over the completion tokens or ``num_items_in_batch``), logit
+        softcaps and scales after the heads included (Gemma 2, Cohere, Granite: applied
+        by the loss from the models' configs). Where the models do not allow it (see
+        :func:`lm_head_parts`), or when the outputs are asked for, it falls back to the
+        logits path with :func:`generalized_jsd_loss`.
 
         Extra keyword arguments: ``fused_linear`` (default True; False keeps the logits
         path, still with the fused loss), ``chunk_size`` and ``backend`` (passed to

@@ -152,10 +152,11 @@ class DenseTeacher:
     write into one); the last chunk's buffer is dead once the kernel ran, a spare."""
 
     def __init__(self, plan: "Plan", ht, wt, bt, n: int):
-        self.projection = Projection(wt, bt, plan.head_rows, plan.teacher_mode)
+        mode = matmul_mode(wt)
+        self.projection = Projection(wt, bt, plan.head_rows, mode)
         self.hidden = ht
         self.buf = None
-        if plan.teacher_mode != "native" and n > 0:
+        if mode != "native" and n > 0:
             chunk = max(1, min(plan.chunk_size, n))
             self.buf = torch.empty((chunk, plan.head_rows), dtype=self.projection.logits_dtype, device=ht.device)
         self.spare = None
@@ -201,8 +202,7 @@ class Plan:
     cfg: KDConfig
     backend: str
     chunk_size: int
-    student_mode: str
-    teacher_mode: str
+    student_matmul: str  # matmul_mode of the student's head (a teacher's is its own, DenseTeacher)
     want_hidden_grad: bool
     want_weight_grad: bool
     want_bias_grad: bool
@@ -242,7 +242,7 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
     cfg = plan.cfg
     V = plan.head_rows
     n = hs.shape[0]
-    student = Projection(ws, bs, V, plan.student_mode)
+    student = Projection(ws, bs, V, plan.student_matmul)
     teacher = SparseTeacher(*teacher_tensors) if plan.op == "sparse" else DenseTeacher(plan, *teacher_tensors, n)
     kernel = _kernel_fn(plan) if plan.kernel is None else plan.kernel
 
@@ -260,7 +260,7 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
     # The fp32 weight gradient of the upcast mode is summed over chunks in fp32 and cast
     # once at the end; the native mode accumulates in the parameter dtype (one rounding
     # per chunk) because an fp32 copy of [V, H] would double the op's memory.
-    separate_acc = want_w and plan.student_mode == "upcast"
+    separate_acc = want_w and plan.student_matmul == "upcast"
     acc_w = None
     if want_w:
         acc_w = torch.empty(student.weight.shape, dtype=torch.float32, device=ws.device) \
@@ -271,7 +271,7 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
     # A reused buffer where the matmul can write into it (the native mode allocates per
     # chunk; CUDA's caching allocator hands back the same blocks).
     s_buf = None
-    if plan.student_mode != "native" and n > 0:
+    if plan.student_matmul != "native" and n > 0:
         s_buf = torch.empty((chunk, V), dtype=student.logits_dtype, device=hs.device)
 
     for start in range(0, n, chunk):
@@ -290,7 +290,7 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
             dlogits.mul_(row_scale[start:end, None].to(dlogits.dtype))
         if want_b:
             grad_b[:V] += dlogits.sum(0)
-        if plan.student_mode == "native":
+        if plan.student_matmul == "native":
             dl = _low_precision_copy(dlogits, teacher.spare, ws.dtype)
             if want_h:
                 torch.mm(dl, student.weight, out=grad_h[start:end])
@@ -298,12 +298,12 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
                 _accumulate(acc_w, dl.t(), h_s, first=start == 0)
         else:
             if want_h:
-                if plan.student_mode == "upcast":
+                if plan.student_matmul == "upcast":
                     grad_h[start:end] = torch.mm(dlogits, student.weight)
                 else:
                     torch.mm(dlogits, student.weight, out=grad_h[start:end])
             if want_w:
-                _accumulate(acc_w, dlogits.t(), h_s.float() if plan.student_mode == "upcast" else h_s,
+                _accumulate(acc_w, dlogits.t(), h_s.float() if plan.student_matmul == "upcast" else h_s,
                             first=start == 0)
     if separate_acc and n > 0:
         grad_w[:V] = acc_w
@@ -547,7 +547,6 @@ def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hid
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     n = hs.shape[0]
-    student_mode, teacher_mode = matmul_mode(student_weight), matmul_mode(teacher_weight)
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(
             n, cfg.vocab_size,
@@ -556,7 +555,7 @@ def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hid
     grad_enabled = torch.is_grad_enabled()
     plan = Plan(
         cfg=cfg, backend=name, chunk_size=chunk_size,
-        student_mode=student_mode, teacher_mode=teacher_mode,
+        student_matmul=matmul_mode(student_weight),
         want_hidden_grad=grad_enabled and student_hidden.requires_grad,
         want_weight_grad=grad_enabled and student_weight.requires_grad,
         want_bias_grad=grad_enabled and student_bias is not None and student_bias.requires_grad,

@@ -95,7 +95,7 @@ def fused_linear_sparse_kd_loss_with_config(student_hidden, student_weight, teac
     grad_enabled = torch.is_grad_enabled()
     plan = Plan(
         cfg=cfg, backend=name, chunk_size=chunk_size,
-        student_mode=matmul_mode(student_weight), teacher_mode="same",
+        student_matmul=matmul_mode(student_weight),
         want_hidden_grad=grad_enabled and student_hidden.requires_grad,
         want_weight_grad=grad_enabled and student_weight.requires_grad,
         want_bias_grad=grad_enabled and student_bias is not None and student_bias.requires_grad,

@@ -184,7 +184,7 @@ def vocab_parallel_fused_linear_kd_loss(
     grad_enabled = torch.is_grad_enabled()
     plan = Plan(
         cfg=cfg, backend=kernels.name, chunk_size=chunk_size,
-        student_mode=matmul_mode(ws), teacher_mode=matmul_mode(wt),
+        student_matmul=matmul_mode(ws),
         want_hidden_grad=grad_enabled and hs.requires_grad,
         want_weight_grad=grad_enabled and ws.requires_grad,
         want_bias_grad=grad_enabled and bs is not None and bs.requires_grad,

@@ -93,6 +93,24 @@ class SparseKDLossFunction(torch.autograd.Function):
         return (_fused_backward(ctx, grad_output),) + (None,) * 8
 
 
+class MultiKDLossFunction(torch.autograd.Function):
+    """The several-teachers twin of :class:`KDLossFunction` (``teachers`` a tuple of K
+    constants, ``weights`` [K, N]); for backends that run it fused (backends/__init__.py)."""
+
+    @staticmethod
+    def forward(ctx, student, teachers, weights, labels, grad_scale, backend_name, reduced, inplace, cfg):
+        kernels = _kernels(backend_name)
+        return _fused_forward(
+            ctx, student, grad_scale, backend_name, reduced, inplace,
+            lambda scale: kernels.multi_forward(student, teachers, weights, labels, scale, cfg),
+            lambda scale: kernels.multi_forward_inplace(student, teachers, weights, labels, scale, cfg))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        return (_fused_backward(ctx, grad_output),) + (None,) * 8
+
+
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
     """[..., V] -> [N, V] with unit stride along V (a view when the layout allows it)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -132,4 +150,18 @@ def fused_sparse_kd_loss(student: torch.Tensor, teacher_ids: torch.Tensor, teach
                                  loss_dtype(student, logprobs))
     reduced = cfg.reduction != "none"
     out = SparseKDLossFunction.apply(s2, ids, logprobs, flat_labels, grad_scale, backend, reduced, inplace, cfg)
+    return out if reduced else out.reshape(lead)
+
+
+def fused_multi_kd_loss(student: torch.Tensor, teachers, weights: torch.Tensor, labels: Optional[torch.Tensor],
+                        cfg: KDConfig, num_items, backend, inplace: bool) -> torch.Tensor:
+    """A backend's fused several-teachers forward on checked input (``weights`` [K, N])."""
+    lead = student.shape[:-1]
+    s2 = _as_rows(student)
+    ts = tuple(_as_rows(t).detach() for t in teachers)
+    flat_labels = _flat_labels(labels)
+    grad_scale = reduction_scale(flat_labels, s2.shape[0], cfg, num_items, student.device,
+                                 loss_dtype(student, *ts))
+    reduced = cfg.reduction != "none"
+    out = MultiKDLossFunction.apply(s2, ts, weights, flat_labels, grad_scale, backend, reduced, inplace, cfg)
     return out if reduced else out.reshape(lead)

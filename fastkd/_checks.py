@@ -8,10 +8,11 @@ Each is written for one quantity, so ``kd_loss`` (logits) and ``fused_linear_kd_
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from .backends import loss_dtype
 from .config import KDConfig, check_number, is_concrete, traced_check
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -68,6 +69,168 @@ def check_logits_pair(student, teacher, cfg: KDConfig) -> KDConfig:
     check_logits("teacher_logits", teacher)
     check_same_tokens("student_logits", student, "teacher_logits", teacher)
     return resolve_vocab_size(cfg, student.shape[-1], teacher.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------
+# Several teachers (docs/multi_teacher.md): teacher_logits a sequence of K tensors or one
+# [K, ..., V] tensor (one more leading dimension than the student), weighted per teacher
+# or per token by teacher_weights.
+
+class Teachers(NamedTuple):
+    """The teacher argument of one call, split into K teachers (:func:`as_teachers`)."""
+
+    logits: Tuple          # K tensors [..., V_k] (not checked yet)
+    weights: object        # teacher_weights as given: None, K numbers, or a [K, ...] tensor
+    names: Tuple[str, ...]  # the teachers' names in errors: teacher_logits[k]
+
+    @property
+    def single(self):
+        """The one teacher of a single-teacher call, else None.
+
+        K = 1 with no weights, or with the weight 1.0, is the single-teacher loss exactly
+        and runs on every backend. K = 1 with a weight tensor or another number runs as
+        several teachers (a weighted divergence in ``sum`` mode; an error in ``mixture``
+        mode unless the weights are 1)."""
+        return self.logits[0] if is_single_teacher_call(len(self.logits), self.weights) else None
+
+
+def is_single_teacher_call(K: int, weights) -> bool:
+    """K = 1 teacher without weights, or with the number 1.0: the single-teacher loss."""
+    if K != 1:
+        return False
+    return weights is None or (isinstance(weights, (list, tuple)) and len(weights) == 1
+                               and isinstance(weights[0], numbers.Real) and not isinstance(weights[0], bool)
+                               and weights[0] == 1.0)
+
+
+def as_teachers(student, teacher_logits, teacher_weights) -> Teachers:
+    """Split ``teacher_logits`` into its teachers: a sequence of K tensors, a tensor with one
+    more dimension than ``student`` (``[K, ..., V]``, K stacked teachers), or one teacher
+    (any other value, checked as today's single teacher)."""
+    if isinstance(teacher_logits, (list, tuple)):
+        if len(teacher_logits) == 0:
+            raise ValueError("teacher_logits is an empty sequence; pass one tensor [..., V] or a sequence of "
+                             "K >= 1 tensors")
+        logits = tuple(teacher_logits)
+    elif (isinstance(teacher_logits, torch.Tensor) and isinstance(student, torch.Tensor)
+          and teacher_logits.dim() == student.dim() + 1):
+        if tuple(teacher_logits.shape[1:-1]) != tuple(student.shape[:-1]) or teacher_logits.shape[0] == 0:
+            raise ValueError(
+                f"teacher_logits of shape {tuple(teacher_logits.shape)} has one more dimension than "
+                f"student_logits {tuple(student.shape)}, so it is K stacked teachers [K, ..., V]: its shape must "
+                f"be [K] + the student's token shape {tuple(student.shape[:-1])} + [V] with K >= 1")
+        check_teacher_is_constant("teacher_logits", teacher_logits)
+        logits = tuple(teacher_logits.unbind(0))
+    else:
+        return Teachers((teacher_logits,), teacher_weights, ("teacher_logits",))
+    return Teachers(logits, teacher_weights, tuple(f"teacher_logits[{k}]" for k in range(len(logits))))
+
+
+def check_teacher_weights(weights, K: int, lead_shape, device, labels, cfg: KDConfig) -> None:
+    """None (uniform 1/K), K numbers, or a ``[K, ...]`` tensor of per-token weights; >= 0,
+    and summing to 1 per token in ``mixture`` mode.
+
+    The values of a tensor are checked where that is free: on the CPU, outside
+    torch.compile, and only at counted tokens (an ignored token's weights do not matter).
+    A GPU tensor is not read (that would be a host sync): negative weights or weights
+    that do not sum to 1 there give a wrong (or NaN, for a negative mixture weight) loss.
+    """
+    mixture = cfg.teacher_mode == "mixture"
+    if weights is None:
+        return
+    if isinstance(weights, torch.Tensor):
+        if weights.is_complex():  # floats, or integers / bools (a one-hot routing from F.one_hot)
+            raise TypeError(f"teacher_weights must be a real tensor, got {weights.dtype}")
+        want = (K,) + tuple(lead_shape)
+        if tuple(weights.shape) != want:
+            raise ValueError(f"teacher_weights must have shape [K, ...] = {want} (one weight per teacher and "
+                             f"token; K = {K} teachers), got {tuple(weights.shape)}")
+        if weights.device != device:
+            raise ValueError(f"teacher_weights are on {weights.device} but the logits are on {device}")
+        if weights.requires_grad:
+            raise ValueError("teacher_weights requires grad, but the weights are constants (no gradient flows "
+                             "to them): pass .detach()")
+        if weights.device.type != "cpu" or weights.numel() == 0 or torch.compiler.is_compiling():
+            return
+        w = weights.reshape(K, -1).double()
+        counted = torch.ones(w.shape[1], dtype=torch.bool)
+        if labels is not None:
+            counted = labels.reshape(-1) != cfg.ignore_index
+        bad = ~(torch.isfinite(w) & (w >= 0)) & counted
+        if bool(bad.any()):
+            k, i = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"teacher_weights must be finite and >= 0, found {w[k, i].item()} (teacher {k}, "
+                             f"token {i} of the flattened tokens)")
+        if mixture:
+            total = w.sum(0)
+            off = ((total - 1).abs() > mixture_tolerance(K, weights.dtype)) & counted
+            if bool(off.any()):
+                i = int(off.nonzero()[0, 0])
+                raise ValueError(_SUM_TO_ONE + f", found {total[i].item()} at token {i} of the flattened tokens; "
+                                 "use teacher_mode='sum' for a weighted sum of divergences")
+        return
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"teacher_weights must be None, a sequence of K numbers or a [K, ...] tensor, got "
+                        f"{type(weights).__name__}")
+    if len(weights) != K:
+        raise ValueError(f"teacher_weights has {len(weights)} entries but there are {K} teachers (teacher_logits)")
+    values = [check_number(f"teacher_weights[{k}]", w, low=0.0) for k, w in enumerate(weights)]
+    if not mixture:
+        return
+    total = sum(values)
+    if is_concrete(total):
+        if abs(total - 1.0) > mixture_tolerance(K, None):
+            raise ValueError(_SUM_TO_ONE + f", got {list(values)} (sum {total}); use teacher_mode='sum' for a "
+                             "weighted sum of divergences")
+    else:
+        traced_check(abs(total - 1.0) <= mixture_tolerance(K, None), lambda: _SUM_TO_ONE)
+
+
+_SUM_TO_ONE = ("teacher_weights must sum to 1 over the teachers for teacher_mode='mixture' (they weigh a "
+               "mixture of distributions)")
+
+
+def mixture_tolerance(K: int, dtype: Optional[torch.dtype]) -> float:
+    """How far from 1 mixture weights may sum: 1e-6, or K rounding errors of a low-precision
+    weights tensor (1/3 in bfloat16 is 0.3340). Python numbers: 1e-6. The weights are used as
+    given, never renormalised."""
+    if dtype is None or not dtype.is_floating_point:
+        return 1e-6
+    return max(1e-6, K * torch.finfo(dtype).eps)
+
+
+def teacher_weight_rows(weights, K: int, n_rows: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """The checked ``teacher_weights`` as the backends take them: ``[K, N]`` of ``dtype`` (the
+    loss dtype). Constant weights are a ``[K, 1]`` tensor expanded along N (stride 0), built
+    on the device without a host-to-device copy (which would synchronise)."""
+    if weights is None:
+        return torch.full((K, 1), 1.0 / K, dtype=dtype, device=device).expand(K, n_rows)
+    if isinstance(weights, torch.Tensor):
+        return weights.detach().reshape(K, n_rows).to(dtype)
+    one = torch.ones((), dtype=dtype, device=device)  # a product keeps a traced weight symbolic
+    return torch.stack([one * w for w in weights]).reshape(K, 1).expand(K, n_rows)
+
+
+def check_multi_kd_args(student, teachers: Teachers, labels, cfg: KDConfig, num_items=None):
+    """The tensors of a ``kd_loss`` call with several teachers: (config with vocab_size,
+    weights [K, N], num_items). Each teacher is checked as the single one is (dtype, token
+    shape, device, a constant); their widths may differ (then ``vocab_size`` is needed)."""
+    check_logits("student_logits", student)
+    for name, t in zip(teachers.names, teachers.logits):
+        check_logits(name, t)
+        check_same_tokens("student_logits", student, name, t)
+    # Each teacher against the settings as given: every width must match the student's,
+    # or vocab_size fit them all.
+    resolved = [resolve_vocab_size(cfg, student.shape[-1], t.shape[-1], "student_logits", name)
+                for name, t in zip(teachers.names, teachers.logits)]
+    cfg = resolved[0]
+    lead = student.shape[:-1]
+    check_labels(labels, lead, student.device, cfg)
+    K = len(teachers.logits)
+    check_teacher_weights(teachers.weights, K, lead, student.device, labels, cfg)
+    weights = teacher_weight_rows(teachers.weights, K, lead.numel(), student.device,
+                                  loss_dtype(student, *teachers.logits))
+    return cfg, weights, check_num_items(num_items, cfg.reduction)
 
 
 def check_label_tensor(labels, lead_shape, device, inputs: str, last_dim: str) -> None:

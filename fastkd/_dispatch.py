@@ -115,11 +115,26 @@ def uses_logit_options(cfg) -> bool:
             or cfg.teacher_cap is not None or not _equals(cfg.label_smoothing, 0.0) or not _equals(cfg.z_loss, 0.0))
 
 
+# The backends that run several teachers (teacher_logits a sequence of K, or teacher
+# weights per token; docs/multi_teacher.md). The kernels read one teacher today: until they
+# read several, such a call runs on these only, as for the logit options above. One
+# teacher given as a sequence of one (without weights) is the single-teacher call and runs
+# everywhere.
+MULTI_TEACHER_BACKENDS = {"torch"}
+
+
 def backend_for(backend: str, device: torch.device, *dtypes: torch.dtype,
-                what: str = "logits", op: str = "dense", cfg=None) -> KernelBackend:
+                what: str = "logits", op: str = "dense", cfg=None, several_teachers: bool = False) -> KernelBackend:
     """The resolved backend for tensors of ``device`` and ``dtypes``; refuses a dtype it
-    lacks, and (given the call's ``cfg``) logit options its kernels do not apply."""
+    lacks, and (given the call's ``cfg``) logit options its kernels do not apply, and
+    several teachers where it runs one."""
     name = resolve_backend(backend, device, op)
+    if several_teachers and name not in MULTI_TEACHER_BACKENDS:
+        if backend != "auto":
+            raise NotImplementedError(f"backend {name!r} does not run several teachers yet (teacher_logits with "
+                                      f"K > 1 teachers, or teacher_weights per token); use backend='auto' or "
+                                      f"'torch'")
+        name = "torch"
     if cfg is not None and name not in LOGIT_OPTIONS_BACKENDS and uses_logit_options(cfg):
         if backend != "auto":
             raise NotImplementedError(f"backend {name!r} does not apply logit_scale, softcap, label_smoothing "

@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from ._autograd import fused_kd_loss
-from ._checks import check_kd_args
+from ._autograd import fused_kd_loss, fused_multi_kd_loss
+from ._checks import as_teachers, check_kd_args, check_multi_kd_args
 from ._dispatch import backend_for, check_backend_name
 from .config import KDConfig, check_bool, make_config, takes_settings
 
@@ -32,8 +32,12 @@ def _inplace_wanted(student: torch.Tensor, inplace_backward: bool) -> bool:
 
 
 def kd_loss_with_config(student_logits, teacher_logits, labels, cfg: KDConfig, num_items=None,
-                        inplace_backward: bool = False, backend: str = "auto") -> torch.Tensor:
+                        inplace_backward: bool = False, backend: str = "auto", teacher_weights=None) -> torch.Tensor:
     """:func:`kd_loss` with the settings already validated into ``cfg`` (``KDLoss`` uses it)."""
+    teachers = as_teachers(student_logits, teacher_logits, teacher_weights)
+    if teachers.single is None:
+        return _multi_teacher_loss(student_logits, teachers, labels, cfg, num_items, inplace_backward, backend)
+    teacher_logits = teachers.single
     cfg, num_items = check_kd_args(student_logits, teacher_logits, labels, cfg, num_items)
     inplace = _inplace_wanted(student_logits, inplace_backward)
     kernels = backend_for(backend, student_logits.device, student_logits.dtype, teacher_logits.dtype, cfg=cfg)
@@ -42,12 +46,26 @@ def kd_loss_with_config(student_logits, teacher_logits, labels, cfg: KDConfig, n
     return fused_kd_loss(student_logits, teacher_logits, labels, cfg, num_items, kernels.name, inplace)
 
 
+def _multi_teacher_loss(student_logits, teachers, labels, cfg, num_items, inplace_backward, backend):
+    """Several teachers (docs/multi_teacher.md): the torch backend's autograd graph today,
+    or a backend's fused several-teachers forward once one has it."""
+    cfg, weights, num_items = check_multi_kd_args(student_logits, teachers, labels, cfg, num_items)
+    inplace = _inplace_wanted(student_logits, inplace_backward)
+    kernels = backend_for(backend, student_logits.device, student_logits.dtype,
+                          *(t.dtype for t in teachers.logits), cfg=cfg, several_teachers=True)
+    if kernels.differentiable_multi_loss is not None:
+        return kernels.differentiable_multi_loss(student_logits, teachers.logits, weights, labels, cfg, num_items)
+    return fused_multi_kd_loss(student_logits, teachers.logits, weights, labels, cfg, num_items, kernels.name,
+                               inplace)
+
+
 @takes_settings(after=("num_items", "inplace_backward", "backend"))
 def kd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits,
     labels: Optional[torch.Tensor] = None,
     *,
+    teacher_weights=None,
     num_items=None,
     inplace_backward: bool = False,
     backend: str = "auto",
@@ -62,8 +80,20 @@ def kd_loss(
     Args:
         student_logits: ``[..., V]`` float32/bfloat16/float16 (float64 on ``torch``/``cpu``).
         teacher_logits: ``[..., V]`` (or wider, with ``vocab_size``); a constant, no grad.
+            Several teachers: a sequence of K tensors ``[..., V_k]`` (dtypes may differ;
+            widths too, then ``vocab_size`` is needed) or one ``[K, ..., V]`` tensor (one
+            more leading dimension than the student), combined as ``teacher_mode`` says
+            (docs/multi_teacher.md). A sequence of one tensor is the single teacher.
         labels: ``[...]`` int64 targets for the CE term; ``ignore_index`` drops a token
             from every term. Required when ``alpha != 1``.
+        teacher_weights: with several teachers, None (uniform 1/K), K numbers, or a
+            ``[K, ...]`` tensor of per-token weights (the student's token shape; one-hot per
+            token routes each token to one teacher). >= 0; in ``mixture`` mode they sum to
+            1 per token (checked for numbers and CPU tensors, within 1e-6; a GPU tensor is
+            not read, which would synchronise). A teacher with weight 0 in a row is not
+            used there, whatever its logits hold. Several teachers run on the ``torch``
+            backend until the kernels read them (``auto`` picks it; naming another
+            backend raises NotImplementedError).
         {settings}
         num_items: the denominator of ``reduction="mean"`` instead of the number of valid
             tokens (a number or a one-element tensor; e.g. Trainer's ``num_items_in_batch``).
@@ -77,7 +107,8 @@ def kd_loss(
         backend: ``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch`` (see docs/backends.md).
     """
     cfg = make_config("kd_loss", **settings)
-    return kd_loss_with_config(student_logits, teacher_logits, labels, cfg, num_items, inplace_backward, backend)
+    return kd_loss_with_config(student_logits, teacher_logits, labels, cfg, num_items, inplace_backward, backend,
+                               teacher_weights)
 
 
 class KDLoss(torch.nn.Module):
@@ -96,9 +127,9 @@ class KDLoss(torch.nn.Module):
         check_backend_name(backend)
         self.backend = backend
 
-    def forward(self, student_logits, teacher_logits, labels=None, num_items=None):
+    def forward(self, student_logits, teacher_logits, labels=None, num_items=None, *, teacher_weights=None):
         return kd_loss_with_config(student_logits, teacher_logits, labels, self.config, num_items,
-                                   self.inplace_backward, self.backend)
+                                   self.inplace_backward, self.backend, teacher_weights)
 
     def extra_repr(self) -> str:
         options = dict(self.config.changed_settings(), inplace_backward=self.inplace_backward, backend=self.backend)

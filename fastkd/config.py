@@ -39,6 +39,9 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
 # The sparse kernels' tail ids are the positions in this tuple (csrc/kd_params.h: Tail).
 TAILS = ("bucket", "renorm", "none")
+# How several teachers combine (docs/multi_teacher.md). Not a kernel setting (yet): the
+# kernels run one teacher, and several run on the torch backend (fastkd/_dispatch.py).
+TEACHER_MODES = ("mixture", "sum")
 
 # ---------------------------------------------------------------------------------------
 # Traceable checks of one value.
@@ -217,6 +220,13 @@ class KDConfig:
         0.0, lambda n, v: check_number(n, v, low=0.0),
         "lambda >= 0: adds lambda logsumexp(s')^2 per token (s' the student's transformed logits), "
         "not scaled by 1 - alpha; needs no labels.")
+    teacher_mode: str = setting(
+        "mixture", _one_of(TEACHER_MODES),
+        "how several teachers combine (``teacher_logits`` a sequence of K tensors or one ``[K, ..., V]`` "
+        "tensor, weighted by ``teacher_weights``): ``mixture`` (default) D(sum_k w_k p_k || q), the "
+        "divergence to the teachers' mixture (for forward KL its gradient is that of sum_k w_k KL(p_k||q)); "
+        "``sum``: sum_k w_k D(p_k, q). No effect with one teacher. Not read by the kernels: several "
+        "teachers run on the torch backend for now (docs/multi_teacher.md).")
     # Not a setting: the number of classes label smoothing spreads epsilon over, where it
     # differs from vocab_size (a vocab-parallel shard: its own columns, the global classes).
     classes: Optional[int] = field(default=None, repr=False, metadata={"internal": True})

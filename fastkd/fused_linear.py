@@ -31,8 +31,8 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from ._checks import (check_float_tensor, check_labels, check_num_items, check_same_tokens, reduction_scale,
-                      resolve_vocab_size)
+from ._checks import (check_float_tensor, check_labels, check_num_items, check_same_tokens, check_teacher_weights,
+                      is_single_teacher_call, reduction_scale, resolve_vocab_size, teacher_weight_rows)
 from ._dispatch import backend_for, check_backend_name, get_backend
 from .config import KDConfig, check_bool, make_config, takes_settings
 
@@ -62,16 +62,23 @@ def chunk_budget_bytes(device: torch.device) -> int:
 
 
 def auto_chunk_size(n_rows: int, vocab_size: int, student_logits_dtype: torch.dtype,
-                    teacher_logits_dtype: Optional[torch.dtype], device: torch.device) -> int:
+                    teacher_logits_dtype: Union[None, torch.dtype, Tuple[torch.dtype, ...]],
+                    device: torch.device) -> int:
     """Rows per chunk: as many as fit the budget, then evened out over the chunks.
 
-    ``rows = budget // (V * (bytes of a student + a teacher logit))``; with
+    ``rows = budget // (V * (bytes of a student + a teacher logit))`` (of every teacher's
+    logit, for several teachers: ``teacher_logits_dtype`` a tuple); with
     ``k = ceil(N / rows)`` chunks, each gets ``ceil(N / k)`` rows, so there is no tiny
     tail chunk and small N runs as a single chunk.
     """
     if n_rows <= 0:
         return 1
-    teacher_bytes = 0 if teacher_logits_dtype is None else _itemsize(teacher_logits_dtype)  # None: a sparse teacher
+    if teacher_logits_dtype is None:  # a sparse teacher
+        teacher_bytes = 0
+    elif isinstance(teacher_logits_dtype, torch.dtype):
+        teacher_bytes = _itemsize(teacher_logits_dtype)
+    else:
+        teacher_bytes = sum(_itemsize(d) for d in teacher_logits_dtype)
     row_bytes = vocab_size * (_itemsize(student_logits_dtype) + teacher_bytes)
     rows = max(1, chunk_budget_bytes(device) // row_bytes)
     n_chunks = -(-n_rows // rows)
@@ -167,6 +174,21 @@ class DenseTeacher:
         return (self.spare,)
 
 
+class DenseTeachers:
+    """Several dense teachers (each its hidden states and head) and their weights [K, N]:
+    a chunk is the K logits chunks and the weights' columns."""
+
+    def __init__(self, plan: "Plan", flat: tuple, n: int):
+        *heads, self.weights = flat
+        self.teachers = [DenseTeacher(plan, *heads[i:i + 3], n) for i in range(0, len(heads), 3)]
+        self.spare = None
+
+    def chunk(self, start: int, end: int) -> tuple:
+        logits = tuple(t.chunk(start, end)[0] for t in self.teachers)
+        self.spare = self.teachers[0].spare  # dead once the kernel ran, as a single teacher's
+        return logits, self.weights[:, start:end]
+
+
 class SparseTeacher:
     def __init__(self, ids, logprobs):
         self.ids, self.logprobs = ids, logprobs
@@ -191,6 +213,9 @@ def _kernel_fn(plan: "Plan") -> KernelFn:
     if plan.op == "sparse":
         return lambda student, ids, logprobs, labels, grad_scale: kernels.sparse_forward_inplace(
             student, ids, logprobs, labels, grad_scale, cfg)
+    if plan.op == "multi":
+        return lambda student, teachers, weights, labels, grad_scale: kernels.multi_forward_inplace(
+            student, teachers, weights, labels, grad_scale, cfg)
     return lambda student, teacher, labels, grad_scale: kernels.forward_inplace(
         student, teacher, labels, grad_scale, cfg)
 
@@ -206,7 +231,7 @@ class Plan:
     want_hidden_grad: bool
     want_weight_grad: bool
     want_bias_grad: bool
-    op: str = "dense"  # "sparse": the teacher tensors are (ids, logprobs)
+    op: str = "dense"  # "sparse": the teacher tensors are (ids, logprobs); "multi": K dense teachers
     # The vocab-parallel loss (fastkd/distributed/fused_linear.py) runs this same loop on
     # one rank's slice of the LM head: its kernel (the per-shard phases and their
     # collectives) replaces the backend's, the head's rows are the slice's (not
@@ -234,8 +259,9 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
                  row_scale: Optional[torch.Tensor], with_grads: bool):
     """Loss rows [N] fp32 and, when ``with_grads``, (grad_hidden, grad_weight, grad_bias).
 
-    ``teacher_tensors`` are (hidden, weight, bias) of a dense teacher or (ids, logprobs) of
-    a sparse one (``plan.op``). ``grad_scale`` (device scalar) is folded into the kernel's
+    ``teacher_tensors`` are (hidden, weight, bias) of a dense teacher, (ids, logprobs) of
+    a sparse one, or (hidden, weight, bias) of each of K dense teachers followed by their
+    weights [K, N] (``plan.op``). ``grad_scale`` (device scalar) is folded into the kernel's
     gradient; ``row_scale`` ([N] or None) multiplies each row's gradient afterwards
     (``reduction="none"``).
     """
@@ -243,7 +269,12 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
     V = plan.head_rows
     n = hs.shape[0]
     student = Projection(ws, bs, V, plan.student_matmul)
-    teacher = SparseTeacher(*teacher_tensors) if plan.op == "sparse" else DenseTeacher(plan, *teacher_tensors, n)
+    if plan.op == "sparse":
+        teacher = SparseTeacher(*teacher_tensors)
+    elif plan.op == "multi":
+        teacher = DenseTeachers(plan, teacher_tensors, n)
+    else:
+        teacher = DenseTeacher(plan, *teacher_tensors, n)
     kernel = _kernel_fn(plan) if plan.kernel is None else plan.kernel
 
     want_h = with_grads and plan.want_hidden_grad
@@ -339,8 +370,7 @@ def _low_precision_copy(dlogits: torch.Tensor, spare: torch.Tensor, dtype: torch
 # Autograd.
 
 class FusedLinearKDFunction(torch.autograd.Function):
-    """``teacher``: (hidden, weight, bias) of a dense teacher or (ids, logprobs) of a sparse
-    one (``plan.op``); constants."""
+    """``teacher``: the teacher tensors of :func:`chunked_loss` (``plan.op``); constants."""
 
     @staticmethod
     def forward(ctx, hs, ws, bs, labels, grad_scale, plan: Plan, *teacher):
@@ -399,30 +429,62 @@ def _check_parameter(name: str, x, dims: int) -> None:
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
 
 
-def _check_side(side: str, hidden, weight, bias) -> None:
-    check_float_tensor(f"{side}_hidden", hidden, "[..., H]")
-    _check_parameter(f"{side}_weight", weight, dims=2)
+def _check_side(side: str, hidden, weight, bias, index: str = "") -> None:
+    """One side's hidden states, head and bias; ``index`` ("[k]") names one of several teachers."""
+    h_name, w_name, b_name = (f"{side}_{part}{index}" for part in ("hidden", "weight", "bias"))
+    check_float_tensor(h_name, hidden, "[..., H]")
+    _check_parameter(w_name, weight, dims=2)
     if bias is not None:
-        _check_parameter(f"{side}_bias", bias, dims=1)
+        _check_parameter(b_name, bias, dims=1)
     H = hidden.shape[-1]
     if weight.shape[1] != H:
         raise ValueError(
-            f"{side}_weight must have shape [V, {H}] to match the last dimension of {side}_hidden "
+            f"{w_name} must have shape [V, {H}] to match the last dimension of {h_name} "
             f"{tuple(hidden.shape)}, got {tuple(weight.shape)}")
     if bias is not None and bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"{side}_bias must have shape [{weight.shape[0]}] (one entry per row of "
-                         f"{side}_weight), got {tuple(bias.shape)}")
-    for name, x in ((f"{side}_weight", weight), (f"{side}_bias", bias)):
+        raise ValueError(f"{b_name} must have shape [{weight.shape[0]}] (one entry per row of "
+                         f"{w_name}), got {tuple(bias.shape)}")
+    for name, x in ((w_name, weight), (b_name, bias)):
         if x is not None and x.device != hidden.device:
-            raise ValueError(f"{name} is on {x.device} but {side}_hidden is on {hidden.device}")
+            raise ValueError(f"{name} is on {x.device} but {h_name} is on {hidden.device}")
 
 
-def _check_side_dtypes(side: str, hidden, weight, bias) -> None:
-    for name, x in ((f"{side}_weight", weight), (f"{side}_bias", bias)):
+def _check_side_dtypes(side: str, hidden, weight, bias, index: str = "") -> None:
+    for name, x in ((f"{side}_weight{index}", weight), (f"{side}_bias{index}", bias)):
         if x is not None and x.dtype != hidden.dtype:
             raise TypeError(
-                f"{name} is {x.dtype} but {side}_hidden is {hidden.dtype}; they must match "
+                f"{name} is {x.dtype} but {side}_hidden{index} is {hidden.dtype}; they must match "
                 "(or run under torch.autocast, which casts both)")
+
+
+def _teacher_heads(teacher_hidden, teacher_weight, teacher_bias) -> Tuple[tuple, Tuple[str, ...]]:
+    """The teachers as (hidden, weight, bias) triples and their names' index ("" for one
+    teacher given as tensors, "[k]" for sequences): one teacher, or K given as sequences of
+    hidden states, heads and (None or) biases."""
+    def seq(x):
+        return isinstance(x, (list, tuple))
+    if not seq(teacher_hidden) and not seq(teacher_weight):
+        if seq(teacher_bias):
+            raise TypeError("teacher_bias is a sequence but teacher_hidden and teacher_weight are tensors (one "
+                            "teacher); pass one bias tensor or None")
+        return ((teacher_hidden, teacher_weight, teacher_bias),), ("",)
+    if not (seq(teacher_hidden) and seq(teacher_weight)):
+        raise TypeError("several teachers take teacher_hidden and teacher_weight both as sequences (each teacher "
+                        f"its hidden states and LM head), got {type(teacher_hidden).__name__} and "
+                        f"{type(teacher_weight).__name__}")
+    K = len(teacher_hidden)
+    if K == 0 or len(teacher_weight) != K:
+        raise ValueError(f"teacher_hidden and teacher_weight must be sequences of the same length K >= 1 (one "
+                         f"entry per teacher), got {K} and {len(teacher_weight)}")
+    if teacher_bias is None:
+        biases = (None,) * K
+    elif seq(teacher_bias) and len(teacher_bias) == K:
+        biases = tuple(teacher_bias)
+    else:
+        raise ValueError(f"with {K} teachers, teacher_bias must be None or a sequence of {K} (a tensor or None "
+                         f"each), got {type(teacher_bias).__name__}"
+                         + (f" of length {len(teacher_bias)}" if seq(teacher_bias) else ""))
+    return tuple(zip(teacher_hidden, teacher_weight, biases)), tuple(f"[{k}]" for k in range(K))
 
 
 def _autocast_side(device_type: str, *tensors):
@@ -457,6 +519,7 @@ def fused_linear_kd_loss(
     *,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
+    teacher_weights=None,
     num_items=None,
     inplace_backward: bool = False,
     chunk_size: Union[str, int] = "auto",
@@ -481,6 +544,13 @@ def fused_linear_kd_loss(
             ``teacher_weight`` and ``teacher_bias`` may require grad (a frozen teacher
             module's parameters usually still do): they are used as constants, no
             gradient is computed for them and their ``.grad`` stays ``None``.
+            Several teachers: ``teacher_hidden`` and ``teacher_weight`` sequences of K
+            (each teacher its hidden states and LM head; hidden sizes, dtypes and head
+            widths may differ), ``teacher_bias`` None or a sequence of K (None entries
+            allowed). Sequences of one, without ``teacher_weights``, are the single teacher.
+        teacher_weights: the weights of several teachers, as in :func:`fastkd.kd_loss`
+            (None: uniform; K numbers; a ``[K, ...]`` tensor per token). Not to be confused
+            with ``teacher_weight``, the LM head(s).
         labels, num_items, and the settings: as in :func:`fastkd.kd_loss`, on the logits
             ``hidden @ weight.T + bias``. ``vocab_size`` restricts both heads to their
             first ``vocab_size`` rows (the rest of the student's weight and bias get zero
@@ -515,43 +585,57 @@ def fused_linear_kd_loss(
     cfg = make_config("fused_linear_kd_loss", **settings)
     return fused_linear_kd_loss_with_config(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, cfg,
-        student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
+        student_bias=student_bias, teacher_bias=teacher_bias, teacher_weights=teacher_weights, num_items=num_items,
         inplace_backward=inplace_backward, chunk_size=chunk_size, backend=backend)
 
 
 def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                     cfg: KDConfig, *, student_bias=None, teacher_bias=None, num_items=None,
-                                     inplace_backward=False, chunk_size="auto", backend="auto") -> torch.Tensor:
+                                     cfg: KDConfig, *, student_bias=None, teacher_bias=None, teacher_weights=None,
+                                     num_items=None, inplace_backward=False, chunk_size="auto",
+                                     backend="auto") -> torch.Tensor:
     """:func:`fused_linear_kd_loss` with the settings already validated into ``cfg``."""
     check_bool("inplace_backward", inplace_backward)
     _check_chunk_size(chunk_size)
+    heads, index = _teacher_heads(teacher_hidden, teacher_weight, teacher_bias)
+    several = not is_single_teacher_call(len(heads), teacher_weights)
     _check_side("student", student_hidden, student_weight, student_bias)
-    _check_side("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    check_same_tokens("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
+    for (ht, wt, bt), i in zip(heads, index):
+        _check_side("teacher", ht, wt, bt, i)
+        check_same_tokens("student_hidden", student_hidden, f"teacher_hidden{i}", ht)
     device = student_hidden.device
     student_hidden, student_weight, student_bias = _autocast_side(
         device.type, student_hidden, student_weight, student_bias)
-    teacher_hidden, teacher_weight, teacher_bias = _autocast_side(
-        device.type, teacher_hidden, teacher_weight, teacher_bias)
+    heads = tuple(_autocast_side(device.type, *head) for head in heads)
     _check_side_dtypes("student", student_hidden, student_weight, student_bias)
-    _check_side_dtypes("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    for head, i in zip(heads, index):
+        _check_side_dtypes("teacher", *head, i)
 
     lead = student_hidden.shape[:-1]
-    cfg = resolve_vocab_size(cfg, student_weight.shape[0], teacher_weight.shape[0],
-                             "student_weight (the student's LM head)", "teacher_weight (the teacher's LM head)")
+    # Each teacher's head against the settings as given: every width must match the
+    # student's, or vocab_size fit them all.
+    cfg = [resolve_vocab_size(cfg, student_weight.shape[0], wt.shape[0], "student_weight (the student's LM head)",
+                              f"teacher_weight{i} (the teacher's LM head)")
+           for (_, wt, _), i in zip(heads, index)][0]
     check_labels(labels, lead, device, cfg)
     num_items = check_num_items(num_items, cfg.reduction)
-    name = backend_for(backend, device, student_hidden.dtype, teacher_hidden.dtype, what="inputs", cfg=cfg).name
+    if several:
+        check_teacher_weights(teacher_weights, len(heads), lead, device, labels, cfg)
+    name = backend_for(backend, device, student_hidden.dtype, *(ht.dtype for ht, _, _ in heads), what="inputs",
+                       cfg=cfg, several_teachers=several).name
 
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    teacher_args = tuple(x for ht, wt, bt in heads
+                         for x in (ht.detach().reshape(-1, ht.shape[-1]), wt.detach(),
+                                   None if bt is None else bt.detach()))
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     n = hs.shape[0]
+    loss_dtype = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
+    if several:
+        teacher_args += (teacher_weight_rows(teacher_weights, len(heads), n, device, loss_dtype),)
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(
-            n, cfg.vocab_size,
-            torch.float64 if student_weight.dtype == torch.float64 else torch.float32,
-            torch.float64 if teacher_weight.dtype == torch.float64 else torch.float32, device)
+            n, cfg.vocab_size, loss_dtype,
+            tuple(torch.float64 if wt.dtype == torch.float64 else torch.float32 for _, wt, _ in heads), device)
     grad_enabled = torch.is_grad_enabled()
     plan = Plan(
         cfg=cfg, backend=name, chunk_size=chunk_size,
@@ -559,12 +643,10 @@ def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hid
         want_hidden_grad=grad_enabled and student_hidden.requires_grad,
         want_weight_grad=grad_enabled and student_weight.requires_grad,
         want_bias_grad=grad_enabled and student_bias is not None and student_bias.requires_grad,
+        op="multi" if several else "dense",
     )
-    grad_scale = reduction_scale(flat_labels, n, cfg, num_items, device,
-                                 torch.float64 if student_weight.dtype == torch.float64 else torch.float32)
-    out = FusedLinearKDFunction.apply(
-        hs, student_weight, student_bias, flat_labels, grad_scale, plan,
-        ht, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
+    grad_scale = reduction_scale(flat_labels, n, cfg, num_items, device, loss_dtype)
+    out = FusedLinearKDFunction.apply(hs, student_weight, student_bias, flat_labels, grad_scale, plan, *teacher_args)
     return out if cfg.reduction != "none" else out.reshape(lead)
 
 
@@ -586,10 +668,11 @@ class FusedLinearKDLoss(torch.nn.Module):
         self.backend = backend
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
-                student_bias=None, teacher_bias=None, num_items=None):
+                student_bias=None, teacher_bias=None, teacher_weights=None, num_items=None):
         return fused_linear_kd_loss_with_config(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, self.config,
-            student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
+            student_bias=student_bias, teacher_bias=teacher_bias, teacher_weights=teacher_weights,
+            num_items=num_items,
             inplace_backward=self.inplace_backward, chunk_size=self.chunk_size, backend=self.backend)
 
     def extra_repr(self) -> str:

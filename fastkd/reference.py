@@ -18,6 +18,15 @@ With q = softmax(s' / T) and p = softmax(t' / T):
 CE_eps is PyTorch's label-smoothed cross-entropy (target (1 - eps) onehot + eps / V), and
 lambda lse(s')^2 the z-loss (``z_loss``), on every counted token with or without labels.
 
+Several teachers p_1..p_K (each through the teacher's transforms and T) with weights w_k
+per token replace D(p, q) by (``teacher_mode``; docs/multi_teacher.md)
+
+    mixture     D(m, q),  m = sum_k w_k p_k   (log m a log-sum-exp of log w_k + log p_k)
+    sum         sum_k w_k D(p_k, q)
+
+A teacher whose weight is 0 in a row takes no part in that row, whatever its logits hold
+there (NaN, all -inf): its row is replaced before anything is computed from it.
+
 Zero-probability entries contribute 0 (0 log 0 = 0), so -inf logits are legal. The
 ``torch.where`` guards are applied *before* the multiplication so that their backward
 never meets ``0 * inf``.
@@ -30,7 +39,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_kd_args
+from ._checks import as_teachers, check_kd_args, check_multi_kd_args
 from .config import KDConfig, is_concrete, make_config, takes_settings
 
 
@@ -115,6 +124,49 @@ def loss_per_row(
                                s, labels, cfg)
 
 
+def multi_loss_per_row(
+    student: torch.Tensor,
+    teachers,
+    weights: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    cfg: KDConfig,
+) -> torch.Tensor:
+    """Per-token loss [N] against K teachers (2-D, cut to ``cfg.vocab_size``; their dtypes
+    may differ), ``weights`` [K, N]: the mixture's or the weighted sum's divergence."""
+    dtype = _compute_dtype(student, *teachers)
+    s = student_logits_of(student.to(dtype), labels, cfg)
+    log_q = F.log_softmax(s / cfg.temperature, dim=-1)
+    w = weights.to(dtype)
+    # "== 0", not "<= 0": a NaN (or, unchecked on a GPU, negative) weight must show in the loss.
+    unused = w == 0
+    log_ps = [_teacher_log_probs(t, unused[k], cfg, dtype) for k, t in enumerate(teachers)]
+    if cfg.teacher_mode == "mixture":
+        div = divergence_per_row(mixture_log_probs(log_ps, w, unused), log_q, cfg.divergence, cfg.beta)
+    else:
+        zero = torch.zeros((), dtype=dtype, device=s.device)
+        div = sum(torch.where(unused[k], zero, w[k] * divergence_per_row(log_p, log_q, cfg.divergence, cfg.beta))
+                  for k, log_p in enumerate(log_ps))
+    return add_hard_label_term(cfg.div_weight * div, s, labels, cfg)
+
+
+def _teacher_log_probs(teacher: torch.Tensor, unused: torch.Tensor, cfg: KDConfig, dtype) -> torch.Tensor:
+    """log softmax(t'/T) of one teacher, its unused rows (weight 0) made uniform first: the
+    sum mode masks their divergence afterwards, and a NaN there would come back through
+    the mask's backward as 0 * NaN."""
+    t = teacher.detach().to(dtype)
+    t = torch.where(unused.unsqueeze(-1), torch.zeros_like(t), t)
+    return F.log_softmax(transform_logits(t, cfg.teacher_scale, cfg.teacher_cap) / cfg.temperature, dim=-1)
+
+
+def mixture_log_probs(log_ps, w: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
+    """log sum_k w_k p_k, a log-sum-exp over the teachers (never log of a sum of exps, which
+    underflows to -inf where every p_k is below 1e-308); unused teachers are -inf terms."""
+    neg_inf = torch.full((), float("-inf"), dtype=w.dtype, device=w.device)
+    terms = torch.stack([torch.where(unused[k].unsqueeze(-1), neg_inf, log_p + torch.log(w[k]).unsqueeze(-1))
+                         for k, log_p in enumerate(log_ps)])
+    return torch.logsumexp(terms, dim=0)
+
+
 def add_hard_label_term(loss: torch.Tensor, s: torch.Tensor, labels: Optional[torch.Tensor],
                         cfg: KDConfig) -> torch.Tensor:
     """``loss`` (the weighted divergence per row) plus the terms at T = 1 on the student's
@@ -171,6 +223,7 @@ def kd_loss(
     teacher_logits: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
     *,
+    teacher_weights=None,
     num_items=None,
     **settings,
 ) -> torch.Tensor:
@@ -181,12 +234,18 @@ def kd_loss(
     grad is rejected, as in ``fastkd.kd_loss``).
 
     Args:
+        teacher_logits, teacher_weights: one teacher, or several with their weights, as in
+            ``fastkd.kd_loss``.
         {settings}
         num_items: the denominator of ``reduction="mean"``, as in ``fastkd.kd_loss``.
     """
     cfg = make_config("kd_loss", **settings)
-    cfg, num_items = check_kd_args(student_logits, teacher_logits, labels, cfg, num_items)
-    return kd_loss_with_config(student_logits, teacher_logits, labels, cfg, num_items)
+    teachers = as_teachers(student_logits, teacher_logits, teacher_weights)
+    if teachers.single is None:
+        cfg, weights, num_items = check_multi_kd_args(student_logits, teachers, labels, cfg, num_items)
+        return multi_kd_loss_with_config(student_logits, teachers.logits, weights, labels, cfg, num_items)
+    cfg, num_items = check_kd_args(student_logits, teachers.single, labels, cfg, num_items)
+    return kd_loss_with_config(student_logits, teachers.single, labels, cfg, num_items)
 
 
 def kd_loss_with_config(student_logits, teacher_logits, labels, cfg: KDConfig, num_items) -> torch.Tensor:
@@ -196,5 +255,18 @@ def kd_loss_with_config(student_logits, teacher_logits, labels, cfg: KDConfig, n
     t = teacher_logits[..., : cfg.vocab_size].reshape(-1, cfg.vocab_size)
     flat_labels = None if labels is None else labels.reshape(-1)
     rows = loss_per_row(s, t, flat_labels, cfg)
+    out = reduce_loss(rows, flat_labels, cfg, num_items)
+    return out.reshape(lead) if cfg.reduction == "none" else out
+
+
+def multi_kd_loss_with_config(student_logits, teachers, weights, labels, cfg: KDConfig, num_items) -> torch.Tensor:
+    """:func:`kd_loss` with several teachers on checked input (``weights`` [K, N]); the
+    ``torch`` backend's."""
+    lead = student_logits.shape[:-1]
+    V = cfg.vocab_size
+    s = student_logits[..., :V].reshape(-1, V)
+    ts = tuple(t[..., :V].reshape(-1, V) for t in teachers)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    rows = multi_loss_per_row(s, ts, weights, flat_labels, cfg)
     out = reduce_loss(rows, flat_labels, cfg, num_items)
     return out.reshape(lead) if cfg.reduction == "none" else out

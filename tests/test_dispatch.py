@@ -51,11 +51,16 @@ def test_every_backend_fills_the_contract():
     _dispatch._register_all()
     for backend in _dispatch._BACKENDS.values():
         for field in dataclasses.fields(KernelBackend):
-            # Optional: the torch backend's autograd graphs, and the sparse kernels (a
-            # backend without them is skipped by auto for sparse_kd_loss).
+            # Optional: the torch backend's autograd graphs, the sparse kernels (a backend
+            # without them is skipped by auto for sparse_kd_loss) and several teachers (the
+            # backends of MULTI_TEACHER_BACKENDS only).
             if field.name not in ("differentiable_loss", "differentiable_sparse_loss", "sparse_forward",
-                                  "sparse_forward_inplace"):
+                                  "sparse_forward_inplace", "multi_forward", "multi_forward_inplace",
+                                  "differentiable_multi_loss"):
                 assert getattr(backend, field.name) is not None, (backend.name, field.name)
         assert (backend.sparse_forward is None) == (backend.sparse_forward_inplace is None), backend.name
+        several = backend.name in _dispatch.MULTI_TEACHER_BACKENDS
+        assert (backend.multi_forward is not None) == several, backend.name
+        assert (backend.multi_forward_inplace is not None) == several, backend.name
     assert _dispatch.get_backend("torch").differentiable_loss is not None
     assert _dispatch.get_backend("torch").differentiable_sparse_loss is not None

@@ -46,6 +46,19 @@ log-prob is never read as a number); the Python layer has checked ids on the CPU
 kernel gives a row with an id >= vocab_size or an id twice a NaN loss and gradient. The
 sparse operators have no ``row_stats`` argument (yet). ``scale_grad_`` is shared.
 
+Several teachers (``teacher_logits`` a sequence of K; docs/multi_teacher.md) have their own
+entry points, run today by the ``torch`` backend only (``fastkd._dispatch``:
+``MULTI_TEACHER_BACKENDS``; the kernel plan is in docs/multi_teacher.md)::
+
+    multi_forward(student, teachers, weights, labels, grad_scale, cfg) -> (loss [N], grad)
+    multi_forward_inplace(student!, ...same...) -> loss [N]
+
+``teachers`` is a tuple of K [N, V_k] tensors (unit stride along the vocabulary; dtypes and
+widths may differ, each >= vocab_size), ``weights`` a [K, N] tensor in loss_dtype (constant
+weights are a [K, 1] tensor expanded: stride 0 along N), ``cfg.teacher_mode`` ``mixture``
+or ``sum``. A teacher whose weight is 0 in a row is not read in that row (NaN there must
+not reach the loss); ignored rows get zero loss and gradient whatever their weights.
+
 Backends register with ``fastkd._dispatch`` on first use; nothing here imports Triton or
 loads the C++ extension.
 """
@@ -133,6 +146,12 @@ class KernelBackend:
     sparse_forward: Optional[Callable] = None
     sparse_forward_inplace: Optional[Callable] = None
     differentiable_sparse_loss: Optional[Callable] = None
+    # Several teachers: multi_forward(student, teachers, weights, labels, grad_scale, cfg) ->
+    # (loss rows, grad), multi_forward_inplace(...) -> loss rows; differentiable_multi_loss(
+    # student, teachers, weights, labels, cfg, num_items) the reduced loss as an autograd graph.
+    multi_forward: Optional[Callable] = None
+    multi_forward_inplace: Optional[Callable] = None
+    differentiable_multi_loss: Optional[Callable] = None
 
     def has(self, op: str) -> bool:
         """Whether the backend runs ``op``: ``dense`` (kd_loss) or ``sparse`` (sparse_kd_loss)."""
@@ -235,10 +254,10 @@ def check_scale_grad_args(grad, factor) -> None:
 # Fake (meta) implementations of the operators: shapes and dtypes only, shared by every
 # backend's operators, so torch.compile(fullgraph=True) traces through them.
 
-def loss_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
+def loss_dtype(student: torch.Tensor, *teachers: torch.Tensor) -> torch.dtype:
     """Per-row losses (and the shard phases' statistics) are float32, or float64 when an
     input is float64."""
-    return torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    return torch.float64 if any(x.dtype == torch.float64 for x in (student,) + teachers) else torch.float32
 
 
 def fake_forward(student, teacher, labels, grad_scale, row_stats, ints, floats):

@@ -3,7 +3,8 @@
 Runs anywhere PyTorch does, in every floating dtype, float64 included. ``kd_loss`` uses
 its ``differentiable_loss`` (an ordinary autograd graph, so double backward and
 ``retain_graph`` work as in plain PyTorch); ``fused_linear_kd_loss`` calls its
-``forward_inplace`` per chunk like any other backend's.
+``forward_inplace`` per chunk like any other backend's. Several teachers run here only,
+until the kernels read them (``fastkd._dispatch.MULTI_TEACHER_BACKENDS``).
 """
 from __future__ import annotations
 
@@ -13,34 +14,43 @@ from .. import reference, sparse_reference
 from . import KernelBackend, reference_shard
 
 
+def _rows_and_grad(student, grad_scale, loss_rows):
+    """(loss rows, d(sum rows * grad_scale)/d student) of ``loss_rows(student) -> [N]``, by autograd."""
+    with torch.enable_grad():
+        s = student.detach().requires_grad_(True)
+        rows = loss_rows(s)
+        (grad,) = torch.autograd.grad(rows.sum() * grad_scale, s)
+    return rows.detach(), grad.to(student.dtype)
+
+
 def forward(student, teacher, labels, grad_scale, cfg, row_stats=None):
     if row_stats is not None:
         raise ValueError("fastkd: the torch backend computes its own row statistics")
-    with torch.enable_grad():
-        s = student.detach().requires_grad_(True)
-        rows = reference.loss_per_row(s, teacher, labels, cfg)
-        (grad,) = torch.autograd.grad(rows.sum() * grad_scale, s)
-    return rows.detach(), grad.to(student.dtype)
-
-
-def forward_inplace(student, teacher, labels, grad_scale, cfg, row_stats=None):
-    rows, grad = forward(student, teacher, labels, grad_scale, cfg, row_stats)
-    student.copy_(grad)
-    return rows
+    return _rows_and_grad(student, grad_scale, lambda s: reference.loss_per_row(s, teacher, labels, cfg))
 
 
 def sparse_forward(student, ids, logprobs, labels, grad_scale, cfg):
-    with torch.enable_grad():
-        s = student.detach().requires_grad_(True)
-        rows = sparse_reference.sparse_loss_per_row(s, ids, logprobs, labels, cfg)
-        (grad,) = torch.autograd.grad(rows.sum() * grad_scale, s)
-    return rows.detach(), grad.to(student.dtype)
+    return _rows_and_grad(student, grad_scale,
+                          lambda s: sparse_reference.sparse_loss_per_row(s, ids, logprobs, labels, cfg))
 
 
-def sparse_forward_inplace(student, ids, logprobs, labels, grad_scale, cfg):
-    rows, grad = sparse_forward(student, ids, logprobs, labels, grad_scale, cfg)
-    student.copy_(grad)
-    return rows
+def multi_forward(student, teachers, weights, labels, grad_scale, cfg):
+    return _rows_and_grad(student, grad_scale,
+                          lambda s: reference.multi_loss_per_row(s, teachers, weights, labels, cfg))
+
+
+def _inplace(forward_fn):
+    """The in-place form of a forward: the gradient copied over the student, the rows returned."""
+    def forward_inplace(student, *args, **kwargs):
+        rows, grad = forward_fn(student, *args, **kwargs)
+        student.copy_(grad)
+        return rows
+    return forward_inplace
+
+
+forward_inplace = _inplace(forward)
+sparse_forward_inplace = _inplace(sparse_forward)
+multi_forward_inplace = _inplace(multi_forward)
 
 
 def scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> None:
@@ -52,4 +62,6 @@ def backend() -> KernelBackend:
                          dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
                          differentiable_loss=reference.kd_loss_with_config, shard=reference_shard.phases(),
                          sparse_forward=sparse_forward, sparse_forward_inplace=sparse_forward_inplace,
-                         differentiable_sparse_loss=sparse_reference.sparse_kd_loss_with_config)
+                         differentiable_sparse_loss=sparse_reference.sparse_kd_loss_with_config,
+                         multi_forward=multi_forward, multi_forward_inplace=multi_forward_inplace,
+                         differentiable_multi_loss=reference.multi_kd_loss_with_config)

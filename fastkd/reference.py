@@ -141,7 +141,7 @@ def multi_loss_per_row(
     unused = w == 0
     log_ps = [_teacher_log_probs(t, unused[k], cfg, dtype) for k, t in enumerate(teachers)]
     if cfg.teacher_mode == "mixture":
-        div = divergence_per_row(mixture_log_probs(log_ps, w, unused), log_q, cfg.divergence, cfg.beta)
+        div = divergence_per_row(mixture_log_probs(log_ps, w), log_q, cfg.divergence, cfg.beta)
     else:
         zero = torch.zeros((), dtype=dtype, device=s.device)
         div = sum(torch.where(unused[k], zero, w[k] * divergence_per_row(log_p, log_q, cfg.divergence, cfg.beta))
@@ -152,19 +152,18 @@ def multi_loss_per_row(
 def _teacher_log_probs(teacher: torch.Tensor, unused: torch.Tensor, cfg: KDConfig, dtype) -> torch.Tensor:
     """log softmax(t'/T) of one teacher, its unused rows (weight 0) made uniform first: the
     sum mode masks their divergence afterwards, and a NaN there would come back through
-    the mask's backward as 0 * NaN."""
+    the mask's backward as 0 * NaN; the mixture adds log 0 = -inf to a finite row."""
     t = teacher.detach().to(dtype)
     t = torch.where(unused.unsqueeze(-1), torch.zeros_like(t), t)
     return F.log_softmax(transform_logits(t, cfg.teacher_scale, cfg.teacher_cap) / cfg.temperature, dim=-1)
 
 
-def mixture_log_probs(log_ps, w: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
-    """log sum_k w_k p_k, a log-sum-exp over the teachers (never log of a sum of exps, which
-    underflows to -inf where every p_k is below 1e-308); unused teachers are -inf terms."""
-    neg_inf = torch.full((), float("-inf"), dtype=w.dtype, device=w.device)
-    terms = torch.stack([torch.where(unused[k].unsqueeze(-1), neg_inf, log_p + torch.log(w[k]).unsqueeze(-1))
-                         for k, log_p in enumerate(log_ps)])
-    return torch.logsumexp(terms, dim=0)
+def mixture_log_probs(log_ps, w: torch.Tensor) -> torch.Tensor:
+    """log sum_k w_k p_k as a log-sum-exp of log w_k + log p_k over the teachers (never the
+    log of a sum of probabilities, which is -inf wherever every p_k underflows). A teacher
+    of weight 0 is a -inf term (its row was made finite first: _teacher_log_probs)."""
+    return torch.logsumexp(torch.stack([log_p + torch.log(w[k]).unsqueeze(-1) for k, log_p in enumerate(log_ps)]),
+                           dim=0)
 
 
 def add_hard_label_term(loss: torch.Tensor, s: torch.Tensor, labels: Optional[torch.Tensor],

@@ -466,3 +466,17 @@ def test_auto_runs_several_teachers_on_torch():
     want = reference.kd_loss(s.detach().double(), [t.double() for t in ts], labels, teacher_weights=w.float(),
                              alpha=0.7, temperature=2.0)
     assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+
+
+def test_weights_off_the_cpu_are_not_read(no_host_sync):
+    # Tensors on another device (meta here, a GPU in training) are not read on the host:
+    # the weight checks that need values run on CPU tensors only.
+    s = torch.randn(2, 3, 11, device="meta", requires_grad=True)
+    teachers = torch.randn(2, 2, 3, 11, device="meta")
+    labels = torch.zeros(2, 3, dtype=torch.int64, device="meta")
+    w = torch.rand(2, 2, 3, device="meta")
+    for mode in MODES:
+        out = fastkd.kd_loss(s, teachers, labels, teacher_weights=w, teacher_mode=mode, alpha=0.5)
+        assert out.device.type == "meta" and out.shape == ()
+    out = fastkd.kd_loss(s, [teachers[0], teachers[1]], teacher_weights=[0.5, 0.5], reduction="none")
+    assert out.shape == (2, 3)

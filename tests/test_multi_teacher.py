@@ -441,6 +441,79 @@ def test_fused_linear_bad_heads():
 
 
 # ---------------------------------------------------------------------------------------
+# Every backend that runs several teachers (MULTI_TEACHER_BACKENDS), in float32 / bfloat16,
+# against the float64 reference: a backend added to the gate is checked here at once.
+
+RUNNING = [b for b in backend_names("cpu", with_reference=True) if b in MULTI_TEACHER_BACKENDS]
+WEIGHTS = ("uniform", "numbers", "per-token", "routed")
+
+
+def _backend_case(weights, seed, n=12, v=257, k=3):
+    s, ts, labels, w = _inputs(n=n, v=v, k=k, seed=seed)
+    if weights == "uniform":
+        return s, ts, labels, None
+    if weights == "numbers":
+        return s, ts, labels, [0.5, 0.2, 0.3]
+    if weights == "per-token":
+        return s, ts, labels, w
+    route = torch.arange(n) % k
+    onehot = torch.nn.functional.one_hot(route, k).T.double()
+    for j, t in enumerate(ts):  # an unused teacher's rows are NaN: never read
+        t[route != j] = float("nan")
+    return s, ts, labels, onehot
+
+
+@pytest.mark.parametrize("backend", RUNNING)
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_backends_against_the_reference(backend, divergence, mode, weights):
+    s, ts, labels, w = _backend_case(weights, seed=DIVERGENCES.index(divergence))
+    kw = dict(divergence=divergence, teacher_mode=mode, temperature=2.0, alpha=0.7, beta=0.3)
+    want = reference.kd_loss(s, ts, labels, teacher_weights=w, **kw)
+    g_want = _grad(want, s)
+    for s_dtype, t_dtypes, tol in ((torch.float32, (torch.float32,) * 3, (1e-5, 1e-5)),
+                                   (torch.float32, (torch.bfloat16, torch.float32, torch.float16), (1e-2, 2e-2))):
+        x = s.detach().to(s_dtype).requires_grad_(True)
+        teachers = [t.to(d) for t, d in zip(ts, t_dtypes)]
+        w_low = w.float() if isinstance(w, torch.Tensor) else w
+        got = fastkd.kd_loss(x, teachers, labels, teacher_weights=w_low, backend=backend, **kw)
+        if t_dtypes[0] == torch.float32:
+            ref, g_ref = want, g_want
+        else:  # against the reference on the rounded teachers: the backend's error alone
+            x64 = s.detach().requires_grad_(True)
+            ref = reference.kd_loss(x64, [t.double() for t in teachers], labels, teacher_weights=w_low, **kw)
+            g_ref = _grad(ref, x64)
+        assert abs(got.item() - ref.item()) <= tol[0] * abs(ref.item()), (got.item(), ref.item())
+        g = _grad(got, x).double()
+        assert (g - g_ref).norm() <= tol[1] * g_ref.norm()
+
+
+RUNNING_LINEAR = [b for b in backend_names("cpu", op="fused_linear_kd_loss", with_reference=True)
+                  if b in MULTI_TEACHER_BACKENDS]
+
+
+@pytest.mark.parametrize("backend", RUNNING_LINEAR)
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_linear_backends_against_the_reference(backend, mode):
+    g = _gen(16)
+    hs = torch.randn(10, 16, generator=g, requires_grad=True)
+    ws = torch.randn(101, 16, generator=g) * 0.5
+    ht = [torch.randn(10, 12, generator=g), torch.randn(10, 8, generator=g).bfloat16()]
+    wt = [torch.randn(101, 12, generator=g) * 0.5, (torch.randn(104, 8, generator=g) * 0.5).bfloat16()]
+    route = torch.arange(10) % 2
+    w = torch.stack([route == 0, route == 1]).float() * 0.8 + 0.1  # per token, sums to 1
+    kw = dict(divergence="reverse_kl", teacher_mode=mode, temperature=2.0, vocab_size=101)
+    got = fastkd.fused_linear_kd_loss(hs, ws, ht, wt, teacher_weights=w, chunk_size=4, backend=backend, **kw)
+    x = hs.detach().double().requires_grad_(True)
+    want = reference.kd_loss(x @ ws.double().T, [h.double() @ m.double().T for h, m in zip(ht, wt)],
+                             teacher_weights=w, **kw)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    g_got, g_want = _grad(got, hs).double(), _grad(want, x)
+    assert (g_got - g_want).norm() <= 1e-5 * g_want.norm()
+
+
+# ---------------------------------------------------------------------------------------
 # Dispatch: until the kernels read several teachers, K > 1 runs on the torch backend.
 
 PENDING = [b for b in backend_names("cpu") if b not in MULTI_TEACHER_BACKENDS]

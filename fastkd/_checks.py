@@ -126,9 +126,9 @@ def as_teachers(student, teacher_logits, teacher_weights) -> Teachers:
     return Teachers(logits, teacher_weights, tuple(f"teacher_logits[{k}]" for k in range(len(logits))))
 
 
-def check_teacher_weights(weights, K: int, lead_shape, device, labels, cfg: KDConfig) -> None:
+def check_teacher_weights(weights, K: int, lead_shape, device, labels, cfg: KDConfig):
     """None (uniform 1/K), K numbers, or a ``[K, ...]`` tensor of per-token weights; >= 0,
-    and summing to 1 per token in ``mixture`` mode.
+    and summing to 1 per token in ``mixture`` mode. Returns them checked (numbers as floats).
 
     The values of a tensor are checked where that is free: on the CPU, outside
     torch.compile, and only at counted tokens (an ignored token's weights do not matter).
@@ -137,7 +137,7 @@ def check_teacher_weights(weights, K: int, lead_shape, device, labels, cfg: KDCo
     """
     mixture = cfg.teacher_mode == "mixture"
     if weights is None:
-        return
+        return None
     if isinstance(weights, torch.Tensor):
         if weights.is_complex():  # floats, or integers / bools (a one-hot routing from F.one_hot)
             raise TypeError(f"teacher_weights must be a real tensor, got {weights.dtype}")
@@ -151,7 +151,7 @@ def check_teacher_weights(weights, K: int, lead_shape, device, labels, cfg: KDCo
             raise ValueError("teacher_weights requires grad, but the weights are constants (no gradient flows "
                              "to them): pass .detach()")
         if weights.device.type != "cpu" or weights.numel() == 0 or torch.compiler.is_compiling():
-            return
+            return weights
         w = weights.reshape(K, -1).double()
         counted = torch.ones(w.shape[1], dtype=torch.bool)
         if labels is not None:
@@ -168,15 +168,15 @@ def check_teacher_weights(weights, K: int, lead_shape, device, labels, cfg: KDCo
                 i = int(off.nonzero()[0, 0])
                 raise ValueError(_SUM_TO_ONE + f", found {total[i].item()} at token {i} of the flattened tokens; "
                                  "use teacher_mode='sum' for a weighted sum of divergences")
-        return
+        return weights
     if not isinstance(weights, (list, tuple)):
         raise TypeError(f"teacher_weights must be None, a sequence of K numbers or a [K, ...] tensor, got "
                         f"{type(weights).__name__}")
     if len(weights) != K:
         raise ValueError(f"teacher_weights has {len(weights)} entries but there are {K} teachers (teacher_logits)")
-    values = [check_number(f"teacher_weights[{k}]", w, low=0.0) for k, w in enumerate(weights)]
+    values = tuple(check_number(f"teacher_weights[{k}]", w, low=0.0) for k, w in enumerate(weights))
     if not mixture:
-        return
+        return values
     total = sum(values)
     if is_concrete(total):
         if abs(total - 1.0) > mixture_tolerance(K, None):
@@ -184,6 +184,7 @@ def check_teacher_weights(weights, K: int, lead_shape, device, labels, cfg: KDCo
                              "weighted sum of divergences")
     else:
         traced_check(abs(total - 1.0) <= mixture_tolerance(K, None), lambda: _SUM_TO_ONE)
+    return values
 
 
 _SUM_TO_ONE = ("teacher_weights must sum to 1 over the teachers for teacher_mode='mixture' (they weigh a "
@@ -200,7 +201,7 @@ def mixture_tolerance(K: int, dtype: Optional[torch.dtype]) -> float:
 
 
 def teacher_weight_rows(weights, K: int, n_rows: int, device, dtype: torch.dtype) -> torch.Tensor:
-    """The checked ``teacher_weights`` as the backends take them: ``[K, N]`` of ``dtype`` (the
+    """The checked ``teacher_weights`` (:func:`check_teacher_weights`) as the backends take them: ``[K, N]`` of ``dtype`` (the
     loss dtype). Constant weights are a ``[K, 1]`` tensor expanded along N (stride 0), built
     on the device without a host-to-device copy (which would synchronise)."""
     if weights is None:
@@ -227,9 +228,8 @@ def check_multi_kd_args(student, teachers: Teachers, labels, cfg: KDConfig, num_
     lead = student.shape[:-1]
     check_labels(labels, lead, student.device, cfg)
     K = len(teachers.logits)
-    check_teacher_weights(teachers.weights, K, lead, student.device, labels, cfg)
-    weights = teacher_weight_rows(teachers.weights, K, lead.numel(), student.device,
-                                  loss_dtype(student, *teachers.logits))
+    weights = check_teacher_weights(teachers.weights, K, lead, student.device, labels, cfg)
+    weights = teacher_weight_rows(weights, K, lead.numel(), student.device, loss_dtype(student, *teachers.logits))
     return cfg, weights, check_num_items(num_items, cfg.reduction)
 
 

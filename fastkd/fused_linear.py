@@ -619,7 +619,7 @@ def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hid
     check_labels(labels, lead, device, cfg)
     num_items = check_num_items(num_items, cfg.reduction)
     if several:
-        check_teacher_weights(teacher_weights, len(heads), lead, device, labels, cfg)
+        teacher_weights = check_teacher_weights(teacher_weights, len(heads), lead, device, labels, cfg)
     name = backend_for(backend, device, student_hidden.dtype, *(ht.dtype for ht, _, _ in heads), what="inputs",
                        cfg=cfg, several_teachers=several).name
 

@@ -422,6 +422,16 @@ def test_mixture_weights_within_rounding_are_accepted():
         fastkd.kd_loss(s, ts, labels, teacher_weights=third.double() * 1.01)
 
 
+def test_numpy_and_integer_weights_are_numbers():
+    np = pytest.importorskip("numpy")
+    s, ts, labels, _ = _inputs(k=2)
+    want = fastkd.kd_loss(s, ts, labels, teacher_weights=[0.25, 0.75], teacher_mode="sum")
+    assert torch.equal(fastkd.kd_loss(s, ts, labels, teacher_weights=[np.float32(0.25), np.float64(0.75)],
+                                      teacher_mode="sum"), want)
+    routed = fastkd.kd_loss(s, ts, labels, teacher_weights=[0, 1])  # ints: teacher 1 alone
+    assert torch.equal(routed, fastkd.kd_loss(s, ts[1], labels, backend="torch"))
+
+
 def test_fused_linear_bad_heads():
     g = _gen(14)
     hs, ws = torch.randn(4, 8, generator=g), torch.randn(13, 8, generator=g)

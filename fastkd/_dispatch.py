@@ -132,8 +132,8 @@ def backend_for(backend: str, device: torch.device, *dtypes: torch.dtype,
     if several_teachers and name not in MULTI_TEACHER_BACKENDS:
         if backend != "auto":
             raise NotImplementedError(f"backend {name!r} does not run several teachers yet (teacher_logits with "
-                                      f"K > 1 teachers, or teacher_weights per token); use backend='auto' or "
-                                      f"'torch'")
+                                      f"K > 1 teachers, or teacher_weights other than None or [1.0]); use "
+                                      f"backend='auto' or 'torch'")
         name = "torch"
     if cfg is not None and name not in LOGIT_OPTIONS_BACKENDS and uses_logit_options(cfg):
         if backend != "auto":

@@ -141,3 +141,28 @@ def test_softcap_values_elementwise(backend, device, dtype, tol):
     err = ((got[finite] - want[finite]).abs() / want[finite].abs().clamp_min(1e-300))
     assert err.max().item() < tol, x[finite][err.argmax()].item()
     assert torch.equal(got[finite] == 0, want[finite] == 0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("option", ["all", "z_loss"])
+def test_cpu_row_stats_operator_with_options(option, divergence, temperature):
+    """The C++ row_stats operator (statistics a caller may combine across slices) gives the
+    transformed logits' statistics, the T = 1 sum-exp for the z-loss alone too, and
+    kd_forward with them reproduces the fused pass exactly."""
+    kernel_backend("cpu")  # loads the extension
+    ops = torch.ops.fastkd
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 257, generator=g) * 3, torch.randn(6, 257, generator=g) * 3
+    labels = torch.randint(0, 257, (6,), generator=g)
+    labels[1] = -100
+    alpha = 1.0 if option == "z_loss" else 0.6  # the z-loss alone: no CE term asks for column 4
+    cfg = fastkd.make_config(divergence=divergence, temperature=temperature, alpha=alpha, **OPTIONS[option])
+    packed = cfg.with_vocab_size(257).kernel_settings()
+    stats = ops.row_stats(s, t, *packed)
+    want = reference_shard.row_stats(s.double(), t.double(), cfg.with_vocab_size(257))[:, :5]
+    assert rel_err(stats.double(), want) < 1e-5
+    scale = torch.tensor(0.25)
+    loss_a, grad_a = ops.kd_forward(s, t, labels, scale, None, *packed)
+    loss_b, grad_b = ops.kd_forward(s, t, labels, scale, stats, *packed)
+    assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)

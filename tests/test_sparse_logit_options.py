@@ -130,8 +130,8 @@ def test_masked_logits_under_a_cap(backend):
     is +inf (PyTorch's cross_entropy), NaN nowhere."""
     s, ids, lp, labels = _inputs(torch.float32, "forward_kl")
     labels[:] = 5
-    s[:, 900:] = float("-inf")  # masked vocabulary (no id of the support lies there? the check below)
-    keep = (ids < 900)
+    s[:, 900:] = float("-inf")  # a masked end of the vocabulary, where the support has no id
+    keep = ids < 900
     ids, lp = torch.where(keep, ids, -1), torch.where(keep, lp, 0.0)
     settings = dict(tail="bucket", temperature=2.0, alpha=0.6, softcap=3.0, label_smoothing=0.1, z_loss=1e-3)
     rows, grad = _run(backend, s, ids, lp, labels, **settings)

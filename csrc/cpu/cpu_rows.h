@@ -76,18 +76,37 @@ struct Transform {
   }
 };
 
-// out[i] = f(x[i]) over one chunk, in the accumulation type; the cap's branch taken once.
+// A Transform as an inlined functor of one case, chosen once per chunk (with_transform), so
+// the loops that apply it are branch-free.
+template <typename Acc>
+struct Capped {
+  Acc mul, outer;
+  FASTKD_INLINE Acc operator()(Acc x) const { return outer * tanh_approx(mul * x); }
+};
+
+template <typename Acc>
+struct Scaled {
+  Acc mul;
+  FASTKD_INLINE Acc operator()(Acc x) const { return mul * x; }
+};
+
+template <typename Acc, typename F>
+FASTKD_INLINE void with_transform(const Transform<Acc>& t, const F& f) {
+  if (t.capped) {
+    f(Capped<Acc>{t.mul, t.outer});
+  } else {
+    f(Scaled<Acc>{t.mul});
+  }
+}
+
+// out[i] = f(x[i]) over one chunk, in the accumulation type.
 template <typename Acc, typename T>
 FASTKD_INLINE void transform_chunk(const T* __restrict x, int64_t n, const Transform<Acc>& f,
                                    Acc* __restrict out) {
-  const Acc mul = f.mul, outer = f.outer;
-  if (f.capped) {
+  with_transform(f, [&](const auto g) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = outer * tanh_approx(mul * static_cast<Acc>(x[i]));
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = mul * static_cast<Acc>(x[i]);
-  }
+    for (int64_t i = 0; i < n; ++i) out[i] = g(static_cast<Acc>(x[i]));
+  });
 }
 
 // The logit options' terms (csrc/kd_params.h, the kernel contract): c_raw = ce_weight + 2

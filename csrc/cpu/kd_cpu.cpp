@@ -76,20 +76,16 @@ struct RowCache {
   Acc* et;      // exp(b - m_t(c)); becomes h in the centred divergences
   Acc* ref_s;   // m_s(c) per chunk, then the chunk's factor exp(m_s(c) - lse_s)
   Acc* ref_t;
-  // With the logit options only (else null):
-  Acc* v;       // the student's transformed logits over its cap, s'/kappa (Transform::student)
-  Acc* tp;      // one chunk of the teacher's transformed logits t'
+  Acc* v;       // the logit options only (else null): the student's s'/kappa (Transform::student)
 
   static RowCache get(int64_t V, bool options) {
     thread_local std::vector<Acc> storage;
     const int64_t nc = num_chunks(V);
-    const size_t need = static_cast<size_t>(4 * V + 2 * nc + (options ? V + kChunk : 0));
+    const size_t need = static_cast<size_t>(4 * V + 2 * nc + (options ? V : 0));
     if (storage.size() < need) storage.resize(need);
     Acc* base = storage.data();
-    Acc* extra = base + 4 * V + 2 * nc;
-    return RowCache{base,          base + V,     base + 2 * V,
-                    base + 3 * V,  base + 4 * V, base + 4 * V + nc,
-                    options ? extra : nullptr, options ? extra + V : nullptr};
+    return RowCache{base,         base + V,          base + 2 * V, base + 3 * V,
+                    base + 4 * V, base + 4 * V + nc, options ? base + 4 * V + 2 * nc : nullptr};
   }
 };
 
@@ -106,9 +102,9 @@ struct Stats {
 
 // Phase row_stats: one sweep of s and t into the row cache, and the row statistics into
 // `st`. With `fixed` set, the maxima come from `st` (external row statistics) and only the
-// cache is filled. With the logit options (kOptions), each side's logits are transformed
-// first (s'/kappa into c.v, t' into c.tp, one chunk at a time) and the statistics are those
-// of s', t', with sum s' in st.sum_sp; without, the sweep is the plain one.
+// cache is filled. With the logit options (kOptions), each side's logits are transformed on
+// load (s'/kappa also into c.v, for write_grad) and the statistics are those of s', t',
+// with sum s' in st.sum_sp; without, the sweep is the plain one.
 template <bool kOptions, typename Acc, typename TS, typename TT>
 void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool with_raw, bool fixed, bool keep_a,
               const RowCache<Acc>& c, Stats<Acc>& st) {
@@ -132,23 +128,30 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
     Acc cmax_s = kNegInf<Acc>, cmax_t = kNegInf<Acc>;
     if constexpr (kOptions) {
       Acc* __restrict vc = c.v + c0;
-      const Acc* __restrict tc = c.tp;
-      transform_chunk(s + c0, n, student, vc);
-      transform_chunk(t + c0, n, teacher, c.tp);
-      Acc part = 0;
-#pragma omp simd reduction(max : cmax_s, cmax_t) reduction(+ : part)
-      for (int64_t i = 0; i < n; ++i) {
-        const Acc sv = kappa * vc[i], tv = tc[i];
-        const Acc x = sv * inv_t;
-        const Acc y = tv * inv_t;
-        ac[i] = x;
-        bc[i] = y;
-        dc[i] = (tv - sv) * inv_t;
-        cmax_s = std::max(cmax_s, x);
-        cmax_t = std::max(cmax_t, y);
-        part += sv;
-      }
-      sum_sp += static_cast<double>(part);
+      const TS* sc = s + c0;
+      const TT* tc = t + c0;
+      with_transform(student, [&](const auto fs) {
+        with_transform(teacher, [&](const auto ft) {
+          Acc ms = kNegInf<Acc>, mt = kNegInf<Acc>, part = 0;
+#pragma omp simd reduction(max : ms, mt) reduction(+ : part)
+          for (int64_t i = 0; i < n; ++i) {
+            const Acc v = fs(static_cast<Acc>(sc[i]));
+            const Acc sv = kappa * v, tv = ft(static_cast<Acc>(tc[i]));
+            const Acc x = sv * inv_t;
+            const Acc y = tv * inv_t;
+            vc[i] = v;
+            ac[i] = x;
+            bc[i] = y;
+            dc[i] = (tv - sv) * inv_t;
+            ms = std::max(ms, x);
+            mt = std::max(mt, y);
+            part += sv;
+          }
+          cmax_s = ms;
+          cmax_t = mt;
+          sum_sp += static_cast<double>(part);
+        });
+      });
     } else {
 #pragma omp simd reduction(max : cmax_s, cmax_t)
       for (int64_t i = 0; i < n; ++i) {

@@ -28,9 +28,9 @@
  * The logit options (csrc/kd_params.h states their contract) take a second path through
  * the same phases, chosen once per call (RowKernel::run<kOptions>), so the plain path's
  * loops are those of a kernel without them:
- *   row_stats   each chunk of s and t is transformed first (x' = cap tanh(scale x / cap), or
- *               scale x; cpu_rows.h: transform_chunk, with fast_math.h's tanh): s'/cap stays
- *               in the row cache (c.v) for write_grad, and the sweep continues on s', t',
+ *   row_stats   s and t are transformed on load (x' = cap tanh(scale x / cap), or
+ *               scale x; cpu_rows.h: Transform, with fast_math.h's tanh): s'/cap also goes
+ *               to the row cache (c.v) for write_grad, and the sweep continues on s', t',
  *               adding sum s' (label smoothing's value term)
  *   write_grad  ds_i = chain_i (w_div dD/da_i / T + c_raw softmax(s')_i - w_ce eps/V) with the
  *               label's entry rewritten once, c_raw = w_ce + 2 z_loss lse', chain_i =

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../kd_params.h"
 #include "fast_math.h"
 
 namespace fastkd {
@@ -43,6 +44,95 @@ inline Acc exp_chunk(const Acc* x, Acc m, int64_t n, Acc* e) {
     z += v;
   }
   return z;
+}
+
+// Whether the logit options are on (csrc/kd_params.h): the kernels then take their
+// options' path, chosen once per call, so the plain path's loops stay those without them.
+inline bool has_logit_options(const ExactParams& x) {
+  return x.scale_s != 1.0 || x.cap_s > 0.0 || x.scale_t != 1.0 || x.cap_t > 0.0 || x.label_smoothing != 0.0 ||
+         x.z_loss != 0.0;
+}
+
+// One side's logit transform (csrc/kd_params.h: the logit options) as the row sweeps apply
+// it: x' = outer tanh(mul x) with a cap (mul = scale / cap), x' = mul x without (mul = scale).
+// The student's sweeps store s'/cap = tanh(scale s / cap) (outer = 1): its chain factor is
+// then scale (1 - v^2), exactly 0 where the tanh saturates (a -inf logit becomes -cap); the
+// teacher's store t' itself (outer = cap).
+template <typename Acc>
+struct Transform {
+  Acc mul;
+  Acc outer;
+  bool capped;
+
+  // The student's: v = s' / kappa, kappa = cap with a cap, 1 without.
+  static Transform student(const ExactParams& x) {
+    const bool capped = x.cap_s > 0.0;
+    return Transform{static_cast<Acc>(capped ? x.scale_s * x.inv_cap_s : x.scale_s), Acc(1), capped};
+  }
+  static Transform teacher(const ExactParams& x) {
+    const bool capped = x.cap_t > 0.0;
+    return Transform{static_cast<Acc>(capped ? x.scale_t * x.inv_cap_t : x.scale_t), static_cast<Acc>(x.cap_t),
+                     capped};
+  }
+};
+
+// A Transform as an inlined functor of one case, chosen once per chunk (with_transform), so
+// the loops that apply it are branch-free.
+template <typename Acc>
+struct Capped {
+  Acc mul, outer;
+  FASTKD_INLINE Acc operator()(Acc x) const { return outer * tanh_approx(mul * x); }
+};
+
+template <typename Acc>
+struct Scaled {
+  Acc mul;
+  FASTKD_INLINE Acc operator()(Acc x) const { return mul * x; }
+};
+
+template <typename Acc, typename F>
+FASTKD_INLINE void with_transform(const Transform<Acc>& t, const F& f) {
+  if (t.capped) {
+    f(Capped<Acc>{t.mul, t.outer});
+  } else {
+    f(Scaled<Acc>{t.mul});
+  }
+}
+
+// out[i] = f(x[i]) over one chunk, in the accumulation type.
+template <typename Acc, typename T>
+FASTKD_INLINE void transform_chunk(const T* __restrict x, int64_t n, const Transform<Acc>& f,
+                                   Acc* __restrict out) {
+  with_transform(f, [&](const auto g) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = g(static_cast<Acc>(x[i]));
+  });
+}
+
+// The logit options' terms (csrc/kd_params.h, the kernel contract): c_raw = ce_weight + 2
+// z_loss lse' and smooth = ce_weight eps / V, both times scale_s and the reduction's scale,
+// and with a cap the per-entry chain factor 1 - v_i^2 (v = s'/cap = tanh(scale s / cap)).
+// softmax(s')_i is q_i at T = 1 (kRawIsQ; also used when c_raw is 0), else exp(kappa v_i - lse').
+template <typename Acc, bool kCapped, bool kRawIsQ>
+struct OptionTerms {
+  const Acc* v;
+  Acc kappa, c_raw, smooth, lse_raw;
+  FASTKD_INLINE Acc raw(int64_t i, Acc q) const { return kRawIsQ ? q : exp_approx(kappa * v[i] - lse_raw); }
+  FASTKD_INLINE Acc chain(int64_t i) const { return kCapped ? Acc(1) - v[i] * v[i] : Acc(1); }
+  FASTKD_INLINE Acc operator()(int64_t i, Acc q, Acc div) const {
+    const Acc g = div + c_raw * raw(i, q) - smooth;
+    return kCapped ? g * chain(i) : g;
+  }
+};
+
+// Calls f(terms) with the OptionTerms of a row's case.
+template <typename Acc, typename F>
+void with_option_terms(const Acc* v, Acc kappa, Acc c_raw, Acc smooth, Acc lse_raw, bool capped, bool raw_is_q,
+                       const F& f) {
+  if (capped && raw_is_q) f(OptionTerms<Acc, true, true>{v, kappa, c_raw, smooth, lse_raw});
+  else if (capped) f(OptionTerms<Acc, true, false>{v, kappa, c_raw, smooth, lse_raw});
+  else if (raw_is_q) f(OptionTerms<Acc, false, true>{v, kappa, c_raw, smooth, lse_raw});
+  else f(OptionTerms<Acc, false, false>{v, kappa, c_raw, smooth, lse_raw});
 }
 
 // Rows are handed out a few at a time from a shared counter rather than split into one

@@ -25,6 +25,20 @@
  *   tvd         D = 1/2 sum |p - q|                  dD/da = q (h - sum q h),  h = sign(q - p)/2
  * Entries with zero probability contribute 0 (0 log 0 = 0), so -inf logits are legal.
  *
+ * The logit options (csrc/kd_params.h states their contract) take a second path through
+ * the same phases, chosen once per call (RowKernel::run<kOptions>), so the plain path's
+ * loops are those of a kernel without them:
+ *   row_stats   s and t are transformed on load (x' = cap tanh(scale x / cap), or
+ *               scale x; cpu_rows.h: Transform, with fast_math.h's tanh): s'/cap also goes
+ *               to the row cache (c.v) for write_grad, and the sweep continues on s', t',
+ *               adding sum s' (label smoothing's value term)
+ *   write_grad  ds_i = chain_i (w_div dD/da_i / T + c_raw softmax(s')_i - w_ce eps/V) with the
+ *               label's entry rewritten once, c_raw = w_ce + 2 z_loss lse', chain_i =
+ *               scale (1 - (s'_i/cap)^2) (cpu_rows.h: OptionTerms);
+ *               loss += w_ce (lse' - (1 - eps) s'_y - eps/V sum s') + z_loss lse'^2.
+ * The T = 1 sum-exp (lse' = T max_s + log sum_raw) is computed when the CE term or the
+ * z-loss is on.
+ *
  * Precision: fp32/bf16/fp16 input accumulates in fp32 within a chunk of 1024 entries
  * and in double across chunks, so row sums such as sum q h (whose error the centred
  * gradients amplify) are not one long fp32 sum. float64 input runs the same code in
@@ -62,14 +76,16 @@ struct RowCache {
   Acc* et;      // exp(b - m_t(c)); becomes h in the centred divergences
   Acc* ref_s;   // m_s(c) per chunk, then the chunk's factor exp(m_s(c) - lse_s)
   Acc* ref_t;
+  Acc* v;       // the logit options only (else null): the student's s'/kappa (Transform::student)
 
-  static RowCache get(int64_t V) {
+  static RowCache get(int64_t V, bool options) {
     thread_local std::vector<Acc> storage;
     const int64_t nc = num_chunks(V);
-    const size_t need = static_cast<size_t>(4 * V + 2 * nc);
+    const size_t need = static_cast<size_t>(4 * V + 2 * nc + (options ? V : 0));
     if (storage.size() < need) storage.resize(need);
     Acc* base = storage.data();
-    return RowCache{base, base + V, base + 2 * V, base + 3 * V, base + 4 * V, base + 4 * V + nc};
+    return RowCache{base,         base + V,          base + 2 * V, base + 3 * V,
+                    base + 4 * V, base + 4 * V + nc, options ? base + 4 * V + 2 * nc : nullptr};
   }
 };
 
@@ -80,13 +96,16 @@ struct Stats {
   double sum_s = 0.0;
   Acc max_t = kNegInf<Acc>;
   double sum_t = 0.0;
-  double sum_raw = 0.0;  // sum exp(s - T max_s): the T = 1 softmax of the CE term
+  double sum_raw = 0.0;  // sum exp(s - T max_s): the T = 1 softmax of the CE term and z-loss
+  double sum_sp = 0.0;   // sum s' (the logit options only): label smoothing's value term
 };
 
 // Phase row_stats: one sweep of s and t into the row cache, and the row statistics into
 // `st`. With `fixed` set, the maxima come from `st` (external row statistics) and only the
-// cache is filled.
-template <typename Acc, typename TS, typename TT>
+// cache is filled. With the logit options (kOptions), each side's logits are transformed on
+// load (s'/kappa also into c.v, for write_grad) and the statistics are those of s', t',
+// with sum s' in st.sum_sp; without, the sweep is the plain one.
+template <bool kOptions, typename Acc, typename TS, typename TT>
 void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool with_raw, bool fixed, bool keep_a,
               const RowCache<Acc>& c, Stats<Acc>& st) {
   const Acc inv_t = static_cast<Acc>(x.inv_temperature);
@@ -95,6 +114,9 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
   Acc* const d_row = c.d;
   Acc* const es_row = c.es;
   Acc* const et_row = c.et;
+  const Transform<Acc> student = Transform<Acc>::student(x), teacher = Transform<Acc>::teacher(x);
+  const Acc kappa = student.capped ? static_cast<Acc>(x.cap_s) : Acc(1);  // s' = kappa v
+  double sum_sp = 0.0;
   for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
     // a = s / T and b = t / T go where their exponentials will be (exp_chunk works in
@@ -104,16 +126,44 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
     Acc* __restrict bc = et_row + c0;
     Acc* __restrict dc = d_row + c0;
     Acc cmax_s = kNegInf<Acc>, cmax_t = kNegInf<Acc>;
+    if constexpr (kOptions) {
+      Acc* __restrict vc = c.v + c0;
+      const TS* sc = s + c0;
+      const TT* tc = t + c0;
+      with_transform(student, [&](const auto fs) {
+        with_transform(teacher, [&](const auto ft) {
+          Acc ms = kNegInf<Acc>, mt = kNegInf<Acc>, part = 0;
+#pragma omp simd reduction(max : ms, mt) reduction(+ : part)
+          for (int64_t i = 0; i < n; ++i) {
+            const Acc v = fs(static_cast<Acc>(sc[i]));
+            const Acc sv = kappa * v, tv = ft(static_cast<Acc>(tc[i]));
+            const Acc x = sv * inv_t;
+            const Acc y = tv * inv_t;
+            vc[i] = v;
+            ac[i] = x;
+            bc[i] = y;
+            dc[i] = (tv - sv) * inv_t;
+            ms = std::max(ms, x);
+            mt = std::max(mt, y);
+            part += sv;
+          }
+          cmax_s = ms;
+          cmax_t = mt;
+          sum_sp += static_cast<double>(part);
+        });
+      });
+    } else {
 #pragma omp simd reduction(max : cmax_s, cmax_t)
-    for (int64_t i = 0; i < n; ++i) {
-      const Acc sv = static_cast<Acc>(s[c0 + i]), tv = static_cast<Acc>(t[c0 + i]);
-      const Acc x = sv * inv_t;
-      const Acc y = tv * inv_t;
-      ac[i] = x;
-      bc[i] = y;
-      dc[i] = (tv - sv) * inv_t;
-      cmax_s = std::max(cmax_s, x);
-      cmax_t = std::max(cmax_t, y);
+      for (int64_t i = 0; i < n; ++i) {
+        const Acc sv = static_cast<Acc>(s[c0 + i]), tv = static_cast<Acc>(t[c0 + i]);
+        const Acc x = sv * inv_t;
+        const Acc y = tv * inv_t;
+        ac[i] = x;
+        bc[i] = y;
+        dc[i] = (tv - sv) * inv_t;
+        cmax_s = std::max(cmax_s, x);
+        cmax_t = std::max(cmax_t, y);
+      }
     }
     if (keep_a) std::copy(ac, ac + n, a_row + c0);
     if (!fixed) {
@@ -143,6 +193,7 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
       st.sum_t += static_cast<double>(zt);
     }
   }
+  st.sum_sp = sum_sp;
 }
 
 // Turns each chunk's reference max into the factor exp(m(c) - lse) that maps its cached
@@ -335,78 +386,66 @@ RowSums row_sums(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence diverg
   return sums;
 }
 
-// The CE term's softmax(s) at T = 1: exp(T a - lse_raw), or q itself when T = 1.
+// What write_grad adds to the divergence's part div = gdiv dD/da_i of each entry, as one
+// inlined functor per case (chosen once per row, so each case's loop is branch-free):
+//   NoHardTerms   div                                   (no CE term)
+//   CeOnQ         div + gce q_i                         (CE at T = 1: softmax(s) is q)
+//   CeRaw         div + gce exp(T a_i - lse_raw)        (CE at T != 1)
+//   OptionTerms   chain_i (div + c_raw softmax(s')_i - smooth)   (the logit options: cpu_rows.h)
+// The one-hot part of the CE term is not here: write_grad leaves the label's entry to the
+// row kernel, which rewrites it once.
 template <typename Acc>
-struct RawSoftmax {
-  bool same_as_q;
-  Acc temp;
-  Acc lse_raw;
+struct NoHardTerms {
+  FASTKD_INLINE Acc operator()(int64_t, Acc, Acc div) const { return div; }
+};
+
+template <typename Acc>
+struct CeOnQ {
+  Acc gce;
+  FASTKD_INLINE Acc operator()(int64_t, Acc q, Acc div) const { return div + gce * q; }
+};
+
+template <typename Acc>
+struct CeRaw {
+  Acc gce, temp, lse_raw;
+  const Acc* a;  // s / T (the row cache's a)
+  FASTKD_INLINE Acc operator()(int64_t i, Acc, Acc div) const { return div + gce * exp_approx(temp * a[i] - lse_raw); }
 };
 
 // Phase write_grad of forward KL: dD/da = q - p needs no row sum, so its divergence and the
-// gradient share one sweep, writing the gradient (with the CE term) straight to the output
-// row.
-template <typename Acc, typename TS>
-Acc write_grad_forward_kl(const RowCache<Acc>& c, int64_t V, Acc delta, Acc gdiv, bool with_ce,
-                          const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
-  // D = sum p (log p - log q) = sum p d - delta (sum p = 1).
+// gradient share one sweep, writing the gradient (with the hard-label terms) straight to
+// the output row.
+template <typename Acc, typename TS, typename Terms>
+Acc write_grad_forward_kl(const RowCache<Acc>& c, int64_t V, Acc delta, Acc gdiv, const Terms terms, TS* g) {
+  // D = sum p (log p - log q) = sum p d - delta (sum p = 1). terms by value: a reference
+  // could alias g, and the reloads would stop vectorisation.
   const Acc* __restrict es = c.es;
   const Acc* __restrict et = c.et;
   const Acc* __restrict d = c.d;
-  const Acc* __restrict a = c.a;
   double pd = 0.0;
   for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
     const Acc fs = c.ref_s[k], ft = c.ref_t[k];
     Acc part = 0;
-    if (with_ce && raw.same_as_q) {
 #pragma omp simd reduction(+ : part)
-      for (int64_t i = c0; i < c0 + n; ++i) {
-        const Acc q = es[i] * fs, pt = et[i] * ft;
-        part += pt == Acc(0) ? Acc(0) : pt * d[i];  // == 0, not > 0: NaN must reach D
-        g[i] = static_cast<TS>(gdiv * (q - pt) + gce * q);
-      }
-    } else if (with_ce) {
-      const Acc temp = raw.temp, lse_raw = raw.lse_raw;
-#pragma omp simd reduction(+ : part)
-      for (int64_t i = c0; i < c0 + n; ++i) {
-        const Acc q = es[i] * fs, pt = et[i] * ft;
-        part += pt == Acc(0) ? Acc(0) : pt * d[i];
-        g[i] = static_cast<TS>(gdiv * (q - pt) + gce * exp_approx(temp * a[i] - lse_raw));
-      }
-    } else {
-#pragma omp simd reduction(+ : part)
-      for (int64_t i = c0; i < c0 + n; ++i) {
-        const Acc q = es[i] * fs, pt = et[i] * ft;
-        part += pt == Acc(0) ? Acc(0) : pt * d[i];
-        g[i] = static_cast<TS>(gdiv * (q - pt));
-      }
+    for (int64_t i = c0; i < c0 + n; ++i) {
+      const Acc q = es[i] * fs, pt = et[i] * ft;
+      part += pt == Acc(0) ? Acc(0) : pt * d[i];  // == 0, not > 0: NaN must reach D
+      g[i] = static_cast<TS>(terms(i, q, gdiv * (q - pt)));
     }
     pd += part;
   }
   return static_cast<Acc>(pd - static_cast<double>(delta));
 }
 
-// Phase write_grad of the centred divergences: ds_i = gdiv G(q_i, h_i) + gce softmax_raw_i.
-template <typename Acc, typename TS, typename G>
-void write_grad_centred(const RowCache<Acc>& c, int64_t V, const G grad_of, Acc gdiv, bool with_ce,
-                        const RawSoftmax<Acc>& raw, Acc gce, TS* g) {
-  // grad_of by value: a reference could alias g, and the reloads would stop vectorisation.
+// Phase write_grad of the centred divergences: ds_i = terms(gdiv G(q_i, h_i)).
+template <typename Acc, typename TS, typename G, typename Terms>
+void write_grad_centred(const RowCache<Acc>& c, int64_t V, const G grad_of, Acc gdiv, const Terms terms, TS* g) {
+  // grad_of and terms by value: a reference could alias g, and the reloads would stop vectorisation.
   const Acc* __restrict w = c.es;
   const Acc* __restrict h = c.et;
-  const Acc* __restrict a = c.a;
-  if (with_ce && raw.same_as_q) {
 #pragma omp simd
-    for (int64_t i = 0; i < V; ++i) g[i] = static_cast<TS>(gdiv * grad_of(w[i], h[i]) + gce * w[i]);
-  } else if (with_ce) {
-    const Acc temp = raw.temp, lse_raw = raw.lse_raw;
-#pragma omp simd
-    for (int64_t i = 0; i < V; ++i)
-      g[i] = static_cast<TS>(gdiv * grad_of(w[i], h[i]) + gce * exp_approx(temp * a[i] - lse_raw));
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < V; ++i) g[i] = static_cast<TS>(gdiv * grad_of(w[i], h[i]));
-  }
+  for (int64_t i = 0; i < V; ++i) g[i] = static_cast<TS>(terms(i, w[i], gdiv * grad_of(w[i], h[i])));
 }
 
 // The forward KL / reverse KL value term of a slice against its own maxima (the shard
@@ -469,10 +508,23 @@ struct RowKernel {
   }
 
   void operator()(int64_t row) const {
+    if (has_logit_options(x)) {
+      run<true>(row);
+    } else {
+      run<false>(row);
+    }
+  }
+
+  // One row; kOptions: the logit options' path (csrc/kd_params.h: the kernel contract),
+  // chosen per call so that the plain path's loops are those of a kernel without them.
+  template <bool kOptions>
+  void run(int64_t row) const {
     const int64_t V = p.vocab_size;
     const TS* srow = s + row * s_stride;
     TS* grow = grad + row * g_stride;
     const bool with_ce = x.ce_weight != 0.0;
+    const bool with_z = kOptions && x.z_loss != 0.0;
+    const bool with_raw = with_ce || with_z;  // the T = 1 normaliser lse' is needed
     int64_t label = -1;  // the label's column in this row (slice), or -1 where it has none
     if (labels != nullptr) {
       label = labels[row];
@@ -491,9 +543,11 @@ struct RowKernel {
       }
     }
     const bool label_here = with_ce && label >= 0;
-    // row_stats, or the caller's statistics and the row cache.
-    const RowCache<Acc> c = RowCache<Acc>::get(V);
-    const bool need_raw = with_ce && x.temperature != 1.0;
+    // row_stats, or the caller's statistics and the row cache. The plain path keeps a = s/T
+    // for the CE term at T != 1; the options' path has s' in the cache anyway (c.v).
+    const RowCache<Acc> c = RowCache<Acc>::get(V, kOptions);
+    const bool need_raw = with_raw && x.temperature != 1.0;
+    const bool keep_a = !kOptions && need_raw;
     Stats<Acc> st;
     if (stats_in != nullptr) {
       const Acc* r = stats_in + row * kRowStatsWidth;
@@ -502,11 +556,11 @@ struct RowKernel {
       st.max_t = r[2];
       st.sum_t = r[3];
       st.sum_raw = r[4];
-      row_stats(srow, t + row * t_stride, V, x, false, /*fixed=*/true, /*keep_a=*/need_raw, c, st);
+      row_stats<kOptions>(srow, t + row * t_stride, V, x, false, /*fixed=*/true, keep_a, c, st);
     } else {
-      row_stats(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, /*keep_a=*/need_raw, c, st);
+      row_stats<kOptions>(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, keep_a, c, st);
     }
-    if (with_ce && !need_raw) st.sum_raw = st.sum_s;
+    if (with_raw && !need_raw) st.sum_raw = st.sum_s;
     const Acc lse_s = st.max_s + static_cast<Acc>(std::log(st.sum_s));
     const Acc lse_t = st.max_t + static_cast<Acc>(std::log(st.sum_t));
     // lse_t - lse_s in double, rounded once (it shifts every d of the row).
@@ -515,19 +569,40 @@ struct RowKernel {
     const int64_t nc = num_chunks(V);
     chunk_factors(c.ref_s, nc, lse_s);
     chunk_factors(c.ref_t, nc, lse_t);
-    const Acc scale = static_cast<Acc>(grad_scale);
-    const Acc gdiv = scale * static_cast<Acc>(x.div_weight) * static_cast<Acc>(x.inv_temperature);
-    const Acc gce = scale * static_cast<Acc>(x.ce_weight);
     const Acc temp = static_cast<Acc>(x.temperature);
-    const Acc lse_raw = with_ce ? temp * st.max_s + static_cast<Acc>(std::log(st.sum_raw)) : Acc(0);
-    const RawSoftmax<Acc> raw{!need_raw, temp, lse_raw};
-    // Read before the gradient sweep: in place, grow is srow.
-    const Acc s_label = label_here ? static_cast<Acc>(srow[label]) : Acc(0);
+    const Acc lse_raw = with_raw ? temp * st.max_s + static_cast<Acc>(std::log(st.sum_raw)) : Acc(0);
+    // The label's q (and, plain, its raw logit), read before the gradient sweep: in place,
+    // grow is srow.
+    const Acc s_label = !kOptions && label_here ? static_cast<Acc>(srow[label]) : Acc(0);
     const Acc q_label = label_here ? c.es[label] * c.ref_s[label / kChunk] : Acc(0);
+    // The gradient's factors: the reduction's scale, and with the options the student's
+    // logit scale (the constant part of the chain factor), folded into every coefficient.
+    const double f = kOptions ? grad_scale * x.scale_s : grad_scale;
+    const Acc gdiv = static_cast<Acc>(f * x.div_weight * x.inv_temperature);
+    const Acc gce = static_cast<Acc>(f * x.ce_weight);
+    // dL/ds'_i = c_raw softmax(s')_i - ce_weight ((1 - eps) [i = y] + eps / V) + the divergence's.
+    const Acc gz = with_z ? static_cast<Acc>(f * 2.0 * x.z_loss) * lse_raw : Acc(0);
+    const Acc c_raw = (with_ce ? gce : Acc(0)) + gz;
+    const Acc smooth = with_ce ? static_cast<Acc>(f * x.ce_weight * x.smooth_per_class) : Acc(0);
+    const bool capped = x.cap_s > 0.0;
+    const Acc kappa = capped ? static_cast<Acc>(x.cap_s) : Acc(1);
+    // Calls f(terms) with the hard-label terms of this row's case (the functors above).
+    const auto with_terms = [&](const auto& body) {
+      if constexpr (kOptions) {
+        with_option_terms(static_cast<const Acc*>(c.v), kappa, c_raw, smooth, lse_raw, capped,
+                          !need_raw || c_raw == Acc(0), body);
+      } else if (with_ce && !need_raw) {
+        body(CeOnQ<Acc>{gce});
+      } else if (with_ce) {
+        body(CeRaw<Acc>{gce, temp, lse_raw, c.a});
+      } else {
+        body(NoHardTerms<Acc>{});
+      }
+    };
     // row_sums (the centred divergences only), then write_grad.
     Acc D, div_grad_label = 0;
     if (p.divergence == Divergence::ForwardKL) {
-      D = write_grad_forward_kl(c, V, delta, gdiv, with_ce, raw, gce, grow);
+      with_terms([&](const auto terms) { D = write_grad_forward_kl(c, V, delta, gdiv, terms, grow); });
       if (label_here) div_grad_label = q_label - c.et[label] * c.ref_t[label / kChunk];
     } else {
       RowSums sums = row_sums(c, V, delta, p.divergence, x);
@@ -551,7 +626,7 @@ struct RowKernel {
       if (p.divergence == Divergence::TVD) {
         const SignGrad<Acc> grad_of = sign_grad<Acc>(sums);
         D = static_cast<Acc>(sums.v[0]);
-        write_grad_centred(c, V, grad_of, gdiv, with_ce, raw, gce, grow);
+        with_terms([&](const auto terms) { write_grad_centred(c, V, grad_of, gdiv, terms, grow); });
         if (label_here) div_grad_label = grad_of(c.es[label], c.et[label]);
       } else {
         const bool jsd = p.divergence == Divergence::JSD;
@@ -560,16 +635,37 @@ struct RowKernel {
         // D = the rest + (1 - beta) sum q h; the rest is reverse KL's delta, JSD's beta KL(p||m).
         const double rest = jsd ? x.beta * sums.v[4] : static_cast<double>(delta);
         D = static_cast<Acc>(rest + static_cast<double>((Acc(1) - beta) * grad_of.qh));
-        write_grad_centred(c, V, grad_of, gdiv, with_ce, raw, gce, grow);
+        with_terms([&](const auto terms) { write_grad_centred(c, V, grad_of, gdiv, terms, grow); });
         if (label_here) div_grad_label = grad_of(c.es[label], c.et[label]);
       }
     }
     Acc row_loss = static_cast<Acc>(x.div_weight) * D;
-    if (with_ce) row_loss += static_cast<Acc>(x.ce_weight) * (lse_raw - s_label);
-    if (label_here) {
-      // The one-hot part, added in the accumulation type so the label entry is rounded once.
-      const Acc sm_label = need_raw ? exp_approx(temp * c.a[label] - lse_raw) : q_label;
-      grow[label] = static_cast<TS>(gdiv * div_grad_label + gce * (sm_label - Acc(1)));
+    if constexpr (kOptions) {
+      // loss += ce_weight (lse' - (1 - eps) s'_y - eps/V sum s') + z_loss lse'^2.
+      const Acc* v = c.v;
+      if (with_ce) {
+        Acc ce = lse_raw;
+        if (label_here) ce -= static_cast<Acc>(1.0 - x.label_smoothing) * (kappa * v[label]);
+        if (x.label_smoothing > 0.0) ce -= static_cast<Acc>(x.smooth_per_class * st.sum_sp);
+        row_loss += static_cast<Acc>(x.ce_weight) * ce;
+      }
+      if (with_z) row_loss += static_cast<Acc>(x.z_loss) * lse_raw * lse_raw;
+      if (label_here) {
+        // The label's entry, rounded once: the one-hot -gce (1 - eps) and gce softmax(s')_y
+        // as gce (softmax_y - 1) + gce eps, exact as softmax_y -> 1 (a peaked row).
+        const Acc sm = need_raw ? exp_approx(kappa * v[label] - lse_raw) : q_label;
+        const Acc eps = static_cast<Acc>(x.label_smoothing);
+        Acc g = gdiv * div_grad_label + gce * (sm - Acc(1)) + (gce * eps - smooth) + gz * sm;
+        if (capped) g *= Acc(1) - v[label] * v[label];
+        grow[label] = static_cast<TS>(g);
+      }
+    } else {
+      if (with_ce) row_loss += static_cast<Acc>(x.ce_weight) * (lse_raw - s_label);
+      if (label_here) {
+        // The one-hot part, added in the accumulation type so the label entry is rounded once.
+        const Acc sm_label = need_raw ? exp_approx(temp * c.a[label] - lse_raw) : q_label;
+        grow[label] = static_cast<TS>(gdiv * div_grad_label + gce * (sm_label - Acc(1)));
+      }
     }
     for (int64_t i = V; i < g_width; ++i) grow[i] = static_cast<TS>(0.0f);
     set_loss(row, row_loss);
@@ -583,18 +679,20 @@ void run_rows(const RowKernel<TS, TT>& k, int64_t n_rows) {
 
 // Phase row_stats alone, into `out` rows of `width` entries of type Out: the five RowStats
 // (the row_stats operator: float32, width 5), and with width kShardStatsWidth the value term
-// of forward / reverse KL (the shard_row_stats operator: the loss dtype).
-template <typename TS, typename TT, typename Out>
+// of forward / reverse KL and label smoothing's sum of s' (the shard_row_stats operator: the
+// loss dtype). With the logit options, the statistics of the transformed logits.
+template <bool kOptions, typename TS, typename TT, typename Out>
 void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, int64_t n_rows, int64_t V,
                 const ExactParams& x, Divergence divergence, bool with_raw, int64_t width, Out* out) {
   using Acc = typename RowKernel<TS, TT>::Acc;
   const bool with_value = width == kShardStatsWidth;
   at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
-    const RowCache<Acc> c = RowCache<Acc>::get(V);
+    const RowCache<Acc> c = RowCache<Acc>::get(V, kOptions);
     for (int64_t r = begin; r < end; ++r) {
       Stats<Acc> st;
       const bool raw_differs = with_raw && x.temperature != 1.0;
-      row_stats(s + r * s_stride, t + r * t_stride, V, x, raw_differs, /*fixed=*/false, /*keep_a=*/false, c, st);
+      row_stats<kOptions>(s + r * s_stride, t + r * t_stride, V, x, raw_differs, /*fixed=*/false, /*keep_a=*/false,
+                          c, st);
       if (!raw_differs) st.sum_raw = with_raw ? st.sum_s : 0.0;
       Out* o = out + r * width;
       o[0] = static_cast<Out>(st.max_s);
@@ -605,7 +703,7 @@ void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, in
       if (with_value) {
         const bool kl = divergence == Divergence::ForwardKL || divergence == Divergence::ReverseKL;
         o[5] = kl ? static_cast<Out>(value_term(c, V, st, divergence)) : Out(0);
-        o[6] = Out(0);  // sum of s' (label smoothing): not yet computed here
+        o[6] = kOptions && x.label_smoothing > 0.0 ? static_cast<Out>(st.sum_sp) : Out(0);
       }
     }
   });
@@ -657,29 +755,33 @@ at::Tensor op_empty_grad(const at::Tensor& student) {
   return cached_empty(student.size(0), student.size(1), student.options());
 }
 
+// with_raw: the T = 1 sum-exp is wanted (the CE term or the z-loss is on).
 template <typename Out>
-void stats_of(const ForwardArgs& args, bool with_ce, int64_t width, at::Tensor& out) {
+void stats_of(const ForwardArgs& args, bool with_raw, int64_t width, at::Tensor& out) {
   const at::Tensor& student = args.student;
   const at::Tensor& teacher = args.teacher;
+  const bool options = has_logit_options(args.exact);
   dispatch_pair(student.scalar_type(), teacher.scalar_type(), [&](auto s0, auto t0) {
     using TS = decltype(s0);
     using TT = decltype(t0);
-    stats_rows(student.data_ptr<TS>(), student.stride(0), teacher.data_ptr<TT>(), teacher.stride(0),
-               student.size(0), args.params.vocab_size, args.exact, args.params.divergence, with_ce, width,
-               out.data_ptr<Out>());
+    auto rows = options ? &stats_rows<true, TS, TT, Out> : &stats_rows<false, TS, TT, Out>;
+    rows(student.data_ptr<TS>(), student.stride(0), teacher.data_ptr<TT>(), teacher.stride(0), student.size(0),
+         args.params.vocab_size, args.exact, args.params.divergence, with_raw, width, out.data_ptr<Out>());
   });
 }
 
+// ops.cpp asks for the CE term's column by ce_weight; the z-loss needs it too.
 void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
-  stats_of<float>(args, with_ce, kRowStatsWidth, out);
+  stats_of<float>(args, with_ce || args.exact.z_loss != 0.0, kRowStatsWidth, out);
 }
 
 // The shard operators (the stats and sums tensors are in the loss dtype, checked by ops.cpp).
 void op_shard_row_stats(const ForwardArgs& args, at::Tensor& out) {
+  const bool with_raw = args.exact.ce_weight != 0.0 || args.exact.z_loss != 0.0;
   if (out.scalar_type() == at::kDouble) {
-    stats_of<double>(args, args.exact.ce_weight != 0.0, kShardStatsWidth, out);
+    stats_of<double>(args, with_raw, kShardStatsWidth, out);
   } else {
-    stats_of<float>(args, args.exact.ce_weight != 0.0, kShardStatsWidth, out);
+    stats_of<float>(args, with_raw, kShardStatsWidth, out);
   }
 }
 

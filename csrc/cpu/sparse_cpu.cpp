@@ -39,6 +39,15 @@
  * twice in a row gives that row a NaN loss and gradient (the Python layer raises on CPU
  * tensors before), as an out-of-range label does. 0 log 0 = 0 throughout.
  *
+ * The logit options (csrc/kd_params.h) apply to the student only (the teacher's log-probs
+ * are used as given): as in kd_cpu.cpp, a second path (run<kOptions>) transforms each chunk
+ * of s in row_stats (s'/cap kept for write_grad, sum s' added up) and the support and label
+ * logits in double; every formula above then reads s' for s, and write_grad multiplies each
+ * entry by its chain factor, with the hard-label terms c_raw softmax(s')_i - w_ce eps/V
+ * (c_raw = w_ce + 2 z_loss lse'), the label's -w_ce (1 - eps), and the loss's
+ * w_ce (lse' - (1 - eps) s'_y - eps/V sum s') + z_loss lse'^2. The row sweep runs for every
+ * tail when the CE term or the z-loss is on (lse' is over the whole vocabulary).
+ *
  * Precision: fp32/bf16/fp16 input sums in fp32 within 1024-entry chunks and in double
  * across them; the K + 1 bins are in double; float64 input runs in double with libm.
  */
@@ -230,28 +239,49 @@ struct SparseRowKernel {
     for (int64_t i = from; i < g_width; ++i) g[i] = t;
   }
 
-  // Phase row_stats: the row into `e` (exp(a_i - m(c)), 0 at the support), m(c) into `ref`,
-  // `a` = s/T kept when `keep_a`; returns M and the sums through the references.
+  // Phase row_stats: the row into `e` (exp(a_i - m(c)), 0 at the support), m(c) into `ref`;
+  // plain, `a` = s/T kept where given; with the logit options, the student's transformed
+  // row s'/kappa into `a` (Transform::student), a = s'/T, and sum s' into sum_sp. Returns M
+  // and the sums through the references.
+  template <bool kOptions>
   void row_stats(const TS* srow, int64_t V, const std::vector<Slot>& slots, bool need_raw, Acc* e, Acc* a,
-                 Acc* ref, Acc& M, double& sum_off, double& sum_raw) const {
+                 Acc* ref, Acc& M, double& sum_off, double& sum_raw, double& sum_sp) const {
     const Acc inv_t = static_cast<Acc>(x.inv_temperature);
     const Acc temp = static_cast<Acc>(x.temperature);
     const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+    const Transform<Acc> student = Transform<Acc>::student(x);
+    const Acc kappa = student.capped ? static_cast<Acc>(x.cap_s) : Acc(1);  // s' = kappa v
     M = neg_inf;
     sum_off = 0.0;
     sum_raw = 0.0;
+    sum_sp = 0.0;
     size_t next = 0;  // the first slot not yet masked
     for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
       const int64_t n = std::min(kChunk, V - c0);
       Acc* __restrict ac = e + c0;
       Acc cmax = neg_inf;
+      if constexpr (kOptions) {
+        Acc* __restrict vc = a + c0;
+        transform_chunk(srow + c0, n, student, vc);
+        Acc part = 0;
+#pragma omp simd reduction(max : cmax) reduction(+ : part)
+        for (int64_t i = 0; i < n; ++i) {
+          const Acc sv = kappa * vc[i];
+          const Acc v = sv * inv_t;
+          ac[i] = v;
+          cmax = std::max(cmax, v);
+          part += sv;
+        }
+        sum_sp += static_cast<double>(part);
+      } else {
 #pragma omp simd reduction(max : cmax)
-      for (int64_t i = 0; i < n; ++i) {
-        const Acc v = static_cast<Acc>(srow[c0 + i]) * inv_t;
-        ac[i] = v;
-        cmax = std::max(cmax, v);
+        for (int64_t i = 0; i < n; ++i) {
+          const Acc v = static_cast<Acc>(srow[c0 + i]) * inv_t;
+          ac[i] = v;
+          cmax = std::max(cmax, v);
+        }
+        if (a != nullptr) std::copy(ac, ac + n, a + c0);
       }
-      if (a != nullptr) std::copy(ac, ac + n, a + c0);
       if (cmax > M) {
         sum_off = rescale(sum_off, M, cmax, Acc(1));
         sum_raw = rescale(sum_raw, M, cmax, temp);
@@ -270,10 +300,38 @@ struct SparseRowKernel {
   }
 
   void operator()(int64_t row) const {
+    if (has_logit_options(x)) {
+      run<true>(row);
+    } else {
+      run<false>(row);
+    }
+  }
+
+  // The student's transformed logit s' at a raw logit, in double (the support and label
+  // entries; the row sweeps use transform_chunk, with the same tanh), and the part of its
+  // chain factor ds'/ds = scale (1 - tanh^2) that is not the constant scale.
+  void transformed(double raw, double& sp, double& tanh_factor) const {
+    if (x.cap_s > 0.0) {
+      const double v = tanh_approx(raw * (x.scale_s * x.inv_cap_s));
+      sp = x.cap_s * v;
+      tanh_factor = 1.0 - v * v;
+    } else {
+      sp = x.scale_s * raw;
+      tanh_factor = 1.0;
+    }
+  }
+
+  // One row; kOptions: the logit options' path (csrc/kd_params.h: the kernel contract; a
+  // sparse teacher's log-probabilities take no transform), chosen per call so that the
+  // plain path's loops are those of a kernel without them.
+  template <bool kOptions>
+  void run(int64_t row) const {
     const int64_t V = p.vocab_size;
     const TS* srow = s + row * s_stride;
     TS* grow = grad + row * g_stride;
     const bool with_ce = x.ce_weight != 0.0;
+    const bool with_z = kOptions && x.z_loss != 0.0;
+    const bool with_raw = with_ce || with_z;  // the T = 1 normaliser lse' is needed
     int64_t label = -1;
     if (labels != nullptr) {
       label = labels[row];
@@ -295,25 +353,34 @@ struct SparseRowKernel {
       return;
     }
     const int64_t B = static_cast<int64_t>(slots.size());
-    // Every value of the row the fix-ups need, before any write (in place, grow is srow).
+    // Every value of the row the fix-ups need, before any write (in place, grow is srow):
+    // the support's and the label's logits, transformed (s') with the options, and the
+    // tanh factors of their chain factors.
+    double s_label = with_ce ? static_cast<double>(srow[label]) : 0.0, factor_label = 1.0;
     for (Slot& sl : slots) sl.s = static_cast<double>(srow[sl.id]);
-    const double s_label = with_ce ? static_cast<double>(srow[label]) : 0.0;
+    thread_local std::vector<double> factors;  // options only
+    if constexpr (kOptions) {
+      factors.resize(B);
+      for (int64_t b = 0; b < B; ++b) transformed(slots[b].s, slots[b].s, factors[b]);
+      if (with_ce) transformed(s_label, s_label, factor_label);
+    }
     const double inv_t = x.inv_temperature, temp = x.temperature;
-    const bool need_stats = p.tail != Tail::Renorm || with_ce;
-    const bool need_raw = with_ce && temp != 1.0;
+    const bool need_stats = p.tail != Tail::Renorm || with_raw;
+    const bool need_raw = with_raw && temp != 1.0;
 
     // Phase row_stats.
     const int64_t nc = num_chunks(V);
     thread_local std::vector<Acc> cache;
-    const size_t need = static_cast<size_t>((need_raw ? 2 : 1) * V + nc);
+    const bool with_a = kOptions || need_raw;  // a = s/T (plain, CE at T != 1), or v = s'/kappa
+    const size_t need = static_cast<size_t>((with_a ? 2 : 1) * V + nc);
     if (cache.size() < need) cache.resize(need);
     Acc* const e = cache.data();
     Acc* const ref = e + V;
-    Acc* const a = need_raw ? ref + nc : nullptr;
+    Acc* const a = with_a ? ref + nc : nullptr;
     Acc M = 0;
-    double sum_off = 0.0, sum_raw = 0.0, lse = 0.0, lse_raw = 0.0;
+    double sum_off = 0.0, sum_raw = 0.0, sum_sp = 0.0, lse = 0.0, lse_raw = 0.0;
     if (need_stats) {
-      row_stats(srow, V, slots, need_raw, e, a, ref, M, sum_off, sum_raw);
+      row_stats<kOptions>(srow, V, slots, need_raw, e, a, ref, M, sum_off, sum_raw, sum_sp);
       double sum_s = 0.0;
       for (const Slot& sl : slots) sum_s += std::exp(sl.s * inv_t - static_cast<double>(M));
       const double log_all = std::log(sum_off + sum_s);
@@ -367,51 +434,94 @@ struct SparseRowKernel {
     }
     for (int64_t b = 0; b < B; ++b) slots[b].g = gb[b];
 
-    // Phase write_grad: the whole row, then the support and the label.
-    const double gdiv = grad_scale * x.div_weight * inv_t;
-    const double gce = grad_scale * x.ce_weight;
+    // Phase write_grad: the whole row, then the support and the label. With the options the
+    // student's logit scale (the constant part of the chain factor) is folded into every
+    // coefficient: dL/ds'_i = gdiv dD/da_i + c_raw softmax(s')_i - ce_weight ((1 - eps)[i = y] + eps/V).
+    const double f = kOptions ? grad_scale * x.scale_s : grad_scale;
+    const double gdiv = f * x.div_weight * inv_t;
+    const double gce = f * x.ce_weight;
+    const double gz = with_z ? f * 2.0 * x.z_loss * lse_raw : 0.0;
+    const double c_raw = (with_ce ? gce : 0.0) + gz;
+    const double smooth = with_ce ? gce * x.smooth_per_class : 0.0;
+    const bool capped = x.cap_s > 0.0;
     if (need_stats) {
       for (int64_t k = 0; k < nc; ++k) ref[k] = exp_approx(ref[k] - static_cast<Acc>(lse));
       const Acc coef = static_cast<Acc>(gdiv * c_off), ce = static_cast<Acc>(gce);
       const Acc t_acc = static_cast<Acc>(temp), lse_raw_acc = static_cast<Acc>(lse_raw);
       const Acc* __restrict ec = e;
-      for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
-        const int64_t n = std::min(kChunk, V - c0);
-        const Acc f = ref[k];
-        TS* __restrict gc = grow + c0;
-        if (with_ce && need_raw) {
-          const Acc* __restrict ac = a + c0;
+      if constexpr (kOptions) {
+        with_option_terms(static_cast<const Acc*>(a), capped ? static_cast<Acc>(x.cap_s) : Acc(1),
+                          static_cast<Acc>(c_raw), static_cast<Acc>(smooth), lse_raw_acc, capped,
+                          !need_raw || c_raw == 0.0, [&](const auto terms) {
+          for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
+            const int64_t n = std::min(kChunk, V - c0);
+            const Acc fk = ref[k];
+            TS* __restrict gc = grow + c0;
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i)
-            gc[i] = static_cast<TS>(coef * (ec[c0 + i] * f) + ce * exp_approx(t_acc * ac[i] - lse_raw_acc));
-        } else if (with_ce) {
-          const Acc both = coef + ce;
+            for (int64_t i = c0; i < c0 + n; ++i) {
+              const Acc q = ec[i] * fk;
+              gc[i - c0] = static_cast<TS>(terms(i, q, coef * q));
+            }
+          }
+        });
+      } else {
+        for (int64_t k = 0, c0 = 0; c0 < V; ++k, c0 += kChunk) {
+          const int64_t n = std::min(kChunk, V - c0);
+          const Acc fk = ref[k];
+          TS* __restrict gc = grow + c0;
+          if (with_ce && need_raw) {
+            const Acc* __restrict ac = a + c0;
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i) gc[i] = static_cast<TS>(both * (ec[c0 + i] * f));
-        } else if (stream) {
-          write_streaming(gc, ec + c0, n, coef, f);
-        } else {
+            for (int64_t i = 0; i < n; ++i)
+              gc[i] = static_cast<TS>(coef * (ec[c0 + i] * fk) + ce * exp_approx(t_acc * ac[i] - lse_raw_acc));
+          } else if (with_ce) {
+            const Acc both = coef + ce;
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i) gc[i] = static_cast<TS>(coef * (ec[c0 + i] * f));
+            for (int64_t i = 0; i < n; ++i) gc[i] = static_cast<TS>(both * (ec[c0 + i] * fk));
+          } else if (stream) {
+            write_streaming(gc, ec + c0, n, coef, fk);
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) gc[i] = static_cast<TS>(coef * (ec[c0 + i] * fk));
+          }
         }
+        if (stream) store_fence();  // the fix-ups below write to lines just streamed
       }
-      if (stream) store_fence();  // the fix-ups below write to lines just streamed
     } else {
       fill_row(grow, 0.0, 0);
     }
     // The support entries (the row sweep zeroed them), each rounded once.
     const Slot* label_slot = nullptr;
-    for (const Slot& sl : slots) {
-      const double sm = with_ce ? std::exp(sl.s - lse_raw) : 0.0;
+    for (int64_t b = 0; b < B; ++b) {
+      const Slot& sl = slots[b];
+      const double sm = with_raw ? std::exp(sl.s - lse_raw) : 0.0;
       if (sl.id == label) label_slot = &sl;
-      grow[sl.id] = static_cast<TS>(gdiv * sl.g + gce * sm);
+      double g = gdiv * sl.g + c_raw * sm - smooth;
+      if constexpr (kOptions) {
+        g *= factors[b];
+      }
+      grow[sl.id] = static_cast<TS>(g);
     }
     double row_loss = x.div_weight * D;
     if (with_ce) {
-      row_loss += x.ce_weight * (lse_raw - s_label);
       const double div_label = label_slot != nullptr ? label_slot->g : std::exp(s_label * inv_t - lse) * c_off;
-      grow[label] = static_cast<TS>(gdiv * div_label + gce * (std::exp(s_label - lse_raw) - 1.0));
+      const double sm = std::exp(s_label - lse_raw);
+      if constexpr (kOptions) {
+        const double eps = x.label_smoothing;
+        double ce_row = lse_raw - (1.0 - eps) * s_label;
+        if (eps > 0.0) ce_row -= x.smooth_per_class * sum_sp;
+        row_loss += x.ce_weight * ce_row;
+        // The one-hot -gce (1 - eps) and gce softmax(s')_y as gce (softmax_y - 1) + gce eps,
+        // exact as softmax_y -> 1 (a peaked row).
+        double g = gdiv * div_label + gce * (sm - 1.0) + (gce * eps - smooth) + gz * sm;
+        g *= factor_label;
+        grow[label] = static_cast<TS>(g);
+      } else {
+        row_loss += x.ce_weight * (lse_raw - s_label);
+        grow[label] = static_cast<TS>(gdiv * div_label + gce * (sm - 1.0));
+      }
     }
+    if (with_z) row_loss += x.z_loss * lse_raw * lse_raw;
     fill_row(grow, 0.0, V);
     put_loss(row, row_loss);
   }

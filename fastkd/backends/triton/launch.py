@@ -17,6 +17,9 @@ where :func:`peel_columns` finds one lead that aligns every tensor. Every launch
 :func:`vocab_splits` cuts the multi-block rows' columns across programs when there are
 few rows (dense.py's split path, split.py).
 
+:func:`logit_options` selects the kernels' variant for the logit options (rows.py: OPTS and
+its scalars), :func:`ce_mode` their T = 1 statistics: OPTS = 0 where no option is on.
+
 :func:`config_classes` (and :func:`split_config_classes`) list the distinct configurations
 these can return, for the sm_90 no-spill compile check (``.ci/triton_sm90_check.py``, tests/test_triton_compile.py).
 """
@@ -27,7 +30,8 @@ from typing import Iterator, Optional
 import torch
 import triton
 
-from .rows import kernels_interpreted
+from .rows import (CE_NONE, CE_RAW, CE_SHARED, OPT_NO_CE, OPT_SMOOTH, OPT_ZLOSS, TRANSFORMS, X_CAP, X_SCALE,
+                   kernels_interpreted)
 
 MAX_BLOCK = 16384  # columns per tensor per block
 
@@ -103,6 +107,43 @@ def launch_config(vocab_size: int, student_dtype: torch.dtype, teacher_dtype: to
     if full <= SINGLE_BLOCK_MAX[divergence]:
         return LaunchConfig(full, True, warps_for(full))
     return LaunchConfig(MULTI_BLOCK, False, warps_for(MULTI_BLOCK))
+
+
+def ce_mode(k) -> int:
+    """The T = 1 statistics a launch computes (rows.py: CE modes), for the CE term or the
+    z-loss: none, shared with the student's softmax (T == 1) or a third sum-exp."""
+    if k.ce_weight == 0.0 and k.z_loss == 0.0:
+        return CE_NONE
+    return CE_SHARED if float(k.inv_temperature) == 1.0 else CE_RAW
+
+
+def _side(scale: float, cap: float):
+    """(transform bits, multiplier) of one side: m x, or c tanh((m / c) x); (0, 1.0) for neither."""
+    if cap > 0.0:
+        return X_CAP, scale / cap
+    if scale != 1.0:
+        return X_SCALE, scale
+    return 0, 1.0
+
+
+def logit_options(k, row_stats_sum: bool = False, transforms_only: bool = False):
+    """(OPTS, XO) of a launch from its settings ``k`` (KernelSettings): the constexpr bit set
+    and the tuple of fp32 scalars of rows.py (its module docstring: the logit options).
+    OPT_SMOOTH goes with the CE term (it changes nothing without it), except for
+    ``row_stats_sum`` (shard_row_stats: the sum of s' whenever label_smoothing > 0);
+    ``transforms_only``: the transform bits alone, for a kernel that reads no T = 1 term
+    (one compiled variant whatever the CE term's options)."""
+    s_bits, s_mul = _side(k.logit_scale, k.softcap_value)
+    t_bits, t_mul = _side(k.teacher_scale, k.teacher_softcap_value)
+    opts = s_bits | (t_bits << 2)
+    if k.label_smoothing != 0.0 and (k.ce_weight != 0.0 or row_stats_sum):
+        opts |= OPT_SMOOTH
+    if k.z_loss != 0.0:
+        opts |= OPT_ZLOSS if k.ce_weight != 0.0 else OPT_ZLOSS | OPT_NO_CE
+    cap = k.softcap_value
+    xo = (s_mul, cap, float(k.logit_scale), 1.0 / cap if cap > 0.0 else 0.0, t_mul, k.teacher_softcap_value,
+          1.0 - k.label_smoothing, float(k.smooth_per_class), float(k.z_loss))
+    return opts & TRANSFORMS if transforms_only else opts, tuple(float(x) for x in xo)
 
 
 @dataclass(frozen=True)

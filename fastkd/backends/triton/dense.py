@@ -355,8 +355,11 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
         # before an in-place write over it
         s_label = student_x(tl.load(s_row + tl.maximum(label, 0)).to(tl.float32), True, xo, OPTS) * \
             (label >= 0).to(tl.float32)
+    sum_s = 0.0  # of s' over the row (label smoothing's term of the loss)
     if SINGLE_BLOCK:
         s, t = load_pair(s_row, t_row, cols, V, xo, OPTS)
+        if CE_TERM and (_SMOOTH & OPTS) != 0:
+            sum_s = tl.sum(tl.where(cols < V, s, 0.0), axis=0)
     else:  # the sweeps' frame (rows.py: peeled rows)
         s_base = aligned_base(s_row, lead, PEEL)
         t_base = aligned_base(t_row, lead, PEEL)
@@ -390,7 +393,6 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
     gh = hard_label_grads(gce, scale, lse2_r, xo, OPTS)
 
     # row_sums and write_grad.
-    sum_s = 0.0  # of s' over the row (label smoothing's term of the loss)
     if DIVERGENCE == _FORWARD_KL:
         # No row sum is needed before the gradient: D is summed while write_grad runs.
         if SINGLE_BLOCK:
@@ -456,8 +458,6 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
 
     if SINGLE_BLOCK:
         fill_row(g_row, BLOCK, g_width, 0.0, BLOCK)  # student columns past the block
-        if CE_TERM and (_SMOOTH & OPTS) != 0:
-            sum_s = tl.sum(tl.where(cols < V, s, 0.0), axis=0)
     row_loss = div_weight * D
     if CE != 0:
         row_loss += hard_label_loss(lse2_r, s_label, sum_s, ce_weight, xo, CE_TERM, OPTS)
@@ -562,14 +562,14 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSe
     # JSD at beta 0 / 1 is forward / reverse KL; resolved here as well as in Python, since
     # under torch.compile beta may have been a traced value there.
     divergence = resolve_divergence(k.divergence, k.beta)
-    cfg = launch_config(k.vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE)
+    opts, xo = logit_options(k)
+    cfg = launch_config(k.vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE, opts != 0)
     peel = 0 if cfg.single_block else peel_columns(k.vocab_size, divergence, student, teacher, grad)
     c, inv_t, temp, log2_beta, log2_1mb = kernel_scalars(k.inv_temperature, k.beta)
     # Few rows at a large V: the vocabulary split across programs (split.py). A caller's
     # row_stats take the one-program kernel (the split path reads the label's logit in its
     # own row_stats pass, before the in-place write).
     split = vocab_splits(n, k.vocab_size, cfg, launch.SPLIT_OVERRIDE) if row_stats is None else None
-    opts, xo = logit_options(k)
     if split is not None and split.splits > 1:
         from . import split as split_path  # it builds on this module's kernels
 

@@ -232,19 +232,20 @@ def jobs():
 
 def options_jobs():
     """Options-on variants (``options_on``: both softcaps, label smoothing, z-loss): the
-    forward kernel at every configuration class, the split passes that read options at
-    each multi-block class, the row_stats kernel and the sparse kernel, for 16-bit logits
-    (the fp32 and mixed classes differ only in their loads)."""
-    from fastkd.backends.triton import launch
+    forward kernel at every configuration class, the split passes at each multi-block class
+    (the row_stats pass once per peel, with forward_kl's), the row_stats kernel and the
+    sparse kernel, for 16-bit logits (the options change the arithmetic after the loads,
+    the same for every dtype class)."""
+    from fastkd.backends.triton import launch, rows
 
     opts = options_on()
     out = [("forward", (divergence, cfg, vocab, "16bit", opts))
            for divergence, cfg, vocab in launch.config_classes(options=True)]
     for divergence, cfg, vocab in launch.split_config_classes(options=True):
-        if divergence == "forward_kl":
-            out.append(("split", ("row_stats", divergence, cfg, vocab, "16bit", opts)))
+        out.append(("split", ("row_stats" if divergence == "forward_kl" else "row_sums", divergence, cfg, vocab, "16bit",
+                              opts)))
         out.append(("split", ("write_grad", divergence, cfg, vocab, "16bit", opts)))
-    out.append(("row_stats", ("16bit", True, opts & 15)))
+    out.append(("row_stats", ("16bit", True, opts & rows.TRANSFORMS)))  # as dense.row_stats launches it
     out += [("sparse", (divergence, "bucket", 64, "16bit", opts)) for divergence in ("forward_kl", "reverse_kl", "jsd",
                                                                                        "tvd")]
     return out

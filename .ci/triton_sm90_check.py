@@ -11,6 +11,14 @@ and scale-grad kernels, and the vocabulary-split kernels at each multi-block cla
 when a peeled configuration (odd V: rows not on 16 bytes) has no 16-byte vector load
 (``ld.global.v4``) in its PTX: the peel exists to give its body loop those.
 
+Those are compiled with every logit option off (OPTS = 0: the kernels as they were before the
+options). Options-on variants (``options_jobs``: both softcaps, label smoothing and z-loss) are
+compiled and listed too; they fail the check when they do not compile or assemble, while
+their spills are reported, not gating (measured: 4-byte scalar spills of triton's ptxas,
+one store and one load per row, in the sparse kernel with a student softcap and the split
+path's tvd write pass with every option). The launcher already gives them a smaller
+single block where one spilled in its loop (launch.SINGLE_BLOCK_MAX_OPTIONS).
+
 Run in a process where TRITON_INTERPRET is unset (the interpreter replaces @triton.jit at
 import time); this script clears it itself before importing triton:
 
@@ -44,6 +52,22 @@ DTYPE_CLASSES = {  # name -> (student, teacher) triton pointer element types
 
 ELEMENT_BYTES = {"bf16": 2, "fp32": 4}
 
+# The logit options' scalars every kernel takes (fastkd/backends/triton/rows.py: XO), and the
+# heaviest OPTS (both sides softcapped, label smoothing and z-loss with the CE term), which the
+# options-on variants compile with (``options_on``).
+OPTION_SCALARS = {name: "fp32" for name in ("s_mul", "s_cap", "s_scale", "s_inv_cap", "t_mul", "t_cap", "ce_keep",
+                                              "smooth", "z_loss")}
+
+
+def options_on() -> int:
+    from fastkd.backends.triton import rows
+
+    return rows.X_CAP | (rows.X_CAP << 2) | rows.OPT_SMOOTH | rows.OPT_ZLOSS
+
+
+def _opts_name(opts) -> str:
+    return f" opts={opts}" if opts else ""
+
 _REG_RE = re.compile(r"Used (\d+) registers")
 _SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -60,7 +84,7 @@ def ptxas_tools():
     return tools
 
 
-def _forward_job(divergence, cfg, vocab, dtype_class):
+def _forward_job(divergence, cfg, vocab, dtype_class, opts=0):
     from fastkd.backends.triton import dense, rows
 
     s_ty, t_ty = DTYPE_CLASSES[dtype_class]
@@ -71,17 +95,18 @@ def _forward_job(divergence, cfg, vocab, dtype_class):
         "GRAD_SCALE": "*fp32", "STATS": "*fp32", "SUMS": "*fp32",
         "s_stride": "i32", "t_stride": "i32", "g_stride": "i32", "V": "i32", "g_width": "i32", "s_lead": "i32",
         "vocab_start": "i32", "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32", "beta": "fp32", "log2_beta": "fp32",
-        "log2_1mb": "fp32", "div_weight": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
+        "log2_1mb": "fp32", "div_weight": "fp32", "ce_weight": "fp32", "ignore_index": "i32", **OPTION_SCALARS,
     }
     constexprs = dict(DIVERGENCE=dense.DIVERGENCE_IDS[divergence], HAS_LABELS=True, CE=rows.CE_RAW,
-                      HAS_STATS=False, HAS_SUMS=False, SHARD=False, BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block, PEEL=peel)
+                      HAS_STATS=False, HAS_SUMS=False, SHARD=False, BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block,
+                      PEEL=peel, OPTS=opts)
     # As the JIT specialises a launch: 16-byte aligned pointers, and strides and widths
     # divisible by 16 where the vocabulary is (128256, 151936, ... are).
     aligned = ["S", "T", "G", "LOSS", "LABELS", "GRAD_SCALE", "STATS", "SUMS"]
     if vocab % 16 == 0:
         aligned += ["s_stride", "t_stride", "g_stride", "V", "g_width"]
     name = f"forward {divergence:10s} {'single' if cfg.single_block else 'multi '} block={cfg.block:<5d} " \
-           f"warps={cfg.num_warps:<2d} {dtype_class:6s} (V={vocab}{', peel' if peel else ''})"
+           f"warps={cfg.num_warps:<2d} {dtype_class:6s} (V={vocab}{', peel' if peel else ''}){_opts_name(opts)}"
     return name, fn, signature, constexprs, aligned, cfg.num_warps, cfg.num_stages
 
 
@@ -95,19 +120,19 @@ def _peel(divergence, cfg, vocab, dtype_class):
     return launch.peel_elements(divergence, *(ELEMENT_BYTES[ty] for ty in DTYPE_CLASSES[dtype_class]))
 
 
-def _row_stats_job(dtype_class, odd_vocab):
+def _row_stats_job(dtype_class, odd_vocab, opts=0):
     from fastkd.backends.triton import dense, launch, rows
 
     s_ty, t_ty = DTYPE_CLASSES[dtype_class]
     block = launch.MULTI_BLOCK
     signature = {"S": f"*{s_ty}", "T": f"*{t_ty}", "OUT": "*fp32", "s_stride": "i32", "t_stride": "i32", "V": "i32",
-                 "s_lead": "i32", "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32"}
+                 "s_lead": "i32", "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32", **OPTION_SCALARS}
     vocab = 50257 if odd_vocab else 32000
     peel = _peel(None, launch.LaunchConfig(block, False, launch.warps_for(block)), vocab, dtype_class)
-    constexprs = dict(RAW=rows.CE_RAW, BLOCK=block, PEEL=peel)
+    constexprs = dict(RAW=rows.CE_RAW, BLOCK=block, PEEL=peel, OPTS=opts)
     aligned = ["S", "T", "OUT"] + ([] if odd_vocab else ["s_stride", "t_stride", "V"])
     name = f"row_stats  block={block:<5d} warps={launch.warps_for(block):<2d} {dtype_class:6s} (V={vocab}" \
-           f"{', peel' if peel else ''})"
+           f"{', peel' if peel else ''}){_opts_name(opts)}"
     return name, dense.row_stats_kernel, signature, constexprs, aligned, launch.warps_for(block), 1
 
 
@@ -120,7 +145,7 @@ def _scale_grad_job(dtype):
     return name, scale_grad.scale_grad_kernel, signature, constexprs, ["G", "GO", "g_stride", "width"], 8, 1
 
 
-def _split_job(kernel, divergence, cfg, vocab, dtype_class):
+def _split_job(kernel, divergence, cfg, vocab, dtype_class, opts=0):
     """A kernel of the vocabulary-split path (split.py) at a multi-block class, with the
     heaviest flags (labels, CE at T != 1) and the forward kernel's peel."""
     from fastkd.backends.triton import dense, launch, rows, split
@@ -131,7 +156,7 @@ def _split_job(kernel, divergence, cfg, vocab, dtype_class):
     pointers = {"S": f"*{s_ty}", "T": f"*{t_ty}", "G": f"*{s_ty}", "LABELS": "*i64", "GRAD_SCALE": "*fp32",
                 "PART": "*fp32", "SUMS": "*fp64", "LOSS_PART": "*fp32"}
     constexprs = dict(DIVERGENCE=dense.DIVERGENCE_IDS[divergence], HAS_LABELS=True, CE=rows.CE_RAW,
-                      BLOCK=cfg.block, PEEL=peel, SPLITS=launch.MAX_SPLITS)
+                      BLOCK=cfg.block, PEEL=peel, SPLITS=launch.MAX_SPLITS, OPTS=opts)
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature = {a: pointers.get(a, "i32" if a in _SPLIT_INTS else "fp32")
                  for a in fn.arg_names if a not in constexprs}
@@ -140,11 +165,11 @@ def _split_job(kernel, divergence, cfg, vocab, dtype_class):
     if vocab % 16 == 0:
         aligned += [a for a in ("s_stride", "t_stride", "g_stride", "V", "g_width") if a in signature]
     name = f"split {kernel:10s} {divergence if kernel != 'row_stats' else '':10s} block={cfg.block:<5d} " \
-           f"warps={cfg.num_warps:<2d} {dtype_class:6s} (V={vocab}{', peel' if peel else ''})"
+           f"warps={cfg.num_warps:<2d} {dtype_class:6s} (V={vocab}{', peel' if peel else ''}){_opts_name(opts)}"
     return name, fn, signature, constexprs, aligned, cfg.num_warps, cfg.num_stages
 
 
-def _sparse_job(divergence, tail, k, dtype_class):
+def _sparse_job(divergence, tail, k, dtype_class, opts=0):
     """The sparse-teacher kernel (fastkd/backends/triton/sparse.py) at the sweeps' full block,
     with labels and CE at T != 1; K slots in a power-of-two block (64: the benchmark's K;
     1024: the largest the issue asks for)."""
@@ -161,12 +186,14 @@ def _sparse_job(divergence, tail, k, dtype_class):
         "K": "i32", "V": "i32",
         "g_width": "i32", "c": "fp32", "inv_temperature": "fp32", "temperature": "fp32", "beta": "fp32",
         "log_beta": "fp32", "log_1mb": "fp32", "div_weight": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
+        **OPTION_SCALARS,
     }
     constexprs = dict(DIVERGENCE=sparse.DIVERGENCE_IDS[divergence], TAIL=sparse.TAIL_IDS[tail], HAS_LABELS=True,
-                      CE=rows.CE_RAW, SWEEP=True, BLOCK=block, K_BLOCK=k_block, PERSISTENT=False)
+                      CE=rows.CE_RAW, SWEEP=True, BLOCK=block, K_BLOCK=k_block, PERSISTENT=False, OPTS=opts)
     aligned = ["S", "G", "IDS", "LPS", "SORTED", "LOSS", "LABELS", "GRAD_SCALE", "s_stride", "g_stride", "V",
                "g_width"]
-    name = f"sparse  {divergence:10s} {tail:6s} block={block:<5d} K={k_block:<4d} warps={warps:<2d} {dtype_class:6s}"
+    name = f"sparse  {divergence:10s} {tail:6s} block={block:<5d} K={k_block:<4d} warps={warps:<2d} {dtype_class:6s}" \
+           f"{_opts_name(opts)}"
     return name, fn, signature, constexprs, aligned, warps, 1
 
 
@@ -200,6 +227,27 @@ def jobs():
     out.append(("sparse", ("forward_kl", "none", 64, "16bit")))
     for divergence in ("forward_kl", "jsd"):
         out.append(("sparse", (divergence, "bucket", 1024, "16bit")))
+    return out + options_jobs()
+
+
+def options_jobs():
+    """Options-on variants (``options_on``: both softcaps, label smoothing, z-loss): the
+    forward kernel at every configuration class, the split passes at each multi-block class
+    (the row_stats pass once per peel, with forward_kl's), the row_stats kernel and the
+    sparse kernel, for 16-bit logits (the options change the arithmetic after the loads,
+    the same for every dtype class)."""
+    from fastkd.backends.triton import launch, rows
+
+    opts = options_on()
+    out = [("forward", (divergence, cfg, vocab, "16bit", opts))
+           for divergence, cfg, vocab in launch.config_classes(options=True)]
+    for divergence, cfg, vocab in launch.split_config_classes(options=True):
+        out.append(("split", ("row_stats" if divergence == "forward_kl" else "row_sums", divergence, cfg, vocab, "16bit",
+                              opts)))
+        out.append(("split", ("write_grad", divergence, cfg, vocab, "16bit", opts)))
+    out.append(("row_stats", ("16bit", True, opts & rows.TRANSFORMS)))  # as dense.row_stats launches it
+    out += [("sparse", (divergence, "bucket", 64, "16bit", opts)) for divergence in ("forward_kl", "reverse_kl", "jsd",
+                                                                                       "tvd")]
     return out
 
 
@@ -223,7 +271,8 @@ def compile_one(kind, args):
                                   options=dict(num_warps=num_warps, num_stages=num_stages, ptx_version=PTX_VERSION))
     ptx = compiled.asm["ptx"]
     result = dict(name=name, kind=kind, shared=compiled.metadata.shared, compile_s=round(time.time() - t0, 2),
-                  peeled=bool(constexprs.get("PEEL")), v4_loads=ptx.count("ld.global.v4"),
+                  peeled=bool(constexprs.get("PEEL")), options=bool(constexprs.get("OPTS")),
+                  v4_loads=ptx.count("ld.global.v4"),
                   v4_stores=ptx.count("st.global.v4"), ptxas={})
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
@@ -246,6 +295,15 @@ def compile_one(kind, args):
 def spills(result) -> bool:
     return any("error" in r or r["spill_stores"] or r["spill_loads"] or r["stack"]
                for r in result["ptxas"].values())
+
+
+def assembly_failed(result) -> bool:
+    return any("error" in r for r in result["ptxas"].values())
+
+
+def gating(result) -> bool:
+    """Whether the result fails the check: a spill with the options off, or no assembly."""
+    return assembly_failed(result) or (spills(result) and not result["options"])
 
 
 def unvectorised_peel(result) -> bool:
@@ -272,7 +330,7 @@ def format_table(results) -> str:
             p = r["ptxas"].get(lab, {})
             cells.append(f"{'ERROR':>24s}" if "error" in p else
                          f"{p['registers']:>10d} / {p['spill_stores']:>4d} / {p['spill_loads']:<4d}  ")
-        flag = "  <-- SPILLS" if spills(r) else ""
+        flag = "  <-- SPILLS" if gating(r) else "  <-- spills (options on: reported)" if spills(r) else ""
         flag += "  <-- PEEL NOT VECTORISED" if unvectorised_peel(r) else ""
         lines.append(f"{r['name']:64s} " + " ".join(cells) + f" {r['v4_loads']:>4d}/{r['v4_stores']:<4d}"
                      f" {r['shared']:>6d} {r['compile_s']:>6.1f}s{flag}")
@@ -287,10 +345,12 @@ def main(argv=None) -> int:
     t0 = time.time()
     results = run(args.workers)
     print(format_table(results))
-    bad = [r["name"] for r in results if spills(r)]
+    bad = [r["name"] for r in results if gating(r)]
     unvectorised = [r["name"] for r in results if unvectorised_peel(r)]
+    with_options = [r for r in results if r["options"]]
     print(f"\n{len(results)} configurations compiled for sm_90a in {time.time() - t0:.1f}s; "
-          f"{len(bad)} spill or fail to assemble; {len(unvectorised)} peeled without vector loads")
+          f"{len(bad)} spill or fail to assemble; {len(unvectorised)} peeled without vector loads; "
+          f"options on: {sum(spills(r) for r in with_options)} of {len(with_options)} spill (reported, not gating)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -6,8 +6,8 @@
     launch.py      launch decisions: block sizes, single/multi-block path, warps, the peel,
                    the vocabulary split, the device guard every launch runs under, and
                    the configuration classes the sm_90 no-spill check compiles
-    dense.py       the dense KD kernel (all divergences, CE) and the row_stats kernel, with
-                   the math, then their launchers
+    dense.py       the dense KD kernel (all divergences, CE, the logit options) and the
+                   row_stats kernel, with the math, then their launchers
     sparse.py      the sparse-teacher kernel (K ids and log-probs per token; every tail and
                    divergence, CE) in two passes over the row, with the math, then its launcher
     split.py       the dense forward with each row's columns split across programs (few
@@ -18,7 +18,7 @@
 
 Every kernel runs the phases that carry these names in every backend:
 
-    row_stats   per row and side: max and sum-exp, plus the T = 1 raw sum-exp for CE
+    row_stats   per row and side: max and sum-exp, plus the T = 1 raw sum-exp for CE (or z-loss)
     row_sums    per row, given the stats: the divergence value and the row sums the
                 gradient needs (the centring sums of reverse_kl / jsd, tvd's side masses)
     write_grad  per element: the gradient times the reduction scale, zero past vocab_size

@@ -15,12 +15,18 @@ the first V columns:
     ds   = grad_scale * (div_weight * dD/d(s/T) / T + ce_weight * (softmax(s) - onehot(label)))
 
 (div_weight = alpha T^2 or alpha, ce_weight = 1 - alpha, grad_scale the reduction's
-1/denominator, read from device memory). The semantics, including every guard, are those
+1/denominator, read from device memory). With the logit options (rows.py: OPTS; the
+contract is csrc/kd_params.h's) s and t above are each side's transformed logits s', t'
+from their loads on, and with eps = label_smoothing, lambda = z_loss, lse' = lse(s'):
+
+    loss += ce_weight ((1 - eps) (lse' - s'[label]) + eps/V sum_i (lse' - s'_i)) + lambda lse'^2
+    ds'   = ... + (ce_weight + 2 lambda lse') softmax(s') - ce_weight ((1 - eps) onehot + eps/V)
+    ds    = ds' * m (1 - (s'/c)^2)      (m alone without a softcap c) The semantics, including every guard, are those
 of the C++ CPU kernel (csrc/cpu/kd_cpu.cpp), which this file mirrors. The kernel runs the
 three phases of every backend (rows.py):
 
     row_stats   max and sum-exp of both sides, plus the T=1 sum-exp of s for the CE term
-                when T != 1: ``row_stats_block`` / ``row_stats_sweep`` (an online softmax
+                (or the z-loss) when T != 1: ``row_stats_block`` / ``row_stats_sweep`` (an online softmax
                 whose running sums are per-lane vectors), or read from a caller's row_stats
     row_sums    the divergence value D and the sums the gradient needs: sum q h (reverse_kl,
                 jsd) or the student mass on each side of p (tvd); sums of the terms in
@@ -66,10 +72,12 @@ import triton.language as tl
 from ...config import DIVERGENCES, KernelSettings, resolve_divergence
 from .. import ROW_SUMS_WIDTH, check_operator_args
 from . import launch
-from .launch import base_lead, kernel_launch, launch_config, peel_columns, vocab_splits, warps_for
-from .rows import (CE_NONE, CE_RAW, CE_SHARED, LN2, LOG2E, ROW_STATS_WIDTH, add_block_sums, aligned_base,
-                   anchor, anchors, fill_row, load_block, load_pair, row_base, row_stats_block, row_stats_sweep,
-                   row_lead, write_grad, write_grad_block, zero32, zero64)
+from .launch import (base_lead, ce_mode, kernel_launch, launch_config, logit_options, peel_columns, vocab_splits,
+                     warps_for)
+from .rows import (CE_RAW, CE_SHARED, LN2, LOG2E, OPT_NO_CE, OPT_SMOOTH, ROW_STATS_WIDTH, add_block_sums,
+                   aligned_base, anchor, anchors, fill_row, hard_label_grads, hard_label_loss, load_block, load_pair,
+                   row_base, row_stats_block, row_stats_sweep, row_lead, student_x, write_grad, write_grad_block,
+                   zero32, zero64)
 
 DIVERGENCE_IDS = {name: i for i, name in enumerate(DIVERGENCES)}  # the kernels' ids (fastkd/config.py)
 _FORWARD_KL = tl.constexpr(DIVERGENCE_IDS["forward_kl"])
@@ -80,6 +88,8 @@ _ROW_STATS_WIDTH = tl.constexpr(ROW_STATS_WIDTH)
 _ROW_SUMS_WIDTH = tl.constexpr(ROW_SUMS_WIDTH)
 _CE_SHARED = tl.constexpr(CE_SHARED)  # CE at T == 1: its softmax is the student's own
 _CE_RAW = tl.constexpr(CE_RAW)        # CE at T != 1: a third sum-exp, of the raw logits
+_SMOOTH = tl.constexpr(OPT_SMOOTH)
+_NO_CE = tl.constexpr(OPT_NO_CE)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -203,22 +213,23 @@ def _row_sums_parts(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE: tl
 
 @triton.jit
 def _row_sums_sweep(s_base, t_base, lead, begin, end, V, c, lse2_s, lse2_t, log2_beta, log2_1mb,
-                    acc0, acc1, acc2, acc3, DIVERGENCE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
+                    acc0, acc1, acc2, acc3, xo, DIVERGENCE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
+                    OPTS: tl.constexpr):
     """row_sums of the multi-block path (tvd, reverse_kl, jsd) over the blocks at positions
     [begin, end) of the row's frame (``row_stats_sweep``): one more read of the row,
     the four sums of ``_row_sums_parts`` added block by block onto acc0..acc3, in their
     precision (``add_block_sums``). Scalar running sums: vector accumulators would cost
     4 x 8 registers on top of the divergence math."""
     for start in range(begin, end, BLOCK):
-        s, t, _ = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
+        s, t, _ = load_block(s_base, t_base, start, lead, V, xo, BLOCK, PEEL, OPTS)
         x0, x1, x2, x3 = _row_sums_parts(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
         acc0, acc1, acc2, acc3 = add_block_sums(acc0, acc1, acc2, acc3, x0, x1, x2, x3)
     return acc0, acc1, acc2, acc3
 
 
 @triton.jit
-def _row_sums_whole_row(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE: tl.constexpr,
-                        BLOCK: tl.constexpr, PEEL: tl.constexpr):
+def _row_sums_whole_row(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta, log2_1mb, xo, DIVERGENCE: tl.constexpr,
+                        BLOCK: tl.constexpr, PEEL: tl.constexpr, OPTS: tl.constexpr):
     """``_row_sums_sweep`` over the whole row, in each divergence's precision: fp32 running
     sums for tvd's side masses, fp64 for the centring sums of reverse_kl and jsd."""
     if DIVERGENCE == _TVD:
@@ -226,7 +237,7 @@ def _row_sums_whole_row(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta, l
     else:
         zero = zero64()
     return _row_sums_sweep(s_base, t_base, lead, 0, V + lead, V, c, lse2_s, lse2_t, log2_beta, log2_1mb,
-                           zero, zero, zero, zero, DIVERGENCE, BLOCK, PEEL)
+                           zero, zero, zero, zero, xo, DIVERGENCE, BLOCK, PEEL, OPTS)
 
 
 @triton.jit
@@ -272,19 +283,24 @@ def _divergence_value(sums_value, sweep_value, beta, DIVERGENCE: tl.constexpr):
 
 @triton.jit
 def _write_grad_sweep(s_base, t_base, g_base, lead, begin, end, V, g_width, label, c, lse2_s, lse2_t, log2_beta,
-                      log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gce,
-                      DIVERGENCE: tl.constexpr, CE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
+                      log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gh, xo,
+                      DIVERGENCE: tl.constexpr, CE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
+                      OPTS: tl.constexpr):
     """write_grad of the multi-block path over the blocks at positions [begin, end) of a
     row's frame (rows.py: peeled rows; 0 and g_width + lead: the whole row), given the
     row constants k0..k3 (``_grad_constants``; unused by forward_kl). Returns the sweep's
     value of D (``_divergence_value``): forward_kl's terms summed as a per-lane vector,
     JSD's sum p (log p - log m) (the loss only) one block sum per block: as a fifth sum of
     the sums sweep it took the 16-bit build from 64 to 70 registers (a 4-byte spill under
-    the CUDA toolkit's ptxas)."""
+    the CUDA toolkit's ptxas). With label smoothing (OPT_SMOOTH) also the sum of s' over
+    the blocks' columns below V (the CE term's eps/V part), else 0: (value, sum_s)."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     kl_pm = zero32()
+    sum_s = zero32()
     for start in range(begin, end, BLOCK):
-        s, t, block_cols = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
+        s, t, block_cols = load_block(s_base, t_base, start, lead, V, xo, BLOCK, PEEL, OPTS)
+        if (_SMOOTH & OPTS) != 0:
+            sum_s += tl.sum(tl.where((block_cols >= 0) & (block_cols < V), s, 0.0), axis=0)
         if DIVERGENCE == _FORWARD_KL:
             d, w = _forward_kl_terms(s, t, c, lse2_s, lse2_t)
             acc += d
@@ -296,11 +312,12 @@ def _write_grad_sweep(s_base, t_base, g_base, lead, begin, end, V, g_width, labe
             if DIVERGENCE == _JSD:
                 kl_pm += tl.sum(pm, axis=0)
             w = _centre(q, h, k0, k1, k2, k3)
-        write_grad_block(g_base, start, block_cols, V, g_width, s, w, gdiv, label, lse2_r, gce, CE, BLOCK, PEEL)
+        write_grad_block(g_base, start, block_cols, V, g_width, s, w, gdiv, label, lse2_r, gh, xo, CE, BLOCK, PEEL,
+                         OPTS)
     if DIVERGENCE == _FORWARD_KL:
-        return tl.sum(acc, axis=0)
+        return tl.sum(acc, axis=0), sum_s
     else:
-        return kl_pm
+        return kl_pm, sum_s
 
 
 # ---------------------------------------------------------------------------------------
@@ -324,19 +341,25 @@ def _external_row_sums(sums_ptr, DIVERGENCE: tl.constexpr):
 @triton.jit
 def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, g_width,
             c, inv_temperature, temperature, beta, log2_beta, log2_1mb,
-            div_weight, ce_weight, gdiv, gce,
+            div_weight, ce_weight, gdiv, gce, scale, xo,
             DIVERGENCE: tl.constexpr, CE: tl.constexpr, HAS_STATS: tl.constexpr, HAS_SUMS: tl.constexpr,
-            BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr):
+            BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr, OPTS: tl.constexpr):
     """One row: its loss into loss_ptr and its gradient. label -1: none in this row (a
     vocab-parallel slice without the label's column: no one-hot, no label logit).
-    HAS_SUMS: the row sums come from sums_ptr (vocab-parallel: summed over the slices)."""
+    HAS_SUMS: the row sums come from sums_ptr (vocab-parallel: summed over the slices).
+    s and t hold s' and t' from their loads on (rows.py: the logit transforms)."""
+    CE_TERM: tl.constexpr = CE != 0 and (_NO_CE & OPTS) == 0  # else the T = 1 statistics are the z-loss's
     cols = tl.arange(0, BLOCK)
     s_label = 0.0
-    if CE != 0:
+    if CE_TERM:
         # before an in-place write over it
-        s_label = tl.load(s_row + tl.maximum(label, 0)).to(tl.float32) * (label >= 0).to(tl.float32)
+        s_label = student_x(tl.load(s_row + tl.maximum(label, 0)).to(tl.float32), True, xo, OPTS) * \
+            (label >= 0).to(tl.float32)
+    sum_s = 0.0  # of s' over the row (label smoothing's term of the loss)
     if SINGLE_BLOCK:
-        s, t = load_pair(s_row, t_row, cols, V)
+        s, t = load_pair(s_row, t_row, cols, V, xo, OPTS)
+        if CE_TERM and (_SMOOTH & OPTS) != 0:
+            sum_s = tl.sum(tl.where(cols < V, s, 0.0), axis=0)
     else:  # the sweeps' frame (rows.py: peeled rows)
         s_base = aligned_base(s_row, lead, PEEL)
         t_base = aligned_base(t_row, lead, PEEL)
@@ -357,7 +380,7 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
             m_s, z_s, m_t, z_t, z_r = row_stats_block(s, t, c, inv_temperature, temperature, CE == _CE_RAW)
         else:
             m_s, z_s, m_t, z_t, z_r = row_stats_sweep(s_base, t_base, lead, 0, V + lead, V, c, inv_temperature,
-                                                      temperature, BLOCK, CE == _CE_RAW, PEEL)
+                                                      temperature, xo, BLOCK, CE == _CE_RAW, PEEL, OPTS)
         a_s, a_t, a_r = anchors(m_s, m_t, inv_temperature, temperature)
     if CE == _CE_SHARED:  # T == 1: the CE softmax is the student's own
         z_r = z_s
@@ -367,18 +390,19 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
     lse2_r = 0.0
     if CE != 0:
         lse2_r = anchor(a_r) + tl.log2(z_r)
+    gh = hard_label_grads(gce, scale, lse2_r, xo, OPTS)
 
     # row_sums and write_grad.
     if DIVERGENCE == _FORWARD_KL:
         # No row sum is needed before the gradient: D is summed while write_grad runs.
         if SINGLE_BLOCK:
             d, w = _forward_kl_terms(s, t, c, lse2_s, lse2_t)
-            write_grad(g_row, cols, V, g_width, s, w, gdiv, label, lse2_r, gce, CE)
+            write_grad(g_row, cols, V, g_width, s, w, gdiv, label, lse2_r, gh, xo, CE, OPTS)
             D = _divergence_value(0.0, tl.sum(d, axis=0), beta, DIVERGENCE)
         else:
-            d_sum = _write_grad_sweep(s_base, t_base, g_base, lead, 0, g_width + lead, V, g_width, label, c, lse2_s,
-                                      lse2_t, log2_beta, log2_1mb, 0.0, 0.0, 0.0, 0.0, gdiv, lse2_r, gce, DIVERGENCE,
-                                      CE, BLOCK, PEEL)
+            d_sum, sum_s = _write_grad_sweep(s_base, t_base, g_base, lead, 0, g_width + lead, V, g_width, label, c,
+                                             lse2_s, lse2_t, log2_beta, log2_1mb, 0.0, 0.0, 0.0, 0.0, gdiv, lse2_r,
+                                             gh, xo, DIVERGENCE, CE, BLOCK, PEEL, OPTS)
             D = _divergence_value(0.0, d_sum, beta, DIVERGENCE)
     elif DIVERGENCE == _TVD:
         if SINGLE_BLOCK:
@@ -391,13 +415,15 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
             sum0, sum1, sum2, sum3 = _external_row_sums(sums_ptr, DIVERGENCE)
         elif not SINGLE_BLOCK:
             sum0, sum1, sum2, sum3 = _row_sums_whole_row(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta,
-                                                         log2_1mb, DIVERGENCE, BLOCK, PEEL)
+                                                         log2_1mb, xo, DIVERGENCE, BLOCK, PEEL, OPTS)
         k0, k1, k2, k3, sums_value = _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE)
         if SINGLE_BLOCK:
-            write_grad(g_row, cols, V, g_width, s, _tvd_grad(q, diff, k0, k1, k2), gdiv, label, lse2_r, gce, CE)
+            write_grad(g_row, cols, V, g_width, s, _tvd_grad(q, diff, k0, k1, k2), gdiv, label, lse2_r, gh, xo, CE,
+                       OPTS)
         else:
-            _write_grad_sweep(s_base, t_base, g_base, lead, 0, g_width + lead, V, g_width, label, c, lse2_s, lse2_t,
-                              log2_beta, log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gce, DIVERGENCE, CE, BLOCK, PEEL)
+            _, sum_s = _write_grad_sweep(s_base, t_base, g_base, lead, 0, g_width + lead, V, g_width, label, c,
+                                         lse2_s, lse2_t, log2_beta, log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gh, xo,
+                                         DIVERGENCE, CE, BLOCK, PEEL, OPTS)
         D = _divergence_value(sums_value, 0.0, beta, DIVERGENCE)
     else:  # reverse_kl, jsd: dD/d(s/T) = scale q (h - sum q h)
         # Row sums: a tree within a block (tl.sum / tl.reduce: a few in-thread adds, then
@@ -419,21 +445,22 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
             sum0, sum1, sum2, sum3 = _external_row_sums(sums_ptr, DIVERGENCE)
         elif not SINGLE_BLOCK:
             sum0, sum1, sum2, sum3 = _row_sums_whole_row(s_base, t_base, lead, V, c, lse2_s, lse2_t, log2_beta,
-                                                         log2_1mb, DIVERGENCE, BLOCK, PEEL)
+                                                         log2_1mb, xo, DIVERGENCE, BLOCK, PEEL, OPTS)
         k0, k1, k2, k3, sums_value = _grad_constants(sum0, sum1, sum2, sum3, beta, DIVERGENCE)
         if SINGLE_BLOCK:
-            write_grad(g_row, cols, V, g_width, s, _centre(q, h, k0, k1, k2, k3), gdiv, label, lse2_r, gce, CE)
+            write_grad(g_row, cols, V, g_width, s, _centre(q, h, k0, k1, k2, k3), gdiv, label, lse2_r, gh, xo, CE,
+                       OPTS)
         else:
-            kl_pm = _write_grad_sweep(s_base, t_base, g_base, lead, 0, g_width + lead, V, g_width, label, c, lse2_s,
-                                      lse2_t, log2_beta, log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gce, DIVERGENCE,
-                                      CE, BLOCK, PEEL)
+            kl_pm, sum_s = _write_grad_sweep(s_base, t_base, g_base, lead, 0, g_width + lead, V, g_width, label, c,
+                                             lse2_s, lse2_t, log2_beta, log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gh, xo,
+                                             DIVERGENCE, CE, BLOCK, PEEL, OPTS)
         D = _divergence_value(sums_value, kl_pm, beta, DIVERGENCE)
 
     if SINGLE_BLOCK:
         fill_row(g_row, BLOCK, g_width, 0.0, BLOCK)  # student columns past the block
     row_loss = div_weight * D
     if CE != 0:
-        row_loss += ce_weight * (lse2_r * LN2 - s_label)
+        row_loss += hard_label_loss(lse2_r, s_label, sum_s, ce_weight, xo, CE_TERM, OPTS)
     tl.store(loss_ptr, row_loss)
 
 
@@ -442,12 +469,14 @@ def kd_forward_kernel(
     S, T, G, LOSS, LABELS, GRAD_SCALE, STATS, SUMS,
     s_stride, t_stride, g_stride, V, g_width, s_lead, vocab_start,
     c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, ignore_index,
+    s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr, HAS_STATS: tl.constexpr,
     HAS_SUMS: tl.constexpr, SHARD: tl.constexpr,
-    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr,
+    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr, OPTS: tl.constexpr,
 ):
     """The fused forward of whole rows; SHARD: the vocab-parallel write_grad of one slice
-    (labels are global ids, the slice starts at vocab_start, a label elsewhere is no error)."""
+    (labels are global ids, the slice starts at vocab_start, a label elsewhere is no error).
+    s_mul .. z_loss: the logit options' scalars (rows.py: XO), read where OPTS says."""
     row = tl.program_id(0).to(tl.int64)
     s_row = row_base(S, row, s_stride)
     t_row = row_base(T, row, t_stride)
@@ -455,6 +484,7 @@ def kd_forward_kernel(
     lead = row_lead(s_lead, row, s_stride, PEEL)  # one lead for s, t and g (launch.peel_columns)
     stats_row = STATS + row * _ROW_STATS_WIDTH
     sums_row = SUMS + row * _ROW_SUMS_WIDTH
+    xo = (s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss)
     scale = tl.load(GRAD_SCALE).to(tl.float32)
     gdiv = scale * div_weight * inv_temperature
     gce = scale * ce_weight
@@ -475,26 +505,29 @@ def kd_forward_kernel(
         else:
             _kd_row(s_row, t_row, g_row, lead, LOSS + row, stats_row, sums_row, label, V, g_width,
                     c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, gdiv, gce,
-                    DIVERGENCE, CE, HAS_STATS, HAS_SUMS, BLOCK, SINGLE_BLOCK, PEEL)
+                    scale, xo, DIVERGENCE, CE, HAS_STATS, HAS_SUMS, BLOCK, SINGLE_BLOCK, PEEL, OPTS)
     else:
         _kd_row(s_row, t_row, g_row, lead, LOSS + row, stats_row, sums_row, -1, V, g_width,
                 c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, gdiv, gce,
-                DIVERGENCE, CE, HAS_STATS, HAS_SUMS, BLOCK, SINGLE_BLOCK, PEEL)
+                scale, xo, DIVERGENCE, CE, HAS_STATS, HAS_SUMS, BLOCK, SINGLE_BLOCK, PEEL, OPTS)
 
 
 @triton.jit
 def row_stats_kernel(S, T, OUT, s_stride, t_stride, V, s_lead, c, inv_temperature, temperature,
-                     RAW: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
+                     s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss,
+                     RAW: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr, OPTS: tl.constexpr):
     """[N, ROW_STATS_WIDTH] row_stats for a vocab-parallel caller: (max_s, sum_s, max_t, sum_t,
-    sum_raw).
+    sum_raw), of the transformed logits s' and t' (OPTS, rows.py).
 
     RAW: CE_NONE (sum_raw = 0), CE_SHARED (T == 1: sum_raw = sum_s) or CE_RAW (T != 1).
     """
     row = tl.program_id(0).to(tl.int64)
     lead = row_lead(s_lead, row, s_stride, PEEL)
+    xo = (s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss)
     m_s, z_s, m_t, z_t, z_r = row_stats_sweep(aligned_base(row_base(S, row, s_stride), lead, PEEL),
                                               aligned_base(row_base(T, row, t_stride), lead, PEEL), lead, 0, V + lead,
-                                              V, c, inv_temperature, temperature, BLOCK, RAW == _CE_RAW, PEEL)
+                                              V, c, inv_temperature, temperature, xo, BLOCK, RAW == _CE_RAW, PEEL,
+                                              OPTS)
     if RAW == _CE_SHARED:
         z_r = z_s
     out = OUT + row * _ROW_STATS_WIDTH
@@ -507,12 +540,6 @@ def row_stats_kernel(S, T, OUT, s_stride, t_stride, V, s_lead, c, inv_temperatur
 
 # ---------------------------------------------------------------------------------------
 # Launchers.
-
-def _ce_mode(ce_weight: float, inv_temperature: float) -> int:
-    if ce_weight == 0.0:
-        return CE_NONE
-    return CE_SHARED if float(inv_temperature) == 1.0 else CE_RAW
-
 
 def _log2_or_ninf(x: float) -> float:
     return math.log2(x) if x > 0.0 else float("-inf")
@@ -535,7 +562,8 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSe
     # JSD at beta 0 / 1 is forward / reverse KL; resolved here as well as in Python, since
     # under torch.compile beta may have been a traced value there.
     divergence = resolve_divergence(k.divergence, k.beta)
-    cfg = launch_config(k.vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE)
+    opts, xo = logit_options(k)
+    cfg = launch_config(k.vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE, opts != 0)
     peel = 0 if cfg.single_block else peel_columns(k.vocab_size, divergence, student, teacher, grad)
     c, inv_t, temp, log2_beta, log2_1mb = kernel_scalars(k.inv_temperature, k.beta)
     # Few rows at a large V: the vocabulary split across programs (split.py). A caller's
@@ -546,8 +574,8 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSe
         from . import split as split_path  # it builds on this module's kernels
 
         return split_path.launch(student, teacher, labels, grad_scale, grad, k, divergence, cfg, split, peel,
-                                 base_lead(student, peel), (c, inv_t, temp, log2_beta, log2_1mb),
-                                 _ce_mode(k.ce_weight, k.inv_temperature))
+                                 base_lead(student, peel), (c, inv_t, temp, log2_beta, log2_1mb), ce_mode(k),
+                                 opts, xo)
     with kernel_launch(student.device):
         kd_forward_kernel[(n,)](
             student, teacher, grad, loss,
@@ -558,11 +586,11 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSe
             student.stride(0), teacher.stride(0), grad.stride(0), k.vocab_size, grad.shape[1],
             base_lead(student, peel), 0 if vocab_start is None else int(vocab_start),
             c, inv_t, temp, float(k.beta), log2_beta, log2_1mb, float(k.div_weight), float(k.ce_weight),
-            int(k.ignore_index),
+            int(k.ignore_index), *xo,
             DIVERGENCE=DIVERGENCE_IDS[divergence], HAS_LABELS=labels is not None,
-            CE=_ce_mode(k.ce_weight, k.inv_temperature), HAS_STATS=row_stats is not None,
+            CE=ce_mode(k), HAS_STATS=row_stats is not None,
             HAS_SUMS=row_sums is not None, SHARD=vocab_start is not None,
-            BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block, PEEL=peel,
+            BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block, PEEL=peel, OPTS=opts,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return loss
@@ -583,8 +611,8 @@ def forward_inplace(student, teacher, labels, grad_scale, row_stats, k: KernelSe
 
 
 def row_stats(student, teacher, k: KernelSettings):
-    """[N, ROW_STATS_WIDTH] float32 row_stats of both sides (the row_stats kernel); the CE
-    column only when the CE term is on (ce_weight != 0)."""
+    """[N, ROW_STATS_WIDTH] float32 row_stats of both sides' transformed logits (the row_stats
+    kernel); the T = 1 column only when the CE term or the z-loss is on."""
     check_operator_args(student, teacher, None, None, None, k, SUPPORTED_DTYPES)
     n = student.shape[0]
     out = torch.empty((n, ROW_STATS_WIDTH), dtype=torch.float32, device=student.device)
@@ -592,10 +620,10 @@ def row_stats(student, teacher, k: KernelSettings):
         return out
     block = min(triton.next_power_of_2(k.vocab_size), launch.BLOCK_OVERRIDE or launch.MULTI_BLOCK)
     c, inv_t, temp, _, _ = kernel_scalars(k.inv_temperature, 0.5)
-    raw = (CE_SHARED if inv_t == 1.0 else CE_RAW) if k.ce_weight != 0.0 else CE_NONE
     peel = peel_columns(k.vocab_size, None, student, teacher)
+    opts, xo = logit_options(k, transforms_only=True)
     with kernel_launch(student.device):
         row_stats_kernel[(n,)](student, teacher, out, student.stride(0), teacher.stride(0), k.vocab_size,
-                               base_lead(student, peel), c, inv_t, temp, RAW=raw, BLOCK=block, PEEL=peel,
-                               num_warps=warps_for(block))
+                               base_lead(student, peel), c, inv_t, temp, *xo, RAW=ce_mode(k), BLOCK=block, PEEL=peel,
+                               OPTS=opts, num_warps=warps_for(block))
     return out

@@ -17,6 +17,9 @@ where :func:`peel_columns` finds one lead that aligns every tensor. Every launch
 :func:`vocab_splits` cuts the multi-block rows' columns across programs when there are
 few rows (dense.py's split path, split.py).
 
+:func:`logit_options` selects the kernels' variant for the logit options (rows.py: OPTS and
+its scalars), :func:`ce_mode` their T = 1 statistics: OPTS = 0 where no option is on.
+
 :func:`config_classes` (and :func:`split_config_classes`) list the distinct configurations
 these can return, for the sm_90 no-spill compile check (``.ci/triton_sm90_check.py``, tests/test_triton_compile.py).
 """
@@ -27,7 +30,8 @@ from typing import Iterator, Optional
 import torch
 import triton
 
-from .rows import kernels_interpreted
+from .rows import (CE_NONE, CE_RAW, CE_SHARED, OPT_NO_CE, OPT_SMOOTH, OPT_ZLOSS, TRANSFORMS, X_CAP, X_SCALE,
+                   kernels_interpreted)
 
 MAX_BLOCK = 16384  # columns per tensor per block
 
@@ -38,6 +42,10 @@ MAX_BLOCK = 16384  # columns per tensor per block
 # divergences at 16384 spill (q, h and log m live across two row reductions). Checked
 # for sm_90 by tests/test_triton_compile.py.
 SINGLE_BLOCK_MAX = {"forward_kl": 16384, "reverse_kl": 8192, "jsd": 8192, "tvd": 8192}
+# With a logit option on, forward_kl's 16384-column block has no register left for the
+# options' temporaries (16 to 164 bytes of spill for sm_90, by option): 8192 for every
+# divergence (rows from 8193 to 16384 columns then take forward_kl's two-read sweeps).
+SINGLE_BLOCK_MAX_OPTIONS = {divergence: min(limit, 8192) for divergence, limit in SINGLE_BLOCK_MAX.items()}
 
 # Columns per loop iteration in the multi-block sweeps: 8 per thread at 8 warps. ptxas
 # aims at 64 registers here (four programs per SM); at 4096 columns x 16 warps the fp32
@@ -85,8 +93,9 @@ class LaunchConfig:
 
 
 def launch_config(vocab_size: int, student_dtype: torch.dtype, teacher_dtype: torch.dtype,
-                  divergence: str, block_override: Optional[int] = None) -> LaunchConfig:
-    """Block size, path and warps for one row of ``vocab_size`` columns.
+                  divergence: str, block_override: Optional[int] = None, options: bool = False) -> LaunchConfig:
+    """Block size, path and warps for one row of ``vocab_size`` columns; ``options``: a
+    logit option is on (``logit_options`` gives a nonzero OPTS).
 
     Eight fp32 values of each tensor per thread (two 16-byte loads of fp32, one of 16-bit
     data), sixteen only for forward_kl's 16384-column single block (32 warps is the most
@@ -100,9 +109,46 @@ def launch_config(vocab_size: int, student_dtype: torch.dtype, teacher_dtype: to
             block = triton.next_power_of_2(vocab_size)
         return LaunchConfig(block, single, warps_for(block))
     full = triton.next_power_of_2(vocab_size)
-    if full <= SINGLE_BLOCK_MAX[divergence]:
+    if full <= (SINGLE_BLOCK_MAX_OPTIONS if options else SINGLE_BLOCK_MAX)[divergence]:
         return LaunchConfig(full, True, warps_for(full))
     return LaunchConfig(MULTI_BLOCK, False, warps_for(MULTI_BLOCK))
+
+
+def ce_mode(k) -> int:
+    """The T = 1 statistics a launch computes (rows.py: CE modes), for the CE term or the
+    z-loss: none, shared with the student's softmax (T == 1) or a third sum-exp."""
+    if k.ce_weight == 0.0 and k.z_loss == 0.0:
+        return CE_NONE
+    return CE_SHARED if float(k.inv_temperature) == 1.0 else CE_RAW
+
+
+def _side(scale: float, cap: float):
+    """(transform bits, multiplier) of one side: m x, or c tanh((m / c) x); (0, 1.0) for neither."""
+    if cap > 0.0:
+        return X_CAP, scale / cap
+    if scale != 1.0:
+        return X_SCALE, scale
+    return 0, 1.0
+
+
+def logit_options(k, row_stats_sum: bool = False, transforms_only: bool = False):
+    """(OPTS, XO) of a launch from its settings ``k`` (KernelSettings): the constexpr bit set
+    and the tuple of fp32 scalars of rows.py (its module docstring: the logit options).
+    OPT_SMOOTH goes with the CE term (it changes nothing without it), except for
+    ``row_stats_sum`` (shard_row_stats: the sum of s' whenever label_smoothing > 0);
+    ``transforms_only``: the transform bits alone, for a kernel that reads no T = 1 term
+    (one compiled variant whatever the CE term's options)."""
+    s_bits, s_mul = _side(k.logit_scale, k.softcap_value)
+    t_bits, t_mul = _side(k.teacher_scale, k.teacher_softcap_value)
+    opts = s_bits | (t_bits << 2)
+    if k.label_smoothing != 0.0 and (k.ce_weight != 0.0 or row_stats_sum):
+        opts |= OPT_SMOOTH
+    if k.z_loss != 0.0:
+        opts |= OPT_ZLOSS if k.ce_weight != 0.0 else OPT_ZLOSS | OPT_NO_CE
+    cap = k.softcap_value
+    xo = (s_mul, cap, float(k.logit_scale), 1.0 / cap if cap > 0.0 else 0.0, t_mul, k.teacher_softcap_value,
+          1.0 - k.label_smoothing, float(k.smooth_per_class), float(k.z_loss))
+    return opts & TRANSFORMS if transforms_only else opts, tuple(float(x) for x in xo)
 
 
 @dataclass(frozen=True)
@@ -211,8 +257,9 @@ def peeled_variant(cfg: LaunchConfig, vocab: int) -> bool:
     return not cfg.single_block and vocab % 16 != 0
 
 
-def config_classes():
-    """The distinct kernel configurations the launcher can pick, a worst case of each class.
+def config_classes(options: bool = False):
+    """The distinct kernel configurations the launcher can pick, a worst case of each class
+    (``options``: with a logit option on, as ``launch_config`` takes it).
 
     A class is (divergence, path, num_warps, peeled); its worst case for registers is its
     largest block, and the smallest block of a class (tiny vocabularies: fewer columns
@@ -224,7 +271,7 @@ def config_classes():
     largest, smallest = {}, {}
     for divergence in SINGLE_BLOCK_MAX:  # every divergence
         for v in _config_probe_vocab_sizes():
-            cfg = launch_config(v, torch.bfloat16, torch.bfloat16, divergence)
+            cfg = launch_config(v, torch.bfloat16, torch.bfloat16, divergence, options=options)
             key = (divergence, cfg.single_block, cfg.num_warps, peeled_variant(cfg, v))
             if key not in largest or cfg.block > largest[key][1].block:
                 largest[key] = (divergence, cfg, v)
@@ -235,11 +282,11 @@ def config_classes():
     return out
 
 
-def split_config_classes():
+def split_config_classes(options: bool = False):
     """The configurations of the vocabulary-split kernels (split.py): the multi-block
     classes of :func:`config_classes`, the only ones :func:`vocab_splits` splits. Its
     passes run the forward kernel's sweeps at the same block, warps and peel."""
-    return [entry for entry in config_classes() if not entry[1].single_block]
+    return [entry for entry in config_classes(options) if not entry[1].single_block]
 
 
 def device_guard(device: torch.device):

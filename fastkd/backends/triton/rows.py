@@ -3,8 +3,9 @@
 Each kernel works in the three phases that carry the same names in every backend:
 
     row_stats   per row and side: max and sum-exp of s/T and t/T, plus the T = 1 sum-exp of
-                s for the CE term (``row_stats_sweep``: one read of the row; ``row_stats_block``:
-                a row already in registers). Stored as ROW_STATS_WIDTH floats per row.
+                s for the CE term or the z-loss (``row_stats_sweep``: one read of the row;
+                ``row_stats_block``: a row already in registers). Stored as ROW_STATS_WIDTH
+                floats per row.
     row_sums    per row, given the stats: the divergence value and the sums its gradient
                 needs (the divergence's own terms live with its kernel; the block sums and
                 their fp32 / fp64 accumulation across blocks are ``sum4`` / ``add_block_sums``)
@@ -18,6 +19,15 @@ units) would be, so internal and external statistics give bitwise the same resul
 of -inf (every entry masked) anchors at 0, since exp2(-inf - -inf) is NaN.
 
 Row offsets are int64 (row * stride), so N*V > 2^31 works.
+
+The logit options (csrc/kd_params.h states their contract) reach every kernel as OPTS, a
+constexpr set of the bits below that the launcher picks (launch.logit_options), and XO, a
+tuple of fp32 scalars. The loads transform each side at once (``load_pair``, ``load_block``:
+s' = m s, or c tanh(m s / c) with a softcap; ``tanh``), so every phase after them works on
+s' and t' as it worked on s and t; write_grad multiplies by the chain factor ds'/ds
+(``student_chain``) and adds the label-smoothed CE and z-loss terms (``hard_label_grad``).
+OPTS = 0 compiles each kernel as it was before the options: every use is behind a
+constexpr test.
 
 Peeled rows (multi block, PEEL > 0): a row that does not start on 16 bytes (odd V: 50257,
 32001) loses vector loads, since the compiler vectorises only what it can prove aligned,
@@ -51,10 +61,96 @@ INTERPRETED = tl.constexpr(_interpreting())
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# CE modes (constexpr): no CE term; CE at T == 1 (its softmax is the student's own, so the
-# statistics are shared); CE at T != 1 (a third running sum-exp, of the raw logits).
+# CE modes (constexpr): the T = 1 statistics of the CE term (or of the z-loss, OPT_ZLOSS):
+# none; at T == 1 (its softmax is the student's own, so the statistics are shared); at
+# T != 1 (a third running sum-exp, of the raw logits).
 CE_NONE, CE_SHARED, CE_RAW = 0, 1, 2
 
+# OPTS bits (constexpr). The student's transform is OPTS & 3, the teacher's (OPTS >> 2) & 3:
+# 0 none, X_SCALE x' = m x, X_CAP x' = c tanh(m x / c).
+X_SCALE, X_CAP = 1, 2
+TRANSFORMS = 15  # both sides' transform bits (what a kernel that reads no T = 1 term takes)
+OPT_SMOOTH = 16  # label smoothing on the CE term (shard_row_stats: the sum of s', column 6)
+OPT_ZLOSS = 32   # the z-loss: lambda lse(s')^2, with the T = 1 statistics (CE mode != CE_NONE)
+OPT_NO_CE = 64   # the T = 1 statistics serve the z-loss alone: no CE term (ce_weight == 0)
+_X_SCALE = tl.constexpr(X_SCALE)
+_X_CAP = tl.constexpr(X_CAP)
+_SMOOTH = tl.constexpr(OPT_SMOOTH)
+_ZLOSS = tl.constexpr(OPT_ZLOSS)
+_NO_CE = tl.constexpr(OPT_NO_CE)
+_HARD_OPTS = tl.constexpr(OPT_SMOOTH | OPT_ZLOSS)
+# XO, the options' scalars (launch.logit_options), by position: the student's multiplier
+# (m, or m / c with a cap), cap c, scale m and 1 / c; the teacher's multiplier and cap; the
+# CE term's 1 - epsilon and epsilon / V (V the whole vocabulary's classes); lambda. A tuple
+# inside the kernels; the kernels take them as their last scalar arguments, s_mul .. z_loss.
+
+
+# ---------------------------------------------------------------------------------------
+# The logit transforms.
+
+# tanh(x) = x + x^3 (c3 + x^2 (c5 + ...)) below _TANH_SERIES (its Taylor series to x^15:
+# truncation under 2e-8 relative there), 1 - 2 / (e^(2|x|) + 1) above it (rounding of 2 / (e + 1)
+# grows as 1 / tanh: under 2e-7 relative from 0.55 on). Measured against float64 in an fp32
+# emulation over [1e-6, 3]: 2.0e-7 relative at most.
+_TANH_SERIES = tl.constexpr(0.55)
+_T3 = tl.constexpr(-1.0 / 3.0)
+_T5 = tl.constexpr(2.0 / 15.0)
+_T7 = tl.constexpr(-17.0 / 315.0)
+_T9 = tl.constexpr(62.0 / 2835.0)
+_T11 = tl.constexpr(-1382.0 / 155925.0)
+_T13 = tl.constexpr(21844.0 / 6081075.0)
+_T15 = tl.constexpr(-929569.0 / 638512875.0)
+
+
+@triton.jit
+def tanh(x):
+    """tanh in fp32 from one exp2 (the kernels' fast exponential): NaN stays NaN, |x| -> inf
+    saturates at +-1 (2 / inf = 0: no inf / inf), tanh(-inf) = -1."""
+    a = tl.abs(x)
+    x2 = x * x
+    series = x + x * x2 * (_T3 + x2 * (_T5 + x2 * (_T7 + x2 * (_T9 + x2 * (_T11 + x2 * (_T13 + x2 * _T15))))))
+    far = 1.0 - 2.0 / (tl.exp2(a * (2.0 * LOG2E)) + 1.0)
+    return tl.where(a < _TANH_SERIES, series, tl.where(x < 0.0, -far, far))
+
+
+@triton.jit
+def transform(x, live, mul, cap, MODE: tl.constexpr):
+    """One side's logit transform of loaded values: x for MODE 0, mul x (X_SCALE: mul = m),
+    cap tanh(mul x) (X_CAP: mul = m / c). Entries outside the row (not ``live``, loaded as
+    -inf) stay -inf under the cap, which would make them -c; a -inf logit of the row
+    becomes -c (finite), as c tanh(-inf) is."""
+    if MODE == _X_CAP:
+        return tl.where(live, cap * tanh(x * mul), float("-inf"))
+    elif MODE == _X_SCALE:
+        return x * mul
+    else:
+        return x
+
+
+@triton.jit
+def student_x(x, live, xo, OPTS: tl.constexpr):
+    """s' of loaded student logits (``transform``)."""
+    return transform(x, live, xo[0], xo[1], OPTS & 3)
+
+
+@triton.jit
+def teacher_x(x, live, xo, OPTS: tl.constexpr):
+    """t' of loaded teacher logits (``transform``)."""
+    return transform(x, live, xo[4], xo[5], (OPTS >> 2) & 3)
+
+
+@triton.jit
+def student_chain(g, s, xo, OPTS: tl.constexpr):
+    """dL/ds from dL/ds' at s': times m (1 - (s'/c)^2) under a cap, m without one. (Past
+    the row s' is -inf and this NaN: the caller's column select drops it.)"""
+    MODE: tl.constexpr = OPTS & 3
+    if MODE == _X_CAP:
+        u = s * xo[3]  # tanh(m s / c)
+        return g * (xo[2] - xo[2] * (u * u))
+    elif MODE == _X_SCALE:
+        return g * xo[2]
+    else:
+        return g
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,13 +168,13 @@ def row_base(ptr, row, stride):
 
 
 @triton.jit
-def load_pair(s_row, t_row, cols, V):
+def load_pair(s_row, t_row, cols, V, xo, OPTS: tl.constexpr):
     # Columns past V read as -inf: zero probability, nothing added to any sum. Cast to fp32
-    # right after loading (the interpreter keeps bf16 as raw bits).
+    # right after loading (the interpreter keeps bf16 as raw bits); then s' and t'.
     live = cols < V
     s = tl.load(s_row + cols, mask=live, other=float("-inf")).to(tl.float32)
     t = tl.load(t_row + cols, mask=live, other=float("-inf")).to(tl.float32)
-    return s, t
+    return student_x(s, live, xo, OPTS), teacher_x(t, live, xo, OPTS)
 
 
 @triton.jit
@@ -104,8 +200,8 @@ def aligned_base(row_ptr, lead, PEEL: tl.constexpr):
 
 
 @triton.jit
-def load_block(s_base, t_base, start, lead, V, BLOCK: tl.constexpr, PEEL: tl.constexpr):
-    """(s, t, cols) of the block at position ``start`` of a sweep. Without PEEL lead is 0
+def load_block(s_base, t_base, start, lead, V, xo, BLOCK: tl.constexpr, PEEL: tl.constexpr, OPTS: tl.constexpr):
+    """(s', t', cols) of the block at position ``start`` of a sweep. Without PEEL lead is 0
     and this is ``load_pair`` of columns start + arange. Peeled, the loads are masked by
     whole 16-byte granules (a granule is read when it holds a column of the row), which
     the compiler proves constant per granule and so loads as 16-byte vectors; the entries
@@ -116,10 +212,12 @@ def load_block(s_base, t_base, start, lead, V, BLOCK: tl.constexpr, PEEL: tl.con
     if PEEL:
         granules = p < tl.multiple_of((V + lead + PEEL - 1) // PEEL * PEEL, PEEL)
         live = (cols >= 0) & (cols < V)
-        s = tl.where(live, tl.load(s_base + p, mask=granules).to(tl.float32), float("-inf"))
-        t = tl.where(live, tl.load(t_base + p, mask=granules).to(tl.float32), float("-inf"))
+        s = tl.where(live, student_x(tl.load(s_base + p, mask=granules).to(tl.float32), True, xo, OPTS),
+                     float("-inf"))
+        t = tl.where(live, teacher_x(tl.load(t_base + p, mask=granules).to(tl.float32), True, xo, OPTS),
+                     float("-inf"))
     else:
-        s, t = load_pair(s_base, t_base, cols, V)
+        s, t = load_pair(s_base, t_base, cols, V, xo, OPTS)
     return s, t, cols
 
 
@@ -152,9 +250,10 @@ def anchors(m_s, m_t, inv_temperature, temperature):
 
 
 @triton.jit
-def row_stats_sweep(s_base, t_base, lead, begin, end, V, c, inv_temperature, temperature,
-                    BLOCK: tl.constexpr, RAW: tl.constexpr, PEEL: tl.constexpr):
-    """row_stats in one read of the row: max and sum-exp of s/T and t/T (and of s, when RAW).
+def row_stats_sweep(s_base, t_base, lead, begin, end, V, c, inv_temperature, temperature, xo,
+                    BLOCK: tl.constexpr, RAW: tl.constexpr, PEEL: tl.constexpr, OPTS: tl.constexpr):
+    """row_stats in one read of the row: max and sum-exp of s/T and t/T (and of s, when RAW),
+    s and t the transformed logits (``load_block``).
 
     Returns raw maxes (logit units) and sums anchored as in :func:`anchors`. The sums are
     per-lane vectors, rescaled by one scalar factor when the block max moves: one exp2
@@ -172,7 +271,7 @@ def row_stats_sweep(s_base, t_base, lead, begin, end, V, c, inv_temperature, tem
     z_t = tl.zeros([BLOCK], dtype=tl.float32)
     z_r = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(begin, end, BLOCK):
-        s, t, _ = load_block(s_base, t_base, start, lead, V, BLOCK, PEEL)
+        s, t, _ = load_block(s_base, t_base, start, lead, V, xo, BLOCK, PEEL, OPTS)
         m_s = tl.maximum(m_s, tl.max(s, axis=0))
         m_t = tl.maximum(m_t, tl.max(t, axis=0))
         n_s, n_t, n_r = anchors(m_s, m_t, inv_temperature, temperature)
@@ -243,26 +342,74 @@ def add_block_sums(acc0, acc1, acc2, acc3, x0, x1, x2, x3):
 # write_grad.
 
 @triton.jit
-def grad_values(cols, V, s, w, gdiv, label, lse2_raw, gce, CE: tl.constexpr):
-    """ds = gdiv * dD/d(s/T) (+ gce * (softmax(s) - onehot)), 0 past V, in fp32."""
+def hard_label_grads(gce, scale, lse2_raw, xo, OPTS: tl.constexpr):
+    """The row constants of the T = 1 terms' gradient, gh = (g_ce, g_raw, g_label, g_smooth),
+    all times the reduction's scale: without label smoothing or z-loss only g_ce = scale
+    ce_weight is read; with them dL/ds'_i holds g_raw softmax(s')_i - g_label [i = y] - g_smooth,
+    g_raw = scale (ce_weight + 2 lambda lse(s')), g_label = g_ce (1 - eps), g_smooth = g_ce eps / V.
+    (``gce`` is 0 where the z-loss runs alone.)"""
+    if (_ZLOSS & OPTS) != 0:
+        g_raw = gce + (2.0 * scale) * (xo[8] * (lse2_raw * LN2))
+    else:
+        g_raw = gce
+    if (_SMOOTH & OPTS) != 0:
+        g_label = gce * xo[6]
+        g_smooth = gce * xo[7]
+    else:
+        g_label = gce
+        g_smooth = 0.0
+    return gce, g_raw, g_label, g_smooth
+
+
+@triton.jit
+def hard_label_grad(g, cols, label, sm, gh, OPTS: tl.constexpr):
+    """g plus the T = 1 terms' gradient at columns ``cols`` (``hard_label_grads``; sm the
+    T = 1 softmax there)."""
+    if (_HARD_OPTS & OPTS) != 0:
+        return g + (gh[1] * sm - tl.where(cols == label, gh[2], 0.0) - gh[3])
+    else:
+        # The one-hot part is added in fp32, so the label entry is rounded once.
+        return g + gh[0] * tl.where(cols == label, sm - 1.0, sm)
+
+
+@triton.jit
+def hard_label_loss(lse2_raw, s_label, sum_s, ce_weight, xo, CE_TERM: tl.constexpr, OPTS: tl.constexpr):
+    """The T = 1 terms of a row's loss (s' units): ce_weight (lse - (1 - eps) s'_y - eps/V
+    sum s') where CE_TERM, plus lambda lse^2 (OPT_ZLOSS); ``sum_s`` is read with OPT_SMOOTH."""
+    lse = lse2_raw * LN2
+    out = 0.0
+    if CE_TERM:
+        if (_SMOOTH & OPTS) != 0:
+            out = ce_weight * (lse - xo[6] * s_label - xo[7] * sum_s)
+        else:
+            out = ce_weight * (lse - s_label)
+    if (_ZLOSS & OPTS) != 0:
+        out += xo[8] * (lse * lse)
+    return out
+
+
+@triton.jit
+def grad_values(cols, V, s, w, gdiv, label, lse2_raw, gh, xo, CE: tl.constexpr, OPTS: tl.constexpr):
+    """ds = gdiv * dD/d(s'/T) (+ the T = 1 terms: ``hard_label_grad``), times ds'/ds
+    (``student_chain``), 0 past V, in fp32; s holds s'."""
     g = gdiv * w
     if CE != 0:
         sm = tl.exp2(s * LOG2E - lse2_raw)
-        # The one-hot part is added in fp32, so the label entry is rounded once.
-        g += gce * tl.where(cols == label, sm - 1.0, sm)
+        g = hard_label_grad(g, cols, label, sm, gh, OPTS)
+    g = student_chain(g, s, xo, OPTS)
     return tl.where(cols < V, g, 0.0)
 
 
 @triton.jit
-def write_grad(g_row, cols, V, g_width, s, w, gdiv, label, lse2_raw, gce, CE: tl.constexpr):
+def write_grad(g_row, cols, V, g_width, s, w, gdiv, label, lse2_raw, gh, xo, CE: tl.constexpr, OPTS: tl.constexpr):
     """The gradient (``grad_values``) of columns ``cols``, in the student dtype."""
-    g = grad_values(cols, V, s, w, gdiv, label, lse2_raw, gce, CE)
+    g = grad_values(cols, V, s, w, gdiv, label, lse2_raw, gh, xo, CE, OPTS)
     tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < g_width)
 
 
 @triton.jit
-def write_grad_block(g_base, start, cols, V, g_width, s, w, gdiv, label, lse2_raw, gce,
-                     CE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
+def write_grad_block(g_base, start, cols, V, g_width, s, w, gdiv, label, lse2_raw, gh, xo,
+                     CE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr, OPTS: tl.constexpr):
     """write_grad of the block at position ``start`` of a sweep (``load_block`` gave its
     ``cols``). Peeled, the stores keep exact masks (a store may not touch a neighbour's
     columns; the head block's columns start below 0), so they are not vectorised: an
@@ -270,11 +417,11 @@ def write_grad_block(g_base, start, cols, V, g_width, s, w, gdiv, label, lse2_ra
     frame's aligned base still gives the stores the loads' layout (addressed by column
     alone they went through shared memory)."""
     if PEEL:
-        g = grad_values(cols, V, s, w, gdiv, label, lse2_raw, gce, CE)
+        g = grad_values(cols, V, s, w, gdiv, label, lse2_raw, gh, xo, CE, OPTS)
         p = start + tl.arange(0, BLOCK)
         tl.store(g_base + p, g.to(g_base.dtype.element_ty), mask=(cols >= 0) & (cols < g_width))
     else:
-        write_grad(g_base, cols, V, g_width, s, w, gdiv, label, lse2_raw, gce, CE)
+        write_grad(g_base, cols, V, g_width, s, w, gdiv, label, lse2_raw, gh, xo, CE, OPTS)
 
 
 @triton.jit

@@ -4,16 +4,18 @@ The operators' contract is in fastkd/backends/__init__.py; per row of one rank's
 the vocabulary, with a = s/T, b = t/T:
 
     shard_row_stats   one read of the slice: max and sum-exp of a and b (and of s for the
-                      CE term) against the slice's own maxima, and the value term of
-                      forward KL, sum e^(b - max_t) (b - a), or of reverse KL,
+                      CE term or the z-loss) against the slice's own maxima, and the value
+                      term of forward KL, sum e^(b - max_t) (b - a), or of reverse KL,
                       sum e^(a - max_s) (a - b), accumulated online like the sums: a
-                      per-lane vector rescaled when the block max moves
+                      per-lane vector rescaled when the block max moves; with label
+                      smoothing, the sum of s over the slice's counted columns
     shard_row_sums    one read with the global statistics: the slice's part of JSD's or
                       TVD's row sums (dense.py's per-element terms, summed per block and
                       across blocks in fp64), converted from bits to nats
     shard_write_grad  dense.py's forward kernel with the caller's statistics and row sums
                       (HAS_STATS, HAS_SUMS) and the slice's labels (SHARD)
 
+s and t are each side's transformed logits (the logit options: rows.py), a = s/T, b = t/T.
 Everything is fp32 (the Triton backend takes fp32/bf16/fp16 logits).
 """
 import torch
@@ -24,8 +26,8 @@ from ...config import KernelSettings, resolve_divergence
 from .. import ROW_STATS_WIDTH, ROW_SUMS_WIDTH, SHARD_STATS_WIDTH, check_operator_args
 from . import dense, launch
 from .dense import DIVERGENCE_IDS, SUPPORTED_DTYPES, _centred_sums, _centred_terms, _tvd_terms, kernel_scalars
-from .launch import kernel_launch, warps_for
-from .rows import LN2, LOG2E, anchor, anchors, load_block, row_base, zero64
+from .launch import CE_NONE, CE_RAW, ce_mode, kernel_launch, logit_options, warps_for
+from .rows import LN2, LOG2E, OPT_SMOOTH, anchor, anchors, load_block, row_base, zero64
 
 _FORWARD_KL = tl.constexpr(DIVERGENCE_IDS["forward_kl"])
 _REVERSE_KL = tl.constexpr(DIVERGENCE_IDS["reverse_kl"])
@@ -33,6 +35,7 @@ _TVD = tl.constexpr(DIVERGENCE_IDS["tvd"])
 _STATS_WIDTH = tl.constexpr(SHARD_STATS_WIDTH)
 _SUMS_WIDTH = tl.constexpr(ROW_SUMS_WIDTH)
 _ROW_STATS_WIDTH = tl.constexpr(ROW_STATS_WIDTH)
+_SMOOTH = tl.constexpr(OPT_SMOOTH)
 
 
 @triton.jit
@@ -49,11 +52,14 @@ def _lane_total(z, lane_anchor, row_anchor):
 
 @triton.jit
 def shard_row_stats_kernel(S, T, OUT, s_stride, t_stride, V, c, inv_temperature, temperature,
+                           s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss,
                            DIVERGENCE: tl.constexpr, RAW: tl.constexpr, SHARED: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    """[N, SHARD_STATS_WIDTH]: (max_s, sum_s, max_t, sum_t, sum_raw, value) with maxima in
-    s/T units. Per lane: its own running maxima (anchors in bits), its sums and the value
-    term against them; the lanes are combined at the end."""
+                           BLOCK: tl.constexpr, OPTS: tl.constexpr):
+    """[N, SHARD_STATS_WIDTH]: (max_s, sum_s, max_t, sum_t, sum_raw, value, sum of s) with
+    maxima in s/T units. Per lane: its own running maxima (anchors in bits), its sums and
+    the value term against them; the lanes are combined at the end. The sum of s (label
+    smoothing's term, OPT_SMOOTH; else 0) is a plain per-lane sum."""
+    xo = (s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss)
     row = tl.program_id(0).to(tl.int64)
     s_base = row_base(S, row, s_stride)
     t_base = row_base(T, row, t_stride)
@@ -64,8 +70,11 @@ def shard_row_stats_kernel(S, T, OUT, s_stride, t_stride, V, c, inv_temperature,
     z_t = tl.zeros([BLOCK], dtype=tl.float32)
     z_r = tl.zeros([BLOCK], dtype=tl.float32)
     val = tl.zeros([BLOCK], dtype=tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, V, BLOCK):
-        s, t, _ = load_block(s_base, t_base, start, 0, V, BLOCK, 0)
+        s, t, cols = load_block(s_base, t_base, start, 0, V, xo, BLOCK, 0, OPTS)
+        if (_SMOOTH & OPTS) != 0:
+            total += tl.where(cols < V, s, 0.0)
         m_s = tl.maximum(m_s, s)
         m_t = tl.maximum(m_t, t)
         n_s, n_t, n_r = anchors(m_s, m_t, inv_temperature, temperature)
@@ -102,14 +111,19 @@ def shard_row_stats_kernel(S, T, OUT, s_stride, t_stride, V, c, inv_temperature,
         tl.store(out + 5, _lane_total(val, a_s, r_s))
     else:
         tl.store(out + 5, 0.0)
-    tl.store(out + 6, 0.0)  # sum of s' (label smoothing): not yet computed here
+    if (_SMOOTH & OPTS) != 0:
+        tl.store(out + 6, tl.sum(total, axis=0))
+    else:
+        tl.store(out + 6, 0.0)
 
 
 @triton.jit
 def shard_row_sums_kernel(S, T, STATS, OUT, s_stride, t_stride, V, c, log2_beta, log2_1mb,
-                          DIVERGENCE: tl.constexpr, BLOCK: tl.constexpr):
+                          s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss,
+                          DIVERGENCE: tl.constexpr, BLOCK: tl.constexpr, OPTS: tl.constexpr):
     """[N, ROW_SUMS_WIDTH]: the slice's row sums given the global statistics (in the layout
     of backends/__init__.py, in nats)."""
+    xo = (s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss)
     row = tl.program_id(0).to(tl.int64)
     s_base = row_base(S, row, s_stride)
     t_base = row_base(T, row, t_stride)
@@ -118,7 +132,7 @@ def shard_row_sums_kernel(S, T, STATS, OUT, s_stride, t_stride, V, c, log2_beta,
     lse2_t = anchor(tl.load(stats + 2) * LOG2E) + tl.log2(tl.load(stats + 3))
     acc0, acc1, acc2, acc3, acc4 = zero64(), zero64(), zero64(), zero64(), zero64()
     for start in range(0, V, BLOCK):
-        s, t, _ = load_block(s_base, t_base, start, 0, V, BLOCK, 0)
+        s, t, _ = load_block(s_base, t_base, start, 0, V, xo, BLOCK, 0, OPTS)
         if DIVERGENCE == _TVD:
             q, d, x0, x1, x2, x3 = _tvd_terms(s, t, c, lse2_s, lse2_t)
             x4 = tl.zeros_like(q)
@@ -166,11 +180,13 @@ def row_stats(student, teacher, k: KernelSettings):
     divergence = resolve_divergence(k.divergence, k.beta)
     c, inv_t, temp, _, _ = kernel_scalars(k.inv_temperature, 0.5)
     block = _block(k.vocab_size)
+    raw = ce_mode(k)  # the T = 1 sum-exp for the CE term or the z-loss
+    opts, xo = logit_options(k, row_stats_sum=True)
     with kernel_launch(student.device):
         shard_row_stats_kernel[(n,)](student, teacher, out, student.stride(0), teacher.stride(0), k.vocab_size, c,
-                                     inv_t, temp, DIVERGENCE=DIVERGENCE_IDS[divergence],
-                                     RAW=k.ce_weight != 0.0 and inv_t != 1.0, SHARED=k.ce_weight != 0.0,
-                                     BLOCK=block, num_warps=warps_for(block))
+                                     inv_t, temp, *xo, DIVERGENCE=DIVERGENCE_IDS[divergence],
+                                     RAW=raw == CE_RAW, SHARED=raw != CE_NONE, BLOCK=block, OPTS=opts,
+                                     num_warps=warps_for(block))
     return out
 
 
@@ -186,10 +202,11 @@ def row_sums(student, teacher, stats, k: KernelSettings):
         return out
     c, _, _, log2_beta, log2_1mb = kernel_scalars(k.inv_temperature, k.beta)
     block = _block(k.vocab_size)
+    opts, xo = logit_options(k, transforms_only=True)
     with kernel_launch(student.device):
         shard_row_sums_kernel[(n,)](student, teacher, stats, out, student.stride(0), teacher.stride(0), k.vocab_size,
-                                    c, log2_beta, log2_1mb, DIVERGENCE=DIVERGENCE_IDS[divergence], BLOCK=block,
-                                    num_warps=warps_for(block))
+                                    c, log2_beta, log2_1mb, *xo, DIVERGENCE=DIVERGENCE_IDS[divergence], BLOCK=block,
+                                    OPTS=opts, num_warps=warps_for(block))
     return out
 
 

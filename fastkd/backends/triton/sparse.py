@@ -27,6 +27,11 @@ log-probabilities log p_j (slots with id < 0 are empty), P = sum_S p, Q = sum_S 
     loss = div_weight D + ce_weight (lse(s) - s[label])
     ds_i = grad_scale (div_weight / T dD/da_i + ce_weight (softmax(s)_i - [i == label]))
 
+With the logit options (rows.py; csrc/kd_params.h states the contract) s is the student's
+transformed logits s' (logit_scale, softcap) wherever it is read, the CE term is label
+smoothed and the z-loss added as in the dense kernels, and the gradient carries ds'/ds.
+The teacher's log-probabilities are used as given.
+
 The kernel, one program per row (or a fixed grid taking rows in turn: launch.SPARSE_PROGRAMS),
 moves the row twice:
 
@@ -64,7 +69,9 @@ from ...config import DIVERGENCES, TAILS, SparseKernelSettings, resolve_divergen
 from .. import check_sparse_operator_args
 from .launch import MULTI_BLOCK, kernel_launch, warps_for
 from . import launch
-from .rows import CE_NONE, CE_RAW, CE_SHARED, LN2, LOG2E, anchor, fill_row, row_base, write_grad
+from .launch import ce_mode, logit_options
+from .rows import (CE_NONE, CE_RAW, CE_SHARED, LN2, LOG2E, OPT_NO_CE, OPT_SMOOTH, anchor, fill_row, hard_label_grad,
+                   hard_label_grads, hard_label_loss, row_base, student_chain, student_x, write_grad, zero32)
 
 DIVERGENCE_IDS = {name: i for i, name in enumerate(DIVERGENCES)}
 TAIL_IDS = {name: i for i, name in enumerate(TAILS)}
@@ -77,6 +84,8 @@ _RENORM = tl.constexpr(TAIL_IDS["renorm"])
 _NONE = tl.constexpr(TAIL_IDS["none"])
 _CE_SHARED = tl.constexpr(CE_SHARED)
 _CE_RAW = tl.constexpr(CE_RAW)
+_SMOOTH = tl.constexpr(OPT_SMOOTH)
+_NO_CE = tl.constexpr(OPT_NO_CE)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -87,8 +96,8 @@ MIN_K_BLOCK = 16
 # row_stats of the student alone, with the support's columns left out of the sum.
 
 @triton.jit
-def _student_stats_sweep(s_row, sorted_row, first, V, c, inv_temperature, temperature,
-                         BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, RAW: tl.constexpr):
+def _student_stats_sweep(s_row, sorted_row, first, V, c, inv_temperature, temperature, xo,
+                         BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, RAW: tl.constexpr, OPTS: tl.constexpr):
     """(anchor of s/T in bits, sum-exp of s/T at it over the columns NOT in the support,
     anchor of s, sum-exp of s at it over every column): one read of the row, per-lane
     running sums rescaled when the block max moves (the online softmax of
@@ -106,7 +115,8 @@ def _student_stats_sweep(s_row, sorted_row, first, V, c, inv_temperature, temper
     ptr = first
     nxt = tl.load(sorted_row + ptr, mask=ptr < K_BLOCK, other=V + BLOCK)
     for start in range(0, V, BLOCK):
-        s = tl.load(s_row + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        live = start + cols < V
+        s = student_x(tl.load(s_row + start + cols, mask=live, other=float("-inf")).to(tl.float32), live, xo, OPTS)
         support = cols < 0  # all false
         while nxt < start + BLOCK:
             support = support | (cols == nxt - start)
@@ -214,9 +224,10 @@ def _log_sum_exp(x, live):
 
 @triton.jit
 def _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, loss_ptr, label, K, V, g_width,
-                c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight, gdiv, gce,
+                c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight, gdiv, gce, scale, xo,
                 DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, CE: tl.constexpr, SWEEP: tl.constexpr,
-                BLOCK: tl.constexpr, K_BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, OPTS: tl.constexpr):
+    CE_TERM: tl.constexpr = CE != 0 and (_NO_CE & OPTS) == 0  # else the T = 1 statistics are the z-loss's
     # --- support: ids, log-probs, the gathers of s (all before any store to the row, so
     # the in-place variant reads what it needs first), the ids sorted into the scratch row.
     k = tl.arange(0, K_BLOCK)
@@ -226,10 +237,10 @@ def _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, loss_ptr, label, K, 
     live = valid & (ids < V)
     # An empty slot's log-prob is never read (it may be NaN).
     lp = tl.load(lps_row + k, mask=in_k & valid, other=float("-inf")).to(tl.float64)
-    s_sup = tl.load(s_row + ids, mask=live, other=float("-inf")).to(tl.float32)
+    s_sup = student_x(tl.load(s_row + ids, mask=live, other=float("-inf")).to(tl.float32), live, xo, OPTS)
     s_label = 0.0
-    if CE != 0:
-        s_label = tl.load(s_row + label).to(tl.float32)
+    if CE_TERM:
+        s_label = student_x(tl.load(s_row + label).to(tl.float32), True, xo, OPTS)
     ordered = tl.sort(tl.where(valid, ids, -1))
     after = tl.gather(ordered, tl.minimum(k + 1, K_BLOCK - 1), 0)
     # A valid id twice, or one >= V: the row's loss and gradient are NaN (contract).
@@ -247,7 +258,7 @@ def _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, loss_ptr, label, K, 
     z_r = 1.0
     if SWEEP:
         a_s, z_off, a_r, z_r = _student_stats_sweep(s_row, sorted_row, first, V, c, inv_temperature, temperature,
-                                                    BLOCK, K_BLOCK, CE == _CE_RAW)
+                                                    xo, BLOCK, K_BLOCK, CE == _CE_RAW, OPTS)
 
     # --- support phase, float64.
     # s/T in bits, in float64: the support's terms carry no rounding of their own (the
@@ -292,27 +303,35 @@ def _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, loss_ptr, label, K, 
             D, w, w_off = _bins(lp, lq, p, q, p_t, q_t, beta, log_beta, log_1mb, DIVERGENCE)
     w_off32 = w_off.to(tl.float32)
     lse2_q = lse2_s.to(tl.float32)
+    gh = hard_label_grads(gce, scale, lse2_r, xo, OPTS)
 
     # --- write_grad: q_i w_off (+ CE) over the row, then the support's own entries.
     cols = tl.arange(0, BLOCK)
+    sum_s = zero32()  # of s' over the row (label smoothing's term of the loss)
     for start in range(0, g_width, BLOCK):
         if SWEEP:
-            s = tl.load(s_row + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+            in_row = start + cols < V
+            s = student_x(tl.load(s_row + start + cols, mask=in_row, other=float("-inf")).to(tl.float32), in_row,
+                          xo, OPTS)
             wq = tl.exp2(s * c - lse2_q) * w_off32
+            if CE_TERM and (_SMOOTH & OPTS) != 0:
+                sum_s += tl.sum(tl.where(in_row, s, 0.0), axis=0)
         else:
             s = tl.zeros([BLOCK], dtype=tl.float32)
             wq = tl.zeros([BLOCK], dtype=tl.float32)
-        write_grad(g_row + start, cols, V - start, g_width - start, s, wq, gdiv, label - start, lse2_r, gce, CE)
+        write_grad(g_row + start, cols, V - start, g_width - start, s, wq, gdiv, label - start, lse2_r, gh, xo, CE,
+                   OPTS)
     tl.debug_barrier()  # the support's stores below land after the sweep's stores of the same columns
     g_sup = gdiv * w.to(tl.float32)
     if CE != 0:
         sm = tl.exp2(s_sup * LOG2E - lse2_r)
-        g_sup += gce * tl.where(ids == label, sm - 1.0, sm)
+        g_sup = hard_label_grad(g_sup, ids, label, sm, gh, OPTS)
+    g_sup = student_chain(g_sup, s_sup, xo, OPTS)
     tl.store(g_row + ids, g_sup.to(g_row.dtype.element_ty), mask=live)
 
     row_loss = div_weight * D.to(tl.float32)
     if CE != 0:
-        row_loss += ce_weight * (lse2_r * LN2 - s_label)
+        row_loss += hard_label_loss(lse2_r, s_label, sum_s, ce_weight, xo, CE_TERM, OPTS)
     if bad > 0:
         tl.debug_barrier()
         fill_row(g_row, 0, g_width, float("nan"), BLOCK)
@@ -325,33 +344,35 @@ def sparse_kd_forward_kernel(
     S, G, IDS, LPS, SORTED, LOSS, LABELS, GRAD_SCALE,
     n_rows, s_stride, g_stride, ids_stride, lps_stride, K, V, g_width,
     c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight, ignore_index,
+    s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss,
     DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr,
-    SWEEP: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, PERSISTENT: tl.constexpr,
+    SWEEP: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, PERSISTENT: tl.constexpr, OPTS: tl.constexpr,
 ):
     # One row per program, or (PERSISTENT: launch.SPARSE_PROGRAMS) a fixed grid whose
     # programs take rows in turn: fewer rows in flight, so the write pass's second read of
     # a row may still find it in L2. The sorted-ids scratch is per program. (The loop is
     # compiled only when asked for: it took the sm_90 build from 80 to 121 registers.)
     sorted_row = SORTED + tl.program_id(0).to(tl.int64) * K_BLOCK
+    xo = (s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss)  # rows.py: XO
     if PERSISTENT:
         for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
             _sparse_kernel_row(tl.zeros((), dtype=tl.int64) + row, S, G, IDS, LPS, sorted_row, LOSS, LABELS,
                                GRAD_SCALE, s_stride, g_stride, ids_stride, lps_stride, K, V, g_width,
                                c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight,
-                               ignore_index, DIVERGENCE, TAIL, HAS_LABELS, CE, SWEEP, BLOCK, K_BLOCK)
+                               ignore_index, xo, DIVERGENCE, TAIL, HAS_LABELS, CE, SWEEP, BLOCK, K_BLOCK, OPTS)
     else:
         _sparse_kernel_row(tl.program_id(0).to(tl.int64), S, G, IDS, LPS, sorted_row, LOSS, LABELS, GRAD_SCALE,
                            s_stride, g_stride, ids_stride, lps_stride, K, V, g_width,
                            c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight,
-                           ignore_index, DIVERGENCE, TAIL, HAS_LABELS, CE, SWEEP, BLOCK, K_BLOCK)
+                           ignore_index, xo, DIVERGENCE, TAIL, HAS_LABELS, CE, SWEEP, BLOCK, K_BLOCK, OPTS)
 
 
 @triton.jit
 def _sparse_kernel_row(row, S, G, IDS, LPS, sorted_row, LOSS, LABELS, GRAD_SCALE,
                        s_stride, g_stride, ids_stride, lps_stride, K, V, g_width,
                        c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight, ignore_index,
-                       DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr,
-                       SWEEP: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr):
+                       xo, DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr,
+                       SWEEP: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, OPTS: tl.constexpr):
     s_row = row_base(S, row, s_stride)
     g_row = row_base(G, row, g_stride)
     ids_row = row_base(IDS, row, ids_stride)
@@ -369,11 +390,11 @@ def _sparse_kernel_row(row, S, G, IDS, LPS, sorted_row, LOSS, LABELS, GRAD_SCALE
         else:
             _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, LOSS + row, label, K, V, g_width,
                         c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight, gdiv, gce,
-                        DIVERGENCE, TAIL, CE, SWEEP, BLOCK, K_BLOCK)
+                        scale, xo, DIVERGENCE, TAIL, CE, SWEEP, BLOCK, K_BLOCK, OPTS)
     else:
         _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, LOSS + row, -1, K, V, g_width,
                     c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight, gdiv, gce,
-                    DIVERGENCE, TAIL, CE, SWEEP, BLOCK, K_BLOCK)
+                    scale, xo, DIVERGENCE, TAIL, CE, SWEEP, BLOCK, K_BLOCK, OPTS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -398,7 +419,8 @@ def _launch(student, ids, logprobs, labels, grad_scale, k, grad):
         return loss
     divergence = resolve_divergence(k.divergence, k.beta)
     tail = TAILS[k.tail_id]
-    ce = CE_NONE if k.ce_weight == 0.0 else (CE_SHARED if float(k.inv_temperature) == 1.0 else CE_RAW)
+    ce = ce_mode(k)  # the T = 1 statistics, of the CE term or the z-loss
+    opts, xo = logit_options(k)
     sweep = tail != "renorm" or ce != CE_NONE
     K = ids.shape[1]
     block, k_block, warps = launch_shape(k.vocab_size, K)
@@ -411,9 +433,9 @@ def _launch(student, ids, logprobs, labels, grad_scale, k, grad):
             student, grad, ids, logprobs, sorted_ids, loss, labels if labels is not None else loss, grad_scale,
             n, student.stride(0), grad.stride(0), ids.stride(0), logprobs.stride(0), K, k.vocab_size, grad.shape[1],
             1.4426950408889634 * inv_t, inv_t, 1.0 / inv_t, float(k.beta), _log_or_ninf(k.beta), _log_or_ninf(1.0 - k.beta),
-            float(k.div_weight), float(k.ce_weight), int(k.ignore_index),
+            float(k.div_weight), float(k.ce_weight), int(k.ignore_index), *xo,
             DIVERGENCE=DIVERGENCE_IDS[divergence], TAIL=TAIL_IDS[tail], HAS_LABELS=labels is not None, CE=ce,
-            SWEEP=sweep, BLOCK=block, K_BLOCK=k_block, PERSISTENT=programs < n, num_warps=warps,
+            SWEEP=sweep, BLOCK=block, K_BLOCK=k_block, PERSISTENT=programs < n, OPTS=opts, num_warps=warps,
         )
     return loss
 

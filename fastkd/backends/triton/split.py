@@ -11,7 +11,7 @@ one program per (row, split), and the phases that need the whole row meet betwee
                              (``_row_sums_sweep``), fp64 as the one-program sweep keeps them
     split_write_grad_kernel  per split: write_grad over its columns (the last split also
                              zeroes the student past V) and its part of the row's loss;
-                             split 0 adds the CE term and the row sums' part of D
+                             split 0 adds the T = 1 terms (CE, z-loss) and the row sums' part of D
 
 Each program combines the partials of its row itself (a vector of ``splits`` entries:
 max, then sums rescaled to the common anchor, the rule that combines row_stats shards),
@@ -19,7 +19,8 @@ so no launch runs only to combine. The split passes sweep blocks [begin, end) of
 own frame (rows.py: peeled rows), so peeled rows keep one lead and labels their columns.
 The loss is the sum of [N, splits + 1] parts (one small torch sum: deterministic, no
 atomics): each split's part of D from its write_grad sweep, and the head part (the row
-sums' part of D, the CE term) that split 0 stores. Ignored rows and labels outside [0, V) are skipped
+sums' part of D, the CE and z-loss terms) that split 0 stores; label smoothing's sum of s'
+is each split's, in its own part. Ignored rows and labels outside [0, V) are skipped
 by the first two passes; the write pass gives them a zero or NaN gradient and loss, as the
 one-program kernel does. Traffic is that kernel's: 2 reads of the row for forward_kl, 3
 for the others, and one write of the gradient.
@@ -31,8 +32,8 @@ import triton.language as tl
 from .dense import (DIVERGENCE_IDS, _FORWARD_KL, _TVD, _divergence_value, _grad_constants, _row_sums_sweep,
                     _write_grad_sweep)
 from .launch import kernel_launch
-from .rows import (CE_RAW, CE_SHARED, LN2, aligned_base, anchor, anchors, row_base, row_lead, row_stats_sweep,
-                   zero32, zero64)
+from .rows import (CE_RAW, CE_SHARED, LN2, OPT_NO_CE, OPT_SMOOTH, aligned_base, anchor, anchors, hard_label_grads,
+                   hard_label_loss, row_base, row_lead, row_stats_sweep, student_x, zero32, zero64)
 
 # Per (row, split) partial row_stats: raw max and anchored sum-exp of s/T, of t/T, the raw
 # sum-exp of s (CE at T != 1), and (split 0) the label's logit.
@@ -40,6 +41,8 @@ PART_WIDTH = 6
 _PART_WIDTH = tl.constexpr(PART_WIDTH)
 _CE_SHARED = tl.constexpr(CE_SHARED)
 _CE_RAW = tl.constexpr(CE_RAW)
+_SMOOTH = tl.constexpr(OPT_SMOOTH)
+_NO_CE = tl.constexpr(OPT_NO_CE)
 
 
 @triton.jit
@@ -108,31 +111,37 @@ def _combined_stats(part, n_splits, inv_temperature, temperature, CE: tl.constex
 @triton.jit
 def split_row_stats_kernel(S, T, LABELS, PART, s_stride, t_stride, V, chunk, s_lead,
                            c, inv_temperature, temperature, ignore_index,
-                           HAS_LABELS: tl.constexpr, CE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr):
+                           s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss,
+                           HAS_LABELS: tl.constexpr, CE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
+                           OPTS: tl.constexpr):
+    xo = (s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss)
     row, split, n_splits, label, live, _ = _split_program(LABELS, V, ignore_index, HAS_LABELS)
     if live:
         lead = row_lead(s_lead, row, s_stride, PEEL)
         begin, end = _split_blocks(split, n_splits, chunk, V + lead)
         m_s, z_s, m_t, z_t, z_r = row_stats_sweep(aligned_base(row_base(S, row, s_stride), lead, PEEL),
                                                   aligned_base(row_base(T, row, t_stride), lead, PEEL), lead,
-                                                  begin, end, V, c, inv_temperature, temperature, BLOCK,
-                                                  CE == _CE_RAW, PEEL)
+                                                  begin, end, V, c, inv_temperature, temperature, xo, BLOCK,
+                                                  CE == _CE_RAW, PEEL, OPTS)
         out = PART + (row * n_splits + split) * _PART_WIDTH
         tl.store(out + 0, m_s)
         tl.store(out + 1, z_s)
         tl.store(out + 2, m_t)
         tl.store(out + 3, z_t)
         tl.store(out + 4, z_r)
-        if CE != 0:
+        if CE != 0 and (_NO_CE & OPTS) == 0:
             if split == 0:  # before the write pass can overwrite it (in place)
-                tl.store(out + 5, tl.load(row_base(S, row, s_stride) + label).to(tl.float32))
+                tl.store(out + 5, student_x(tl.load(row_base(S, row, s_stride) + label).to(tl.float32), True, xo,
+                                            OPTS))
 
 
 @triton.jit
 def split_row_sums_kernel(S, T, LABELS, PART, SUMS, s_stride, t_stride, V, chunk, s_lead,
                           c, inv_temperature, temperature, log2_beta, log2_1mb, ignore_index,
+                          s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss,
                           DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr,
-                          BLOCK: tl.constexpr, PEEL: tl.constexpr, SPLITS: tl.constexpr):
+                          BLOCK: tl.constexpr, PEEL: tl.constexpr, SPLITS: tl.constexpr, OPTS: tl.constexpr):
+    xo = (s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss)
     row, split, n_splits, label, live, _ = _split_program(LABELS, V, ignore_index, HAS_LABELS)
     if live:
         lse2_s, lse2_t, _ = _combined_stats(PART + row * n_splits * _PART_WIDTH, n_splits, inv_temperature,
@@ -145,8 +154,8 @@ def split_row_sums_kernel(S, T, LABELS, PART, SUMS, s_stride, t_stride, V, chunk
             zero = zero64()
         x0, x1, x2, x3 = _row_sums_sweep(aligned_base(row_base(S, row, s_stride), lead, PEEL),
                                          aligned_base(row_base(T, row, t_stride), lead, PEEL), lead, begin, end, V,
-                                         c, lse2_s, lse2_t, log2_beta, log2_1mb, zero, zero, zero, zero, DIVERGENCE,
-                                         BLOCK, PEEL)
+                                         c, lse2_s, lse2_t, log2_beta, log2_1mb, zero, zero, zero, zero, xo,
+                                         DIVERGENCE, BLOCK, PEEL, OPTS)
         out = SUMS + (row * n_splits + split) * 4
         tl.store(out + 0, x0.to(tl.float64))
         tl.store(out + 1, x1.to(tl.float64))
@@ -173,9 +182,11 @@ def _combined_sums(sums, n_splits, DIVERGENCE: tl.constexpr, SPLITS: tl.constexp
 def split_write_grad_kernel(S, T, G, LABELS, GRAD_SCALE, PART, SUMS, LOSS_PART,
                             s_stride, t_stride, g_stride, V, g_width, chunk, s_lead,
                             c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight,
-                            ignore_index,
+                            ignore_index, s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss,
                             DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr,
-                            BLOCK: tl.constexpr, PEEL: tl.constexpr, SPLITS: tl.constexpr):
+                            BLOCK: tl.constexpr, PEEL: tl.constexpr, SPLITS: tl.constexpr, OPTS: tl.constexpr):
+    CE_TERM: tl.constexpr = CE != 0 and (_NO_CE & OPTS) == 0  # else the T = 1 statistics are the z-loss's
+    xo = (s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss)
     row, split, n_splits, label, live, fill = _split_program(LABELS, V, ignore_index, HAS_LABELS)
     lead = row_lead(s_lead, row, s_stride, PEEL)
     g_base = aligned_base(row_base(G, row, g_stride), lead, PEEL)
@@ -188,6 +199,7 @@ def split_write_grad_kernel(S, T, G, LABELS, GRAD_SCALE, PART, SUMS, LOSS_PART,
         gce = scale * ce_weight
         part = PART + row * n_splits * _PART_WIDTH
         lse2_s, lse2_t, lse2_r = _combined_stats(part, n_splits, inv_temperature, temperature, CE, SPLITS)
+        gh = hard_label_grads(gce, scale, lse2_r, xo, OPTS)
         if DIVERGENCE == _FORWARD_KL:
             k0, k1, k2, k3, sums_value = 0.0, 0.0, 0.0, 0.0, zero32()
         else:
@@ -195,18 +207,26 @@ def split_write_grad_kernel(S, T, G, LABELS, GRAD_SCALE, PART, SUMS, LOSS_PART,
             k0, k1, k2, k3, sums_value = _grad_constants(x0, x1, x2, x3, beta, DIVERGENCE)
         # The head part of the loss, once per row (split 0), stored before the sweep in a
         # column of its own (held across the sweep, it took the peeled 16-bit JSD build to
-        # a 4-byte spill under the CUDA toolkit's ptxas): the row sums' part of D and the CE
-        # term (D is linear in the row sums' and the sweep's values: _divergence_value).
+        # a 4-byte spill under the CUDA toolkit's ptxas): the row sums' part of D and the T = 1
+        # terms (D is linear in the row sums' and the sweep's values: _divergence_value; label
+        # smoothing's sum of s' is each split's, in its own part).
         if split == 0:
             head = div_weight * _divergence_value(sums_value, 0.0, beta, DIVERGENCE)
             if CE != 0:
-                head += ce_weight * (lse2_r * LN2 - tl.load(part + 5))
+                s_label = 0.0
+                if CE_TERM:
+                    s_label = tl.load(part + 5)
+                head += hard_label_loss(lse2_r, s_label, 0.0, ce_weight, xo, CE_TERM, OPTS)
             tl.store(out + n_splits, head)
-        sweep_value = _write_grad_sweep(aligned_base(row_base(S, row, s_stride), lead, PEEL),
-                                        aligned_base(row_base(T, row, t_stride), lead, PEEL), g_base, lead,
-                                        begin, end, V, g_width, label, c, lse2_s, lse2_t, log2_beta, log2_1mb,
-                                        k0, k1, k2, k3, gdiv, lse2_r, gce, DIVERGENCE, CE, BLOCK, PEEL)
-        tl.store(out, div_weight * _divergence_value(0.0, sweep_value, beta, DIVERGENCE))
+        sweep_value, sum_s = _write_grad_sweep(aligned_base(row_base(S, row, s_stride), lead, PEEL),
+                                               aligned_base(row_base(T, row, t_stride), lead, PEEL), g_base, lead,
+                                               begin, end, V, g_width, label, c, lse2_s, lse2_t, log2_beta, log2_1mb,
+                                               k0, k1, k2, k3, gdiv, lse2_r, gh, xo, DIVERGENCE, CE, BLOCK, PEEL,
+                                               OPTS)
+        value = div_weight * _divergence_value(0.0, sweep_value, beta, DIVERGENCE)
+        if CE_TERM and (_SMOOTH & OPTS) != 0:
+            value -= ce_weight * (smooth * sum_s)
+        tl.store(out, value)
     else:
         tl.store(out, tl.where(split == 0, fill, 0.0))
         if split == 0:
@@ -223,10 +243,11 @@ def _fill_blocks(g_base, lead, begin, end, g_width, value, BLOCK: tl.constexpr):
         tl.store(g_base + lead + cols, fill, mask=(cols >= 0) & (cols < g_width))
 
 
-def launch(student, teacher, labels, grad_scale, grad, k, divergence, cfg, split, peel, lead, scalars, ce_mode):
+def launch(student, teacher, labels, grad_scale, grad, k, divergence, cfg, split, peel, lead, scalars, ce_mode,
+           opts, xo):
     """The three passes over a (rows, splits) grid; returns the [N] fp32 loss. ``split``:
-    launch.VocabSplit; ``scalars``: dense.kernel_scalars; the rest as dense's launcher
-    chose them for the one-program kernel."""
+    launch.VocabSplit; ``scalars``: dense.kernel_scalars; ``opts``, ``xo``: the logit options
+    (launch.logit_options); the rest as dense's launcher chose them for the one-program kernel."""
     n = student.shape[0]
     splits = split.splits
     c, inv_t, temp, log2_beta, log2_1mb = scalars
@@ -235,21 +256,22 @@ def launch(student, teacher, labels, grad_scale, grad, k, divergence, cfg, split
     sums = torch.empty((n, splits, 4), dtype=torch.float64, device=device)
     loss_part = torch.empty((n, splits + 1), dtype=torch.float32, device=device)
     labels_ptr = labels if labels is not None else loss_part  # unused pointer when there are no labels
-    common = dict(HAS_LABELS=labels is not None, CE=ce_mode, BLOCK=cfg.block, PEEL=peel,
+    common = dict(HAS_LABELS=labels is not None, CE=ce_mode, BLOCK=cfg.block, PEEL=peel, OPTS=opts,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     width = triton.next_power_of_2(splits)
     grid = (n, splits)
     with kernel_launch(device):
         split_row_stats_kernel[grid](student, teacher, labels_ptr, part, student.stride(0), teacher.stride(0),
-                                     k.vocab_size, split.chunk, lead, c, inv_t, temp, int(k.ignore_index), **common)
+                                     k.vocab_size, split.chunk, lead, c, inv_t, temp, int(k.ignore_index), *xo,
+                                     **common)
         if divergence != "forward_kl":
             split_row_sums_kernel[grid](student, teacher, labels_ptr, part, sums, student.stride(0),
                                         teacher.stride(0), k.vocab_size, split.chunk, lead, c, inv_t, temp,
-                                        log2_beta, log2_1mb, int(k.ignore_index),
+                                        log2_beta, log2_1mb, int(k.ignore_index), *xo,
                                         DIVERGENCE=DIVERGENCE_IDS[divergence], SPLITS=width, **common)
         split_write_grad_kernel[grid](student, teacher, grad, labels_ptr, grad_scale, part, sums, loss_part,
                                       student.stride(0), teacher.stride(0), grad.stride(0), k.vocab_size,
                                       grad.shape[1], split.chunk, lead, c, inv_t, temp, float(k.beta), log2_beta,
-                                      log2_1mb, float(k.div_weight), float(k.ce_weight), int(k.ignore_index),
+                                      log2_1mb, float(k.div_weight), float(k.ce_weight), int(k.ignore_index), *xo,
                                       DIVERGENCE=DIVERGENCE_IDS[divergence], SPLITS=width, **common)
     return loss_part.sum(dim=1)

@@ -299,36 +299,22 @@ VOCAB_PARALLEL_CASES = {
 }
 
 
-def _vocab_parallel_case(rank, world, block=None, **settings):
+def _vocab_parallel_case(ctx, block, settings):
     from test_distributed_logit_options import _check
 
     triton_kd.launch.BLOCK_OVERRIDE = block
     try:
-        _check(rank, world, "triton", torch.float32, **settings)
+        _check(ctx, "triton", torch.float32, **settings)
     finally:
         triton_kd.launch.BLOCK_OVERRIDE = None
 
 
-def _vocab_parallel_ranks(rank, world):
-    from harness.ranks import run_cases
-
-    return run_cases({name: (lambda r, w, k=settings: _vocab_parallel_case(r, w, **k))
-                      for name, settings in VOCAB_PARALLEL_CASES.items()}, rank, world)
-
-
-@pytest.fixture(scope="module")
-def vocab_parallel_results():
-    from harness.ranks import run_ranks
-
-    return run_ranks(_vocab_parallel_ranks, 2)
-
-
 @pytest.mark.skipif(not INTERPRETED, reason="the gloo ranks hold CPU tensors: Triton runs on them interpreted only")
 @pytest.mark.parametrize("name", list(VOCAB_PARALLEL_CASES))
-def test_vocab_parallel_with_options(vocab_parallel_results, name):
-    from harness.ranks import failures
-
-    assert not failures(vocab_parallel_results, name), "\n".join(failures(vocab_parallel_results, name))
+def test_vocab_parallel_with_options(gloo_ranks, name):
+    settings = dict(VOCAB_PARALLEL_CASES[name])
+    block = settings.pop("block", None)
+    gloo_ranks.run(_vocab_parallel_case, block, settings, size=2)
 
 
 # ---------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ TEST_FILES = [
     ("tests/test_inplace.py", ["-k", "cuda"], 60, "in-place backward on cuda@cuda and triton@cuda"),
     ("tests/test_sparse_gpu.py", [], 150, "sparse teachers: the cuda and triton kernels vs float64 at LLM vocabularies"),
     ("tests/test_sparse_triton.py", [], 90, "the Triton sparse kernel's tests, on CUDA tensors"),
-    ("tests/test_cuda_logit_options.py", [], 120, "the logit options on the CUDA kernels: both kernels forced, "
+    ("tests/test_cuda_logit_options.py", [], 150, "the logit options on the CUDA kernels: both kernels forced, "
      "sparse teachers, the vocab-parallel shard phases, in place"),
 ]
 TEST_JOBS = 3          # pytest processes at once (one per file)

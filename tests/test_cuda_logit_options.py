@@ -25,6 +25,7 @@ from harness.sparse_cases import kernel_settings as sparse_kernel_settings
 from harness.sparse_cases import rel_err as sparse_rel_err
 
 import fastkd
+from fastkd._dispatch import LOGIT_OPTIONS_BACKENDS
 from fastkd.backends import reference_shard
 
 pytestmark = [
@@ -38,10 +39,10 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 # uncapped teacher of its own cap; a scale alone with the z-loss; every option at once.
 GEMMA = dict(softcap=30.0, label_smoothing=0.1, z_loss=1e-4)
 SCALED = dict(logit_scale=0.5, teacher_softcap=20.0, teacher_logit_scale=1.5)
-Z_ONLY = dict(logit_scale=2.0, z_loss=1e-3)
+SCALE_Z = dict(logit_scale=2.0, z_loss=1e-3)
 ALL = dict(logit_scale=1.5, softcap=3.0, teacher_logit_scale=0.7, teacher_softcap=5.0, label_smoothing=0.2,
            z_loss=1e-3)
-OPTION_SETS = {"gemma": GEMMA, "scaled": SCALED, "z_only": Z_ONLY, "all": ALL}
+OPTION_SETS = {"gemma": GEMMA, "scaled": SCALED, "scale_z": SCALE_Z, "all": ALL}
 
 
 def _is_sm90():
@@ -58,7 +59,7 @@ KERNELS = [
 def cuda_backend():
     if kernel_backend("cuda") is None:
         pytest.fail("a CUDA device is present but fastkd._C was built without its CUDA kernels")
-    if "cuda" not in fastkd._dispatch.LOGIT_OPTIONS_BACKENDS:
+    if "cuda" not in LOGIT_OPTIONS_BACKENDS:
         pytest.fail("fastkd._dispatch.LOGIT_OPTIONS_BACKENDS lacks 'cuda': its kernels apply the options")
 
 
@@ -78,13 +79,17 @@ def _labels(n, vocab, g):
 # ---------------------------------------------------------------------------------------
 # Dense kernels at LLM vocabularies.
 
-@pytest.mark.parametrize("options", list(OPTION_SETS), ids=list(OPTION_SETS))
-@pytest.mark.parametrize("vocab,dtype", [
-    (128256, torch.bfloat16),   # Llama 3: 8 CTAs
-    (262144, torch.bfloat16),   # Gemma: 16 CTAs, label smoothing's sum over 16 ranks
-    (50257, torch.bfloat16),    # odd V: rows off 16 bytes, partial packs at both ends
-    (20001, torch.float32),     # fp32, 3 CTAs, the 1e-5 bar
-])
+@pytest.mark.parametrize("vocab,dtype,options", [
+    (128256, torch.bfloat16, "gemma"),   # Llama 3: 8 CTAs
+    (262144, torch.bfloat16, "gemma"),   # Gemma: 16 CTAs, label smoothing's sum over 16 ranks
+    (262144, torch.bfloat16, "all"),
+    (50257, torch.bfloat16, "all"),      # odd V: rows off 16 bytes, partial packs at both ends
+    (50257, torch.bfloat16, "scaled"),
+    (32000, torch.float16, "scale_z"),   # fp16: 2 CTAs
+    (20001, torch.float32, "gemma"),     # fp32, 3 CTAs, the 1e-5 bar
+    (20001, torch.float32, "all"),
+    (20001, torch.float32, "scaled"),
+], ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_large_vocab_with_options(divergence, vocab, dtype, options, kernel):
     g = torch.Generator(device="cuda").manual_seed(vocab + len(options))

@@ -102,7 +102,7 @@ def resolve_backend(backend: str, device: torch.device, op: str = "dense") -> st
 # The backends whose kernels apply the logit options (logit_scale, softcap, label_smoothing,
 # z_loss; issue 13). Until every kernel does, a config using them runs on these only:
 # ``auto`` picks ``torch``, and naming another backend is an error, never a silent no-op.
-LOGIT_OPTIONS_BACKENDS = {"torch", "cpu", "triton"}
+LOGIT_OPTIONS_BACKENDS = {"torch", "cpu", "triton", "cuda"}
 
 
 def _equals(value, default) -> bool:

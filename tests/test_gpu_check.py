@@ -149,3 +149,34 @@ def test_summary_tables_floor_percentages_and_targets(tmp_path):
     assert "| cuda (cluster) forward_kl 8192x128256 | ≥ 90% of floor | 94% | yes |" in text
     assert "| triton, every kd shape and divergence | ≥ 60% of floor | 59% (worst) | no |" in text
     assert "4.4× (worst divergence) | yes |" in text
+
+
+def test_summary_softcap_table(tmp_path):
+    """The softcap row of the bench step (SOFTCAP_PY's JSON): off, on, their ratio against
+    the issue's 1.15x, a kernel that refused the options shown as such, not as a failure."""
+    out = tmp_path / "gc"
+    folder = out / "bench" / gpu_check.SOFTCAP_RUN
+    folder.mkdir(parents=True)
+    meta = {"device_name": "NVIDIA H100 80GB HBM3", "date": "2026-11-24T12:00:00", "dtype": "bfloat16",
+            "temperature": 2.0, "softcap": 30.0, "machine": {}}
+    shape = gpu_check.SOFTCAP_SHAPE
+    rows = [
+        {"impl": "fastkd[cuda]", "kernel": "cluster", "shape": shape, "softcap": None, "kind": "fastkd", "time_s": 1e-3},
+        {"impl": "fastkd[cuda]", "kernel": "cluster", "shape": shape, "softcap": 30.0, "kind": "fastkd",
+         "time_s": 1.1e-3, "ratio_vs_off": 1.1},
+        {"impl": "fastkd[cuda]", "kernel": "twopass", "shape": shape, "softcap": None, "kind": "fastkd", "time_s": 2e-3},
+        {"impl": "fastkd[cuda]", "kernel": "twopass", "shape": shape, "softcap": 30.0, "kind": "fastkd",
+         "time_s": 2.5e-3, "ratio_vs_off": 1.25},
+        {"impl": "fastkd[triton]", "kernel": "triton", "shape": shape, "softcap": None, "kind": "fastkd",
+         "time_s": 3e-3},
+        {"impl": "fastkd[triton]", "kernel": "triton", "shape": shape, "softcap": 30.0, "kind": "skipped",
+         "note": "backend 'triton' does not apply logit_scale, softcap"},
+    ]
+    (folder / "bench_softcap.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    ctx = gpu_check.Context(out, sys.executable, False, None)
+    text = gpu_check.write_summary(ctx, {}, ["--out", str(out)])
+    assert "Softcap cost (4096x128256 bfloat16" in text
+    assert "| fastkd[cuda] | cluster | 1.00 | 1.10 | 1.10× | yes |" in text
+    assert "| fastkd[cuda] | twopass | 2.00 | 2.50 | 1.25× | no |" in text
+    assert "| fastkd[triton] | triton | 3.00 | – | – | – | backend 'triton' does not apply" in text
+    assert any(c.label == gpu_check.SOFTCAP_RUN for c in gpu_check.bench_commands(ctx))

@@ -28,6 +28,12 @@
  * remote store precedes an arrive.release that its target waits on (acquire) before
  * reading, and nothing is read remotely, so a CTA can exit without a trailing barrier.
  *
+ * The logit options (kd_params.h): the instances with kOptions (has_options, kd_cuda.h)
+ * transform every element at each phase from the same registers (the transform is cheap
+ * against holding 128 more floats), carry label smoothing's sum of s' in the row_stats
+ * exchange's spare slot, and multiply the gradient by ds'/ds. Their sm_90a builds spill
+ * nothing at 128 registers, as the instances without the options (unchanged).
+ *
  * In-place backward (grad == student) is safe: a CTA writes only its own packs, after
  * all its loads; the label's logit (CE loss) is read by rank 0 before its first arrive.
  *
@@ -88,13 +94,15 @@ FASTKD_DEV void push(float4* slot, unsigned rank, float4 v) {
 
 #endif
 
-template <typename T, Divergence DIV, int VEC>
+// kOptions: the instance that applies the logit options (has_options; kd_device.cuh).
+template <typename T, Divergence DIV, int VEC, bool kOptions>
 __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cluster_kernel(const KDLaunch a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __shared__ float4 xstats[kMaxCluster][2];  // slot i: CTA i's (ms, zs, mt, zt), (zraw, a, -, -)
+  __shared__ float4 xstats[kMaxCluster][2];  // slot i: CTA i's (ms, zs, mt, zt), (zraw, a, sum of s', -)
   __shared__ float4 xsums[kMaxCluster];      // slot i: CTA i's divergence sums
   __shared__ RowStatsBase2 warp_stats[NT / 32];
   __shared__ float4 warp_sums[NT / 32];
+  __shared__ float4 warp_sum_s[NT / 32];
 
   const KDParams& p = a.p;
   const unsigned rank = cluster_rank(), C = cluster_size();
@@ -112,7 +120,8 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
     return;
   }
   const bool ce = p.ce_weight != 0.f;
-  const float s_label = (ce && rank == 0 && threadIdx.x == 0) ? load_elem(r.s + r.label) : 0.f;
+  const Logits<kOptions> L{p};
+  const float s_label = (ce && rank == 0 && threadIdx.x == 0) ? L.s(load_elem(r.s + r.label), 1u, 0) : 0.f;
 
   // 1. Load. Slot k of thread x in CTA `rank` is pack (rank K + k) NT + x: each slot is
   // a coalesced sweep of NT consecutive packs, each CTA a contiguous stretch of the row.
@@ -142,20 +151,29 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
   }
   cluster_arrive_relaxed();
 
-  // 2. row_stats of this CTA's part of the row.
+  // 2. row_stats of this CTA's part of the row. live[k]: the lanes of slot k in the row
+  // (Logits; read only by the options path).
   const float c = kLog2e * p.inv_temperature;
   constexpr bool kA = DIV == Divergence::ForwardKL;
+  uint32_t live[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) live[k] = interior ? all_lanes<VEC>() : live_lanes<VEC>(col_first + k * kSlotCols, V);
   RowStatsBase2 st = empty_stats();
-  if (ce && p.temperature != 1.0f) row_stats_add<true, kA>(st, sp, tp, c);
-  else row_stats_add<false, kA>(st, sp, tp, c);
+  float sum_s = 0.f;  // with the options: label smoothing's sum of s', this thread's share
+  if ((ce || (kOptions && p.z_loss != 0.f)) && p.temperature != 1.0f)
+    row_stats_add<true, kA>(st, sp, tp, c, L, live, sum_s);
+  else
+    row_stats_add<false, kA>(st, sp, tp, c, L, live, sum_s);
   st = block_combine(st, c, warp_stats);
+  const bool smooth = kOptions && ce && p.label_smoothing > 0.f;
+  if (smooth) sum_s = block_sum(make_float4(sum_s, 0.f, 0.f, 0.f), warp_sum_s).x;
 
   // The row_stats exchange: push this CTA's partial to every CTA, then combine the C
   // partials.
   cluster_wait();  // pairs with the relaxed arrive: every CTA of the cluster is running
   if (threadIdx.x < C) {
     push(&xstats[rank][0], threadIdx.x, make_float4(st.ms, st.zs, st.mt, st.zt));
-    push(&xstats[rank][1], threadIdx.x, make_float4(st.zraw, st.a, 0.f, 0.f));
+    push(&xstats[rank][1], threadIdx.x, make_float4(st.zraw, st.a, sum_s, 0.f));
   }
   cluster_arrive();
   cluster_wait();
@@ -177,10 +195,13 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
   if constexpr (DIV != Divergence::ForwardKL) {
     float4 acc = tot;
 #pragma unroll
-    for (int s = 0; s < K; ++s)
+    for (int s = 0; s < K; ++s) {
+      const uint32_t lv = interior ? all_lanes<VEC>() : live_lanes<VEC>(col_first + s * kSlotCols, V);
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
-        row_sums_add<DIV, false>(acc, sp[s].template get<2>(j, k.opaque_zero), tp[s].template get<2>(j, k.opaque_zero), k);
+        row_sums_add<DIV, false>(acc, L.s(sp[s].template get<2, kOptions>(j, k.opaque_zero), lv, j),
+                                 L.t(tp[s].template get<2, kOptions>(j, k.opaque_zero), lv, j), k);
+    }
     acc = block_sum(acc, warp_sums);
     if (threadIdx.x < C) push(&xsums[rank], threadIdx.x, acc);
     cluster_arrive();
@@ -198,19 +219,21 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
   if (rank == 0 && threadIdx.x == 0) {
     const float D = DIV == Divergence::ForwardKL ? kLn2 * (k.c * st.a / st.zt - (k.lt - k.ls))
                                                  : divergence_from_sums<DIV>(tot, tot.w, pm, k);
-    float loss = p.div_weight * D;
-    if (k.ce) loss += p.ce_weight * (kLn2 * k.lraw - s_label);
-    a.loss[row] = loss;
+    float row_sum_s = 0.f;  // label smoothing: the C CTAs' sums of s', in rank order
+    if (smooth)
+      for (unsigned i = 0; i < C; ++i) row_sum_s += xstats[i][1].z;
+    a.loss[row] = add_hard_label_loss<kOptions>(p.div_weight * D, k, p, s_label, row_sum_s);
   }
 
-  // 4. write_grad: the gradient, from the registers.
-  float2 unused = make_float2(0.f, 0.f);
-  if (interior) {
+  // 4. write_grad: the gradient, from the registers. (With the options, the general loop
+  // alone: a copy of the write phase less cut the instance's compile time.)
+  float4 unused = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (!kOptions && interior) {
 #pragma unroll
     for (int s = 0; s < K; ++s) {
       const int64_t col0 = col_first + s * kSlotCols;
       float g[VEC];
-      write_grad_pack<DIV>(g, sp[s], tp[s], k, tot, r.label - col0, unused);
+      write_grad_pack<DIV>(g, sp[s], tp[s], k, L, all_lanes<VEC>(), tot, r.label - col0, unused);
       store_pack<T, VEC>(r.g + col0, g);
     }
   } else {
@@ -219,7 +242,8 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
       const int64_t col0 = col_first + s * kSlotCols;
       if (col0 >= V) break;
       float g[VEC];
-      write_grad_pack<DIV>(g, sp[s], tp[s], k, tot, r.label - col0, unused);
+      const uint32_t lv = interior ? all_lanes<VEC>() : live_lanes<VEC>(col0, V);
+      write_grad_pack<DIV>(g, sp[s], tp[s], k, L, lv, tot, r.label - col0, unused);
       if (col0 >= 0 && col0 + VEC <= V) store_pack<T, VEC>(r.g + col0, g);
       else store_pack_masked<T, VEC>(r.g, col0, V, g);
     }
@@ -288,18 +312,18 @@ bool query_launchable(const void* kernel_ptr, void (*kernel)(KDLaunch), int clus
   return ok;
 }
 
-template <typename T, Divergence DIV>
+template <typename T, Divergence DIV, bool kOptions>
 bool launchable(int cluster) {
   static std::atomic<signed char> cache[kMaxDevices][kMaxCluster + 1];  // one per kernel instance
-  auto kernel = kd_cluster_kernel<T, DIV, 16 / int(sizeof(T))>;
+  auto kernel = kd_cluster_kernel<T, DIV, 16 / int(sizeof(T)), kOptions>;
   return query_launchable(reinterpret_cast<const void*>(kernel), kernel, cluster, cache);
 }
 
-template <typename T, Divergence DIV>
+template <typename T, Divergence DIV, bool kOptions>
 cudaError_t launch_typed(const KDLaunch& a, int cluster, cudaStream_t stream) {
   constexpr int kVec = 16 / int(sizeof(T));
-  auto kernel = kd_cluster_kernel<T, DIV, kVec>;
-  if (!launchable<T, DIV>(cluster)) return cudaErrorNotSupported;
+  auto kernel = kd_cluster_kernel<T, DIV, kVec, kOptions>;
+  if (!launchable<T, DIV, kOptions>(cluster)) return cudaErrorNotSupported;
   cudaLaunchAttribute dims;
   const cudaLaunchConfig_t cfg = cluster_launch_config(dims, cluster, a.n_rows * cluster, stream);
   if (cluster > kMaxClusterPortable) {
@@ -319,15 +343,17 @@ cudaError_t launch_kd_cluster(const KDLaunch& a, const LaunchPlan& plan, cudaStr
       plan.vec != 16 / elem_bytes(a.s_type) || plan.t_part != plan.vec || plan.g_part != plan.vec ||
       a.n_rows * plan.cluster > int64_t(0x7fffffff))
     return cudaErrorNotSupported;
+  const bool options = has_options(a.p);  // the options path only where one is on
   FASTKD_ELEM_TYPE_SWITCH(a.s_type, T, FASTKD_DIVERGENCE_SWITCH(a.p.divergence, DIV, {
-    return launch_typed<T, DIV>(a, plan.cluster, stream);
+    return options ? launch_typed<T, DIV, true>(a, plan.cluster, stream)
+                   : launch_typed<T, DIV, false>(a, plan.cluster, stream);
   }));
   return cudaErrorInvalidValue;
 }
 
-bool cluster_launchable(ElemType type, Divergence divergence, int cluster) {
+bool cluster_launchable(ElemType type, Divergence divergence, bool options, int cluster) {
   FASTKD_ELEM_TYPE_SWITCH(type, T, FASTKD_DIVERGENCE_SWITCH(divergence, DIV, {
-    return launchable<T, DIV>(cluster);
+    return options ? launchable<T, DIV, true>(cluster) : launchable<T, DIV, false>(cluster);
   }));
   return false;
 }

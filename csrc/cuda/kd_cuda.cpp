@@ -75,7 +75,7 @@ LaunchPlan make_plan(const KDLaunch& a, int device) {
   in.force = kernel_override();
   in.cluster_device = in.force != KernelOverride::TwoPass && cluster_device(device);
   const LaunchPlan plan = choose_plan(in, [&](const LaunchPlan& p) {
-    return cluster_launchable(a.s_type, a.p.divergence, p.cluster);
+    return cluster_launchable(a.s_type, a.p.divergence, has_options(a.p), p.cluster);
   });
   TORCH_CHECK(plan.refused == nullptr, "fastkd (cuda): FASTKD_CUDA_KERNEL=cluster, but the cluster kernel cannot run "
               "this call: ", plan.refused, " (unset FASTKD_CUDA_KERNEL or set it to auto to let fastkd choose)");
@@ -189,8 +189,9 @@ void run_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out, Stats
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// `with_ce` (ops.cpp: ce_weight != 0): the T = 1 sum-exp column, which the z-loss needs too.
 void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
-  run_row_stats(args, with_ce, out, &launch_row_stats);
+  run_row_stats(args, with_ce || args.params.z_loss != 0.0f, out, &launch_row_stats);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -198,7 +199,7 @@ void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
 
 void op_shard_row_stats(const ForwardArgs& args, at::Tensor& out) {
   TORCH_CHECK(out.scalar_type() == at::kFloat, "fastkd (cuda): the shard statistics are float32");
-  run_row_stats(args, args.params.ce_weight != 0.0f, out, &launch_shard_row_stats);
+  run_row_stats(args, args.params.ce_weight != 0.0f || args.params.z_loss != 0.0f, out, &launch_shard_row_stats);
 }
 
 void op_shard_row_sums(const ForwardArgs& args, at::Tensor& out) {
@@ -333,6 +334,7 @@ std::string cuda_kernel_plan(const at::Tensor& student, const at::Tensor& teache
   a.stats_in = with_row_stats ? reinterpret_cast<const float*>(&a) : nullptr;  // only its presence matters
   a.p.vocab_size = vocab_size;
   a.p.divergence = Divergence::ForwardKL;  // every divergence's instance has the same launch bounds
+  a.p.scale_s = a.p.scale_t = 1.0f;        // no options: the default instances
   return describe(make_plan(a, student.get_device()));
 }
 

@@ -20,6 +20,15 @@ enum class ElemType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 inline int elem_bytes(ElemType t) { return t == ElemType::F32 ? 4 : 2; }
 
+// Whether a launch takes the kernels' options path (kd_device.cuh: kOptions): a logit option
+// is on, either side's transform (logit_scale, softcap), label smoothing or the z-loss.
+// Every launcher picks its kernel instance with it, so the options off run the instances
+// that have no code for them.
+inline bool has_options(const KDParams& p) {
+  return p.scale_s != 1.0f || p.cap_s != 0.0f || p.scale_t != 1.0f || p.cap_t != 0.0f || p.label_smoothing != 0.0f ||
+         p.z_loss != 0.0f;
+}
+
 // One forward call, as the kernels see it. Row r of a tensor X starts at X + r * x_stride
 // elements; columns are contiguous. All offsets are int64: N * V may exceed 2^31.
 struct KDLaunch {
@@ -36,7 +45,7 @@ struct KDLaunch {
   int64_t n_rows;
   ElemType s_type, t_type;
   int t_part, g_part;      // set by the launchers from the plan (LaunchPlan)
-  bool with_ce_raw;        // row_stats kernel: also compute the T = 1 sum-exp of the CE term
+  bool with_ce_raw;        // row_stats kernel: also compute the T = 1 sum-exp (CE term or z-loss)
   KDParams p;
   // The vocab-parallel shard phases (fastkd/backends/__init__.py has the layouts).
   const float* sums_in;    // [N, kRowSumsWidth] row sums (write_grad), or nullptr: compute them
@@ -296,11 +305,11 @@ cudaError_t launch_shard_row_sums(const KDLaunch& a, const LaunchPlan& plan, cud
 // kernel does not take.
 cudaError_t launch_kd_cluster(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream);
 
-// Whether the cluster kernel instance for (type, divergence) has sm_90 code for the
-// current device and can co-schedule a cluster of `cluster` CTAs there. Cached per
-// instance, device and cluster size. Leaves any CUDA error raised before it pending, and
-// clears only the errors its own queries raise.
-bool cluster_launchable(ElemType type, Divergence divergence, int cluster);
+// Whether the cluster kernel instance for (type, divergence, options path: has_options)
+// has sm_90 code for the current device and can co-schedule a cluster of `cluster` CTAs
+// there. Cached per instance, device and cluster size. Leaves any CUDA error raised before
+// it pending, and clears only the errors its own queries raise.
+bool cluster_launchable(ElemType type, Divergence divergence, bool options, int cluster);
 
 // grad[r, :] *= factor[r * factor_stride] (factor_stride 0: one scalar), read on the
 // device; rows whose factor is exactly 1 are not touched, without a host sync.

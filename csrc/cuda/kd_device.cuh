@@ -6,7 +6,15 @@
 //               gradient needs (row_sums_add, centring, divergence_from_sums)
 //   write_grad  per element: the gradient times the reduction scale (ddiv,
 //               write_grad_pack); zero fill past vocab_size (fill_span)
-// and the label handling shared by the kernels (LaunchRow).
+// and the label handling shared by the kernels (LaunchRow), and the logit options
+// (kd_params.h states their contract): each side's transform x' = cap tanh(scale x / cap)
+// (Logits), and the terms at T = 1 on the student's s' (label-smoothed CE and z-loss:
+// RowConsts, write_grad_pack, add_hard_label_loss). Every kernel has a template flag
+// kOptions, set per launch (kd_cuda.h: has_options): the instances without it have no
+// code for the options, so their registers and loops are those of the kernels before them
+// (per-row branches for smoothing and z-loss in those instances made the two-pass kernel
+// spill); the instances with it take every option at run time, the transform of a side
+// without one being exact (x * 1). Below, s and t stand for the transformed logits s', t'.
 //
 // Units. Everything runs in base 2 so that each exponential is one MUFU.EX2 fed by one
 // FFMA: with c = log2(e) / T,
@@ -63,6 +71,12 @@ FASTKD_DEV float ex2(float x) {
 FASTKD_DEV float lg2(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+FASTKD_DEV float rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
 
@@ -176,7 +190,10 @@ struct Pack {
   // fp32 needs no widening, and there the repeated expressions are the exponents
   // themselves; `opaque_zero` (0 at run time, unknown to the compiler) makes each
   // phase's copy of the element a distinct value.
-  template <int kForm = 0>
+  // kOpaque: form 2 of a 16-bit element also mixes in opaque_zero (the options' instances of
+  // the cluster kernel): LLVM folds fp16's form 2 into form 0, and with the transform the
+  // row's transformed values then lived from row_stats to row_sums, spilling 564 bytes.
+  template <int kForm = 0, bool kOpaque = false>
   FASTKD_DEV float get(int j, uint32_t opaque_zero = 0) const {
     if constexpr (sizeof(T) == 4) {
       const uint32_t w = word(raw, j);
@@ -184,7 +201,7 @@ struct Pack {
       else if constexpr (kForm == 2) return __uint_as_float(w + opaque_zero);
       else return __uint_as_float(w);
     } else {
-      const uint32_t w = word(raw, j >> 1);
+      const uint32_t w = word(raw, j >> 1) + (kOpaque && kForm == 2 ? opaque_zero : 0u);
       return (j & 1) ? Elem<T>::template hi_form<kForm>(w) : Elem<T>::template lo_form<kForm>(w);
     }
   }
@@ -362,6 +379,129 @@ FASTKD_DEV void fill_span(T* row, int64_t begin, int64_t end, float value, int t
 }
 
 // ---------------------------------------------------------------------------------------
+// The logit transforms (kd_params.h: scale_s, cap_s, ...): x' = cap tanh(scale x / cap), or
+// scale x without a cap, applied to each element as it is widened, before the temperature.
+
+// tanh(y) and 1 - tanh(y)^2. With E = e^(-2|y|) in [0, 1] (one ex2) and one reciprocal,
+//     tanh|y| = (1 - E) / (1 + E),        1 - tanh(y)^2 = 4 E / (1 + E)^2,
+// but 1 - E cancels for small |y|: its error is absolute (~2e-7), which a softcap far
+// above the logits (s' = cap tanh(s / cap) ~ s, errors of cap * 2e-7) would turn into
+// errors of 1e-3 in the softmax at cap = 1e4. Below |y| = 0.55 (tanh = 0.5) an odd
+// polynomial y + y^3 Q(y^2) takes over, fitted to tanh on [0, 0.55] for relative error
+// (max 1e-9 in exact arithmetic; the coefficients were fitted for fastkd: Taylor's
+// -1/3, 2/15, ... to as many terms is off by 2.7e-6 at 0.55). In an fp32 emulation with
+// ex2's and rcp's worst-case errors against float64: tanh within 6.6e-8 relative below
+// 0.55 and 4.5e-7 above, the derivative within 2.3e-6 relative everywhere (where
+// 1 - tanh^2 formed from a rounded tanh loses 4.6e-5 at |y| = 3: the gradient of a
+// saturated top logit); forward KL's gradient at cap 30 (V = 20001) within 3e-6 of
+// float64, against 1.5e-6 for an exact tanh rounded to fp32. |y| -> inf gives E = 0:
+// tanh = +-1 and a derivative of 0, never inf / inf (a -inf logit under a softcap becomes
+// -cap, finite, as in the reference); NaN stays NaN. tanh.approx.f32 (one MUFU op) is
+// off by ~5e-4: far too coarse for the fp32 tolerance. Cost: two MUFU ops (EX2, RCP) and
+// ~16 others, both branches computed and one selected (a divergent branch would be worse).
+// The _rn intrinsics keep the compiler from contracting it differently where it is
+// inlined twice: the cluster kernel relies on max s' being bitwise the s' of the row's
+// maximum.
+FASTKD_DEV float tanh_and_derivative(float y, float& derivative) {
+  const float ay = fabsf(y);
+  const float e = ex2(__fmul_rn(ay, -2.0f * kLog2e));
+  const float r = rcp(__fadd_rn(1.0f, e));
+  derivative = __fmul_rn(__fmul_rn(4.0f * e, r), r);
+  const float big = copysignf(__fmul_rn(__fsub_rn(1.0f, e), r), y);
+  const float y2 = __fmul_rn(y, y);
+  float q = -6.273641764e-03f;
+  q = __fmaf_rn(q, y2, 2.107128642e-02f);
+  q = __fmaf_rn(q, y2, -5.385222218e-02f);
+  q = __fmaf_rn(q, y2, 1.333258538e-01f);
+  q = __fmaf_rn(q, y2, -3.333331754e-01f);
+  const float small = __fmaf_rn(__fmul_rn(y2, y), q, y);
+  return ay < 0.55f ? small : big;
+}
+
+// One side's transform of x, and dx'/dx into `d`: scale x, then cap tanh(. / cap) where
+// cap > 0 (inv_cap = 1 / cap). x * 1 is exact, so scale 1 without a cap is the identity.
+FASTKD_DEV float transform_logit(float x, float scale, float cap, float inv_cap, float& d) {
+  const float y = __fmul_rn(x, scale);
+  if (cap == 0.f) {
+    d = scale;
+    return y;
+  }
+  float th_d;
+  const float th = tanh_and_derivative(__fmul_rn(y, inv_cap), th_d);
+  d = __fmul_rn(scale, th_d);
+  return __fmul_rn(cap, th);
+}
+
+FASTKD_DEV float student_logit(float x, const KDParams& p) {
+  float unused;
+  return transform_logit(x, p.scale_s, p.cap_s, p.inv_cap_s, unused);
+}
+
+// Lanes j of a pack starting at column col0 that are columns of the row [0, V), as bits.
+template <int VEC>
+FASTKD_DEV uint32_t live_lanes(int64_t col0, int64_t V) {
+  constexpr uint32_t kAll = (1u << VEC) - 1u;
+  if (col0 >= 0 && col0 + VEC <= V) return kAll;
+  uint32_t live = 0u;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) live |= (col0 + j >= 0 && col0 + j < V) ? 1u << j : 0u;
+  return live;
+}
+
+template <int VEC>
+constexpr uint32_t all_lanes() { return (1u << VEC) - 1u; }
+
+// The logits a kernel computes with, element by element: the loaded values (kOptions
+// false: the default instances, whose code is what it was before the options), or each
+// side's transform (the identity, exactly, for a side without one). A column outside the
+// row is loaded as -inf and must stay -inf (absent from every sum), where the softcap
+// would make it -cap: `live` (live_lanes) says which lanes are the row's. The transform is
+// monotone, so a pack's transformed maximum is the transform of its maximum (max_s /
+// max_t: one transform per U packs, not per element).
+template <bool kOptions>
+struct Logits {
+  const KDParams& p;
+
+  FASTKD_DEV float s(float x, uint32_t live, int j) const {
+    float unused;
+    return s(x, live, j, unused);
+  }
+  // The student's s' and ds'/ds (the chain factor of its gradient).
+  FASTKD_DEV float s(float x, uint32_t live, int j, float& d) const {
+    if constexpr (!kOptions) {
+      return x;
+    } else {
+      const float y = transform_logit(x, p.scale_s, p.cap_s, p.inv_cap_s, d);
+      return (live >> j) & 1u ? y : FASTKD_NEG_INF;
+    }
+  }
+  FASTKD_DEV float t(float x, uint32_t live, int j) const {
+    if constexpr (!kOptions) {
+      return x;
+    } else {
+      float unused;
+      const float y = transform_logit(x, p.scale_t, p.cap_t, p.inv_cap_t, unused);
+      return (live >> j) & 1u ? y : FASTKD_NEG_INF;
+    }
+  }
+  // Of a pack's maximum, taken over the loaded values. A pack wholly outside the row has
+  // maximum -inf, which a cap makes -cap: still <= every s' of the row, so a harmless
+  // reference point for a thread's (empty) partial sums.
+  FASTKD_DEV float max_s(float m) const {
+    if constexpr (!kOptions) return m;
+    else return student_logit(m, p);
+  }
+  FASTKD_DEV float max_t(float m) const {
+    if constexpr (!kOptions) {
+      return m;
+    } else {
+      float unused;
+      return transform_logit(m, p.scale_t, p.cap_t, p.inv_cap_t, unused);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
 // Phase row_stats: (max, sum 2^(x c - max c)) of both sides, plus the CE term's T = 1 sum
 // and, for forward KL, sum_i 2^(t_i c - mt c) (t_i - s_i), which gives
 //     KL(p||q) = ln2 (c A / zt - (lt - ls))
@@ -472,13 +612,29 @@ FASTKD_DEV float4 block_sum(float4 v, float4* scratch) {
 // them first, one rescale of the running sums, then one exponential per element and side
 // (the online softmax, chunked so the rescale is paid once per U packs).
 // kStudentA: the value term `a` on the student's side (RowStatsBase2).
-template <bool kRaw, bool kA, int U, typename TS, typename TT, int VEC, bool kStudentA = false>
-FASTKD_DEV void row_stats_add(RowStatsBase2& st, const Pack<TS, VEC> (&sp)[U], const Pack<TT, VEC> (&tp)[U], float c) {
+// L, live: the logits' transforms and each pack's lanes in the row (Logits). With the
+// options, also label smoothing's sum of s' over the row's lanes into sum_s (where s' is
+// at hand: a sweep of its own recomputed the transform, or, in the cluster kernel, kept
+// the row's transformed values alive between the two, spilling).
+template <bool kRaw, bool kA, int U, typename TS, typename TT, int VEC, bool kStudentA = false, bool kOptions>
+FASTKD_DEV void row_stats_add(RowStatsBase2& st, const Pack<TS, VEC> (&sp)[U], const Pack<TT, VEC> (&tp)[U], float c,
+                              const Logits<kOptions>& L, const uint32_t (&live)[U], float& sum_s) {
   float ms = st.ms, mt = st.mt;
+  if constexpr (kOptions) {  // one transform per side for the U packs
+    float xs = FASTKD_NEG_INF, xt = FASTKD_NEG_INF;
 #pragma unroll
-  for (int u = 0; u < U; ++u) {
-    ms = fmaxf(ms, sp[u].max());
-    mt = fmaxf(mt, tp[u].max());
+    for (int u = 0; u < U; ++u) {
+      xs = fmaxf(xs, sp[u].max());
+      xt = fmaxf(xt, tp[u].max());
+    }
+    ms = fmaxf(ms, L.max_s(xs));
+    mt = fmaxf(mt, L.max_t(xt));
+  } else {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      ms = fmaxf(ms, sp[u].max());
+      mt = fmaxf(mt, tp[u].max());
+    }
   }
   st.zs *= rescale(st.ms, ms, c);
   st.zt *= rescale(st.mt, mt, c);
@@ -491,7 +647,8 @@ FASTKD_DEV void row_stats_add(RowStatsBase2& st, const Pack<TS, VEC> (&sp)[U], c
   for (int u = 0; u < U; ++u) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float s = sp[u].get(j), t = tp[u].get(j);
+      const float s = L.s(sp[u].get(j), live[u], j), t = L.t(tp[u].get(j), live[u], j);
+      if constexpr (kOptions) sum_s += (live[u] >> j) & 1u ? s : 0.f;
       const float es = ex2(fmaf(s, c, -rs));
       st.zs += es;
       const float et = ex2(fmaf(t, c, -rt));
@@ -519,6 +676,12 @@ struct RowConsts {
   bool ce;          // a CE term is mixed in
   bool raw_is_q;    // T == 1: the CE softmax is q itself
   uint32_t opaque_zero;  // 0, from a kernel argument the compiler cannot see through (Pack::get)
+  // The terms at T = 1 with the options (kd_params.h), read by the kOptions instances only.
+  bool hard;        // CE or z-loss: softmax(s') enters the gradient (and sum_raw the statistics)
+  bool smooth;      // label-smoothed CE: eps/V sum_i s'_i enters the loss
+  float graw;       // grad_scale * c_raw, c_raw = ce_weight + 2 z_loss lse': multiplies softmax(s')
+  float ghot;       // grad_scale * ce_weight * (1 - eps): the label's one-hot
+  float gsmooth;    // grad_scale * ce_weight * eps / V: subtracted at every column
 };
 
 // The parts of RowConsts that depend only on the loss parameters, not on the row.
@@ -530,6 +693,18 @@ FASTKD_DEV void set_param_consts(RowConsts& k, const KDParams& p, float grad_sca
   k.gce = grad_scale * p.ce_weight;
   k.ce = p.ce_weight != 0.0f;
   k.opaque_zero = static_cast<uint32_t>(p.vocab_size >> 62);  // vocab_size < 2^62
+  k.smooth = k.ce && p.label_smoothing > 0.0f;
+  k.hard = k.ce || p.z_loss != 0.0f;
+  k.ghot = k.gce * (1.0f - p.label_smoothing);
+  k.gsmooth = k.smooth ? k.gce * p.smooth_per_class : 0.0f;
+}
+
+// lse' = log sum_i exp(s'_i) of the row, in nats, from lraw.
+FASTKD_DEV float row_lse(const RowConsts& k) { return kLn2 * k.lraw; }
+
+// The parts that depend on the row's lse' (k.lraw known): the z-loss's 2 z_loss lse'.
+FASTKD_DEV void set_raw_consts(RowConsts& k, const KDParams& p, float grad_scale) {
+  k.graw = p.z_loss != 0.0f ? fmaf(grad_scale * 2.0f * p.z_loss, row_lse(k), k.gce) : k.gce;
 }
 
 // From statistics this launch computed (raw maxima).
@@ -541,6 +716,7 @@ FASTKD_DEV RowConsts row_consts(const RowStatsBase2& st, const KDParams& p, floa
   k.raw_is_q = p.temperature == 1.0f;
   k.lraw = k.raw_is_q ? k.ls : ref_point(st.ms, kLog2e) + lg2(st.zraw);
   set_param_consts(k, p, grad_scale);
+  set_raw_consts(k, p, grad_scale);
   return k;
 }
 
@@ -553,6 +729,7 @@ FASTKD_DEV RowConsts row_consts_given(const float* r, const KDParams& p, float g
   k.raw_is_q = p.temperature == 1.0f;
   k.lraw = k.raw_is_q ? k.ls : (p.temperature * r[0]) * kLog2e + lg2(r[4]);
   set_param_consts(k, p, grad_scale);
+  set_raw_consts(k, p, grad_scale);
   return k;
 }
 
@@ -660,7 +837,7 @@ FASTKD_DEV float divergence_from_sums(const float4& tot, float qh, float pm, con
 // (sum p (t - s), sum p) into `kl`, from which KL(p||q) = ln2 (c sum p (t - s) - (lt - ls) sum p);
 // JSD accumulates sum p log2(p/m) into kl.x.
 template <Divergence DIV, bool kSumKL = false>
-FASTKD_DEV float ddiv(float s, float t, const RowConsts& k, const float4& tot, float& q_out, float2& kl) {
+FASTKD_DEV float ddiv(float s, float t, const RowConsts& k, const float4& tot, float& q_out, float4& kl) {
   const float lq = fmaf(s, k.c, -k.ls), lp = fmaf(t, k.c, -k.lt);
   const float q = ex2(lq);
   q_out = q;
@@ -696,26 +873,101 @@ FASTKD_DEV float ddiv(float s, float t, const RowConsts& k, const float4& tot, f
   }
 }
 
-// Phase write_grad, one pack: gdiv dD/da + gce (softmax(s) - onehot(label)), in fp32,
-// for the caller to store.
+// write_grad_pack with the options (kOptions), one fused loop per element (a transform, the
+// divergence, the terms at T = 1, the chain factor), so that no per-lane array lives across
+// loops (holding s', ds'/ds and q for a second loop, as the plain path does for q, spilled
+// the two-pass kernel at 64 registers). kHard: the terms at T = 1 are on (RowConsts::hard),
+// in their general form, which for the plain CE term (graw = ghot = gce, gsmooth = 0) is
+// gce r - gce in one rounding at the label, as exact as the plain path's gce (r - 1); a
+// third variant for it cost the cluster kernel a third more compile time. kSumKL: kl.z
+// also accumulates the sum of s' over the row's lanes (read only when smoothing).
+template <Divergence DIV, bool kSumKL, int kForm, bool kHard, typename TS, typename TT, int VEC>
+FASTKD_DEV void write_grad_pack_options(float (&g)[VEC], const Pack<TS, VEC>& sp, const Pack<TT, VEC>& tp,
+                                        const RowConsts& k, const Logits<true>& L, uint32_t live, const float4& tot,
+                                        int64_t label_lane, float4& kl) {
+  const bool has_label = uint64_t(label_lane) < uint64_t(VEC);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    float d, q;
+    const float s = L.s(sp.template get<kForm>(j, k.opaque_zero), live, j, d);
+    float gj = k.gdiv * ddiv<DIV, kSumKL>(s, L.t(tp.template get<kForm>(j, k.opaque_zero), live, j), k, tot, q, kl);
+    if constexpr (kSumKL) kl.z += (live >> j) & 1u ? s : 0.f;
+    if constexpr (kHard) {
+      const float r = k.raw_is_q ? q : ex2(fmaf(s, kLog2e, -k.lraw));
+      // graw r - target in one rounding: the label entry of a confident row cancels.
+      gj = fmaf(k.graw, r, -(has_label && j == label_lane ? k.ghot + k.gsmooth : k.gsmooth)) + gj;
+    }
+    g[j] = gj * d;
+  }
+}
+
+// Phase write_grad, one pack, in fp32 for the caller to store: with the options' terms
+// (kd_params.h),
+//     dL/ds'_i = gdiv dD/da_i + graw softmax(s')_i - ghot [i = label] - gsmooth
+// times ds'/ds; without the options (kOptions false: the code before them) the CE term is
+// gce (softmax(s) - onehot).
 // `label_lane` is label - col0 (the one-hot lands in this pack when it is in [0, VEC)).
-template <Divergence DIV, bool kSumKL = false, int kForm = 1, typename TS, typename TT, int VEC>
+// `live`: the pack's lanes in the row (Logits). kSumKL (the two-pass kernel's write_grad
+// sweep): also accumulates the value terms of ddiv into kl, and with the options label
+// smoothing's sum of s' over the row into kl.z. kHard (the options only): -1 the terms at
+// T = 1 chosen here, per pack (k.hard); 0 or 1 chosen by the caller for the whole sweep (the
+// two-pass kernel: its 64 registers spilled 136 bytes with the choice per pack, which ptxas
+// if-converted).
+template <Divergence DIV, bool kSumKL = false, int kForm = 1, int kHard = -1, bool kOptions, typename TS, typename TT,
+          int VEC>
 FASTKD_DEV void write_grad_pack(float (&g)[VEC], const Pack<TS, VEC>& sp, const Pack<TT, VEC>& tp, const RowConsts& k,
-                          const float4& tot, int64_t label_lane, float2& kl) {
-  float q[VEC];
+                                const Logits<kOptions>& L, uint32_t live, const float4& tot, int64_t label_lane,
+                                float4& kl) {
+  if constexpr (kOptions && kHard >= 0) {
+    write_grad_pack_options<DIV, kSumKL, kForm, kHard == 1>(g, sp, tp, k, L, live, tot, label_lane, kl);
+  } else if constexpr (kOptions) {
+    if (k.hard) write_grad_pack_options<DIV, kSumKL, kForm, true>(g, sp, tp, k, L, live, tot, label_lane, kl);
+    else write_grad_pack_options<DIV, kSumKL, kForm, false>(g, sp, tp, k, L, live, tot, label_lane, kl);
+  } else {
+    float q[VEC];
 #pragma unroll
-  for (int j = 0; j < VEC; ++j)
-    g[j] = k.gdiv * ddiv<DIV, kSumKL>(sp.template get<kForm>(j, k.opaque_zero), tp.template get<kForm>(j, k.opaque_zero),
-                                      k, tot, q[j], kl);
-  if (k.ce) {
-    const bool has_label = uint64_t(label_lane) < uint64_t(VEC);
+    for (int j = 0; j < VEC; ++j)
+      g[j] = k.gdiv * ddiv<DIV, kSumKL>(sp.template get<kForm>(j, k.opaque_zero),
+                                        tp.template get<kForm>(j, k.opaque_zero), k, tot, q[j], kl);
+    if (k.ce) {
+      const bool has_label = uint64_t(label_lane) < uint64_t(VEC);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float r = k.raw_is_q ? q[j] : ex2(fmaf(sp.template get<kForm>(j, k.opaque_zero), kLog2e, -k.lraw));
-      // The one-hot is subtracted before the product so the label entry is rounded once.
-      g[j] = fmaf(k.gce, (has_label && j == label_lane) ? r - 1.0f : r, g[j]);
+      for (int j = 0; j < VEC; ++j) {
+        const float r = k.raw_is_q ? q[j] : ex2(fmaf(sp.template get<kForm>(j, k.opaque_zero), kLog2e, -k.lraw));
+        // The one-hot is subtracted before the product so the label entry is rounded once.
+        g[j] = fmaf(k.gce, (has_label && j == label_lane) ? r - 1.0f : r, g[j]);
+      }
     }
   }
+}
+
+// write_grad_pack's terms at T = 1 for one column, for the kernels that write column by
+// column (kd_sparse.cu): with the options g + graw r - ghot [label] - gsmooth, else the
+// plain CE term.
+template <bool kOptions>
+FASTKD_DEV float add_hard_label_grad(float g, float r, bool is_label, const RowConsts& k) {
+  if constexpr (!kOptions) return fmaf(k.gce, is_label ? r - 1.0f : r, g);
+  else return fmaf(k.graw, r, -(is_label ? k.ghot + k.gsmooth : k.gsmooth)) + g;
+}
+
+// The row's loss terms at T = 1 (kd_params.h), added to `loss`:
+//     ce_weight (lse' - (1 - eps) s'_y - [eps > 0] eps/V sum_i s'_i) + [z_loss != 0] z_loss lse'^2
+// `sum_s`: sum_i s'_i over the row's columns (read only when smoothing).
+// Without kOptions, the plain CE term.
+template <bool kOptions>
+FASTKD_DEV float add_hard_label_loss(float loss, const RowConsts& k, const KDParams& p, float s_label, float sum_s) {
+  const float lse = row_lse(k);
+  if constexpr (!kOptions) {
+    if (k.ce) loss += p.ce_weight * (lse - s_label);
+  } else {
+    if (k.ce) {
+      float ce = lse - (1.0f - p.label_smoothing) * s_label;
+      if (k.smooth) ce -= p.smooth_per_class * sum_s;
+      loss += p.ce_weight * ce;
+    }
+    if (p.z_loss != 0.f) loss += p.z_loss * lse * lse;
+  }
+  return loss;
 }
 
 // ---------------------------------------------------------------------------------------

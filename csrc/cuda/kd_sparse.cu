@@ -16,6 +16,11 @@
  *   none    D = sum_S p (log p - log q), dD/da_j = P q_j - p_j, w_off = P (forward KL only)
  *   loss = div_weight D + ce_weight (lse(s) - s[label]);
  *   ds   = grad_scale (div_weight/T dD/da + ce_weight (softmax(s) - onehot(label))).
+ * With the logit options (kd_params.h; the kOptions instance, has_options in kd_cuda.h), s is
+ * the student's transformed logits s' throughout (the teacher's log-probabilities are used
+ * as given), the T = 1 terms are label-smoothed and the z-loss's, and the gradient is
+ * multiplied by ds'/ds: the write sweep transforms each element again, the support's
+ * entries from their raw logits kept in shared memory.
  * 1 - P is -expm1(log P); 1 - Q is Z_off / Z, Z_off the sum-exp over the columns NOT in S
  * (the support's columns are excluded while the row streams, through a shared-memory
  * bitmap), so neither cancels as P, Q -> 1. A support covering all V columns has empty
@@ -199,10 +204,15 @@ struct SupportResult {
   double D;      // the divergence
 };
 
+// slot_s holds the student's raw logits (the final write of the support needs them for
+// the transform's chain factor); with the options each read here transforms it (K
+// elements a row).
+template <bool kOptions>
 __device__ __noinline__ SupportResult support_phase(const SparseKDLaunch& a, const RowStatsBase2& st, float c,
                                                     float gdiv, const int32_t* slot_id, const float* slot_s,
                                                     const float* slot_lp, float* slot_g, double* sums_scratch) {
   const KDParams& p = a.p;
+  const auto logit = [&](int64_t j) { return kOptions ? student_logit(slot_s[j], p) : slot_s[j]; };
   const int tid = threadIdx.x, nt = blockDim.x;
   const int64_t K = a.k, V = p.vocab_size;
   const Divergence div = p.divergence;
@@ -213,7 +223,7 @@ __device__ __noinline__ SupportResult support_phase(const SparseKDLaunch& a, con
   for (int64_t j = tid; j < K; j += nt) {
     if (slot_id[j] < 0) continue;
     mx[0] = fmax(mx[0], double(slot_lp[j]));
-    mx[1] = fmax(mx[1], double(slot_s[j]) * x_scale);
+    mx[1] = fmax(mx[1], double(logit(j)) * x_scale);
   }
   block_reduce<2, true>(mx, sums_scratch);
   const double ref_p = mx[0] == FASTKD_NEG_INF_D ? 0.0 : mx[0];
@@ -222,7 +232,7 @@ __device__ __noinline__ SupportResult support_phase(const SparseKDLaunch& a, con
   double sums[4] = {0.0, 0.0, 0.0, 0.0};
   for (int64_t j = tid; j < K; j += nt) {
     if (slot_id[j] < 0) continue;
-    const double x = double(slot_s[j]) * x_scale;
+    const double x = double(logit(j)) * x_scale;
     sums[0] += exp(double(slot_lp[j]) - ref_p);
     sums[1] += exp2(x - anchor);
     sums[2] += exp2(x - ref_x);
@@ -241,7 +251,7 @@ __device__ __noinline__ SupportResult support_phase(const SparseKDLaunch& a, con
   double acc[4] = {0.0, 0.0, 0.0, 0.0};
   for (int64_t j = tid; j < K; j += nt) {
     if (slot_id[j] < 0) continue;
-    const double x = double(slot_s[j]) * x_scale;
+    const double x = double(logit(j)) * x_scale;
     const double lq = (x - (renorm ? lse2_support : lse2)) * kLn2d;
     const double lp = double(slot_lp[j]) - (renorm && !renorm_empty ? log_mass_p : 0.0);
     bin_sums(acc, none ? Divergence::ForwardKL : div, lp, lq, exp(lp), exp(lq), log_beta, log_1mb);
@@ -263,7 +273,7 @@ __device__ __noinline__ SupportResult support_phase(const SparseKDLaunch& a, con
   // The support's own gradient (divergence part) into its slots.
   for (int64_t j = tid; j < K; j += nt) {
     if (slot_id[j] < 0) continue;
-    const double x = double(slot_s[j]) * x_scale;
+    const double x = double(logit(j)) * x_scale;
     const double lq = (x - (renorm ? lse2_support : lse2)) * kLn2d;
     const double lp = double(slot_lp[j]) - (renorm && !renorm_empty ? log_mass_p : 0.0);
     const double q = exp(lq), pj = exp(lp);
@@ -284,11 +294,15 @@ __device__ __noinline__ SupportResult support_phase(const SparseKDLaunch& a, con
 // ---------------------------------------------------------------------------------------
 // The kernel.
 
-template <typename TS, int VEC>
+// kOptions: the instance that applies the logit options (has_options; kd_device.cuh): the
+// student's transform, label smoothing, the z-loss. The teacher arrives as log-probabilities:
+// its transforms were applied before (p.scale_t is 1, p.cap_t 0 for a sparse config).
+template <typename TS, int VEC, bool kOptions>
 __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const SparseKDLaunch a, const SparsePlan plan) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ RowStatsBase2 stats_scratch[32];
-  __shared__ double sums_scratch[32 * 4];
+  __shared__ __align__(16) double sums_scratch[32 * 4];  // also label smoothing's float4 block_sum, before
+                                                         // support_phase (whose reductions open with a barrier)
 
   const KDParams& p = a.p;
   const int64_t row = blockIdx.x;
@@ -304,7 +318,10 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
     return;
   }
   const bool ce = p.ce_weight != 0.f;
-  const float s_label = (ce && tid == 0) ? load_elem(srow + label) : 0.f;
+  const bool hard = ce || (kOptions && p.z_loss != 0.f);  // a term at T = 1: the row's sum-exp is needed
+  const bool smooth = kOptions && ce && p.label_smoothing > 0.f;
+  const Logits<kOptions> L{p};
+  const float s_label = (ce && tid == 0) ? L.s(load_elem(srow + label), 1u, 0) : 0.f;
   const int lead = row_lead<TS, VEC>(srow);
   const int64_t packs = (V + lead + VEC - 1) / VEC;
 
@@ -338,14 +355,17 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
   }
 
   // --- row_stats: the one read of the row; the support's columns stay out of z_s. renorm
-  // without the CE term needs no full-row statistic: no read at all, the row's gradient is
-  // zero off the support.
+  // without the CE term or z-loss needs no full-row statistic: no read at all, the row's
+  // gradient is zero off the support. With the options, label smoothing's sum of s' over the
+  // row on the way (read only when smoothing).
   const float c = kLog2e * p.inv_temperature;
-  const bool raw = ce && p.temperature != 1.0f;
-  const bool sweep = p.tail != Tail::Renorm || ce;
+  const bool raw = hard && p.temperature != 1.0f;
+  const bool sweep = p.tail != Tail::Renorm || hard;
   RowStatsBase2 st = empty_stats();
+  float sum_s = 0.f;
   for (int64_t base = tid; sweep && base < packs; base += int64_t(nt) * U) {
     Pack<TS, VEC> sp[U];
+    uint32_t live[U];  // the lanes in the row (Logits)
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t idx = base + int64_t(u) * nt;
@@ -354,14 +374,23 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
         // Staged packs are read from memory once (streaming); the others stay cacheable
         // for write_grad's second read.
         sp[u] = idx < plan.stage_packs ? load_pack<TS, VEC, true>(srow + col0) : load_pack<TS, VEC, false>(srow + col0);
+        live[u] = all_lanes<VEC>();
       } else {
         sp[u] = load_pack_masked<TS, VEC>(srow, col0, V);  // -inf outside the row (and past it)
+        live[u] = live_lanes<VEC>(col0, V);
       }
       if (idx < plan.stage_packs) stage[idx] = sp[u].raw;
     }
     float ms = st.ms;
+    if constexpr (kOptions) {  // monotone: the transform of the packs' maximum
+      float m = FASTKD_NEG_INF;
 #pragma unroll
-    for (int u = 0; u < U; ++u) ms = fmaxf(ms, sp[u].max());
+      for (int u = 0; u < U; ++u) m = fmaxf(m, sp[u].max());
+      ms = fmaxf(ms, L.max_s(m));
+    } else {
+#pragma unroll
+      for (int u = 0; u < U; ++u) ms = fmaxf(ms, sp[u].max());
+    }
     st.zs *= rescale(st.ms, ms, c);
     if (raw) st.zraw *= rescale(st.ms, ms, kLog2e);
     st.ms = ms;
@@ -373,7 +402,8 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
       const uint32_t member = idx < packs ? bitmap[(idx * VEC) >> 5] >> ((idx * VEC) & 31) : 0u;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float s = sp[u].get(j);
+        const float s = L.s(sp[u].get(j), live[u], j);
+        if constexpr (kOptions) sum_s += (live[u] >> j) & 1u ? s : 0.f;  // label smoothing's
         const float e = ex2(fmaf(s, c, -rs));
         st.zs += (member >> j) & 1u ? 0.f : e;
         if (raw) st.zraw += ex2(fmaf(s, kLog2e, -rr));
@@ -381,6 +411,7 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
     }
   }
   st = block_combine(st, c, stats_scratch);
+  if (smooth) sum_s = block_sum(make_float4(sum_s, 0.f, 0.f, 0.f), reinterpret_cast<float4*>(sums_scratch)).x;
   if (__syncthreads_or(bad)) {
     fill_span(grow, 0, a.g_width, __int_as_float(0x7fc00000), tid, nt);
     if (tid == 0) a.loss[row] = __int_as_float(0x7fc00000);
@@ -392,9 +423,10 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
   set_param_consts(rc, p, *a.grad_scale);
   rc.c = c;
   rc.raw_is_q = p.temperature == 1.0f;
-  const SupportResult sup = support_phase(a, st, c, rc.gdiv, slot_id, slot_s, slot_lp, slot_g, sums_scratch);
+  const SupportResult sup = support_phase<kOptions>(a, st, c, rc.gdiv, slot_id, slot_s, slot_lp, slot_g, sums_scratch);
   rc.ls = sup.ls;
   rc.lraw = rc.raw_is_q ? rc.ls : ref_point(st.ms, kLog2e) + lg2(st.zraw);
+  set_raw_consts(rc, p, *a.grad_scale);
   const double D = sup.D;
   const float w_off = sup.w_off;
 
@@ -416,17 +448,20 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
         if (idx < plan.stage_packs) sp.raw = stage[idx];
         else if (inside) sp = load_pack<TS, VEC, true>(srow + col0);
         else sp = load_pack_masked<TS, VEC>(srow, col0, V);
+        const uint32_t live = inside ? all_lanes<VEC>() : live_lanes<VEC>(col0, V);
         const int64_t label_lane = label - col0;
         const bool has_label = rc.ce && uint64_t(label_lane) < uint64_t(VEC);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float s = sp.get(j);
+          float d;
+          const float s = L.s(sp.get(j), live, j, d);
           const float q = ex2(fmaf(s, c, -rc.ls));
           g[j] = rc.gdiv * (q * w_off32);
-          if (rc.ce) {
+          if (kOptions ? rc.hard : rc.ce) {
             const float r = rc.raw_is_q ? q : ex2(fmaf(s, kLog2e, -rc.lraw));
-            g[j] = fmaf(rc.gce, (has_label && j == label_lane) ? r - 1.0f : r, g[j]);
+            g[j] = add_hard_label_grad<kOptions>(g[j], r, has_label && j == label_lane, rc);
           }
+          if constexpr (kOptions) g[j] *= d;
         }
       }
       if (inside) {
@@ -443,18 +478,16 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
     const int32_t id = slot_id[j];
     if (id < 0) continue;
     float g = slot_g[j];
-    if (rc.ce) {
-      const float s = slot_s[j];
+    float d;
+    const float s = L.s(slot_s[j], 1u, 0, d);
+    if (kOptions ? rc.hard : rc.ce) {
       const float r = rc.raw_is_q ? ex2(fmaf(s, c, -rc.ls)) : ex2(fmaf(s, kLog2e, -rc.lraw));
-      g = fmaf(rc.gce, id == label ? r - 1.0f : r, g);
+      g = add_hard_label_grad<kOptions>(g, r, id == label, rc);
     }
+    if constexpr (kOptions) g *= d;
     reinterpret_cast<typename Elem<TS>::Bits*>(grow)[id] = Elem<TS>::bits(g);
   }
-  if (tid == 0) {
-    float loss = p.div_weight * float(D);
-    if (rc.ce) loss += p.ce_weight * (kLn2 * rc.lraw - s_label);
-    a.loss[row] = loss;
-  }
+  if (tid == 0) a.loss[row] = add_hard_label_loss<kOptions>(p.div_weight * float(D), rc, p, s_label, sum_s);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -487,10 +520,11 @@ cudaError_t launch_kd_sparse(const SparseKDLaunch& a, cudaStream_t stream) {
   if (a.n_rows > 0x7fffffff || a.k < 0 || a.k > 0x7fffffff) return cudaErrorInvalidValue;
   const SparsePlan plan = sparse_plan_for(a);
   if (plan.refused != nullptr) return cudaErrorInvalidValue;
+  const bool options = has_options(a.p);  // the options path only where one is on
   FASTKD_ELEM_TYPE_SWITCH(a.s_type, TS, {
     constexpr int kVec = 16 / int(sizeof(TS));
     if (plan.vec != kVec) return cudaErrorInvalidValue;
-    auto kernel = kd_sparse_kernel<TS, kVec>;
+    auto kernel = options ? kd_sparse_kernel<TS, kVec, true> : kd_sparse_kernel<TS, kVec, false>;
     if (plan.smem > 48 * 1024) {
       const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem));
       if (e != cudaSuccess) return e;

@@ -99,9 +99,10 @@ def resolve_backend(backend: str, device: torch.device, op: str = "dense") -> st
     return backend
 
 
-# The backends whose kernels apply the logit options (logit_scale, softcap, label_smoothing,
-# z_loss; issue 13). Until every kernel does, a config using them runs on these only:
-# ``auto`` picks ``torch``, and naming another backend is an error, never a silent no-op.
+# The backends whose kernels apply the logit options (logit_scale, softcap, the teacher's,
+# label_smoothing, z_loss): every backend today. A backend added without them is left out,
+# and then a config using the options never runs on it silently: ``auto`` picks ``torch``,
+# and naming it is an error.
 LOGIT_OPTIONS_BACKENDS = {"torch", "cpu", "triton", "cuda"}
 
 

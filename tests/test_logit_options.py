@@ -159,16 +159,25 @@ def test_the_repr_shows_the_options_set():
 
 
 # ---------------------------------------------------------------------------------------
-# Backends whose kernels do not apply the options yet refuse them; auto picks one that does.
+# A backend whose kernels do not apply the options refuses them; auto picks one that does.
 
-PENDING = [b for b in backend_names("cpu") if b not in LOGIT_OPTIONS_BACKENDS]
+def test_a_backend_without_the_options_refuses_them(monkeypatch):
+    import fastkd._dispatch as dispatch
 
-
-@pytest.mark.parametrize("backend", PENDING or [pytest.param(None, marks=pytest.mark.skip("all backends apply"))])
-def test_pending_backends_refuse_the_options(backend):
+    if "cpu" not in backend_names("cpu"):
+        pytest.skip("fastkd._C not available")
+    monkeypatch.setattr(dispatch, "LOGIT_OPTIONS_BACKENDS", {"torch"})
     s, t, labels = _inputs()
     with pytest.raises(NotImplementedError, match="does not apply logit_scale, softcap"):
-        fastkd.kd_loss(s.float(), t.float(), labels, softcap=2.0, backend=backend)
+        fastkd.kd_loss(s.float(), t.float(), labels, softcap=2.0, backend="cpu")
+    got = fastkd.kd_loss(s.float(), t.float(), labels, softcap=2.0, alpha=0.5)  # auto: torch
+    want = reference.kd_loss(s, t, labels, softcap=2.0, alpha=0.5)
+    assert math.isclose(got.item(), want.item(), rel_tol=1e-5)
+    assert fastkd.kd_loss(s.float(), t.float(), labels, backend="cpu").isfinite()  # options off: runs
+
+
+def test_every_backend_applies_the_options():
+    assert set(backend_names("cpu", with_reference=True)) <= LOGIT_OPTIONS_BACKENDS
 
 
 def test_auto_applies_the_options():

@@ -94,8 +94,8 @@ def backend_names(device: str = "cpu", op: str = KD_LOSS, dtype: Optional[torch.
 
 def runs_case(backend: str, case) -> bool:
     """Whether the backend runs this case: computes in its dtypes, and applies its logit
-    options (fastkd._dispatch.LOGIT_OPTIONS_BACKENDS; until every backend is there, the
-    others refuse them with NotImplementedError, tested in test_logit_options.py)."""
+    options (fastkd._dispatch.LOGIT_OPTIONS_BACKENDS; a backend outside it refuses them,
+    tested in test_logit_options.py)."""
     from fastkd._dispatch import LOGIT_OPTIONS_BACKENDS
     dtypes = case.dtypes
     return computes_in(backend, dtypes) and (not case.options or backend in LOGIT_OPTIONS_BACKENDS)

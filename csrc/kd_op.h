@@ -46,7 +46,7 @@ struct DeviceOps {
   // Per-row loss into `loss`, gradient into `grad` (which may be the student itself).
   void (*forward)(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad);
   // Row statistics [N, kRowStatsWidth] into `out`; the CE column only when `with_ce`.
-  void (*row_stats)(const ForwardArgs& args, bool with_ce, at::Tensor& out);
+  void (*row_stats)(const ForwardArgs& args, bool with_raw, at::Tensor& out);  // with_raw: the T = 1 sum-exp column
   // grad *= factor (one element, or one per row), skipped when it is exactly 1.
   void (*scale_grad)(at::Tensor& grad, const at::Tensor& factor);
   // The per-shard phases (null where a device lacks them): the slice's statistics against

@@ -150,7 +150,9 @@ at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, at::I
                      const at::Tensor& floats) {
   const ForwardArgs args = check_settings_and_logits(student, teacher, ints, floats);
   at::Tensor out = at::empty({student.size(0), kRowStatsWidth}, student.options().dtype(at::kFloat));
-  if (student.size(0) > 0) ops_for(student).row_stats(args, args.exact.ce_weight != 0.0, out);
+  // The T = 1 sum-exp column is wanted by the CE term and by the z-loss.
+  const bool with_raw = args.exact.ce_weight != 0.0 || args.exact.z_loss != 0.0;
+  if (student.size(0) > 0) ops_for(student).row_stats(args, with_raw, out);
   return out;
 }
 

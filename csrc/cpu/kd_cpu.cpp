@@ -771,8 +771,8 @@ void stats_of(const ForwardArgs& args, bool with_raw, int64_t width, at::Tensor&
 }
 
 // ops.cpp asks for the CE term's column by ce_weight; the z-loss needs it too.
-void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
-  stats_of<float>(args, with_ce || args.exact.z_loss != 0.0, kRowStatsWidth, out);
+void op_row_stats(const ForwardArgs& args, bool with_raw, at::Tensor& out) {
+  stats_of<float>(args, with_raw, kRowStatsWidth, out);
 }
 
 // The shard operators (the stats and sums tensors are in the loss dtype, checked by ops.cpp).

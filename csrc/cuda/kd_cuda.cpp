@@ -189,9 +189,9 @@ void run_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out, Stats
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// `with_ce` (ops.cpp: ce_weight != 0): the T = 1 sum-exp column, which the z-loss needs too.
-void op_row_stats(const ForwardArgs& args, bool with_ce, at::Tensor& out) {
-  run_row_stats(args, with_ce || args.params.z_loss != 0.0f, out, &launch_row_stats);
+// `with_raw` (ops.cpp: the CE term or the z-loss is on): the T = 1 sum-exp column.
+void op_row_stats(const ForwardArgs& args, bool with_raw, at::Tensor& out) {
+  run_row_stats(args, with_raw, out, &launch_row_stats);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -124,6 +124,28 @@ def test_chunking_invariance():
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def _largest_allocation(fn) -> int:
+    """The largest CPU allocation (bytes) of any one operator while ``fn`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.self_cpu_memory_usage for e in prof.events())
+
+
+def test_no_float32_tokens_by_vocab_temporary_beyond_one_chunk():
+    N, V, chunk = 512, 256, 16
+    s, t = _pair((N, V), dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(V)[:8] for _ in range(N)])
+    lp = torch.log_softmax(torch.randn(N, 8), -1)
+    for call in (lambda c: kd_stats(s, t, chunk_size=c, softcap=3.0),
+                 lambda c: sparse_kd_stats(s, ids, lp, chunk_size=c, softcap=3.0)):
+        # Below one byte per logit: no [tokens, vocab] temporary of any float dtype (the largest
+        # allocations left are one chunk's [16, V] and the id check's [N, K] sort).
+        assert _largest_allocation(lambda: call(chunk)) < N * V
+        # The measure can see a [tokens, vocab] float32 temporary: one chunk of all tokens has one.
+        assert _largest_allocation(lambda: call(N)) >= N * V * 4
+
+
 def test_bf16_and_3d_input():
     s, t = _pair((2, 3, 17), dtype=torch.bfloat16)
     r = kd_stats(s, t, temperature=2.0)

@@ -11,6 +11,7 @@ from .objective import DistillationLoss
 from .relations import (RelationDistillation, pool_hidden_states, rkd_angle_loss, rkd_distance_loss,
                         similarity_preserving_loss)
 from .sparse import SparseKDLoss, sparse_kd_loss
+from .stats import KDStats, SparseKDStats, kd_stats, sparse_kd_stats
 
 __all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "FusedLinearKDLoss", "KDConfig", "make_config", "resolve_backend",
            "reference", "empty_cpu_grad_cache",
@@ -22,6 +23,8 @@ __all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "FusedLinearKDLoss", "KD
            # sparse (top-k / sampled) teachers; the on-disk cache is fastkd.teacher_cache (numpy)
            "sparse_kd_loss", "SparseKDLoss", "fused_linear_sparse_kd_loss", "FusedLinearSparseKDLoss",
            "SparseKDConfig", "sparse_reference",
+           # per-token diagnostics (docs/diagnostics.md)
+           "kd_stats", "sparse_kd_stats", "KDStats", "SparseKDStats",
            # past one GPU: fastkd.distributed (vocab-parallel losses, global_num_items)
            "distributed"]
 __version__ = "0.1.0"

@@ -1,0 +1,191 @@
+"""Per-token distillation diagnostics: ``kd_stats`` and ``sparse_kd_stats`` (docs/diagnostics.md).
+
+What people plot to see whether distillation is working, per token, under the same
+settings as the loss (temperature, ``vocab_size``, the logit options, ``ignore_index``):
+
+    teacher_entropy  H(p) = -sum p log p,  p = softmax(t' / T)   (nats)
+    student_entropy  H(q) = -sum q log q,  q = softmax(s' / T)   (nats)
+    top1_agree       argmax s' == argmax t' over the counted columns
+    divergence       D(p, q): the divergence kd_loss weights (no alpha, no T^2, no CE term)
+
+with s', t' each side's transformed logits (``fastkd.reference.transform_logits``). For a
+sparse teacher (K ids with log-probs log p, used as given) the teacher's entropy is not
+known; instead P = sum_S p (``teacher_mass``) and Q = sum_S q (``student_mass``), and
+``top1_agree`` compares the student's argmax with the teacher's best id.
+
+Ties: both argmaxes take the first (lowest) index among equal maxima (``torch.argmax``'s
+documented rule; for a sparse teacher the first slot among equal log-probs), and the token
+agrees when those two indices are equal.
+
+Ignored tokens (labels == ignore_index): the float fields are NaN, ``top1_agree`` is False,
+and ``valid`` is False. Average a field with ``x[s.valid].mean()`` (or ``nanmean``).
+
+This is the plain-PyTorch first slice: no autograd (under ``torch.no_grad``), computed in
+row chunks of ``chunk_size`` tokens in float32 (float64 when an input is float64), so no
+float32 ``[tokens, vocab]`` temporary exists beyond one chunk. The fused kernels can give
+the same numbers from their row statistics at negligible cost (docs/diagnostics.md).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import as_teachers, check_kd_args, check_sparse_kd_args
+from .config import SparseKDConfig, check_int, make_config, takes_settings
+from .reference import divergence_per_row, transform_logits
+from .sparse_reference import SparseRows, sparse_divergence_per_row
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+class KDStats(NamedTuple):
+    """Per-token diagnostics of ``kd_stats``; every field has the student's leading shape."""
+
+    teacher_entropy: torch.Tensor  # H(p) in nats, float32 (float64 for float64 input); NaN where ignored
+    student_entropy: torch.Tensor  # H(q) in nats; NaN where ignored
+    top1_agree: torch.Tensor       # bool: argmax s' == argmax t' (first index among ties); False where ignored
+    divergence: torch.Tensor       # D(p, q), unweighted; NaN where ignored
+    valid: torch.Tensor            # bool: the token counts (labels != ignore_index; all True without labels)
+
+
+class SparseKDStats(NamedTuple):
+    """Per-token diagnostics of ``sparse_kd_stats``; every field has the student's leading shape."""
+
+    teacher_mass: torch.Tensor     # P = sum of the teacher's probabilities on its ids; NaN where ignored
+    student_mass: torch.Tensor     # Q = sum of q = softmax(s'/T) on the teacher's ids; NaN where ignored
+    student_entropy: torch.Tensor  # H(q) in nats over the vocabulary; NaN where ignored
+    top1_agree: torch.Tensor       # bool: argmax s' == the teacher's best id; False where ignored or no id
+    divergence: torch.Tensor       # D for the config's tail and divergence, unweighted; NaN where ignored
+    valid: torch.Tensor            # bool: the token counts
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _entropy(log_x: torch.Tensor) -> torch.Tensor:
+    """Row -sum x log x from log-probabilities, with 0 log 0 = 0."""
+    x = log_x.exp()
+    return -torch.where(x == 0, torch.zeros_like(log_x), x * log_x).sum(-1)
+
+
+def _check_chunk_size(chunk_size) -> int:
+    chunk_size = check_int("chunk_size", chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (tokens per chunk), got {chunk_size}")
+    return chunk_size
+
+
+def _valid_rows(labels, n: int, cfg, device) -> torch.Tensor:
+    if labels is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    return labels.reshape(-1) != cfg.ignore_index
+
+
+def _mask(x: torch.Tensor, valid: torch.Tensor, lead) -> torch.Tensor:
+    fill = False if x.dtype == torch.bool else float("nan")
+    return torch.where(valid, x, torch.full_like(x, fill)).reshape(lead)
+
+
+@takes_settings(after=("chunk_size",))
+def kd_stats(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    **settings,
+) -> KDStats:
+    """Per-token diagnostics of distilling ``teacher_logits`` into ``student_logits``: a :class:`KDStats`.
+
+    The settings are ``kd_loss``'s and mean the same (those that only weigh or reduce the
+    loss, such as ``alpha`` and ``reduction``, change nothing here). One teacher only.
+
+    Args:
+        {settings}
+        chunk_size: tokens per chunk; the float32 temporaries are ``[chunk_size, vocab_size]``.
+    """
+    cfg = make_config("kd_stats", **settings)
+    chunk_size = _check_chunk_size(chunk_size)
+    teachers = as_teachers(student_logits, teacher_logits, None)
+    if len(teachers.logits) != 1:
+        raise ValueError(f"kd_stats takes one teacher, got {len(teachers.logits)} (a sequence or a stacked "
+                         f"[K, ..., V] tensor); call it once per teacher")
+    cfg, _ = check_kd_args(student_logits, teachers.logits[0], labels, cfg)
+    V, lead = cfg.vocab_size, student_logits.shape[:-1]
+    dtype = _compute_dtype(student_logits, teachers.logits[0])
+    s_all = student_logits.detach()[..., :V].reshape(-1, V)
+    t_all = teachers.logits[0].detach()[..., :V].reshape(-1, V)
+    n = s_all.shape[0]
+    out = {name: [] for name in ("teacher_entropy", "student_entropy", "top1_agree", "divergence")}
+    with torch.no_grad():
+        for start in range(0, n, chunk_size):
+            s = transform_logits(s_all[start:start + chunk_size].to(dtype), cfg.logit_scale, cfg.softcap)
+            t = transform_logits(t_all[start:start + chunk_size].to(dtype), cfg.teacher_scale, cfg.teacher_cap)
+            log_q = F.log_softmax(s / cfg.temperature, dim=-1)
+            log_p = F.log_softmax(t / cfg.temperature, dim=-1)
+            out["teacher_entropy"].append(_entropy(log_p))
+            out["student_entropy"].append(_entropy(log_q))
+            out["top1_agree"].append(s.argmax(-1) == t.argmax(-1))
+            out["divergence"].append(divergence_per_row(log_p, log_q, cfg.divergence, cfg.beta))
+        valid = _valid_rows(labels, n, cfg, student_logits.device)
+        fields = {name: _mask(_cat(parts, n, dtype, name, student_logits.device), valid, lead)
+                  for name, parts in out.items()}
+    return KDStats(valid=valid.reshape(lead), **fields)
+
+
+def _cat(parts, n: int, dtype, name: str, device) -> torch.Tensor:
+    if parts:
+        return torch.cat(parts)
+    return torch.zeros(n, dtype=torch.bool if name == "top1_agree" else dtype, device=device)
+
+
+@takes_settings(after=("chunk_size",), config=SparseKDConfig)
+def sparse_kd_stats(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    **settings,
+) -> SparseKDStats:
+    """Per-token diagnostics against a sparse teacher (K ids per token): a :class:`SparseKDStats`.
+
+    The settings are ``sparse_kd_loss``'s and mean the same; ``divergence`` is the D of
+    ``tail`` (fastkd/sparse_reference.py). The teacher's best id is the valid slot of
+    highest log-prob (the first such slot among ties); a token without a valid id never agrees.
+
+    Args:
+        {settings}
+        chunk_size: tokens per chunk; the float32 temporaries are ``[chunk_size, vocab_size]``.
+    """
+    cfg = make_config("sparse_kd_stats", config=SparseKDConfig, **settings)
+    chunk_size = _check_chunk_size(chunk_size)
+    cfg, _ = check_sparse_kd_args(student_logits, teacher_ids, teacher_logprobs, labels, cfg)
+    V, lead, K = cfg.vocab_size, student_logits.shape[:-1], teacher_ids.shape[-1]
+    dtype = _compute_dtype(student_logits, teacher_logprobs)
+    s_all = student_logits.detach()[..., :V].reshape(-1, V)
+    ids_all = teacher_ids.reshape(-1, K)
+    lp_all = teacher_logprobs.detach().reshape(-1, K)
+    n = s_all.shape[0]
+    out = {name: [] for name in ("teacher_mass", "student_mass", "student_entropy", "top1_agree", "divergence")}
+    with torch.no_grad():
+        for start in range(0, n, chunk_size):
+            stop = start + chunk_size
+            rows = SparseRows(s_all[start:stop], ids_all[start:stop], lp_all[start:stop], cfg)
+            log_q_all = rows.a - rows.lse.unsqueeze(-1)
+            out["teacher_mass"].append(rows.log_mass_p.exp())
+            out["student_mass"].append(rows.log_q.exp().sum(-1))  # exp(-inf) = 0 at empty slots
+            out["student_entropy"].append(_entropy(log_q_all))
+            any_id = rows.valid.any(-1)
+            best_slot = rows.log_p.argmax(-1, keepdim=True)  # empty slots hold -inf
+            best_id = rows.safe_ids.gather(-1, best_slot).squeeze(-1)
+            out["top1_agree"].append(any_id & (rows.s.argmax(-1) == best_id))
+            out["divergence"].append(sparse_divergence_per_row(rows, cfg))
+        valid = _valid_rows(labels, n, cfg, student_logits.device)
+        fields = {name: _mask(_cat(parts, n, dtype, name, student_logits.device), valid, lead)
+                  for name, parts in out.items()}
+    return SparseKDStats(valid=valid.reshape(lead), **fields)

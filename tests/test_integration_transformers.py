@@ -213,6 +213,24 @@ def test_gradient_accumulation_equals_full_batch(tmp_path, models):
 # ---------------------------------------------------------------------------------------
 # Fused-linear mode: same loss and gradients, the logits never materialised.
 
+def check_fused_equals_logits_path(tmp_path, student, teacher, batch, **kd):
+    """One step in logits mode and one in fused-linear mode: the same loss and student
+    gradients, the teacher untouched. Returns the fused trainer and the logits-mode loss."""
+    results = []
+    for fused in (False, True):
+        trainer = make_trainer(tmp_path, student, teacher, fused_linear=fused, **kd)
+        student.zero_grad()
+        loss = trainer.compute_loss(student, dict(batch))
+        loss.backward()
+        results.append((loss.detach(), grads_of(student)))
+    (loss_ref, g_ref), (loss_fused, g_fused) = results
+    torch.testing.assert_close(loss_fused, loss_ref, rtol=1e-6, atol=1e-7)
+    for g, r in zip(g_fused, g_ref):
+        assert rel(g, r) < 1e-5
+    assert all(p.grad is None for p in teacher.parameters())
+    return trainer, loss_ref
+
+
 def tiny_from(config_cls, seed, **config):
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_cls)(vocab_size=V, **config))
@@ -234,18 +252,7 @@ def test_fused_linear_equals_logits_path(tmp_path, case):
     else:
         student, teacher = tiny_llama(32, 0), tiny_llama(48, 1)
     b = batch_tensors()
-    results = []
-    for fused in (False, True):
-        trainer = make_trainer(tmp_path, student, teacher, fused_linear=fused, **kd)
-        student.zero_grad()
-        loss = trainer.compute_loss(student, dict(b))
-        loss.backward()
-        results.append((loss.detach(), grads_of(student)))
-    (loss_ref, g_ref), (loss_fused, g_fused) = results
-    torch.testing.assert_close(loss_fused, loss_ref, rtol=1e-6, atol=1e-7)
-    for g, r in zip(g_fused, g_ref):
-        assert rel(g, r) < 1e-5
-    assert all(p.grad is None for p in teacher.parameters())
+    check_fused_equals_logits_path(tmp_path, student, teacher, b, **kd)
 
 
 def test_fused_linear_never_builds_full_logits(tmp_path, models):
@@ -517,18 +524,7 @@ def test_fused_linear_applies_the_models_logit_transforms(tmp_path, case):
     student, teacher = LOGIT_CASES[case]()
     kd = dict(divergence="forward_kl", temperature=2.0, alpha=0.5)
     b = batch_tensors()
-    results = []
-    for fused in (False, True):
-        trainer = make_trainer(tmp_path, student, teacher, fused_linear=fused, **kd)
-        student.zero_grad()
-        loss = trainer.compute_loss(student, dict(b))
-        loss.backward()
-        results.append((loss.detach(), grads_of(student)))
-    (loss_ref, g_ref), (loss_fused, g_fused) = results
-    torch.testing.assert_close(loss_fused, loss_ref, rtol=1e-6, atol=1e-7)
-    for g, r in zip(g_fused, g_ref):
-        assert rel(g, r) < 1e-5
-    assert all(p.grad is None for p in teacher.parameters())
+    trainer, loss_ref = check_fused_equals_logits_path(tmp_path, student, teacher, b, **kd)
     student.zero_grad()
     with torch.no_grad():   # evaluation reads the models' logits, already transformed: not twice
         loss_eval, _ = trainer.compute_loss(student, dict(b), return_outputs=True)

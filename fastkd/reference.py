@@ -43,7 +43,8 @@ from ._checks import as_teachers, check_kd_args, check_multi_kd_args
 from .config import KDConfig, is_concrete, make_config, takes_settings
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (shared by the references and kd_stats)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -97,9 +98,9 @@ def transform_logits(x: torch.Tensor, scale, cap) -> torch.Tensor:
 
 
 def student_logits_of(student: torch.Tensor, labels: Optional[torch.Tensor], cfg: KDConfig) -> torch.Tensor:
-    """The student's transformed logits s' in the compute dtype, cut off the graph at ignored
-    rows; shared by the dense and sparse references."""
-    s = student.to(_compute_dtype(student))
+    """The student's transformed logits s' (``student`` already in the compute dtype), cut
+    off the graph at ignored rows."""
+    s = student
     if labels is not None:
         # An ignored row takes no part in the graph: masking its loss afterwards is not
         # enough, since an infinite divergence there (reverse KL against a teacher's -inf)
@@ -115,7 +116,7 @@ def loss_per_row(
     cfg: KDConfig,
 ) -> torch.Tensor:
     """Per-token loss, shape [N], for 2-D logits already cut to ``cfg.vocab_size``."""
-    dtype = _compute_dtype(student, teacher)
+    dtype = compute_dtype(student, teacher)
     s = student_logits_of(student.to(dtype), labels, cfg)
     t = transform_logits(teacher.detach().to(dtype), cfg.teacher_scale, cfg.teacher_cap)
     log_q = F.log_softmax(s / cfg.temperature, dim=-1)
@@ -133,7 +134,7 @@ def multi_loss_per_row(
 ) -> torch.Tensor:
     """Per-token loss [N] against K teachers (2-D, cut to ``cfg.vocab_size``; their dtypes
     may differ), ``weights`` [K, N]: the mixture's or the weighted sum's divergence."""
-    dtype = _compute_dtype(student, *teachers)
+    dtype = compute_dtype(student, *teachers)
     s = student_logits_of(student.to(dtype), labels, cfg)
     log_q = F.log_softmax(s / cfg.temperature, dim=-1)
     w = weights.to(dtype)

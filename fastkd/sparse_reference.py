@@ -43,13 +43,9 @@ import torch
 
 from ._checks import check_sparse_kd_args
 from .config import KDConfig, SparseKDConfig, make_config, takes_settings
-from .reference import add_hard_label_term, divergence_per_row, reduce_loss, transform_logits
+from .reference import add_hard_label_term, compute_dtype, divergence_per_row, reduce_loss, transform_logits
 
 NEG_INF = float("-inf")
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _logsumexp(x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
@@ -68,7 +64,7 @@ class SparseRows:
     """
 
     def __init__(self, student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, cfg: KDConfig):
-        dtype = _compute_dtype(student, logprobs)
+        dtype = compute_dtype(student, logprobs)
         self.s = transform_logits(student.to(dtype), cfg.logit_scale, cfg.softcap)  # s' 
         self.a = self.s / cfg.temperature
         self.valid = ids >= 0

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ._checks import as_teachers, check_kd_args, check_sparse_kd_args
 from .config import SparseKDConfig, check_int, make_config, takes_settings
-from .reference import divergence_per_row, transform_logits
+from .reference import compute_dtype, divergence_per_row, transform_logits
 from .sparse_reference import SparseRows, sparse_divergence_per_row
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -59,10 +59,6 @@ class SparseKDStats(NamedTuple):
     top1_agree: torch.Tensor       # bool: argmax s' == the teacher's best id; False where ignored or no id
     divergence: torch.Tensor       # D for the config's tail and divergence, unweighted; NaN where ignored
     valid: torch.Tensor            # bool: the token counts
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _entropy(log_x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +111,7 @@ def kd_stats(
                          f"[K, ..., V] tensor); call it once per teacher")
     cfg, _ = check_kd_args(student_logits, teachers.logits[0], labels, cfg)
     V, lead = cfg.vocab_size, student_logits.shape[:-1]
-    dtype = _compute_dtype(student_logits, teachers.logits[0])
+    dtype = compute_dtype(student_logits, teachers.logits[0])
     s_all = student_logits.detach()[..., :V].reshape(-1, V)
     t_all = teachers.logits[0].detach()[..., :V].reshape(-1, V)
     n = s_all.shape[0]
@@ -166,7 +162,7 @@ def sparse_kd_stats(
     chunk_size = _check_chunk_size(chunk_size)
     cfg, _ = check_sparse_kd_args(student_logits, teacher_ids, teacher_logprobs, labels, cfg)
     V, lead, K = cfg.vocab_size, student_logits.shape[:-1], teacher_ids.shape[-1]
-    dtype = _compute_dtype(student_logits, teacher_logprobs)
+    dtype = compute_dtype(student_logits, teacher_logprobs)
     s_all = student_logits.detach()[..., :V].reshape(-1, V)
     ids_all = teacher_ids.reshape(-1, K)
     lp_all = teacher_logprobs.detach().reshape(-1, K)

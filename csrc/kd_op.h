@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <vector>
+
 #include "kd_params.h"
 
 namespace fastkd {
@@ -35,6 +37,21 @@ struct SparseForwardArgs {
   ExactParams exact;
 };
 
+// Several teachers' call (ops.cpp: kd_multi_forward; docs/multi_teacher.md). A teacher whose
+// weight is 0 in a row is not read in that row (its values there may be NaN or garbage); a
+// row whose labels entry is ignore_index gets zero loss and gradient whatever its weights.
+struct MultiForwardArgs {
+  at::Tensor student;                  // [N, Vs], unit stride along the vocab
+  std::vector<at::Tensor> teachers;    // K in [1, kMaxKernelTeachers], each [N, V_k] with unit stride
+                                       // along the vocab; dtypes and widths may differ (each >= vocab_size)
+  at::Tensor weights;                  // [K, N] in the loss dtype (float32; float64 for float64 input),
+                                       // any strides (constant weights: stride 0 along N)
+  c10::optional<at::Tensor> labels;    // [N] int64, contiguous
+  at::Tensor grad_scale;               // scalar: the reduction's 1/denominator
+  KDParams params;                     // with .teacher_mode
+  ExactParams exact;
+};
+
 // The shape/device/stride/vocab_size checks of a student-teacher logits pair.
 void check_logits_pair(const at::Tensor& student, const at::Tensor& teacher, int64_t vocab_size);
 
@@ -58,6 +75,9 @@ struct DeviceOps {
   // Sparse teachers: per-row loss into `loss`, gradient into `grad` (may be the student);
   // nullptr where the device has no sparse kernel yet.
   void (*sparse_forward)(const SparseForwardArgs& args, at::Tensor& loss, at::Tensor& grad) = nullptr;
+  // Several teachers: per-row loss into `loss`, gradient into `grad` (may be the student);
+  // nullptr where the device has no several-teachers kernel yet.
+  void (*multi_forward)(const MultiForwardArgs& args, at::Tensor& loss, at::Tensor& grad) = nullptr;
 };
 
 namespace cpu {

@@ -9,6 +9,10 @@ namespace fastkd {
 enum class Divergence : int { ForwardKL = 0, ReverseKL = 1, JSD = 2, TVD = 3 };
 // How a sparse teacher's mass outside its K ids counts (fastkd/config.py: TAILS).
 enum class Tail : int { Bucket = 0, Renorm = 1, None = 2 };
+// How several teachers combine (fastkd/config.py: TEACHER_MODES; docs/multi_teacher.md):
+// the divergence to the weighted mixture of their distributions, or the weighted sum of
+// the per-teacher divergences.
+enum class TeacherMode : int { Mixture = 0, Sum = 1 };
 
 // Row statistics of one token, in the layout of the `row_stats` op (float32 [N, 5]).
 // Max and sum-exp are kept apart (not folded into a log-sum-exp) so that a vocab-parallel
@@ -60,6 +64,7 @@ struct Settings {
   int64_t ignore_index;
   int64_t vocab_size;      // columns that count, <= both tensors' widths
   Tail tail;               // sparse operators only (unpack_sparse_settings); Bucket elsewhere
+  TeacherMode teacher_mode;  // several-teachers operators only (unpack_multi_settings); Mixture elsewhere
 };
 using KDParams = Settings<float>;
 using ExactParams = Settings<double>;
@@ -84,6 +89,14 @@ enum SparseIntSetting : int { kTailId = kNumIntSettings, kNumSparseIntSettings }
 constexpr const char* kSparseIntSettingNames[kNumSparseIntSettings] = {"divergence_id", "ignore_index",
                                                                        "vocab_size", "tail_id"};
 constexpr int kNumTails = 3;
+// The several-teachers operators take the dense ints followed by these (MULTI_INT_SETTINGS).
+enum MultiIntSetting : int { kTeacherModeId = kNumIntSettings, kNumMultiIntSettings };
+constexpr const char* kMultiIntSettingNames[kNumMultiIntSettings] = {"divergence_id", "ignore_index",
+                                                                     "vocab_size", "teacher_mode_id"};
+constexpr int kNumTeacherModes = 2;
+// The most teachers one kernel call reads (fastkd/backends/__init__.py: MAX_KERNEL_TEACHERS):
+// their per-row statistics stay in registers. More teachers run on the torch backend.
+constexpr int kMaxKernelTeachers = 4;
 
 // The kernel contract of the logit options (every kernel, fastkd/reference.py is the truth).
 // With s' = transform_s(s), t' = transform_t(t), a = s'/T, b = t'/T, q = softmax(a),
@@ -144,6 +157,7 @@ inline Settings<Real> unpack_settings(const int64_t* ints, const double* floats)
   p.ignore_index = ints[kIgnoreIndex];
   p.vocab_size = ints[kVocabSize];
   p.tail = Tail::Bucket;
+  p.teacher_mode = TeacherMode::Mixture;
   return p;
 }
 
@@ -161,6 +175,20 @@ template <typename Real>
 inline Settings<Real> unpack_sparse_settings(const int64_t* ints, const double* floats) {
   Settings<Real> p = unpack_settings<Real>(ints, floats);
   p.tail = static_cast<Tail>(ints[kTailId]);
+  return p;
+}
+
+// Why the packed several-teachers settings are invalid, or nullptr (ints has kNumMultiIntSettings).
+inline const char* multi_settings_error(const int64_t* ints, const double* floats) {
+  if (const char* error = settings_error(ints, floats)) return error;
+  if (ints[kTeacherModeId] < 0 || ints[kTeacherModeId] >= kNumTeacherModes) return "unknown teacher mode id";
+  return nullptr;
+}
+
+template <typename Real>
+inline Settings<Real> unpack_multi_settings(const int64_t* ints, const double* floats) {
+  Settings<Real> p = unpack_settings<Real>(ints, floats);
+  p.teacher_mode = static_cast<TeacherMode>(ints[kTeacherModeId]);
   return p;
 }
 

@@ -14,6 +14,9 @@
 //   shard_write_grad(student, teacher, labels?, grad_scale, row_stats, row_sums?, int vocab_start,
 //                    int[] ints, Tensor floats) -> grad
 //       (the per-shard phases of the vocab-parallel loss: fastkd/backends/__init__.py)
+//   kd_multi_forward(student, Tensor[] teachers, weights, labels?, grad_scale, int[] ints,
+//                    Tensor floats) -> (loss [N], grad)      (K teachers, weights [K, N])
+//   kd_multi_forward_inplace(student!, ...same...) -> loss [N]
 //
 // `ints`/`floats` are the loss settings packed by fastkd/config.py and unpacked by
 // kd_params.h; `floats` is a float64 host tensor, not a float[], so that torch.compile
@@ -281,6 +284,65 @@ at::Tensor sparse_kd_forward_inplace(at::Tensor& student, const at::Tensor& ids,
   return loss;
 }
 
+// The entry check of the several-teachers operators (the twin of check_forward_args).
+MultiForwardArgs check_multi_args(const at::Tensor& student, at::TensorList teachers, const at::Tensor& weights,
+                                  const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
+                                  at::IntArrayRef ints, const at::Tensor& floats) {
+  const double* float_values = float_settings(ints, floats, kNumMultiIntSettings);
+  const char* error = multi_settings_error(ints.data(), float_values);
+  TORCH_CHECK(error == nullptr, "fastkd: ", error);
+  const int64_t K = static_cast<int64_t>(teachers.size());
+  TORCH_CHECK(K >= 1 && K <= kMaxKernelTeachers, "fastkd: the several-teachers kernels take 1 to ",
+              kMaxKernelTeachers, " teachers, got ", K);
+  MultiForwardArgs args{student, teachers.vec(), weights, labels, grad_scale,
+                        unpack_multi_settings<float>(ints.data(), float_values),
+                        unpack_multi_settings<double>(ints.data(), float_values)};
+  for (const at::Tensor& teacher : teachers) check_logits_pair(student, teacher, args.params.vocab_size);
+  bool f64 = student.scalar_type() == at::kDouble;
+  for (const at::Tensor& teacher : teachers) f64 = f64 || teacher.scalar_type() == at::kDouble;
+  const auto weight_dtype = f64 ? at::kDouble : at::kFloat;
+  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == K && weights.size(1) == student.size(0) &&
+                  weights.scalar_type() == weight_dtype && weights.device() == student.device(),
+              "fastkd: weights must be a ", weight_dtype, " [K, N] = [", K, ", ", student.size(0),
+              "] tensor on the logits' device (the loss dtype), got a ", weights.scalar_type(), " ", weights.sizes(),
+              " tensor on ", weights.device());
+  check_labels_and_scale(student, labels, grad_scale);
+  TORCH_CHECK(args.exact.ce_weight == 0.0 || labels, "fastkd: ce_weight != 0 needs labels");
+  return args;
+}
+
+at::Tensor empty_multi_loss(const at::Tensor& student, const at::Tensor& weights) {
+  return at::empty({student.size(0)}, student.options().dtype(weights.scalar_type()));
+}
+
+void run_multi(const MultiForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
+  const DeviceOps& device = ops_for(args.student);
+  TORCH_CHECK(device.multi_forward != nullptr, "fastkd: no several-teachers kernel for ", args.student.device(),
+              " tensors in this build");
+  if (args.student.size(0) > 0) device.multi_forward(args, loss, grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_multi_forward(const at::Tensor& student, at::TensorList teachers,
+                                                    const at::Tensor& weights, const c10::optional<at::Tensor>& labels,
+                                                    const at::Tensor& grad_scale, at::IntArrayRef ints,
+                                                    const at::Tensor& floats) {
+  const MultiForwardArgs args = check_multi_args(student, teachers, weights, labels, grad_scale, ints, floats);
+  at::Tensor loss = empty_multi_loss(student, weights);
+  at::Tensor grad = ops_for(student).empty_grad(student);
+  run_multi(args, loss, grad);
+  return {loss, grad};
+}
+
+at::Tensor kd_multi_forward_inplace(at::Tensor& student, at::TensorList teachers, const at::Tensor& weights,
+                                    const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
+                                    at::IntArrayRef ints, const at::Tensor& floats) {
+  const MultiForwardArgs args = check_multi_args(student, teachers, weights, labels, grad_scale, ints, floats);
+  at::Tensor loss = empty_multi_loss(student, weights);
+  // As kd_forward_inplace: every kernel reads a row's values before it writes the row.
+  run_multi(args, loss, student);
+  return loss;
+}
+
 std::vector<std::string> names(const char* const* list, int n) { return std::vector<std::string>(list, list + n); }
 
 }  // namespace
@@ -306,6 +368,12 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "shard_write_grad(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, Tensor row_stats, "
       "Tensor? row_sums, int vocab_start, int[] ints, Tensor floats) -> Tensor");
+  m.def(
+      "kd_multi_forward(Tensor student, Tensor[] teachers, Tensor weights, Tensor? labels, Tensor grad_scale, "
+      "int[] ints, Tensor floats) -> (Tensor, Tensor)");
+  m.def(
+      "kd_multi_forward_inplace(Tensor(a!) student, Tensor[] teachers, Tensor weights, Tensor? labels, "
+      "Tensor grad_scale, int[] ints, Tensor floats) -> Tensor");
 }
 
 // One implementation per operator, registered for each device the build has.
@@ -318,7 +386,9 @@ TORCH_LIBRARY(fastkd, m) {
   m.impl("sparse_kd_forward_inplace", &fastkd::sparse_kd_forward_inplace); \
   m.impl("shard_row_stats", &fastkd::shard_row_stats);             \
   m.impl("shard_row_sums", &fastkd::shard_row_sums);               \
-  m.impl("shard_write_grad", &fastkd::shard_write_grad)
+  m.impl("shard_write_grad", &fastkd::shard_write_grad);           \
+  m.impl("kd_multi_forward", &fastkd::kd_multi_forward);           \
+  m.impl("kd_multi_forward_inplace", &fastkd::kd_multi_forward_inplace)
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) { FASTKD_REGISTER_OPS(m); }
 #ifdef FASTKD_WITH_CUDA
@@ -335,6 +405,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("int_settings") = fastkd::names(fastkd::kIntSettingNames, fastkd::kNumIntSettings);
   m.attr("float_settings") = fastkd::names(fastkd::kFloatSettingNames, fastkd::kNumFloatSettings);
   m.attr("sparse_int_settings") = fastkd::names(fastkd::kSparseIntSettingNames, fastkd::kNumSparseIntSettings);
+  m.attr("multi_int_settings") = fastkd::names(fastkd::kMultiIntSettingNames, fastkd::kNumMultiIntSettings);
+  m.attr("max_kernel_teachers") = fastkd::kMaxKernelTeachers;
 #define FASTKD_STR(...) #__VA_ARGS__
 #define FASTKD_XSTR(...) FASTKD_STR(__VA_ARGS__)
   // What the CPU kernel was compiled for (python -m fastkd.info reports it): the widest

@@ -13,7 +13,7 @@ from typing import Dict, Optional
 import torch
 
 
-from .backends import KernelBackend
+from .backends import MAX_KERNEL_TEACHERS, KernelBackend
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 # What ``auto`` tries, in order, per device type. On CUDA the ``cuda`` kernels are left out
@@ -117,24 +117,30 @@ def uses_logit_options(cfg) -> bool:
 
 
 # The backends that run several teachers (teacher_logits a sequence of K, or teacher
-# weights per token; docs/multi_teacher.md). The kernels read one teacher today: until they
-# read several, such a call runs on these only, as for the logit options above. One
-# teacher given as a sequence of one (without weights) is the single-teacher call and runs
+# weights per token; docs/multi_teacher.md), the compiled ones up to MAX_KERNEL_TEACHERS.
+# A call they cannot run goes to ``torch``, as for the logit options above. One teacher
+# given as a sequence of one (without weights) is the single-teacher call and runs
 # everywhere.
 MULTI_TEACHER_BACKENDS = {"torch"}
 
 
+def _runs_teachers(name: str, count: int) -> bool:
+    return name == "torch" or (name in MULTI_TEACHER_BACKENDS and count <= MAX_KERNEL_TEACHERS)
+
+
 def backend_for(backend: str, device: torch.device, *dtypes: torch.dtype,
-                what: str = "logits", op: str = "dense", cfg=None, several_teachers: bool = False) -> KernelBackend:
+                what: str = "logits", op: str = "dense", cfg=None, several_teachers: int = 0) -> KernelBackend:
     """The resolved backend for tensors of ``device`` and ``dtypes``; refuses a dtype it
     lacks, and (given the call's ``cfg``) logit options its kernels do not apply, and
-    several teachers where it runs one."""
+    ``several_teachers`` (the count K of a call run as several teachers; 0 for one) where
+    it cannot run them."""
     name = resolve_backend(backend, device, op)
-    if several_teachers and name not in MULTI_TEACHER_BACKENDS:
+    if several_teachers and not _runs_teachers(name, several_teachers):
         if backend != "auto":
-            raise NotImplementedError(f"backend {name!r} does not run several teachers yet (teacher_logits with "
-                                      f"K > 1 teachers, or teacher_weights other than None or [1.0]); use "
-                                      f"backend='auto' or 'torch'")
+            why = ("does not run several teachers yet" if name not in MULTI_TEACHER_BACKENDS else
+                   f"runs at most {MAX_KERNEL_TEACHERS} teachers in one call, got {several_teachers}")
+            raise NotImplementedError(f"backend {name!r} {why} (teacher_logits with K > 1 teachers, or "
+                                      f"teacher_weights other than None or [1.0]); use backend='auto' or 'torch'")
         name = "torch"
     if cfg is not None and name not in LOGIT_OPTIONS_BACKENDS and uses_logit_options(cfg):
         if backend != "auto":

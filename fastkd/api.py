@@ -47,12 +47,13 @@ def kd_loss_with_config(student_logits, teacher_logits, labels, cfg: KDConfig, n
 
 
 def _multi_teacher_loss(student_logits, teachers, labels, cfg, num_items, inplace_backward, backend):
-    """Several teachers (docs/multi_teacher.md): the torch backend's autograd graph today,
-    or a backend's fused several-teachers forward once one has it."""
+    """Several teachers (docs/multi_teacher.md): a backend's fused several-teachers forward,
+    or the torch backend's autograd graph."""
     cfg, weights, num_items = check_multi_kd_args(student_logits, teachers, labels, cfg, num_items)
     inplace = _inplace_wanted(student_logits, inplace_backward)
     kernels = backend_for(backend, student_logits.device, student_logits.dtype,
-                          *(t.dtype for t in teachers.logits), cfg=cfg, several_teachers=True)
+                          *(t.dtype for t in teachers.logits), cfg=cfg,
+                          several_teachers=len(teachers.logits))
     if kernels.differentiable_multi_loss is not None:
         return kernels.differentiable_multi_loss(student_logits, teachers.logits, weights, labels, cfg, num_items)
     return fused_multi_kd_loss(student_logits, teachers.logits, weights, labels, cfg, num_items, kernels.name,

@@ -272,6 +272,10 @@ class KDConfig:
         return DIVERGENCES.index(self.divergence)
 
     @property
+    def teacher_mode_id(self) -> int:
+        return TEACHER_MODES.index(self.teacher_mode)
+
+    @property
     def softcap_value(self):
         """The student's softcap as kernels read it: c, or 0.0 for none."""
         return 0.0 if self.softcap is None else self.softcap
@@ -295,7 +299,15 @@ class KDConfig:
         """The settings kernels read, as (ints, floats) in INT_SETTINGS (SPARSE_INT_SETTINGS for
         a :class:`SparseKDConfig`) / FLOAT_SETTINGS order: ``ints`` a list, ``floats`` a
         float64 CPU tensor (:func:`pack_floats`)."""
-        return [getattr(self, n) for n in self._INTS], pack_floats([getattr(self, n) for n in FLOAT_SETTINGS])
+        return self._packed(self._INTS)
+
+    def multi_kernel_settings(self) -> Tuple[List[int], torch.Tensor]:
+        """The settings of the several-teachers operators: MULTI_INT_SETTINGS (the dense ints,
+        then ``teacher_mode_id``) and the floats of :meth:`kernel_settings`."""
+        return self._packed(MULTI_INT_SETTINGS)
+
+    def _packed(self, int_names) -> Tuple[List[int], torch.Tensor]:
+        return [getattr(self, n) for n in int_names], pack_floats([getattr(self, n) for n in FLOAT_SETTINGS])
 
     def changed_settings(self) -> dict:
         """The settings that differ from their defaults (for a module's repr)."""
@@ -351,9 +363,11 @@ SETTING_NAMES = tuple(name for name, _, _ in _SETTINGS)
 SPARSE_SETTING_NAMES = tuple(name for name, _, _ in _specs(SparseKDConfig))
 
 # The kernel boundary. csrc/kd_params.h unpacks the same names in the same order. The
-# sparse operators take the dense ints followed by the sparse-only ones.
+# sparse operators take the dense ints followed by the sparse-only ones, the several-teachers
+# operators the dense ints followed by the teacher mode.
 INT_SETTINGS = ("divergence_id", "ignore_index", "vocab_size")
 SPARSE_INT_SETTINGS = INT_SETTINGS + ("tail_id",)
+MULTI_INT_SETTINGS = INT_SETTINGS + ("teacher_mode_id",)
 FLOAT_SETTINGS = ("inv_temperature", "beta", "div_weight", "ce_weight", "logit_scale", "softcap_value",
                   "teacher_scale", "teacher_softcap_value", "label_smoothing", "smooth_per_class", "z_loss")
 
@@ -451,6 +465,17 @@ class SparseKernelSettings(KernelSettings):
     @property
     def tail(self) -> str:
         return TAILS[self.tail_id]
+
+
+class MultiKernelSettings(KernelSettings):
+    """The several-teachers operators' settings (MULTI_INT_SETTINGS, FLOAT_SETTINGS) by name."""
+
+    INTS = MULTI_INT_SETTINGS
+    __slots__ = ("teacher_mode_id",)
+
+    @property
+    def teacher_mode(self) -> str:
+        return TEACHER_MODES[self.teacher_mode_id]
 
 
 # ---------------------------------------------------------------------------------------

@@ -621,7 +621,7 @@ def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hid
     if several:
         teacher_weights = check_teacher_weights(teacher_weights, len(heads), lead, device, labels, cfg)
     name = backend_for(backend, device, student_hidden.dtype, *(ht.dtype for ht, _, _ in heads), what="inputs",
-                       cfg=cfg, several_teachers=several).name
+                       cfg=cfg, several_teachers=len(heads) if several else 0).name
 
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     teacher_args = tuple(x for ht, wt, bt in heads

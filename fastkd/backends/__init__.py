@@ -53,6 +53,14 @@ entry points, run today by the ``torch`` backend only (``fastkd._dispatch``:
     multi_forward(student, teachers, weights, labels, grad_scale, cfg) -> (loss [N], grad)
     multi_forward_inplace(student!, ...same...) -> loss [N]
 
+The compiled backends run them as the operators (``ints`` are
+:data:`fastkd.config.MULTI_INT_SETTINGS`: the dense ints, then ``teacher_mode_id``)::
+
+    kd_multi_forward(student, Tensor[] teachers, weights, labels?, grad_scale, int[] ints,
+                     Tensor floats) -> (loss [N], grad)
+    kd_multi_forward_inplace(student!, ...same...) -> loss [N]
+
+with at most :data:`MAX_KERNEL_TEACHERS` teachers (more run on the ``torch`` backend).
 ``teachers`` is a tuple of K [N, V_k] tensors (unit stride along the vocabulary; dtypes and
 widths may differ, each >= vocab_size), ``weights`` a [K, N] tensor in loss_dtype (constant
 weights are a [K, 1] tensor expanded: stride 0 along N), ``cfg.teacher_mode`` ``mixture``
@@ -72,6 +80,9 @@ import torch
 
 from ..config import DIVERGENCES, TAILS
 
+# The most teachers one several-teachers kernel call reads (csrc/kd_params.h:
+# kMaxKernelTeachers): their row statistics stay in registers.
+MAX_KERNEL_TEACHERS = 4
 ROW_STATS_WIDTH = 5  # (max_s, sumexp_s, max_t, sumexp_t, sumexp_raw); maxes in units of s/T
 LOW_PRECISION_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -276,6 +287,14 @@ def fake_sparse_forward(student, ids, logprobs, labels, grad_scale, ints, floats
 
 def fake_sparse_forward_inplace(student, ids, logprobs, labels, grad_scale, ints, floats):
     return student.new_empty((student.shape[0],), dtype=loss_dtype(student, logprobs))
+
+
+def fake_multi_forward(student, teachers, weights, labels, grad_scale, ints, floats):
+    return student.new_empty((student.shape[0],), dtype=weights.dtype), student.new_empty(student.shape)
+
+
+def fake_multi_forward_inplace(student, teachers, weights, labels, grad_scale, ints, floats):
+    return student.new_empty((student.shape[0],), dtype=weights.dtype)
 
 
 def fake_row_stats(student, teacher, ints, floats):

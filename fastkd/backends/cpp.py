@@ -20,7 +20,7 @@ import torch
 
 from . import (KernelBackend, ShardPhases, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_,
                fake_shard_row_stats, fake_shard_row_sums, fake_shard_write_grad, fake_sparse_forward,
-               fake_sparse_forward_inplace)
+               fake_sparse_forward_inplace, fake_multi_forward, fake_multi_forward_inplace)
 
 EXT_NAME = "fastkd_C"
 
@@ -215,6 +215,14 @@ def fake_kd_forward(student, teacher, labels, grad_scale, row_stats, ints, float
     return loss, grad
 
 
+def fake_kd_multi_forward(student, teachers, weights, labels, grad_scale, ints, floats):
+    loss, grad = fake_multi_forward(student, teachers, weights, labels, grad_scale, ints, floats)
+    stride = grad_row_stride(student)
+    if stride != student.shape[1]:
+        grad = torch.empty_strided(tuple(student.shape), (stride, 1), dtype=student.dtype, device=student.device)
+    return loss, grad
+
+
 def backends() -> tuple:
     """The ``cpu`` backend, and ``cuda`` when the extension has CUDA kernels; () without it."""
     ext = load_extension()
@@ -238,6 +246,22 @@ def backends() -> tuple:
     def sparse_forward_inplace(student, ids, logprobs, labels, grad_scale, cfg):
         return ops.sparse_kd_forward_inplace(student, ids, logprobs, labels, grad_scale, *cfg.kernel_settings())
 
+    # An extension built before the several-teachers operators existed has none.
+    has_multi = hasattr(ext, "multi_int_settings")
+    if has_multi:
+        torch.library.register_fake("fastkd::kd_multi_forward")(fake_kd_multi_forward)
+        torch.library.register_fake("fastkd::kd_multi_forward_inplace")(fake_multi_forward_inplace)
+
+    def multi_forward(student, teachers, weights, labels, grad_scale, cfg):
+        return ops.kd_multi_forward(student, list(teachers), weights, labels, grad_scale,
+                                    *cfg.multi_kernel_settings())
+
+    def multi_forward_inplace(student, teachers, weights, labels, grad_scale, cfg):
+        return ops.kd_multi_forward_inplace(student, list(teachers), weights, labels, grad_scale,
+                                            *cfg.multi_kernel_settings())
+
+    multi = dict(multi_forward=multi_forward, multi_forward_inplace=multi_forward_inplace) if has_multi else {}
+
     def forward(student, teacher, labels, grad_scale, cfg, row_stats=None):
         return ops.kd_forward(student, teacher, labels, grad_scale, row_stats, *cfg.kernel_settings())
 
@@ -247,13 +271,13 @@ def backends() -> tuple:
     cpu = KernelBackend("cpu", forward, forward_inplace, ops.scale_grad_, lambda device: device.type == "cpu",
                         dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), shard=shard_phases(ops),
                         sparse_forward=sparse_forward if has_sparse else None,
-                        sparse_forward_inplace=sparse_forward_inplace if has_sparse else None)
+                        sparse_forward_inplace=sparse_forward_inplace if has_sparse else None, **multi)
     if not getattr(ext, "with_cuda", False):
         return (cpu,)
     return cpu, KernelBackend("cuda", forward, forward_inplace, ops.scale_grad_, _runs_on_cuda,
                               shard=shard_phases(ops),
                               sparse_forward=sparse_forward if has_sparse else None,
-                              sparse_forward_inplace=sparse_forward_inplace if has_sparse else None)
+                              sparse_forward_inplace=sparse_forward_inplace if has_sparse else None, **multi)
 
 
 def shard_phases(ops) -> ShardPhases:

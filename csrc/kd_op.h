@@ -24,6 +24,9 @@ struct ForwardArgs {
   // global row sums, and where this slice starts in the vocabulary (labels are global ids).
   c10::optional<at::Tensor> row_sums;  // [N, kRowSumsWidth] in the loss dtype, or none
   int64_t vocab_start = 0;
+  // The per-token diagnostics to write in the same pass (kd_forward_stats), or none:
+  // [N, kStatsWidth] in the loss dtype, contiguous.
+  c10::optional<at::Tensor> stats;
 };
 
 // A sparse teacher's call (ops.cpp: sparse_kd_forward): K ids and log-probs per row.
@@ -35,6 +38,7 @@ struct SparseForwardArgs {
   at::Tensor grad_scale;               // scalar: the reduction's 1/denominator
   KDParams params;                     // with .tail
   ExactParams exact;
+  c10::optional<at::Tensor> stats;     // as ForwardArgs::stats (sparse_kd_forward_stats)
 };
 
 // Several teachers' call (ops.cpp: kd_multi_forward; docs/multi_teacher.md). A teacher whose
@@ -78,6 +82,10 @@ struct DeviceOps {
   // Several teachers: per-row loss into `loss`, gradient into `grad` (may be the student);
   // nullptr where the device has no several-teachers kernel yet.
   void (*multi_forward)(const MultiForwardArgs& args, at::Tensor& loss, at::Tensor& grad) = nullptr;
+  // Whether `forward` / `sparse_forward` write ForwardArgs::stats when it is given (the
+  // *_stats operators refuse a device that does not).
+  bool forward_writes_stats = false;
+  bool sparse_forward_writes_stats = false;
 };
 
 namespace cpu {

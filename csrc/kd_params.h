@@ -33,6 +33,11 @@ constexpr int kRowStatsWidth = 5;
 // Column 6: sum of the student's transformed logits s' over the shard's counted columns
 // (label smoothing's value term; 0 when label_smoothing is 0).
 constexpr int kShardStatsWidth = 7;
+// The per-token diagnostics of the *_stats operators (fastkd/backends/__init__.py has the
+// columns): H(p) or the sparse teacher's mass P, H(q), top-1 agreement (1/0), the unweighted
+// divergence D, and the sparse student's mass Q (0 for a dense teacher). NaN at ignored
+// rows, except the agreement (0).
+constexpr int kStatsWidth = 5;
 constexpr int kRowSumsWidth = 5;
 
 // The loss settings as the kernels use them, in the precision of their arithmetic:

@@ -14,6 +14,11 @@
 //   shard_write_grad(student, teacher, labels?, grad_scale, row_stats, row_sums?, int vocab_start,
 //                    int[] ints, Tensor floats) -> grad
 //       (the per-shard phases of the vocab-parallel loss: fastkd/backends/__init__.py)
+//   kd_forward_stats(student, teacher, labels?, grad_scale, int[] ints, Tensor floats)
+//       -> (loss [N], grad, stats [N, 5])                   (with the per-token diagnostics)
+//   kd_forward_stats_inplace(student!, ...same...) -> (loss [N], stats)
+//   sparse_kd_forward_stats(student, ids, logprobs, labels?, grad_scale, int[] ints, Tensor floats)
+//       -> (loss [N], grad, stats [N, 5]);  sparse_kd_forward_stats_inplace(student!, ...) -> (loss, stats)
 //   kd_multi_forward(student, Tensor[] teachers, weights, labels?, grad_scale, int[] ints,
 //                    Tensor floats) -> (loss [N], grad)      (K teachers, weights [K, N])
 //   kd_multi_forward_inplace(student!, ...same...) -> loss [N]
@@ -284,6 +289,64 @@ at::Tensor sparse_kd_forward_inplace(at::Tensor& student, const at::Tensor& ids,
   return loss;
 }
 
+// The per-token diagnostics' output [N, kStatsWidth] in the loss dtype, refused where the
+// device's kernel does not write it (so a missing kernel never returns uninitialised stats).
+at::Tensor empty_stats(const at::Tensor& loss, bool device_writes_stats) {
+  TORCH_CHECK(device_writes_stats, "fastkd: no per-token diagnostics (return_stats) in the kernel for ",
+              loss.device(), " tensors in this build");
+  return at::empty({loss.size(0), kStatsWidth}, loss.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_forward_stats(const at::Tensor& student, const at::Tensor& teacher,
+                                                                const c10::optional<at::Tensor>& labels,
+                                                                const at::Tensor& grad_scale, at::IntArrayRef ints,
+                                                                const at::Tensor& floats) {
+  ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, c10::nullopt, ints, floats);
+  const DeviceOps& device = ops_for(student);
+  at::Tensor loss = empty_loss(student, teacher);
+  args.stats = empty_stats(loss, device.forward_writes_stats);
+  at::Tensor grad = device.empty_grad(student);
+  device.forward(args, loss, grad);
+  return {loss, grad, *args.stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_forward_stats_inplace(at::Tensor& student, const at::Tensor& teacher,
+                                                            const c10::optional<at::Tensor>& labels,
+                                                            const at::Tensor& grad_scale, at::IntArrayRef ints,
+                                                            const at::Tensor& floats) {
+  ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, c10::nullopt, ints, floats);
+  const DeviceOps& device = ops_for(student);
+  at::Tensor loss = empty_loss(student, teacher);
+  args.stats = empty_stats(loss, device.forward_writes_stats);
+  device.forward(args, loss, student);  // as kd_forward_inplace: each row read before it is written
+  return {loss, *args.stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_kd_forward_stats(
+    const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+    const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale, at::IntArrayRef ints,
+    const at::Tensor& floats) {
+  SparseForwardArgs args = check_sparse_args(student, ids, logprobs, labels, grad_scale, ints, floats);
+  const DeviceOps& device = ops_for(student);
+  at::Tensor loss = empty_loss(student, logprobs);
+  args.stats = empty_stats(loss, device.sparse_forward_writes_stats);
+  at::Tensor grad = device.empty_grad(student);
+  run_sparse(args, loss, grad);
+  return {loss, grad, *args.stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_stats_inplace(at::Tensor& student, const at::Tensor& ids,
+                                                                   const at::Tensor& logprobs,
+                                                                   const c10::optional<at::Tensor>& labels,
+                                                                   const at::Tensor& grad_scale, at::IntArrayRef ints,
+                                                                   const at::Tensor& floats) {
+  SparseForwardArgs args = check_sparse_args(student, ids, logprobs, labels, grad_scale, ints, floats);
+  at::Tensor loss = empty_loss(student, logprobs);
+  args.stats = empty_stats(loss, ops_for(student).sparse_forward_writes_stats);
+  run_sparse(args, loss, student);
+  return {loss, *args.stats};
+}
+
 // The entry check of the several-teachers operators (the twin of check_forward_args).
 MultiForwardArgs check_multi_args(const at::Tensor& student, at::TensorList teachers, const at::Tensor& weights,
                                   const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
@@ -369,6 +432,18 @@ TORCH_LIBRARY(fastkd, m) {
       "shard_write_grad(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, Tensor row_stats, "
       "Tensor? row_sums, int vocab_start, int[] ints, Tensor floats) -> Tensor");
   m.def(
+      "kd_forward_stats(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, int[] ints, "
+      "Tensor floats) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "kd_forward_stats_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor grad_scale, "
+      "int[] ints, Tensor floats) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_kd_forward_stats(Tensor student, Tensor ids, Tensor logprobs, Tensor? labels, Tensor grad_scale, "
+      "int[] ints, Tensor floats) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "sparse_kd_forward_stats_inplace(Tensor(a!) student, Tensor ids, Tensor logprobs, Tensor? labels, "
+      "Tensor grad_scale, int[] ints, Tensor floats) -> (Tensor, Tensor)");
+  m.def(
       "kd_multi_forward(Tensor student, Tensor[] teachers, Tensor weights, Tensor? labels, Tensor grad_scale, "
       "int[] ints, Tensor floats) -> (Tensor, Tensor)");
   m.def(
@@ -387,6 +462,10 @@ TORCH_LIBRARY(fastkd, m) {
   m.impl("shard_row_stats", &fastkd::shard_row_stats);             \
   m.impl("shard_row_sums", &fastkd::shard_row_sums);               \
   m.impl("shard_write_grad", &fastkd::shard_write_grad);           \
+  m.impl("kd_forward_stats", &fastkd::kd_forward_stats);           \
+  m.impl("kd_forward_stats_inplace", &fastkd::kd_forward_stats_inplace); \
+  m.impl("sparse_kd_forward_stats", &fastkd::sparse_kd_forward_stats); \
+  m.impl("sparse_kd_forward_stats_inplace", &fastkd::sparse_kd_forward_stats_inplace); \
   m.impl("kd_multi_forward", &fastkd::kd_multi_forward);           \
   m.impl("kd_multi_forward_inplace", &fastkd::kd_multi_forward_inplace)
 
@@ -407,6 +486,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("sparse_int_settings") = fastkd::names(fastkd::kSparseIntSettingNames, fastkd::kNumSparseIntSettings);
   m.attr("multi_int_settings") = fastkd::names(fastkd::kMultiIntSettingNames, fastkd::kNumMultiIntSettings);
   m.attr("max_kernel_teachers") = fastkd::kMaxKernelTeachers;
+  m.attr("stats_width") = fastkd::kStatsWidth;
 #define FASTKD_STR(...) #__VA_ARGS__
 #define FASTKD_XSTR(...) FASTKD_STR(__VA_ARGS__)
   // What the CPU kernel was compiled for (python -m fastkd.info reports it): the widest

@@ -93,6 +93,59 @@ class SparseKDLossFunction(torch.autograd.Function):
         return (_fused_backward(ctx, grad_output),) + (None,) * 8
 
 
+class KDLossStatsFunction(torch.autograd.Function):
+    """:class:`KDLossFunction` that also returns the kernel's per-token diagnostics
+    (``[N, STATS_WIDTH]``, no gradient): ``return_stats=True``."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, grad_scale, backend_name, reduced, inplace, cfg):
+        kernels = _kernels(backend_name)
+        out = {}
+
+        def run(scale):
+            rows, grad, out["stats"] = kernels.forward_stats(student, teacher, labels, scale, cfg)
+            return rows, grad
+
+        def run_inplace(scale):
+            rows, out["stats"] = kernels.forward_stats_inplace(student, teacher, labels, scale, cfg)
+            return rows
+
+        loss = _fused_forward(ctx, student, grad_scale, backend_name, reduced, inplace, run, run_inplace)
+        ctx.mark_non_differentiable(out["stats"])
+        return loss, out["stats"]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, _grad_stats):
+        return (_fused_backward(ctx, grad_output),) + (None,) * 7
+
+
+class SparseKDLossStatsFunction(torch.autograd.Function):
+    """:class:`SparseKDLossFunction` with the per-token diagnostics (``return_stats=True``)."""
+
+    @staticmethod
+    def forward(ctx, student, ids, logprobs, labels, grad_scale, backend_name, reduced, inplace, cfg):
+        kernels = _kernels(backend_name)
+        out = {}
+
+        def run(scale):
+            rows, grad, out["stats"] = kernels.sparse_forward_stats(student, ids, logprobs, labels, scale, cfg)
+            return rows, grad
+
+        def run_inplace(scale):
+            rows, out["stats"] = kernels.sparse_forward_stats_inplace(student, ids, logprobs, labels, scale, cfg)
+            return rows
+
+        loss = _fused_forward(ctx, student, grad_scale, backend_name, reduced, inplace, run, run_inplace)
+        ctx.mark_non_differentiable(out["stats"])
+        return loss, out["stats"]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, _grad_stats):
+        return (_fused_backward(ctx, grad_output),) + (None,) * 8
+
+
 class MultiKDLossFunction(torch.autograd.Function):
     """The several-teachers twin of :class:`KDLossFunction` (``teachers`` a tuple of K
     constants, ``weights`` [K, N]); for backends that run it fused (backends/__init__.py)."""
@@ -123,8 +176,9 @@ def _flat_labels(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def fused_kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-                  cfg: KDConfig, num_items, backend: str, inplace: bool) -> torch.Tensor:
-    """A backend's fused kernel on checked input: the reduced loss (or the per-token loss)."""
+                  cfg: KDConfig, num_items, backend: str, inplace: bool, with_stats: bool = False):
+    """A backend's fused kernel on checked input: the reduced loss (or the per-token loss);
+    with ``with_stats``, (loss, the [N, STATS_WIDTH] per-token diagnostics)."""
     lead = student.shape[:-1]
     s2, t2 = _as_rows(student), _as_rows(teacher)
     flat_labels = _flat_labels(labels)
@@ -132,14 +186,23 @@ def fused_kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: Optional
     grad_scale = reduction_scale(flat_labels, s2.shape[0], cfg, num_items, student.device,
                                  loss_dtype(student, teacher))
     reduced = cfg.reduction != "none"
-    out = KDLossFunction.apply(s2, t2.detach(), flat_labels, grad_scale, backend, reduced, inplace, cfg)
-    return out if reduced else out.reshape(lead)
+    function = KDLossStatsFunction if with_stats else KDLossFunction
+    out = function.apply(s2, t2.detach(), flat_labels, grad_scale, backend, reduced, inplace, cfg)
+    return _shaped(out, reduced, lead)
+
+
+def _shaped(out, reduced: bool, lead):
+    """The loss (reduced, or per token in the token shape), and the stats table when there is one."""
+    loss, stats = out if isinstance(out, tuple) else (out, None)
+    loss = loss if reduced else loss.reshape(lead)
+    return loss if stats is None else (loss, stats)
 
 
 def fused_sparse_kd_loss(student: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
                          labels: Optional[torch.Tensor], cfg, num_items, backend: str,
-                         inplace: bool) -> torch.Tensor:
-    """A backend's fused sparse kernel on checked input: the reduced (or per-token) loss."""
+                         inplace: bool, with_stats: bool = False):
+    """A backend's fused sparse kernel on checked input: the reduced (or per-token) loss;
+    with ``with_stats``, (loss, the [N, STATS_WIDTH] per-token diagnostics)."""
     lead = student.shape[:-1]
     s2 = _as_rows(student)
     K = teacher_ids.shape[-1]
@@ -149,8 +212,9 @@ def fused_sparse_kd_loss(student: torch.Tensor, teacher_ids: torch.Tensor, teach
     grad_scale = reduction_scale(flat_labels, s2.shape[0], cfg, num_items, student.device,
                                  loss_dtype(student, logprobs))
     reduced = cfg.reduction != "none"
-    out = SparseKDLossFunction.apply(s2, ids, logprobs, flat_labels, grad_scale, backend, reduced, inplace, cfg)
-    return out if reduced else out.reshape(lead)
+    function = SparseKDLossStatsFunction if with_stats else SparseKDLossFunction
+    out = function.apply(s2, ids, logprobs, flat_labels, grad_scale, backend, reduced, inplace, cfg)
+    return _shaped(out, reduced, lead)
 
 
 def fused_multi_kd_loss(student: torch.Tensor, teachers, weights: torch.Tensor, labels: Optional[torch.Tensor],

@@ -124,16 +124,24 @@ def uses_logit_options(cfg) -> bool:
 MULTI_TEACHER_BACKENDS = {"torch"}
 
 
+# The backends whose kernels write the per-token diagnostics in the loss's own pass
+# (return_stats=True; fastkd/backends/__init__.py), for dense and sparse teachers. Others
+# are refused as for the options above (``auto`` picks ``torch``, which computes them with
+# fastkd.stats in separate passes).
+STATS_BACKENDS = {"torch"}
+
+
 def _runs_teachers(name: str, count: int) -> bool:
     return name == "torch" or (name in MULTI_TEACHER_BACKENDS and count <= MAX_KERNEL_TEACHERS)
 
 
 def backend_for(backend: str, device: torch.device, *dtypes: torch.dtype,
-                what: str = "logits", op: str = "dense", cfg=None, several_teachers: int = 0) -> KernelBackend:
+                what: str = "logits", op: str = "dense", cfg=None, several_teachers: int = 0,
+                stats: bool = False) -> KernelBackend:
     """The resolved backend for tensors of ``device`` and ``dtypes``; refuses a dtype it
     lacks, and (given the call's ``cfg``) logit options its kernels do not apply, and
     ``several_teachers`` (the count K of a call run as several teachers; 0 for one) where
-    it cannot run them."""
+    it cannot run them, and ``stats`` (return_stats=True) where its kernels do not write them."""
     name = resolve_backend(backend, device, op)
     if several_teachers and not _runs_teachers(name, several_teachers):
         if backend != "auto":
@@ -146,6 +154,11 @@ def backend_for(backend: str, device: torch.device, *dtypes: torch.dtype,
         if backend != "auto":
             raise NotImplementedError(f"backend {name!r} does not apply logit_scale, softcap, label_smoothing "
                                       f"or z_loss yet; use backend='auto' or 'torch'")
+        name = "torch"
+    if stats and name not in STATS_BACKENDS:
+        if backend != "auto":
+            raise NotImplementedError(f"backend {name!r} does not compute return_stats yet; use backend='auto' or "
+                                      f"'torch', or fastkd.kd_stats / fastkd.sparse_kd_stats")
         name = "torch"
     kernels = get_backend(name)
     for dtype in dtypes:

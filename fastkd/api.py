@@ -14,6 +14,7 @@ from ._autograd import fused_kd_loss, fused_multi_kd_loss
 from ._checks import as_teachers, check_kd_args, check_multi_kd_args
 from ._dispatch import backend_for, check_backend_name
 from .config import KDConfig, check_bool, make_config, takes_settings
+from .stats import stats_result, stats_rows
 
 
 def _inplace_wanted(student: torch.Tensor, inplace_backward: bool) -> bool:
@@ -32,18 +33,33 @@ def _inplace_wanted(student: torch.Tensor, inplace_backward: bool) -> bool:
 
 
 def kd_loss_with_config(student_logits, teacher_logits, labels, cfg: KDConfig, num_items=None,
-                        inplace_backward: bool = False, backend: str = "auto", teacher_weights=None) -> torch.Tensor:
+                        inplace_backward: bool = False, backend: str = "auto", teacher_weights=None,
+                        return_stats: bool = False):
     """:func:`kd_loss` with the settings already validated into ``cfg`` (``KDLoss`` uses it)."""
+    check_bool("return_stats", return_stats)
     teachers = as_teachers(student_logits, teacher_logits, teacher_weights)
     if teachers.single is None:
+        if return_stats:
+            raise ValueError(f"return_stats takes one teacher, got {len(teachers.logits)} (several teachers' "
+                             "diagnostics: call fastkd.kd_stats once per teacher)")
         return _multi_teacher_loss(student_logits, teachers, labels, cfg, num_items, inplace_backward, backend)
     teacher_logits = teachers.single
     cfg, num_items = check_kd_args(student_logits, teacher_logits, labels, cfg, num_items)
     inplace = _inplace_wanted(student_logits, inplace_backward)
-    kernels = backend_for(backend, student_logits.device, student_logits.dtype, teacher_logits.dtype, cfg=cfg)
+    kernels = backend_for(backend, student_logits.device, student_logits.dtype, teacher_logits.dtype, cfg=cfg,
+                          stats=return_stats)
+    lead = student_logits.shape[:-1]
     if kernels.differentiable_loss is not None:
-        return kernels.differentiable_loss(student_logits, teacher_logits, labels, cfg, num_items)
-    return fused_kd_loss(student_logits, teacher_logits, labels, cfg, num_items, kernels.name, inplace)
+        loss = kernels.differentiable_loss(student_logits, teacher_logits, labels, cfg, num_items)
+        if not return_stats:
+            return loss
+        table = stats_rows(student_logits.reshape(-1, student_logits.shape[-1]),
+                           teacher_logits.reshape(-1, teacher_logits.shape[-1]),
+                           None if labels is None else labels.reshape(-1), cfg)
+        return loss, stats_result(table, labels, cfg, lead)
+    out = fused_kd_loss(student_logits, teacher_logits, labels, cfg, num_items, kernels.name, inplace,
+                        with_stats=return_stats)
+    return (out[0], stats_result(out[1], labels, cfg, lead)) if return_stats else out
 
 
 def _multi_teacher_loss(student_logits, teachers, labels, cfg, num_items, inplace_backward, backend):
@@ -60,7 +76,7 @@ def _multi_teacher_loss(student_logits, teachers, labels, cfg, num_items, inplac
                                inplace)
 
 
-@takes_settings(after=("num_items", "inplace_backward", "backend"))
+@takes_settings(after=("num_items", "inplace_backward", "backend", "return_stats"))
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits,
@@ -70,8 +86,9 @@ def kd_loss(
     num_items=None,
     inplace_backward: bool = False,
     backend: str = "auto",
+    return_stats: bool = False,
     **settings,
-) -> torch.Tensor:
+):
     """Knowledge-distillation loss between student and teacher logits, fused with its gradient.
 
     ``loss = alpha * T^2 * D(softmax(t/T), softmax(s/T)) + (1 - alpha) * CE(s, labels)`` per
@@ -106,10 +123,13 @@ def kd_loss(
             inplace operation" error. A leaf that requires grad (an ``nn.Parameter``) is
             refused. Only active when autograd wants the logits' gradient.
         backend: ``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch`` (see docs/backends.md).
+        return_stats: also return the per-token diagnostics of the same pass: ``(loss,
+            fastkd.KDStats)`` (teacher and student entropy, top-1 agreement, the unweighted
+            divergence; docs/diagnostics.md). One teacher only.
     """
     cfg = make_config("kd_loss", **settings)
     return kd_loss_with_config(student_logits, teacher_logits, labels, cfg, num_items, inplace_backward, backend,
-                               teacher_weights)
+                               teacher_weights, return_stats)
 
 
 class KDLoss(torch.nn.Module):
@@ -128,9 +148,10 @@ class KDLoss(torch.nn.Module):
         check_backend_name(backend)
         self.backend = backend
 
-    def forward(self, student_logits, teacher_logits, labels=None, num_items=None, *, teacher_weights=None):
+    def forward(self, student_logits, teacher_logits, labels=None, num_items=None, *, teacher_weights=None,
+                return_stats: bool = False):
         return kd_loss_with_config(student_logits, teacher_logits, labels, self.config, num_items,
-                                   self.inplace_backward, self.backend, teacher_weights)
+                                   self.inplace_backward, self.backend, teacher_weights, return_stats)
 
     def extra_repr(self) -> str:
         options = dict(self.config.changed_settings(), inplace_backward=self.inplace_backward, backend=self.backend)

@@ -25,6 +25,7 @@ chunk loop, the autograd Function, argument checks, the public function and modu
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
@@ -34,7 +35,9 @@ import torch
 from ._checks import (check_float_tensor, check_labels, check_num_items, check_same_tokens, check_teacher_weights,
                       is_single_teacher_call, reduction_scale, resolve_vocab_size, teacher_weight_rows)
 from ._dispatch import backend_for, check_backend_name, get_backend
+from .backends import STATS_WIDTH
 from .config import KDConfig, check_bool, make_config, takes_settings
+from .stats import stats_result
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -210,6 +213,13 @@ def _kernel_fn(plan: "Plan") -> KernelFn:
     """(student chunk, *teacher chunk, labels, grad_scale) -> loss rows; grad written in place."""
     kernels = get_backend(plan.backend)
     cfg = plan.cfg
+    # return_stats: the kernels' stats forms, returning (loss rows, stats rows).
+    if plan.with_stats and plan.op == "sparse":
+        return lambda student, ids, logprobs, labels, grad_scale: kernels.sparse_forward_stats_inplace(
+            student, ids, logprobs, labels, grad_scale, cfg)
+    if plan.with_stats:
+        return lambda student, teacher, labels, grad_scale: kernels.forward_stats_inplace(
+            student, teacher, labels, grad_scale, cfg)
     if plan.op == "sparse":
         return lambda student, ids, logprobs, labels, grad_scale: kernels.sparse_forward_inplace(
             student, ids, logprobs, labels, grad_scale, cfg)
@@ -240,6 +250,8 @@ class Plan:
     kernel: Optional[KernelFn] = None
     columns: Optional[int] = None
     reduce_hidden_grad: Optional[Callable[[torch.Tensor], None]] = None
+    # return_stats=True: the loop also collects the kernel's per-token diagnostics (one teacher).
+    with_stats: bool = False
 
     @property
     def head_rows(self) -> int:
@@ -257,7 +269,8 @@ class Plan:
 
 def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_scale,
                  row_scale: Optional[torch.Tensor], with_grads: bool):
-    """Loss rows [N] fp32 and, when ``with_grads``, (grad_hidden, grad_weight, grad_bias).
+    """Loss rows [N] fp32 and, when ``with_grads``, (grad_hidden, grad_weight, grad_bias);
+    with ``plan.with_stats``, (loss rows, stats rows [N, STATS_WIDTH]) in place of the loss rows.
 
     ``teacher_tensors`` are (hidden, weight, bias) of a dense teacher, (ids, logprobs) of
     a sparse one, or (hidden, weight, bias) of each of K dense teachers followed by their
@@ -298,6 +311,7 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
             if separate_acc else grad_w[:V]
 
     loss = torch.empty((n,), dtype=student.logits_dtype, device=hs.device)  # float64 stays float64
+    stats = torch.empty((n, STATS_WIDTH), dtype=loss.dtype, device=hs.device) if plan.with_stats else None
     chunk = max(1, min(plan.chunk_size, n))
     # A reused buffer where the matmul can write into it (the native mode allocates per
     # chunk; CUDA's caching allocator hands back the same blocks).
@@ -313,6 +327,8 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
         teacher_args = teacher.chunk(start, end)
         lab = None if labels is None else labels[start:end]
         out = kernel(s_logits, *teacher_args, lab, grad_scale)
+        if stats is not None:
+            out, stats[start:end] = out
         # d loss / d logits: the kernel overwrote the student logits with it, or returned it.
         loss[start:end], dlogits = out if isinstance(out, tuple) else (out, s_logits)
         if not with_grads or not plan.any_grad:
@@ -342,7 +358,7 @@ def chunked_loss(plan: Plan, hs, ws, bs, teacher_tensors: tuple, labels, grad_sc
         plan.reduce_hidden_grad(grad_h)
     if want_b:
         grad_b = grad_b.to(bs.dtype)
-    return loss, (grad_h, grad_w, grad_b)
+    return (loss if stats is None else (loss, stats)), (grad_h, grad_w, grad_b)
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -381,16 +397,17 @@ class FusedLinearKDFunction(torch.autograd.Function):
                 loss_rows, grads = chunked_loss(plan, hs, ws, bs, teacher, labels, grad_scale,
                                                 None, with_grads=plan.any_grad)
                 ctx.save_for_backward(*grads)
-                return loss_rows.sum() * grad_scale
-            # reduction="none": the per-token grad_output arrives only in backward.
+                return _with_stats(ctx, loss_rows, lambda rows: rows.sum() * grad_scale)
+            # reduction="none": the per-token grad_output arrives only in backward (which
+            # runs the loop again, without the stats: they came from this forward).
             loss_rows, _ = chunked_loss(plan, hs, ws, bs, teacher, labels, grad_scale,
                                         None, with_grads=False)
             ctx.save_for_backward(hs, ws, bs, labels, grad_scale, *teacher)
-            return loss_rows
+            return _with_stats(ctx, loss_rows, lambda rows: rows)
 
     @staticmethod
-    def backward(ctx, grad_output):
-        plan: Plan = ctx.plan
+    def backward(ctx, grad_output, *_grad_stats):
+        plan: Plan = dataclasses.replace(ctx.plan, with_stats=False)
         if plan.reduced:
             if getattr(ctx, "consumed", False):
                 raise RuntimeError(
@@ -410,6 +427,16 @@ class FusedLinearKDFunction(torch.autograd.Function):
                     plan, hs, ws, bs, tuple(teacher), labels, grad_scale,
                     grad_output.reshape(-1), with_grads=True)
         return (grad_h, grad_w, grad_b, None, None, None) + (None,) * ctx.n_teacher
+
+
+def _with_stats(ctx, out, loss_of):
+    """The Function's outputs: ``loss_of(loss rows)``, and the stats rows (no gradient) when
+    the plan collects them."""
+    if not ctx.plan.with_stats:
+        return loss_of(out)
+    rows, stats = out
+    ctx.mark_non_differentiable(stats)
+    return loss_of(rows), stats
 
 
 def _scale_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> None:
@@ -509,7 +536,7 @@ def _check_chunk_size(chunk_size) -> None:
 # ---------------------------------------------------------------------------------------
 # Public API.
 
-@takes_settings(after=("num_items", "inplace_backward", "chunk_size", "backend"))
+@takes_settings(after=("num_items", "inplace_backward", "chunk_size", "backend", "return_stats"))
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -524,8 +551,9 @@ def fused_linear_kd_loss(
     inplace_backward: bool = False,
     chunk_size: Union[str, int] = "auto",
     backend: str = "auto",
+    return_stats: bool = False,
     **settings,
-) -> torch.Tensor:
+):
     """KD loss from hidden states and LM-head weights, without materialising the logits.
 
     Equal to ``kd_loss(student_hidden @ student_weight.T + student_bias,
@@ -567,6 +595,9 @@ def fused_linear_kd_loss(
         backend: ``auto`` (as ``kd_loss``: ``cuda`` -> ``triton`` -> ``torch`` on CUDA,
             ``cpu`` -> ``torch`` on the CPU), ``cuda``, ``triton``, ``cpu`` or ``torch``
             (chunked too, each chunk's loss and gradient by the reference and autograd).
+        return_stats: also return the per-token diagnostics, as :func:`fastkd.kd_loss`:
+            ``(loss, fastkd.KDStats)``, collected chunk by chunk from the kernel's pass.
+            One teacher only.
 
     Precision: logits are computed with fp32 output from the inputs as they are (bf16 /
     fp16 matmuls write fp32 on CUDA; on the CPU the low-precision weights are converted to
@@ -586,18 +617,22 @@ def fused_linear_kd_loss(
     return fused_linear_kd_loss_with_config(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, cfg,
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_weights=teacher_weights, num_items=num_items,
-        inplace_backward=inplace_backward, chunk_size=chunk_size, backend=backend)
+        inplace_backward=inplace_backward, chunk_size=chunk_size, backend=backend, return_stats=return_stats)
 
 
 def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                      cfg: KDConfig, *, student_bias=None, teacher_bias=None, teacher_weights=None,
                                      num_items=None, inplace_backward=False, chunk_size="auto",
-                                     backend="auto") -> torch.Tensor:
+                                     backend="auto", return_stats=False):
     """:func:`fused_linear_kd_loss` with the settings already validated into ``cfg``."""
     check_bool("inplace_backward", inplace_backward)
+    check_bool("return_stats", return_stats)
     _check_chunk_size(chunk_size)
     heads, index = _teacher_heads(teacher_hidden, teacher_weight, teacher_bias)
     several = not is_single_teacher_call(len(heads), teacher_weights)
+    if several and return_stats:
+        raise ValueError(f"return_stats takes one teacher, got {len(heads)} (several teachers' diagnostics: "
+                         "call fastkd.kd_stats once per teacher)")
     _check_side("student", student_hidden, student_weight, student_bias)
     for (ht, wt, bt), i in zip(heads, index):
         _check_side("teacher", ht, wt, bt, i)
@@ -621,7 +656,7 @@ def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hid
     if several:
         teacher_weights = check_teacher_weights(teacher_weights, len(heads), lead, device, labels, cfg)
     name = backend_for(backend, device, student_hidden.dtype, *(ht.dtype for ht, _, _ in heads), what="inputs",
-                       cfg=cfg, several_teachers=len(heads) if several else 0).name
+                       cfg=cfg, several_teachers=len(heads) if several else 0, stats=return_stats).name
 
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     teacher_args = tuple(x for ht, wt, bt in heads
@@ -644,10 +679,19 @@ def fused_linear_kd_loss_with_config(student_hidden, student_weight, teacher_hid
         want_weight_grad=grad_enabled and student_weight.requires_grad,
         want_bias_grad=grad_enabled and student_bias is not None and student_bias.requires_grad,
         op="multi" if several else "dense",
+        with_stats=return_stats,
     )
     grad_scale = reduction_scale(flat_labels, n, cfg, num_items, device, loss_dtype)
     out = FusedLinearKDFunction.apply(hs, student_weight, student_bias, flat_labels, grad_scale, plan, *teacher_args)
-    return out if cfg.reduction != "none" else out.reshape(lead)
+    return linear_loss_result(out, cfg, labels, lead)
+
+
+def linear_loss_result(out, cfg, labels, lead, sparse: bool = False):
+    """The fused-linear Function's output as the caller gets it: the loss (per token in the
+    token shape for ``reduction="none"``), with its stats object when it returned a table."""
+    loss, table = out if isinstance(out, tuple) else (out, None)
+    loss = loss if cfg.reduction != "none" else loss.reshape(lead)
+    return loss if table is None else (loss, stats_result(table, labels, cfg, lead, sparse=sparse))
 
 
 class FusedLinearKDLoss(torch.nn.Module):
@@ -668,12 +712,12 @@ class FusedLinearKDLoss(torch.nn.Module):
         self.backend = backend
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
-                student_bias=None, teacher_bias=None, teacher_weights=None, num_items=None):
+                student_bias=None, teacher_bias=None, teacher_weights=None, num_items=None, return_stats=False):
         return fused_linear_kd_loss_with_config(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, self.config,
             student_bias=student_bias, teacher_bias=teacher_bias, teacher_weights=teacher_weights,
-            num_items=num_items,
-            inplace_backward=self.inplace_backward, chunk_size=self.chunk_size, backend=self.backend)
+            num_items=num_items, inplace_backward=self.inplace_backward, chunk_size=self.chunk_size,
+            backend=self.backend, return_stats=return_stats)
 
     def extra_repr(self) -> str:
         options = dict(self.config.changed_settings(), inplace_backward=self.inplace_backward,

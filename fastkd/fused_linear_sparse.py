@@ -18,10 +18,11 @@ from ._checks import check_sparse_kd_args, reduction_scale
 from ._dispatch import backend_for, check_backend_name
 from .config import SparseKDConfig, check_bool, make_config, takes_settings
 from .fused_linear import (FusedLinearKDFunction, Plan, _autocast_side, _check_chunk_size, _check_side,
-                           _check_side_dtypes, auto_chunk_size, matmul_mode)
+                           _check_side_dtypes, auto_chunk_size, linear_loss_result, matmul_mode)
 
 
-@takes_settings(after=("num_items", "inplace_backward", "chunk_size", "backend"), config=SparseKDConfig)
+@takes_settings(after=("num_items", "inplace_backward", "chunk_size", "backend", "return_stats"),
+                config=SparseKDConfig)
 def fused_linear_sparse_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -34,8 +35,9 @@ def fused_linear_sparse_kd_loss(
     inplace_backward: bool = False,
     chunk_size: Union[str, int] = "auto",
     backend: str = "auto",
+    return_stats: bool = False,
     **settings,
-) -> torch.Tensor:
+):
     """Sparse-teacher KD loss from hidden states and the student's LM head, logits never whole.
 
     Equal to ``sparse_kd_loss(student_hidden @ student_weight.T + student_bias, teacher_ids,
@@ -55,6 +57,8 @@ def fused_linear_sparse_kd_loss(
             budget of :func:`fastkd.fused_linear_kd_loss` (64 MiB on the CPU,
             ``min(512 MiB, device memory / 16)`` on CUDA) alone, there being no teacher chunk.
         backend: as :func:`fastkd.sparse_kd_loss` (``auto`` skips backends without sparse kernels).
+        return_stats: also return the per-token diagnostics, as :func:`fastkd.sparse_kd_loss`:
+            ``(loss, fastkd.SparseKDStats)``.
 
     Precision and ``reduction="none"`` (which recomputes the chunks in backward) as in
     :func:`fastkd.fused_linear_kd_loss`.
@@ -62,15 +66,17 @@ def fused_linear_sparse_kd_loss(
     cfg = make_config("fused_linear_sparse_kd_loss", config=SparseKDConfig, **settings)
     return fused_linear_sparse_kd_loss_with_config(
         student_hidden, student_weight, teacher_ids, teacher_logprobs, labels, cfg, student_bias=student_bias,
-        num_items=num_items, inplace_backward=inplace_backward, chunk_size=chunk_size, backend=backend)
+        num_items=num_items, inplace_backward=inplace_backward, chunk_size=chunk_size, backend=backend,
+        return_stats=return_stats)
 
 
 def fused_linear_sparse_kd_loss_with_config(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels,
                                             cfg: SparseKDConfig, *, student_bias=None, num_items=None,
                                             inplace_backward=False, chunk_size="auto",
-                                            backend="auto") -> torch.Tensor:
+                                            backend="auto", return_stats=False):
     """:func:`fused_linear_sparse_kd_loss` with the settings already validated into ``cfg``."""
     check_bool("inplace_backward", inplace_backward)
+    check_bool("return_stats", return_stats)
     _check_chunk_size(chunk_size)
     _check_side("student", student_hidden, student_weight, student_bias)
     device = student_hidden.device
@@ -80,7 +86,7 @@ def fused_linear_sparse_kd_loss_with_config(student_hidden, student_weight, teac
     cfg, num_items = check_sparse_kd_args(student_hidden, teacher_ids, teacher_logprobs, labels, cfg, num_items,
                                           student_name="student_hidden", student_width=student_weight.shape[0])
     name = backend_for(backend, device, student_hidden.dtype, teacher_logprobs.dtype, what="inputs",
-                       op="sparse", cfg=cfg).name
+                       op="sparse", cfg=cfg, stats=return_stats).name
 
     lead = student_hidden.shape[:-1]
     K = teacher_ids.shape[-1]
@@ -100,11 +106,12 @@ def fused_linear_sparse_kd_loss_with_config(student_hidden, student_weight, teac
         want_weight_grad=grad_enabled and student_weight.requires_grad,
         want_bias_grad=grad_enabled and student_bias is not None and student_bias.requires_grad,
         op="sparse",
+        with_stats=return_stats,
     )
     grad_scale = reduction_scale(flat_labels, n, cfg, num_items, device,
                                  torch.float64 if torch.float64 in (logits_dtype, logprobs.dtype) else torch.float32)
     out = FusedLinearKDFunction.apply(hs, student_weight, student_bias, flat_labels, grad_scale, plan, ids, logprobs)
-    return out if cfg.reduction != "none" else out.reshape(lead)
+    return linear_loss_result(out, cfg, labels, lead, sparse=True)
 
 
 class FusedLinearSparseKDLoss(torch.nn.Module):
@@ -126,11 +133,11 @@ class FusedLinearSparseKDLoss(torch.nn.Module):
         self.backend = backend
 
     def forward(self, student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, *,
-                student_bias=None, num_items=None):
+                student_bias=None, num_items=None, return_stats=False):
         return fused_linear_sparse_kd_loss_with_config(
             student_hidden, student_weight, teacher_ids, teacher_logprobs, labels, self.config,
             student_bias=student_bias, num_items=num_items, inplace_backward=self.inplace_backward,
-            chunk_size=self.chunk_size, backend=self.backend)
+            chunk_size=self.chunk_size, backend=self.backend, return_stats=return_stats)
 
     def extra_repr(self) -> str:
         options = dict(self.config.changed_settings(), inplace_backward=self.inplace_backward,

@@ -18,24 +18,35 @@ from ._checks import check_sparse_kd_args
 from ._dispatch import backend_for, check_backend_name
 from .api import _inplace_wanted
 from .config import SparseKDConfig, check_bool, make_config, takes_settings
+from .stats import sparse_stats_rows, stats_result
 
 
 def sparse_kd_loss_with_config(student_logits, teacher_ids, teacher_logprobs, labels, cfg: SparseKDConfig,
                                num_items=None, inplace_backward: bool = False,
-                               backend: str = "auto") -> torch.Tensor:
+                               backend: str = "auto", return_stats: bool = False):
     """:func:`sparse_kd_loss` with the settings already validated into ``cfg``."""
+    check_bool("return_stats", return_stats)
     cfg, num_items = check_sparse_kd_args(student_logits, teacher_ids, teacher_logprobs, labels, cfg, num_items)
     inplace = _inplace_wanted(student_logits, inplace_backward)
     kernels = backend_for(backend, student_logits.device, student_logits.dtype, teacher_logprobs.dtype,
-                          op="sparse", cfg=cfg)
+                          op="sparse", cfg=cfg, stats=return_stats)
+    lead = student_logits.shape[:-1]
     if kernels.differentiable_sparse_loss is not None:
-        return kernels.differentiable_sparse_loss(student_logits, teacher_ids, teacher_logprobs, labels, cfg,
+        loss = kernels.differentiable_sparse_loss(student_logits, teacher_ids, teacher_logprobs, labels, cfg,
                                                   num_items)
-    return fused_sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels, cfg, num_items,
-                                kernels.name, inplace)
+        if not return_stats:
+            return loss
+        K = teacher_ids.shape[-1]
+        table = sparse_stats_rows(student_logits.reshape(-1, student_logits.shape[-1]), teacher_ids.reshape(-1, K),
+                                  teacher_logprobs.reshape(-1, K), None if labels is None else labels.reshape(-1),
+                                  cfg)
+        return loss, stats_result(table, labels, cfg, lead, sparse=True)
+    out = fused_sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels, cfg, num_items,
+                               kernels.name, inplace, with_stats=return_stats)
+    return (out[0], stats_result(out[1], labels, cfg, lead, sparse=True)) if return_stats else out
 
 
-@takes_settings(after=("num_items", "inplace_backward", "backend"), config=SparseKDConfig)
+@takes_settings(after=("num_items", "inplace_backward", "backend", "return_stats"), config=SparseKDConfig)
 def sparse_kd_loss(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -45,8 +56,9 @@ def sparse_kd_loss(
     num_items=None,
     inplace_backward: bool = False,
     backend: str = "auto",
+    return_stats: bool = False,
     **settings,
-) -> torch.Tensor:
+):
     """Distillation loss against a sparse teacher (K ids per token), fused with its gradient.
 
     Per token, the teacher's support S holds K ids with log-probabilities log p (used as
@@ -74,10 +86,14 @@ def sparse_kd_loss(
             :func:`fastkd.kd_loss` (the overwrite happens in this forward call).
         backend: ``auto``, ``cpu`` or ``torch`` (and ``triton``/``cuda`` where their
             sparse kernels exist); ``auto`` skips backends without sparse kernels.
+        return_stats: also return the per-token diagnostics of the same pass: ``(loss,
+            fastkd.SparseKDStats)`` (the teacher's and the student's mass P and Q on the
+            support, the student's entropy, top-1 agreement, the unweighted divergence;
+            docs/diagnostics.md).
     """
     cfg = make_config("sparse_kd_loss", config=SparseKDConfig, **settings)
     return sparse_kd_loss_with_config(student_logits, teacher_ids, teacher_logprobs, labels, cfg, num_items,
-                                      inplace_backward, backend)
+                                      inplace_backward, backend, return_stats)
 
 
 class SparseKDLoss(torch.nn.Module):
@@ -95,9 +111,10 @@ class SparseKDLoss(torch.nn.Module):
         check_backend_name(backend)
         self.backend = backend
 
-    def forward(self, student_logits, teacher_ids, teacher_logprobs, labels=None, num_items=None):
+    def forward(self, student_logits, teacher_ids, teacher_logprobs, labels=None, num_items=None, *,
+                return_stats: bool = False):
         return sparse_kd_loss_with_config(student_logits, teacher_ids, teacher_logprobs, labels, self.config,
-                                          num_items, self.inplace_backward, self.backend)
+                                          num_items, self.inplace_backward, self.backend, return_stats)
 
     def extra_repr(self) -> str:
         options = dict(self.config.changed_settings(), inplace_backward=self.inplace_backward, backend=self.backend)

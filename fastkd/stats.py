@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ._checks import as_teachers, check_kd_args, check_sparse_kd_args
 from .config import SparseKDConfig, check_int, make_config, takes_settings
+from .backends import STATS_WIDTH
 from .reference import compute_dtype, divergence_per_row, transform_logits
 from .sparse_reference import SparseRows, sparse_divergence_per_row
 
@@ -80,9 +81,83 @@ def _valid_rows(labels, n: int, cfg, device) -> torch.Tensor:
     return labels.reshape(-1) != cfg.ignore_index
 
 
-def _mask(x: torch.Tensor, valid: torch.Tensor, lead) -> torch.Tensor:
-    fill = False if x.dtype == torch.bool else float("nan")
-    return torch.where(valid, x, torch.full_like(x, fill)).reshape(lead)
+# ---------------------------------------------------------------------------------------
+# The per-row table [N, STATS_WIDTH] (fastkd/backends/__init__.py: the columns), which the
+# fused kernels write with return_stats=True and these functions compute in plain PyTorch:
+# the reference of the kernels' stats and the torch backend's.
+
+def _table(columns, valid: torch.Tensor) -> torch.Tensor:
+    """Rows of ``columns`` (STATS_WIDTH [n] tensors), NaN at invalid rows except the agreement (0)."""
+    table = torch.stack(columns, dim=-1)
+    blank = torch.full_like(table, float("nan"))
+    blank[:, 2] = 0.0
+    return torch.where(valid[:, None], table, blank)
+
+
+def stats_rows(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], cfg,
+               chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """The stats table of 2-D rows (``cfg.vocab_size`` fixed; ``labels`` [N] or None), in
+    float32 (float64 for float64 input), chunk by chunk, without autograd."""
+    V, n = cfg.vocab_size, student.shape[0]
+    dtype = compute_dtype(student, teacher)
+    valid = _valid_rows(labels, n, cfg, student.device)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, n, chunk_size):
+            stop = start + chunk_size
+            s = transform_logits(student.detach()[start:stop, :V].to(dtype), cfg.logit_scale, cfg.softcap)
+            t = transform_logits(teacher.detach()[start:stop, :V].to(dtype), cfg.teacher_scale, cfg.teacher_cap)
+            log_q = F.log_softmax(s / cfg.temperature, dim=-1)
+            log_p = F.log_softmax(t / cfg.temperature, dim=-1)
+            agree = (s.argmax(-1) == t.argmax(-1)).to(dtype)
+            parts.append(_table([_entropy(log_p), _entropy(log_q), agree,
+                                 divergence_per_row(log_p, log_q, cfg.divergence, cfg.beta),
+                                 torch.zeros_like(agree)], valid[start:stop]))
+    return torch.cat(parts) if parts else torch.zeros((0, STATS_WIDTH), dtype=dtype, device=student.device)
+
+
+def sparse_stats_rows(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                      labels: Optional[torch.Tensor], cfg, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """The stats table of a sparse teacher's 2-D rows (ids, logprobs [N, K])."""
+    n = student.shape[0]
+    dtype = compute_dtype(student, logprobs)
+    valid = _valid_rows(labels, n, cfg, student.device)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, n, chunk_size):
+            stop = start + chunk_size
+            rows = SparseRows(student.detach()[start:stop, :cfg.vocab_size], ids[start:stop],
+                              logprobs.detach()[start:stop], cfg)
+            log_q_all = rows.a - rows.lse.unsqueeze(-1)
+            best_slot = rows.log_p.argmax(-1, keepdim=True)  # empty slots hold -inf
+            best_id = rows.safe_ids.gather(-1, best_slot).squeeze(-1)
+            agree = (rows.valid.any(-1) & (rows.s.argmax(-1) == best_id)).to(dtype)
+            parts.append(_table([rows.log_mass_p.exp().to(dtype), _entropy(log_q_all).to(dtype), agree,
+                                 sparse_divergence_per_row(rows, cfg).to(dtype),
+                                 rows.log_q.exp().sum(-1).to(dtype)],  # exp(-inf) = 0 at empty slots
+                                valid[start:stop]))
+    return torch.cat(parts) if parts else torch.zeros((0, STATS_WIDTH), dtype=dtype, device=student.device)
+
+
+def kd_stats_of(table: torch.Tensor, valid: torch.Tensor, lead) -> KDStats:
+    """The :class:`KDStats` of a stats table (``valid`` [N] bool, ``lead`` the token shape)."""
+    return KDStats(teacher_entropy=table[:, 0].reshape(lead), student_entropy=table[:, 1].reshape(lead),
+                   top1_agree=(table[:, 2] > 0.5).reshape(lead), divergence=table[:, 3].reshape(lead),
+                   valid=valid.reshape(lead))
+
+
+def sparse_kd_stats_of(table: torch.Tensor, valid: torch.Tensor, lead) -> SparseKDStats:
+    """The :class:`SparseKDStats` of a sparse stats table."""
+    return SparseKDStats(teacher_mass=table[:, 0].reshape(lead), student_mass=table[:, 4].reshape(lead),
+                         student_entropy=table[:, 1].reshape(lead), top1_agree=(table[:, 2] > 0.5).reshape(lead),
+                         divergence=table[:, 3].reshape(lead), valid=valid.reshape(lead))
+
+
+def stats_result(table: torch.Tensor, labels: Optional[torch.Tensor], cfg, lead, sparse: bool = False):
+    """The :class:`KDStats` (``sparse``: :class:`SparseKDStats`) of a stats table whose rows are
+    the tokens of shape ``lead`` (``labels`` as the loss took them, or None)."""
+    valid = _valid_rows(labels, table.shape[0], cfg, table.device)
+    return (sparse_kd_stats_of if sparse else kd_stats_of)(table, valid, lead)
 
 
 @takes_settings(after=("chunk_size",))
@@ -98,6 +173,7 @@ def kd_stats(
 
     The settings are ``kd_loss``'s and mean the same (those that only weigh or reduce the
     loss, such as ``alpha`` and ``reduction``, change nothing here). One teacher only.
+    ``kd_loss(..., return_stats=True)`` gives the same numbers from the loss's own pass.
 
     Args:
         {settings}
@@ -110,32 +186,11 @@ def kd_stats(
         raise ValueError(f"kd_stats takes one teacher, got {len(teachers.logits)} (a sequence or a stacked "
                          f"[K, ..., V] tensor); call it once per teacher")
     cfg, _ = check_kd_args(student_logits, teachers.logits[0], labels, cfg)
-    V, lead = cfg.vocab_size, student_logits.shape[:-1]
-    dtype = compute_dtype(student_logits, teachers.logits[0])
-    s_all = student_logits.detach()[..., :V].reshape(-1, V)
-    t_all = teachers.logits[0].detach()[..., :V].reshape(-1, V)
-    n = s_all.shape[0]
-    out = {name: [] for name in ("teacher_entropy", "student_entropy", "top1_agree", "divergence")}
-    with torch.no_grad():
-        for start in range(0, n, chunk_size):
-            s = transform_logits(s_all[start:start + chunk_size].to(dtype), cfg.logit_scale, cfg.softcap)
-            t = transform_logits(t_all[start:start + chunk_size].to(dtype), cfg.teacher_scale, cfg.teacher_cap)
-            log_q = F.log_softmax(s / cfg.temperature, dim=-1)
-            log_p = F.log_softmax(t / cfg.temperature, dim=-1)
-            out["teacher_entropy"].append(_entropy(log_p))
-            out["student_entropy"].append(_entropy(log_q))
-            out["top1_agree"].append(s.argmax(-1) == t.argmax(-1))
-            out["divergence"].append(divergence_per_row(log_p, log_q, cfg.divergence, cfg.beta))
-        valid = _valid_rows(labels, n, cfg, student_logits.device)
-        fields = {name: _mask(_cat(parts, n, dtype, name, student_logits.device), valid, lead)
-                  for name, parts in out.items()}
-    return KDStats(valid=valid.reshape(lead), **fields)
-
-
-def _cat(parts, n: int, dtype, name: str, device) -> torch.Tensor:
-    if parts:
-        return torch.cat(parts)
-    return torch.zeros(n, dtype=torch.bool if name == "top1_agree" else dtype, device=device)
+    lead, V = student_logits.shape[:-1], student_logits.shape[-1]
+    flat_labels = None if labels is None else labels.reshape(-1)
+    table = stats_rows(student_logits.reshape(-1, V), teachers.logits[0].reshape(-1, teachers.logits[0].shape[-1]),
+                       flat_labels, cfg, chunk_size)
+    return stats_result(table, labels, cfg, lead)
 
 
 @takes_settings(after=("chunk_size",), config=SparseKDConfig)
@@ -153,6 +208,7 @@ def sparse_kd_stats(
     The settings are ``sparse_kd_loss``'s and mean the same; ``divergence`` is the D of
     ``tail`` (fastkd/sparse_reference.py). The teacher's best id is the valid slot of
     highest log-prob (the first such slot among ties); a token without a valid id never agrees.
+    ``sparse_kd_loss(..., return_stats=True)`` gives the same numbers from the loss's own pass.
 
     Args:
         {settings}
@@ -161,27 +217,8 @@ def sparse_kd_stats(
     cfg = make_config("sparse_kd_stats", config=SparseKDConfig, **settings)
     chunk_size = _check_chunk_size(chunk_size)
     cfg, _ = check_sparse_kd_args(student_logits, teacher_ids, teacher_logprobs, labels, cfg)
-    V, lead, K = cfg.vocab_size, student_logits.shape[:-1], teacher_ids.shape[-1]
-    dtype = compute_dtype(student_logits, teacher_logprobs)
-    s_all = student_logits.detach()[..., :V].reshape(-1, V)
-    ids_all = teacher_ids.reshape(-1, K)
-    lp_all = teacher_logprobs.detach().reshape(-1, K)
-    n = s_all.shape[0]
-    out = {name: [] for name in ("teacher_mass", "student_mass", "student_entropy", "top1_agree", "divergence")}
-    with torch.no_grad():
-        for start in range(0, n, chunk_size):
-            stop = start + chunk_size
-            rows = SparseRows(s_all[start:stop], ids_all[start:stop], lp_all[start:stop], cfg)
-            log_q_all = rows.a - rows.lse.unsqueeze(-1)
-            out["teacher_mass"].append(rows.log_mass_p.exp())
-            out["student_mass"].append(rows.log_q.exp().sum(-1))  # exp(-inf) = 0 at empty slots
-            out["student_entropy"].append(_entropy(log_q_all))
-            any_id = rows.valid.any(-1)
-            best_slot = rows.log_p.argmax(-1, keepdim=True)  # empty slots hold -inf
-            best_id = rows.safe_ids.gather(-1, best_slot).squeeze(-1)
-            out["top1_agree"].append(any_id & (rows.s.argmax(-1) == best_id))
-            out["divergence"].append(sparse_divergence_per_row(rows, cfg))
-        valid = _valid_rows(labels, n, cfg, student_logits.device)
-        fields = {name: _mask(_cat(parts, n, dtype, name, student_logits.device), valid, lead)
-                  for name, parts in out.items()}
-    return SparseKDStats(valid=valid.reshape(lead), **fields)
+    lead, K = student_logits.shape[:-1], teacher_ids.shape[-1]
+    flat_labels = None if labels is None else labels.reshape(-1)
+    table = sparse_stats_rows(student_logits.reshape(-1, student_logits.shape[-1]), teacher_ids.reshape(-1, K),
+                              teacher_logprobs.reshape(-1, K), flat_labels, cfg, chunk_size)
+    return stats_result(table, labels, cfg, lead, sparse=True)

@@ -67,6 +67,30 @@ weights are a [K, 1] tensor expanded: stride 0 along N), ``cfg.teacher_mode`` ``
 or ``sum``. A teacher whose weight is 0 in a row is not read in that row (NaN there must
 not reach the loss); ignored rows get zero loss and gradient whatever their weights.
 
+Per-token diagnostics (``return_stats=True``; docs/diagnostics.md) come from the same pass,
+where a backend has them (``fastkd._dispatch.STATS_BACKENDS``)::
+
+    forward_stats(student, teacher, labels, grad_scale, cfg) -> (loss [N], grad, stats)
+    forward_stats_inplace(student!, ...same...) -> (loss [N], stats)
+    sparse_forward_stats(student, ids, logprobs, labels, grad_scale, cfg) -> (loss [N], grad, stats)
+    sparse_forward_stats_inplace(student!, ...same...) -> (loss [N], stats)
+
+(the compiled operators ``kd_forward_stats``, ``kd_forward_stats_inplace``,
+``sparse_kd_forward_stats``, ``sparse_kd_forward_stats_inplace``, the dense ones without the
+``row_stats`` argument). ``stats`` is ``[N, STATS_WIDTH]`` in the loss dtype, per row:
+
+    0  dense: H(p) = -sum p log p;  sparse: P = sum over the valid ids of p (teacher_mass)
+    1  H(q) = -sum q log q over the first vocab_size columns (student_entropy)
+    2  1.0 where argmax s' == argmax t' (first column among equal maxima on each side; sparse:
+       the teacher's best id is the valid slot of highest log-prob, the first among ties, and
+       a row without a valid id never agrees), else 0.0 (top1_agree)
+    3  D(p, q), the divergence the loss weighs, unweighted (no div_weight, no CE term)
+    4  dense: 0;  sparse: Q = sum over the valid ids of q (student_mass)
+
+with p = softmax(t'/T), q = softmax(s'/T) of the transformed logits, as the loss. Ignored rows:
+NaN in columns 0, 1, 3, 4 and 0.0 in column 2. ``fastkd.stats`` (``kd_stats``,
+``sparse_kd_stats``) is the reference these are tested against.
+
 Backends register with ``fastkd._dispatch`` on first use; nothing here imports Triton or
 loads the C++ extension.
 """
@@ -83,6 +107,7 @@ from ..config import DIVERGENCES, TAILS
 # The most teachers one several-teachers kernel call reads (csrc/kd_params.h:
 # kMaxKernelTeachers): their row statistics stay in registers.
 MAX_KERNEL_TEACHERS = 4
+STATS_WIDTH = 5  # the per-token diagnostics' columns (above)
 ROW_STATS_WIDTH = 5  # (max_s, sumexp_s, max_t, sumexp_t, sumexp_raw); maxes in units of s/T
 LOW_PRECISION_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -163,6 +188,12 @@ class KernelBackend:
     multi_forward: Optional[Callable] = None
     multi_forward_inplace: Optional[Callable] = None
     differentiable_multi_loss: Optional[Callable] = None
+    # Per-token diagnostics from the same pass (the contract above); None where the backend
+    # has none (``fastkd._dispatch.STATS_BACKENDS`` lists those that have them).
+    forward_stats: Optional[Callable] = None
+    forward_stats_inplace: Optional[Callable] = None
+    sparse_forward_stats: Optional[Callable] = None
+    sparse_forward_stats_inplace: Optional[Callable] = None
 
     def has(self, op: str) -> bool:
         """Whether the backend runs ``op``: ``dense`` (kd_loss) or ``sparse`` (sparse_kd_loss)."""
@@ -295,6 +326,24 @@ def fake_multi_forward(student, teachers, weights, labels, grad_scale, ints, flo
 
 def fake_multi_forward_inplace(student, teachers, weights, labels, grad_scale, ints, floats):
     return student.new_empty((student.shape[0],), dtype=weights.dtype)
+
+
+def fake_forward_stats(student, teacher, labels, grad_scale, ints, floats):
+    loss = student.new_empty((student.shape[0],), dtype=loss_dtype(student, teacher))
+    return loss, student.new_empty(student.shape), student.new_empty((student.shape[0], STATS_WIDTH), dtype=loss.dtype)
+
+
+def fake_forward_stats_inplace(student, teacher, labels, grad_scale, ints, floats):
+    loss = student.new_empty((student.shape[0],), dtype=loss_dtype(student, teacher))
+    return loss, student.new_empty((student.shape[0], STATS_WIDTH), dtype=loss.dtype)
+
+
+def fake_sparse_forward_stats(student, ids, logprobs, labels, grad_scale, ints, floats):
+    return fake_forward_stats(student, logprobs, labels, grad_scale, ints, floats)
+
+
+def fake_sparse_forward_stats_inplace(student, ids, logprobs, labels, grad_scale, ints, floats):
+    return fake_forward_stats_inplace(student, logprobs, labels, grad_scale, ints, floats)
 
 
 def fake_row_stats(student, teacher, ints, floats):

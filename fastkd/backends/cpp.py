@@ -20,7 +20,9 @@ import torch
 
 from . import (KernelBackend, ShardPhases, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_,
                fake_shard_row_stats, fake_shard_row_sums, fake_shard_write_grad, fake_sparse_forward,
-               fake_sparse_forward_inplace, fake_multi_forward, fake_multi_forward_inplace)
+               fake_sparse_forward_inplace, fake_multi_forward, fake_multi_forward_inplace,
+               fake_forward_stats, fake_forward_stats_inplace, fake_sparse_forward_stats,
+               fake_sparse_forward_stats_inplace)
 
 EXT_NAME = "fastkd_C"
 
@@ -223,6 +225,14 @@ def fake_kd_multi_forward(student, teachers, weights, labels, grad_scale, ints, 
     return loss, grad
 
 
+def fake_kd_forward_stats(student, teacher, labels, grad_scale, ints, floats):
+    loss, grad, stats = fake_forward_stats(student, teacher, labels, grad_scale, ints, floats)
+    stride = grad_row_stride(student)
+    if stride != student.shape[1]:
+        grad = torch.empty_strided(tuple(student.shape), (stride, 1), dtype=student.dtype, device=student.device)
+    return loss, grad, stats
+
+
 def backends() -> tuple:
     """The ``cpu`` backend, and ``cuda`` when the extension has CUDA kernels; () without it."""
     ext = load_extension()
@@ -260,7 +270,23 @@ def backends() -> tuple:
         return ops.kd_multi_forward_inplace(student, list(teachers), weights, labels, grad_scale,
                                             *cfg.multi_kernel_settings())
 
-    multi = dict(multi_forward=multi_forward, multi_forward_inplace=multi_forward_inplace) if has_multi else {}
+    extra = dict(multi_forward=multi_forward, multi_forward_inplace=multi_forward_inplace) if has_multi else {}
+    # The per-token diagnostics' operators (an older extension has none).
+    if hasattr(ext, "stats_width"):
+        for op, fake in (("kd_forward_stats", fake_kd_forward_stats),
+                         ("kd_forward_stats_inplace", fake_forward_stats_inplace),
+                         ("sparse_kd_forward_stats", fake_sparse_forward_stats),
+                         ("sparse_kd_forward_stats_inplace", fake_sparse_forward_stats_inplace)):
+            torch.library.register_fake(f"fastkd::{op}")(fake)
+        extra.update(
+            forward_stats=lambda student, teacher, labels, grad_scale, cfg: ops.kd_forward_stats(
+                student, teacher, labels, grad_scale, *cfg.kernel_settings()),
+            forward_stats_inplace=lambda student, teacher, labels, grad_scale, cfg: ops.kd_forward_stats_inplace(
+                student, teacher, labels, grad_scale, *cfg.kernel_settings()),
+            sparse_forward_stats=lambda student, ids, logprobs, labels, grad_scale, cfg: ops.sparse_kd_forward_stats(
+                student, ids, logprobs, labels, grad_scale, *cfg.kernel_settings()),
+            sparse_forward_stats_inplace=lambda student, ids, logprobs, labels, grad_scale, cfg:
+                ops.sparse_kd_forward_stats_inplace(student, ids, logprobs, labels, grad_scale, *cfg.kernel_settings()))
 
     def forward(student, teacher, labels, grad_scale, cfg, row_stats=None):
         return ops.kd_forward(student, teacher, labels, grad_scale, row_stats, *cfg.kernel_settings())
@@ -271,13 +297,13 @@ def backends() -> tuple:
     cpu = KernelBackend("cpu", forward, forward_inplace, ops.scale_grad_, lambda device: device.type == "cpu",
                         dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), shard=shard_phases(ops),
                         sparse_forward=sparse_forward if has_sparse else None,
-                        sparse_forward_inplace=sparse_forward_inplace if has_sparse else None, **multi)
+                        sparse_forward_inplace=sparse_forward_inplace if has_sparse else None, **extra)
     if not getattr(ext, "with_cuda", False):
         return (cpu,)
     return cpu, KernelBackend("cuda", forward, forward_inplace, ops.scale_grad_, _runs_on_cuda,
                               shard=shard_phases(ops),
                               sparse_forward=sparse_forward if has_sparse else None,
-                              sparse_forward_inplace=sparse_forward_inplace if has_sparse else None, **multi)
+                              sparse_forward_inplace=sparse_forward_inplace if has_sparse else None, **extra)
 
 
 def shard_phases(ops) -> ShardPhases:

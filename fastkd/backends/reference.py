@@ -39,6 +39,28 @@ def multi_forward(student, teachers, weights, labels, grad_scale, cfg):
                           lambda s: reference.multi_loss_per_row(s, teachers, weights, labels, cfg))
 
 
+def forward_stats(student, teacher, labels, grad_scale, cfg):
+    from ..stats import stats_rows  # fastkd.stats imports this package
+
+    rows, grad = forward(student, teacher, labels, grad_scale, cfg)
+    return rows, grad, stats_rows(student, teacher, labels, cfg)
+
+
+def sparse_forward_stats(student, ids, logprobs, labels, grad_scale, cfg):
+    from ..stats import sparse_stats_rows
+
+    rows, grad = sparse_forward(student, ids, logprobs, labels, grad_scale, cfg)
+    return rows, grad, sparse_stats_rows(student, ids, logprobs, labels, cfg)
+
+
+def _inplace_with_stats(forward_fn):
+    def forward_inplace(student, *args):
+        rows, grad, stats = forward_fn(student, *args)
+        student.copy_(grad)
+        return rows, stats
+    return forward_inplace
+
+
 def _inplace(forward_fn):
     """The in-place form of a forward: the gradient copied over the student, the rows returned."""
     def forward_inplace(student, *args, **kwargs):
@@ -51,6 +73,8 @@ def _inplace(forward_fn):
 forward_inplace = _inplace(forward)
 sparse_forward_inplace = _inplace(sparse_forward)
 multi_forward_inplace = _inplace(multi_forward)
+forward_stats_inplace = _inplace_with_stats(forward_stats)
+sparse_forward_stats_inplace = _inplace_with_stats(sparse_forward_stats)
 
 
 def scale_grad_(grad: torch.Tensor, factor: torch.Tensor) -> None:
@@ -64,4 +88,7 @@ def backend() -> KernelBackend:
                          sparse_forward=sparse_forward, sparse_forward_inplace=sparse_forward_inplace,
                          differentiable_sparse_loss=sparse_reference.sparse_kd_loss_with_config,
                          multi_forward=multi_forward, multi_forward_inplace=multi_forward_inplace,
-                         differentiable_multi_loss=reference.multi_kd_loss_with_config)
+                         differentiable_multi_loss=reference.multi_kd_loss_with_config,
+                         forward_stats=forward_stats, forward_stats_inplace=forward_stats_inplace,
+                         sparse_forward_stats=sparse_forward_stats,
+                         sparse_forward_stats_inplace=sparse_forward_stats_inplace)

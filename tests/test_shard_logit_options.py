@@ -128,8 +128,11 @@ def test_softcap_values_elementwise(backend, device, dtype, tol):
     phases = phases_for(backend, device)
     if dtype not in kernel_backend(backend).dtypes:
         pytest.skip(f"{backend} does not take {dtype}")
-    x = torch.cat([torch.linspace(-60.0, 60.0, 20001, dtype=torch.float64),
-                   torch.logspace(-30, 1, 301, dtype=torch.float64),
+    # One row per value, a program each: the Triton interpreter takes a coarser grid (its
+    # tanh is checked on a fine one by test_triton_logit_options.py's elementwise test).
+    fine = not (backend == "triton" and device == "cpu")
+    x = torch.cat([torch.linspace(-60.0, 60.0, 20001 if fine else 1201, dtype=torch.float64),
+                   torch.logspace(-30, 1, 301 if fine else 32, dtype=torch.float64),
                    torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan], dtype=torch.float64)])
     s = x.to(dtype)[:, None]
     cfg = fastkd.make_config(softcap=3.0, logit_scale=1.5, label_smoothing=0.1, alpha=0.5).with_vocab_size(1)

@@ -190,7 +190,11 @@ def test_p_close_to_one_without_cancellation(backend, divergence):
     tail_p = -torch.expm1(lp.double().logsumexp(-1))
     assert (tail_p > 1e-6).all() and (tail_p < 1e-5).all()
     naive = 1.0 - lp.exp().sum(-1)  # fp32, what an unfused implementation writes
-    assert ((naive.double() - tail_p).abs() / tail_p).max() > 1e-2
+    naive_err = (naive.double() - tail_p).abs() / tail_p
+    assert naive_err.max() > 1e-2
+    if backend == "triton":  # the interpreter runs a row's 1024 slots slowly: the worst row only
+        worst = naive_err.argmax().reshape(1)
+        s, ids, lp = s[worst], ids[worst], lp[worst]
     kw = dict(divergence=divergence, reduction="sum")
     ref_loss, ref_grad = reference(s, ids, lp, **kw)
     loss, grad = run(backend, s, ids, lp, **kw)

@@ -114,6 +114,29 @@ def launch_config(vocab_size: int, student_dtype: torch.dtype, teacher_dtype: to
     return LaunchConfig(MULTI_BLOCK, False, warps_for(MULTI_BLOCK))
 
 
+# Several teachers (multi.py): columns per block by teacher count K. Its sweeps keep a
+# running sum-exp vector per active teacher beside the student's (and the T = 1 one), and
+# the mixture's per-entry terms one vector per teacher; every row is swept in blocks (no
+# single-block path yet). Checked for sm_90 by .ci/triton_sm90_check.py (multi_config_classes).
+MULTI_TEACHER_BLOCK = {1: MULTI_BLOCK, 2: MULTI_BLOCK, 3: MULTI_BLOCK, 4: MULTI_BLOCK}
+
+
+def multi_teacher_config(vocab_size: int, teachers: int, block_override: Optional[int] = None) -> LaunchConfig:
+    """Block and warps of the several-teachers kernel for rows of ``vocab_size`` columns and
+    ``teachers`` teachers: the row swept in blocks of MULTI_TEACHER_BLOCK[teachers] columns
+    (fewer for a shorter row; ``block_override``: tests), 8 per thread as launch_config."""
+    block = min(triton.next_power_of_2(vocab_size), MAX_BLOCK)
+    block = min(block, triton.next_power_of_2(int(block_override)) if block_override is not None
+                else MULTI_TEACHER_BLOCK[teachers])
+    return LaunchConfig(block, False, warps_for(block))
+
+
+def multi_config_classes():
+    """[(teachers, LaunchConfig, vocab)]: the several-teachers kernel's configurations at a
+    realistic vocabulary (its largest block per teacher count), for the sm_90 check."""
+    return [(k, multi_teacher_config(128256, k), 128256) for k in sorted(MULTI_TEACHER_BLOCK)]
+
+
 def ce_mode(k) -> int:
     """The T = 1 statistics a launch computes (rows.py: CE modes), for the CE term or the
     z-loss: none, shared with the student's softmax (T == 1) or a third sum-exp."""

@@ -114,27 +114,30 @@ def launch_config(vocab_size: int, student_dtype: torch.dtype, teacher_dtype: to
     return LaunchConfig(MULTI_BLOCK, False, warps_for(MULTI_BLOCK))
 
 
-# Several teachers (multi.py): columns per block by teacher count K. Its sweeps keep a
-# running sum-exp vector per active teacher beside the student's (and the T = 1 one), and
-# the mixture's per-entry terms one vector per teacher; every row is swept in blocks (no
+# Several teachers (multi.py): (columns per block, warps) by teacher count K. Its sweeps keep
+# a running sum-exp vector per active teacher beside the student's (and the T = 1 one), and
+# the per-entry terms hold one vector per teacher; every row is swept in blocks (no
 # single-block path yet). Checked for sm_90 by .ci/triton_sm90_check.py (multi_config_classes).
-MULTI_TEACHER_BLOCK = {1: MULTI_BLOCK, 2: MULTI_BLOCK, 3: MULTI_BLOCK, 4: MULTI_BLOCK}
+MULTI_TEACHER_SHAPE = {1: (1024, 8), 2: (1024, 8), 3: (1024, 16), 4: (1024, 16)}
 
 
 def multi_teacher_config(vocab_size: int, teachers: int, block_override: Optional[int] = None) -> LaunchConfig:
     """Block and warps of the several-teachers kernel for rows of ``vocab_size`` columns and
-    ``teachers`` teachers: the row swept in blocks of MULTI_TEACHER_BLOCK[teachers] columns
-    (fewer for a shorter row; ``block_override``: tests), 8 per thread as launch_config."""
-    block = min(triton.next_power_of_2(vocab_size), MAX_BLOCK)
-    block = min(block, triton.next_power_of_2(int(block_override)) if block_override is not None
-                else MULTI_TEACHER_BLOCK[teachers])
-    return LaunchConfig(block, False, warps_for(block))
+    ``teachers`` teachers: MULTI_TEACHER_SHAPE[teachers], the block cut to a shorter row
+    (and its warps to 8 columns per thread; ``block_override``: tests)."""
+    block, warps = MULTI_TEACHER_SHAPE[teachers]
+    if block_override is not None:
+        block = min(triton.next_power_of_2(int(block_override)), MAX_BLOCK)
+    full = triton.next_power_of_2(vocab_size)
+    if full < block:
+        return LaunchConfig(full, False, warps_for(full))
+    return LaunchConfig(block, False, warps if block_override is None else warps_for(block))
 
 
 def multi_config_classes():
     """[(teachers, LaunchConfig, vocab)]: the several-teachers kernel's configurations at a
     realistic vocabulary (its largest block per teacher count), for the sm_90 check."""
-    return [(k, multi_teacher_config(128256, k), 128256) for k in sorted(MULTI_TEACHER_BLOCK)]
+    return [(k, multi_teacher_config(128256, k), 128256) for k in sorted(MULTI_TEACHER_SHAPE)]
 
 
 def ce_mode(k) -> int:

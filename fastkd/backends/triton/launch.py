@@ -114,10 +114,15 @@ def launch_config(vocab_size: int, student_dtype: torch.dtype, teacher_dtype: to
     return LaunchConfig(MULTI_BLOCK, False, warps_for(MULTI_BLOCK))
 
 
-# Several teachers (multi.py): (columns per block, warps) by teacher count K. Its sweeps keep
-# a running sum-exp vector per active teacher beside the student's (and the T = 1 one), and
-# the per-entry terms hold one vector per teacher; every row is swept in blocks (no
-# single-block path yet). Checked for sm_90 by .ci/triton_sm90_check.py (multi_config_classes).
+# Several teachers (multi.py): (columns per block, warps) by teacher count K. The sweeps keep
+# a running sum-exp vector per active teacher beside the student's (and the T = 1 one), the
+# per-entry terms one vector per teacher, and each teacher's row pointer and normalisers
+# live across the sweeps: at 8 columns per thread (as launch_config) the sm_90 build took
+# 75 to 128 registers (two programs of 256 threads per SM at K = 4) and spilled 4 to 24
+# bytes at K = 2 and 4. At 4 columns per thread
+# (K <= 2) and 2 (K >= 3) it takes 40 to 76, and ptxas's few spills (4 to 12 bytes) lie
+# outside every loop: one store and one load per row (.ci/triton_sm90_check.py --only multi).
+# Every row is swept in blocks (no single-block path yet). Not yet tuned on a GPU.
 MULTI_TEACHER_SHAPE = {1: (1024, 8), 2: (1024, 8), 3: (1024, 16), 4: (1024, 16)}
 
 

@@ -163,6 +163,54 @@ def test_unused_rows_are_not_read_and_change_nothing(mode, divergence):
     assert rows[0].isnan() and torch.isfinite(rows[1:]).all()
 
 
+@pytest.fixture
+def loaded_addresses(monkeypatch):
+    """Every address the interpreted kernels load (a list of numpy arrays, one per load)."""
+    if not triton_kd.kernels_interpreted():
+        pytest.skip("inspects the Triton interpreter")
+    import numpy as np
+    from triton.runtime import interpreter
+
+    seen = []
+    original = interpreter.InterpreterBuilder.create_masked_load
+
+    def recording(self, ptrs, mask, other, *args):
+        seen.append(ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.uint64).ravel())
+        return original(self, ptrs, mask, other, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", recording)
+    return seen
+
+
+@pytest.mark.parametrize("divergence, sweeps", [("forward_kl", 2), ("jsd", 3)])
+def test_each_used_teacher_row_is_read_once_per_sweep_and_no_other(divergence, sweeps, loaded_addresses):
+    # The traffic of docs/multi_teacher.md's plan, counted address by address: a teacher of
+    # weight 0 in a row is never read there (one-hot routing reads one teacher), a used one
+    # once per sweep and only its first vocab_size columns; the weights of an ignored token
+    # are not read either.
+    import numpy as np
+
+    s, ts, labels, _ = _case("uniform", n=5, v=130, seed=90)
+    labels[1], labels[4] = 3, IGNORE
+    w = torch.tensor([[1.0, 0.0, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.5, 0.3], [0.0, 0.0, 1.0, 0.0, 0.7]])
+    w[:, 4] = float("nan")  # an ignored token's weights: never read (the kernel takes this tensor as is)
+    teachers = [torch.cat([t, t[:, :7]], -1).float() for t in ts]  # 7 padded columns, never read
+    fastkd.kd_loss(s.float(), teachers, labels, teacher_weights=w, divergence=divergence, vocab_size=130,
+                   backend="triton")
+    counts = {}
+    for addresses in loaded_addresses:
+        for a, c in zip(*np.unique(addresses, return_counts=True)):
+            counts[int(a)] = counts.get(int(a), 0) + int(c)
+    for k, t in enumerate(teachers):
+        for r in range(t.shape[0]):
+            row = [counts.get(t.data_ptr() + (r * t.stride(0) + j) * 4, 0) for j in range(t.shape[1])]
+            used = r != 4 and w[k, r] != 0
+            assert row[:130] == [sweeps if used else 0] * 130, (k, r)
+            assert row[130:] == [0] * 7, (k, r)
+    weight_reads = [[counts.get(w.data_ptr() + (k * w.stride(0) + r) * 4, 0) for r in range(5)] for k in range(3)]
+    assert weight_reads == [[1, 1, 1, 1, 0]] * 3
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_in_place_equals_out_of_place(divergence):
     s, ts, labels, w = _case("per-token", seed=50)

@@ -47,7 +47,7 @@ kernel gives a row with an id >= vocab_size or an id twice a NaN loss and gradie
 sparse operators have no ``row_stats`` argument (yet). ``scale_grad_`` is shared.
 
 Several teachers (``teacher_logits`` a sequence of K; docs/multi_teacher.md) have their own
-entry points, run today by the ``torch`` backend only (``fastkd._dispatch``:
+entry points, run today by the ``torch`` and ``triton`` backends (``fastkd._dispatch``:
 ``MULTI_TEACHER_BACKENDS``; the kernel plan is in docs/multi_teacher.md)::
 
     multi_forward(student, teachers, weights, labels, grad_scale, cfg) -> (loss [N], grad)
@@ -60,7 +60,7 @@ The compiled backends run them as the operators (``ints`` are
                      Tensor floats) -> (loss [N], grad)
     kd_multi_forward_inplace(student!, ...same...) -> loss [N]
 
-with at most :data:`MAX_KERNEL_TEACHERS` teachers (more run on the ``torch`` backend).
+(``torch.ops.fastkd.triton_kd_multi_forward[_inplace]`` for ``triton``) with at most :data:`MAX_KERNEL_TEACHERS` teachers (more run on the ``torch`` backend).
 ``teachers`` is a tuple of K [N, V_k] tensors (unit stride along the vocabulary; dtypes and
 widths may differ, each >= vocab_size), ``weights`` a [K, N] tensor in loss_dtype (constant
 weights are a [K, 1] tensor expanded: stride 0 along N), ``cfg.teacher_mode`` ``mixture``

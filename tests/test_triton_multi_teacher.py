@@ -328,3 +328,10 @@ def test_torch_compile_fullgraph_traces_the_operators():
         (g_got,), (g_want,) = torch.autograd.grad(got, s), torch.autograd.grad(want, s)
         torch.testing.assert_close(g_got, g_want, rtol=0, atol=0)
     assert counter.frame_count <= 2  # the first temperature specialised, then one dynamic frame
+
+
+def test_opcheck_of_the_operators():
+    s, ts, w, labels, cfg = _operator_args(n=3, v=20, seed=90)
+    args = ([ts[0], ts[1].bfloat16()], w, labels, torch.ones(()), *cfg.multi_kernel_settings())
+    torch.library.opcheck(torch.ops.fastkd.triton_kd_multi_forward.default, (s,) + args)
+    torch.library.opcheck(torch.ops.fastkd.triton_kd_multi_forward_inplace.default, (s.clone(),) + args)

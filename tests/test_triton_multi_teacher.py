@@ -289,14 +289,14 @@ def test_operator_and_dispatch_refuse_what_they_cannot_run():
 
 def test_fused_linear_on_triton():
     g = _gen(70)
-    hs = torch.randn(9, 16, generator=g, requires_grad=True)
-    ws = torch.randn(150, 16, generator=g) * 0.5
-    ht = [torch.randn(9, 12, generator=g), torch.randn(9, 8, generator=g).bfloat16()]
-    wt = [torch.randn(150, 12, generator=g) * 0.5, (torch.randn(152, 8, generator=g) * 0.5).bfloat16()]
-    w = torch.softmax(torch.randn(2, 9, generator=g), 0)
-    labels = torch.randint(0, 150, (9,), generator=g)
-    for mode in MODES:
-        kw = dict(divergence="jsd", teacher_mode=mode, temperature=2.0, alpha=0.7, vocab_size=150)
+    hs = torch.randn(8, 16, generator=g, requires_grad=True)
+    ws = torch.randn(130, 16, generator=g) * 0.5
+    ht = [torch.randn(8, 12, generator=g), torch.randn(8, 8, generator=g).bfloat16()]
+    wt = [torch.randn(130, 12, generator=g) * 0.5, (torch.randn(132, 8, generator=g) * 0.5).bfloat16()]
+    w = torch.softmax(torch.randn(2, 8, generator=g), 0)
+    labels = torch.randint(0, 130, (8,), generator=g)
+    for mode in MODES:  # two chunks of 4 tokens: the kernel in place on each, with its weights' columns
+        kw = dict(divergence="jsd", teacher_mode=mode, temperature=2.0, alpha=0.7, vocab_size=130)
         got = fastkd.fused_linear_kd_loss(hs, ws, ht, wt, labels, teacher_weights=w, chunk_size=4, backend="triton",
                                           **kw)
         x = hs.detach().double().requires_grad_(True)

@@ -60,7 +60,8 @@ The compiled backends run them as the operators (``ints`` are
                      Tensor floats) -> (loss [N], grad)
     kd_multi_forward_inplace(student!, ...same...) -> loss [N]
 
-(``torch.ops.fastkd.triton_kd_multi_forward[_inplace]`` for ``triton``) with at most :data:`MAX_KERNEL_TEACHERS` teachers (more run on the ``torch`` backend).
+(``torch.ops.fastkd.triton_kd_multi_forward[_inplace]`` for ``triton``) with at most
+:data:`MAX_KERNEL_TEACHERS` teachers (more run on the ``torch`` backend).
 ``teachers`` is a tuple of K [N, V_k] tensors (unit stride along the vocabulary; dtypes and
 widths may differ, each >= vocab_size), ``weights`` a [K, N] tensor in loss_dtype (constant
 weights are a [K, 1] tensor expanded: stride 0 along N), ``cfg.teacher_mode`` ``mixture``

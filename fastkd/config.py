@@ -39,8 +39,8 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
 # The sparse kernels' tail ids are the positions in this tuple (csrc/kd_params.h: Tail).
 TAILS = ("bucket", "renorm", "none")
-# How several teachers combine (docs/multi_teacher.md). Not a kernel setting (yet): the
-# kernels run one teacher, and several run on the torch backend (fastkd/_dispatch.py).
+# How several teachers combine (docs/multi_teacher.md): the several-teachers operators'
+# teacher_mode_id (MULTI_INT_SETTINGS) is the position here.
 TEACHER_MODES = ("mixture", "sum")
 
 # ---------------------------------------------------------------------------------------
@@ -225,8 +225,8 @@ class KDConfig:
         "how several teachers combine (``teacher_logits`` a sequence of K tensors or one ``[K, ..., V]`` "
         "tensor, weighted by ``teacher_weights``): ``mixture`` (default) D(sum_k w_k p_k || q), the "
         "divergence to the teachers' mixture (for forward KL its gradient is that of sum_k w_k KL(p_k||q)); "
-        "``sum``: sum_k w_k D(p_k, q). No effect with one teacher. Not read by the kernels: several "
-        "teachers run on the torch backend for now (docs/multi_teacher.md).")
+        "``sum``: sum_k w_k D(p_k, q). No effect with one teacher. Several teachers run on the Triton "
+        "kernels (up to 4) and the torch backend for now (docs/multi_teacher.md).")
     # Not a setting: the number of classes label smoothing spreads epsilon over, where it
     # differs from vocab_size (a vocab-parallel shard: its own columns, the global classes).
     classes: Optional[int] = field(default=None, repr=False, metadata={"internal": True})

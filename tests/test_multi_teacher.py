@@ -1,8 +1,9 @@
 """Several teachers (issue 13, item 4; docs/multi_teacher.md): ``teacher_logits`` a sequence of
 K tensors or one [K, ..., V] tensor, ``teacher_weights`` per teacher or per token,
 ``teacher_mode`` mixture | sum. The values are checked against formulas written out here in
-float64, independently of fastkd.reference; the kernels do not read several teachers yet,
-so K > 1 runs on the torch backend (the dispatch gate is tested at the end).
+float64, independently of fastkd.reference; K > 1 runs on the backends of
+MULTI_TEACHER_BACKENDS (checked against the reference below), on the torch backend elsewhere
+(the dispatch gate is tested at the end).
 """
 import dataclasses
 
@@ -524,7 +525,7 @@ def test_fused_linear_backends_against_the_reference(backend, mode):
 
 
 # ---------------------------------------------------------------------------------------
-# Dispatch: until the kernels read several teachers, K > 1 runs on the torch backend.
+# Dispatch: on a backend whose kernels do not read several teachers, K > 1 runs on torch.
 
 PENDING = [b for b in backend_names("cpu") if b not in MULTI_TEACHER_BACKENDS]
 

@@ -47,7 +47,7 @@ kernel gives a row with an id >= vocab_size or an id twice a NaN loss and gradie
 sparse operators have no ``row_stats`` argument (yet). ``scale_grad_`` is shared.
 
 Several teachers (``teacher_logits`` a sequence of K; docs/multi_teacher.md) have their own
-entry points, run today by the ``torch`` backend only (``fastkd._dispatch``:
+entry points, run today by the ``torch`` and ``triton`` backends (``fastkd._dispatch``:
 ``MULTI_TEACHER_BACKENDS``; the kernel plan is in docs/multi_teacher.md)::
 
     multi_forward(student, teachers, weights, labels, grad_scale, cfg) -> (loss [N], grad)
@@ -60,7 +60,8 @@ The compiled backends run them as the operators (``ints`` are
                      Tensor floats) -> (loss [N], grad)
     kd_multi_forward_inplace(student!, ...same...) -> loss [N]
 
-with at most :data:`MAX_KERNEL_TEACHERS` teachers (more run on the ``torch`` backend).
+(``torch.ops.fastkd.triton_kd_multi_forward[_inplace]`` for ``triton``) with at most
+:data:`MAX_KERNEL_TEACHERS` teachers (more run on the ``torch`` backend).
 ``teachers`` is a tuple of K [N, V_k] tensors (unit stride along the vocabulary; dtypes and
 widths may differ, each >= vocab_size), ``weights`` a [K, N] tensor in loss_dtype (constant
 weights are a [K, 1] tensor expanded: stride 0 along N), ``cfg.teacher_mode`` ``mixture``
@@ -102,7 +103,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..config import DIVERGENCES, TAILS
+from ..config import DIVERGENCES, TAILS, TEACHER_MODES
 
 # The most teachers one several-teachers kernel call reads (csrc/kd_params.h:
 # kMaxKernelTeachers): their row statistics stay in registers.
@@ -251,6 +252,26 @@ def check_operator_args(student, teacher, labels, grad_scale, row_stats, k, dtyp
                                   or row_stats.device != student.device):
         raise ValueError(f"fastkd: row_stats must be a contiguous float32 [N, {ROW_STATS_WIDTH}] tensor "
                          "on the logits' device")
+
+
+def check_multi_operator_args(student, teachers, weights, labels, grad_scale, k, dtypes) -> None:
+    """The several-teachers operators' tensors and unpacked settings ``k``
+    (:class:`fastkd.config.MultiKernelSettings`), for operators written in Python: each
+    teacher as ``check_operator_args`` checks one, weights [K, N] in loss_dtype."""
+    K = len(teachers)
+    if not 1 <= K <= MAX_KERNEL_TEACHERS:
+        raise ValueError(f"fastkd: the several-teachers kernels take 1 to {MAX_KERNEL_TEACHERS} teachers, got {K}")
+    for teacher in teachers:
+        check_operator_args(student, teacher, None, None, None, k, dtypes)
+    if not 0 <= k.teacher_mode_id < len(TEACHER_MODES):
+        raise ValueError("fastkd: unknown teacher mode id")
+    dtype = loss_dtype(student, *teachers)
+    if (weights.dim() != 2 or tuple(weights.shape) != (K, student.shape[0]) or weights.dtype != dtype
+            or weights.device != student.device):
+        raise ValueError(f"fastkd: weights must be a {dtype} [K, N] = [{K}, {student.shape[0]}] tensor on the "
+                         f"logits' device (the loss dtype), got a {weights.dtype} {tuple(weights.shape)} tensor on "
+                         f"{weights.device}")
+    _check_call_tensors(student, labels, grad_scale, k)
 
 
 def check_sparse_operator_args(student, ids, logprobs, labels, grad_scale, k, dtypes) -> None:

@@ -10,6 +10,9 @@
                    row_stats kernel, with the math, then their launchers
     sparse.py      the sparse-teacher kernel (K ids and log-probs per token; every tail and
                    divergence, CE) in two passes over the row, with the math, then its launcher
+    multi.py       the several-teachers kernel (1 to MAX_KERNEL_TEACHERS dense teachers, mixture
+                   or weighted sum, per-token weights; a teacher of weight 0 in a row is not
+                   read there), with the math, then its launcher
     split.py       the dense forward with each row's columns split across programs (few
                    rows at a large V: launch.vocab_splits), in three passes
     scale_grad.py  backward: the stored gradient times grad_output, in place
@@ -30,11 +33,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ...config import KernelSettings, SparseKernelSettings
-from .. import (KernelBackend, ShardPhases, fake_forward, fake_forward_inplace, fake_row_stats, fake_scale_grad_,
-               fake_shard_row_stats, fake_shard_row_sums, fake_shard_write_grad, fake_sparse_forward,
-               fake_sparse_forward_inplace)
-from . import dense, launch, rows, scale_grad, shard, sparse, split  # noqa: F401  (launch, rows, split: tests, the sm_90 check)
+from ...config import KernelSettings, MultiKernelSettings, SparseKernelSettings
+from .. import (KernelBackend, ShardPhases, fake_forward, fake_forward_inplace, fake_multi_forward,
+               fake_multi_forward_inplace, fake_row_stats, fake_scale_grad_, fake_shard_row_stats, fake_shard_row_sums,
+               fake_shard_write_grad, fake_sparse_forward, fake_sparse_forward_inplace)
+# launch, rows, split: tests and the sm_90 check
+from . import dense, launch, multi, rows, scale_grad, shard, sparse, split  # noqa: F401
 from .launch import MAX_BLOCK, SINGLE_BLOCK_MAX, LaunchConfig, config_classes, launch_config  # noqa: F401
 from .rows import kernels_interpreted
 
@@ -103,7 +107,23 @@ def triton_sparse_kd_forward_inplace(student: torch.Tensor, ids: torch.Tensor, l
     return sparse.forward_inplace(student, ids, logprobs, labels, grad_scale, SparseKernelSettings(ints, floats))
 
 
+@torch.library.custom_op("fastkd::triton_kd_multi_forward", mutates_args=())
+def triton_kd_multi_forward(student: torch.Tensor, teachers: List[torch.Tensor], weights: torch.Tensor,
+                            labels: Optional[torch.Tensor], grad_scale: torch.Tensor, ints: List[int],
+                            floats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return multi.forward(student, teachers, weights, labels, grad_scale, MultiKernelSettings(ints, floats))
+
+
+@torch.library.custom_op("fastkd::triton_kd_multi_forward_inplace", mutates_args=("student",))
+def triton_kd_multi_forward_inplace(student: torch.Tensor, teachers: List[torch.Tensor], weights: torch.Tensor,
+                                    labels: Optional[torch.Tensor], grad_scale: torch.Tensor, ints: List[int],
+                                    floats: torch.Tensor) -> torch.Tensor:
+    return multi.forward_inplace(student, teachers, weights, labels, grad_scale, MultiKernelSettings(ints, floats))
+
+
 triton_kd_forward.register_fake(fake_forward)
+triton_kd_multi_forward.register_fake(fake_multi_forward)
+triton_kd_multi_forward_inplace.register_fake(fake_multi_forward_inplace)
 triton_sparse_kd_forward.register_fake(fake_sparse_forward)
 triton_sparse_kd_forward_inplace.register_fake(fake_sparse_forward_inplace)
 triton_kd_forward_inplace.register_fake(fake_forward_inplace)
@@ -151,7 +171,18 @@ def _sparse_forward_inplace(student, ids, logprobs, labels, grad_scale, cfg):
                                                              *cfg.kernel_settings())
 
 
+def _multi_forward(student, teachers, weights, labels, grad_scale, cfg):
+    return torch.ops.fastkd.triton_kd_multi_forward(student, list(teachers), weights, labels, grad_scale,
+                                                    *cfg.multi_kernel_settings())
+
+
+def _multi_forward_inplace(student, teachers, weights, labels, grad_scale, cfg):
+    return torch.ops.fastkd.triton_kd_multi_forward_inplace(student, list(teachers), weights, labels, grad_scale,
+                                                            *cfg.multi_kernel_settings())
+
+
 def backend() -> KernelBackend:
     return KernelBackend("triton", _forward, _forward_inplace, torch.ops.fastkd.triton_scale_grad_, _supports,
                          shard=_shard_phases(), sparse_forward=_sparse_forward,
-                         sparse_forward_inplace=_sparse_forward_inplace)
+                         sparse_forward_inplace=_sparse_forward_inplace, multi_forward=_multi_forward,
+                         multi_forward_inplace=_multi_forward_inplace)

@@ -114,6 +114,37 @@ def launch_config(vocab_size: int, student_dtype: torch.dtype, teacher_dtype: to
     return LaunchConfig(MULTI_BLOCK, False, warps_for(MULTI_BLOCK))
 
 
+# Several teachers (multi.py): (columns per block, warps) by teacher count K. The sweeps keep
+# a running sum-exp vector per active teacher beside the student's (and the T = 1 one), the
+# per-entry terms one vector per teacher, and each teacher's row pointer and normalisers
+# live across the sweeps: at 8 columns per thread (as launch_config) the sm_90 build took
+# 75 to 128 registers (two programs of 256 threads per SM at K = 4) and spilled 4 to 24
+# bytes at K = 2 and 4. At 4 columns per thread
+# (K <= 2) and 2 (K >= 3) it takes 40 to 76, and ptxas's few spills (4 to 12 bytes) lie
+# outside every loop: one store and one load per row (.ci/triton_sm90_check.py --only multi).
+# Every row is swept in blocks (no single-block path yet). Not yet tuned on a GPU.
+MULTI_TEACHER_SHAPE = {1: (1024, 8), 2: (1024, 8), 3: (1024, 16), 4: (1024, 16)}
+
+
+def multi_teacher_config(vocab_size: int, teachers: int, block_override: Optional[int] = None) -> LaunchConfig:
+    """Block and warps of the several-teachers kernel for rows of ``vocab_size`` columns and
+    ``teachers`` teachers: MULTI_TEACHER_SHAPE[teachers], the block cut to a shorter row
+    (and its warps to 8 columns per thread; ``block_override``: tests)."""
+    block, warps = MULTI_TEACHER_SHAPE[teachers]
+    if block_override is not None:
+        block = min(triton.next_power_of_2(int(block_override)), MAX_BLOCK)
+    full = triton.next_power_of_2(vocab_size)
+    if full < block:
+        return LaunchConfig(full, False, warps_for(full))
+    return LaunchConfig(block, False, warps if block_override is None else warps_for(block))
+
+
+def multi_config_classes():
+    """[(teachers, LaunchConfig, vocab)]: the several-teachers kernel's configurations at a
+    realistic vocabulary (its largest block per teacher count), for the sm_90 check."""
+    return [(k, multi_teacher_config(128256, k), 128256) for k in sorted(MULTI_TEACHER_SHAPE)]
+
+
 def ce_mode(k) -> int:
     """The T = 1 statistics a launch computes (rows.py: CE modes), for the CE term or the
     z-loss: none, shared with the student's softmax (T == 1) or a third sum-exp."""

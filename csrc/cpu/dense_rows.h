@@ -497,6 +497,33 @@ struct DivergencePart {
   bool done = false;
 };
 
+// The centred divergences' write_grad from their row sums (RowSums; the cache holds q in es
+// and h in et, row_sums): TVD's exact sign form, or reverse KL's and JSD's centred gradient
+// (1 - beta) q (h - sum q h), D = the rest + (1 - beta) sum q h, the rest being reverse KL's
+// delta, JSD's beta KL(p||m) (sums.v[4]). Writes gdiv dD/da with the hard-label terms into g;
+// `label`: the column whose dD/da is wanted, or -1.
+template <typename Acc, typename TS, typename WithTerms>
+DivergencePart<Acc> centred_divergence(const RowCache<Acc>& c, int64_t V, const RowSums& sums, Divergence divergence,
+                                       Acc delta, const ExactParams& x, Acc gdiv, const WithTerms& with_terms,
+                                       TS* g, int64_t label) {
+  DivergencePart<Acc> out;
+  if (divergence == Divergence::TVD) {
+    const SignGrad<Acc> grad_of = sign_grad<Acc>(sums);
+    out.value = static_cast<Acc>(sums.v[0]);
+    with_terms([&](const auto terms) { write_grad_centred(c, V, grad_of, gdiv, terms, g); });
+    if (label >= 0) out.label_grad = grad_of(c.es[label], c.et[label]);
+  } else {
+    const bool jsd = divergence == Divergence::JSD;
+    const Acc beta = jsd ? static_cast<Acc>(x.beta) : Acc(0);
+    const CentredGrad<Acc> grad_of = centred_grad(sums, Acc(1) - beta);
+    const double rest = jsd ? x.beta * sums.v[4] : static_cast<double>(delta);
+    out.value = static_cast<Acc>(rest + static_cast<double>((Acc(1) - beta) * grad_of.qh));
+    with_terms([&](const auto terms) { write_grad_centred(c, V, grad_of, gdiv, terms, g); });
+    if (label >= 0) out.label_grad = grad_of(c.es[label], c.et[label]);
+  }
+  return out;
+}
+
 // Phases row_sums and write_grad of one teacher's divergence over the row cache (es, et the
 // chunked exponentials with their chunk factors in ref_s, ref_t; d = b - a; delta = lse_t -
 // lse_s), writing gdiv dD/da with the hard-label terms (with_terms) into g. `label`: the
@@ -506,8 +533,8 @@ template <typename Acc, typename TS, typename WithTerms>
 DivergencePart<Acc> teacher_divergence(const RowCache<Acc>& c, int64_t V, Acc delta, Divergence divergence,
                                        const ExactParams& x, Acc gdiv, const WithTerms& with_terms, TS* g,
                                        int64_t label, const Acc* sums_in = nullptr, Acc* sums_out = nullptr) {
-  DivergencePart<Acc> out;
   if (divergence == Divergence::ForwardKL) {
+    DivergencePart<Acc> out;
     with_terms([&](const auto terms) { out.value = write_grad_forward_kl(c, V, delta, gdiv, terms, g); });
     if (label >= 0) out.label_grad = c.es[label] * c.ref_s[label / kChunk] - c.et[label] * c.ref_t[label / kChunk];
     return out;
@@ -521,6 +548,7 @@ DivergencePart<Acc> teacher_divergence(const RowCache<Acc>& c, int64_t V, Acc de
     for (int i = 0; i < kRowSumsWidth; ++i) sums_out[i] = static_cast<Acc>(sums.v[i]);
     sums_out[1] = static_cast<Acc>(sums.v[1] + h_shift * sums.v[0]);
     sums_out[3] = static_cast<Acc>(sums.v[3] + h_shift * sums.v[2]);
+    DivergencePart<Acc> out;
     out.done = true;
     return out;
   }
@@ -529,22 +557,7 @@ DivergencePart<Acc> teacher_divergence(const RowCache<Acc>& c, int64_t V, Acc de
     sums.v[1] -= h_shift * sums.v[0];
     sums.v[3] -= h_shift * sums.v[2];
   }
-  if (divergence == Divergence::TVD) {
-    const SignGrad<Acc> grad_of = sign_grad<Acc>(sums);
-    out.value = static_cast<Acc>(sums.v[0]);
-    with_terms([&](const auto terms) { write_grad_centred(c, V, grad_of, gdiv, terms, g); });
-    if (label >= 0) out.label_grad = grad_of(c.es[label], c.et[label]);
-  } else {
-    const bool jsd = divergence == Divergence::JSD;
-    const Acc beta = jsd ? static_cast<Acc>(x.beta) : Acc(0);
-    const CentredGrad<Acc> grad_of = centred_grad(sums, Acc(1) - beta);
-    // D = the rest + (1 - beta) sum q h; the rest is reverse KL's delta, JSD's beta KL(p||m).
-    const double rest = jsd ? x.beta * sums.v[4] : static_cast<double>(delta);
-    out.value = static_cast<Acc>(rest + static_cast<double>((Acc(1) - beta) * grad_of.qh));
-    with_terms([&](const auto terms) { write_grad_centred(c, V, grad_of, gdiv, terms, g); });
-    if (label >= 0) out.label_grad = grad_of(c.es[label], c.et[label]);
-  }
-  return out;
+  return centred_divergence(c, V, sums, divergence, delta, x, gdiv, with_terms, g, label);
 }
 
 // Double for float64 input, float otherwise (bf16/fp16 are converted on load).

@@ -194,7 +194,8 @@ void op_scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
 
 const DeviceOps& device_ops() {
   static const DeviceOps ops{&op_empty_grad,      &op_forward,        &op_row_stats,        &op_scale_grad,
-                             &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad, &sparse_forward};
+                             &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad, &sparse_forward,
+                             &multi_forward};
   return ops;
 }
 

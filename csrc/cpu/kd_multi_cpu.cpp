@@ -49,6 +49,7 @@
 #include <functional>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../dispatch.h"
@@ -95,6 +96,7 @@ struct MultiCache {
   Acc* v;  // the logit options only (else null)
   Acc* ref_s;
   Acc* sv;
+  Acc* h;  // the mixture's centred divergences: h (the cache's teacher arrays stay as read)
   Acc* e[kMaxTeachers];
   Acc* d[kMaxTeachers];
   Acc* ref[kMaxTeachers];
@@ -103,7 +105,7 @@ struct MultiCache {
     thread_local std::vector<Acc> storage;
     const int64_t nc = num_chunks(V);
     const int64_t slots = std::max(k, 1);  // no active teacher: the mixture's m = 0 still goes in e[0]
-    const size_t need = static_cast<size_t>((2 + (options ? 1 : 0) + 2 * slots) * V + (1 + slots) * nc + kChunk);
+    const size_t need = static_cast<size_t>((3 + (options ? 1 : 0) + 2 * slots) * V + (1 + slots) * nc + kChunk);
     if (storage.size() < need) storage.resize(need);
     Acc* next = storage.data();
     const auto take = [&](int64_t n) {
@@ -117,6 +119,7 @@ struct MultiCache {
     c.v = options ? take(V) : nullptr;
     c.ref_s = take(nc);
     c.sv = take(kChunk);
+    c.h = take(V);
     for (int64_t j = 0; j < slots; ++j) {
       c.e[j] = take(V);
       c.d[j] = take(V);
@@ -125,9 +128,10 @@ struct MultiCache {
     return c;
   }
 
-  // The one-teacher cache over the student's arrays and teacher 0's, where the mixture's
-  // m and log m - log q go.
+  // The one-teacher cache over the student's arrays and teacher 0's (where the sum mode's
+  // combinations go), or with h for et (the mixture's centred divergences).
   RowCache<Acc> view() const { return RowCache<Acc>{a, d[0], es, e[0], ref_s, ref[0], v}; }
+  RowCache<Acc> mixture_view() const { return RowCache<Acc>{a, d[0], es, h, ref_s, ref[0], v}; }
 };
 
 template <typename Acc>
@@ -257,71 +261,246 @@ void multi_row_stats(const TS* s, const TeacherRow* t, int64_t V, const ExactPar
   st.sum_sp = sum_sp;
 }
 
-// log sum_k exp(r_k) over K = 1..4 terms: the largest plus the log of a sum in [1, K]; an
-// infinite largest term is the result (+inf: q = 0 where some p > 0; -inf: every p = 0).
+// The mixture of a row (the file's header): its per-row constants, and per entry m and
+// log m - log q from the teachers' cached values there (the sweeps below compute it on the
+// fly, no pass of its own). log m - log q = logsumexp_j r_j, r_j = d_j + log w_j - delta_j =
+// log(w_j p_j / q), two ways:
+//   fast  r_top + log(m / P_top), P_top = w_top p_top the largest product (the one of the
+//         largest r) and m / P_top in [1, K]: a division and a log, no exp, from the cached
+//         products. It needs P_top a normal float: where it is not (every product underflows:
+//         teachers peaked elsewhere) the entry is counted as bad and the sweep redoes its
+//         chunk safe.
+//   safe  r_top + log sum_j exp(r_j - r_top): K - 1 exps and a log (float64: always).
 template <int K, typename Acc>
-FASTKD_INLINE Acc log_sum_exp(const Acc (&r)[K]) {
-  if constexpr (K == 1) {
-    return r[0];
-  } else {
-    Acc hi = r[0];
-    for (int k = 1; k < K; ++k) hi = std::max(hi, r[k]);
-    Acc l;
-    if constexpr (K == 2) {
-      l = log1p_unit(exp_approx(-std::abs(r[0] - r[1])));  // a NaN r reaches l here
-    } else {
-      Acc sum = 0;
-      for (int k = 0; k < K; ++k) sum += exp_approx(r[k] - hi);
-      l = log_1_to_4(sum);
+struct Mixture {
+  static constexpr int kSlots = K > 0 ? K : 1;
+  Acc w[kSlots] = {};
+  Acc lse[kSlots] = {};
+  Acc shift[kSlots] = {};  // r_j = d_j + shift_j
+
+  Mixture(const Acc* weights, const double* delta, const Acc* lse_t) {
+    for (int k = 0; k < K; ++k) {
+      w[k] = weights[k];
+      lse[k] = lse_t[k];
+      shift[k] = static_cast<Acc>(std::log(static_cast<double>(weights[k])) - delta[k]);
     }
-    const bool infinite = hi == std::numeric_limits<Acc>::infinity() || hi == kNegInf<Acc>;
-    return infinite ? hi : hi + l;
   }
+
+  // w_j f_j(c): chunk c's exponentials to w_j p_j.
+  void factors(const MultiCache<Acc>& c, int64_t chunk, Acc (&wf)[kSlots]) const {
+    for (int k = 0; k < K; ++k) wf[k] = w[k] * exp_approx(c.ref[k][chunk] - lse[k]);
+  }
+
+  // m = sum_j w_j p_j (no teacher: 0), the products into wp.
+  static FASTKD_INLINE Acc products(const Acc (&wf)[kSlots], Acc e0, Acc e1, Acc e2, Acc e3, Acc (&wp)[kSlots]) {
+    if constexpr (K == 0) return Acc(0);
+    wp[0] = wf[0] * e0;
+    if constexpr (K > 1) wp[1] = wf[1] * e1;
+    if constexpr (K > 2) wp[2] = wf[2] * e2;
+    if constexpr (K > 3) wp[3] = wf[3] * e3;
+    Acc m = wp[0];
+    for (int k = 1; k < K; ++k) m += wp[k];
+    return m;
+  }
+
+  // log m - log q (no teacher: -inf); `bad`: the fast form does not hold here.
+  template <bool kSafe>
+  static FASTKD_INLINE Acc log_ratio(const Acc (&shift)[kSlots], Acc d0, Acc d1, Acc d2, Acc d3,
+                                     const Acc (&wp)[kSlots], Acc m, bool& bad) {
+    bad = false;
+    if constexpr (K == 0) {
+      return kNegInf<Acc>;
+    } else if constexpr (K == 1) {
+      return d0 + shift[0];
+    } else {
+      Acc r[K];
+      r[0] = d0 + shift[0];
+      r[1] = d1 + shift[1];
+      if constexpr (K > 2) r[2] = d2 + shift[2];
+      if constexpr (K > 3) r[3] = d3 + shift[3];
+      Acc top = r[0], p_top = wp[0];
+      for (int k = 1; k < K; ++k) {
+        const bool higher = r[k] > top;
+        top = higher ? r[k] : top;
+        p_top = higher ? wp[k] : p_top;
+      }
+      Acc l;
+      if constexpr (kSafe || std::is_same<Acc, double>::value) {
+        Acc sum = 0;
+        for (int k = 0; k < K; ++k) sum += exp_approx(r[k] - top);
+        l = log_1_to_4(sum);
+      } else {
+        l = log_1_to_4(m / p_top);
+        bad = !(p_top >= std::numeric_limits<Acc>::min()) && p_top == p_top;  // underflow, not NaN
+      }
+      // An infinite top is the result: +inf where q = 0 and some p > 0, -inf where every p = 0.
+      const bool infinite = top == std::numeric_limits<Acc>::infinity() || top == kNegInf<Acc>;
+      bad = bad && !infinite;
+      return infinite ? top : top + l;
+    }
+  }
+};
+
+// Teacher j's cache arrays (j >= K: null, never read: the `K > j ?` guards fold away).
+#define FASTKD_TEACHER_ARRAYS(c)                                   \
+  const Acc* __restrict e1 = K > 1 ? (c).e[1] : nullptr;           \
+  const Acc* __restrict e2 = K > 2 ? (c).e[2] : nullptr;           \
+  const Acc* __restrict e3 = K > 3 ? (c).e[3] : nullptr;           \
+  const Acc* __restrict d0 = (c).d[0];                             \
+  const Acc* __restrict d1 = K > 1 ? (c).d[1] : nullptr;           \
+  const Acc* __restrict d2 = K > 2 ? (c).d[2] : nullptr;           \
+  const Acc* __restrict d3 = K > 3 ? (c).d[3] : nullptr
+#define FASTKD_TEACHER_E(i) (K > 1 ? e1[i] : Acc(0)), (K > 2 ? e2[i] : Acc(0)), (K > 3 ? e3[i] : Acc(0))
+#define FASTKD_TEACHER_D(i) d0[i], (K > 1 ? d1[i] : Acc(0)), (K > 2 ? d2[i] : Acc(0)), (K > 3 ? d3[i] : Acc(0))
+
+// Runs sweep(fast) over a chunk, and again sweep(safe) where the fast form did not hold
+// somewhere in it (Mixture: bad entries). sweep(kind) returns (value term, bad entries).
+template <typename Sweep>
+FASTKD_INLINE double fast_or_safe(const Sweep& sweep) {
+  const auto fast = sweep(std::false_type{});
+  return fast.second == 0 ? static_cast<double>(fast.first) : static_cast<double>(sweep(std::true_type{}).first);
 }
 
-// The mixture's one-teacher cache (the file's header): per entry log m - log q into d[0]
-// (kWithLog: TVD reads m only) and m into e[0]; teacher 0's chunk factors become 1.
-// delta, lse: per active teacher, lse_j - lse_s (in double) and lse_j.
-template <int K, bool kWithLog, typename Acc>
-void mixture_cache(const MultiCache<Acc>& c, int64_t V, const Acc* w, const double* delta, const Acc* lse) {
-  const int64_t nc = num_chunks(V);
-  if constexpr (K == 0) {
-    std::fill(c.e[0], c.e[0] + V, Acc(0));
-    std::fill(c.d[0], c.d[0] + V, kNegInf<Acc>);
-  } else {
-    Acc shift[K];  // r_j = d_j + log w_j - delta_j
-    for (int k = 0; k < K; ++k) shift[k] = static_cast<Acc>(std::log(static_cast<double>(w[k])) - delta[k]);
-    Acc* __restrict e0 = c.e[0];
-    Acc* __restrict d0 = c.d[0];
-    const Acc* __restrict e1 = K > 1 ? c.e[1] : nullptr;
-    const Acc* __restrict d1 = K > 1 ? c.d[1] : nullptr;
-    const Acc* __restrict e2 = K > 2 ? c.e[2] : nullptr;
-    const Acc* __restrict d2 = K > 2 ? c.d[2] : nullptr;
-    const Acc* __restrict e3 = K > 3 ? c.e[3] : nullptr;
-    const Acc* __restrict d3 = K > 3 ? c.d[3] : nullptr;
-    for (int64_t j = 0, c0 = 0; c0 < V; ++j, c0 += kChunk) {
-      const int64_t n = std::min(kChunk, V - c0);
-      Acc wf[K];  // w_j f_j(c): the chunk's exponentials to w_j p_j
-      for (int k = 0; k < K; ++k) wf[k] = w[k] * exp_approx(c.ref[k][j] - lse[k]);
-#pragma omp simd
+// Mixture, forward KL: write_grad with the mixture on the fly, gdiv (q - m) with the
+// hard-label terms into g, and D = sum m (log m - log q) (0 log 0 = 0: an m = 0 entry adds 0).
+template <int K, typename Acc, typename TS, typename Terms>
+Acc write_grad_forward_kl_mixture(const MultiCache<Acc>& c, int64_t V, const Mixture<K, Acc>& mix, Acc gdiv,
+                                  const Terms terms, TS* g) {
+  using Mix = Mixture<K, Acc>;
+  // terms by value: a reference could alias g, and the reloads would stop vectorisation.
+  const Acc* __restrict es = c.es;
+  const Acc* __restrict e0 = c.e[0];
+  FASTKD_TEACHER_ARRAYS(c);
+  Acc shift[Mix::kSlots];
+  std::copy(mix.shift, mix.shift + Mix::kSlots, shift);
+  double total = 0.0;
+  for (int64_t j = 0, c0 = 0; c0 < V; ++j, c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const Acc fs = c.ref_s[j];
+    Acc wf[Mix::kSlots] = {};
+    mix.factors(c, j, wf);
+    total += fast_or_safe([&](auto safe) {
+      Acc part = 0;
+      int bad = 0;
+#pragma omp simd reduction(+ : part, bad)
       for (int64_t i = c0; i < c0 + n; ++i) {
-        Acc m = wf[0] * e0[i];
-        if constexpr (K > 1) m += wf[1] * e1[i];
-        if constexpr (K > 2) m += wf[2] * e2[i];
-        if constexpr (K > 3) m += wf[3] * e3[i];
-        if constexpr (kWithLog) {
-          Acc r[K];
-          r[0] = d0[i] + shift[0];
-          if constexpr (K > 1) r[1] = d1[i] + shift[1];
-          if constexpr (K > 2) r[2] = d2[i] + shift[2];
-          if constexpr (K > 3) r[3] = d3[i] + shift[3];
-          d0[i] = log_sum_exp<K>(r);
-        }
-        e0[i] = m;
+        const Acc q = es[i] * fs;
+        Acc wp[Mix::kSlots];
+        const Acc m = Mix::products(wf, K > 0 ? e0[i] : Acc(0), FASTKD_TEACHER_E(i), wp);
+        bool bad_here;
+        const Acc lr = Mix::template log_ratio<decltype(safe)::value>(shift, FASTKD_TEACHER_D(i), wp, m, bad_here);
+        bad += bad_here ? 1 : 0;
+        part += m == Acc(0) ? Acc(0) : m * lr;  // == 0, not > 0: NaN must reach D
+        g[i] = static_cast<TS>(terms(i, q, gdiv * (q - m)));
       }
+      return std::make_pair(part, bad);
+    });
+  }
+  return static_cast<Acc>(total);
+}
+
+// Mixture, phase row_sums of the centred divergences: the one-teacher row_sums
+// (dense_rows.h) with (p, log p - log q) = (m, log m - log q) computed on the fly: q into es
+// and h into c.h (reverse KL h = log q - log m, JSD's JsdTerms, TVD q - m); returns TVD's row
+// sums, or JSD's sum m (log m - log M) in v[4]. A chunk redone safe reads its q from es.
+template <int K, typename Acc>
+RowSums mixture_row_sums(const MultiCache<Acc>& c, int64_t V, const Mixture<K, Acc>& mix, Divergence divergence,
+                         const ExactParams& x) {
+  using Mix = Mixture<K, Acc>;
+  Acc* __restrict w = c.es;
+  Acc* __restrict h = c.h;
+  const Acc* __restrict e0 = c.e[0];
+  FASTKD_TEACHER_ARRAYS(c);
+  Acc shift[Mix::kSlots];
+  std::copy(mix.shift, mix.shift + Mix::kSlots, shift);
+  const JsdTerms<Acc> jsd(x);
+  double total = 0.0;
+  RowSums sums;
+  for (int64_t j = 0, c0 = 0; c0 < V; ++j, c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const Acc fs = c.ref_s[j];
+    Acc wf[Mix::kSlots] = {};
+    mix.factors(c, j, wf);
+    if (divergence == Divergence::TVD) {  // as dense_rows.h's row_sums; no log
+      Acc d_sum = 0, pos = 0, neg = 0, tie = 0;
+#pragma omp simd reduction(+ : d_sum, pos, neg, tie)
+      for (int64_t i = c0; i < c0 + n; ++i) {
+        const Acc q = w[i] * fs;
+        Acc wp[Mix::kSlots];
+        const Acc dq = q - Mix::products(wf, K > 0 ? e0[i] : Acc(0), FASTKD_TEACHER_E(i), wp);
+        d_sum += Acc(0.5) * std::abs(dq);
+        pos += dq > Acc(0) ? q : Acc(0);
+        neg += dq < Acc(0) ? q : Acc(0);
+        tie += dq == Acc(0) ? q : Acc(0);
+        w[i] = q;
+        h[i] = dq;
+      }
+      total += static_cast<double>(d_sum);
+      sums.v[1] += pos;
+      sums.v[2] += neg;
+      sums.v[3] += tie;
+      continue;
+    }
+    // Reverse KL or JSD (kind), fast or safe: one chunk, q into es and h into c.h.
+    const auto chunk = [&](auto kind, auto safe, Acc f) {
+      constexpr bool kReverse = decltype(kind)::value;
+      Acc part = 0;
+      int bad = 0;
+#pragma omp simd reduction(+ : part, bad)
+      for (int64_t i = c0; i < c0 + n; ++i) {
+        const Acc q = w[i] * f;
+        Acc wp[Mix::kSlots];
+        const Acc m = Mix::products(wf, K > 0 ? e0[i] : Acc(0), FASTKD_TEACHER_E(i), wp);
+        bool bad_here;
+        const Acc lr = Mix::template log_ratio<decltype(safe)::value>(shift, FASTKD_TEACHER_D(i), wp, m, bad_here);
+        bad += bad_here ? 1 : 0;
+        Acc hi;
+        if constexpr (kReverse) {
+          hi = q == Acc(0) ? Acc(0) : -lr;
+        } else {
+          Acc m_term;
+          jsd(q, m, lr, hi, m_term);
+          part += m_term;
+        }
+        w[i] = q;
+        h[i] = hi;
+      }
+      return std::make_pair(part, bad);
+    };
+    // The safe sweep of a chunk reads q from es, which the fast one wrote.
+    if (divergence == Divergence::ReverseKL) {
+      fast_or_safe([&](auto safe) { return chunk(std::true_type{}, safe, decltype(safe)::value ? Acc(1) : fs); });
+    } else {
+      total += fast_or_safe(
+          [&](auto safe) { return chunk(std::false_type{}, safe, decltype(safe)::value ? Acc(1) : fs); });
     }
   }
-  std::fill(c.ref[0], c.ref[0] + nc, Acc(1));
+  sums.v[divergence == Divergence::TVD ? 0 : 4] = total;
+  return sums;
+}
+
+// Mixture: the divergence part of a row (the one-teacher phases on the mixture).
+template <int K, typename Acc, typename TS, typename WithTerms>
+DivergencePart<Acc> mixture_divergence(const MultiCache<Acc>& c, int64_t V, const Mixture<K, Acc>& mix,
+                                       Divergence divergence, const ExactParams& x, Acc gdiv,
+                                       const WithTerms& with_terms, TS* g, int64_t label) {
+  const RowCache<Acc> view = c.mixture_view();
+  if (divergence == Divergence::ForwardKL) {
+    DivergencePart<Acc> out;
+    if (label >= 0) {
+      const int64_t j = label / kChunk;
+      Acc wf[Mixture<K, Acc>::kSlots] = {};
+      mix.factors(c, j, wf);
+      Acc m = 0;
+      for (int k = 0; k < K; ++k) m += wf[k] * c.e[k][label];
+      out.label_grad = c.es[label] * c.ref_s[j] - m;
+    }
+    with_terms([&](const auto terms) { out.value = write_grad_forward_kl_mixture<K>(c, V, mix, gdiv, terms, g); });
+    return out;
+  }
+  RowSums sums = mixture_row_sums<K>(c, V, mix, divergence, x);
+  if (divergence != Divergence::TVD) row_sums_centring(view.es, view.et, V, sums);
+  return centred_divergence(view, V, sums, divergence, Acc(0), x, gdiv, with_terms, g, label);
 }
 
 // The per-row constants of the sum mode's sweeps: the active teachers' weights, their
@@ -357,13 +536,7 @@ Acc write_grad_forward_kl_sum(const MultiCache<Acc>& c, int64_t V, const SumRow<
   // terms by value: a reference could alias g, and the reloads would stop vectorisation.
   const Acc* __restrict es = c.es;
   const Acc* __restrict e0 = c.e[0];
-  const Acc* __restrict d0 = c.d[0];
-  const Acc* __restrict e1 = K > 1 ? c.e[1] : nullptr;
-  const Acc* __restrict d1 = K > 1 ? c.d[1] : nullptr;
-  const Acc* __restrict e2 = K > 2 ? c.e[2] : nullptr;
-  const Acc* __restrict d2 = K > 2 ? c.d[2] : nullptr;
-  const Acc* __restrict e3 = K > 3 ? c.e[3] : nullptr;
-  const Acc* __restrict d3 = K > 3 ? c.d[3] : nullptr;
+  FASTKD_TEACHER_ARRAYS(c);
   const Acc W = row.weight_total();
   Acc delta[K > 0 ? K : 1] = {};
   for (int k = 0; k < K; ++k) delta[k] = static_cast<Acc>(row.delta[k]);
@@ -429,14 +602,8 @@ template <int K, bool kJsd, typename Acc>
 double centred_sum_cache(const MultiCache<Acc>& c, int64_t V, const SumRow<K, Acc>& row, const ExactParams& x) {
   const JsdTerms<Acc> jsd(x);
   Acc* __restrict es = c.es;
-  Acc* __restrict e0 = c.e[0];
-  const Acc* __restrict d0 = c.d[0];
-  const Acc* __restrict e1 = K > 1 ? c.e[1] : nullptr;
-  const Acc* __restrict d1 = K > 1 ? c.d[1] : nullptr;
-  const Acc* __restrict e2 = K > 2 ? c.e[2] : nullptr;
-  const Acc* __restrict d2 = K > 2 ? c.d[2] : nullptr;
-  const Acc* __restrict e3 = K > 3 ? c.e[3] : nullptr;
-  const Acc* __restrict d3 = K > 3 ? c.d[3] : nullptr;
+  Acc* __restrict e0 = c.e[0];  // read, then h written over it
+  FASTKD_TEACHER_ARRAYS(c);
   Acc w[K], delta[K];
   for (int k = 0; k < K; ++k) {
     w[k] = row.w[k];
@@ -607,14 +774,10 @@ struct MultiRowKernel : StudentRows<TS, Acc> {
     const RowCache<Acc> view = c.view();
     const Divergence divergence = p.divergence;
     if (p.teacher_mode == TeacherMode::Mixture) {
-      if (divergence == Divergence::TVD) {
-        mixture_cache<K, false>(c, V, w, delta, lse);
-      } else {
-        mixture_cache<K, true>(c, V, w, delta, lse);
-      }
+      const Mixture<K, Acc> mix(w, delta, lse);
       this->template finish<kOptions>(
           row, view, st, lse_s, label, 1.0, [&](Acc gdiv, const auto& with_terms, TS* g, int64_t column) {
-            return teacher_divergence(view, V, Acc(0), divergence, x, gdiv, with_terms, g, column);
+            return mixture_divergence<K>(c, V, mix, divergence, x, gdiv, with_terms, g, column);
           });
     } else {
       const SumRow<K, Acc> sum_row{w, delta, lse};
@@ -650,6 +813,10 @@ void multi_rows(const MultiForwardArgs& args, at::Tensor& loss, at::Tensor& grad
   }
   for_each_row(args.student.size(0), [&](int64_t r) { k(r); });
 }
+
+#undef FASTKD_TEACHER_ARRAYS
+#undef FASTKD_TEACHER_E
+#undef FASTKD_TEACHER_D
 
 }  // namespace
 

@@ -68,6 +68,7 @@ constexpr int kMaxTeachers = kMaxKernelTeachers;
 struct TeacherRow {
   const void* data;
   at::ScalarType dtype;
+  int64_t elem_bytes;
 };
 
 // One teacher of the call: TeacherRow of any row.
@@ -75,9 +76,19 @@ struct TeacherRows {
   const char* data;
   int64_t row_bytes;
   at::ScalarType dtype;
+  int64_t elem_bytes;
 
-  TeacherRow row(int64_t r) const { return TeacherRow{data + r * row_bytes, dtype}; }
+  TeacherRow row(int64_t r) const { return TeacherRow{data + r * row_bytes, dtype, elem_bytes}; }
 };
+
+// Asks for `bytes` from p into L2 ahead of their use. row_stats reads its K + 1 rows one
+// after the other chunk by chunk (the teachers' element types differ, so one loop cannot
+// read them all); the hardware prefetcher, which sees each stream interrupted, then left
+// the teachers' loads waiting on memory for about as long as all the rest of row_stats.
+FASTKD_INLINE void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
+}
 
 // A teacher's row statistics (the student's are in Stats).
 template <typename Acc>
@@ -218,6 +229,13 @@ void multi_row_stats(const TS* s, const TeacherRow* t, int64_t V, const ExactPar
   double sum_sp = 0.0;
   for (int64_t j = 0, c0 = 0; c0 < V; ++j, c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
+    if (c0 + n < V) {  // the next chunk of every row
+      const int64_t next = std::min(kChunk, V - c0 - n);
+      prefetch(s + c0 + n, next * static_cast<int64_t>(sizeof(TS)));
+      for (int k = 0; k < K; ++k) {
+        prefetch(static_cast<const char*>(t[k].data) + (c0 + n) * t[k].elem_bytes, next * t[k].elem_bytes);
+      }
+    }
     Acc* const ac = c.es + c0;
     Acc cmax_s;
     if constexpr (kOptions) {
@@ -330,7 +348,11 @@ struct Mixture {
         for (int k = 0; k < K; ++k) sum += exp_approx(r[k] - top);
         l = log_1_to_4(sum);
       } else {
-        l = log_1_to_4(m / p_top);
+        if constexpr (K == 2) {
+          l = log_1_to_2(m / p_top);  // [1, 2] (to rounding): one select fewer
+        } else {
+          l = log_1_to_4(m / p_top);
+        }
         bad = !(p_top >= std::numeric_limits<Acc>::min()) && p_top == p_top;  // underflow, not NaN
       }
       // An infinite top is the result: +inf where q = 0 and some p > 0, -inf where every p = 0.
@@ -805,7 +827,7 @@ void multi_rows(const MultiForwardArgs& args, at::Tensor& loss, at::Tensor& grad
     const at::Tensor& teacher = args.teachers[j];
     k.teachers[j] = TeacherRows{static_cast<const char*>(teacher.data_ptr()),
                                 teacher.stride(0) * static_cast<int64_t>(teacher.element_size()),
-                                teacher.scalar_type()};
+                                teacher.scalar_type(), static_cast<int64_t>(teacher.element_size())};
     FASTKD_SCALAR_TYPE_SWITCH(teacher.scalar_type(), TT, "fastkd_multi_teacher", {
       const RowKernel<TS, TT, Acc> one{student, teacher.data_ptr<TT>(), teacher.stride(0), nullptr};
       k.one_teacher[j] = [one](int64_t row, double factor) { one(row, factor); };

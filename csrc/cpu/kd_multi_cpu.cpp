@@ -229,13 +229,6 @@ void multi_row_stats(const TS* s, const TeacherRow* t, int64_t V, const ExactPar
   double sum_sp = 0.0;
   for (int64_t j = 0, c0 = 0; c0 < V; ++j, c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
-    if (c0 + n < V) {  // the next chunk of every row
-      const int64_t next = std::min(kChunk, V - c0 - n);
-      prefetch(s + c0 + n, next * static_cast<int64_t>(sizeof(TS)));
-      for (int k = 0; k < K; ++k) {
-        prefetch(static_cast<const char*>(t[k].data) + (c0 + n) * t[k].elem_bytes, next * t[k].elem_bytes);
-      }
-    }
     Acc* const ac = c.es + c0;
     Acc cmax_s;
     if constexpr (kOptions) {
@@ -264,6 +257,13 @@ void multi_row_stats(const TS* s, const TeacherRow* t, int64_t V, const ExactPar
     const Acc ms = st.max_s;
     c.ref_s[j] = ms;
     for (int k = 0; k < K; ++k) c.ref[k][j] = ts[k].max;
+    if (c0 + n < V) {  // the next chunk of every row, fetched while the exponentials compute
+      const int64_t next = std::min(kChunk, V - c0 - n);
+      prefetch(s + c0 + n, next * static_cast<int64_t>(sizeof(TS)));
+      for (int k = 0; k < K; ++k) {
+        prefetch(static_cast<const char*>(t[k].data) + (c0 + n) * t[k].elem_bytes, next * t[k].elem_bytes);
+      }
+    }
     if (with_raw && ms != kNegInf<Acc>) {  // before exp_chunk overwrites a
       Acc zr = 0;
 #pragma omp simd reduction(+ : zr)

@@ -12,16 +12,21 @@
  *   otherwise   k active teachers (0..4, a compile-time k):
  *   row_stats   one sweep of s and the k teacher rows into the row cache: the student's
  *               exponentials as for one teacher, and per teacher the exponentials e_j of
- *               b_j = t'_j/T and the differences d_j = b_j - a (the one-teacher cache, k times).
- *   mixture     one pass turns the cache into the one-teacher cache of m = sum_j w_j p_j:
+ *               b_j = t'_j/T and the differences d_j = b_j - a (the one-teacher cache, k
+ *               times). The next chunk of every row is prefetched: the rows are read one
+ *               after the other per chunk, which the hardware prefetcher follows poorly.
+ *   mixture     m = sum_j w_j p_j, per entry m_i = sum_j w_j e_j,i f_j(c) (f_j(c) =
+ *               exp(m_j(c) - lse_j), the chunk factor), and
  *                 log m_i - log q_i = logsumexp_j r_j,i,  r_j,i = d_j,i + log w_j - delta_j
- *               (delta_j = lse_j - lse_s; k = 2: max + log1p(exp(-|r_0 - r_1|))) into d, and
- *               m_i = sum_j w_j e_j,i f_j(c) (f_j(c) = exp(m_j(c) - lse_j), the chunk factor)
- *               into e. Built from the differences d_j, as the one-teacher kernel's d, and a
- *               log-sum-exp: never the log of a sum of probabilities, which is -inf where
- *               every p_j underflows (reverse KL and JSD weigh log m by q, which need not be
- *               small there). Every divergence then runs its one-teacher phases
- *               (teacher_divergence) with (p, log p - log q) replaced by (m, log m - log q).
+ *               (delta_j = lse_j - lse_s), taken as r_top + log(m / w_top p_top) (the teacher
+ *               of the largest r; a division and a log, no exp), and where that product
+ *               underflows (every p_j does: teachers peaked elsewhere) its chunk is redone
+ *               with the exps of r_j - r_top: never the log of a sum of probabilities,
+ *               -inf there (reverse KL and JSD weigh log m by q, which need not be small
+ *               there). Built from the differences d_j, as the one-teacher kernel's d. Both
+ *               are computed on the fly in the sweeps of the one-teacher phases with (p,
+ *               log p - log q) replaced by (m, log m - log q): forward KL's write_grad, the
+ *               centred divergences' row_sums (then dense_rows.h's centring and write_grad).
  *               No active teacher (weights that do not sum to 1: the Python layer refuses
  *               them on CPU tensors) is m = 0, as in the reference.
  *   sum         every divergence's gradient is linear in the teachers' terms, so one

@@ -241,7 +241,8 @@ void multi_row_stats(const TS* s, const TeacherRow* t, int64_t V, const ExactPar
         cmax_s = student_chunk<true>(s + c0, n, f, kappa, inv_t, c.sv, ac, c.v + c0, sum_sp);
       });
     } else {
-      cmax_s = student_chunk<false>(s + c0, n, Identity<Acc>{}, kappa, inv_t, c.sv, ac, static_cast<Acc*>(nullptr), sum_sp);
+      cmax_s = student_chunk<false>(s + c0, n, Identity<Acc>{}, kappa, inv_t, c.sv, ac, static_cast<Acc*>(nullptr),
+                                    sum_sp);
     }
     Acc cmax_t[K > 0 ? K : 1];
     for (int k = 0; k < K; ++k) {

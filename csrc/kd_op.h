@@ -90,6 +90,7 @@ struct DeviceOps {
 
 namespace cpu {
 void sparse_forward(const SparseForwardArgs& args, at::Tensor& loss, at::Tensor& grad);
+void multi_forward(const MultiForwardArgs& args, at::Tensor& loss, at::Tensor& grad);
 }
 
 namespace cpu {

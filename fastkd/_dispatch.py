@@ -117,11 +117,11 @@ def uses_logit_options(cfg) -> bool:
 
 
 # The backends that run several teachers (teacher_logits a sequence of K, or teacher
-# weights per token; docs/multi_teacher.md), the compiled ones up to MAX_KERNEL_TEACHERS.
-# A call they cannot run goes to ``torch``, as for the logit options above. One teacher
-# given as a sequence of one (without weights) is the single-teacher call and runs
-# everywhere.
-MULTI_TEACHER_BACKENDS = {"torch", "triton"}
+# weights per token; docs/multi_teacher.md), the compiled ones up to MAX_KERNEL_TEACHERS
+# (``cpu``: csrc/cpu/kd_multi_cpu.cpp, ``triton``: backends/triton/multi.py). A call they cannot run goes to ``torch``, as for the
+# logit options above. One teacher given as a sequence of one (without weights) is the
+# single-teacher call and runs everywhere.
+MULTI_TEACHER_BACKENDS = {"torch", "cpu", "triton"}
 
 
 # The backends whose kernels write the per-token diagnostics in the loss's own pass

@@ -1,9 +1,11 @@
 """Several teachers (issue 13, item 4; docs/multi_teacher.md): ``teacher_logits`` a sequence of
 K tensors or one [K, ..., V] tensor, ``teacher_weights`` per teacher or per token,
 ``teacher_mode`` mixture | sum. The values are checked against formulas written out here in
-float64, independently of fastkd.reference; K > 1 runs on the backends of
-MULTI_TEACHER_BACKENDS (checked against the reference below), on the torch backend elsewhere
-(the dispatch gate is tested at the end).
+float64, independently of fastkd.reference. K > 1 runs on the backends of
+MULTI_TEACHER_BACKENDS (torch, and the cpu kernel, which ``auto`` picks for CPU tensors, float64
+included: most tests here run on it when fastkd._C is built); each of them is checked against
+the reference near the end, and the others refuse several teachers (the dispatch gate).
+test_cpu_multi_teacher.py checks the cpu kernel further.
 """
 import dataclasses
 
@@ -14,6 +16,7 @@ import fastkd
 from fastkd import reference
 from fastkd._autograd import fused_multi_kd_loss
 from fastkd._checks import Teachers, check_multi_kd_args
+from fastkd import _dispatch
 from fastkd._dispatch import MULTI_TEACHER_BACKENDS, get_backend
 
 from harness.registry import backend_names
@@ -116,17 +119,18 @@ def test_gradcheck_of_the_mixture():
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_sum_with_one_teacher_is_the_single_teacher_loss(divergence):
-    # A weight tensor of ones forces the several-teachers path with K = 1; both run on the
-    # torch backend (the single teacher's auto would pick the C++ kernel, another summation).
+    # A weight tensor of ones forces the several-teachers path with K = 1; on each backend
+    # that runs it, the single teacher's loss on the same backend, bit for bit.
     s, ts, labels, _ = _inputs(k=1)
     kw = dict(divergence=divergence, temperature=2.0, alpha=0.7, beta=0.3)
-    single = fastkd.kd_loss(s, ts[0], labels, backend="torch", **kw)
-    g_single = _grad(single, s)
     ones = torch.ones(1, s.shape[0], dtype=torch.float64)
-    for mode in MODES:
-        several = fastkd.kd_loss(s, ts, labels, teacher_weights=ones, teacher_mode=mode, **kw)
-        assert torch.equal(several, single), (mode, several.item(), single.item())
-        assert torch.equal(_grad(several, s), g_single), mode
+    for backend in [b for b in backend_names("cpu", with_reference=True) if b in MULTI_TEACHER_BACKENDS]:
+        single = fastkd.kd_loss(s, ts[0], labels, backend=backend, **kw)
+        g_single = _grad(single, s)
+        for mode in MODES:
+            several = fastkd.kd_loss(s, ts, labels, teacher_weights=ones, teacher_mode=mode, backend=backend, **kw)
+            assert torch.equal(several, single), (backend, mode, several.item(), single.item())
+            assert torch.equal(_grad(several, s), g_single), (backend, mode)
 
 
 @pytest.mark.skipif("cpu" not in backend_names("cpu"), reason="fastkd._C not available")
@@ -430,7 +434,7 @@ def test_numpy_and_integer_weights_are_numbers():
     assert torch.equal(fastkd.kd_loss(s, ts, labels, teacher_weights=[np.float32(0.25), np.float64(0.75)],
                                       teacher_mode="sum"), want)
     routed = fastkd.kd_loss(s, ts, labels, teacher_weights=[0, 1])  # ints: teacher 1 alone
-    assert torch.equal(routed, fastkd.kd_loss(s, ts[1], labels, backend="torch"))
+    assert torch.equal(routed, fastkd.kd_loss(s, ts[1], labels))  # auto: the same backend
 
 
 def test_fused_linear_bad_heads():
@@ -525,7 +529,7 @@ def test_fused_linear_backends_against_the_reference(backend, mode):
 
 
 # ---------------------------------------------------------------------------------------
-# Dispatch: on a backend whose kernels do not read several teachers, K > 1 runs on torch.
+# Dispatch: K > 1 runs on the backends of MULTI_TEACHER_BACKENDS; the others refuse it.
 
 PENDING = [b for b in backend_names("cpu") if b not in MULTI_TEACHER_BACKENDS]
 
@@ -544,8 +548,10 @@ def test_pending_backends_refuse_several_teachers(backend):
         fastkd.fused_linear_kd_loss(hs, ws, [ht, ht], [wt, wt], backend=backend)
 
 
-def test_auto_runs_several_teachers_on_torch():
+def test_auto_runs_several_teachers_on_a_backend_that_reads_them():
     s, ts, labels, w = _inputs(k=2, dtype=torch.float32)
+    want_backend = "cpu" if "cpu" in backend_names("cpu") else "torch"  # csrc/cpu/kd_multi_cpu.cpp
+    assert _dispatch.backend_for("auto", torch.device("cpu"), torch.float32, several_teachers=2).name == want_backend
     got = fastkd.kd_loss(s, ts, labels, teacher_weights=w.float(), alpha=0.7, temperature=2.0)
     want = reference.kd_loss(s.detach().double(), [t.double() for t in ts], labels, teacher_weights=w.float(),
                              alpha=0.7, temperature=2.0)

@@ -123,15 +123,27 @@ FASTKD_INLINE float tanh_approx(float x) {
   return std::copysign(a >= kSaturated ? 1.0f : r, x);
 }
 
+// log1p(e) for e in [0, 1] (a log-sum-exp of two terms: softplus, a mixture of two
+// teachers), as log(1 + e) e / ((1 + e) - 1): cancels the rounding of 1 + e when e is tiny.
+FASTKD_INLINE float log1p_unit(float e) {
+  const float y = 1.0f + e;
+  const float ym1 = y - 1.0f;
+  return ym1 == 0.0f ? e : log_1_to_2(y) * (e / ym1);
+}
+
+// log(y) for y in [1, 4] (a log-sum-exp of up to four terms, the largest 1), without bit
+// manipulation (see log_1_to_2).
+FASTKD_INLINE float log_1_to_4(float y) {
+  const bool two = y > 2.82842712f;
+  const bool one = y > 1.41421356f;
+  return log_reduced(two ? y * 0.25f : (one ? y * 0.5f : y), two ? 2.0f : (one ? 1.0f : 0.0f));
+}
+
 // softplus(z) = log(1 + e^z) and softplus(-z), sharing log1p(e^-|z|):
 // softplus(+-z) = max(+-z, 0) + log1p(e^-|z|). Both accurate, for every z (no z + softplus(-z)
 // cancellation); z = -inf gives (0, inf), NaN gives NaN.
 FASTKD_INLINE void softplus_pair(float z, float* pos, float* neg) {
-  const float e = exp_approx(-std::abs(z));
-  const float y = 1.0f + e;
-  const float ym1 = y - 1.0f;
-  // log1p(e) as log(1 + e) * e / ((1 + e) - 1): cancels the rounding of 1 + e when e is tiny.
-  const float l = ym1 == 0.0f ? e : log_1_to_2(y) * (e / ym1);
+  const float l = log1p_unit(exp_approx(-std::abs(z)));
   *pos = std::max(z, 0.0f) + l;
   *neg = std::max(-z, 0.0f) + l;
 }
@@ -143,6 +155,8 @@ FASTKD_INLINE double exp_approx(double x) { return std::exp(x); }
 FASTKD_INLINE double expm1_small(double x) { return std::expm1(x); }
 FASTKD_INLINE double log1p_small(double u) { return std::log1p(u); }
 FASTKD_INLINE double tanh_approx(double x) { return std::tanh(x); }
+FASTKD_INLINE double log1p_unit(double e) { return std::log1p(e); }
+FASTKD_INLINE double log_1_to_4(double y) { return std::log(y); }
 FASTKD_INLINE void softplus_pair(double z, double* pos, double* neg) {
   const double l = std::log1p(std::exp(-std::abs(z)));
   *pos = std::max(z, 0.0) + l;

@@ -47,7 +47,7 @@ kernel gives a row with an id >= vocab_size or an id twice a NaN loss and gradie
 sparse operators have no ``row_stats`` argument (yet). ``scale_grad_`` is shared.
 
 Several teachers (``teacher_logits`` a sequence of K; docs/multi_teacher.md) have their own
-entry points, run today by the ``torch`` and ``triton`` backends (``fastkd._dispatch``:
+entry points, run today by the ``torch``, ``cpu`` and ``triton`` backends (``fastkd._dispatch``:
 ``MULTI_TEACHER_BACKENDS``; the kernel plan is in docs/multi_teacher.md)::
 
     multi_forward(student, teachers, weights, labels, grad_scale, cfg) -> (loss [N], grad)

@@ -3,8 +3,9 @@
 Runs anywhere PyTorch does, in every floating dtype, float64 included. ``kd_loss`` uses
 its ``differentiable_loss`` (an ordinary autograd graph, so double backward and
 ``retain_graph`` work as in plain PyTorch); ``fused_linear_kd_loss`` calls its
-``forward_inplace`` per chunk like any other backend's. Several teachers run here only,
-until the kernels read them (``fastkd._dispatch.MULTI_TEACHER_BACKENDS``).
+``forward_inplace`` per chunk like any other backend's. Several teachers run here and on the
+backends of ``fastkd._dispatch.MULTI_TEACHER_BACKENDS`` (and here only beyond
+``MAX_KERNEL_TEACHERS``).
 """
 from __future__ import annotations
 

@@ -46,6 +46,54 @@ inline Acc exp_chunk(const Acc* x, Acc m, int64_t n, Acc* e) {
   return z;
 }
 
+// What return_stats (kd_params.h: kStatsWidth) gathers of one side of a row during the
+// row_stats sweep, the sweep that finds the maximum and forms the exponentials:
+//   arg    the first column of the row's maximum. A chunk that raises the running maximum
+//          (strictly: an equal maximum in a later chunk leaves the earlier column) is searched
+//          for the first entry equal to its maximum while it is in L1; this costs nothing in the
+//          vectorised max loop, and the search is exact where per-lane tracking must merge lanes.
+//   xlogx  sum_i e_i (x_i - m), e_i = exp(x_i - m), against the running maximum m that the
+//          sum-exp Z uses (moved with it), so that -sum p log p = log Z - xlogx / Z: two terms
+//          >= 0, no cancellation of lse against sum p x when the logits are large; an entry
+//          with e_i = 0 adds 0 (0 log 0 = 0; a -inf logit is no NaN).
+template <typename Acc>
+struct SideStats {
+  int64_t arg = 0;     // an all -inf row has no maximum: column 0, as torch.argmax
+  double xlogx = 0.0;
+
+  // The chunk x[0, n) starting at column c0 raised the running maximum from old_max (with
+  // sum-exp `sum` against it) to its own maximum new_max.
+  void raise(const Acc* x, int64_t c0, int64_t n, double sum, Acc old_max, Acc new_max) {
+    if (sum != 0.0) {
+      xlogx = (xlogx + (static_cast<double>(old_max) - static_cast<double>(new_max)) * sum) *
+              static_cast<double>(exp_approx(old_max - new_max));
+    }
+    int64_t i = 0;
+    while (i < n - 1 && !(x[i] == new_max)) ++i;
+    arg = c0 + i;
+  }
+
+  // -sum p log p, given the sum-exp Z against the final maximum.
+  double entropy(double sum) const { return std::log(sum) - xlogx / sum; }
+};
+
+// exp_chunk that also adds sum_i e_i (x_i - m) to `xlogx` (SideStats).
+template <typename Acc>
+inline Acc exp_chunk(const Acc* x, Acc m, int64_t n, Acc* e, double& xlogx) {
+  if (m == kNegInf<Acc>) return exp_chunk(x, m, n, e);
+  Acc z = 0, zu = 0;
+#pragma omp simd reduction(+ : z, zu)
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc u = x[i] - m;
+    const Acc v = exp_approx(u);
+    e[i] = v;
+    z += v;
+    zu += v == Acc(0) ? Acc(0) : v * u;
+  }
+  xlogx += static_cast<double>(zu);
+  return z;
+}
+
 // Whether the logit options are on (csrc/kd_params.h): the kernels then take their
 // options' path, chosen once per call, so the plain path's loops stay those without them.
 inline bool has_logit_options(const ExactParams& x) {

@@ -104,10 +104,12 @@ struct Stats {
 // `st`. With `fixed` set, the maxima come from `st` (external row statistics) and only the
 // cache is filled. With the logit options (kOptions), each side's logits are transformed on
 // load (s'/kappa also into c.v, for write_grad) and the statistics are those of s', t',
-// with sum s' in st.sum_sp; without, the sweep is the plain one.
-template <bool kOptions, typename Acc, typename TS, typename TT>
+// with sum s' in st.sum_sp; without, the sweep is the plain one. With kStats (return_stats,
+// not with `fixed`), each side's argmax and centred sum e (x - m) into side[0] (student) and
+// side[1] (teacher); without, the sweep is the one without them.
+template <bool kOptions, bool kStats, typename Acc, typename TS, typename TT>
 void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool with_raw, bool fixed, bool keep_a,
-              const RowCache<Acc>& c, Stats<Acc>& st) {
+              const RowCache<Acc>& c, Stats<Acc>& st, SideStats<Acc>* side = nullptr) {
   const Acc inv_t = static_cast<Acc>(x.inv_temperature);
   const Acc temp = static_cast<Acc>(x.temperature);
   Acc* const a_row = c.a;
@@ -168,11 +170,13 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
     if (keep_a) std::copy(ac, ac + n, a_row + c0);
     if (!fixed) {
       if (cmax_s > st.max_s) {
+        if constexpr (kStats) side[0].raise(ac, c0, n, st.sum_s, st.max_s, cmax_s);
         st.sum_s = rescale(st.sum_s, st.max_s, cmax_s, Acc(1));
         st.sum_raw = rescale(st.sum_raw, st.max_s, cmax_s, temp);
         st.max_s = cmax_s;
       }
       if (cmax_t > st.max_t) {
+        if constexpr (kStats) side[1].raise(bc, c0, n, st.sum_t, st.max_t, cmax_t);
         st.sum_t = rescale(st.sum_t, st.max_t, cmax_t, Acc(1));
         st.max_t = cmax_t;
       }
@@ -186,8 +190,14 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
       for (int64_t i = 0; i < n; ++i) zr += exp_approx(temp * (ac[i] - ms));
       st.sum_raw += static_cast<double>(zr);
     }
-    const Acc zs = exp_chunk(ac, ms, n, ac);
-    const Acc zt = exp_chunk(bc, mt, n, bc);
+    Acc zs, zt;
+    if constexpr (kStats) {
+      zs = exp_chunk(ac, ms, n, ac, side[0].xlogx);
+      zt = exp_chunk(bc, mt, n, bc, side[1].xlogx);
+    } else {
+      zs = exp_chunk(ac, ms, n, ac);
+      zt = exp_chunk(bc, mt, n, bc);
+    }
     if (!fixed) {
       st.sum_s += static_cast<double>(zs);
       st.sum_t += static_cast<double>(zt);
@@ -497,6 +507,16 @@ struct RowKernel {
   int64_t vocab_start = 0;
   const Acc* sums_in = nullptr;  // [N, kRowSumsWidth]
   Acc* sums_out = nullptr;       // [N, kRowSumsWidth]
+  // return_stats: the per-token diagnostics [N, kStatsWidth] (kd_params.h), or nullptr.
+  Acc* stats_out = nullptr;
+
+  // The diagnostics of a row that does not count (ignored, or a NaN row): NaN, and no agreement.
+  void blank_stats(int64_t row) const {
+    if (stats_out == nullptr) return;
+    Acc* o = stats_out + row * kStatsWidth;
+    for (int i = 0; i < kStatsWidth; ++i) o[i] = std::numeric_limits<Acc>::quiet_NaN();
+    o[2] = Acc(0);
+  }
 
   void fill_grad_row(TS* g, float value) const {
     const TS v = static_cast<TS>(value);
@@ -531,6 +551,7 @@ struct RowKernel {
       if (label == p.ignore_index) {
         set_loss(row, Acc(0));
         fill_grad_row(grow, 0.0f);
+        blank_stats(row);
         return;
       }
       if (shard) {
@@ -539,6 +560,7 @@ struct RowKernel {
       } else if (label < 0 || label >= V) {  // never silently a number: NaN marks the bad row
         set_loss(row, std::numeric_limits<Acc>::quiet_NaN());
         fill_grad_row(grow, std::numeric_limits<float>::quiet_NaN());
+        blank_stats(row);
         return;
       }
     }
@@ -549,6 +571,7 @@ struct RowKernel {
     const bool need_raw = with_raw && x.temperature != 1.0;
     const bool keep_a = !kOptions && need_raw;
     Stats<Acc> st;
+    SideStats<Acc> side[2];  // return_stats: the student's, the teacher's
     if (stats_in != nullptr) {
       const Acc* r = stats_in + row * kRowStatsWidth;
       st.max_s = r[0];
@@ -556,9 +579,11 @@ struct RowKernel {
       st.max_t = r[2];
       st.sum_t = r[3];
       st.sum_raw = r[4];
-      row_stats<kOptions>(srow, t + row * t_stride, V, x, false, /*fixed=*/true, keep_a, c, st);
+      row_stats<kOptions, false>(srow, t + row * t_stride, V, x, false, /*fixed=*/true, keep_a, c, st);
+    } else if (stats_out != nullptr) {
+      row_stats<kOptions, true>(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, keep_a, c, st, side);
     } else {
-      row_stats<kOptions>(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, keep_a, c, st);
+      row_stats<kOptions, false>(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, keep_a, c, st);
     }
     if (with_raw && !need_raw) st.sum_raw = st.sum_s;
     const Acc lse_s = st.max_s + static_cast<Acc>(std::log(st.sum_s));
@@ -669,6 +694,15 @@ struct RowKernel {
     }
     for (int64_t i = V; i < g_width; ++i) grow[i] = static_cast<TS>(0.0f);
     set_loss(row, row_loss);
+    if (stats_out != nullptr) {
+      // H(p), H(q), top-1 agreement, D (before div_weight), 0: kd_params.h, kStatsWidth.
+      Acc* o = stats_out + row * kStatsWidth;
+      o[0] = static_cast<Acc>(side[1].entropy(st.sum_t));
+      o[1] = static_cast<Acc>(side[0].entropy(st.sum_s));
+      o[2] = side[0].arg == side[1].arg ? Acc(1) : Acc(0);
+      o[3] = D;
+      o[4] = Acc(0);
+    }
   }
 };
 
@@ -691,8 +725,8 @@ void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, in
     for (int64_t r = begin; r < end; ++r) {
       Stats<Acc> st;
       const bool raw_differs = with_raw && x.temperature != 1.0;
-      row_stats<kOptions>(s + r * s_stride, t + r * t_stride, V, x, raw_differs, /*fixed=*/false, /*keep_a=*/false,
-                          c, st);
+      row_stats<kOptions, false>(s + r * s_stride, t + r * t_stride, V, x, raw_differs, /*fixed=*/false,
+                                 /*keep_a=*/false, c, st);
       if (!raw_differs) st.sum_raw = with_raw ? st.sum_s : 0.0;
       Out* o = out + r * width;
       o[0] = static_cast<Out>(st.max_s);
@@ -745,7 +779,10 @@ void op_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
   if (args.student.size(0) == 0) return;
   const at::Tensor stats = stats_in_acc(args);
   dispatch_pair(args.student.scalar_type(), args.teacher.scalar_type(), [&](auto s0, auto t0) {
-    run_rows(row_kernel<decltype(s0), decltype(t0)>(args, stats, loss, grad), args.student.size(0));
+    auto k = row_kernel<decltype(s0), decltype(t0)>(args, stats, loss, grad);
+    // The diagnostics are in the loss dtype, the kernel's accumulation type (ops.cpp: kd_forward_stats).
+    if (args.stats) k.stats_out = args.stats->data_ptr<typename decltype(k)::Acc>();
+    run_rows(k, args.student.size(0));
   });
 }
 
@@ -843,7 +880,10 @@ void op_scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
 
 const DeviceOps& device_ops() {
   static const DeviceOps ops{&op_empty_grad,      &op_forward,        &op_row_stats,        &op_scale_grad,
-                             &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad, &sparse_forward};
+                             &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad, &sparse_forward,
+                             /*multi_forward=*/nullptr,
+                             /*forward_writes_stats=*/true,  // return_stats: RowKernel::stats_out
+                             /*sparse_forward_writes_stats=*/true};  // SparseRowKernel::stats
   return ops;
 }
 

@@ -142,8 +142,8 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
             const Acc x = sv * inv_t;
             const Acc y = tv * inv_t;
             vc[i] = v;
-            ac[i] = x;
-            bc[i] = y;
+            ac[i] = kStats ? std::max(x, kStatsFloor<Acc>) : x;
+            bc[i] = kStats ? std::max(y, kStatsFloor<Acc>) : y;
             dc[i] = (tv - sv) * inv_t;
             ms = std::max(ms, x);
             mt = std::max(mt, y);
@@ -160,8 +160,8 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
         const Acc sv = static_cast<Acc>(s[c0 + i]), tv = static_cast<Acc>(t[c0 + i]);
         const Acc x = sv * inv_t;
         const Acc y = tv * inv_t;
-        ac[i] = x;
-        bc[i] = y;
+        ac[i] = kStats ? std::max(x, kStatsFloor<Acc>) : x;  // cpu_rows.h: kStatsFloor
+        bc[i] = kStats ? std::max(y, kStatsFloor<Acc>) : y;
         dc[i] = (tv - sv) * inv_t;
         cmax_s = std::max(cmax_s, x);
         cmax_t = std::max(cmax_t, y);

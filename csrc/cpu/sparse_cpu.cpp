@@ -288,7 +288,7 @@ struct SparseRowKernel {
         for (int64_t i = 0; i < n; ++i) {
           const Acc sv = kappa * vc[i];
           const Acc v = sv * inv_t;
-          ac[i] = v;
+          ac[i] = kStats ? std::max(v, kStatsFloor<Acc>) : v;  // cpu_rows.h: kStatsFloor
           cmax = std::max(cmax, v);
           part += sv;
         }
@@ -297,7 +297,7 @@ struct SparseRowKernel {
 #pragma omp simd reduction(max : cmax)
         for (int64_t i = 0; i < n; ++i) {
           const Acc v = static_cast<Acc>(srow[c0 + i]) * inv_t;
-          ac[i] = v;
+          ac[i] = kStats ? std::max(v, kStatsFloor<Acc>) : v;
           cmax = std::max(cmax, v);
         }
         if (a != nullptr) std::copy(ac, ac + n, a + c0);
@@ -315,7 +315,8 @@ struct SparseRowKernel {
         for (int64_t i = 0; i < n; ++i) zr += exp_approx(temp * (ac[i] - M));
         sum_raw += static_cast<double>(zr);
       }
-      for (; next < slots.size() && slots[next].id < c0 + n; ++next) ac[slots[next].id - c0] = neg_inf;
+      const Acc masked = kStats ? kStatsFloor<Acc> : neg_inf;  // the support's e: 0 (cpu_rows.h: kStatsFloor)
+      for (; next < slots.size() && slots[next].id < c0 + n; ++next) ac[slots[next].id - c0] = masked;
       if constexpr (kStats) {
         sum_off += static_cast<double>(exp_chunk(ac, M, n, ac, side->xlogx));
       } else {

@@ -412,13 +412,18 @@ struct SparseRowKernel {
     Acc M = 0;
     double sum_off = 0.0, sum_raw = 0.0, sum_sp = 0.0, lse = 0.0, lse_raw = 0.0, sum_s = 0.0;
     SideStats<Acc> side;  // return_stats: the student's argmax and centred sum off the support
+    double xlogx_support = 0.0;  // return_stats: sum_S e_j (a_j - M), beside sum_S
     if (sweep) {
       if (stats != nullptr) {
         row_stats<kOptions, true>(srow, V, slots, need_raw, e, a, ref, M, sum_off, sum_raw, sum_sp, &side);
       } else {
         row_stats<kOptions, false>(srow, V, slots, need_raw, e, a, ref, M, sum_off, sum_raw, sum_sp, nullptr);
       }
-      for (const Slot& sl : slots) sum_s += std::exp(sl.s * inv_t - static_cast<double>(M));
+      for (const Slot& sl : slots) {
+        const double u = sl.s * inv_t - static_cast<double>(M), e_j = std::exp(u);
+        sum_s += e_j;
+        if (stats != nullptr) xlogx_support += e_j == 0.0 ? 0.0 : e_j * u;  // 0 log 0 = 0
+      }
       const double log_all = std::log(sum_off + sum_s);
       lse = static_cast<double>(M) + log_all;
       lse_raw = need_raw ? temp * static_cast<double>(M) + std::log(sum_raw) : lse;
@@ -560,36 +565,31 @@ struct SparseRowKernel {
     if (with_z) row_loss += x.z_loss * lse_raw * lse_raw;
     fill_row(grow, 0.0, V);
     put_loss(row, row_loss);
-    if (stats != nullptr) write_stats(row, slots, side, M, sum_off, sum_s, lse_p, D);
+    if (stats != nullptr) write_stats(row, slots, side.arg, side.xlogx + xlogx_support, sum_off + sum_s, sum_s, lse_p, D);
   }
 
   // return_stats of a counted row: P = exp(lse_p); H(q) = log Z - sum e (a - M) / Z over the
-  // vocabulary, Z = sum_off + sum_S (SideStats off the support, the support in double);
-  // Q = sum_S / Z; agreement of the student's argmax with the teacher's best id (the valid
+  // vocabulary (`xlogx`: SideStats off the support plus the support's, in double); Q =
+  // sum_S / Z; agreement of the student's argmax with the teacher's best id (the valid
   // slot of highest log-prob, the first slot as given among ties; NaN ranks first, and with
   // every log-prob -inf the first slot as given, as torch.argmax over the K slots), never
   // without a valid id.
-  void write_stats(int64_t row, const std::vector<Slot>& slots, const SideStats<Acc>& side, Acc M, double sum_off,
+  void write_stats(int64_t row, const std::vector<Slot>& slots, int64_t student_arg, double xlogx, double Z,
                    double sum_s, double lse_p, double D) const {
-    const double m = static_cast<double>(M), inv_t = x.inv_temperature;
-    double xlogx = side.xlogx;
     const Slot* best = nullptr;
     for (const Slot& sl : slots) {
-      const double u = sl.s * inv_t - m, e_j = std::exp(u);
-      xlogx += e_j == 0.0 ? 0.0 : e_j * u;
       const bool better = best == nullptr ||
                           (std::isnan(sl.lp) ? !std::isnan(best->lp) || sl.k < best->k
                                              : !std::isnan(best->lp) && (sl.lp > best->lp || (sl.lp == best->lp && sl.k < best->k)));
       if (better) best = &sl;
     }
-    const double Z = sum_off + sum_s;
     int64_t best_id = -1;
     if (best != nullptr) {
       best_id = best->id;
       // Every log-prob -inf: torch.argmax picks slot 0, valid or not (an empty slot's id reads as 0).
       if (best->lp == -kInf && best->k != 0) best_id = 0;
     }
-    put_stats(row, std::exp(lse_p), std::log(Z) - xlogx / Z, best_id >= 0 && best_id == side.arg, D, sum_s / Z);
+    put_stats(row, std::exp(lse_p), std::log(Z) - xlogx / Z, best_id >= 0 && best_id == student_arg, D, sum_s / Z);
   }
 };
 

@@ -5,12 +5,15 @@
     python benchmarks/bench_return_stats.py                       # cpu, 512x32000 fp32, T = 2
     python benchmarks/bench_return_stats.py --divergences forward_kl --reps 20 --threads 1
     python benchmarks/bench_return_stats.py --sparse 64 --tails bucket,renorm   # adds sparse rows
+    python benchmarks/bench_return_stats.py --threads 1 --cpu-time              # steadier on a busy machine
 
 Prints one line per (loss, divergence, stats) row: the median and the fastest of ``--reps``
 timed calls (after two warm-up calls), and the ratio to the stats-off row of the same loss
 and divergence (docs/diagnostics.md states the target: within a few percent). The rows
 alternate within each repetition so that a shared machine's slow moments fall on every row
-alike; on a shared machine the numbers are rough.
+alike; on a shared machine the numbers are rough. ``--cpu-time`` (with ``--threads 1``) times
+the calling thread's CPU time instead of the wall clock: the time a busy machine takes the
+core away is not counted, which steadies the ratios (cache contention still counts).
 """
 from __future__ import annotations
 
@@ -40,11 +43,15 @@ def parse_args(argv=None):
     p.add_argument("--tails", default="bucket", help="the sparse rows' tails (with --sparse)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--cpu-time", action="store_true", help="time the thread's CPU time (needs --threads 1)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        raise SystemExit("--cpu-time counts the calling thread only: run it with --threads 1")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     n, v = (int(x) for x in args.shape.split("x"))
@@ -77,11 +84,11 @@ def main(argv=None):
             call(*row)
     for _ in range(args.reps):
         for row in rows:
-            start = time.perf_counter()
+            start = clock()
             call(*row)
-            times[row].append(time.perf_counter() - start)
+            times[row].append(clock() - start)
     print(f"# {args.backend}, {n}x{v} {args.dtype}, T={args.temperature}, alpha={args.alpha}, "
-          f"{torch.get_num_threads()} threads, {args.reps} reps; fastkd from {fastkd.__file__}")
+          f"{torch.get_num_threads()} threads, {args.reps} reps, {'CPU' if args.cpu_time else 'wall'} time; fastkd from {fastkd.__file__}")
     print(f"{'loss':<14} {'divergence':<12} {'stats':<6} {'median ms':>10} {'min ms':>8} {'x off (median)':>15}")
     for loss_name, d, stats in rows:
         med = statistics.median(times[(loss_name, d, stats)]) * 1e3

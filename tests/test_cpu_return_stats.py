@@ -319,3 +319,22 @@ def test_sparse_every_dtype_and_inplace():
     loss.backward()
     assert torch.isfinite(leaf.grad).all()
     assert math.isfinite(loss.item())
+
+
+def test_bench_return_stats_runs(capsys):
+    """benchmarks/bench_return_stats.py on a tiny shape (its numbers are not checked)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_return_stats.py"
+    spec = importlib.util.spec_from_file_location("bench_return_stats", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--shape", "8x300", "--reps", "1", "--sparse", "4", "--tails", "bucket,renorm",
+                    "--threads", "1", "--cpu-time"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("dense", "sparse"))]
+    assert len(rows) == 12  # (dense, bucket, renorm) x (forward_kl, jsd) x (off, on)

@@ -54,13 +54,19 @@ def test_every_backend_fills_the_contract():
             # Optional: the torch backend's autograd graphs, the sparse kernels (a backend
             # without them is skipped by auto for sparse_kd_loss) and several teachers (the
             # backends of MULTI_TEACHER_BACKENDS only).
+            # The per-token diagnostics: the backends of STATS_BACKENDS.
             if field.name not in ("differentiable_loss", "differentiable_sparse_loss", "sparse_forward",
                                   "sparse_forward_inplace", "multi_forward", "multi_forward_inplace",
-                                  "differentiable_multi_loss"):
+                                  "differentiable_multi_loss", "forward_stats", "forward_stats_inplace",
+                                  "sparse_forward_stats", "sparse_forward_stats_inplace"):
                 assert getattr(backend, field.name) is not None, (backend.name, field.name)
         assert (backend.sparse_forward is None) == (backend.sparse_forward_inplace is None), backend.name
-        several = backend.name in _dispatch.MULTI_TEACHER_BACKENDS
-        assert (backend.multi_forward is not None) == several, backend.name
-        assert (backend.multi_forward_inplace is not None) == several, backend.name
+        if backend.name in _dispatch.MULTI_TEACHER_BACKENDS:
+            assert backend.multi_forward is not None and backend.multi_forward_inplace is not None, backend.name
+        if backend.name in _dispatch.STATS_BACKENDS:
+            assert backend.forward_stats is not None and backend.forward_stats_inplace is not None, backend.name
+            if backend.sparse_forward is not None:
+                assert backend.sparse_forward_stats is not None, backend.name
+                assert backend.sparse_forward_stats_inplace is not None, backend.name
     assert _dispatch.get_backend("torch").differentiable_loss is not None
     assert _dispatch.get_backend("torch").differentiable_sparse_loss is not None

@@ -46,6 +46,66 @@ inline Acc exp_chunk(const Acc* x, Acc m, int64_t n, Acc* e) {
   return z;
 }
 
+// What return_stats (kd_params.h: kStatsWidth) gathers of one side of a row during the
+// row_stats sweep, the sweep that finds the maximum and forms the exponentials:
+//   arg    the first column of the row's maximum. A chunk that raises the running maximum
+//          (strictly: an equal maximum in a later chunk leaves the earlier column) is searched
+//          for the first entry equal to its maximum while it is in L1: nothing is added to the
+//          vectorised max loop, and only the chunks that raise the maximum are searched.
+//   xlogx  sum_i e_i (x_i - m), e_i = exp(x_i - m), against the running maximum m that the
+//          sum-exp Z uses (moved with it), so that -sum p log p = log Z - xlogx / Z: two terms
+//          >= 0, no cancellation of lse against sum p x when the logits are large; an entry
+//          with e_i = 0 adds 0 (0 log 0 = 0; a -inf logit is no NaN).
+template <typename Acc>
+struct SideStats {
+  int64_t arg = 0;     // an all -inf row has no maximum: column 0, as torch.argmax
+  double xlogx = 0.0;
+
+  // The chunk x[0, n) starting at column c0 raised the running maximum from old_max (with
+  // sum-exp `sum` against it) to its own maximum new_max.
+  void raise(const Acc* x, int64_t c0, int64_t n, double sum, Acc old_max, Acc new_max) {
+    if (sum != 0.0) {
+      xlogx = (xlogx + (static_cast<double>(old_max) - static_cast<double>(new_max)) * sum) *
+              static_cast<double>(exp_approx(old_max - new_max));
+    }
+    // The lowest i with x_i == new_max, as a vectorised min (no early exit: 1/16 of the
+    // scalar search's steps); n <= kChunk fits int32 lanes.
+    int32_t first = static_cast<int32_t>(n - 1);
+#pragma omp simd reduction(min : first)
+    for (int32_t i = 0; i < static_cast<int32_t>(n); ++i) first = std::min(first, x[i] == new_max ? i : first);
+    arg = c0 + first;
+  }
+
+  // -sum p log p, given the sum-exp Z against the final maximum.
+  double entropy(double sum) const { return std::log(sum) - xlogx / sum; }
+};
+
+// Where the row_stats sweeps with SideStats store a -inf logit (x_i = max(x_i, kStatsFloor),
+// the lowest finite value; nothing else changes): its e_i is 0 as before, and e_i (x_i - m)
+// is 0 * finite = 0, not 0 * -inf = NaN, without a clamp in the exp loop, which is bound by
+// its vector ALU ops (the max loop that stores x is bound by memory: a max there is free).
+// The running maxima are taken before the floor, so a row of -inf keeps its -inf maximum.
+// (x_i - m overflows to -inf only for a maximum m above 1e31 in float: NaN entropies there.)
+template <typename Acc>
+constexpr Acc kStatsFloor = std::numeric_limits<Acc>::lowest();
+
+// exp_chunk that also adds sum_i e_i (x_i - m) to `xlogx` (SideStats); x_i >= kStatsFloor or NaN.
+template <typename Acc>
+inline Acc exp_chunk(const Acc* x, Acc m, int64_t n, Acc* e, double& xlogx) {
+  if (m == kNegInf<Acc>) return exp_chunk(x, m, n, e);
+  Acc z = 0, zu = 0;
+#pragma omp simd reduction(+ : z, zu)
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc u = x[i] - m;
+    const Acc v = exp_approx(u);
+    e[i] = v;
+    z += v;
+    zu += v * u;
+  }
+  xlogx += static_cast<double>(zu);
+  return z;
+}
+
 // Whether the logit options are on (csrc/kd_params.h): the kernels then take their
 // options' path, chosen once per call, so the plain path's loops stay those without them.
 inline bool has_logit_options(const ExactParams& x) {

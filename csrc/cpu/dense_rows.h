@@ -103,10 +103,12 @@ struct Stats {
 // `st`. With `fixed` set, the maxima come from `st` (external row statistics) and only the
 // cache is filled. With the logit options (kOptions), each side's logits are transformed on
 // load (s'/kappa also into c.v, for write_grad) and the statistics are those of s', t',
-// with sum s' in st.sum_sp; without, the sweep is the plain one.
-template <bool kOptions, typename Acc, typename TS, typename TT>
+// with sum s' in st.sum_sp; without, the sweep is the plain one. With kStats (return_stats,
+// not with `fixed`), each side's argmax and centred sum e (x - m) into side[0] (student) and
+// side[1] (teacher); without, the sweep is the one without them.
+template <bool kOptions, bool kStats, typename Acc, typename TS, typename TT>
 void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool with_raw, bool fixed, bool keep_a,
-              const RowCache<Acc>& c, Stats<Acc>& st) {
+              const RowCache<Acc>& c, Stats<Acc>& st, SideStats<Acc>* side = nullptr) {
   const Acc inv_t = static_cast<Acc>(x.inv_temperature);
   const Acc temp = static_cast<Acc>(x.temperature);
   Acc* const a_row = c.a;
@@ -139,8 +141,8 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
             const Acc x = sv * inv_t;
             const Acc y = tv * inv_t;
             vc[i] = v;
-            ac[i] = x;
-            bc[i] = y;
+            ac[i] = kStats ? std::max(x, kStatsFloor<Acc>) : x;
+            bc[i] = kStats ? std::max(y, kStatsFloor<Acc>) : y;
             dc[i] = (tv - sv) * inv_t;
             ms = std::max(ms, x);
             mt = std::max(mt, y);
@@ -157,8 +159,8 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
         const Acc sv = static_cast<Acc>(s[c0 + i]), tv = static_cast<Acc>(t[c0 + i]);
         const Acc x = sv * inv_t;
         const Acc y = tv * inv_t;
-        ac[i] = x;
-        bc[i] = y;
+        ac[i] = kStats ? std::max(x, kStatsFloor<Acc>) : x;  // cpu_rows.h: kStatsFloor
+        bc[i] = kStats ? std::max(y, kStatsFloor<Acc>) : y;
         dc[i] = (tv - sv) * inv_t;
         cmax_s = std::max(cmax_s, x);
         cmax_t = std::max(cmax_t, y);
@@ -167,11 +169,13 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
     if (keep_a) std::copy(ac, ac + n, a_row + c0);
     if (!fixed) {
       if (cmax_s > st.max_s) {
+        if constexpr (kStats) side[0].raise(ac, c0, n, st.sum_s, st.max_s, cmax_s);
         st.sum_s = rescale(st.sum_s, st.max_s, cmax_s, Acc(1));
         st.sum_raw = rescale(st.sum_raw, st.max_s, cmax_s, temp);
         st.max_s = cmax_s;
       }
       if (cmax_t > st.max_t) {
+        if constexpr (kStats) side[1].raise(bc, c0, n, st.sum_t, st.max_t, cmax_t);
         st.sum_t = rescale(st.sum_t, st.max_t, cmax_t, Acc(1));
         st.max_t = cmax_t;
       }
@@ -185,8 +189,14 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
       for (int64_t i = 0; i < n; ++i) zr += exp_approx(temp * (ac[i] - ms));
       st.sum_raw += static_cast<double>(zr);
     }
-    const Acc zs = exp_chunk(ac, ms, n, ac);
-    const Acc zt = exp_chunk(bc, mt, n, bc);
+    Acc zs, zt;
+    if constexpr (kStats) {
+      zs = exp_chunk(ac, ms, n, ac, side[0].xlogx);
+      zt = exp_chunk(bc, mt, n, bc, side[1].xlogx);
+    } else {
+      zs = exp_chunk(ac, ms, n, ac);
+      zt = exp_chunk(bc, mt, n, bc);
+    }
     if (!fixed) {
       st.sum_s += static_cast<double>(zs);
       st.sum_t += static_cast<double>(zt);
@@ -585,6 +595,16 @@ struct StudentRows {
   // vocab_start (a label elsewhere is no error: its one-hot is another slice's).
   bool shard = false;
   int64_t vocab_start = 0;
+  // return_stats: the per-token diagnostics [N, kStatsWidth] (kd_params.h), or nullptr.
+  Acc* stats_out = nullptr;
+
+  // The diagnostics of a row that does not count (ignored, or a NaN row): NaN, and no agreement.
+  void blank_stats(int64_t row) const {
+    if (stats_out == nullptr) return;
+    Acc* o = stats_out + row * kStatsWidth;
+    for (int i = 0; i < kStatsWidth; ++i) o[i] = std::numeric_limits<Acc>::quiet_NaN();
+    o[2] = Acc(0);
+  }
 
   void fill_grad_row(TS* g, float value) const {
     const TS v = static_cast<TS>(value);
@@ -606,6 +626,7 @@ struct StudentRows {
     if (label == p.ignore_index) {
       set_loss(row, Acc(0));
       fill_grad_row(grad + row * g_stride, 0.0f);
+      blank_stats(row);
       return false;
     }
     if (shard) {
@@ -614,6 +635,7 @@ struct StudentRows {
     } else if (label < 0 || label >= V) {
       set_loss(row, std::numeric_limits<Acc>::quiet_NaN());
       fill_grad_row(grad + row * g_stride, std::numeric_limits<float>::quiet_NaN());
+      blank_stats(row);
       return false;
     }
     return true;
@@ -624,10 +646,12 @@ struct StudentRows {
   // `divergence(gdiv, with_terms, g, label_column)` writes gdiv dD/da with the hard-label
   // terms and returns its DivergencePart (teacher_divergence, or a mixture's); then the
   // label's entry, the padding and the loss. div_factor scales the divergence term (a
-  // teacher's weight in a sum of divergences; 1 for one teacher, exactly).
+  // teacher's weight in a sum of divergences; 1 for one teacher, exactly). With `side`
+  // (return_stats: the student's and the teacher's SideStats from row_stats), the row's
+  // diagnostics into stats_out.
   template <bool kOptions, typename Div>
   void finish(int64_t row, const RowCache<Acc>& c, const Stats<Acc>& st, Acc lse_s, int64_t label,
-              double div_factor, const Div& divergence) const {
+              double div_factor, const Div& divergence, const SideStats<Acc>* side = nullptr) const {
     const int64_t V = p.vocab_size;
     const TS* srow = s + row * s_stride;
     TS* grow = grad + row * g_stride;
@@ -701,6 +725,15 @@ struct StudentRows {
     }
     for (int64_t i = V; i < g_width; ++i) grow[i] = static_cast<TS>(0.0f);
     set_loss(row, row_loss);
+    if (stats_out != nullptr && side != nullptr) {
+      // H(p), H(q), top-1 agreement, D (before div_weight), 0: kd_params.h, kStatsWidth.
+      Acc* o = stats_out + row * kStatsWidth;
+      o[0] = static_cast<Acc>(side[1].entropy(st.sum_t));
+      o[1] = static_cast<Acc>(side[0].entropy(st.sum_s));
+      o[2] = side[0].arg == side[1].arg ? Acc(1) : Acc(0);
+      o[3] = div.value;
+      o[4] = Acc(0);
+    }
   }
 };
 
@@ -751,6 +784,8 @@ struct RowKernel : StudentRows<TS, Acc_> {
     const bool need_raw = with_raw && x.temperature != 1.0;
     const bool keep_a = !kOptions && need_raw;
     Stats<Acc> st;
+    SideStats<Acc> side[2];  // return_stats: the student's, the teacher's
+    const bool with_stats = this->stats_out != nullptr;
     if (stats_in != nullptr) {
       const Acc* r = stats_in + row * kRowStatsWidth;
       st.max_s = r[0];
@@ -758,9 +793,11 @@ struct RowKernel : StudentRows<TS, Acc_> {
       st.max_t = r[2];
       st.sum_t = r[3];
       st.sum_raw = r[4];
-      row_stats<kOptions>(srow, t + row * t_stride, V, x, false, /*fixed=*/true, keep_a, c, st);
+      row_stats<kOptions, false>(srow, t + row * t_stride, V, x, false, /*fixed=*/true, keep_a, c, st);
+    } else if (with_stats) {
+      row_stats<kOptions, true>(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, keep_a, c, st, side);
     } else {
-      row_stats<kOptions>(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, keep_a, c, st);
+      row_stats<kOptions, false>(srow, t + row * t_stride, V, x, need_raw, /*fixed=*/false, keep_a, c, st);
     }
     if (with_raw && !need_raw) st.sum_raw = st.sum_s;
     const Acc lse_s = st.max_s + static_cast<Acc>(std::log(st.sum_s));
@@ -777,7 +814,8 @@ struct RowKernel : StudentRows<TS, Acc_> {
         row, c, st, lse_s, label, div_factor, [&](Acc gdiv, const auto& with_terms, TS* g, int64_t column) {
           return teacher_divergence(c, V, delta, p.divergence, x, gdiv, with_terms, g, column, row_sums_in,
                                     row_sums_out);
-        });
+        },
+        with_stats && stats_in == nullptr ? side : nullptr);
   }
 };
 

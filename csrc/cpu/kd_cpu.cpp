@@ -42,7 +42,7 @@ void stats_rows(const TS* s, int64_t s_stride, const TT* t, int64_t t_stride, in
     for (int64_t r = begin; r < end; ++r) {
       Stats<Acc> st;
       const bool raw_differs = with_raw && x.temperature != 1.0;
-      row_stats<kOptions>(s + r * s_stride, t + r * t_stride, V, x, raw_differs, /*fixed=*/false, /*keep_a=*/false,
+      row_stats<kOptions, false>(s + r * s_stride, t + r * t_stride, V, x, raw_differs, /*fixed=*/false, /*keep_a=*/false,
                           c, st);
       if (!raw_differs) st.sum_raw = with_raw ? st.sum_s : 0.0;
       Out* o = out + r * width;
@@ -96,7 +96,10 @@ void op_forward(const ForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
   if (args.student.size(0) == 0) return;
   const at::Tensor stats = stats_in_acc(args);
   dispatch_pair(args.student.scalar_type(), args.teacher.scalar_type(), [&](auto s0, auto t0) {
-    run_rows(row_kernel<decltype(s0), decltype(t0)>(args, stats, loss, grad), args.student.size(0));
+    auto k = row_kernel<decltype(s0), decltype(t0)>(args, stats, loss, grad);
+    // The diagnostics are in the loss dtype, the kernel's accumulation type (ops.cpp: kd_forward_stats).
+    if (args.stats) k.stats_out = args.stats->data_ptr<typename decltype(k)::Acc>();
+    run_rows(k, args.student.size(0));
   });
 }
 
@@ -195,7 +198,9 @@ void op_scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
 const DeviceOps& device_ops() {
   static const DeviceOps ops{&op_empty_grad,      &op_forward,        &op_row_stats,        &op_scale_grad,
                              &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad, &sparse_forward,
-                             &multi_forward};
+                             &multi_forward,
+                             /*forward_writes_stats=*/true,  // return_stats: StudentRows::stats_out
+                             /*sparse_forward_writes_stats=*/true};  // SparseRowKernel::stats
   return ops;
 }
 

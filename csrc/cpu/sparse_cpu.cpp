@@ -83,6 +83,7 @@ struct Slot {
   double lp;  // the teacher's log-prob
   double s;   // the student's raw logit at id, read before any write to the row
   double g;   // dD/da at id
+  int64_t k;  // the slot's place in the row as given (return_stats: the first slot among ties)
 };
 
 // Reads row `row`'s slots into `out`; false when an id is >= V or repeated.
@@ -98,7 +99,7 @@ bool load_slots(const void* ids_v, const void* lp_v, int64_t row, int64_t K, int
     const int64_t id = static_cast<int64_t>(ids[k]);
     if (id < 0) continue;  // an empty slot: its log-prob is never read
     if (id >= V) return false;
-    out.push_back(Slot{id, static_cast<double>(lp[k]), 0.0, 0.0});
+    out.push_back(Slot{id, static_cast<double>(lp[k]), 0.0, 0.0, k});
   }
   std::sort(out.begin(), out.end(), [](const Slot& x, const Slot& y) { return x.id < y.id; });
   for (size_t k = 1; k < out.size(); ++k)
@@ -226,6 +227,24 @@ struct SparseRowKernel {
   ExactParams x;
   double grad_scale;
   bool stream;    // write the gradient with non-temporal stores (a gradient far larger than the caches)
+  // return_stats: the per-token diagnostics [N, kStatsWidth] in the loss's dtype, or nullptr.
+  void* stats = nullptr;
+
+  // Row `row` of the diagnostics: P, H(q), agreement, D, Q (kd_params.h: kStatsWidth).
+  void put_stats(int64_t row, double P, double Hq, bool agree, double D, double Q) const {
+    const double v[kStatsWidth] = {P, Hq, agree ? 1.0 : 0.0, D, Q};
+    for (int i = 0; i < kStatsWidth; ++i) {
+      if (loss_f64)
+        static_cast<double*>(stats)[row * kStatsWidth + i] = v[i];
+      else
+        static_cast<float*>(stats)[row * kStatsWidth + i] = static_cast<float>(v[i]);
+    }
+  }
+
+  // The diagnostics of a row that does not count (ignored, or a NaN row): NaN, no agreement.
+  void blank_stats(int64_t row) const {
+    if (stats != nullptr) put_stats(row, kNaN, kNaN, false, kNaN, kNaN);
+  }
 
   void put_loss(int64_t row, double v) const {
     if (loss_f64)
@@ -242,10 +261,11 @@ struct SparseRowKernel {
   // Phase row_stats: the row into `e` (exp(a_i - m(c)), 0 at the support), m(c) into `ref`;
   // plain, `a` = s/T kept where given; with the logit options, the student's transformed
   // row s'/kappa into `a` (Transform::student), a = s'/T, and sum s' into sum_sp. Returns M
-  // and the sums through the references.
-  template <bool kOptions>
+  // and the sums through the references. With kStats (return_stats), the student's argmax
+  // and its centred sum e (a - M) off the support into `side` (cpu_rows.h: SideStats).
+  template <bool kOptions, bool kStats>
   void row_stats(const TS* srow, int64_t V, const std::vector<Slot>& slots, bool need_raw, Acc* e, Acc* a,
-                 Acc* ref, Acc& M, double& sum_off, double& sum_raw, double& sum_sp) const {
+                 Acc* ref, Acc& M, double& sum_off, double& sum_raw, double& sum_sp, SideStats<Acc>* side) const {
     const Acc inv_t = static_cast<Acc>(x.inv_temperature);
     const Acc temp = static_cast<Acc>(x.temperature);
     const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
@@ -268,7 +288,7 @@ struct SparseRowKernel {
         for (int64_t i = 0; i < n; ++i) {
           const Acc sv = kappa * vc[i];
           const Acc v = sv * inv_t;
-          ac[i] = v;
+          ac[i] = kStats ? std::max(v, kStatsFloor<Acc>) : v;  // cpu_rows.h: kStatsFloor
           cmax = std::max(cmax, v);
           part += sv;
         }
@@ -277,12 +297,13 @@ struct SparseRowKernel {
 #pragma omp simd reduction(max : cmax)
         for (int64_t i = 0; i < n; ++i) {
           const Acc v = static_cast<Acc>(srow[c0 + i]) * inv_t;
-          ac[i] = v;
+          ac[i] = kStats ? std::max(v, kStatsFloor<Acc>) : v;
           cmax = std::max(cmax, v);
         }
         if (a != nullptr) std::copy(ac, ac + n, a + c0);
       }
       if (cmax > M) {
+        if constexpr (kStats) side->raise(ac, c0, n, sum_off, M, cmax);  // before the support is masked
         sum_off = rescale(sum_off, M, cmax, Acc(1));
         sum_raw = rescale(sum_raw, M, cmax, temp);
         M = cmax;
@@ -294,8 +315,13 @@ struct SparseRowKernel {
         for (int64_t i = 0; i < n; ++i) zr += exp_approx(temp * (ac[i] - M));
         sum_raw += static_cast<double>(zr);
       }
-      for (; next < slots.size() && slots[next].id < c0 + n; ++next) ac[slots[next].id - c0] = neg_inf;
-      sum_off += static_cast<double>(exp_chunk(ac, M, n, ac));
+      const Acc masked = kStats ? kStatsFloor<Acc> : neg_inf;  // the support's e: 0 (cpu_rows.h: kStatsFloor)
+      for (; next < slots.size() && slots[next].id < c0 + n; ++next) ac[slots[next].id - c0] = masked;
+      if constexpr (kStats) {
+        sum_off += static_cast<double>(exp_chunk(ac, M, n, ac, side->xlogx));
+      } else {
+        sum_off += static_cast<double>(exp_chunk(ac, M, n, ac));
+      }
     }
   }
 
@@ -338,11 +364,13 @@ struct SparseRowKernel {
       if (label == p.ignore_index) {
         put_loss(row, 0.0);
         fill_row(grow, 0.0, 0);
+        blank_stats(row);
         return;
       }
       if (label < 0 || label >= V) {
         put_loss(row, kNaN);
         fill_row(grow, kNaN, 0);
+        blank_stats(row);
         return;
       }
     }
@@ -350,6 +378,7 @@ struct SparseRowKernel {
     if (!load(ids, lp, row, K, V, slots)) {  // an id >= V or twice: NaN marks the row
       put_loss(row, kNaN);
       fill_row(grow, kNaN, 0);
+      blank_stats(row);
       return;
     }
     const int64_t B = static_cast<int64_t>(slots.size());
@@ -366,6 +395,9 @@ struct SparseRowKernel {
     }
     const double inv_t = x.inv_temperature, temp = x.temperature;
     const bool need_stats = p.tail != Tail::Renorm || with_raw;
+    // return_stats needs the sweep for H(q), Q and the student's argmax: with the renorm tail
+    // and no CE term or z-loss, the one read of the row the loss itself skips.
+    const bool sweep = need_stats || stats != nullptr;
     const bool need_raw = with_raw && temp != 1.0;
 
     // Phase row_stats.
@@ -378,11 +410,20 @@ struct SparseRowKernel {
     Acc* const ref = e + V;
     Acc* const a = with_a ? ref + nc : nullptr;
     Acc M = 0;
-    double sum_off = 0.0, sum_raw = 0.0, sum_sp = 0.0, lse = 0.0, lse_raw = 0.0;
-    if (need_stats) {
-      row_stats<kOptions>(srow, V, slots, need_raw, e, a, ref, M, sum_off, sum_raw, sum_sp);
-      double sum_s = 0.0;
-      for (const Slot& sl : slots) sum_s += std::exp(sl.s * inv_t - static_cast<double>(M));
+    double sum_off = 0.0, sum_raw = 0.0, sum_sp = 0.0, lse = 0.0, lse_raw = 0.0, sum_s = 0.0;
+    SideStats<Acc> side;  // return_stats: the student's argmax and centred sum off the support
+    double xlogx_support = 0.0;  // return_stats: sum_S e_j (a_j - M), beside sum_S
+    if (sweep) {
+      if (stats != nullptr) {
+        row_stats<kOptions, true>(srow, V, slots, need_raw, e, a, ref, M, sum_off, sum_raw, sum_sp, &side);
+      } else {
+        row_stats<kOptions, false>(srow, V, slots, need_raw, e, a, ref, M, sum_off, sum_raw, sum_sp, nullptr);
+      }
+      for (const Slot& sl : slots) {
+        const double u = sl.s * inv_t - static_cast<double>(M), e_j = std::exp(u);
+        sum_s += e_j;
+        if (stats != nullptr) xlogx_support += e_j == 0.0 ? 0.0 : e_j * u;  // 0 log 0 = 0
+      }
       const double log_all = std::log(sum_off + sum_s);
       lse = static_cast<double>(M) + log_all;
       lse_raw = need_raw ? temp * static_cast<double>(M) + std::log(sum_raw) : lse;
@@ -524,6 +565,31 @@ struct SparseRowKernel {
     if (with_z) row_loss += x.z_loss * lse_raw * lse_raw;
     fill_row(grow, 0.0, V);
     put_loss(row, row_loss);
+    if (stats != nullptr) write_stats(row, slots, side.arg, side.xlogx + xlogx_support, sum_off + sum_s, sum_s, lse_p, D);
+  }
+
+  // return_stats of a counted row: P = exp(lse_p); H(q) = log Z - sum e (a - M) / Z over the
+  // vocabulary (`xlogx`: SideStats off the support plus the support's, in double); Q =
+  // sum_S / Z; agreement of the student's argmax with the teacher's best id (the valid
+  // slot of highest log-prob, the first slot as given among ties; NaN ranks first, and with
+  // every log-prob -inf the first slot as given, as torch.argmax over the K slots), never
+  // without a valid id.
+  void write_stats(int64_t row, const std::vector<Slot>& slots, int64_t student_arg, double xlogx, double Z,
+                   double sum_s, double lse_p, double D) const {
+    const Slot* best = nullptr;
+    for (const Slot& sl : slots) {
+      const bool better = best == nullptr ||
+                          (std::isnan(sl.lp) ? !std::isnan(best->lp) || sl.k < best->k
+                                             : !std::isnan(best->lp) && (sl.lp > best->lp || (sl.lp == best->lp && sl.k < best->k)));
+      if (better) best = &sl;
+    }
+    int64_t best_id = -1;
+    if (best != nullptr) {
+      best_id = best->id;
+      // Every log-prob -inf: torch.argmax picks slot 0, valid or not (an empty slot's id reads as 0).
+      if (best->lp == -kInf && best->k != 0) best_id = 0;
+    }
+    put_stats(row, std::exp(lse_p), std::log(Z) - xlogx / Z, best_id >= 0 && best_id == student_arg, D, sum_s / Z);
   }
 };
 
@@ -541,6 +607,7 @@ void sparse_forward(const SparseForwardArgs& args, at::Tensor& loss, at::Tensor&
                           loss.scalar_type() == at::kDouble, grad.data_ptr<TS>(), grad.stride(0), grad.size(1),
                           args.params, args.exact, grad_scale,
                           n_rows * grad.size(1) * static_cast<int64_t>(sizeof(TS)) >= kStreamBytes};
+    if (args.stats) k.stats = args.stats->data_ptr();  // the loss's dtype (ops.cpp: sparse_kd_forward_stats)
     for_each_row(n_rows, [&](int64_t r) { k(r); });
   });
 }

@@ -75,10 +75,10 @@ from . import launch
 from .launch import (base_lead, ce_mode, kernel_launch, launch_config, logit_options, peel_columns, vocab_splits,
                      warps_for)
 from .rows import (CE_RAW, CE_SHARED, LN2, LOG2E, OPT_NO_CE, OPT_SMOOTH, ROW_STATS_WIDTH, STATS_WIDTH,
-                   add_block_sums, aligned_base, anchor, anchors, entropy_terms, fill_row, hard_label_grads,
-                   hard_label_loss, load_block, load_pair, row_base, row_stats_block, row_stats_sweep,
-                   row_stats_sweep_top1, row_lead, store_blank_stats, store_stats, student_x, sum_pair, write_grad,
-                   write_grad_block, zero32, zero64)
+                   add_block_sums, aligned_base, anchor, anchors, entropy_terms, fill_row, first_max_column,
+                   hard_label_grads, hard_label_loss, load_block, load_pair, row_base, row_stats_block,
+                   row_stats_sweep, row_stats_sweep_top1, row_lead, store_blank_stats, store_stats, student_x, sum3,
+                   sum_pair, write_grad, write_grad_block, zero32, zero64)
 
 DIVERGENCE_IDS = {name: i for i, name in enumerate(DIVERGENCES)}  # the kernels' ids (fastkd/config.py)
 _FORWARD_KL = tl.constexpr(DIVERGENCE_IDS["forward_kl"])
@@ -314,14 +314,19 @@ def _write_grad_sweep_stats(s_base, t_base, g_base, lead, begin, end, V, g_width
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     kl_pm = zero32()
     sum_s = zero32()
-    e_p = zero32()
-    e_q = zero32()
+    # The entropies' sums: per-lane running sums, except for JSD, whose block sum of
+    # p (log p - log m) takes them in its reduction (as vectors beside its centring they spilled).
+    if DIVERGENCE == _JSD:
+        e_p = zero32()
+        e_q = zero32()
+    else:
+        e_p = tl.zeros([BLOCK], dtype=tl.float32)
+        e_q = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(begin, end, BLOCK):
         s, t, block_cols = load_block(s_base, t_base, start, lead, V, xo, BLOCK, PEEL, OPTS)
-        if STATS:
-            b_p, b_q = sum_pair(entropy_terms(t * c, lse2_t), entropy_terms(s * c, lse2_s))
-            e_p += b_p
-            e_q += b_q
+        if STATS and DIVERGENCE != _JSD:
+            e_p += entropy_terms(t * c, lse2_t)
+            e_q += entropy_terms(s * c, lse2_s)
         if (_SMOOTH & OPTS) != 0:
             sum_s += tl.sum(tl.where((block_cols >= 0) & (block_cols < V), s, 0.0), axis=0)
         if DIVERGENCE == _FORWARD_KL:
@@ -333,10 +338,19 @@ def _write_grad_sweep_stats(s_base, t_base, g_base, lead, begin, end, V, g_width
         else:
             q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
             if DIVERGENCE == _JSD:
-                kl_pm += tl.sum(pm, axis=0)
+                if STATS:
+                    b_pm, b_p, b_q = sum3(pm, entropy_terms(t * c, lse2_t), entropy_terms(s * c, lse2_s))
+                    kl_pm += b_pm
+                    e_p += b_p
+                    e_q += b_q
+                else:
+                    kl_pm += tl.sum(pm, axis=0)
             w = _centre(q, h, k0, k1, k2, k3)
         write_grad_block(g_base, start, block_cols, V, g_width, s, w, gdiv, label, lse2_r, gh, xo, CE, BLOCK, PEEL,
                          OPTS)
+    if DIVERGENCE != _JSD:
+        e_p = tl.sum(e_p, axis=0)
+        e_q = tl.sum(e_q, axis=0)
     if DIVERGENCE == _FORWARD_KL:
         return tl.sum(acc, axis=0), sum_s, e_p, e_q
     else:
@@ -426,8 +440,8 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
         e_p, e_q = zero32(), zero32()
         if SINGLE_BLOCK:
             e_p, e_q = sum_pair(entropy_terms(t * c, lse2_t), entropy_terms(s * c, lse2_s))
-            col_s = tl.argmax(s, axis=0)  # tie_break_left: the first column among equal maxima
-            col_t = tl.argmax(t, axis=0)
+            col_s = first_max_column(s, m_s, cols)
+            col_t = first_max_column(t, m_t, cols)
 
     # row_sums and write_grad.
     if DIVERGENCE == _FORWARD_KL:
@@ -617,7 +631,8 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSe
     # under torch.compile beta may have been a traced value there.
     divergence = resolve_divergence(k.divergence, k.beta)
     opts, xo = logit_options(k)
-    cfg = launch_config(k.vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE, opts != 0)
+    cfg = launch_config(k.vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE, opts != 0,
+                        stats_out is not None)
     peel = 0 if cfg.single_block else peel_columns(k.vocab_size, divergence, student, teacher, grad)
     c, inv_t, temp, log2_beta, log2_1mb = kernel_scalars(k.inv_temperature, k.beta)
     # Few rows at a large V: the vocabulary split across programs (split.py). A caller's

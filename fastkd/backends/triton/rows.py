@@ -59,6 +59,7 @@ def _interpreting() -> bool:
 
 INTERPRETED = tl.constexpr(_interpreting())
 _STATS_WIDTH = tl.constexpr(STATS_WIDTH)
+NO_COLUMN = tl.constexpr(2 ** 31 - 1)  # no argmax column (first_max_column of a NaN maximum)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -274,10 +275,10 @@ def row_stats_sweep_top1(s_base, t_base, lead, begin, end, V, c, inv_temperature
                          TOP1: tl.constexpr):
     """``row_stats_sweep``, and with TOP1 each side's argmax column (the per-token
     diagnostics' top-1 agreement): (m_s, z_s, m_t, z_t, z_r, col_s, col_t), the columns 0
-    without TOP1. The block max becomes a max with its index (tie_break_left: the first
-    position among equal maxima) and a block replaces the running column only when its max
-    is strictly greater, so equal maxima in a later block keep the earlier (lower) column:
-    torch.argmax's rule. A row whose entries are all -inf keeps column 0, as torch's."""
+    without TOP1. Per block, the first column holding the block's max (``first_max_column``),
+    taken only when that max is strictly greater than the running one, so equal maxima in a
+    later block keep the earlier (lower) column: torch.argmax's rule. A row whose entries
+    are all -inf keeps column 0, as torch's."""
     m_s = float("-inf")
     m_t = float("-inf")
     a_s = float("-inf")
@@ -289,12 +290,12 @@ def row_stats_sweep_top1(s_base, t_base, lead, begin, end, V, c, inv_temperature
     z_t = tl.zeros([BLOCK], dtype=tl.float32)
     z_r = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(begin, end, BLOCK):
-        s, t, _ = load_block(s_base, t_base, start, lead, V, xo, BLOCK, PEEL, OPTS)
+        s, t, cols = load_block(s_base, t_base, start, lead, V, xo, BLOCK, PEEL, OPTS)
         if TOP1:
-            b_s, j_s = tl.max(s, axis=0, return_indices=True)
-            b_t, j_t = tl.max(t, axis=0, return_indices=True)
-            col_s = tl.where(b_s > m_s, start + j_s - lead, col_s)
-            col_t = tl.where(b_t > m_t, start + j_t - lead, col_t)
+            b_s = tl.max(s, axis=0)
+            b_t = tl.max(t, axis=0)
+            col_s = tl.where(b_s > m_s, first_max_column(s, b_s, cols), col_s)
+            col_t = tl.where(b_t > m_t, first_max_column(t, b_t, cols), col_t)
             m_s = tl.maximum(m_s, b_s)
             m_t = tl.maximum(m_t, b_t)
         else:
@@ -478,6 +479,15 @@ def entropy_terms(x, lse2):
 
 
 @triton.jit
+def first_max_column(x, m, cols):
+    """The first of ``cols`` where ``x`` holds its maximum ``m`` (torch.argmax's rule among
+    equal maxima), NO_COLUMN where none does (a NaN maximum). From the max the caller has:
+    one compare and select per element and an int min, where a max with indices would
+    carry the index through every step of the reduction."""
+    return tl.min(tl.where(x == m, cols, NO_COLUMN), axis=0)
+
+
+@triton.jit
 def _add2(a0, a1, b0, b1):
     return a0 + b0, a1 + b1
 
@@ -489,6 +499,20 @@ def sum_pair(a, b):
         return tl.sum(a, axis=0), tl.sum(b, axis=0)
     else:
         return tl.reduce((a, b), 0, _add2)
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def sum3(a, b, c):
+    """Three block sums in one joint reduction (``sum_pair``)."""
+    if INTERPRETED:
+        return tl.sum(a, axis=0), tl.sum(b, axis=0), tl.sum(c, axis=0)
+    else:
+        return tl.reduce((a, b, c), 0, _add3)
 
 
 @triton.jit

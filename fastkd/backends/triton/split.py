@@ -32,7 +32,7 @@ import triton.language as tl
 from .dense import (DIVERGENCE_IDS, _FORWARD_KL, _TVD, _divergence_value, _grad_constants, _row_sums_sweep,
                     _write_grad_sweep_stats)
 from .launch import kernel_launch
-from .rows import (CE_RAW, CE_SHARED, LN2, OPT_NO_CE, OPT_SMOOTH, STATS_WIDTH, aligned_base, anchor, anchors,
+from .rows import (CE_RAW, CE_SHARED, LN2, NO_COLUMN, OPT_NO_CE, OPT_SMOOTH, STATS_WIDTH, aligned_base, anchor, anchors,
                    hard_label_grads, hard_label_loss, row_base, row_lead, row_stats_sweep_top1, store_blank_stats,
                    store_stats, student_x, zero32, zero64)
 
@@ -45,7 +45,6 @@ _CE_RAW = tl.constexpr(CE_RAW)
 _SMOOTH = tl.constexpr(OPT_SMOOTH)
 _NO_CE = tl.constexpr(OPT_NO_CE)
 _STATS_WIDTH = tl.constexpr(STATS_WIDTH)
-_NO_COLUMN = tl.constexpr(2 ** 31 - 1)
 
 
 @triton.jit
@@ -153,9 +152,9 @@ def _combined_top1(part, top1, n_splits, SPLITS: tl.constexpr):
     m_t = tl.load(part + k * _PART_WIDTH + 2, mask=live, other=float("-inf"))
     c_s = tl.load(top1 + k * 2 + 0, mask=live, other=0)
     c_t = tl.load(top1 + k * 2 + 1, mask=live, other=0)
-    col_s = tl.min(tl.where(live & (m_s == tl.max(m_s, axis=0)), c_s, _NO_COLUMN), axis=0)
-    col_t = tl.min(tl.where(live & (m_t == tl.max(m_t, axis=0)), c_t, _NO_COLUMN), axis=0)
-    return (col_s == col_t) & (col_s != _NO_COLUMN)
+    col_s = tl.min(tl.where(live & (m_s == tl.max(m_s, axis=0)), c_s, NO_COLUMN), axis=0)
+    col_t = tl.min(tl.where(live & (m_t == tl.max(m_t, axis=0)), c_t, NO_COLUMN), axis=0)
+    return (col_s == col_t) & (col_s != NO_COLUMN)
 
 
 @triton.jit

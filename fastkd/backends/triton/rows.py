@@ -468,11 +468,12 @@ def fill_row(g_row, start, g_width, value, BLOCK: tl.constexpr):
 
 @triton.jit
 def entropy_terms(x, lse2):
-    """Per element x log2 x of x = 2^(x c - lse2) for ``x`` already in bits (s c or t c),
-    0 log 0 = 0: minus LN2 times their row sum is the entropy in nats. The log is the one
-    the divergence terms form (exp2 of the same FMA: the compiler shares it), so this adds
-    one multiply and one select per element. (Not lse - sum p b: that adds (1 - sum p) lse
-    of the fp32 mass's rounding, and cancels where the row is peaked.)"""
+    """Per element p log2 p, p = 2^(x - lse2), for logits ``x`` already in bits (s c or t c),
+    with 0 log 0 = 0: minus LN2 times their row sum is the entropy in nats. log2 p and p are
+    the ones the divergence terms form (the same FMA and exp2: the compiler shares them), so
+    this adds one multiply and one select per element (and the teacher's exp2 for reverse
+    KL, which forms no p). Not lse - sum p b, the same sum rearranged: that adds the fp32
+    mass's rounding (1 - sum p) times lse, and cancels where the row is peaked."""
     lx = x - lse2
     px = tl.exp2(lx)
     return tl.where(px == 0.0, 0.0, px * lx)

@@ -26,6 +26,12 @@ loop of the SASS (``loop_spills``, disassembled with cuobjdump): ptxas keeps a f
 per-teacher row scalars on the stack across a sweep, one store and one load per row.
 ``--only multi`` compiles those alone.
 
+The per-token diagnostics (return_stats=True) are a constexpr too (RETURN_STATS, with their
+output pointers None when off: constexprs, not parameters), so the kernels above compile as
+without them. Stats-on variants (``stats_jobs``) are reported like the options-on ones
+(measured: 4- to 8-byte spills of triton's ptxas in the JSD write passes; the launcher caps
+their single block at 8192 columns, as with the options).
+
 Run in a process where TRITON_INTERPRET is unset (the interpreter replaces @triton.jit at
 import time); this script clears it itself before importing triton:
 
@@ -91,7 +97,33 @@ def ptxas_tools():
     return tools
 
 
-def _forward_job(divergence, cfg, vocab, dtype_class, opts=0):
+def stats_constexprs(stats: bool) -> dict:
+    """The per-token diagnostics' kernel arguments (return_stats=True): off, their output
+    pointers are None (constexprs: the kernels compile as without them); on, fp32 tables
+    (the split path's argmax columns int32)."""
+    if not stats:
+        return dict(RETURN_STATS=False, STATS_OUT=None, TOP1_PART=None, STATS_PART=None)
+    return dict(RETURN_STATS=True)
+
+
+STATS_POINTERS = {"STATS_OUT": "*fp32", "TOP1_PART": "*i32", "STATS_PART": "*fp32"}
+
+
+def _stats_name(stats) -> str:
+    return " stats" if stats else ""
+
+
+def _with_stats_args(fn, constexprs, signature):
+    """The constexprs of ``fn``'s arguments among ``constexprs`` (every kernel does not take
+    every stats argument), with its stats pointers that are not constexprs (stats on) added
+    to ``signature``; returns (constexprs, those pointers' names: 16-byte aligned)."""
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    pointers = [a for a in STATS_POINTERS if a in fn.arg_names and a not in constexprs]
+    signature.update({a: STATS_POINTERS[a] for a in pointers})
+    return constexprs, pointers
+
+
+def _forward_job(divergence, cfg, vocab, dtype_class, opts=0, stats=False):
     from fastkd.backends.triton import dense, rows
 
     s_ty, t_ty = DTYPE_CLASSES[dtype_class]
@@ -106,14 +138,16 @@ def _forward_job(divergence, cfg, vocab, dtype_class, opts=0):
     }
     constexprs = dict(DIVERGENCE=dense.DIVERGENCE_IDS[divergence], HAS_LABELS=True, CE=rows.CE_RAW,
                       HAS_STATS=False, HAS_SUMS=False, SHARD=False, BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block,
-                      PEEL=peel, OPTS=opts)
+                      PEEL=peel, OPTS=opts, **stats_constexprs(stats))
+    constexprs, stats_pointers = _with_stats_args(fn, constexprs, signature)
     # As the JIT specialises a launch: 16-byte aligned pointers, and strides and widths
     # divisible by 16 where the vocabulary is (128256, 151936, ... are).
-    aligned = ["S", "T", "G", "LOSS", "LABELS", "GRAD_SCALE", "STATS", "SUMS"]
+    aligned = ["S", "T", "G", "LOSS", "LABELS", "GRAD_SCALE", "STATS", "SUMS"] + stats_pointers
     if vocab % 16 == 0:
         aligned += ["s_stride", "t_stride", "g_stride", "V", "g_width"]
     name = f"forward {divergence:10s} {'single' if cfg.single_block else 'multi '} block={cfg.block:<5d} " \
-           f"warps={cfg.num_warps:<2d} {dtype_class:6s} (V={vocab}{', peel' if peel else ''}){_opts_name(opts)}"
+           f"warps={cfg.num_warps:<2d} {dtype_class:6s} (V={vocab}{', peel' if peel else ''}){_opts_name(opts)}" \
+           f"{_stats_name(stats)}"
     return name, fn, signature, constexprs, aligned, cfg.num_warps, cfg.num_stages
 
 
@@ -152,7 +186,7 @@ def _scale_grad_job(dtype):
     return name, scale_grad.scale_grad_kernel, signature, constexprs, ["G", "GO", "g_stride", "width"], 8, 1
 
 
-def _split_job(kernel, divergence, cfg, vocab, dtype_class, opts=0):
+def _split_job(kernel, divergence, cfg, vocab, dtype_class, opts=0, stats=False):
     """A kernel of the vocabulary-split path (split.py) at a multi-block class, with the
     heaviest flags (labels, CE at T != 1) and the forward kernel's peel."""
     from fastkd.backends.triton import dense, launch, rows, split
@@ -163,8 +197,9 @@ def _split_job(kernel, divergence, cfg, vocab, dtype_class, opts=0):
     pointers = {"S": f"*{s_ty}", "T": f"*{t_ty}", "G": f"*{s_ty}", "LABELS": "*i64", "GRAD_SCALE": "*fp32",
                 "PART": "*fp32", "SUMS": "*fp64", "LOSS_PART": "*fp32"}
     constexprs = dict(DIVERGENCE=dense.DIVERGENCE_IDS[divergence], HAS_LABELS=True, CE=rows.CE_RAW,
-                      BLOCK=cfg.block, PEEL=peel, SPLITS=launch.MAX_SPLITS, OPTS=opts)
+                      BLOCK=cfg.block, PEEL=peel, SPLITS=launch.MAX_SPLITS, OPTS=opts, **stats_constexprs(stats))
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    pointers.update(STATS_POINTERS)
     signature = {a: pointers.get(a, "i32" if a in _SPLIT_INTS else "fp32")
                  for a in fn.arg_names if a not in constexprs}
     # The chunk is whole blocks (launch.vocab_splits): the JIT always specialises it % 16.
@@ -172,11 +207,12 @@ def _split_job(kernel, divergence, cfg, vocab, dtype_class, opts=0):
     if vocab % 16 == 0:
         aligned += [a for a in ("s_stride", "t_stride", "g_stride", "V", "g_width") if a in signature]
     name = f"split {kernel:10s} {divergence if kernel != 'row_stats' else '':10s} block={cfg.block:<5d} " \
-           f"warps={cfg.num_warps:<2d} {dtype_class:6s} (V={vocab}{', peel' if peel else ''}){_opts_name(opts)}"
+           f"warps={cfg.num_warps:<2d} {dtype_class:6s} (V={vocab}{', peel' if peel else ''}){_opts_name(opts)}" \
+           f"{_stats_name(stats)}"
     return name, fn, signature, constexprs, aligned, cfg.num_warps, cfg.num_stages
 
 
-def _sparse_job(divergence, tail, k, dtype_class, opts=0):
+def _sparse_job(divergence, tail, k, dtype_class, opts=0, stats=False):
     """The sparse-teacher kernel (fastkd/backends/triton/sparse.py) at the sweeps' full block,
     with labels and CE at T != 1; K slots in a power-of-two block (64: the benchmark's K;
     1024: the largest the issue asks for)."""
@@ -196,11 +232,13 @@ def _sparse_job(divergence, tail, k, dtype_class, opts=0):
         **OPTION_SCALARS,
     }
     constexprs = dict(DIVERGENCE=sparse.DIVERGENCE_IDS[divergence], TAIL=sparse.TAIL_IDS[tail], HAS_LABELS=True,
-                      CE=rows.CE_RAW, SWEEP=True, BLOCK=block, K_BLOCK=k_block, PERSISTENT=False, OPTS=opts)
+                      CE=rows.CE_RAW, SWEEP=True, BLOCK=block, K_BLOCK=k_block, PERSISTENT=False, OPTS=opts,
+                      **stats_constexprs(stats))
+    constexprs, stats_pointers = _with_stats_args(fn, constexprs, signature)
     aligned = ["S", "G", "IDS", "LPS", "SORTED", "LOSS", "LABELS", "GRAD_SCALE", "s_stride", "g_stride", "V",
-               "g_width"]
+               "g_width"] + stats_pointers
     name = f"sparse  {divergence:10s} {tail:6s} block={block:<5d} K={k_block:<4d} warps={warps:<2d} {dtype_class:6s}" \
-           f"{_opts_name(opts)}"
+           f"{_opts_name(opts)}{_stats_name(stats)}"
     return name, fn, signature, constexprs, aligned, warps, 1
 
 
@@ -261,7 +299,7 @@ def jobs():
     out.append(("sparse", ("forward_kl", "none", 64, "16bit")))
     for divergence in ("forward_kl", "jsd"):
         out.append(("sparse", (divergence, "bucket", 1024, "16bit")))
-    return out + multi_jobs() + options_jobs()
+    return out + multi_jobs() + options_jobs() + stats_jobs()
 
 
 MULTI_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
@@ -300,6 +338,26 @@ def options_jobs():
     return out
 
 
+def stats_jobs():
+    """Stats-on variants (return_stats=True: the per-token diagnostics, ``stats_constexprs``):
+    the forward kernel at every configuration class, the split passes that write them (the
+    row_stats pass once per peel, the write pass at each multi-block class) and the sparse
+    kernel, for 16-bit logits, options off. Reported like the options-on variants: they fail
+    the check when they do not compile or assemble, their spills are listed, not gating."""
+    from fastkd.backends.triton import launch
+
+    out = [("forward", (divergence, cfg, vocab, "16bit", 0, True))
+           for divergence, cfg, vocab in launch.config_classes(stats=True)]
+    for divergence, cfg, vocab in launch.split_config_classes(stats=True):
+        if divergence == "forward_kl" or _peel(divergence, cfg, vocab, "16bit") != _peel("forward_kl", cfg, vocab,
+                                                                                           "16bit"):
+            out.append(("split", ("row_stats", divergence, cfg, vocab, "16bit", 0, True)))
+        out.append(("split", ("write_grad", divergence, cfg, vocab, "16bit", 0, True)))
+    out += [("sparse", (divergence, "bucket", 64, "16bit", 0, True)) for divergence in ("forward_kl", "reverse_kl",
+                                                                                          "jsd", "tvd")]
+    return out
+
+
 def compile_one(kind, args):
     """Compile one configuration; returns a result dict (name, registers, spills per ptxas)."""
     import triton
@@ -321,6 +379,7 @@ def compile_one(kind, args):
     ptx = compiled.asm["ptx"]
     result = dict(name=name, kind=kind, shared=compiled.metadata.shared, compile_s=round(time.time() - t0, 2),
                   peeled=bool(constexprs.get("PEEL")), options=bool(constexprs.get("OPTS")),
+                  stats=bool(constexprs.get("RETURN_STATS")),
                   v4_loads=ptx.count("ld.global.v4"),
                   v4_stores=ptx.count("st.global.v4"), ptxas={})
     with tempfile.TemporaryDirectory() as tmp:
@@ -386,14 +445,15 @@ def spills_in_loops(result) -> bool:
 
 
 def gating(result) -> bool:
-    """Whether the result fails the check: a spill with the options off, or no assembly.
-    The several-teachers kernel's spills gate only inside a loop: ptxas keeps some of its
-    per-teacher row scalars (pointers, normalisers) on the stack across a sweep, one store
-    and one load per row, a cost it trades for occupancy and which no launch shape avoids
-    for every teacher count, divergence and mode."""
+    """Whether the result fails the check: a spill with the options and the stats off, or no
+    assembly. The several-teachers kernel's spills gate only inside a loop: ptxas keeps some of
+    its per-teacher row scalars (pointers, normalisers) on the stack across a sweep, one store
+    and one load per row, a cost it trades for occupancy and which no launch shape avoids for
+    every teacher count, divergence and mode."""
+    quiet = not result["options"] and not result.get("stats", False)
     if result["kind"] == "multi":
-        return assembly_failed(result) or (spills_in_loops(result) and not result["options"])
-    return assembly_failed(result) or (spills(result) and not result["options"])
+        return assembly_failed(result) or (spills_in_loops(result) and quiet)
+    return assembly_failed(result) or (spills(result) and quiet)
 
 
 def unvectorised_peel(result) -> bool:
@@ -420,7 +480,8 @@ def format_table(results) -> str:
             p = r["ptxas"].get(lab, {})
             cells.append(f"{'ERROR':>24s}" if "error" in p else
                          f"{p['registers']:>10d} / {p['spill_stores']:>4d} / {p['spill_loads']:<4d}  ")
-        flag = "  <-- SPILLS" if gating(r) else "  <-- spills (options on: reported)" if spills(r) and r["options"] \
+        flag = "  <-- SPILLS" if gating(r) else "  <-- spills (options or stats on: reported)" \
+            if spills(r) and (r["options"] or r.get("stats", False)) \
             else "  <-- spills outside loops (reported)" if spills(r) else ""
         flag += "  <-- PEEL NOT VECTORISED" if unvectorised_peel(r) else ""
         lines.append(f"{r['name']:64s} " + " ".join(cells) + f" {r['v4_loads']:>4d}/{r['v4_stores']:<4d}"
@@ -442,9 +503,11 @@ def main(argv=None) -> int:
     bad = [r["name"] for r in results if gating(r)]
     unvectorised = [r["name"] for r in results if unvectorised_peel(r)]
     with_options = [r for r in results if r["options"]]
+    with_stats = [r for r in results if r["stats"]]
     print(f"\n{len(results)} configurations compiled for sm_90a in {time.time() - t0:.1f}s; "
           f"{len(bad)} spill or fail to assemble; {len(unvectorised)} peeled without vector loads; "
-          f"options on: {sum(spills(r) for r in with_options)} of {len(with_options)} spill (reported, not gating)")
+          f"options on: {sum(spills(r) for r in with_options)} of {len(with_options)} spill, stats on: "
+          f"{sum(spills(r) for r in with_stats)} of {len(with_stats)} spill (reported, not gating)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -128,7 +128,7 @@ MULTI_TEACHER_BACKENDS = {"torch", "cpu", "triton"}
 # (return_stats=True; fastkd/backends/__init__.py), for dense and sparse teachers. Others
 # are refused as for the options above (``auto`` picks ``torch``, which computes them with
 # fastkd.stats in separate passes).
-STATS_BACKENDS = {"torch", "cpu"}
+STATS_BACKENDS = {"torch", "cpu", "triton"}
 
 
 def _runs_teachers(name: str, count: int) -> bool:

@@ -39,6 +39,8 @@ from .. import (KernelBackend, ShardPhases, fake_forward, fake_forward_inplace, 
                fake_shard_write_grad, fake_sparse_forward, fake_sparse_forward_inplace)
 # launch, rows, split: tests and the sm_90 check
 from . import dense, launch, multi, rows, scale_grad, shard, sparse, split  # noqa: F401
+from .. import (fake_forward_stats, fake_forward_stats_inplace, fake_sparse_forward_stats,  # return_stats
+                fake_sparse_forward_stats_inplace)
 from .launch import MAX_BLOCK, SINGLE_BLOCK_MAX, LaunchConfig, config_classes, launch_config  # noqa: F401
 from .rows import kernels_interpreted
 
@@ -121,6 +123,40 @@ def triton_kd_multi_forward_inplace(student: torch.Tensor, teachers: List[torch.
     return multi.forward_inplace(student, teachers, weights, labels, grad_scale, MultiKernelSettings(ints, floats))
 
 
+# The forwards with the per-token diagnostics (return_stats=True): the contract's stats table.
+@torch.library.custom_op("fastkd::triton_kd_forward_stats", mutates_args=())
+def triton_kd_forward_stats(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                            grad_scale: torch.Tensor, ints: List[int],
+                            floats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dense.forward_stats(student, teacher, labels, grad_scale, KernelSettings(ints, floats))
+
+
+@torch.library.custom_op("fastkd::triton_kd_forward_stats_inplace", mutates_args=("student",))
+def triton_kd_forward_stats_inplace(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                                    grad_scale: torch.Tensor, ints: List[int],
+                                    floats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return dense.forward_stats_inplace(student, teacher, labels, grad_scale, KernelSettings(ints, floats))
+
+
+@torch.library.custom_op("fastkd::triton_sparse_kd_forward_stats", mutates_args=())
+def triton_sparse_kd_forward_stats(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                                   labels: Optional[torch.Tensor], grad_scale: torch.Tensor, ints: List[int],
+                                   floats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return sparse.forward_stats(student, ids, logprobs, labels, grad_scale, SparseKernelSettings(ints, floats))
+
+
+@torch.library.custom_op("fastkd::triton_sparse_kd_forward_stats_inplace", mutates_args=("student",))
+def triton_sparse_kd_forward_stats_inplace(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                                           labels: Optional[torch.Tensor], grad_scale: torch.Tensor, ints: List[int],
+                                           floats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return sparse.forward_stats_inplace(student, ids, logprobs, labels, grad_scale,
+                                        SparseKernelSettings(ints, floats))
+
+
+triton_kd_forward_stats.register_fake(fake_forward_stats)
+triton_kd_forward_stats_inplace.register_fake(fake_forward_stats_inplace)
+triton_sparse_kd_forward_stats.register_fake(fake_sparse_forward_stats)
+triton_sparse_kd_forward_stats_inplace.register_fake(fake_sparse_forward_stats_inplace)
 triton_kd_forward.register_fake(fake_forward)
 triton_kd_multi_forward.register_fake(fake_multi_forward)
 triton_kd_multi_forward_inplace.register_fake(fake_multi_forward_inplace)
@@ -181,8 +217,30 @@ def _multi_forward_inplace(student, teachers, weights, labels, grad_scale, cfg):
                                                             *cfg.multi_kernel_settings())
 
 
+def _forward_stats(student, teacher, labels, grad_scale, cfg):
+    return torch.ops.fastkd.triton_kd_forward_stats(student, teacher, labels, grad_scale, *cfg.kernel_settings())
+
+
+def _forward_stats_inplace(student, teacher, labels, grad_scale, cfg):
+    return torch.ops.fastkd.triton_kd_forward_stats_inplace(student, teacher, labels, grad_scale,
+                                                            *cfg.kernel_settings())
+
+
+def _sparse_forward_stats(student, ids, logprobs, labels, grad_scale, cfg):
+    return torch.ops.fastkd.triton_sparse_kd_forward_stats(student, ids, logprobs, labels, grad_scale,
+                                                           *cfg.kernel_settings())
+
+
+def _sparse_forward_stats_inplace(student, ids, logprobs, labels, grad_scale, cfg):
+    return torch.ops.fastkd.triton_sparse_kd_forward_stats_inplace(student, ids, logprobs, labels, grad_scale,
+                                                                   *cfg.kernel_settings())
+
+
 def backend() -> KernelBackend:
     return KernelBackend("triton", _forward, _forward_inplace, torch.ops.fastkd.triton_scale_grad_, _supports,
                          shard=_shard_phases(), sparse_forward=_sparse_forward,
                          sparse_forward_inplace=_sparse_forward_inplace, multi_forward=_multi_forward,
-                         multi_forward_inplace=_multi_forward_inplace)
+                         multi_forward_inplace=_multi_forward_inplace,
+                         forward_stats=_forward_stats, forward_stats_inplace=_forward_stats_inplace,
+                         sparse_forward_stats=_sparse_forward_stats,
+                         sparse_forward_stats_inplace=_sparse_forward_stats_inplace)

@@ -74,10 +74,11 @@ from .. import ROW_SUMS_WIDTH, check_operator_args
 from . import launch
 from .launch import (base_lead, ce_mode, kernel_launch, launch_config, logit_options, peel_columns, vocab_splits,
                      warps_for)
-from .rows import (CE_RAW, CE_SHARED, LN2, LOG2E, OPT_NO_CE, OPT_SMOOTH, ROW_STATS_WIDTH, add_block_sums,
-                   aligned_base, anchor, anchors, fill_row, hard_label_grads, hard_label_loss, load_block, load_pair,
-                   row_base, row_stats_block, row_stats_sweep, row_lead, student_x, write_grad, write_grad_block,
-                   zero32, zero64)
+from .rows import (CE_RAW, CE_SHARED, LN2, LOG2E, OPT_NO_CE, OPT_SMOOTH, ROW_STATS_WIDTH, STATS_WIDTH,
+                   add_block_sums, aligned_base, anchor, anchors, entropy_terms, fill_row, first_max_column,
+                   hard_label_grads, hard_label_loss, load_block, load_pair, row_base, row_stats_block,
+                   row_stats_sweep, row_stats_sweep_top1, row_lead, store_blank_stats, store_stats, student_x, sum3,
+                   sum_pair, write_grad, write_grad_block, zero32, zero64)
 
 DIVERGENCE_IDS = {name: i for i, name in enumerate(DIVERGENCES)}  # the kernels' ids (fastkd/config.py)
 _FORWARD_KL = tl.constexpr(DIVERGENCE_IDS["forward_kl"])
@@ -86,6 +87,7 @@ _TVD = tl.constexpr(DIVERGENCE_IDS["tvd"])  # reverse_kl: the remaining case
 
 _ROW_STATS_WIDTH = tl.constexpr(ROW_STATS_WIDTH)
 _ROW_SUMS_WIDTH = tl.constexpr(ROW_SUMS_WIDTH)
+_STATS_WIDTH = tl.constexpr(STATS_WIDTH)
 _CE_SHARED = tl.constexpr(CE_SHARED)  # CE at T == 1: its softmax is the student's own
 _CE_RAW = tl.constexpr(CE_RAW)        # CE at T != 1: a third sum-exp, of the raw logits
 _SMOOTH = tl.constexpr(OPT_SMOOTH)
@@ -294,11 +296,37 @@ def _write_grad_sweep(s_base, t_base, g_base, lead, begin, end, V, g_width, labe
     the sums sweep it took the 16-bit build from 64 to 70 registers (a 4-byte spill under
     the CUDA toolkit's ptxas). With label smoothing (OPT_SMOOTH) also the sum of s' over
     the blocks' columns below V (the CE term's eps/V part), else 0: (value, sum_s)."""
+    value, sum_s, _, _ = _write_grad_sweep_stats(s_base, t_base, g_base, lead, begin, end, V, g_width, label, c,
+                                                  lse2_s, lse2_t, log2_beta, log2_1mb, k0, k1, k2, k3, gdiv, lse2_r,
+                                                  gh, xo, DIVERGENCE, CE, BLOCK, PEEL, OPTS, False)
+    return value, sum_s
+
+
+@triton.jit
+def _write_grad_sweep_stats(s_base, t_base, g_base, lead, begin, end, V, g_width, label, c, lse2_s, lse2_t,
+                            log2_beta, log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gh, xo,
+                            DIVERGENCE: tl.constexpr, CE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
+                            OPTS: tl.constexpr, STATS: tl.constexpr):
+    """``_write_grad_sweep``, and with STATS the sums of p log2 p and q log2 q over its
+    blocks (``entropy_terms``, in fp32; the entropies are minus LN2 times them): (value,
+    sum_s, sum p log2 p, sum q log2 q), the last two 0 without STATS. Per-lane running sums
+    (a joint block reduction per block instead took the split write pass from 75 to 80
+    registers for sm_90, 80 to 114 peeled), except for JSD, which adds them to the block
+    reduction of its p (log p - log m) (per lane they spilled beside its centring)."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     kl_pm = zero32()
     sum_s = zero32()
+    if DIVERGENCE == _JSD:
+        e_p = zero32()
+        e_q = zero32()
+    else:
+        e_p = tl.zeros([BLOCK], dtype=tl.float32)
+        e_q = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(begin, end, BLOCK):
         s, t, block_cols = load_block(s_base, t_base, start, lead, V, xo, BLOCK, PEEL, OPTS)
+        if STATS and DIVERGENCE != _JSD:
+            e_p += entropy_terms(t * c, lse2_t)
+            e_q += entropy_terms(s * c, lse2_s)
         if (_SMOOTH & OPTS) != 0:
             sum_s += tl.sum(tl.where((block_cols >= 0) & (block_cols < V), s, 0.0), axis=0)
         if DIVERGENCE == _FORWARD_KL:
@@ -310,14 +338,23 @@ def _write_grad_sweep(s_base, t_base, g_base, lead, begin, end, V, g_width, labe
         else:
             q, h, pm = _centred_terms(s, t, c, lse2_s, lse2_t, log2_beta, log2_1mb, DIVERGENCE)
             if DIVERGENCE == _JSD:
-                kl_pm += tl.sum(pm, axis=0)
+                if STATS:
+                    b_pm, b_p, b_q = sum3(pm, entropy_terms(t * c, lse2_t), entropy_terms(s * c, lse2_s))
+                    kl_pm += b_pm
+                    e_p += b_p
+                    e_q += b_q
+                else:
+                    kl_pm += tl.sum(pm, axis=0)
             w = _centre(q, h, k0, k1, k2, k3)
         write_grad_block(g_base, start, block_cols, V, g_width, s, w, gdiv, label, lse2_r, gh, xo, CE, BLOCK, PEEL,
                          OPTS)
+    if DIVERGENCE != _JSD:
+        e_p = tl.sum(e_p, axis=0)
+        e_q = tl.sum(e_q, axis=0)
     if DIVERGENCE == _FORWARD_KL:
-        return tl.sum(acc, axis=0), sum_s
+        return tl.sum(acc, axis=0), sum_s, e_p, e_q
     else:
-        return kl_pm, sum_s
+        return kl_pm, sum_s, e_p, e_q
 
 
 # ---------------------------------------------------------------------------------------
@@ -343,11 +380,18 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
             c, inv_temperature, temperature, beta, log2_beta, log2_1mb,
             div_weight, ce_weight, gdiv, gce, scale, xo,
             DIVERGENCE: tl.constexpr, CE: tl.constexpr, HAS_STATS: tl.constexpr, HAS_SUMS: tl.constexpr,
-            BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr, OPTS: tl.constexpr):
+            BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr, OPTS: tl.constexpr,
+            stats_out, RETURN_STATS: tl.constexpr):
     """One row: its loss into loss_ptr and its gradient. label -1: none in this row (a
     vocab-parallel slice without the label's column: no one-hot, no label logit).
     HAS_SUMS: the row sums come from sums_ptr (vocab-parallel: summed over the slices).
-    s and t hold s' and t' from their loads on (rows.py: the logit transforms)."""
+    s and t hold s' and t' from their loads on (rows.py: the logit transforms).
+    RETURN_STATS: the row's per-token diagnostics into stats_out (rows.py: store_stats):
+    the argmax columns from row_stats (a max with its index per block: row_stats_sweep_top1;
+    single block: argmax of the row in registers), the entropies' sums where write_grad
+    forms p and q (``_write_grad_sweep_stats``), D before div_weight. The operators with
+    stats take no row_stats or row_sums from outside."""
+    tl.static_assert(not (RETURN_STATS and (HAS_STATS or HAS_SUMS)), "return_stats computes its own row_stats")
     CE_TERM: tl.constexpr = CE != 0 and (_NO_CE & OPTS) == 0  # else the T = 1 statistics are the z-loss's
     cols = tl.arange(0, BLOCK)
     s_label = 0.0
@@ -379,8 +423,9 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
         if SINGLE_BLOCK:
             m_s, z_s, m_t, z_t, z_r = row_stats_block(s, t, c, inv_temperature, temperature, CE == _CE_RAW)
         else:
-            m_s, z_s, m_t, z_t, z_r = row_stats_sweep(s_base, t_base, lead, 0, V + lead, V, c, inv_temperature,
-                                                      temperature, xo, BLOCK, CE == _CE_RAW, PEEL, OPTS)
+            m_s, z_s, m_t, z_t, z_r, col_s, col_t = row_stats_sweep_top1(s_base, t_base, lead, 0, V + lead, V, c,
+                                                                         inv_temperature, temperature, xo, BLOCK,
+                                                                         CE == _CE_RAW, PEEL, OPTS, RETURN_STATS)
         a_s, a_t, a_r = anchors(m_s, m_t, inv_temperature, temperature)
     if CE == _CE_SHARED:  # T == 1: the CE softmax is the student's own
         z_r = z_s
@@ -391,6 +436,12 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
     if CE != 0:
         lse2_r = anchor(a_r) + tl.log2(z_r)
     gh = hard_label_grads(gce, scale, lse2_r, xo, OPTS)
+    if RETURN_STATS:  # the row in registers: its entropies' sums and argmaxes here
+        e_p, e_q = zero32(), zero32()
+        if SINGLE_BLOCK:
+            e_p, e_q = sum_pair(entropy_terms(t * c, lse2_t), entropy_terms(s * c, lse2_s))
+            col_s = first_max_column(s, m_s, cols)
+            col_t = first_max_column(t, m_t, cols)
 
     # row_sums and write_grad.
     if DIVERGENCE == _FORWARD_KL:
@@ -400,9 +451,10 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
             write_grad(g_row, cols, V, g_width, s, w, gdiv, label, lse2_r, gh, xo, CE, OPTS)
             D = _divergence_value(0.0, tl.sum(d, axis=0), beta, DIVERGENCE)
         else:
-            d_sum, sum_s = _write_grad_sweep(s_base, t_base, g_base, lead, 0, g_width + lead, V, g_width, label, c,
-                                             lse2_s, lse2_t, log2_beta, log2_1mb, 0.0, 0.0, 0.0, 0.0, gdiv, lse2_r,
-                                             gh, xo, DIVERGENCE, CE, BLOCK, PEEL, OPTS)
+            d_sum, sum_s, e_p, e_q = _write_grad_sweep_stats(s_base, t_base, g_base, lead, 0, g_width + lead, V,
+                                                             g_width, label, c, lse2_s, lse2_t, log2_beta, log2_1mb,
+                                                             0.0, 0.0, 0.0, 0.0, gdiv, lse2_r, gh, xo, DIVERGENCE, CE,
+                                                             BLOCK, PEEL, OPTS, RETURN_STATS)
             D = _divergence_value(0.0, d_sum, beta, DIVERGENCE)
     elif DIVERGENCE == _TVD:
         if SINGLE_BLOCK:
@@ -421,9 +473,10 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
             write_grad(g_row, cols, V, g_width, s, _tvd_grad(q, diff, k0, k1, k2), gdiv, label, lse2_r, gh, xo, CE,
                        OPTS)
         else:
-            _, sum_s = _write_grad_sweep(s_base, t_base, g_base, lead, 0, g_width + lead, V, g_width, label, c,
-                                         lse2_s, lse2_t, log2_beta, log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gh, xo,
-                                         DIVERGENCE, CE, BLOCK, PEEL, OPTS)
+            _, sum_s, e_p, e_q = _write_grad_sweep_stats(s_base, t_base, g_base, lead, 0, g_width + lead, V,
+                                                         g_width, label, c, lse2_s, lse2_t, log2_beta, log2_1mb, k0,
+                                                         k1, k2, k3, gdiv, lse2_r, gh, xo, DIVERGENCE, CE, BLOCK,
+                                                         PEEL, OPTS, RETURN_STATS)
         D = _divergence_value(sums_value, 0.0, beta, DIVERGENCE)
     else:  # reverse_kl, jsd: dD/d(s/T) = scale q (h - sum q h)
         # Row sums: a tree within a block (tl.sum / tl.reduce: a few in-thread adds, then
@@ -451,9 +504,10 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
             write_grad(g_row, cols, V, g_width, s, _centre(q, h, k0, k1, k2, k3), gdiv, label, lse2_r, gh, xo, CE,
                        OPTS)
         else:
-            kl_pm, sum_s = _write_grad_sweep(s_base, t_base, g_base, lead, 0, g_width + lead, V, g_width, label, c,
-                                             lse2_s, lse2_t, log2_beta, log2_1mb, k0, k1, k2, k3, gdiv, lse2_r, gh, xo,
-                                             DIVERGENCE, CE, BLOCK, PEEL, OPTS)
+            kl_pm, sum_s, e_p, e_q = _write_grad_sweep_stats(s_base, t_base, g_base, lead, 0, g_width + lead, V,
+                                                             g_width, label, c, lse2_s, lse2_t, log2_beta, log2_1mb,
+                                                             k0, k1, k2, k3, gdiv, lse2_r, gh, xo, DIVERGENCE, CE,
+                                                             BLOCK, PEEL, OPTS, RETURN_STATS)
         D = _divergence_value(sums_value, kl_pm, beta, DIVERGENCE)
 
     if SINGLE_BLOCK:
@@ -462,6 +516,8 @@ def _kd_row(s_row, t_row, g_row, lead, loss_ptr, stats_ptr, sums_ptr, label, V, 
     if CE != 0:
         row_loss += hard_label_loss(lse2_r, s_label, sum_s, ce_weight, xo, CE_TERM, OPTS)
     tl.store(loss_ptr, row_loss)
+    if RETURN_STATS:
+        store_stats(stats_out, e_p * -LN2, e_q * -LN2, col_s == col_t, D, zero32())
 
 
 @triton.jit
@@ -473,10 +529,13 @@ def kd_forward_kernel(
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr, HAS_STATS: tl.constexpr,
     HAS_SUMS: tl.constexpr, SHARD: tl.constexpr,
     BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr, OPTS: tl.constexpr,
+    STATS_OUT, RETURN_STATS: tl.constexpr,
 ):
     """The fused forward of whole rows; SHARD: the vocab-parallel write_grad of one slice
     (labels are global ids, the slice starts at vocab_start, a label elsewhere is no error).
-    s_mul .. z_loss: the logit options' scalars (rows.py: XO), read where OPTS says."""
+    s_mul .. z_loss: the logit options' scalars (rows.py: XO), read where OPTS says.
+    RETURN_STATS: the per-token diagnostics into STATS_OUT [N, STATS_WIDTH] fp32 (None
+    without: a constexpr, so the kernel compiles as before them)."""
     row = tl.program_id(0).to(tl.int64)
     s_row = row_base(S, row, s_stride)
     t_row = row_base(T, row, t_stride)
@@ -485,6 +544,10 @@ def kd_forward_kernel(
     stats_row = STATS + row * _ROW_STATS_WIDTH
     sums_row = SUMS + row * _ROW_SUMS_WIDTH
     xo = (s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss)
+    if RETURN_STATS:
+        stats_out = STATS_OUT + row * _STATS_WIDTH
+    else:
+        stats_out = STATS_OUT  # None
     scale = tl.load(GRAD_SCALE).to(tl.float32)
     gdiv = scale * div_weight * inv_temperature
     gce = scale * ce_weight
@@ -502,14 +565,18 @@ def kd_forward_kernel(
             fill = tl.where(ignored, 0.0, float("nan"))
             tl.store(LOSS + row, fill)
             fill_row(g_row, 0, g_width, fill, BLOCK)
+            if RETURN_STATS:
+                store_blank_stats(stats_out)
         else:
             _kd_row(s_row, t_row, g_row, lead, LOSS + row, stats_row, sums_row, label, V, g_width,
                     c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, gdiv, gce,
-                    scale, xo, DIVERGENCE, CE, HAS_STATS, HAS_SUMS, BLOCK, SINGLE_BLOCK, PEEL, OPTS)
+                    scale, xo, DIVERGENCE, CE, HAS_STATS, HAS_SUMS, BLOCK, SINGLE_BLOCK, PEEL, OPTS,
+                    stats_out, RETURN_STATS)
     else:
         _kd_row(s_row, t_row, g_row, lead, LOSS + row, stats_row, sums_row, -1, V, g_width,
                 c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight, gdiv, gce,
-                scale, xo, DIVERGENCE, CE, HAS_STATS, HAS_SUMS, BLOCK, SINGLE_BLOCK, PEEL, OPTS)
+                scale, xo, DIVERGENCE, CE, HAS_STATS, HAS_SUMS, BLOCK, SINGLE_BLOCK, PEEL, OPTS,
+                stats_out, RETURN_STATS)
 
 
 @triton.jit
@@ -552,9 +619,10 @@ def kernel_scalars(inv_temperature: float, beta: float):
 
 
 def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSettings, grad, row_sums=None,
-                    vocab_start=None):
+                    vocab_start=None, stats_out=None):
     """The forward kernel; with vocab_start, the vocab-parallel write_grad of one slice
-    (row_stats and, for reverse_kl/jsd/tvd, row_sums from the caller)."""
+    (row_stats and, for reverse_kl/jsd/tvd, row_sums from the caller); with stats_out
+    ([N, STATS_WIDTH] fp32), the per-token diagnostics written into it as well."""
     n = student.shape[0]
     loss = torch.empty((n,), dtype=torch.float32, device=student.device)
     if n == 0:
@@ -563,7 +631,8 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSe
     # under torch.compile beta may have been a traced value there.
     divergence = resolve_divergence(k.divergence, k.beta)
     opts, xo = logit_options(k)
-    cfg = launch_config(k.vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE, opts != 0)
+    cfg = launch_config(k.vocab_size, student.dtype, teacher.dtype, divergence, launch.BLOCK_OVERRIDE, opts != 0,
+                        stats_out is not None)
     peel = 0 if cfg.single_block else peel_columns(k.vocab_size, divergence, student, teacher, grad)
     c, inv_t, temp, log2_beta, log2_1mb = kernel_scalars(k.inv_temperature, k.beta)
     # Few rows at a large V: the vocabulary split across programs (split.py). A caller's
@@ -575,7 +644,7 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSe
 
         return split_path.launch(student, teacher, labels, grad_scale, grad, k, divergence, cfg, split, peel,
                                  base_lead(student, peel), (c, inv_t, temp, log2_beta, log2_1mb), ce_mode(k),
-                                 opts, xo)
+                                 opts, xo, stats_out)
     with kernel_launch(student.device):
         kd_forward_kernel[(n,)](
             student, teacher, grad, loss,
@@ -591,6 +660,7 @@ def _launch_forward(student, teacher, labels, grad_scale, row_stats, k: KernelSe
             CE=ce_mode(k), HAS_STATS=row_stats is not None,
             HAS_SUMS=row_sums is not None, SHARD=vocab_start is not None,
             BLOCK=cfg.block, SINGLE_BLOCK=cfg.single_block, PEEL=peel, OPTS=opts,
+            STATS_OUT=stats_out, RETURN_STATS=stats_out is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return loss
@@ -608,6 +678,27 @@ def forward_inplace(student, teacher, labels, grad_scale, row_stats, k: KernelSe
     check_operator_args(student, teacher, labels, grad_scale, row_stats, k, SUPPORTED_DTYPES)
     # Each program reads its row (and the label's logit) before writing the gradient over it.
     return _launch_forward(student, teacher, labels, grad_scale, row_stats, k, student)
+
+
+def _stats_table(student):
+    return torch.empty((student.shape[0], STATS_WIDTH), dtype=torch.float32, device=student.device)
+
+
+def forward_stats(student, teacher, labels, grad_scale, k: KernelSettings):
+    """(loss [N] fp32, grad, stats [N, STATS_WIDTH] fp32): ``forward`` with the per-token
+    diagnostics from the same pass (fastkd/backends/__init__.py: the stats table)."""
+    check_operator_args(student, teacher, labels, grad_scale, None, k, SUPPORTED_DTYPES)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    stats = _stats_table(student)
+    return _launch_forward(student, teacher, labels, grad_scale, None, k, grad, stats_out=stats), grad, stats
+
+
+def forward_stats_inplace(student, teacher, labels, grad_scale, k: KernelSettings):
+    """(loss [N] fp32, stats): ``forward_inplace`` with the per-token diagnostics; each
+    program reads what they need of its row before writing the gradient over it."""
+    check_operator_args(student, teacher, labels, grad_scale, None, k, SUPPORTED_DTYPES)
+    stats = _stats_table(student)
+    return _launch_forward(student, teacher, labels, grad_scale, None, k, student, stats_out=stats), stats
 
 
 def row_stats(student, teacher, k: KernelSettings):

@@ -45,6 +45,8 @@ SINGLE_BLOCK_MAX = {"forward_kl": 16384, "reverse_kl": 8192, "jsd": 8192, "tvd":
 # With a logit option on, forward_kl's 16384-column block has no register left for the
 # options' temporaries (16 to 164 bytes of spill for sm_90, by option): 8192 for every
 # divergence (rows from 8193 to 16384 columns then take forward_kl's two-read sweeps).
+# The same with the per-token diagnostics on (return_stats: 192 to 332 bytes of spill at
+# 16384 for sm_90; none at 8192).
 SINGLE_BLOCK_MAX_OPTIONS = {divergence: min(limit, 8192) for divergence, limit in SINGLE_BLOCK_MAX.items()}
 
 # Columns per loop iteration in the multi-block sweeps: 8 per thread at 8 warps. ptxas
@@ -93,9 +95,11 @@ class LaunchConfig:
 
 
 def launch_config(vocab_size: int, student_dtype: torch.dtype, teacher_dtype: torch.dtype,
-                  divergence: str, block_override: Optional[int] = None, options: bool = False) -> LaunchConfig:
+                  divergence: str, block_override: Optional[int] = None, options: bool = False,
+                  stats: bool = False) -> LaunchConfig:
     """Block size, path and warps for one row of ``vocab_size`` columns; ``options``: a
-    logit option is on (``logit_options`` gives a nonzero OPTS).
+    logit option is on (``logit_options`` gives a nonzero OPTS); ``stats``: the kernel
+    writes the per-token diagnostics (return_stats).
 
     Eight fp32 values of each tensor per thread (two 16-byte loads of fp32, one of 16-bit
     data), sixteen only for forward_kl's 16384-column single block (32 warps is the most
@@ -109,7 +113,7 @@ def launch_config(vocab_size: int, student_dtype: torch.dtype, teacher_dtype: to
             block = triton.next_power_of_2(vocab_size)
         return LaunchConfig(block, single, warps_for(block))
     full = triton.next_power_of_2(vocab_size)
-    if full <= (SINGLE_BLOCK_MAX_OPTIONS if options else SINGLE_BLOCK_MAX)[divergence]:
+    if full <= (SINGLE_BLOCK_MAX_OPTIONS if options or stats else SINGLE_BLOCK_MAX)[divergence]:
         return LaunchConfig(full, True, warps_for(full))
     return LaunchConfig(MULTI_BLOCK, False, warps_for(MULTI_BLOCK))
 
@@ -288,9 +292,10 @@ def peeled_variant(cfg: LaunchConfig, vocab: int) -> bool:
     return not cfg.single_block and vocab % 16 != 0
 
 
-def config_classes(options: bool = False):
+def config_classes(options: bool = False, stats: bool = False):
     """The distinct kernel configurations the launcher can pick, a worst case of each class
-    (``options``: with a logit option on, as ``launch_config`` takes it).
+    (``options``: with a logit option on, ``stats``: with the diagnostics, as ``launch_config``
+    takes them).
 
     A class is (divergence, path, num_warps, peeled); its worst case for registers is its
     largest block, and the smallest block of a class (tiny vocabularies: fewer columns
@@ -302,7 +307,7 @@ def config_classes(options: bool = False):
     largest, smallest = {}, {}
     for divergence in SINGLE_BLOCK_MAX:  # every divergence
         for v in _config_probe_vocab_sizes():
-            cfg = launch_config(v, torch.bfloat16, torch.bfloat16, divergence, options=options)
+            cfg = launch_config(v, torch.bfloat16, torch.bfloat16, divergence, options=options, stats=stats)
             key = (divergence, cfg.single_block, cfg.num_warps, peeled_variant(cfg, v))
             if key not in largest or cfg.block > largest[key][1].block:
                 largest[key] = (divergence, cfg, v)
@@ -313,11 +318,11 @@ def config_classes(options: bool = False):
     return out
 
 
-def split_config_classes(options: bool = False):
+def split_config_classes(options: bool = False, stats: bool = False):
     """The configurations of the vocabulary-split kernels (split.py): the multi-block
     classes of :func:`config_classes`, the only ones :func:`vocab_splits` splits. Its
     passes run the forward kernel's sweeps at the same block, warps and peel."""
-    return [entry for entry in config_classes(options) if not entry[1].single_block]
+    return [entry for entry in config_classes(options, stats) if not entry[1].single_block]
 
 
 def device_guard(device: torch.device):

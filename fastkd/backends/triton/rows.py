@@ -46,7 +46,7 @@ import os
 import triton
 import triton.language as tl
 
-from .. import ROW_STATS_WIDTH  # noqa: F401  (the layout every backend shares)
+from .. import ROW_STATS_WIDTH, STATS_WIDTH  # noqa: F401  (the layouts every backend shares)
 
 
 def _interpreting() -> bool:
@@ -58,6 +58,8 @@ def _interpreting() -> bool:
 
 
 INTERPRETED = tl.constexpr(_interpreting())
+_STATS_WIDTH = tl.constexpr(STATS_WIDTH)
+NO_COLUMN = tl.constexpr(2 ** 31 - 1)  # no argmax column (first_max_column of a NaN maximum)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -262,18 +264,43 @@ def row_stats_sweep(s_base, t_base, lead, begin, end, V, c, inv_temperature, tem
     positions [begin, end) of it: 0 and V + lead for the whole row, a range of whole blocks
     for one split of it (dense.py's split path).
     """
+    m_s, z_s, m_t, z_t, z_r, _, _ = row_stats_sweep_top1(s_base, t_base, lead, begin, end, V, c, inv_temperature,
+                                                         temperature, xo, BLOCK, RAW, PEEL, OPTS, False)
+    return m_s, z_s, m_t, z_t, z_r
+
+
+@triton.jit
+def row_stats_sweep_top1(s_base, t_base, lead, begin, end, V, c, inv_temperature, temperature, xo,
+                         BLOCK: tl.constexpr, RAW: tl.constexpr, PEEL: tl.constexpr, OPTS: tl.constexpr,
+                         TOP1: tl.constexpr):
+    """``row_stats_sweep``, and with TOP1 each side's argmax column (the per-token
+    diagnostics' top-1 agreement): (m_s, z_s, m_t, z_t, z_r, col_s, col_t), the columns 0
+    without TOP1. Per block, the first column holding the block's max (``first_max_column``),
+    taken only when that max is strictly greater than the running one, so equal maxima in a
+    later block keep the earlier (lower) column: torch.argmax's rule. A row whose entries
+    are all -inf keeps column 0, as torch's."""
     m_s = float("-inf")
     m_t = float("-inf")
     a_s = float("-inf")
     a_t = float("-inf")
     a_r = float("-inf")
+    col_s = 0
+    col_t = 0
     z_s = tl.zeros([BLOCK], dtype=tl.float32)
     z_t = tl.zeros([BLOCK], dtype=tl.float32)
     z_r = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(begin, end, BLOCK):
-        s, t, _ = load_block(s_base, t_base, start, lead, V, xo, BLOCK, PEEL, OPTS)
-        m_s = tl.maximum(m_s, tl.max(s, axis=0))
-        m_t = tl.maximum(m_t, tl.max(t, axis=0))
+        s, t, cols = load_block(s_base, t_base, start, lead, V, xo, BLOCK, PEEL, OPTS)
+        if TOP1:
+            b_s = tl.max(s, axis=0)
+            b_t = tl.max(t, axis=0)
+            col_s = tl.where(b_s > m_s, first_max_column(s, b_s, cols), col_s)
+            col_t = tl.where(b_t > m_t, first_max_column(t, b_t, cols), col_t)
+            m_s = tl.maximum(m_s, b_s)
+            m_t = tl.maximum(m_t, b_t)
+        else:
+            m_s = tl.maximum(m_s, tl.max(s, axis=0))
+            m_t = tl.maximum(m_t, tl.max(t, axis=0))
         n_s, n_t, n_r = anchors(m_s, m_t, inv_temperature, temperature)
         # exp2(old - new) is 0 while the old anchor is -inf, 1 when the max did not move.
         z_s = z_s * tl.exp2(a_s - anchor(n_s)) + tl.exp2(s * c - anchor(n_s))
@@ -281,7 +308,7 @@ def row_stats_sweep(s_base, t_base, lead, begin, end, V, c, inv_temperature, tem
         if RAW:
             z_r = z_r * tl.exp2(a_r - anchor(n_r)) + tl.exp2(s * LOG2E - anchor(n_r))
         a_s, a_t, a_r = n_s, n_t, n_r
-    return m_s, tl.sum(z_s, axis=0), m_t, tl.sum(z_t, axis=0), tl.sum(z_r, axis=0)
+    return m_s, tl.sum(z_s, axis=0), m_t, tl.sum(z_t, axis=0), tl.sum(z_r, axis=0), col_s, col_t
 
 
 @triton.jit
@@ -431,3 +458,79 @@ def fill_row(g_row, start, g_width, value, BLOCK: tl.constexpr):
     fill = tl.zeros([BLOCK], dtype=tl.float32) + value
     for off in range(start, g_width, BLOCK):
         tl.store(g_row + off + cols, fill.to(g_row.dtype.element_ty), mask=off + cols < g_width)
+
+
+# ---------------------------------------------------------------------------------------
+# The per-token diagnostics (return_stats=True; fastkd/backends/__init__.py: the stats
+# table), written by a kernel when its RETURN_STATS constexpr is on. Off, every use is
+# behind that constexpr and the kernels compile as without it (their STATS_OUT pointer is
+# None: a constexpr, not a parameter).
+
+@triton.jit
+def entropy_terms(x, lse2):
+    """Per element p log2 p, p = 2^(x - lse2), for logits ``x`` already in bits (s c or t c),
+    with 0 log 0 = 0: minus LN2 times their row sum is the entropy in nats. log2 p and p are
+    the ones the divergence terms form (the same FMA and exp2: the compiler shares them), so
+    this adds one multiply and one select per element (and the teacher's exp2 for reverse
+    KL, which forms no p). Not lse - sum p b, the same sum rearranged: that adds the fp32
+    mass's rounding (1 - sum p) times lse, and cancels where the row is peaked."""
+    lx = x - lse2
+    px = tl.exp2(lx)
+    return tl.where(px == 0.0, 0.0, px * lx)
+
+
+@triton.jit
+def first_max_column(x, m, cols):
+    """The first of ``cols`` where ``x`` holds its maximum ``m`` (torch.argmax's rule among
+    equal maxima), NO_COLUMN where none does (a NaN maximum). From the max the caller has:
+    one compare and select per element and an int min, where a max with indices would
+    carry the index through every step of the reduction."""
+    return tl.min(tl.where(x == m, cols, NO_COLUMN), axis=0)
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def sum_pair(a, b):
+    """Two block sums in one joint reduction compiled (``sum4``), two tl.sum interpreted."""
+    if INTERPRETED:
+        return tl.sum(a, axis=0), tl.sum(b, axis=0)
+    else:
+        return tl.reduce((a, b), 0, _add2)
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def sum3(a, b, c):
+    """Three block sums in one joint reduction (``sum_pair``)."""
+    if INTERPRETED:
+        return tl.sum(a, axis=0), tl.sum(b, axis=0), tl.sum(c, axis=0)
+    else:
+        return tl.reduce((a, b, c), 0, _add3)
+
+
+@triton.jit
+def store_stats(out, col0, h_q, agree, divergence, col4):
+    """One row of the stats table at ``out`` (STATS_WIDTH fp32): H(p) or P, H(q), agree (a
+    bool, stored 1.0 / 0.0), D, 0 or Q."""
+    # (tl.store converts each value to the table's fp32: numbers, fp64 and bools alike.)
+    tl.store(out + 0, col0)
+    tl.store(out + 1, h_q)
+    tl.store(out + 2, agree)
+    tl.store(out + 3, divergence)
+    tl.store(out + 4, col4)
+
+
+@triton.jit
+def store_blank_stats(out):
+    """The stats row of a row out of the loss (ignored; or marked NaN: a label outside [0, V),
+    a bad sparse id): NaN, agreement 0."""
+    nan = tl.full((), float("nan"), tl.float32)
+    store_stats(out, nan, nan, zero32(), nan, nan)

@@ -70,8 +70,9 @@ from .. import check_sparse_operator_args
 from .launch import MULTI_BLOCK, kernel_launch, warps_for
 from . import launch
 from .launch import ce_mode, logit_options
-from .rows import (CE_NONE, CE_RAW, CE_SHARED, LN2, LOG2E, OPT_NO_CE, OPT_SMOOTH, anchor, fill_row, hard_label_grad,
-                   hard_label_grads, hard_label_loss, row_base, student_chain, student_x, write_grad, zero32)
+from .rows import (CE_NONE, CE_RAW, CE_SHARED, LN2, LOG2E, NO_COLUMN, OPT_NO_CE, OPT_SMOOTH, STATS_WIDTH, anchor,
+                   entropy_terms, fill_row, hard_label_grad, hard_label_grads, hard_label_loss, row_base,
+                   store_blank_stats, store_stats, student_chain, student_x, write_grad, zero32)
 
 DIVERGENCE_IDS = {name: i for i, name in enumerate(DIVERGENCES)}
 TAIL_IDS = {name: i for i, name in enumerate(TAILS)}
@@ -86,6 +87,7 @@ _CE_SHARED = tl.constexpr(CE_SHARED)
 _CE_RAW = tl.constexpr(CE_RAW)
 _SMOOTH = tl.constexpr(OPT_SMOOTH)
 _NO_CE = tl.constexpr(OPT_NO_CE)
+_STATS_WIDTH = tl.constexpr(STATS_WIDTH)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -99,8 +101,8 @@ MIN_K_BLOCK = 16
 def _student_stats_sweep(s_row, sorted_row, first, V, c, inv_temperature, temperature, xo,
                          BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, RAW: tl.constexpr, OPTS: tl.constexpr):
     """(anchor of s/T in bits, sum-exp of s/T at it over the columns NOT in the support,
-    anchor of s, sum-exp of s at it over every column): one read of the row, per-lane
-    running sums rescaled when the block max moves (the online softmax of
+    anchor of s, sum-exp of s at it over every column, max of s): one read of the row,
+    per-lane running sums rescaled when the block max moves (the online softmax of
     rows.row_stats_sweep, student side only). The max is over every column.
 
     ``sorted_row`` holds the row's support ids in increasing order from position ``first``
@@ -131,7 +133,7 @@ def _student_stats_sweep(s_row, sorted_row, first, V, c, inv_temperature, temper
         if RAW:
             z_r = z_r * tl.exp2(a_r - anchor(n_r)) + tl.exp2(s * LOG2E - anchor(n_r))
         a_s, a_r = n_s, n_r
-    return anchor(a_s), tl.sum(z_s, axis=0), anchor(a_r), tl.sum(z_r, axis=0)
+    return anchor(a_s), tl.sum(z_s, axis=0), anchor(a_r), tl.sum(z_r, axis=0), m
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,7 +228,15 @@ def _log_sum_exp(x, live):
 def _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, loss_ptr, label, K, V, g_width,
                 c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight, gdiv, gce, scale, xo,
                 DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, CE: tl.constexpr, SWEEP: tl.constexpr,
-                BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, OPTS: tl.constexpr):
+                BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, OPTS: tl.constexpr, stats_out, RETURN_STATS: tl.constexpr):
+    """One row (the phases of the module docstring). RETURN_STATS (the launcher then sweeps
+    the row whatever the tail: the student's argmax, H(q) and Q need it): the row's
+    per-token diagnostics into stats_out: P and Q from the support phase's log P and Z_S / Z,
+    sum q log2 q where write_grad forms q, the student's argmax column the first holding
+    the row_stats max, found by write_grad (per-lane running minima: in the row_stats sweep
+    a block reduction per block took the sm_90 build from 98 to 117 registers), each block
+    read before its gradient is written over it (in place); the teacher's best id the
+    valid slot of highest log-prob (the first among ties)."""
     CE_TERM: tl.constexpr = CE != 0 and (_NO_CE & OPTS) == 0  # else the T = 1 statistics are the z-loss's
     # --- support: ids, log-probs, the gathers of s (all before any store to the row, so
     # the in-place variant reads what it needs first), the ids sorted into the scratch row.
@@ -237,6 +247,10 @@ def _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, loss_ptr, label, K, 
     live = valid & (ids < V)
     # An empty slot's log-prob is never read (it may be NaN).
     lp = tl.load(lps_row + k, mask=in_k & valid, other=float("-inf")).to(tl.float64)
+    if RETURN_STATS:  # the teacher's best id: argmax of the log-probs (tie_break_left: the first slot)
+        best = tl.argmax(lp, axis=0)
+        best_id = tl.sum(tl.where(k == best, ids, 0), axis=0)
+        any_valid = tl.sum(valid.to(tl.int32), axis=0) > 0
     s_sup = student_x(tl.load(s_row + ids, mask=live, other=float("-inf")).to(tl.float32), live, xo, OPTS)
     s_label = 0.0
     if CE_TERM:
@@ -256,9 +270,10 @@ def _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, loss_ptr, label, K, 
     z_off = 0.0
     a_r = 0.0
     z_r = 1.0
+    m_s = 0.0  # the student's max (RETURN_STATS: write_grad finds its first column)
     if SWEEP:
-        a_s, z_off, a_r, z_r = _student_stats_sweep(s_row, sorted_row, first, V, c, inv_temperature, temperature,
-                                                    xo, BLOCK, K_BLOCK, CE == _CE_RAW, OPTS)
+        a_s, z_off, a_r, z_r, m_s = _student_stats_sweep(s_row, sorted_row, first, V, c, inv_temperature,
+                                                         temperature, xo, BLOCK, K_BLOCK, CE == _CE_RAW, OPTS)
 
     # --- support phase, float64.
     # s/T in bits, in float64: the support's terms carry no rounding of their own (the
@@ -308,12 +323,17 @@ def _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, loss_ptr, label, K, 
     # --- write_grad: q_i w_off (+ CE) over the row, then the support's own entries.
     cols = tl.arange(0, BLOCK)
     sum_s = zero32()  # of s' over the row (label smoothing's term of the loss)
+    e_q = tl.zeros([BLOCK], dtype=tl.float32)  # sum q log2 q (RETURN_STATS), per lane
+    col_s = tl.full([BLOCK], NO_COLUMN, tl.int32)  # per lane: the first column holding the student's max
     for start in range(0, g_width, BLOCK):
         if SWEEP:
             in_row = start + cols < V
             s = student_x(tl.load(s_row + start + cols, mask=in_row, other=float("-inf")).to(tl.float32), in_row,
                           xo, OPTS)
             wq = tl.exp2(s * c - lse2_q) * w_off32
+            if RETURN_STATS:
+                e_q += entropy_terms(s * c, lse2_q)
+                col_s = tl.minimum(col_s, tl.where(s == m_s, start + cols, NO_COLUMN))
             if CE_TERM and (_SMOOTH & OPTS) != 0:
                 sum_s += tl.sum(tl.where(in_row, s, 0.0), axis=0)
         else:
@@ -337,6 +357,12 @@ def _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, loss_ptr, label, K, 
         fill_row(g_row, 0, g_width, float("nan"), BLOCK)
         row_loss = float("nan")
     tl.store(loss_ptr, row_loss)
+    if RETURN_STATS:
+        if bad > 0:
+            store_blank_stats(stats_out)
+        else:
+            agree = any_valid & (best_id == tl.min(col_s, axis=0))
+            store_stats(stats_out, tl.exp(log_mass_p), tl.sum(e_q, axis=0) * -LN2, agree, D, z_sup / z)
 
 
 @triton.jit
@@ -347,11 +373,14 @@ def sparse_kd_forward_kernel(
     s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss,
     DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr,
     SWEEP: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, PERSISTENT: tl.constexpr, OPTS: tl.constexpr,
+    STATS_OUT, RETURN_STATS: tl.constexpr,
 ):
     # One row per program, or (PERSISTENT: launch.SPARSE_PROGRAMS) a fixed grid whose
     # programs take rows in turn: fewer rows in flight, so the write pass's second read of
     # a row may still find it in L2. The sorted-ids scratch is per program. (The loop is
     # compiled only when asked for: it took the sm_90 build from 80 to 121 registers.)
+    # RETURN_STATS: the per-token diagnostics into STATS_OUT [N, STATS_WIDTH] fp32 (None
+    # without: a constexpr, so the kernel compiles as before them).
     sorted_row = SORTED + tl.program_id(0).to(tl.int64) * K_BLOCK
     xo = (s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss)  # rows.py: XO
     if PERSISTENT:
@@ -359,12 +388,14 @@ def sparse_kd_forward_kernel(
             _sparse_kernel_row(tl.zeros((), dtype=tl.int64) + row, S, G, IDS, LPS, sorted_row, LOSS, LABELS,
                                GRAD_SCALE, s_stride, g_stride, ids_stride, lps_stride, K, V, g_width,
                                c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight,
-                               ignore_index, xo, DIVERGENCE, TAIL, HAS_LABELS, CE, SWEEP, BLOCK, K_BLOCK, OPTS)
+                               ignore_index, xo, DIVERGENCE, TAIL, HAS_LABELS, CE, SWEEP, BLOCK, K_BLOCK, OPTS,
+                               STATS_OUT, RETURN_STATS)
     else:
         _sparse_kernel_row(tl.program_id(0).to(tl.int64), S, G, IDS, LPS, sorted_row, LOSS, LABELS, GRAD_SCALE,
                            s_stride, g_stride, ids_stride, lps_stride, K, V, g_width,
                            c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight,
-                           ignore_index, xo, DIVERGENCE, TAIL, HAS_LABELS, CE, SWEEP, BLOCK, K_BLOCK, OPTS)
+                           ignore_index, xo, DIVERGENCE, TAIL, HAS_LABELS, CE, SWEEP, BLOCK, K_BLOCK, OPTS,
+                           STATS_OUT, RETURN_STATS)
 
 
 @triton.jit
@@ -372,7 +403,12 @@ def _sparse_kernel_row(row, S, G, IDS, LPS, sorted_row, LOSS, LABELS, GRAD_SCALE
                        s_stride, g_stride, ids_stride, lps_stride, K, V, g_width,
                        c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight, ignore_index,
                        xo, DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr,
-                       SWEEP: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, OPTS: tl.constexpr):
+                       SWEEP: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, OPTS: tl.constexpr,
+                       STATS_OUT, RETURN_STATS: tl.constexpr):
+    if RETURN_STATS:
+        stats_out = STATS_OUT + row * _STATS_WIDTH
+    else:
+        stats_out = STATS_OUT  # None
     s_row = row_base(S, row, s_stride)
     g_row = row_base(G, row, g_stride)
     ids_row = row_base(IDS, row, ids_stride)
@@ -387,14 +423,16 @@ def _sparse_kernel_row(row, S, G, IDS, LPS, sorted_row, LOSS, LABELS, GRAD_SCALE
             fill = tl.where(ignored, 0.0, float("nan"))
             tl.store(LOSS + row, fill)
             fill_row(g_row, 0, g_width, fill, BLOCK)
+            if RETURN_STATS:
+                store_blank_stats(stats_out)
         else:
             _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, LOSS + row, label, K, V, g_width,
                         c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight, gdiv, gce,
-                        scale, xo, DIVERGENCE, TAIL, CE, SWEEP, BLOCK, K_BLOCK, OPTS)
+                        scale, xo, DIVERGENCE, TAIL, CE, SWEEP, BLOCK, K_BLOCK, OPTS, stats_out, RETURN_STATS)
     else:
         _sparse_row(s_row, g_row, ids_row, lps_row, sorted_row, LOSS + row, -1, K, V, g_width,
                     c, inv_temperature, temperature, beta, log_beta, log_1mb, div_weight, ce_weight, gdiv, gce,
-                    scale, xo, DIVERGENCE, TAIL, CE, SWEEP, BLOCK, K_BLOCK, OPTS)
+                    scale, xo, DIVERGENCE, TAIL, CE, SWEEP, BLOCK, K_BLOCK, OPTS, stats_out, RETURN_STATS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -412,7 +450,8 @@ def launch_shape(vocab_size: int, k: int):
     return block, k_block, warps_for(block)
 
 
-def _launch(student, ids, logprobs, labels, grad_scale, k, grad):
+def _launch(student, ids, logprobs, labels, grad_scale, k, grad, stats_out=None):
+    """The kernel; with stats_out ([N, STATS_WIDTH] fp32) the per-token diagnostics too."""
     n = student.shape[0]
     loss = torch.empty((n,), dtype=torch.float32, device=student.device)
     if n == 0:
@@ -421,7 +460,8 @@ def _launch(student, ids, logprobs, labels, grad_scale, k, grad):
     tail = TAILS[k.tail_id]
     ce = ce_mode(k)  # the T = 1 statistics, of the CE term or the z-loss
     opts, xo = logit_options(k)
-    sweep = tail != "renorm" or ce != CE_NONE
+    # renorm without CE needs no full-row statistic; the diagnostics do (argmax, H(q), Q).
+    sweep = tail != "renorm" or ce != CE_NONE or stats_out is not None
     K = ids.shape[1]
     block, k_block, warps = launch_shape(k.vocab_size, K)
     inv_t = float(k.inv_temperature)
@@ -435,7 +475,8 @@ def _launch(student, ids, logprobs, labels, grad_scale, k, grad):
             1.4426950408889634 * inv_t, inv_t, 1.0 / inv_t, float(k.beta), _log_or_ninf(k.beta), _log_or_ninf(1.0 - k.beta),
             float(k.div_weight), float(k.ce_weight), int(k.ignore_index), *xo,
             DIVERGENCE=DIVERGENCE_IDS[divergence], TAIL=TAIL_IDS[tail], HAS_LABELS=labels is not None, CE=ce,
-            SWEEP=sweep, BLOCK=block, K_BLOCK=k_block, PERSISTENT=programs < n, OPTS=opts, num_warps=warps,
+            SWEEP=sweep, BLOCK=block, K_BLOCK=k_block, PERSISTENT=programs < n, OPTS=opts,
+            STATS_OUT=stats_out, RETURN_STATS=stats_out is not None, num_warps=warps,
         )
     return loss
 
@@ -452,3 +493,20 @@ def forward_inplace(student, ids, logprobs, labels, grad_scale, k: SparseKernelS
     row's support logits and the label's before its first store."""
     check_sparse_operator_args(student, ids, logprobs, labels, grad_scale, k, SUPPORTED_DTYPES)
     return _launch(student, ids, logprobs, labels, grad_scale, k, student)
+
+
+def forward_stats(student, ids, logprobs, labels, grad_scale, k: SparseKernelSettings):
+    """(loss [N] fp32, grad, stats [N, STATS_WIDTH] fp32): ``forward`` with the per-token
+    diagnostics (fastkd/backends/__init__.py: the stats table; column 0 P, column 4 Q)."""
+    check_sparse_operator_args(student, ids, logprobs, labels, grad_scale, k, SUPPORTED_DTYPES)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    stats = torch.empty((student.shape[0], STATS_WIDTH), dtype=torch.float32, device=student.device)
+    return _launch(student, ids, logprobs, labels, grad_scale, k, grad, stats), grad, stats
+
+
+def forward_stats_inplace(student, ids, logprobs, labels, grad_scale, k: SparseKernelSettings):
+    """(loss [N] fp32, stats): ``forward_inplace`` with the per-token diagnostics (the
+    student's argmax is taken in row_stats, before any store to the row)."""
+    check_sparse_operator_args(student, ids, logprobs, labels, grad_scale, k, SUPPORTED_DTYPES)
+    stats = torch.empty((student.shape[0], STATS_WIDTH), dtype=torch.float32, device=student.device)
+    return _launch(student, ids, logprobs, labels, grad_scale, k, student, stats), stats

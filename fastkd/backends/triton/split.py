@@ -30,10 +30,11 @@ import triton
 import triton.language as tl
 
 from .dense import (DIVERGENCE_IDS, _FORWARD_KL, _TVD, _divergence_value, _grad_constants, _row_sums_sweep,
-                    _write_grad_sweep)
+                    _write_grad_sweep_stats)
 from .launch import kernel_launch
-from .rows import (CE_RAW, CE_SHARED, LN2, OPT_NO_CE, OPT_SMOOTH, aligned_base, anchor, anchors, hard_label_grads,
-                   hard_label_loss, row_base, row_lead, row_stats_sweep, student_x, zero32, zero64)
+from .rows import (CE_RAW, CE_SHARED, LN2, NO_COLUMN, OPT_NO_CE, OPT_SMOOTH, STATS_WIDTH, aligned_base, anchor, anchors,
+                   hard_label_grads, hard_label_loss, row_base, row_lead, row_stats_sweep_top1, store_blank_stats,
+                   store_stats, student_x, zero32, zero64)
 
 # Per (row, split) partial row_stats: raw max and anchored sum-exp of s/T, of t/T, the raw
 # sum-exp of s (CE at T != 1), and (split 0) the label's logit.
@@ -43,6 +44,7 @@ _CE_SHARED = tl.constexpr(CE_SHARED)
 _CE_RAW = tl.constexpr(CE_RAW)
 _SMOOTH = tl.constexpr(OPT_SMOOTH)
 _NO_CE = tl.constexpr(OPT_NO_CE)
+_STATS_WIDTH = tl.constexpr(STATS_WIDTH)
 
 
 @triton.jit
@@ -113,16 +115,19 @@ def split_row_stats_kernel(S, T, LABELS, PART, s_stride, t_stride, V, chunk, s_l
                            c, inv_temperature, temperature, ignore_index,
                            s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss,
                            HAS_LABELS: tl.constexpr, CE: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
-                           OPTS: tl.constexpr):
+                           OPTS: tl.constexpr, TOP1_PART, RETURN_STATS: tl.constexpr):
     xo = (s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss)
     row, split, n_splits, label, live, _ = _split_program(LABELS, V, ignore_index, HAS_LABELS)
     if live:
         lead = row_lead(s_lead, row, s_stride, PEEL)
         begin, end = _split_blocks(split, n_splits, chunk, V + lead)
-        m_s, z_s, m_t, z_t, z_r = row_stats_sweep(aligned_base(row_base(S, row, s_stride), lead, PEEL),
-                                                  aligned_base(row_base(T, row, t_stride), lead, PEEL), lead,
-                                                  begin, end, V, c, inv_temperature, temperature, xo, BLOCK,
-                                                  CE == _CE_RAW, PEEL, OPTS)
+        m_s, z_s, m_t, z_t, z_r, col_s, col_t = row_stats_sweep_top1(
+            aligned_base(row_base(S, row, s_stride), lead, PEEL), aligned_base(row_base(T, row, t_stride), lead, PEEL),
+            lead, begin, end, V, c, inv_temperature, temperature, xo, BLOCK, CE == _CE_RAW, PEEL, OPTS, RETURN_STATS)
+        if RETURN_STATS:  # the split's argmax columns (the split's maxes are stored below)
+            top1 = TOP1_PART + (row * n_splits + split) * 2
+            tl.store(top1 + 0, col_s)
+            tl.store(top1 + 1, col_t)
         out = PART + (row * n_splits + split) * _PART_WIDTH
         tl.store(out + 0, m_s)
         tl.store(out + 1, z_s)
@@ -133,6 +138,23 @@ def split_row_stats_kernel(S, T, LABELS, PART, s_stride, t_stride, V, chunk, s_l
             if split == 0:  # before the write pass can overwrite it (in place)
                 tl.store(out + 5, student_x(tl.load(row_base(S, row, s_stride) + label).to(tl.float32), True, xo,
                                             OPTS))
+
+
+@triton.jit
+def _combined_top1(part, top1, n_splits, SPLITS: tl.constexpr):
+    """Whether the row's argmaxes agree, from its splits' maxes and argmax columns: on each
+    side the lowest column among the splits whose max is the row's (splits hold increasing
+    columns, so that is the first such split's first column: torch.argmax's rule). A row of
+    NaN maxes matches no split and does not agree."""
+    k = tl.arange(0, SPLITS)
+    live = k < n_splits
+    m_s = tl.load(part + k * _PART_WIDTH + 0, mask=live, other=float("-inf"))
+    m_t = tl.load(part + k * _PART_WIDTH + 2, mask=live, other=float("-inf"))
+    c_s = tl.load(top1 + k * 2 + 0, mask=live, other=0)
+    c_t = tl.load(top1 + k * 2 + 1, mask=live, other=0)
+    col_s = tl.min(tl.where(live & (m_s == tl.max(m_s, axis=0)), c_s, NO_COLUMN), axis=0)
+    col_t = tl.min(tl.where(live & (m_t == tl.max(m_t, axis=0)), c_t, NO_COLUMN), axis=0)
+    return (col_s == col_t) & (col_s != NO_COLUMN)
 
 
 @triton.jit
@@ -184,7 +206,12 @@ def split_write_grad_kernel(S, T, G, LABELS, GRAD_SCALE, PART, SUMS, LOSS_PART,
                             c, inv_temperature, temperature, beta, log2_beta, log2_1mb, div_weight, ce_weight,
                             ignore_index, s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss,
                             DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr,
-                            BLOCK: tl.constexpr, PEEL: tl.constexpr, SPLITS: tl.constexpr, OPTS: tl.constexpr):
+                            BLOCK: tl.constexpr, PEEL: tl.constexpr, SPLITS: tl.constexpr, OPTS: tl.constexpr,
+                            TOP1_PART, STATS_PART, RETURN_STATS: tl.constexpr):
+    """RETURN_STATS: the per-token diagnostics as [N, splits + 1, STATS_WIDTH] parts, summed
+    by the launcher as the loss's: each split's entropy sums and part of D, and in the head
+    column (split 0) the agreement and the row sums' part of D; NaN in split 0's part of an
+    ignored row (and the agreement 0)."""
     CE_TERM: tl.constexpr = CE != 0 and (_NO_CE & OPTS) == 0  # else the T = 1 statistics are the z-loss's
     xo = (s_mul, s_cap, s_scale, s_inv_cap, t_mul, t_cap, ce_keep, smooth, z_loss)
     row, split, n_splits, label, live, fill = _split_program(LABELS, V, ignore_index, HAS_LABELS)
@@ -193,6 +220,9 @@ def split_write_grad_kernel(S, T, G, LABELS, GRAD_SCALE, PART, SUMS, LOSS_PART,
     begin, end = _split_blocks(split, n_splits, chunk, g_width + lead)
     # [N, splits + 1] loss parts: each split's sweep part, and split 0's head part last.
     out = LOSS_PART + row * (n_splits + 1) + split
+    if RETURN_STATS:
+        stats_out = STATS_PART + (row * (n_splits + 1) + split) * _STATS_WIDTH
+        stats_head = STATS_PART + (row * (n_splits + 1) + n_splits) * _STATS_WIDTH
     if live:
         scale = tl.load(GRAD_SCALE).to(tl.float32)
         gdiv = scale * div_weight * inv_temperature
@@ -218,19 +248,30 @@ def split_write_grad_kernel(S, T, G, LABELS, GRAD_SCALE, PART, SUMS, LOSS_PART,
                     s_label = tl.load(part + 5)
                 head += hard_label_loss(lse2_r, s_label, 0.0, ce_weight, xo, CE_TERM, OPTS)
             tl.store(out + n_splits, head)
-        sweep_value, sum_s = _write_grad_sweep(aligned_base(row_base(S, row, s_stride), lead, PEEL),
-                                               aligned_base(row_base(T, row, t_stride), lead, PEEL), g_base, lead,
-                                               begin, end, V, g_width, label, c, lse2_s, lse2_t, log2_beta, log2_1mb,
-                                               k0, k1, k2, k3, gdiv, lse2_r, gh, xo, DIVERGENCE, CE, BLOCK, PEEL,
-                                               OPTS)
-        value = div_weight * _divergence_value(0.0, sweep_value, beta, DIVERGENCE)
+            if RETURN_STATS:
+                agree = _combined_top1(part, TOP1_PART + row * n_splits * 2, n_splits, SPLITS)
+                store_stats(stats_head, 0.0, 0.0, agree, _divergence_value(sums_value, 0.0, beta, DIVERGENCE), 0.0)
+        sweep_value, sum_s, e_p, e_q = _write_grad_sweep_stats(
+            aligned_base(row_base(S, row, s_stride), lead, PEEL), aligned_base(row_base(T, row, t_stride), lead, PEEL),
+            g_base, lead, begin, end, V, g_width, label, c, lse2_s, lse2_t, log2_beta, log2_1mb, k0, k1, k2, k3, gdiv,
+            lse2_r, gh, xo, DIVERGENCE, CE, BLOCK, PEEL, OPTS, RETURN_STATS)
+        d_part = _divergence_value(0.0, sweep_value, beta, DIVERGENCE)
+        value = div_weight * d_part
         if CE_TERM and (_SMOOTH & OPTS) != 0:
             value -= ce_weight * (smooth * sum_s)
         tl.store(out, value)
+        if RETURN_STATS:
+            store_stats(stats_out, e_p * -LN2, e_q * -LN2, 0.0, d_part, 0.0)
     else:
         tl.store(out, tl.where(split == 0, fill, 0.0))
         if split == 0:
             tl.store(out + n_splits, 0.0)
+        if RETURN_STATS:
+            if split == 0:
+                store_blank_stats(stats_out)
+                store_stats(stats_head, 0.0, 0.0, 0.0, 0.0, 0.0)
+            else:
+                store_stats(stats_out, 0.0, 0.0, 0.0, 0.0, 0.0)
         _fill_blocks(g_base, lead, begin, end, g_width, fill, BLOCK)
 
 
@@ -244,10 +285,12 @@ def _fill_blocks(g_base, lead, begin, end, g_width, value, BLOCK: tl.constexpr):
 
 
 def launch(student, teacher, labels, grad_scale, grad, k, divergence, cfg, split, peel, lead, scalars, ce_mode,
-           opts, xo):
+           opts, xo, stats_out=None):
     """The three passes over a (rows, splits) grid; returns the [N] fp32 loss. ``split``:
     launch.VocabSplit; ``scalars``: dense.kernel_scalars; ``opts``, ``xo``: the logit options
-    (launch.logit_options); the rest as dense's launcher chose them for the one-program kernel."""
+    (launch.logit_options); the rest as dense's launcher chose them for the one-program kernel.
+    ``stats_out``: [N, STATS_WIDTH] fp32 that receives the per-token diagnostics (the sum of
+    the write pass's parts), or None."""
     n = student.shape[0]
     splits = split.splits
     c, inv_t, temp, log2_beta, log2_1mb = scalars
@@ -255,6 +298,10 @@ def launch(student, teacher, labels, grad_scale, grad, k, divergence, cfg, split
     part = torch.empty((n, splits, PART_WIDTH), dtype=torch.float32, device=device)
     sums = torch.empty((n, splits, 4), dtype=torch.float64, device=device)
     loss_part = torch.empty((n, splits + 1), dtype=torch.float32, device=device)
+    with_stats = stats_out is not None
+    # The stats' parts: each (row, split)'s argmax columns, and the write pass's table parts.
+    top1 = torch.empty((n, splits, 2), dtype=torch.int32, device=device) if with_stats else None
+    stats_part = torch.empty((n, splits + 1, STATS_WIDTH), dtype=torch.float32, device=device) if with_stats else None
     labels_ptr = labels if labels is not None else loss_part  # unused pointer when there are no labels
     common = dict(HAS_LABELS=labels is not None, CE=ce_mode, BLOCK=cfg.block, PEEL=peel, OPTS=opts,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -263,7 +310,7 @@ def launch(student, teacher, labels, grad_scale, grad, k, divergence, cfg, split
     with kernel_launch(device):
         split_row_stats_kernel[grid](student, teacher, labels_ptr, part, student.stride(0), teacher.stride(0),
                                      k.vocab_size, split.chunk, lead, c, inv_t, temp, int(k.ignore_index), *xo,
-                                     **common)
+                                     TOP1_PART=top1, RETURN_STATS=with_stats, **common)
         if divergence != "forward_kl":
             split_row_sums_kernel[grid](student, teacher, labels_ptr, part, sums, student.stride(0),
                                         teacher.stride(0), k.vocab_size, split.chunk, lead, c, inv_t, temp,
@@ -273,5 +320,8 @@ def launch(student, teacher, labels, grad_scale, grad, k, divergence, cfg, split
                                       student.stride(0), teacher.stride(0), grad.stride(0), k.vocab_size,
                                       grad.shape[1], split.chunk, lead, c, inv_t, temp, float(k.beta), log2_beta,
                                       log2_1mb, float(k.div_weight), float(k.ce_weight), int(k.ignore_index), *xo,
-                                      DIVERGENCE=DIVERGENCE_IDS[divergence], SPLITS=width, **common)
+                                      DIVERGENCE=DIVERGENCE_IDS[divergence], SPLITS=width, TOP1_PART=top1,
+                                      STATS_PART=stats_part, RETURN_STATS=with_stats, **common)
+    if with_stats:
+        torch.sum(stats_part, dim=1, out=stats_out)
     return loss_part.sum(dim=1)

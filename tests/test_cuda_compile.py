@@ -16,5 +16,5 @@ def test_cuda_sources_compile_for_sm90a_and_sm80():
                           capture_output=True, text=True, timeout=1200)
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("kd_cluster.cu", "kd_twopass.cu", "kd_scale_grad.cu", "kd_sparse.cu", "kd_cuda.cpp"):
+    for name in ("kd_cluster.cu", "kd_twopass.cu", "kd_scale_grad.cu", "kd_sparse.cu", "kd_multi.cu", "kd_cuda.cpp"):
         assert name in proc.stdout

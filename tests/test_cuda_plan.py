@@ -171,3 +171,26 @@ def test_forced_cluster_runs_short_rows(driver):
 def test_forced_twopass(driver):
     p = plan(driver, V=128256, force="twopass")
     assert (p["kind"], p["refused"]) == ("twopass", None)
+
+
+# ---------------------------------------------------------------------------------------
+# Several teachers (plan_multi, kd_multi.cu): the two-pass grid, every teacher in the
+# narrowest part any of them needs, threads up to kMultiMaxThreads.
+
+def test_multi_plan(driver):
+    p = plan(driver, V=128256, multi=1)
+    assert (p["kind"], p["vec"], p["t_part"], p["g_part"], p["threads"]) == ("multi", 8, 8, 8, 256)
+    assert plan(driver, V=1000, multi=1)["threads"] == 64
+    # A second teacher whose stride differs from the student's by 2 columns: both in parts of 2.
+    p = plan(driver, V=32000, multi=1, t1_stride=32002)
+    assert (p["vec"], p["t_part"], p["g_part"]) == (8, 2, 8)
+    p = plan(driver, V=32000, multi=1, s_type="f32", t_type="bf16")
+    assert (p["vec"], p["t_part"], p["built"]) == (4, 4, 1)
+
+
+@pytest.mark.parametrize("s_type,t_type,built", [
+    ("bf16", "bf16", 1), ("f16", "f16", 1), ("f32", "f32", 1), ("bf16", "f32", 1), ("f16", "f32", 1),
+    ("f32", "bf16", 1), ("f32", "f16", 0), ("bf16", "f16", 0), ("f16", "bf16", 0)])
+def test_multi_teacher_dtype_pairs_built(driver, s_type, t_type, built):
+    """The pairs kd_multi.cu is built for; the others are converted to float32 first (kd_cuda.cpp)."""
+    assert plan(driver, V=4096, multi=1, s_type=s_type, t_type=t_type)["built"] == built

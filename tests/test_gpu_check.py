@@ -180,3 +180,32 @@ def test_summary_softcap_table(tmp_path):
     assert "| fastkd[cuda] | twopass | 2.00 | 2.50 | 1.25× | no |" in text
     assert "| fastkd[triton] | triton | 3.00 | – | – | – | backend 'triton' does not apply" in text
     assert any(c.label == gpu_check.SOFTCAP_RUN for c in gpu_check.bench_commands(ctx))
+
+
+def test_summary_multi_table(tmp_path):
+    """The several-teachers rows of the bench step (MULTI_PY's JSON): time, the ratio to one
+    teacher, the kernel that ran, and a backend that refused several teachers shown as such."""
+    out = tmp_path / "gc"
+    folder = out / "bench" / gpu_check.MULTI_RUN
+    folder.mkdir(parents=True)
+    meta = {"device_name": "NVIDIA H100 80GB HBM3", "date": "2026-11-24T12:00:00", "dtype": "bfloat16",
+            "temperature": 2.0, "machine": {}}
+    shape = gpu_check.MULTI_SHAPE
+    rows = [
+        {"impl": "fastkd[cuda]", "kernel": "cuda", "shape": shape, "teachers": "1", "kind": "fastkd", "time_s": 1e-3,
+         "launched": "cluster[C=8,vec=8,threads=256]"},
+        {"impl": "fastkd[cuda]", "kernel": "cuda", "shape": shape, "teachers": "2, mixture", "kind": "fastkd",
+         "time_s": 2.2e-3, "ratio_vs_one": 2.2, "launched": "multi[K=2,vec=8,threads=256,t_part=8,g_part=8,teachers=read]"},
+        {"impl": "fastkd[triton]", "kernel": "triton", "shape": shape, "teachers": "1", "kind": "fastkd",
+         "time_s": 3e-3},
+        {"impl": "fastkd[triton]", "kernel": "triton", "shape": shape, "teachers": "2, routed", "kind": "skipped",
+         "note": "backend 'triton' does not run several teachers yet"},
+    ]
+    (folder / "bench_multi.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    ctx = gpu_check.Context(out, sys.executable, False, None)
+    text = gpu_check.write_summary(ctx, {}, ["--out", str(out)])
+    assert "Several teachers (4096x128256 bfloat16" in text
+    assert "| fastkd[cuda] | 1 | 1.00 | – | cluster[C=8,vec=8,threads=256] |  |" in text
+    assert "| fastkd[cuda] | 2, mixture | 2.20 | 2.20× | multi[K=2," in text
+    assert "| fastkd[triton] | 2, routed | – | – | – | backend 'triton' does not run several teachers" in text
+    assert any(c.label == gpu_check.MULTI_RUN for c in gpu_check.bench_commands(ctx))

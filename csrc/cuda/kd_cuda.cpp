@@ -9,7 +9,8 @@
 // benchmarks; a forced `cluster` that cannot run a call (mixed dtypes, given row
 // statistics, a teacher misaligned against the student, V too large, no sm_90 cluster
 // support, a cluster the device cannot co-schedule) raises: it never runs the two-pass
-// kernel instead. torch.ops.fastkd.cuda_last_kernel() names the last forward kernel run.
+// kernel instead. torch.ops.fastkd.cuda_last_kernel() names the last forward kernel run
+// (the sparse and several-teachers kernels included: "sparse[...]", "multi[...]").
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -306,6 +307,62 @@ void op_sparse_forward(const SparseForwardArgs& args, at::Tensor& loss, at::Tens
                 ",g_part=" + std::to_string(plan.g_part) + ",smem=" + std::to_string(plan.smem) + "]";
 }
 
+// Several teachers (kd_multi.cu). The kernel reads its teachers in one dtype, of the pairs
+// it is built for (multi_teacher_type_built, kd_cuda.h); otherwise every teacher not in
+// float32 is converted to float32 first, a copy of its first vocab_size columns (lossless),
+// which cuda_last_kernel() reports as "copied".
+void op_multi_forward(const MultiForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
+  TORCH_CHECK(args.grad_scale.is_cuda(), "fastkd (cuda): grad_scale must be on the logits' device");
+  TORCH_CHECK(loss.scalar_type() == at::kFloat, "fastkd (cuda): float64 runs on the 'cpu' and 'torch' backends");
+  if (args.student.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(args.student.device());
+  const at::Tensor grad_scale = args.grad_scale.to(at::kFloat).contiguous();
+  const int k = static_cast<int>(args.teachers.size());
+  const int64_t V = args.params.vocab_size;
+  const ElemType s_type = elem_type(args.student.scalar_type(), "student logits");
+  ElemType t_type = elem_type(args.teachers[0].scalar_type(), "teacher logits");
+  bool one_type = true;
+  for (const at::Tensor& t : args.teachers) one_type = elem_type(t.scalar_type(), "teacher logits") == t_type && one_type;
+  const bool copy = !one_type || !multi_teacher_type_built(s_type, t_type);
+  std::vector<at::Tensor> teachers;
+  for (const at::Tensor& t : args.teachers)
+    teachers.push_back(copy && t.scalar_type() != at::kFloat ? t.narrow(1, 0, V).to(at::kFloat) : t);
+  if (copy) t_type = ElemType::F32;
+
+  MultiKDLaunch a{};
+  a.student = args.student.data_ptr();
+  RowLayout t_rows[kMaxKernelTeachers];
+  for (int i = 0; i < k; ++i) {
+    a.teachers[i] = teachers[i].data_ptr();
+    a.t_strides[i] = teachers[i].stride(0);
+    t_rows[i] = row_layout(a.teachers[i], a.t_strides[i], t_type);
+  }
+  a.k = k;
+  a.weights = args.weights.data_ptr<float>();
+  a.w_stride_k = args.weights.stride(0);
+  a.w_stride_n = args.weights.stride(1);
+  a.grad = grad.data_ptr();
+  a.labels = args.labels ? args.labels->data_ptr<int64_t>() : nullptr;
+  a.grad_scale = grad_scale.data_ptr<float>();
+  a.loss = loss.data_ptr<float>();
+  a.s_stride = args.student.stride(0);
+  a.g_stride = grad.stride(0);
+  a.g_width = grad.size(1);
+  a.n_rows = args.student.size(0);
+  a.s_type = s_type;
+  a.t_type = t_type;
+  a.p = args.params;
+  const MultiPlan plan = plan_multi(V, a.n_rows, row_layout(a.student, a.s_stride, s_type), t_rows, k,
+                                    row_layout(a.grad, a.g_stride, s_type));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(args.student.get_device()).stream();
+  C10_CUDA_CHECK(launch_kd_multi(a, plan, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const std::lock_guard<std::mutex> lock(last_kernel_mutex);
+  last_kernel = "multi[K=" + std::to_string(k) + ",vec=" + std::to_string(plan.vec) + ",threads=" +
+                std::to_string(plan.threads) + ",t_part=" + std::to_string(plan.t_part) + ",g_part=" +
+                std::to_string(plan.g_part) + (copy ? ",teachers=copied" : ",teachers=read") + "]";
+}
+
 // Which kernel a forward call on these tensors would run (describe()), by the same
 // decision as the launch: the gradient is the one op_empty_grad would allocate (aligned
 // as the allocator aligns, to 512 bytes), or the student itself when `inplace`. Raises
@@ -350,7 +407,8 @@ TORCH_LIBRARY_IMPL(fastkd, CUDA, m) { m.impl("cuda_kernel_plan", &cuda_kernel_pl
 
 const DeviceOps& device_ops() {
   static const DeviceOps ops{&op_empty_grad,      &op_forward,        &op_row_stats,        &op_scale_grad,
-                             &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad, &op_sparse_forward};
+                             &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad, &op_sparse_forward,
+                             &op_multi_forward};
   return ops;
 }
 

@@ -284,6 +284,70 @@ cudaError_t launch_kd_sparse(const SparseKDLaunch& a, cudaStream_t stream);
 SparsePlan sparse_plan_for(const SparseKDLaunch& a);
 
 // ---------------------------------------------------------------------------------------
+// Several teachers (kd_multi.cu; docs/multi_teacher.md): K <= kMaxKernelTeachers teacher
+// rows per token, weighted per token, combined as a mixture or a weighted sum. One CTA per
+// row, the two-pass kernel's phases; a row reads only the teachers whose weight is not 0
+// there (the "active" ones), each active teacher row once per phase.
+
+// Threads per CTA at most, and CTAs per SM: the per-teacher statistics, packs and per-entry
+// terms need about 100 registers (1024 threads get 64), and two CTAs per SM let one CTA's
+// block reductions between phases overlap the other's sweeps (unmeasured: no GPU yet).
+constexpr int kMultiMaxThreads = 256;
+constexpr int kMultiMinBlocksPerSM = 2;
+
+struct MultiKDLaunch {
+  const void* student;                          // [N, >= V], dtype s_type
+  const void* teachers[kMaxKernelTeachers];     // k of them, [N, >= V] each, all of dtype t_type
+  int64_t t_strides[kMaxKernelTeachers];
+  int k;                                        // teachers, 1..kMaxKernelTeachers
+  const float* weights;                         // w(k, r) = weights[k * w_stride_k + r * w_stride_n]
+  int64_t w_stride_k, w_stride_n;               // any strides (0 along N: one weight per teacher)
+  void* grad;                                   // [N, g_width], dtype s_type; may alias student (in place)
+  const int64_t* labels;                        // [N] or nullptr
+  const float* grad_scale;                      // device scalar: the reduction's 1/denominator
+  float* loss;                                  // [N]
+  int64_t s_stride, g_stride, g_width, n_rows;
+  ElemType s_type, t_type;
+  int t_part, g_part;                           // set by launch_kd_multi from the plan
+  KDParams p;                                   // with p.teacher_mode
+};
+
+// Whether the kernel is built for teachers of dtype t beside a student of dtype s: the
+// student's own dtype, float32 (any teacher converts to it without loss), and bfloat16 for a
+// float32 student (a bf16 model's logits beside a student's upcast ones). Other teachers (and
+// teachers of several dtypes) are converted to float32 by the launch first: a copy of their
+// first vocab_size columns. Each pair is two kernels (with and without the logit options);
+// the other 16-bit pairs were left out to keep the compile time of the file modest.
+inline bool multi_teacher_type_built(ElemType s, ElemType t) {
+  return t == s || t == ElemType::F32 || (s == ElemType::F32 && t == ElemType::BF16);
+}
+
+// The launch of one several-teachers call: the two-pass kernel's pack grid (16 bytes of the
+// wider dtype, following the student's rows), the narrowest part any teacher needs, threads
+// sized to the row up to kMultiMaxThreads.
+struct MultiPlan {
+  int vec, threads, t_part, g_part;
+};
+
+// `t` holds the k teachers' layouts (one dtype: the launch converts the odd ones first).
+inline MultiPlan plan_multi(int64_t vocab_size, int64_t n_rows, const RowLayout& s, const RowLayout* t, int k,
+                            const RowLayout& g) {
+  MultiPlan plan{};
+  plan.vec = natural_vec(s.type, t[0].type);
+  const bool aligned_rows = row0_phase(s, plan.vec) == 0 && (n_rows <= 1 || s.stride % plan.vec == 0);
+  const int64_t span = vocab_size + (aligned_rows ? 0 : plan.vec - 1);
+  plan.threads = std::min(twopass_threads((span + plan.vec - 1) / plan.vec), kMultiMaxThreads);
+  plan.t_part = plan.vec;
+  for (int i = 0; i < k; ++i) plan.t_part = std::min(plan.t_part, part_width(t[i], s, plan.vec, n_rows));
+  plan.g_part = part_width(g, s, plan.vec, n_rows);
+  return plan;
+}
+
+// Loss [N] and gradient of several teachers. Returns cudaErrorInvalidValue for a launch it
+// does not take (teachers' dtype and plan inconsistent, k out of range), launching nothing.
+cudaError_t launch_kd_multi(const MultiKDLaunch& a, const MultiPlan& plan, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
 // Launchers (kd_twopass.cu, kd_cluster.cu, kd_scale_grad.cu). They return the CUDA error
 // of the launch; the caller checks it.
 

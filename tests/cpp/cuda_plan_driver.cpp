@@ -5,9 +5,12 @@
 //   V N (4) s_addr (0) s_stride (V) s_type (bf16) t_addr (0) t_stride (V) t_type (s_type)
 //   grad=alloc|inplace|none|ADDR (alloc) g_stride (for an ADDR) stats (0) cluster_device (1)
 //   force=auto|twopass|cluster (auto) launchable (1)
+//   multi (0: the several-teachers plan, plan_multi, of teacher t and, given t1_addr or
+//   t1_stride, a second teacher t1 of the same dtype)
 // Addresses are byte addresses (only their value mod 16 matters). grad=alloc is the layout
 // op_empty_grad gives the student. One output line per query:
 //   kind=twopass|cluster C= vec= threads= t_part= g_part= g_offset= g_stride= refused=<why|->
+//   (multi: kind=multi, and built= whether the kernel is built for the dtype pair)
 #include <cstdlib>
 #include <iostream>
 #include <map>
@@ -62,6 +65,15 @@ int main() {
     const std::string force = get("force", "auto");
     in.force = force == "cluster" ? KernelOverride::Cluster : force == "twopass" ? KernelOverride::TwoPass
                                                                                 : KernelOverride::Auto;
+    if (num("multi", 0) != 0) {  // the several-teachers plan: teacher t, and t1 when t1_addr or t1_stride is given
+      const RowLayout ts[2] = {in.t, RowLayout{num("t1_addr", 0) & 15, num("t1_stride", V), tt}};
+      const int k = kv.count("t1_addr") || kv.count("t1_stride") ? 2 : 1;
+      const MultiPlan m = plan_multi(V, n, in.s, ts, k, in.g);
+      std::cout << "kind=multi C=1 vec=" << m.vec << " threads=" << m.threads << " t_part=" << m.t_part
+                << " g_part=" << m.g_part << " g_offset=" << ga.offset << " g_stride=" << ga.stride
+                << " built=" << multi_teacher_type_built(st, tt) << " asked=0 refused=-\n";
+      continue;
+    }
     const bool launchable = num("launchable", 1) != 0;
     int asked = 0;
     const LaunchPlan p = choose_plan(in, [&](const LaunchPlan&) { ++asked; return launchable; });

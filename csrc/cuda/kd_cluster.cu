@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __shared__ float4 xstats[kMaxCluster][2];  // slot i: CTA i's (ms, zs, mt, zt), (zraw, a, sum of s', -)
   __shared__ float4 xsums[kMaxCluster];      // slot i: CTA i's divergence sums
-  __shared__ float4 xtoken[kStats ? kMaxCluster : 1];  // kStats, rank 0's: CTA i's TokenStats (hq, hp, arg_s, arg_t bits)
+  __shared__ float4 xtoken[kStats ? kMaxCluster : 1];  // kStats, rank 0's: CTA i's TokenStats (hq, hp, arg bits)
   __shared__ RowStatsBase2 warp_stats[NT / 32];
   __shared__ float4 warp_sums[NT / 32];
   __shared__ float4 warp_sum_s[NT / 32];

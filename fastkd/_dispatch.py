@@ -118,17 +118,19 @@ def uses_logit_options(cfg) -> bool:
 
 # The backends that run several teachers (teacher_logits a sequence of K, or teacher
 # weights per token; docs/multi_teacher.md), the compiled ones up to MAX_KERNEL_TEACHERS
-# (``cpu``: csrc/cpu/kd_multi_cpu.cpp, ``triton``: backends/triton/multi.py). A call they cannot run goes to ``torch``, as for the
-# logit options above. One teacher given as a sequence of one (without weights) is the
-# single-teacher call and runs everywhere.
-MULTI_TEACHER_BACKENDS = {"torch", "cpu", "triton"}
+# (``cpu``: csrc/cpu/kd_multi_cpu.cpp, ``triton``: backends/triton/multi.py, ``cuda``:
+# csrc/cuda/kd_multi.cu, compile-checked only, as every CUDA kernel: ``auto`` does not pick
+# ``cuda`` yet). A call they cannot run goes to ``torch``, as for the logit options above.
+# One teacher given as a sequence of one (without weights) is the single-teacher call.
+MULTI_TEACHER_BACKENDS = {"torch", "cpu", "triton", "cuda"}
 
 
 # The backends whose kernels write the per-token diagnostics in the loss's own pass
-# (return_stats=True; fastkd/backends/__init__.py), for dense and sparse teachers. Others
+# (return_stats=True; fastkd/backends/__init__.py), for dense and sparse teachers (``cuda``:
+# compile-checked only, as above). Others
 # are refused as for the options above (``auto`` picks ``torch``, which computes them with
 # fastkd.stats in separate passes).
-STATS_BACKENDS = {"torch", "cpu", "triton"}
+STATS_BACKENDS = {"torch", "cpu", "triton", "cuda"}
 
 
 def _runs_teachers(name: str, count: int) -> bool:

@@ -95,11 +95,16 @@ FASTKD_DEV void push(float4* slot, unsigned rank, float4 v) {
 #endif
 
 // kOptions: the instance that applies the logit options (has_options; kd_device.cuh).
-template <typename T, Divergence DIV, int VEC, bool kOptions>
+// kStats: the instance that also writes the per-token diagnostics (a.token_stats; launched
+// with kOptions): a register sweep of their own after the row sums' (no memory traffic), and
+// their partials in the row_sums exchange (forward KL, which has no row_sums, gets that
+// exchange for them alone).
+template <typename T, Divergence DIV, int VEC, bool kOptions, bool kStats>
 __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cluster_kernel(const KDLaunch a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __shared__ float4 xstats[kMaxCluster][2];  // slot i: CTA i's (ms, zs, mt, zt), (zraw, a, sum of s', -)
   __shared__ float4 xsums[kMaxCluster];      // slot i: CTA i's divergence sums
+  __shared__ float4 xtoken[kStats ? kMaxCluster : 1];  // kStats, rank 0's: CTA i's TokenStats (hq, hp, arg bits)
   __shared__ RowStatsBase2 warp_stats[NT / 32];
   __shared__ float4 warp_sums[NT / 32];
   __shared__ float4 warp_sum_s[NT / 32];
@@ -116,7 +121,10 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
     const int64_t share = (a.g_width + C - 1) / C;
     const int64_t begin = min(int64_t(rank) * share, a.g_width), end = min(begin + share, a.g_width);
     fill_span(r.g, begin, end, row_fill_value(r.kind), threadIdx.x, NT);
-    if (rank == 0 && threadIdx.x == 0) a.loss[row] = row_fill_value(r.kind);
+    if (rank == 0 && threadIdx.x == 0) {
+      a.loss[row] = row_fill_value(r.kind);
+      if constexpr (kStats) store_blank_token_stats(a.token_stats + row * kStatsWidth);
+    }
     return;
   }
   const bool ce = p.ce_weight != 0.f;
@@ -190,24 +198,48 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
   // sums as in the two-pass kernel would take JSD at T = 0.5 from 2.1e-4 to 1.4e-4 from
   // float64, fp32 emulation at V = 128256 bf16, equal at T = 1, for registers this kernel
   // lacks.) Then rank 0 writes the row's loss.
+  // kStats: the diagnostics' partials (TokenStats) join this exchange, pushed to rank 0 alone.
   float4 tot = make_float4(0.f, 0.f, 0.f, 0.f);
   float pm = 0.f;  // JSD: sum p log2(p/m)
-  if constexpr (DIV != Divergence::ForwardKL) {
-    float4 acc = tot;
+  TokenStats ts = empty_token_stats();
+  if constexpr (DIV != Divergence::ForwardKL || kStats) {
+    if constexpr (DIV != Divergence::ForwardKL) {
+      float4 acc = tot;
 #pragma unroll
-    for (int s = 0; s < K; ++s) {
-      const uint32_t lv = interior ? all_lanes<VEC>() : live_lanes<VEC>(col_first + s * kSlotCols, V);
+      for (int s = 0; s < K; ++s) {
+        const uint32_t lv = interior ? all_lanes<VEC>() : live_lanes<VEC>(col_first + s * kSlotCols, V);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        row_sums_add<DIV, false>(acc, L.s(sp[s].template get<2, kOptions>(j, k.opaque_zero), lv, j),
-                                 L.t(tp[s].template get<2, kOptions>(j, k.opaque_zero), lv, j), k);
+        for (int j = 0; j < VEC; ++j)
+          row_sums_add<DIV, false>(acc, L.s(sp[s].template get<2, kOptions>(j, k.opaque_zero), lv, j),
+                                   L.t(tp[s].template get<2, kOptions>(j, k.opaque_zero), lv, j), k);
+      }
+      acc = block_sum(acc, warp_sums);
+      if (threadIdx.x < C) push(&xsums[rank], threadIdx.x, acc);
     }
-    acc = block_sum(acc, warp_sums);
-    if (threadIdx.x < C) push(&xsums[rank], threadIdx.x, acc);
+    if constexpr (kStats) {
+      // A register sweep of their own (the elements widened in a form of their own, Pack::get,
+      // so no phase's values stay alive into another): inside the row_sums sweep, their
+      // accumulators made the 16-bit instances spill (ptxas: up to 280 bytes).
+      const uint32_t col32 = uint32_t(col_first);
+#pragma unroll
+      for (int s = 0; s < K; ++s) {
+        const uint32_t lv = interior ? all_lanes<VEC>() : live_lanes<VEC>(col_first + s * kSlotCols, V);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+          token_stats_add(ts, L.s(sp[s].template get<3>(j, k.opaque_zero), lv, j),
+                          L.t(tp[s].template get<3>(j, k.opaque_zero), lv, j), k, st.ms, st.mt,
+                          col32 + uint32_t(s * kSlotCols + j), (lv >> j) & 1u);
+      }
+      __shared__ TokenStats warp_tokens[NT / 32];
+      ts = block_reduce(ts, warp_tokens);
+      if (threadIdx.x == 0)
+        push(&xtoken[rank], 0, make_float4(ts.hq, ts.hp, __uint_as_float(ts.arg_s), __uint_as_float(ts.arg_t)));
+    }
     cluster_arrive();
     cluster_wait();
-    tot = warp_sum(lane < int(C) ? xsums[lane] : make_float4(0.f, 0.f, 0.f, 0.f));
-    if constexpr (DIV != Divergence::TVD) {
+    if constexpr (DIV != Divergence::ForwardKL)
+      tot = warp_sum(lane < int(C) ? xsums[lane] : make_float4(0.f, 0.f, 0.f, 0.f));
+    if constexpr (DIV != Divergence::TVD && DIV != Divergence::ForwardKL) {
       // sum_{q>kPeak} q without a fifth row sum: the only entry that can exceed kPeak is
       // the row's maximum st.ms, and this is bitwise the q that row_sums_add computed for it.
       pm = tot.w;
@@ -223,6 +255,18 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocksPerSM) kd_cl
     if (smooth)
       for (unsigned i = 0; i < C; ++i) row_sum_s += xstats[i][1].z;
     a.loss[row] = add_hard_label_loss<kOptions>(p.div_weight * D, k, p, s_label, row_sum_s);
+    if constexpr (kStats) {  // the C CTAs' diagnostics, in rank order
+      TokenStats row_ts = empty_token_stats();
+      for (unsigned i = 0; i < C; ++i) {
+        const float4 x = xtoken[i];
+        row_ts.hq += x.x;
+        row_ts.hp += x.y;
+        row_ts.arg_s = min(row_ts.arg_s, __float_as_uint(x.z));
+        row_ts.arg_t = min(row_ts.arg_t, __float_as_uint(x.w));
+      }
+      store_token_stats(a.token_stats + row * kStatsWidth, -kLn2 * row_ts.hp, row_ts.hq, row_ts.arg_s == row_ts.arg_t,
+                        D, 0.f);
+    }
   }
 
   // 4. write_grad: the gradient, from the registers. (With the options, the general loop
@@ -312,18 +356,18 @@ bool query_launchable(const void* kernel_ptr, void (*kernel)(KDLaunch), int clus
   return ok;
 }
 
-template <typename T, Divergence DIV, bool kOptions>
+template <typename T, Divergence DIV, bool kOptions, bool kStats>
 bool launchable(int cluster) {
   static std::atomic<signed char> cache[kMaxDevices][kMaxCluster + 1];  // one per kernel instance
-  auto kernel = kd_cluster_kernel<T, DIV, 16 / int(sizeof(T)), kOptions>;
+  auto kernel = kd_cluster_kernel<T, DIV, 16 / int(sizeof(T)), kOptions, kStats>;
   return query_launchable(reinterpret_cast<const void*>(kernel), kernel, cluster, cache);
 }
 
-template <typename T, Divergence DIV, bool kOptions>
+template <typename T, Divergence DIV, bool kOptions, bool kStats>
 cudaError_t launch_typed(const KDLaunch& a, int cluster, cudaStream_t stream) {
   constexpr int kVec = 16 / int(sizeof(T));
-  auto kernel = kd_cluster_kernel<T, DIV, kVec, kOptions>;
-  if (!launchable<T, DIV, kOptions>(cluster)) return cudaErrorNotSupported;
+  auto kernel = kd_cluster_kernel<T, DIV, kVec, kOptions, kStats>;
+  if (!launchable<T, DIV, kOptions, kStats>(cluster)) return cudaErrorNotSupported;
   cudaLaunchAttribute dims;
   const cudaLaunchConfig_t cfg = cluster_launch_config(dims, cluster, a.n_rows * cluster, stream);
   if (cluster > kMaxClusterPortable) {
@@ -341,19 +385,22 @@ cudaError_t launch_kd_cluster(const KDLaunch& a, const LaunchPlan& plan, cudaStr
   if (plan.kind != KernelKind::Cluster || plan.refused != nullptr || a.s_type != a.t_type ||
       a.stats_in != nullptr || plan.threads != NT || plan.cluster < 1 || plan.cluster > kMaxCluster ||
       plan.vec != 16 / elem_bytes(a.s_type) || plan.t_part != plan.vec || plan.g_part != plan.vec ||
-      a.n_rows * plan.cluster > int64_t(0x7fffffff))
+      a.n_rows * plan.cluster > int64_t(0x7fffffff) || (a.token_stats != nullptr && a.p.vocab_size > kMaxStatsVocab))
     return cudaErrorNotSupported;
-  const bool options = has_options(a.p);  // the options path only where one is on
+  // The options path only where one is on, or with the diagnostics (their instance has it).
+  const bool stats = a.token_stats != nullptr, options = stats || has_options(a.p);
   FASTKD_ELEM_TYPE_SWITCH(a.s_type, T, FASTKD_DIVERGENCE_SWITCH(a.p.divergence, DIV, {
-    return options ? launch_typed<T, DIV, true>(a, plan.cluster, stream)
-                   : launch_typed<T, DIV, false>(a, plan.cluster, stream);
+    if (stats) return launch_typed<T, DIV, true, true>(a, plan.cluster, stream);
+    return options ? launch_typed<T, DIV, true, false>(a, plan.cluster, stream)
+                   : launch_typed<T, DIV, false, false>(a, plan.cluster, stream);
   }));
   return cudaErrorInvalidValue;
 }
 
-bool cluster_launchable(ElemType type, Divergence divergence, bool options, int cluster) {
+bool cluster_launchable(ElemType type, Divergence divergence, bool options, bool stats, int cluster) {
   FASTKD_ELEM_TYPE_SWITCH(type, T, FASTKD_DIVERGENCE_SWITCH(divergence, DIV, {
-    return options ? launchable<T, DIV, true>(cluster) : launchable<T, DIV, false>(cluster);
+    if (stats) return launchable<T, DIV, true, true>(cluster);
+    return options ? launchable<T, DIV, true, false>(cluster) : launchable<T, DIV, false, false>(cluster);
   }));
   return false;
 }

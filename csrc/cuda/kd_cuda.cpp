@@ -76,7 +76,7 @@ LaunchPlan make_plan(const KDLaunch& a, int device) {
   in.force = kernel_override();
   in.cluster_device = in.force != KernelOverride::TwoPass && cluster_device(device);
   const LaunchPlan plan = choose_plan(in, [&](const LaunchPlan& p) {
-    return cluster_launchable(a.s_type, a.p.divergence, has_options(a.p), p.cluster);
+    return cluster_launchable(a.s_type, a.p.divergence, has_options(a.p), a.token_stats != nullptr, p.cluster);
   });
   TORCH_CHECK(plan.refused == nullptr, "fastkd (cuda): FASTKD_CUDA_KERNEL=cluster, but the cluster kernel cannot run "
               "this call: ", plan.refused, " (unset FASTKD_CUDA_KERNEL or set it to auto to let fastkd choose)");
@@ -112,6 +112,18 @@ void launch_forward(KDLaunch& a, int device) {
   last_kernel = describe(plan);
 }
 
+// The per-token diagnostics' output (kd_forward_stats: ops.cpp allocates it in the loss
+// dtype, float32 here), or nullptr.
+float* stats_data(const c10::optional<at::Tensor>& stats, const KDParams& p) {
+  if (!stats) return nullptr;
+  TORCH_CHECK(stats->scalar_type() == at::kFloat && stats->is_contiguous() && stats->dim() == 2 &&
+                  stats->size(1) == kStatsWidth,
+              "fastkd (cuda): the diagnostics must be a contiguous float32 [N, ", kStatsWidth, "] tensor");
+  TORCH_CHECK(p.vocab_size <= kMaxStatsVocab, "fastkd (cuda): return_stats takes vocab_size <= ", kMaxStatsVocab,
+              ", got ", p.vocab_size);
+  return stats->data_ptr<float>();
+}
+
 KDLaunch make_launch(const ForwardArgs& args, const at::Tensor& grad_scale, at::Tensor& loss, at::Tensor& grad) {
   KDLaunch a{};
   a.student = args.student.data_ptr();
@@ -131,6 +143,7 @@ KDLaunch make_launch(const ForwardArgs& args, const at::Tensor& grad_scale, at::
   a.t_type = elem_type(args.teacher.scalar_type(), "teacher logits");
   a.with_ce_raw = false;
   a.p = args.params;
+  a.token_stats = stats_data(args.stats, args.params);
   return a;
 }
 
@@ -296,10 +309,11 @@ void op_sparse_forward(const SparseForwardArgs& args, at::Tensor& loss, at::Tens
   a.ids_int64 = args.ids.scalar_type() == at::kLong;
   a.stage_limit = sparse_stage_limit();
   a.p = args.params;
+  float* const token_stats = stats_data(args.stats, args.params);
   const SparsePlan plan = sparse_plan_for(a);
   TORCH_CHECK(plan.refused == nullptr, "fastkd (cuda): sparse_kd_forward cannot run K = ", a.k, ": ", plan.refused);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(args.student.get_device()).stream();
-  C10_CUDA_CHECK(launch_kd_sparse(a, stream));
+  C10_CUDA_CHECK(launch_kd_sparse(a, token_stats, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const std::lock_guard<std::mutex> lock(last_kernel_mutex);
   last_kernel = "sparse[vec=" + std::to_string(plan.vec) + ",threads=" + std::to_string(plan.threads) +
@@ -406,9 +420,16 @@ TORCH_LIBRARY_FRAGMENT(fastkd, m) {
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) { m.impl("cuda_kernel_plan", &cuda_kernel_plan); }
 
 const DeviceOps& device_ops() {
-  static const DeviceOps ops{&op_empty_grad,      &op_forward,        &op_row_stats,        &op_scale_grad,
-                             &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad, &op_sparse_forward,
-                             &op_multi_forward};
+  static const DeviceOps ops = [] {
+    DeviceOps o{&op_empty_grad,      &op_forward,        &op_row_stats,        &op_scale_grad,
+                &op_shard_row_stats, &op_shard_row_sums, &op_shard_write_grad, &op_sparse_forward,
+                &op_multi_forward};
+    // The forward and sparse kernels write ForwardArgs::stats when it is given (their kStats
+    // instances; compile-checked only: no GPU has run them yet).
+    o.forward_writes_stats = true;
+    o.sparse_forward_writes_stats = true;
+    return o;
+  }();
   return ops;
 }
 

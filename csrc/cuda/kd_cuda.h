@@ -23,7 +23,8 @@ inline int elem_bytes(ElemType t) { return t == ElemType::F32 ? 4 : 2; }
 // Whether a launch takes the kernels' options path (kd_device.cuh: kOptions): a logit option
 // is on, either side's transform (logit_scale, softcap), label smoothing or the z-loss.
 // Every launcher picks its kernel instance with it, so the options off run the instances
-// that have no code for them.
+// that have no code for them. A launch with per-token diagnostics (token_stats) runs the
+// options path's instance with kStats (kd_device.cuh: TokenStats) whatever the options.
 inline bool has_options(const KDParams& p) {
   return p.scale_s != 1.0f || p.cap_s != 0.0f || p.scale_t != 1.0f || p.cap_t != 0.0f || p.label_smoothing != 0.0f ||
          p.z_loss != 0.0f;
@@ -52,6 +53,9 @@ struct KDLaunch {
   float* sums_out;         // [N, kRowSumsWidth] (the shard_row_sums kernel)
   bool shard;              // labels are global ids; this slice starts at vocab_start
   int64_t vocab_start;
+  // The per-token diagnostics (kd_forward_stats; kd_params.h: kStatsWidth), or nullptr:
+  // [N, kStatsWidth] float32, contiguous. Not with stats_in or shard.
+  float* token_stats;
 };
 
 // ---------------------------------------------------------------------------------------
@@ -276,9 +280,12 @@ inline SparsePlan plan_sparse(int64_t vocab_size, int64_t k, const RowLayout& s,
   return plan;
 }
 
-// Loss [N] and gradient of the sparse loss (kd_sparse.cu). Returns cudaErrorInvalidValue
-// for a plan it does not take, launching nothing.
-cudaError_t launch_kd_sparse(const SparseKDLaunch& a, cudaStream_t stream);
+// Loss [N] and gradient of the sparse loss (kd_sparse.cu), and the per-token diagnostics
+// into token_stats ([N, kStatsWidth] float32, sparse_kd_forward_stats) unless it is nullptr.
+// (Not a field of SparseKDLaunch: the kernel copies that struct to local memory for its
+// support phase, and a larger copy changed the code of the kernels without diagnostics.)
+// Returns cudaErrorInvalidValue for a plan it does not take, launching nothing.
+cudaError_t launch_kd_sparse(const SparseKDLaunch& a, float* token_stats, cudaStream_t stream);
 
 // The plan launch_kd_sparse would use for `a` on the current device.
 SparsePlan sparse_plan_for(const SparseKDLaunch& a);
@@ -369,11 +376,14 @@ cudaError_t launch_shard_row_sums(const KDLaunch& a, const LaunchPlan& plan, cud
 // kernel does not take.
 cudaError_t launch_kd_cluster(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t stream);
 
-// Whether the cluster kernel instance for (type, divergence, options path: has_options)
-// has sm_90 code for the current device and can co-schedule a cluster of `cluster` CTAs
-// there. Cached per instance, device and cluster size. Leaves any CUDA error raised before
-// it pending, and clears only the errors its own queries raise.
-bool cluster_launchable(ElemType type, Divergence divergence, bool options, int cluster);
+// Whether the cluster kernel instance for (type, divergence, options path: has_options,
+// per-token diagnostics: `stats`) has sm_90 code for the current device and can co-schedule
+// a cluster of `cluster` CTAs there. Cached per instance, device and cluster size. Leaves
+// any CUDA error raised before it pending, and clears only the errors its own queries raise.
+bool cluster_launchable(ElemType type, Divergence divergence, bool options, bool stats, int cluster);
+
+// Columns of a row the diagnostics' argmax can name (TokenStats: 32-bit columns).
+constexpr int64_t kMaxStatsVocab = 0xfffffffe;
 
 // grad[r, :] *= factor[r * factor_stride] (factor_stride 0: one scalar), read on the
 // device; rows whose factor is exactly 1 are not touched, without a host sync.

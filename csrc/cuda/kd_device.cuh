@@ -193,13 +193,19 @@ struct Pack {
   // kOpaque: form 2 of a 16-bit element also mixes in opaque_zero (the options' instances of
   // the cluster kernel): LLVM folds fp16's form 2 into form 0, and with the transform the
   // row's transformed values then lived from row_stats to row_sums, spilling 564 bytes.
+  // kForm 3 (the cluster kernel's diagnostics sweep, between row_sums and write_grad):
+  // the word mixed with opaque_zero, then widened as form 0.
   template <int kForm = 0, bool kOpaque = false>
   FASTKD_DEV float get(int j, uint32_t opaque_zero = 0) const {
     if constexpr (sizeof(T) == 4) {
       const uint32_t w = word(raw, j);
       if constexpr (kForm == 1) return __uint_as_float(w ^ opaque_zero);
       else if constexpr (kForm == 2) return __uint_as_float(w + opaque_zero);
+      else if constexpr (kForm == 3) return __uint_as_float(w | opaque_zero);
       else return __uint_as_float(w);
+    } else if constexpr (kForm == 3) {
+      const uint32_t w = word(raw, j >> 1) ^ opaque_zero;
+      return (j & 1) ? Elem<T>::hi(w) : Elem<T>::lo(w);
     } else {
       const uint32_t w = word(raw, j >> 1) + (kOpaque && kForm == 2 ? opaque_zero : 0u);
       return (j & 1) ? Elem<T>::template hi_form<kForm>(w) : Elem<T>::template lo_form<kForm>(w);
@@ -968,6 +974,121 @@ FASTKD_DEV float add_hard_label_loss(float loss, const RowConsts& k, const KDPar
     if (p.z_loss != 0.f) loss += p.z_loss * lse * lse;
   }
   return loss;
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-token diagnostics (return_stats; kd_params.h: kStatsWidth), written by the kStats
+// instances from the sweep in which they form q and p (no pass of their own). Per element:
+//   H(q) = -sum q ln q = -ln2 sum q log2 q,  log2 q = s c - ls (the lq of row_sums_add)
+//   H(p) = -ln2 sum p log2 p
+// (lse - sum q a, the same value, would cancel in fp32 when the logits are large: at s ~ 1e3
+// it loses 1e-4 absolute), and each side's argmax as the LOWEST column holding the row's
+// maximum ms / mt from row_stats. Those maxima are elements of the row bit for bit (a
+// pack's maximum is one of its values, and with the options the transform of the maximum
+// is computed as the transform of each element: kd_device.cuh's _rn transform), so the
+// argmax needs one compare per element and its reductions a minimum of columns: a tie goes
+// to the lower column whatever the order in which threads, warps or CTAs combine
+// (torch.argmax's rule, fastkd/stats.py). Columns are 32-bit (kMaxStatsVocab).
+
+constexpr uint32_t kNoColumn = 0xffffffffu;
+
+struct TokenStats {
+  float hq, hp;           // sum q log2 q, sum p log2 p over this thread's columns (bits, <= 0)
+  uint32_t arg_s, arg_t;  // the lowest column seen holding ms / mt; kNoColumn: none
+};
+
+FASTKD_DEV TokenStats empty_token_stats() { return TokenStats{0.f, 0.f, kNoColumn, kNoColumn}; }
+
+// x log2 x from l = log2 x; 0 where x = 0 (-inf logits are legal), NaN stays NaN.
+FASTKD_DEV float xlog2x(float l) {
+  const float x = ex2(l);
+  return x == 0.f ? 0.f : x * l;
+}
+
+// `col` holds the maximum m: the running lowest such column. `live`: col is a column of the
+// row (a lane outside it reads -inf, which an all -inf row's maximum would match).
+FASTKD_DEV void argmax_add(uint32_t& arg, float x, float m, uint32_t col, bool live) {
+  if (live && x == m) arg = min(arg, col);
+}
+
+// The entropies' terms of one column (s, t the transformed logits).
+FASTKD_DEV void entropy_add(TokenStats& ts, float s, float t, const RowConsts& k) {
+  ts.hq += xlog2x(fmaf(s, k.c, -k.ls));
+  ts.hp += xlog2x(fmaf(t, k.c, -k.lt));
+}
+
+// One column of both sides, entropies and argmax (ms, mt the row's maxima).
+FASTKD_DEV void token_stats_add(TokenStats& ts, float s, float t, const RowConsts& k, float ms, float mt, uint32_t col,
+                                bool live) {
+  entropy_add(ts, s, t, k);
+  argmax_add(ts.arg_s, s, ms, col, live);
+  argmax_add(ts.arg_t, t, mt, col, live);
+}
+
+// A thread's running argmax over a sweep (the two-pass kernel's row_stats): after
+// row_stats_add moved its running maxima from (ms0, mt0) to st's, the lowest column of the
+// U packs (pack u starting at column col0[u]) holding them; a column found before is dropped
+// when its side's maximum grew. After the block's combine, a thread whose own maximum is
+// the row's holds its lowest column of the row's maximum.
+template <int U, typename TS, typename TT, int VEC, bool kOptions>
+FASTKD_DEV void argmax_track(TokenStats& ts, float ms0, float mt0, const RowStatsBase2& st,
+                             const Pack<TS, VEC> (&sp)[U], const Pack<TT, VEC> (&tp)[U], const Logits<kOptions>& L,
+                             const uint32_t (&live)[U], const uint32_t (&col0)[U]) {
+  if (st.ms != ms0) ts.arg_s = kNoColumn;
+  if (st.mt != mt0) ts.arg_t = kNoColumn;
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const bool in_row = (live[u] >> j) & 1u;
+      argmax_add(ts.arg_s, L.s(sp[u].get(j), live[u], j), st.ms, col0[u] + j, in_row);
+      argmax_add(ts.arg_t, L.t(tp[u].get(j), live[u], j), st.mt, col0[u] + j, in_row);
+    }
+}
+
+FASTKD_DEV TokenStats warp_reduce(TokenStats v) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) {
+    v.hq += __shfl_xor_sync(0xffffffffu, v.hq, off);
+    v.hp += __shfl_xor_sync(0xffffffffu, v.hp, off);
+  }
+  v.arg_s = __reduce_min_sync(0xffffffffu, v.arg_s);
+  v.arg_t = __reduce_min_sync(0xffffffffu, v.arg_t);
+  return v;
+}
+
+// The block's TokenStats in every thread, through a [32] shared scratch used once per row.
+FASTKD_DEV TokenStats block_reduce(TokenStats v, TokenStats* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+  v = warp_reduce(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  return warp_reduce(lane < n_warps ? scratch[lane] : empty_token_stats());
+}
+
+// A row's diagnostics (kStatsWidth floats): H(p) or the sparse teacher's mass P, H(q) (nats),
+// the agreement, D before div_weight, and Q (0 for a dense teacher). The agreement may be
+// stored apart (store_agreement), the others then by store_token_sums.
+FASTKD_DEV void store_agreement(float* o, bool agree) { o[2] = agree ? 1.f : 0.f; }
+
+FASTKD_DEV void store_token_sums(float* o, float teacher, float hq_bits, float divergence, float student_mass) {
+  o[0] = teacher;
+  o[1] = -kLn2 * hq_bits;
+  o[3] = divergence;
+  o[4] = student_mass;
+}
+
+FASTKD_DEV void store_token_stats(float* o, float teacher, float hq_bits, bool agree, float divergence,
+                                  float student_mass) {
+  store_token_sums(o, teacher, hq_bits, divergence, student_mass);
+  store_agreement(o, agree);
+}
+
+// A row without diagnostics: ignored (labels == ignore_index), or a row whose loss is NaN
+// (a label outside the vocabulary, a sparse teacher's bad ids): NaN, agreement 0.
+FASTKD_DEV void store_blank_token_stats(float* o) {
+  const float nan = __int_as_float(0x7fc00000);
+  store_token_stats(o, nan, nan, false, nan, nan);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -44,6 +44,10 @@
  * ~0.2 more, mostly L2) + K (ids, log-probs, gathers), against the floor's 2. The staging
  * holds one row per SM at that V (1024 threads); FASTKD_SPARSE_STAGE_KB caps it, to trade
  * staging for a second resident row. Unmeasured: no GPU has run this file.
+ *
+ * The per-token diagnostics (return_stats; the kStats instance, kd_device.cuh: TokenStats):
+ * P, Q and the teacher's best slot (the first of highest log-prob) from the support phase,
+ * H(q) and the student's argmax from the write sweep, D as the loss's.
  */
 #include <cmath>
 
@@ -204,13 +208,27 @@ struct SupportResult {
   double D;      // the divergence
 };
 
+// With the per-token diagnostics (kStats): the support's masses and this thread's candidate
+// for the teacher's best slot.
+struct SupportStatsResult : SupportResult {
+  float mass_p;        // P = sum_S p
+  float mass_q;        // Q = sum_S q
+  uint32_t best_slot;  // the lowest of this thread's slots whose log-prob is the row's highest
+                       // (kNoColumn: none); the block's minimum is the first slot among ties
+  bool any_valid;      // a valid id (a row without one never agrees)
+};
+
+template <bool kStats>
+using SupportResultOf = typename std::conditional<kStats, SupportStatsResult, SupportResult>::type;
+
 // slot_s holds the student's raw logits (the final write of the support needs them for
 // the transform's chain factor); with the options each read here transforms it (K
-// elements a row).
-template <bool kOptions>
-__device__ __noinline__ SupportResult support_phase(const SparseKDLaunch& a, const RowStatsBase2& st, float c,
-                                                    float gdiv, const int32_t* slot_id, const float* slot_s,
-                                                    const float* slot_lp, float* slot_g, double* sums_scratch) {
+// elements a row). kStats: also the diagnostics' part of the support (SupportStatsResult).
+template <bool kOptions, bool kStats>
+__device__ __noinline__ SupportResultOf<kStats> support_phase(const SparseKDLaunch& a, const RowStatsBase2& st, float c,
+                                                              float gdiv, const int32_t* slot_id, const float* slot_s,
+                                                              const float* slot_lp, float* slot_g,
+                                                              double* sums_scratch) {
   const KDParams& p = a.p;
   const auto logit = [&](int64_t j) { return kOptions ? student_logit(slot_s[j], p) : slot_s[j]; };
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -288,7 +306,21 @@ __device__ __noinline__ SupportResult support_phase(const SparseKDLaunch& a, con
     slot_g[j] = gdiv * float(w);
   }
 
-  return SupportResult{float(lse2), float(w_off), renorm_empty ? 0.0 : k.D};
+  SupportResultOf<kStats> result;
+  result.ls = float(lse2);
+  result.w_off = float(w_off);
+  result.D = renorm_empty ? 0.0 : k.D;
+  if constexpr (kStats) {
+    result.mass_p = float(P);
+    result.mass_q = float(sums[1] / z);
+    result.any_valid = sums[3] > 0.0;
+    // The teacher's best slot: the first whose log-prob is the highest (fastkd/stats.py: the
+    // argmax over the slots, empty ones at -inf; with no finite log-prob, the first slot).
+    result.best_slot = kNoColumn;
+    for (int64_t j = tid; j < K; j += nt)
+      if (double(slot_lp[j]) == mx[0]) result.best_slot = min(result.best_slot, uint32_t(j));
+  }
+  return result;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -297,8 +329,13 @@ __device__ __noinline__ SupportResult support_phase(const SparseKDLaunch& a, con
 // kOptions: the instance that applies the logit options (has_options; kd_device.cuh): the
 // student's transform, label smoothing, the z-loss. The teacher arrives as log-probabilities:
 // its transforms were applied before (p.scale_t is 1, p.cap_t 0 for a sparse config).
-template <typename TS, int VEC, bool kOptions>
-__global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const SparseKDLaunch a, const SparsePlan plan) {
+// kStats: the instance that also writes the per-token diagnostics (token_stats: P, H(q),
+// the agreement of the student's argmax with the teacher's best id, D, Q), launched with
+// kOptions: H(q) and the student's argmax from the write sweep (which then always reads the
+// row, renorm included), P, Q and the best slot from the support's phase.
+template <typename TS, int VEC, bool kOptions, bool kStats>
+__global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const SparseKDLaunch a, const SparsePlan plan,
+                                                                      float* token_stats) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ RowStatsBase2 stats_scratch[32];
   __shared__ __align__(16) double sums_scratch[32 * 4];  // also label smoothing's float4 block_sum, before
@@ -314,7 +351,10 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
   const RowKind kind = classify_row(a.labels, row, p, /*vocab_start=*/0, label);
   if (kind != RowKind::Normal) {
     fill_span(grow, 0, a.g_width, row_fill_value(kind), tid, nt);
-    if (tid == 0) a.loss[row] = row_fill_value(kind);
+    if (tid == 0) {
+      a.loss[row] = row_fill_value(kind);
+      if constexpr (kStats) store_blank_token_stats(token_stats + row * kStatsWidth);
+    }
     return;
   }
   const bool ce = p.ce_weight != 0.f;
@@ -360,7 +400,10 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
   // row on the way (read only when smoothing).
   const float c = kLog2e * p.inv_temperature;
   const bool raw = hard && p.temperature != 1.0f;
-  const bool sweep = p.tail != Tail::Renorm || hard;
+  // kStats reads the row in any case (H(q), the student's argmax, Q), its gradient still 0 off
+  // the support where the row is not otherwise read (zero_off).
+  const bool zero_off = p.tail == Tail::Renorm && !hard;
+  const bool sweep = !zero_off || kStats;
   RowStatsBase2 st = empty_stats();
   float sum_s = 0.f;
   for (int64_t base = tid; sweep && base < packs; base += int64_t(nt) * U) {
@@ -414,7 +457,10 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
   if (smooth) sum_s = block_sum(make_float4(sum_s, 0.f, 0.f, 0.f), reinterpret_cast<float4*>(sums_scratch)).x;
   if (__syncthreads_or(bad)) {
     fill_span(grow, 0, a.g_width, __int_as_float(0x7fc00000), tid, nt);
-    if (tid == 0) a.loss[row] = __int_as_float(0x7fc00000);
+    if (tid == 0) {
+      a.loss[row] = __int_as_float(0x7fc00000);
+      if constexpr (kStats) store_blank_token_stats(token_stats + row * kStatsWidth);
+    }
     return;
   }
 
@@ -423,7 +469,8 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
   set_param_consts(rc, p, *a.grad_scale);
   rc.c = c;
   rc.raw_is_q = p.temperature == 1.0f;
-  const SupportResult sup = support_phase<kOptions>(a, st, c, rc.gdiv, slot_id, slot_s, slot_lp, slot_g, sums_scratch);
+  const SupportResultOf<kStats> sup =
+      support_phase<kOptions, kStats>(a, st, c, rc.gdiv, slot_id, slot_s, slot_lp, slot_g, sums_scratch);
   rc.ls = sup.ls;
   rc.lraw = rc.raw_is_q ? rc.ls : ref_point(st.ms, kLog2e) + lg2(st.zraw);
   set_raw_consts(rc, p, *a.grad_scale);
@@ -431,7 +478,9 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
   const float w_off = sup.w_off;
 
   // --- write_grad: q_i w_off (+ CE) over the row, from the staged packs where it can.
+  // kStats: H(q)'s sum and the student's argmax (TokenStats; arg_t unused) on the way.
   const float w_off32 = w_off;
+  TokenStats ts = empty_token_stats();
   for (int64_t base = tid; base < packs; base += int64_t(nt) * U) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -457,6 +506,11 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
           const float s = L.s(sp.get(j), live, j, d);
           const float q = ex2(fmaf(s, c, -rc.ls));
           g[j] = rc.gdiv * (q * w_off32);
+          if constexpr (kStats) {
+            if (zero_off) g[j] = 0.f;  // as without the diagnostics, whatever the row holds
+            ts.hq += xlog2x(fmaf(s, c, -rc.ls));
+            argmax_add(ts.arg_s, s, st.ms, uint32_t(col0 + j), (live >> j) & 1u);
+          }
           if (kOptions ? rc.hard : rc.ce) {
             const float r = rc.raw_is_q ? q : ex2(fmaf(s, kLog2e, -rc.lraw));
             g[j] = add_hard_label_grad<kOptions>(g[j], r, has_label && j == label_lane, rc);
@@ -488,6 +542,19 @@ __global__ void __launch_bounds__(kSparseMaxThreads) kd_sparse_kernel(const Spar
     reinterpret_cast<typename Elem<TS>::Bits*>(grow)[id] = Elem<TS>::bits(g);
   }
   if (tid == 0) a.loss[row] = add_hard_label_loss<kOptions>(p.div_weight * float(D), rc, p, s_label, sum_s);
+  if constexpr (kStats) {
+    // In the support's scratch, free since the barrier above (the static shared memory, and
+    // with it the room left for the row's staging, stays that of the other instances).
+    ts.arg_t = sup.best_slot;
+    ts = block_reduce(ts, reinterpret_cast<TokenStats*>(sums_scratch));
+    if (tid == 0) {
+      // The teacher's best id (an empty slot stands for id 0, as in fastkd/stats.py); a row
+      // without a valid id never agrees.
+      const int32_t best = ts.arg_t < uint32_t(K) ? slot_id[ts.arg_t] : int32_t(-1);
+      const bool agree = sup.any_valid && uint32_t(best >= 0 ? best : 0) == ts.arg_s;
+      store_token_stats(token_stats + row * kStatsWidth, sup.mass_p, ts.hq, agree, float(D), sup.mass_q);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -515,21 +582,25 @@ SparsePlan sparse_plan_for(const SparseKDLaunch& a) {
   return plan_sparse(a.p.vocab_size, a.k, s, g, a.n_rows, room, a.stage_limit);
 }
 
-cudaError_t launch_kd_sparse(const SparseKDLaunch& a, cudaStream_t stream) {
+cudaError_t launch_kd_sparse(const SparseKDLaunch& a, float* token_stats, cudaStream_t stream) {
   if (a.n_rows <= 0) return cudaSuccess;
   if (a.n_rows > 0x7fffffff || a.k < 0 || a.k > 0x7fffffff) return cudaErrorInvalidValue;
   const SparsePlan plan = sparse_plan_for(a);
   if (plan.refused != nullptr) return cudaErrorInvalidValue;
-  const bool options = has_options(a.p);  // the options path only where one is on
+  if (token_stats != nullptr && a.p.vocab_size > kMaxStatsVocab) return cudaErrorInvalidValue;
+  // The options path only where one is on, or with the diagnostics (their instance has it).
+  const bool stats = token_stats != nullptr, options = stats || has_options(a.p);
   FASTKD_ELEM_TYPE_SWITCH(a.s_type, TS, {
     constexpr int kVec = 16 / int(sizeof(TS));
     if (plan.vec != kVec) return cudaErrorInvalidValue;
-    auto kernel = options ? kd_sparse_kernel<TS, kVec, true> : kd_sparse_kernel<TS, kVec, false>;
+    auto kernel = stats     ? kd_sparse_kernel<TS, kVec, true, true>
+                  : options ? kd_sparse_kernel<TS, kVec, true, false>
+                            : kd_sparse_kernel<TS, kVec, false, false>;
     if (plan.smem > 48 * 1024) {
       const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem));
       if (e != cudaSuccess) return e;
     }
-    kernel<<<dim3(unsigned(a.n_rows)), dim3(plan.threads), plan.smem, stream>>>(a, plan);
+    kernel<<<dim3(unsigned(a.n_rows)), dim3(plan.threads), plan.smem, stream>>>(a, plan, token_stats);
     return cudaGetLastError();
   });
   return cudaErrorInvalidValue;

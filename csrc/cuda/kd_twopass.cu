@@ -29,6 +29,16 @@
  * statistics sweep in the slice's row_stats, column 6). The instances without it are the
  * kernels as they were: ptxas gives their sm_90a builds the same registers, no spill.
  *
+ * The per-token diagnostics (return_stats; kd_device.cuh: TokenStats): the forward kernel's
+ * kStats instances (with kOptions, never kShard) track each side's argmax in the row_stats
+ * sweep (a thread's lowest column holding its running maximum; after the combine, the
+ * lowest column among the threads holding the row's: the agreement is stored then), and
+ * add the sums of q log2 q and p log2 p to the write sweep, where q and p are formed; two
+ * more block reductions, and a [kStatsWidth] row written by thread 0 beside the loss. (The
+ * argmax in the write sweep, beside the gradient's registers, made the 16-bit instances
+ * spill 188 bytes at 64 registers.) No pass of their own; the other instances have no code
+ * for them.
+ *
  * Traffic, in units of N * V * bytes: forward KL 5 (two reads of s and t, one write),
  * the other divergences 7, against the 3 of the floor. Why a third pass from memory and
  * not a shared-memory copy of the row for the centred divergences: a row of s and t is
@@ -119,6 +129,34 @@ FASTKD_DEV void row_stats(RowStatsBase2& st, const TS* srow, const TT* trow, int
   }
 }
 
+// row_stats (the fused kernel's: no value term, label smoothing's sum not read) with each
+// side's running argmax over this thread's columns into ts (argmax_track; kStats).
+template <int VEC, int U, typename TS, typename TT, bool kOptions>
+FASTKD_DEV void row_stats_argmax(RowStatsBase2& st, TokenStats& ts, const TS* srow, const TT* trow, int lead,
+                                 int t_part, int64_t V, float c, bool raw, const Logits<kOptions>& L) {
+  using SP = const Pack<TS, VEC>(&)[U];
+  using TP = const Pack<TT, VEC>(&)[U];
+  using LP = const uint32_t(&)[U];
+  float unused = 0.f;
+  const auto add = [&](auto kRaw, SP sp, TP tp, LP live, int64_t base) {
+    const float ms0 = st.ms, mt0 = st.mt;
+    row_stats_add<decltype(kRaw)::value, false, U, TS, TT, VEC>(st, sp, tp, c, L, live, unused);
+    uint32_t col0[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) col0[u] = uint32_t((base + int64_t(u) * blockDim.x) * VEC - lead);
+    argmax_track<U>(ts, ms0, mt0, st, sp, tp, L, live, col0);
+  };
+  if (raw) {
+    sweep_row<false, VEC, U>(srow, trow, lead, t_part, V, [&](SP sp, TP tp, LP live, int64_t base) {
+      add(std::true_type{}, sp, tp, live, base);
+    });
+  } else {
+    sweep_row<false, VEC, U>(srow, trow, lead, t_part, V, [&](SP sp, TP tp, LP live, int64_t base) {
+      add(std::false_type{}, sp, tp, live, base);
+    });
+  }
+}
+
 // Phase row_sums: the row sums of the divergence's gradient (reverse_kl, jsd, tvd; zeros
 // for forward_kl, which needs none): TVD's sums, or the centring constants of reverse_kl
 // and jsd (centring()).
@@ -157,10 +195,13 @@ FASTKD_DEV float4 row_sums(const LaunchRow<TS, TT, kShard>& r, int lead, int t_p
 // row's loss, whose forward KL and JSD terms (and label smoothing's sum of s') this sweep
 // accumulates, and zeros past vocab_size.
 // The write sweep: the gradient of every pack (write_grad_pack; kHard as there), and the
-// loss's value sums into kl when kSums.
-template <Divergence DIV, int VEC, bool kSums, int kHard, typename TS, typename TT, bool kShard, bool kOptions>
+// loss's value sums into kl when kSums. kStats: the entropies' sums into ts (TokenStats),
+// from the same s', t' (and, after CSE, q and p).
+template <Divergence DIV, int VEC, bool kSums, int kHard, bool kStats, typename TS, typename TT, bool kShard,
+          bool kOptions>
 FASTKD_DEV void write_sweep(const KDLaunch& a, const LaunchRow<TS, TT, kShard>& r, int lead, int64_t V,
-                            const RowConsts& k, const Logits<kOptions>& L, const float4& tot, float4& kl) {
+                            const RowConsts& k, const Logits<kOptions>& L, const float4& tot, float4& kl,
+                            TokenStats& ts) {
   constexpr int U = kFusedUnroll<kOptions>;
   sweep_row<true, VEC, U>(r.s, r.t, lead, a.t_part, V, [&](const Pack<TS, VEC>(&sp)[U], const Pack<TT, VEC>(&tp)[U],
                                                           const uint32_t(&live)[U], int64_t base) {
@@ -170,6 +211,12 @@ FASTKD_DEV void write_sweep(const KDLaunch& a, const LaunchRow<TS, TT, kShard>& 
       if (col0 >= V) break;
       float g[VEC];
       write_grad_pack<DIV, kSums, 1, kHard>(g, sp[u], tp[u], k, L, live[u], tot, r.label - col0, kl);
+      if constexpr (kStats) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+          entropy_add(ts, L.s(sp[u].template get<1>(j, k.opaque_zero), live[u], j),
+                      L.t(tp[u].template get<1>(j, k.opaque_zero), live[u], j), k);
+      }
       if (col0 >= 0 && col0 + VEC <= V) {
         if (a.g_part == VEC) store_pack<TS, VEC>(r.g + col0, g);
         else store_pack_parts<TS, VEC>(r.g + col0, g, a.g_part);
@@ -178,7 +225,9 @@ FASTKD_DEV void write_sweep(const KDLaunch& a, const LaunchRow<TS, TT, kShard>& 
   });
 }
 
-template <Divergence DIV, int VEC, typename TS, typename TT, bool kShard, bool kOptions>
+// kStats: also the row's per-token diagnostics but the agreement (stored by the kernel after
+// row_stats), from the write sweep's sums.
+template <Divergence DIV, int VEC, bool kStats, typename TS, typename TT, bool kShard, bool kOptions>
 FASTKD_DEV void write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, TT, kShard>& r, int lead, int64_t V,
                            float s_label, const RowConsts& k, const Logits<kOptions>& L, const float4& tot,
                            float4* kl_scratch) {
@@ -186,11 +235,12 @@ FASTKD_DEV void write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, T
   // slice's share) is not read, and the sums' registers made that instance spill.
   constexpr bool kSums = !(kShard && kOptions);
   float4 kl = make_float4(0.f, 0.f, 0.f, 0.f);
+  TokenStats ts = empty_token_stats();
   if constexpr (kOptions) {  // the terms at T = 1 on or off for the whole sweep
-    if (k.hard) write_sweep<DIV, VEC, kSums, 1>(a, r, lead, V, k, L, tot, kl);
-    else write_sweep<DIV, VEC, kSums, 0>(a, r, lead, V, k, L, tot, kl);
+    if (k.hard) write_sweep<DIV, VEC, kSums, 1, kStats>(a, r, lead, V, k, L, tot, kl, ts);
+    else write_sweep<DIV, VEC, kSums, 0, kStats>(a, r, lead, V, k, L, tot, kl, ts);
   } else {
-    write_sweep<DIV, VEC, kSums, -1>(a, r, lead, V, k, L, tot, kl);
+    write_sweep<DIV, VEC, kSums, -1, kStats>(a, r, lead, V, k, L, tot, kl, ts);
   }
 
   // kl: (forward KL: sum p (t - s), sum p; JSD: sum p log2(p/m), -; sum of s', -).
@@ -201,6 +251,11 @@ FASTKD_DEV void write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, T
   if constexpr (DIV == Divergence::ForwardKL) D = kLn2 * (k.c * sums.x - (k.lt - k.ls) * sums.y);
   else D = divergence_from_sums<DIV>(tot, tot.w, sums.x, k);  // JSD: sum p log2(p/m) from the sweep
   if (threadIdx.x == 0) a.loss[row] = add_hard_label_loss<kOptions>(a.p.div_weight * D, k, a.p, s_label, sums.z);
+  if constexpr (kStats) {
+    __shared__ TokenStats ts_scratch[32];
+    ts = block_reduce(ts, ts_scratch);
+    if (threadIdx.x == 0) store_token_sums(a.token_stats + row * kStatsWidth, -kLn2 * ts.hp, ts.hq, D, 0.f);
+  }
   // Student columns past vocab_size (a padded vocabulary) get zero gradient.
   fill_span(r.g, V, a.g_width, 0.f, threadIdx.x, blockDim.x);
 }
@@ -217,7 +272,7 @@ FASTKD_DEV float4 given_row_sums(const float* v) {
   else return centring<false>(make_float4(v[0], v[1], v[3], 0.f), v[2]);
 }
 
-template <Divergence DIV, int VEC, typename TS, typename TT, bool kShard, bool kOptions>
+template <Divergence DIV, int VEC, bool kStats, typename TS, typename TT, bool kShard, bool kOptions>
 FASTKD_DEV void row_sums_write_grad(const KDLaunch& a, int64_t row, const LaunchRow<TS, TT, kShard>& r, int lead,
                                     float s_label, const RowConsts& k, const Logits<kOptions>& L,
                                     float4* sums_scratch, float4* kl_scratch) {
@@ -225,13 +280,15 @@ FASTKD_DEV void row_sums_write_grad(const KDLaunch& a, int64_t row, const Launch
   float4 tot;
   if constexpr (kShard) tot = given_row_sums<DIV>(a.sums_in + row * kRowSumsWidth);
   else tot = row_sums<DIV, VEC>(r, lead, a.t_part, V, k, L, sums_scratch);
-  write_grad<DIV, VEC>(a, row, r, lead, V, s_label, k, L, tot, kl_scratch);
+  write_grad<DIV, VEC, kStats>(a, row, r, lead, V, s_label, k, L, tot, kl_scratch);
 }
 
 // kShard: the vocab-parallel write_grad of one slice (stats_in, sums_in and the slice's
 // labels given; the loss it writes is the slice's share, unused).
 // kOptions: the instance that applies the logit options (has_options; kd_device.cuh).
-template <typename TS, typename TT, int VEC, bool kShard, bool kOptions>
+// kStats: the instance that also writes the per-token diagnostics (a.token_stats; TokenStats
+// in kd_device.cuh), launched with kOptions, never with kShard or given statistics.
+template <typename TS, typename TT, int VEC, bool kShard, bool kOptions, bool kStats>
 __global__ void __launch_bounds__(kTwoPassMaxThreads) kd_twopass_kernel(const KDLaunch a) {
   __shared__ RowStatsBase2 stats_scratch[32];
   __shared__ float4 sums_scratch[32];
@@ -242,7 +299,10 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) kd_twopass_kernel(const KD
   const LaunchRow<TS, TT, kShard> r(a, row);
   if (r.kind != RowKind::Normal) {
     fill_span(r.g, 0, a.g_width, row_fill_value(r.kind), threadIdx.x, blockDim.x);
-    if (threadIdx.x == 0) a.loss[row] = row_fill_value(r.kind);
+    if (threadIdx.x == 0) {
+      a.loss[row] = row_fill_value(r.kind);
+      if constexpr (kStats) store_blank_token_stats(a.token_stats + row * kStatsWidth);
+    }
     return;
   }
   const bool ce = p.ce_weight != 0.f;
@@ -256,21 +316,37 @@ __global__ void __launch_bounds__(kTwoPassMaxThreads) kd_twopass_kernel(const KD
   const float grad_scale = *a.grad_scale;
 
   RowConsts k;
-  if (a.stats_in != nullptr) {
+  if (!kStats && a.stats_in != nullptr) {
     k = row_consts_given(a.stats_in + row * kRowStatsWidth, p, grad_scale);
     __syncthreads();
   } else {
     const float c = kLog2e * p.inv_temperature;
     RowStatsBase2 st = empty_stats();
-    float unused = 0.f;  // label smoothing's sum: the write sweep's (which runs whether stats are given or not)
-    row_stats<false, VEC, kFusedUnroll<kOptions>>(st, r.s, r.t, lead, a.t_part, V, c, hard && p.temperature != 1.0f, L,
-                                                  unused);
-    st = block_combine(st, c, stats_scratch);
+    if constexpr (kStats) {
+      // The argmax of each side from this sweep (its lowest column among the row's maxima),
+      // and the agreement stored now: only the entropies' sums ride in the write sweep.
+      TokenStats ts = empty_token_stats();
+      row_stats_argmax<VEC, kFusedUnroll<kOptions>>(st, ts, r.s, r.t, lead, a.t_part, V, c,
+                                                   hard && p.temperature != 1.0f, L);
+      const float own_ms = st.ms, own_mt = st.mt;
+      st = block_combine(st, c, stats_scratch);
+      if (own_ms != st.ms) ts.arg_s = kNoColumn;
+      if (own_mt != st.mt) ts.arg_t = kNoColumn;
+      __shared__ TokenStats arg_scratch[32];
+      ts = block_reduce(ts, arg_scratch);
+      if (threadIdx.x == 0) store_agreement(a.token_stats + row * kStatsWidth, ts.arg_s == ts.arg_t);
+    } else {
+      float unused = 0.f;  // label smoothing's sum: the write sweep's (which runs whether stats are given or not)
+      row_stats<false, VEC, kFusedUnroll<kOptions>>(st, r.s, r.t, lead, a.t_part, V, c, hard && p.temperature != 1.0f,
+                                                    L, unused);
+      st = block_combine(st, c, stats_scratch);
+    }
     k = row_consts(st, p, grad_scale);
   }
 
   FASTKD_DIVERGENCE_SWITCH(p.divergence, DIV,
-                           row_sums_write_grad<DIV, VEC>(a, row, r, lead, s_label, k, L, sums_scratch, kl_scratch));
+                           row_sums_write_grad<DIV, VEC, kStats>(a, row, r, lead, s_label, k, L, sums_scratch,
+                                                                 kl_scratch));
 }
 
 // The row_stats phase alone: RowStats [N, 5] in natural units (max of s/T), the layout a
@@ -365,8 +441,9 @@ bool valid_part(int part, int vec) { return part >= 1 && part <= vec && (part & 
 
 enum class Launch { Forward, RowStats, ShardRowStats, ShardRowSums };
 
-// The kernel instance of one launch, with its options path kT chosen by the caller.
-template <Launch kWhat, typename TS, typename TT, int VEC, bool kT>
+// The kernel instance of one launch, with its options path kT and (the forward kernel)
+// its diagnostics kS chosen by the caller.
+template <Launch kWhat, typename TS, typename TT, int VEC, bool kT, bool kS = false>
 cudaError_t launch_instance(const KDLaunch& k, dim3 grid, dim3 block, cudaStream_t stream) {
   const Divergence div = k.p.divergence;
   if constexpr (kWhat == Launch::RowStats) {
@@ -381,10 +458,12 @@ cudaError_t launch_instance(const KDLaunch& k, dim3 grid, dim3 block, cudaStream
     else if (div == Divergence::JSD) shard_row_sums_kernel<TS, TT, VEC, Divergence::JSD, kT><<<grid, block, 0, stream>>>(k);
     else if (div == Divergence::TVD) shard_row_sums_kernel<TS, TT, VEC, Divergence::TVD, kT><<<grid, block, 0, stream>>>(k);
     else return cudaErrorInvalidValue;  // forward KL needs no row sums
+  } else if constexpr (kS) {
+    kd_twopass_kernel<TS, TT, VEC, false, kT, true><<<grid, block, 0, stream>>>(k);
   } else if (k.shard) {
-    kd_twopass_kernel<TS, TT, VEC, true, kT><<<grid, block, 0, stream>>>(k);
+    kd_twopass_kernel<TS, TT, VEC, true, kT, false><<<grid, block, 0, stream>>>(k);
   } else {
-    kd_twopass_kernel<TS, TT, VEC, false, kT><<<grid, block, 0, stream>>>(k);
+    kd_twopass_kernel<TS, TT, VEC, false, kT, false><<<grid, block, 0, stream>>>(k);
   }
   return cudaGetLastError();
 }
@@ -395,15 +474,23 @@ cudaError_t launch(const KDLaunch& a, const LaunchPlan& plan, cudaStream_t strea
   if (a.n_rows > 0x7fffffff || plan.kind != KernelKind::TwoPass || plan.refused != nullptr || plan.threads < 32 ||
       plan.threads > kTwoPassMaxThreads || !valid_part(plan.t_part, plan.vec) || !valid_part(plan.g_part, plan.vec))
     return cudaErrorInvalidValue;
+  // The diagnostics: the forward kernel's, with its own statistics, on the whole row.
+  const bool stats = a.token_stats != nullptr;
+  if (stats && (kWhat != Launch::Forward || a.stats_in != nullptr || a.shard || a.p.vocab_size > kMaxStatsVocab))
+    return cudaErrorInvalidValue;
   KDLaunch k = a;
   k.t_part = plan.t_part;
   k.g_part = plan.g_part;
   const dim3 grid(static_cast<unsigned>(a.n_rows)), block(plan.threads);
-  // The options path only where an option is on: the options off run the plain instances.
-  const bool options = has_options(a.p);
+  // The options path only where an option is on (or the diagnostics are asked for): the
+  // options off run the plain instances.
+  const bool options = stats || has_options(a.p);
   FASTKD_ELEM_TYPE_SWITCH(a.s_type, TS, FASTKD_ELEM_TYPE_SWITCH(a.t_type, TT, {
       constexpr int kVec = 16 / (sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
       if (plan.vec != kVec) return cudaErrorInvalidValue;
+      if constexpr (kWhat == Launch::Forward) {
+        if (stats) return launch_instance<kWhat, TS, TT, kVec, true, true>(k, grid, block, stream);
+      }
       return options ? launch_instance<kWhat, TS, TT, kVec, true>(k, grid, block, stream)
                      : launch_instance<kWhat, TS, TT, kVec, false>(k, grid, block, stream);
   }));

@@ -47,6 +47,25 @@ def _fused_forward(ctx, student, grad_scale, backend_name, reduced, inplace, run
     return loss_rows
 
 
+def _fused_forward_with_stats(ctx, student, grad_scale, backend_name, reduced, inplace, run, run_inplace):
+    """:func:`_fused_forward` of a forward that also returns the stats table: ``run(scale) ->
+    (loss rows, grad, stats)``, ``run_inplace(scale) -> (loss rows, stats)``; returns (loss,
+    stats), the stats without gradient."""
+    out = {}
+
+    def rows_and_grad(scale):
+        rows, grad, out["stats"] = run(scale)
+        return rows, grad
+
+    def rows_inplace(scale):
+        rows, out["stats"] = run_inplace(scale)
+        return rows
+
+    loss = _fused_forward(ctx, student, grad_scale, backend_name, reduced, inplace, rows_and_grad, rows_inplace)
+    ctx.mark_non_differentiable(out["stats"])
+    return loss, out["stats"]
+
+
 def _fused_backward(ctx, grad_output) -> torch.Tensor:
     if getattr(ctx, "consumed", False):
         raise RuntimeError(
@@ -100,19 +119,10 @@ class KDLossStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, grad_scale, backend_name, reduced, inplace, cfg):
         kernels = _kernels(backend_name)
-        out = {}
-
-        def run(scale):
-            rows, grad, out["stats"] = kernels.forward_stats(student, teacher, labels, scale, cfg)
-            return rows, grad
-
-        def run_inplace(scale):
-            rows, out["stats"] = kernels.forward_stats_inplace(student, teacher, labels, scale, cfg)
-            return rows
-
-        loss = _fused_forward(ctx, student, grad_scale, backend_name, reduced, inplace, run, run_inplace)
-        ctx.mark_non_differentiable(out["stats"])
-        return loss, out["stats"]
+        return _fused_forward_with_stats(
+            ctx, student, grad_scale, backend_name, reduced, inplace,
+            lambda scale: kernels.forward_stats(student, teacher, labels, scale, cfg),
+            lambda scale: kernels.forward_stats_inplace(student, teacher, labels, scale, cfg))
 
     @staticmethod
     @once_differentiable
@@ -126,19 +136,10 @@ class SparseKDLossStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, ids, logprobs, labels, grad_scale, backend_name, reduced, inplace, cfg):
         kernels = _kernels(backend_name)
-        out = {}
-
-        def run(scale):
-            rows, grad, out["stats"] = kernels.sparse_forward_stats(student, ids, logprobs, labels, scale, cfg)
-            return rows, grad
-
-        def run_inplace(scale):
-            rows, out["stats"] = kernels.sparse_forward_stats_inplace(student, ids, logprobs, labels, scale, cfg)
-            return rows
-
-        loss = _fused_forward(ctx, student, grad_scale, backend_name, reduced, inplace, run, run_inplace)
-        ctx.mark_non_differentiable(out["stats"])
-        return loss, out["stats"]
+        return _fused_forward_with_stats(
+            ctx, student, grad_scale, backend_name, reduced, inplace,
+            lambda scale: kernels.sparse_forward_stats(student, ids, logprobs, labels, scale, cfg),
+            lambda scale: kernels.sparse_forward_stats_inplace(student, ids, logprobs, labels, scale, cfg))
 
     @staticmethod
     @once_differentiable

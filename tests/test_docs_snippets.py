@@ -272,3 +272,11 @@ def test_collector_understands_markers(tmp_path):
     assert [(s.line, s.requires, s.marker_error is None) for s in got] == [
         (4, ("cuda", "trl"), True), (8, (), False), (11, (), True)]
     assert missing_requirement(("no_such_module_fastkd_docs",)).startswith("requires no_such_module_fastkd_docs")
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run's last command is the README's second one (install everything, run the suite)."""
+    blocks = re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert len(blocks) >= 2 and "pytest" in blocks[1]
+    assert ci_command == blocks[1].strip()

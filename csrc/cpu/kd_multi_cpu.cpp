@@ -13,8 +13,8 @@
  *   row_stats   one sweep of s and the k teacher rows into the row cache: the student's
  *               exponentials as for one teacher, and per teacher the exponentials e_j of
  *               b_j = t'_j/T and the differences d_j = b_j - a (the one-teacher cache, k
- *               times). The next chunk of every row is prefetched: the rows are read one
- *               after the other per chunk, which the hardware prefetcher follows poorly.
+ *               times). The next chunk of every row is prefetched while the exponentials
+ *               compute (cpu_rows.h: prefetched_blocks).
  *   mixture     m = sum_j w_j p_j, per entry m_i = sum_j w_j e_j,i f_j(c) (f_j(c) =
  *               exp(m_j(c) - lse_j), the chunk factor), and
  *                 log m_i - log q_i = logsumexp_j r_j,i,  r_j,i = d_j,i + log w_j - delta_j
@@ -85,15 +85,6 @@ struct TeacherRows {
 
   TeacherRow row(int64_t r) const { return TeacherRow{data + r * row_bytes, dtype, elem_bytes}; }
 };
-
-// Asks for `bytes` from p into L2 ahead of their use. row_stats reads its K + 1 rows one
-// after the other chunk by chunk (the teachers' element types differ, so one loop cannot
-// read them all); the hardware prefetcher, which sees each stream interrupted, then left
-// the teachers' loads waiting on memory for about as long as all the rest of row_stats.
-FASTKD_INLINE void prefetch(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
-}
 
 // A teacher's row statistics (the student's are in Stats).
 template <typename Acc>
@@ -263,24 +254,28 @@ void multi_row_stats(const TS* s, const TeacherRow* t, int64_t V, const ExactPar
     const Acc ms = st.max_s;
     c.ref_s[j] = ms;
     for (int k = 0; k < K; ++k) c.ref[k][j] = ts[k].max;
-    if (c0 + n < V) {  // the next chunk of every row, fetched while the exponentials compute
-      const int64_t next = std::min(kChunk, V - c0 - n);
-      prefetch(s + c0 + n, next * static_cast<int64_t>(sizeof(TS)));
-      for (int k = 0; k < K; ++k) {
-        prefetch(static_cast<const char*>(t[k].data) + (c0 + n) * t[k].elem_bytes, next * t[k].elem_bytes);
-      }
-    }
     if (with_raw && ms != kNegInf<Acc>) {  // before exp_chunk overwrites a
       Acc zr = 0;
 #pragma omp simd reduction(+ : zr)
       for (int64_t i = 0; i < n; ++i) zr += exp_approx(temp * (ac[i] - ms));
       st.sum_raw += static_cast<double>(zr);
     }
-    st.sum_s += static_cast<double>(exp_chunk(ac, ms, n, ac));
+    const int64_t next = c0 + n < V ? std::min(kChunk, V - c0 - n) : 0;
+    Acc zs = 0, zt[K > 0 ? K : 1] = {};
+    NextChunk rows[K + 1];
+    rows[0] = {s + c0 + n, sizeof(TS)};
     for (int k = 0; k < K; ++k) {
-      Acc* e = c.e[k] + c0;
-      ts[k].sum += static_cast<double>(exp_chunk(e, ts[k].max, n, e));
+      rows[k + 1] = {static_cast<const char*>(t[k].data) + (c0 + n) * t[k].elem_bytes, t[k].elem_bytes};
     }
+    prefetched_blocks<2>(n, next, rows, [&](int64_t o, int64_t m) {
+      zs += exp_chunk(ac + o, ms, m, ac + o);
+      for (int k = 0; k < K; ++k) {
+        Acc* e = c.e[k] + c0 + o;
+        zt[k] += exp_chunk(e, ts[k].max, m, e);
+      }
+    });
+    st.sum_s += static_cast<double>(zs);
+    for (int k = 0; k < K; ++k) ts[k].sum += static_cast<double>(zt[k]);
   }
   st.sum_sp = sum_sp;
 }

@@ -1,4 +1,6 @@
 """The registered operators: schema/fake checks, external row statistics, torch.compile."""
+import math
+
 import pytest
 import torch
 
@@ -87,6 +89,28 @@ def test_external_row_stats_give_the_same_result(divergence, temperature):
         combined[:, col_max] = m
         combined[:, col_sum] = sum(h[:, col_sum] * torch.exp(factor * (h[:, col_max] - m)) for h in halves)
     torch.testing.assert_close(combined, stats, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_external_row_stats_below_the_row_maximum(divergence):
+    """Statistics from outside whose maxima lie below the row's own (the same normalisers:
+    max - 30 with the sum-exp times e^30) give the same loss and gradient: the kernel takes
+    such a chunk against its own maximum, so that its exponentials cannot overflow."""
+    s, t, lab, scale = op_args(dtype=torch.float32)
+    s, t = s * 8, t * 8  # rows whose maxima sit well above 0
+    packed = settings(divergence=divergence, temperature=1.0, beta=0.3, alpha=0.6)
+    stats = ops.row_stats(s, t, *packed)
+    shifted = stats.clone()
+    shift = 30.0
+    for col_max, col_sum in ((0, 1), (2, 3), (0, 4)):
+        shifted[:, col_sum] = stats[:, col_sum] * math.exp(shift)
+    shifted[:, 0] -= shift
+    shifted[:, 2] -= shift
+    loss_a, grad_a = ops.kd_forward(s, t, lab, scale, stats, *packed)
+    loss_b, grad_b = ops.kd_forward(s, t, lab, scale, shifted, *packed)
+    assert torch.isfinite(loss_b).all() and torch.isfinite(grad_b).all()
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-7)
 
 
 def test_compile_fullgraph_matches_eager():

@@ -72,7 +72,8 @@ inline double rescale(double sum, Acc old_max, Acc new_max, Acc factor) {
 }
 
 // sum_i exp(x_i - m) over one chunk, storing the terms; all zero when m = -inf (a chunk
-// with nothing but -inf so far: exp(-inf - -inf) would be NaN).
+// with nothing but -inf so far: exp(-inf - -inf) would be NaN). m >= every x_i that is not
+// NaN: the running maximum, with the chunk's own in it (exp_nonpositive).
 template <typename Acc>
 inline Acc exp_chunk(const Acc* x, Acc m, int64_t n, Acc* e) {
   Acc z = 0;
@@ -82,7 +83,7 @@ inline Acc exp_chunk(const Acc* x, Acc m, int64_t n, Acc* e) {
   }
 #pragma omp simd reduction(+ : z)
   for (int64_t i = 0; i < n; ++i) {
-    const Acc v = exp_approx(x[i] - m);
+    const Acc v = exp_nonpositive(x[i] - m);
     e[i] = v;
     z += v;
   }
@@ -140,7 +141,7 @@ inline Acc exp_chunk(const Acc* x, Acc m, int64_t n, Acc* e, double& xlogx) {
 #pragma omp simd reduction(+ : z, zu)
   for (int64_t i = 0; i < n; ++i) {
     const Acc u = x[i] - m;
-    const Acc v = exp_approx(u);
+    const Acc v = exp_nonpositive(u);
     e[i] = v;
     z += v;
     zu += v * u;

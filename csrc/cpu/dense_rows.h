@@ -180,7 +180,11 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
         st.max_t = cmax_t;
       }
     }
-    const Acc ms = st.max_s, mt = st.max_t;
+    // Each chunk's reference is at least its own maximum, so that exp_chunk's arguments are
+    // <= 0 (fast_math.h: exp_nonpositive); only statistics from outside (fixed) that are not
+    // this row's could be lower, and their chunk is then taken against its own maximum.
+    const Acc ms = fixed ? std::max(st.max_s, cmax_s) : st.max_s;
+    const Acc mt = fixed ? std::max(st.max_t, cmax_t) : st.max_t;
     c.ref_s[k] = ms;
     c.ref_t[k] = mt;
     if (!fixed && with_raw && ms != kNegInf<Acc>) {  // before exp_chunk overwrites a

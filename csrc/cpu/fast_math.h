@@ -41,6 +41,24 @@ FASTKD_INLINE float exp_approx(float x) {
   return x > 88.0f ? std::numeric_limits<float>::infinity() : lo;
 }
 
+// exp_approx for x <= 0 or NaN (the softmax sweeps' x - max), with the same results there:
+// without the overflow side's clamp and select, a tenth fewer vector ops per entry.
+FASTKD_INLINE float exp_nonpositive(float x) {
+  const float xc = std::max(x, -87.0f);  // NaN stays NaN (std::max keeps its first)
+  const float k = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const float scale = bits_to_float((static_cast<int32_t>(k) + 127) << 23);
+  return x < -87.0f ? 0.0f : y * scale;
+}
+
 // log(2^e * m) for m in [sqrt(1/2), sqrt(2)): e ln2 + log1p(m - 1), Cephes polynomial.
 FASTKD_INLINE float log_reduced(float m, float e) {
   const float f = m - 1.0f;
@@ -152,6 +170,7 @@ FASTKD_INLINE void softplus_pair(float z, float* pos, float* neg) {
 // libm's exp/log (correctly rounded to within 1 ulp), not vectorised, which is fine for
 // what is a precision path.
 FASTKD_INLINE double exp_approx(double x) { return std::exp(x); }
+FASTKD_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 FASTKD_INLINE double expm1_small(double x) { return std::expm1(x); }
 FASTKD_INLINE double log1p_small(double u) { return std::log1p(u); }
 FASTKD_INLINE double tanh_approx(double x) { return std::tanh(x); }

@@ -221,7 +221,7 @@ template <typename Acc, bool kCapped, bool kRawIsQ>
 struct OptionTerms {
   const Acc* v;
   Acc kappa, c_raw, smooth, lse_raw;
-  FASTKD_INLINE Acc raw(int64_t i, Acc q) const { return kRawIsQ ? q : exp_approx(kappa * v[i] - lse_raw); }
+  FASTKD_INLINE Acc raw(int64_t i, Acc q) const { return kRawIsQ ? q : exp_nonpositive(kappa * v[i] - lse_raw); }
   FASTKD_INLINE Acc chain(int64_t i) const { return kCapped ? Acc(1) - v[i] * v[i] : Acc(1); }
   FASTKD_INLINE Acc operator()(int64_t i, Acc q, Acc div) const {
     const Acc g = div + c_raw * raw(i, q) - smooth;

@@ -190,7 +190,7 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
     if (!fixed && with_raw && ms != kNegInf<Acc>) {  // before exp_chunk overwrites a
       Acc zr = 0;
 #pragma omp simd reduction(+ : zr)
-      for (int64_t i = 0; i < n; ++i) zr += exp_approx(temp * (ac[i] - ms));
+      for (int64_t i = 0; i < n; ++i) zr += exp_nonpositive(temp * (ac[i] - ms));
       st.sum_raw += static_cast<double>(zr);
     }
     const int64_t next = c0 + n < V ? std::min(kChunk, V - c0 - n) : 0;
@@ -442,7 +442,7 @@ template <typename Acc>
 struct CeRaw {
   Acc gce, temp, lse_raw;
   const Acc* a;  // s / T (the row cache's a)
-  FASTKD_INLINE Acc operator()(int64_t i, Acc, Acc div) const { return div + gce * exp_approx(temp * a[i] - lse_raw); }
+  FASTKD_INLINE Acc operator()(int64_t i, Acc, Acc div) const { return div + gce * exp_nonpositive(temp * a[i] - lse_raw); }
 };
 
 // Phase write_grad of forward KL: dD/da = q - p needs no row sum, so its divergence and the

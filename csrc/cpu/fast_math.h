@@ -41,8 +41,10 @@ FASTKD_INLINE float exp_approx(float x) {
   return x > 88.0f ? std::numeric_limits<float>::infinity() : lo;
 }
 
-// exp_approx for x <= 0 or NaN (the softmax sweeps' x - max), with the same results there:
-// without the overflow side's clamp and select, a tenth fewer vector ops per entry.
+// exp_approx for arguments that cannot overflow: x - max in the softmax sweeps, x - lse
+// in the gradient's (x <= 0, or NaN, up to rounding). The same values as exp_approx for
+// every x <= 88; without the overflow side's clamp and select (x > 88 would give garbage,
+// not inf), which made the one-teacher forward + backward 1.1x faster (AMD EPYC).
 FASTKD_INLINE float exp_nonpositive(float x) {
   const float xc = std::max(x, -87.0f);  // NaN stays NaN (std::max keeps its first)
   const float k = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);

@@ -257,7 +257,7 @@ void multi_row_stats(const TS* s, const TeacherRow* t, int64_t V, const ExactPar
     if (with_raw && ms != kNegInf<Acc>) {  // before exp_chunk overwrites a
       Acc zr = 0;
 #pragma omp simd reduction(+ : zr)
-      for (int64_t i = 0; i < n; ++i) zr += exp_approx(temp * (ac[i] - ms));
+      for (int64_t i = 0; i < n; ++i) zr += exp_nonpositive(temp * (ac[i] - ms));
       st.sum_raw += static_cast<double>(zr);
     }
     const int64_t next = c0 + n < V ? std::min(kChunk, V - c0 - n) : 0;
@@ -346,7 +346,7 @@ struct Mixture {
       Acc l;
       if constexpr (kSafe || std::is_same<Acc, double>::value) {
         Acc sum = 0;
-        for (int k = 0; k < K; ++k) sum += exp_approx(r[k] - top);
+        for (int k = 0; k < K; ++k) sum += exp_nonpositive(r[k] - top);
         l = log_1_to_4(sum);
       } else {
         if constexpr (K == 2) {

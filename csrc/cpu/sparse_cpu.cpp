@@ -312,7 +312,7 @@ struct SparseRowKernel {
       if (need_raw && M != neg_inf) {  // the CE term's T = 1 sum: every entry, support included
         Acc zr = 0;
 #pragma omp simd reduction(+ : zr)
-        for (int64_t i = 0; i < n; ++i) zr += exp_approx(temp * (ac[i] - M));
+        for (int64_t i = 0; i < n; ++i) zr += exp_nonpositive(temp * (ac[i] - M));
         sum_raw += static_cast<double>(zr);
       }
       const Acc masked = kStats ? kStatsFloor<Acc> : neg_inf;  // the support's e: 0 (cpu_rows.h: kStatsFloor)
@@ -520,7 +520,7 @@ struct SparseRowKernel {
             const Acc* __restrict ac = a + c0;
 #pragma omp simd
             for (int64_t i = 0; i < n; ++i)
-              gc[i] = static_cast<TS>(coef * (ec[c0 + i] * fk) + ce * exp_approx(t_acc * ac[i] - lse_raw_acc));
+              gc[i] = static_cast<TS>(coef * (ec[c0 + i] * fk) + ce * exp_nonpositive(t_acc * ac[i] - lse_raw_acc));
           } else if (with_ce) {
             const Acc both = coef + ce;
 #pragma omp simd

@@ -3,7 +3,10 @@ adds the -std its headers need only when the flags name none. The CUDA build env
 (issue 10): the arch list against nvcc, torch's CUDA major against nvcc's, and the
 cuda backend's run-time check of the code fastkd._C has for a device."""
 import os
+import platform
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -14,6 +17,18 @@ from fastkd.backends import cpp_build as _build
 def test_no_cxx_standard_is_hard_coded(flags):
     chosen = _build.cxx_flags() if flags == "cxx" else _build.nvcc_flags()
     assert not [f for f in chosen if re.match(r"(-|--|/)std[=:]", f)], chosen
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64", reason="needs g++ on x86-64")
+def test_loops_get_512_bit_vectors_on_an_intel_avx512_target(tmp_path):
+    """GCC tunes Intel's AVX-512 cores for 256-bit vectors: with the build's flags, a row
+    loop compiled for an Intel Xeon (-march=icelake-server) must still use zmm registers."""
+    src = tmp_path / "loop.cpp"
+    src.write_text("void axpy(float* __restrict y, const float* __restrict x, float a, long n) {\n"
+                   "#pragma omp simd\n  for (long i = 0; i < n; ++i) y[i] += a * x[i];\n}\n")
+    flags = [f for f in _build.cxx_flags() if not f.startswith(("-march", "-D"))] + ["-march=icelake-server"]
+    asm = subprocess.run(["g++", *flags, "-S", "-o", "-", str(src)], capture_output=True, text=True, check=True).stdout
+    assert "zmm" in asm
 
 
 def test_torch_std_flag_meets_what_aten_requires():
@@ -35,7 +50,6 @@ def test_torch_std_flag_meets_what_aten_requires():
 # that builds, torch's CUDA major against nvcc's, and a run-time warning when fastkd._C has
 # no (cluster) code for the device. nvcc and torch.version.cuda are faked: no GPU needed.
 
-import subprocess  # noqa: E402
 import types  # noqa: E402
 import warnings  # noqa: E402
 

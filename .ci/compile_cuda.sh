@@ -10,6 +10,10 @@
 # Objects go to a temporary directory that is removed afterwards; nothing is linked or
 # installed. Exits non-zero on the first compile error. Environment: PYTHON (python3),
 # NVCC (nvcc), CXX (g++), FASTKD_CI_GENCODE (overrides the two -gencode flags).
+#
+# Arguments (optional) choose what to compile: names of csrc/cuda/*.cu files, and `glue`
+# for the host-compiler files; none compiles everything. tests/test_cuda_compile.py passes
+# one each, so that pytest-xdist's workers share the check.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -57,10 +61,26 @@ elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%6.1f s", b - a }'; }
 
 status=0
 shopt -s nullglob
+CU_FILES=()
+GLUE=0
+if [ "$#" -eq 0 ]; then
+  CU_FILES=("$ROOT"/csrc/cuda/*.cu)
+  GLUE=1
+fi
+for arg in "$@"; do
+  if [ "$arg" = glue ]; then
+    GLUE=1
+  elif [ -f "$ROOT/csrc/cuda/$arg" ]; then
+    CU_FILES+=("$ROOT/csrc/cuda/$arg")
+  else
+    echo "compile_cuda: no csrc/cuda/$arg (arguments: .cu file names or glue)" >&2
+    exit 2
+  fi
+done
 echo "nvcc: $("$NVCC" --version | tail -n 1)"
 echo "targets: $GENCODE"
 echo
-for src in "$ROOT"/csrc/cuda/*.cu; do
+for src in "${CU_FILES[@]}"; do
   name=$(basename "$src")
   start=$(now)
   # shellcheck disable=SC2086  # flag lists are meant to split
@@ -73,7 +93,9 @@ for src in "$ROOT"/csrc/cuda/*.cu; do
     status=1
   fi
 done
-for src in "$ROOT"/csrc/cuda/*.cpp "$ROOT"/csrc/ops.cpp; do  # ops.cpp: its CUDA registration
+GLUE_FILES=()
+[ "$GLUE" -eq 1 ] && GLUE_FILES=("$ROOT"/csrc/cuda/*.cpp "$ROOT"/csrc/ops.cpp)  # ops.cpp: its CUDA registration
+for src in "${GLUE_FILES[@]}"; do
   name=$(basename "$src")
   start=$(now)
   # shellcheck disable=SC2086

@@ -223,4 +223,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main()["ok"] else 1)
+    ok = main()["ok"]
+    # The work is done and the process group destroyed. Leave without the interpreter's
+    # finalisation: on a loaded machine a rank aborted there ("terminate called without an
+    # active exception", no Python frame) in 4 of 12 runs under a CPU hog (torch 2.13, gloo),
+    # after training and comparing correctly.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if ok else 1)

@@ -47,14 +47,16 @@ struct NextChunk {
   int64_t elem_bytes;
 };
 
-// The row_stats sweeps' exponentials of a chunk of n entries, in blocks of kPrefetchBlock:
-// entries [o, o + m) of each row's next chunk (next entries long, 0 past the row's end) are
-// prefetched (prefetch), then body(o, m) computes the block's m entries: a few prefetches between
-// stretches of arithmetic, not one burst that waits on memory.
+// The row_stats sweeps' exponentials of the chunk [c0, c0 + n) of a row of V entries, in
+// blocks of kPrefetchBlock: entries [o, o + m) of each row's next chunk (rows: where it
+// starts; nothing past the row's end) are prefetched (prefetch), then body(o, m) computes the
+// block's m entries: a few prefetches between stretches of arithmetic, not one burst that
+// waits on memory.
 constexpr int64_t kPrefetchBlock = 256;
 
 template <int kLocality, size_t R, typename Body>
-FASTKD_INLINE void prefetched_blocks(int64_t n, int64_t next, const NextChunk (&rows)[R], const Body& body) {
+FASTKD_INLINE void prefetched_blocks(int64_t c0, int64_t n, int64_t V, const NextChunk (&rows)[R], const Body& body) {
+  const int64_t next = c0 + n < V ? std::min(kChunk, V - c0 - n) : 0;  // the next chunk's length
   for (int64_t o = 0; o < n; o += kPrefetchBlock) {
     const int64_t m = std::min(kPrefetchBlock, n - o);
     const int64_t ahead = std::max<int64_t>(std::min(m, next - o), 0);

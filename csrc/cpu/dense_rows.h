@@ -193,10 +193,9 @@ void row_stats(const TS* s, const TT* t, int64_t V, const ExactParams& x, bool w
       for (int64_t i = 0; i < n; ++i) zr += exp_nonpositive(temp * (ac[i] - ms));
       st.sum_raw += static_cast<double>(zr);
     }
-    const int64_t next = c0 + n < V ? std::min(kChunk, V - c0 - n) : 0;
     Acc zs = 0, zt = 0;
     const NextChunk rows[] = {{s + c0 + n, sizeof(TS)}, {t + c0 + n, sizeof(TT)}};
-    prefetched_blocks<3>(n, next, rows, [&](int64_t o, int64_t m) {
+    prefetched_blocks<3>(c0, n, V, rows, [&](int64_t o, int64_t m) {
       if constexpr (kStats) {
         zs += exp_chunk(ac + o, ms, m, ac + o, side[0].xlogx);
         zt += exp_chunk(bc + o, mt, m, bc + o, side[1].xlogx);

@@ -260,14 +260,13 @@ void multi_row_stats(const TS* s, const TeacherRow* t, int64_t V, const ExactPar
       for (int64_t i = 0; i < n; ++i) zr += exp_nonpositive(temp * (ac[i] - ms));
       st.sum_raw += static_cast<double>(zr);
     }
-    const int64_t next = c0 + n < V ? std::min(kChunk, V - c0 - n) : 0;
     Acc zs = 0, zt[K > 0 ? K : 1] = {};
     NextChunk rows[K + 1];
     rows[0] = {s + c0 + n, sizeof(TS)};
     for (int k = 0; k < K; ++k) {
       rows[k + 1] = {static_cast<const char*>(t[k].data) + (c0 + n) * t[k].elem_bytes, t[k].elem_bytes};
     }
-    prefetched_blocks<2>(n, next, rows, [&](int64_t o, int64_t m) {
+    prefetched_blocks<2>(c0, n, V, rows, [&](int64_t o, int64_t m) {
       zs += exp_chunk(ac + o, ms, m, ac + o);
       for (int k = 0; k < K; ++k) {
         Acc* e = c.e[k] + c0 + o;

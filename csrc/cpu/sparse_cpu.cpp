@@ -317,10 +317,9 @@ struct SparseRowKernel {
       }
       const Acc masked = kStats ? kStatsFloor<Acc> : neg_inf;  // the support's e: 0 (cpu_rows.h: kStatsFloor)
       for (; next < slots.size() && slots[next].id < c0 + n; ++next) ac[slots[next].id - c0] = masked;
-      const int64_t ahead_of = c0 + n < V ? std::min(kChunk, V - c0 - n) : 0;
       Acc z = 0;
       const NextChunk rows[] = {{srow + c0 + n, sizeof(TS)}};
-      prefetched_blocks<3>(n, ahead_of, rows, [&](int64_t o, int64_t m) {
+      prefetched_blocks<3>(c0, n, V, rows, [&](int64_t o, int64_t m) {
         if constexpr (kStats) {
           z += exp_chunk(ac + o, M, m, ac + o, side->xlogx);
         } else {

@@ -47,12 +47,16 @@ def new_model(dtype):
 class KDModel(torch.nn.Module):
     """The loss inside forward, as DDP wants it: forward(x, teacher, labels, num_items) -> loss."""
 
-    def __init__(self, dtype, fused_linear=False, **kd):
+    def __init__(self, dtype, fused_linear=False, sparse_k=None, **kd):
         super().__init__()
         self.net = new_model(dtype)
-        self.fused_linear, self.kd = fused_linear, kd or KD
+        self.fused_linear, self.sparse_k, self.kd = fused_linear, sparse_k, kd or KD
 
     def forward(self, x, t, labels, num_items=None):
+        if self.sparse_k is not None:
+            # A top-k teacher, as one recorded offline: its k best ids and their log-probs.
+            logprobs, ids = torch.log_softmax(t / self.kd["temperature"], dim=-1).topk(self.sparse_k, dim=-1)
+            return fastkd.sparse_kd_loss(self.net(x), ids, logprobs, labels, num_items=num_items, **self.kd)
         if not self.fused_linear:
             return fastkd.kd_loss(self.net(x), t, labels, num_items=num_items, **self.kd)
         # The last Linear as an LM head; the teacher's "logits" t = t_hidden @ t_weight.T
@@ -229,6 +233,19 @@ def case_ddp_recipe_fused_linear_jsd(ctx):
     assert_grads_close(ddp_step(rank, torch.float64, "fastkd", **kw), want, rtol=1e-12, atol=1e-14)
 
 
+def case_ddp_recipe_sparse_teacher(ctx):
+    """The same recipe with a top-k teacher (sparse_kd_loss, tail="bucket"): the count is
+    the same global_num_items of the same labels; the per-micro-batch means still fail."""
+    rank, world = ctx.rank, ctx.world
+    kw = dict(sparse_k=5, divergence="reverse_kl", temperature=1.5, alpha=0.6, tail="bucket")
+    want = single_process_grads(range(world), torch.float64, **kw)
+    assert_grads_close(ddp_step(rank, torch.float64, "fastkd", **kw), want, rtol=1e-12, atol=1e-14)
+    got32 = ddp_step(rank, torch.float32, "fastkd", **kw)
+    assert_grads_close([g.double() for g in got32], want, rtol=2e-5, atol=1e-6)
+    err = relative_error(ddp_step(rank, torch.float64, "per_micro_batch_mean", **kw), want)
+    assert err > 0.05, err
+
+
 def case_ddp_over_a_data_parallel_subgroup(ctx):
     dp_group, dp_ranks = data_parallel_group(ctx)
     want = single_process_grads(dp_ranks, torch.float64)
@@ -237,7 +254,8 @@ def case_ddp_over_a_data_parallel_subgroup(ctx):
 
 CASES = ("count_world", "count_group", "count_empty_step", "count_errors_before_any_collective",
          "ddp_recipe_float64", "ddp_recipe_float32", "ddp_pitfalls_fail_the_comparison",
-         "fsdp2_recipe_float64", "ddp_recipe_fused_linear_jsd", "ddp_over_a_data_parallel_subgroup")
+         "fsdp2_recipe_float64", "ddp_recipe_fused_linear_jsd", "ddp_recipe_sparse_teacher",
+         "ddp_over_a_data_parallel_subgroup")
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -41,6 +41,7 @@ import time); this script clears it itself before importing triton:
 import argparse
 import concurrent.futures as futures
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -464,7 +465,9 @@ def unvectorised_peel(result) -> bool:
 def run(max_workers=None, only=None):
     todo = [job for job in jobs() if only is None or job[0] in only]
     workers = max_workers or min(len(todo), os.cpu_count() or 1)
-    with futures.ProcessPoolExecutor(max_workers=workers) as pool:
+    # Fresh interpreters, not forks: this process has imported torch and triton, and a fork
+    # of a process with threads can deadlock in the child.
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(compile_one, *zip(*todo)))
     return results
 

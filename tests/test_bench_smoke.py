@@ -6,7 +6,6 @@ subprocess imports the fastkd this test imported.
 """
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import pytest
 import torch
 
 import fastkd
+
+from harness import processes
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kd.py"
 
@@ -36,7 +37,7 @@ def run_bench(out: Path, *options: str):
     env["PYTHONPATH"] = os.pathsep.join([str(Path(fastkd.__file__).resolve().parents[1]),
                                          *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, str(BENCH), *options, "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    proc = processes.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = list(out.glob("bench_*.json"))
     assert len(files) == 1, proc.stdout

@@ -12,6 +12,8 @@ import pytest
 
 from fastkd.backends import cpp_build as _build
 
+from harness import processes
+
 
 @pytest.mark.parametrize("flags", ["cxx", "nvcc"])
 def test_no_cxx_standard_is_hard_coded(flags):
@@ -27,7 +29,7 @@ def test_loops_get_512_bit_vectors_on_an_intel_avx512_target(tmp_path):
     src.write_text("void axpy(float* __restrict y, const float* __restrict x, float a, long n) {\n"
                    "#pragma omp simd\n  for (long i = 0; i < n; ++i) y[i] += a * x[i];\n}\n")
     flags = [f for f in _build.cxx_flags() if not f.startswith(("-march", "-D"))] + ["-march=icelake-server"]
-    asm = subprocess.run(["g++", *flags, "-S", "-o", "-", str(src)], capture_output=True, text=True, check=True).stdout
+    asm = processes.run(["g++", *flags, "-S", "-o", "-", str(src)], capture_output=True, text=True, check=True, timeout=300).stdout
     assert "zmm" in asm
 
 

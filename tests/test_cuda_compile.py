@@ -8,10 +8,11 @@ import glob
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
+
+from harness import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI_GENCODE = "-gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=compute_80"
@@ -34,7 +35,7 @@ def test_cuda_sources_compile_for_sm90a_and_sm80(what):
     env = dict(os.environ, PYTHON=sys.executable)
     if os.environ.get("FASTKD_BUILD_MATRIX", "0") != "1" and "FASTKD_CI_GENCODE" not in os.environ:
         env["FASTKD_CI_GENCODE"] = CI_GENCODE
-    proc = subprocess.run(["bash", os.path.join(ROOT, ".ci", "compile_cuda.sh"), what], cwd=ROOT, env=env,
+    proc = processes.run(["bash", os.path.join(ROOT, ".ci", "compile_cuda.sh"), what], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -43,6 +44,6 @@ def test_cuda_sources_compile_for_sm90a_and_sm80(what):
 
 
 def test_compile_script_refuses_an_unknown_file():
-    proc = subprocess.run(["bash", os.path.join(ROOT, ".ci", "compile_cuda.sh"), "no_such_file.cu"], cwd=ROOT,
+    proc = processes.run(["bash", os.path.join(ROOT, ".ci", "compile_cuda.sh"), "no_such_file.cu"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no csrc/cuda/no_such_file.cu" in proc.stderr

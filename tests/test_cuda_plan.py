@@ -10,9 +10,10 @@ them; tests/test_cuda.py asserts on a GPU that the planned kernel is the one tha
 """
 import os
 import shutil
-import subprocess
 
 import pytest
+
+from harness import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_INCLUDES = [p for p in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda")
@@ -30,7 +31,7 @@ def driver(tmp_path_factory):
     cmd = [os.environ.get("CXX", "g++"), "-std=c++17", "-O0", "-Wall", "-Werror",
            "-I", os.path.join(ROOT, "csrc"), "-I", os.path.join(CUDA_INCLUDES[0], "include"),
            os.path.join(ROOT, "tests", "cpp", "cuda_plan_driver.cpp"), "-o", exe]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = processes.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return exe
 
@@ -38,7 +39,7 @@ def driver(tmp_path_factory):
 def plan(driver, **query):
     """The plan for one described call: a dict of the driver's fields."""
     line = " ".join(f"{k}={v}" for k, v in query.items())
-    out = subprocess.run([driver], input=line + "\n", capture_output=True, text=True, timeout=60, check=True).stdout
+    out = processes.run([driver], input=line + "\n", capture_output=True, text=True, timeout=60, check=True).stdout
     head, refused = out.strip().split(" refused=")
     fields = dict(w.split("=") for w in head.split())
     fields = {k: (v if k == "kind" else int(v)) for k, v in fields.items()}

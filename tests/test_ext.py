@@ -1,12 +1,13 @@
 """Loading fastkd._C: nothing is built or imported at `import fastkd`; a failed JIT build
 says why (the compiler's own error and the log's path)."""
 import os
-import subprocess
 import sys
 
 import pytest
 
 from fastkd.backends import cpp as _ext
+
+from harness import processes
 
 
 def test_import_builds_and_imports_nothing():
@@ -14,7 +15,7 @@ def test_import_builds_and_imports_nothing():
             "assert e.load_extension.cache_info().currsize == 0, 'extension loaded at import'; "
             "assert 'triton' not in sys.modules, 'triton imported at import'; "
             "assert 'fastkd._C' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "FASTKD_NO_JIT": "1"})
+    processes.run([sys.executable, "-c", code], check=True, env={**os.environ, "FASTKD_NO_JIT": "1"}, timeout=300)
 
 
 def test_import_without_extension_is_fast_and_builds_nothing(tmp_path):
@@ -31,8 +32,8 @@ def test_import_without_extension_is_fast_and_builds_nothing(tmp_path):
             f"assert fastkd.__file__.startswith({str(tmp_path)!r}), fastkd.__file__; "
             "assert 'triton' not in sys.modules and 'fastkd._C' not in sys.modules; "
             "print(t2 - t1)")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "FASTKD_BUILD_DIR": str(build_dir), "PYTHONPATH": str(tmp_path)})
+    out = processes.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "FASTKD_BUILD_DIR": str(build_dir), "PYTHONPATH": str(tmp_path)}, timeout=300)
     assert float(out.stdout) < 2.0, out.stdout
     assert not build_dir.exists() or not any(build_dir.iterdir()), "import fastkd started a build"
     assert "compiling" not in out.stderr

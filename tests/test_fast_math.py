@@ -6,11 +6,12 @@ it, their arguments being x - max <= 0): it must give exp_approx's bits for ever
 """
 import os
 import shutil
-import subprocess
 
 import pytest
 
 from fastkd.backends import cpp_build
+
+from harness import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,10 +50,10 @@ def test_exp_nonpositive_is_exp_approx_below_overflow(tmp_path):
     src.write_text(DRIVER)
     exe = tmp_path / "driver"
     flags = [f for f in cpp_build.cxx_flags() if not f.startswith("-D") and f != "-fopenmp"]
-    subprocess.run(["g++", *flags, "-std=c++20", "-I", os.path.join(ROOT, "csrc", "cpu"), str(src), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
-    checked, differ, specials = map(int, subprocess.run([str(exe)], check=True, capture_output=True,
-                                                        text=True).stdout.split())
+    processes.run(["g++", *flags, "-std=c++20", "-I", os.path.join(ROOT, "csrc", "cpu"), str(src), "-o", str(exe)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    checked, differ, specials = map(int, processes.run([str(exe)], check=True, capture_output=True,
+                                                        text=True, timeout=300).stdout.split())
     assert checked > 30_000_000
     assert differ == 0
     assert specials == 1

@@ -7,7 +7,6 @@ elementwise smooth L1; normalize standardises both sides over H first. Reference
 come from autograd through these formulas.
 """
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from fastkd.features import FeatureDistillation, feature_loss
+
+from harness import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("mse", "cosine", "l1", "smooth_l1")
@@ -491,7 +492,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 def peak_extra(which, n, h, ht):
     script = MEMORY_SCRIPT.format(root=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", script, which, str(n), str(h), str(ht)],
+    proc = processes.run([sys.executable, "-c", script, which, str(n), str(h), str(ht)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from dataclasses import replace
@@ -26,6 +25,7 @@ from harness.compare import check_linear, rel_err
 from harness.inputs import make_linear_inputs, near_converged_bf16
 from harness.registry import FUSED_LINEAR, OPS, backend_names, check_error_case, error_params, runs_case
 from harness.results import linear_backend_result, linear_reference_result, student_params
+from harness import processes
 
 BACKENDS = backend_names("cpu", op=FUSED_LINEAR, with_reference=True)
 LINEAR_CASES = OPS[FUSED_LINEAR].cases
@@ -225,7 +225,7 @@ def test_peak_memory_well_under_one_logits_tensor():
     # so RSS is the live memory (its default dynamic threshold keeps blocks up to 32 MiB).
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
                MALLOC_MMAP_THRESHOLD_="131072")
-    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, env=env,
+    run = processes.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])

@@ -4,7 +4,6 @@ smoke script's kernel classification, its refusal without a GPU, and its compari
 (Triton cases under the interpreter); the summary's floor and target tables."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from harness.scripts import load_script
+from harness import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("env", "build", "smoke", "tests", "sanitizer", "bench", "summary")
@@ -28,7 +28,7 @@ def _env():
 
 
 def test_dry_run_lists_every_step_and_checks_the_scripts(tmp_path):
-    out = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run", "--out", str(tmp_path / "gc")],
+    out = processes.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run", "--out", str(tmp_path / "gc")],
                          capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for i, step in enumerate(STEPS, 1):
@@ -88,7 +88,7 @@ def test_smoke_reports_a_kernel_mismatch():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_smoke_refuses_to_run_without_a_gpu(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "tests/gpu_smoke.py"), "--out", str(tmp_path)],
+    out = processes.run([sys.executable, str(ROOT / "tests/gpu_smoke.py"), "--out", str(tmp_path)],
                          capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 2
     assert "no CUDA device" in out.stderr
@@ -99,7 +99,7 @@ def test_smoke_compares_triton_cases_under_the_interpreter(tmp_path):
     pytest.importorskip("triton")
     env = _env()
     env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, str(ROOT / "tests/gpu_smoke.py"), "--device", "cpu", "--impls", "triton",
+    out = processes.run([sys.executable, str(ROOT / "tests/gpu_smoke.py"), "--device", "cpu", "--impls", "triton",
                           "--vocabs", "1001p", "--dtypes", "float32", "--divergences", "reverse_kl,tvd", "--rows", "3",
                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -8,11 +8,12 @@ example sets the policy itself, but only before torch is loaded, which pytest ha
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from harness import processes
 
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
@@ -25,7 +26,7 @@ def test_hf_trainer_distill_quick(tmp_path):
     out_json = tmp_path / "m.json"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, str(EXAMPLE), "--quick", "--seed", "0", "--json", str(out_json)],
+    run = processes.run([sys.executable, str(EXAMPLE), "--quick", "--seed", "0", "--json", str(out_json)],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     m = json.loads(out_json.read_text())

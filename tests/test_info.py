@@ -1,12 +1,13 @@
 """`python -m fastkd.info` reports what can run, with and without the compiled extension and Triton."""
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from harness import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def run_info(*args, env=None, cwd=None, prelude=""):
     code = prelude + "import runpy, sys; sys.argv = ['fastkd.info'] + %r; runpy.run_module('fastkd.info', run_name='__main__')" % (list(args),)
     full_env = {k: v for k, v in os.environ.items() if k not in ("FASTKD_BACKEND", "FASTKD_NO_JIT", "TRITON_INTERPRET")}
     full_env.update(env or {})
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+    done = processes.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
                           cwd=cwd or ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -103,7 +104,7 @@ def test_a_prebuilt_extension_that_does_not_load_says_why(unbuilt_copy, tmp_path
                                  "print('|'.join(str(x.message) for x in w))")
     full_env = {k: v for k, v in os.environ.items() if k not in ("FASTKD_BACKEND", "TRITON_INTERPRET")}
     full_env.update(env)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=broken,
+    done = processes.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=broken,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "does not load" in done.stdout and "FASTKD_NO_JIT=1" in done.stdout, done.stdout

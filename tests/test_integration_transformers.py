@@ -3,7 +3,6 @@
 Tiny random Llama models built from configs (no downloads), CPU, fp32.
 """
 import copy
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +13,8 @@ datasets = pytest.importorskip("datasets")
 
 import fastkd  # noqa: E402
 from fastkd.integrations.transformers import KDTrainer, shift_causal_labels  # noqa: E402
+
+from harness import processes
 
 V = 97          # odd vocabulary
 L = 12          # sequence length
@@ -384,7 +385,7 @@ def test_error_missing_teacher_labels_and_label_smoothing(tmp_path, models):
 
 def test_import_fastkd_does_not_import_transformers():
     code = "import sys, fastkd; assert 'transformers' not in sys.modules and 'trl' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    processes.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def test_bf16_mixed_precision_step(tmp_path, models):

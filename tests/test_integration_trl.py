@@ -21,6 +21,8 @@ gkd = pytest.importorskip("trl.experimental.gkd", reason="this trl has no trl.ex
 
 from fastkd.integrations import trl as ftrl  # noqa: E402
 
+from harness import processes  # noqa: E402
+
 GKDTrainer = gkd.GKDTrainer
 GKDConfig = gkd.GKDConfig
 TRL_LOSS = inspect.getattr_static(GKDTrainer, "generalized_jsd_loss").__func__
@@ -540,10 +542,9 @@ def test_fused_linear_runs_inside_a_wrapper_and_falls_back(tmp_path, monkeypatch
 
 
 def test_import_fastkd_does_not_import_trl():
-    import subprocess
     import sys
     code = "import sys, fastkd; assert not any(m.split('.')[0] in ('trl', 'transformers') for m in sys.modules)"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
+    processes.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".", timeout=300)
 
 
 def test_lm_head_parts_reads_known_transforms_and_refuses_unknown_ones():

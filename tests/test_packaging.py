@@ -2,11 +2,12 @@
 sources the JIT fallback needs, and a build without torch that says what it does."""
 import importlib.metadata
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import fastkd
+
+from harness import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def test_build_without_torch_installs_without_the_extension_and_says_why():
     code = ("import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
             "__file__ = 'setup.py'; exec(compile(open('setup.py').read(), 'setup.py', 'exec'))")
     env = {k: v for k, v in os.environ.items() if k != "FASTKD_REQUIRE_EXTENSION"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    done = processes.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == fastkd.__version__
     assert "torch is not importable in this build environment" in done.stderr
@@ -47,7 +48,7 @@ def test_build_without_torch_fails_when_the_extension_is_required():
     code = ("import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
             "__file__ = 'setup.py'; exec(compile(open('setup.py').read(), 'setup.py', 'exec'))")
     env = dict(os.environ, FASTKD_REQUIRE_EXTENSION="1")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    done = processes.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode != 0
     assert "FASTKD_REQUIRE_EXTENSION=1" in done.stderr and "--no-build-isolation" in done.stderr
 

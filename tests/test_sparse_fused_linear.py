@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -17,6 +16,7 @@ from fastkd.fused_linear_sparse import FusedLinearSparseKDLoss, fused_linear_spa
 from fastkd.sparse import sparse_kd_loss
 
 from harness.compare import rel_err
+from harness import processes
 
 BACKENDS = ["torch"] + [name for name in ("cpu",) if get_backend(name) is not None and get_backend(name).has("sparse")]
 
@@ -132,7 +132,7 @@ def test_peak_memory_below_one_chunk_budget():
     gradients it returns (weight V x H x 4 = 31 MiB, hidden 2 MiB), with 16 MiB of slack."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
                MALLOC_MMAP_THRESHOLD_="131072")
-    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, env=env,
+    run = processes.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])

@@ -6,10 +6,10 @@ process with the dense loss; this test reads both printed curves and compares th
 """
 import os
 import re
-import subprocess
 import sys
 
 from harness.scripts import ROOT
+from harness import processes
 
 
 def test_tensor_parallel_example_matches_one_process():
@@ -18,7 +18,7 @@ def test_tensor_parallel_example_matches_one_process():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "examples" / "tensor_parallel_distill.py"), "--quick"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = processes.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{proc.stderr[-4000:]}"
     assert "split over 2 rank(s)" in out and "loss: fused_linear" in out, out

@@ -130,28 +130,65 @@ at::Tensor empty_loss(const at::Tensor& student, const at::Tensor& teacher) {
   return at::empty({student.size(0)}, student.options().dtype(f64 ? at::kDouble : at::kFloat));
 }
 
+// The per-token diagnostics' output [N, kStatsWidth] in the loss dtype, refused where the
+// device's kernel does not write it (so a missing kernel never returns uninitialised stats).
+at::Tensor empty_stats(const at::Tensor& loss, bool device_writes_stats) {
+  TORCH_CHECK(device_writes_stats, "fastkd: no per-token diagnostics (return_stats) in the kernel for ",
+              loss.device(), " tensors in this build");
+  return at::empty({loss.size(0), kStatsWidth}, loss.options());
+}
+
+// What one call of a loss operator gives back: the gradient is a new tensor, or the student
+// itself (the in-place operators); stats only when asked for.
+struct Outputs {
+  at::Tensor loss, grad;
+  c10::optional<at::Tensor> stats;
+};
+
+// The body of the four dense operators (kd_forward[_stats][_inplace]).
+Outputs run_dense(const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
+                  const at::Tensor& grad_scale, const c10::optional<at::Tensor>& row_stats, at::IntArrayRef ints,
+                  const at::Tensor& floats, bool inplace, bool with_stats) {
+  ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, ints, floats);
+  const DeviceOps& device = ops_for(student);
+  Outputs out{empty_loss(student, teacher), inplace ? student : device.empty_grad(student), c10::nullopt};
+  if (with_stats) args.stats = empty_stats(out.loss, device.forward_writes_stats);
+  // In place, every kernel reads a row element before overwriting it (the CPU kernel reads
+  // the whole row first; on CUDA the same thread reads and writes an element, and the CE
+  // term's label logit is read before any store of its row).
+  device.forward(args, out.loss, out.grad);
+  out.stats = args.stats;
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
                                               const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
                                               const c10::optional<at::Tensor>& row_stats, at::IntArrayRef ints,
                                               const at::Tensor& floats) {
-  const ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, ints, floats);
-  const DeviceOps& device = ops_for(student);
-  at::Tensor loss = empty_loss(student, teacher);
-  at::Tensor grad = device.empty_grad(student);
-  device.forward(args, loss, grad);
-  return {loss, grad};
+  Outputs out = run_dense(student, teacher, labels, grad_scale, row_stats, ints, floats, false, false);
+  return {out.loss, out.grad};
 }
 
 at::Tensor kd_forward_inplace(at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
                               const at::Tensor& grad_scale, const c10::optional<at::Tensor>& row_stats,
                               at::IntArrayRef ints, const at::Tensor& floats) {
-  const ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, row_stats, ints, floats);
-  at::Tensor loss = empty_loss(student, teacher);
-  // Every kernel reads a row element before overwriting it (the CPU kernel reads the
-  // whole row first; on CUDA the same thread reads and writes an element, and the CE
-  // term's label logit is read before any store of its row).
-  ops_for(student).forward(args, loss, student);
-  return loss;
+  return run_dense(student, teacher, labels, grad_scale, row_stats, ints, floats, true, false).loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_forward_stats(const at::Tensor& student, const at::Tensor& teacher,
+                                                                const c10::optional<at::Tensor>& labels,
+                                                                const at::Tensor& grad_scale, at::IntArrayRef ints,
+                                                                const at::Tensor& floats) {
+  Outputs out = run_dense(student, teacher, labels, grad_scale, c10::nullopt, ints, floats, false, true);
+  return {out.loss, out.grad, *out.stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_forward_stats_inplace(at::Tensor& student, const at::Tensor& teacher,
+                                                            const c10::optional<at::Tensor>& labels,
+                                                            const at::Tensor& grad_scale, at::IntArrayRef ints,
+                                                            const at::Tensor& floats) {
+  Outputs out = run_dense(student, teacher, labels, grad_scale, c10::nullopt, ints, floats, true, true);
+  return {out.loss, *out.stats};
 }
 
 at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, at::IntArrayRef ints,
@@ -259,11 +296,21 @@ SparseForwardArgs check_sparse_args(const at::Tensor& student, const at::Tensor&
   return args;
 }
 
-void run_sparse(const SparseForwardArgs& args, at::Tensor& loss, at::Tensor& grad) {
-  const DeviceOps& device = ops_for(args.student);
-  TORCH_CHECK(device.sparse_forward != nullptr, "fastkd: no sparse kernel for ", args.student.device(),
+// The body of the four sparse operators (sparse_kd_forward[_stats][_inplace]). In place, the
+// kernels read every value of a row they need (statistics, the support's and the label's
+// logits) before the row's gradient is written.
+Outputs run_sparse(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+                   const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale, at::IntArrayRef ints,
+                   const at::Tensor& floats, bool inplace, bool with_stats) {
+  SparseForwardArgs args = check_sparse_args(student, ids, logprobs, labels, grad_scale, ints, floats);
+  const DeviceOps& device = ops_for(student);
+  TORCH_CHECK(device.sparse_forward != nullptr, "fastkd: no sparse kernel for ", student.device(),
               " tensors in this build");
-  device.sparse_forward(args, loss, grad);
+  Outputs out{empty_loss(student, logprobs), inplace ? student : device.empty_grad(student), c10::nullopt};
+  if (with_stats) args.stats = empty_stats(out.loss, device.sparse_forward_writes_stats);
+  device.sparse_forward(args, out.loss, out.grad);
+  out.stats = args.stats;
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_kd_forward(const at::Tensor& student, const at::Tensor& ids,
@@ -271,68 +318,22 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward(const at::Tensor& student, 
                                                      const c10::optional<at::Tensor>& labels,
                                                      const at::Tensor& grad_scale, at::IntArrayRef ints,
                                                      const at::Tensor& floats) {
-  const SparseForwardArgs args = check_sparse_args(student, ids, logprobs, labels, grad_scale, ints, floats);
-  at::Tensor loss = empty_loss(student, logprobs);
-  at::Tensor grad = ops_for(student).empty_grad(student);
-  run_sparse(args, loss, grad);
-  return {loss, grad};
+  Outputs out = run_sparse(student, ids, logprobs, labels, grad_scale, ints, floats, false, false);
+  return {out.loss, out.grad};
 }
 
 at::Tensor sparse_kd_forward_inplace(at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
                                      const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
                                      at::IntArrayRef ints, const at::Tensor& floats) {
-  const SparseForwardArgs args = check_sparse_args(student, ids, logprobs, labels, grad_scale, ints, floats);
-  at::Tensor loss = empty_loss(student, logprobs);
-  // The kernels read every value of a row they need (statistics, the support's and the
-  // label's logits) before the row's gradient is written.
-  run_sparse(args, loss, student);
-  return loss;
-}
-
-// The per-token diagnostics' output [N, kStatsWidth] in the loss dtype, refused where the
-// device's kernel does not write it (so a missing kernel never returns uninitialised stats).
-at::Tensor empty_stats(const at::Tensor& loss, bool device_writes_stats) {
-  TORCH_CHECK(device_writes_stats, "fastkd: no per-token diagnostics (return_stats) in the kernel for ",
-              loss.device(), " tensors in this build");
-  return at::empty({loss.size(0), kStatsWidth}, loss.options());
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_forward_stats(const at::Tensor& student, const at::Tensor& teacher,
-                                                                const c10::optional<at::Tensor>& labels,
-                                                                const at::Tensor& grad_scale, at::IntArrayRef ints,
-                                                                const at::Tensor& floats) {
-  ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, c10::nullopt, ints, floats);
-  const DeviceOps& device = ops_for(student);
-  at::Tensor loss = empty_loss(student, teacher);
-  args.stats = empty_stats(loss, device.forward_writes_stats);
-  at::Tensor grad = device.empty_grad(student);
-  device.forward(args, loss, grad);
-  return {loss, grad, *args.stats};
-}
-
-std::tuple<at::Tensor, at::Tensor> kd_forward_stats_inplace(at::Tensor& student, const at::Tensor& teacher,
-                                                            const c10::optional<at::Tensor>& labels,
-                                                            const at::Tensor& grad_scale, at::IntArrayRef ints,
-                                                            const at::Tensor& floats) {
-  ForwardArgs args = check_forward_args(student, teacher, labels, grad_scale, c10::nullopt, ints, floats);
-  const DeviceOps& device = ops_for(student);
-  at::Tensor loss = empty_loss(student, teacher);
-  args.stats = empty_stats(loss, device.forward_writes_stats);
-  device.forward(args, loss, student);  // as kd_forward_inplace: each row read before it is written
-  return {loss, *args.stats};
+  return run_sparse(student, ids, logprobs, labels, grad_scale, ints, floats, true, false).loss;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_kd_forward_stats(
     const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
     const c10::optional<at::Tensor>& labels, const at::Tensor& grad_scale, at::IntArrayRef ints,
     const at::Tensor& floats) {
-  SparseForwardArgs args = check_sparse_args(student, ids, logprobs, labels, grad_scale, ints, floats);
-  const DeviceOps& device = ops_for(student);
-  at::Tensor loss = empty_loss(student, logprobs);
-  args.stats = empty_stats(loss, device.sparse_forward_writes_stats);
-  at::Tensor grad = device.empty_grad(student);
-  run_sparse(args, loss, grad);
-  return {loss, grad, *args.stats};
+  Outputs out = run_sparse(student, ids, logprobs, labels, grad_scale, ints, floats, false, true);
+  return {out.loss, out.grad, *out.stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_stats_inplace(at::Tensor& student, const at::Tensor& ids,
@@ -340,11 +341,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_stats_inplace(at::Tensor& s
                                                                    const c10::optional<at::Tensor>& labels,
                                                                    const at::Tensor& grad_scale, at::IntArrayRef ints,
                                                                    const at::Tensor& floats) {
-  SparseForwardArgs args = check_sparse_args(student, ids, logprobs, labels, grad_scale, ints, floats);
-  at::Tensor loss = empty_loss(student, logprobs);
-  args.stats = empty_stats(loss, ops_for(student).sparse_forward_writes_stats);
-  run_sparse(args, loss, student);
-  return {loss, *args.stats};
+  Outputs out = run_sparse(student, ids, logprobs, labels, grad_scale, ints, floats, true, true);
+  return {out.loss, *out.stats};
 }
 
 // The entry check of the several-teachers operators (the twin of check_forward_args).

@@ -57,3 +57,17 @@ def test_exp_nonpositive_is_exp_approx_below_overflow(tmp_path):
     assert checked > 30_000_000
     assert differ == 0
     assert specials == 1
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_tanh_cost_benchmark_builds_and_is_accurate(tmp_path):
+    """benchmarks/tanh_cost.cpp (docs/logit_options.md's evidence that the CPU softcap is
+    bound by the tanh) compiles against the kernel's header and times what it says: the
+    kernel's tanh, as accurate as the softcap tests require (5e-7 relative)."""
+    exe = tmp_path / "tanh_cost"
+    flags = [f for f in cpp_build.cxx_flags() if not f.startswith("-D")]
+    processes.run(["g++", *flags, "-std=c++20", os.path.join(ROOT, "benchmarks", "tanh_cost.cpp"), "-o", str(exe)],
+                  check=True, timeout=300)
+    out = processes.run([str(exe)], check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["scale", "tanh_approx"], out
+    assert float(out.split("error of the student's tanh")[1].split()[0]) < 5e-7, out

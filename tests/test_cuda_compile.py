@@ -36,7 +36,7 @@ def test_cuda_sources_compile_for_sm90a_and_sm80(what):
     if os.environ.get("FASTKD_BUILD_MATRIX", "0") != "1" and "FASTKD_CI_GENCODE" not in os.environ:
         env["FASTKD_CI_GENCODE"] = CI_GENCODE
     proc = processes.run(["bash", os.path.join(ROOT, ".ci", "compile_cuda.sh"), what], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
+                         capture_output=True, text=True, timeout=1200)
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in (GLUE_FILES if what == "glue" else [what]):
@@ -45,5 +45,5 @@ def test_cuda_sources_compile_for_sm90a_and_sm80(what):
 
 def test_compile_script_refuses_an_unknown_file():
     proc = processes.run(["bash", os.path.join(ROOT, ".ci", "compile_cuda.sh"), "no_such_file.cu"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no csrc/cuda/no_such_file.cu" in proc.stderr

@@ -33,7 +33,7 @@ def test_import_without_extension_is_fast_and_builds_nothing(tmp_path):
             "assert 'triton' not in sys.modules and 'fastkd._C' not in sys.modules; "
             "print(t2 - t1)")
     out = processes.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "FASTKD_BUILD_DIR": str(build_dir), "PYTHONPATH": str(tmp_path)}, timeout=300)
+                        env={**os.environ, "FASTKD_BUILD_DIR": str(build_dir), "PYTHONPATH": str(tmp_path)}, timeout=300)
     assert float(out.stdout) < 2.0, out.stdout
     assert not build_dir.exists() or not any(build_dir.iterdir()), "import fastkd started a build"
     assert "compiling" not in out.stderr

@@ -51,9 +51,9 @@ def test_exp_nonpositive_is_exp_approx_below_overflow(tmp_path):
     exe = tmp_path / "driver"
     flags = [f for f in cpp_build.cxx_flags() if not f.startswith("-D") and f != "-fopenmp"]
     processes.run(["g++", *flags, "-std=c++20", "-I", os.path.join(ROOT, "csrc", "cpu"), str(src), "-o", str(exe)],
-                   check=True, capture_output=True, text=True, timeout=300)
+                  check=True, capture_output=True, text=True, timeout=300)
     checked, differ, specials = map(int, processes.run([str(exe)], check=True, capture_output=True,
-                                                        text=True, timeout=300).stdout.split())
+                                                       text=True, timeout=300).stdout.split())
     assert checked > 30_000_000
     assert differ == 0
     assert specials == 1

@@ -493,7 +493,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 def peak_extra(which, n, h, ht):
     script = MEMORY_SCRIPT.format(root=str(ROOT))
     proc = processes.run([sys.executable, "-c", script, which, str(n), str(h), str(ht)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
     if peak is None:

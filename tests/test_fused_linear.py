@@ -226,7 +226,7 @@ def test_peak_memory_well_under_one_logits_tensor():
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
                MALLOC_MMAP_THRESHOLD_="131072")
     run = processes.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=300)
+                        timeout=300)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
     logits_bytes = 4096 * 32000 * 4

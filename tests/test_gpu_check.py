@@ -29,7 +29,7 @@ def _env():
 
 def test_dry_run_lists_every_step_and_checks_the_scripts(tmp_path):
     out = processes.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run", "--out", str(tmp_path / "gc")],
-                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+                        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for i, step in enumerate(STEPS, 1):
         assert f"[{i}/7] {step} " in out.stdout
@@ -89,7 +89,7 @@ def test_smoke_reports_a_kernel_mismatch():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_smoke_refuses_to_run_without_a_gpu(tmp_path):
     out = processes.run([sys.executable, str(ROOT / "tests/gpu_smoke.py"), "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=_env(), timeout=120)
+                        capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 2
     assert "no CUDA device" in out.stderr
 

@@ -27,7 +27,7 @@ def test_hf_trainer_distill_quick(tmp_path):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     run = processes.run([sys.executable, str(EXAMPLE), "--quick", "--seed", "0", "--json", str(out_json)],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     m = json.loads(out_json.read_text())
 

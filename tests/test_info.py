@@ -23,7 +23,7 @@ def run_info(*args, env=None, cwd=None, prelude=""):
     full_env = {k: v for k, v in os.environ.items() if k not in ("FASTKD_BACKEND", "FASTKD_NO_JIT", "TRITON_INTERPRET")}
     full_env.update(env or {})
     done = processes.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
-                          cwd=cwd or ROOT, timeout=300)
+                         cwd=cwd or ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -105,7 +105,7 @@ def test_a_prebuilt_extension_that_does_not_load_says_why(unbuilt_copy, tmp_path
     full_env = {k: v for k, v in os.environ.items() if k not in ("FASTKD_BACKEND", "TRITON_INTERPRET")}
     full_env.update(env)
     done = processes.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=broken,
-                          timeout=300)
+                         timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "does not load" in done.stdout and "FASTKD_NO_JIT=1" in done.stdout, done.stdout
 

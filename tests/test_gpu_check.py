@@ -209,3 +209,30 @@ def test_summary_multi_table(tmp_path):
     assert "| fastkd[cuda] | 2, mixture | 2.20 | 2.20× | multi[K=2," in text
     assert "| fastkd[triton] | 2, routed | – | – | – | backend 'triton' does not run several teachers" in text
     assert any(c.label == gpu_check.MULTI_RUN for c in gpu_check.bench_commands(ctx))
+
+
+def test_shard_run_on_the_cpu_and_its_table(tmp_path):
+    """The vocab-parallel per-shard benchmark (SHARD_PY, issue 12's GPU bound) end to end on the
+    CPU, where its device argument lets it run: rows with both times, the per-column ratio and a
+    shard loss that matches float64; then the summary's table from its JSON."""
+    out = tmp_path / "gc"
+    folder = out / "bench" / gpu_check.SHARD_RUN
+    done = processes.run([sys.executable, "-c", gpu_check.SHARD_PY, str(ROOT), str(folder), "16x4000", "4", "cpu"],
+                         env=_env(), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((folder / "bench_shard.json").read_text())["rows"]
+    assert [(r["impl"], r["divergence"], r["width"]) for r in rows] == [("fastkd[cpu]", "forward_kl", 1000),
+                                                                       ("fastkd[cpu]", "jsd", 1000)]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["dense_time_s"] > 0 and r["shard_time_s"] > 0, r
+        assert r["per_column_ratio"] == pytest.approx((r["shard_time_s"] / 1000) / (r["dense_time_s"] / 4000))
+        assert r["loss_err"] < 1e-5, r
+    ctx = gpu_check.Context(out, sys.executable, False, None)
+    text = gpu_check.write_summary(ctx, {}, ["--out", str(out)])
+    assert "Vocab-parallel, one shard" in text and "within 1.10× of the dense kernel's" in text
+    ratio = rows[1]["per_column_ratio"]
+    assert (f"| fastkd[cpu] | jsd | {rows[1]['dense_time_s'] * 1e3:.2f} | {rows[1]['shard_time_s'] * 1e3:.2f} "
+            f"| {ratio:.2f}× | {'yes' if ratio <= 1.10 else 'no'} |  |") in text
+    assert any(c.label == gpu_check.SHARD_RUN for c in gpu_check.bench_commands(ctx))
+

@@ -36,7 +36,7 @@ def test_cuda_sources_compile_for_sm90a_and_sm80(what):
     if os.environ.get("FASTKD_BUILD_MATRIX", "0") != "1" and "FASTKD_CI_GENCODE" not in os.environ:
         env["FASTKD_CI_GENCODE"] = CI_GENCODE
     proc = processes.run(["bash", os.path.join(ROOT, ".ci", "compile_cuda.sh"), what], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=1200)
+                         capture_output=True, text=True, timeout=780)
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in (GLUE_FILES if what == "glue" else [what]):

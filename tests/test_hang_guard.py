@@ -40,3 +40,17 @@ def test_a_stuck_test_fails_and_names_itself(tmp_path, workers):
         assert "1 failed, 1 passed" in out, out
     else:
         assert "Timeout" in out, out
+
+
+def test_command_limits_fire_before_the_guard(request):
+    """A command's own limit (harness.processes.run(timeout=...)) must end it before the
+    guard ends the whole test: only then does the failure carry the command's output."""
+    import re
+    from pathlib import Path
+
+    guard = float(request.config.getini("faulthandler_timeout"))
+    limits = {f"{path.name}: timeout={value}": float(value)
+              for path in Path(__file__).parent.glob("test_*.py")
+              for value in re.findall(r"\btimeout=(\d+(?:\.\d+)?)", path.read_text())}
+    assert limits, "no command limits found"
+    assert {k: v for k, v in limits.items() if v >= guard} == {}
